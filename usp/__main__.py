@@ -1,0 +1,5 @@
+import sys
+
+from usp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,41 @@
+"""The ``usp`` command: ``usp bench attention``, ``usp plan``, ``usp train``.
+
+Each subcommand lives beside the code it drives and exposes ``register(subparsers)``; this file
+only wires them together and is the one place (with ``__main__``) that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from usp.bench import cli as bench_cli
+
+    parser = argparse.ArgumentParser(
+        prog="usp", description="Unified Sequence Parallelism: Ulysses x Ring attention"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    bench_cli.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"usp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
