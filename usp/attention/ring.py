@@ -1,0 +1,149 @@
+"""Ring attention: one autograd Function, one forward loop and one backward loop for every layout.
+
+Each rank keeps its query block and passes K/V blocks around the ring group. At step ``s`` rank
+``r`` holds the block of ``src = (r - s) mod R``; the layout says which query rows meet which key
+rows (:func:`usp.layout.ring_step_blocks`). The next block's P2P transfer is posted before the
+current block is computed (double buffering), so communication overlaps compute.
+
+Forward: block results merge into fp32 accumulators (:func:`merge_into`).
+Backward: every block's kernel backward gets the *global* out and lse, which makes its dq, dk, dv
+exact partials. dq accumulates locally in fp32; the fp32 dK/dV partial of a block travels around
+the ring with it, each holder adding its share, and arrives back at its owner after R sends.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from usp.attention.kernels import Kernel
+from usp.attention.merge import merge_into
+from usp.comm import RingExchange
+from usp.layout import ring_step_blocks
+
+Tensor = torch.Tensor
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rotating_blocks(kv: Tensor, group: dist.ProcessGroup):
+    """Yield ``(source_rank, kv_block)`` for each ring step, the next transfer already posted.
+
+    Blocks are received into two fresh buffers in turn, never into ``kv`` itself (the caller
+    keeps it for the backward); a buffer is reused only after its own send has completed.
+    """
+    ring_size, ring_rank = dist.get_world_size(group), dist.get_rank(group)
+    exchange = RingExchange(group, tag=0)
+    receive = [torch.empty_like(kv) for _ in range(min(2, ring_size - 1))]
+    current = kv
+    for step in range(ring_size):
+        last = step + 1 == ring_size
+        if not last:
+            incoming = receive[step % 2]
+            exchange.start(current, incoming)
+        yield (ring_rank - step) % ring_size, current
+        if not last:
+            exchange.wait()
+            current = incoming
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, layout, causal, scale, kernel: Kernel):
+        ring_rank = dist.get_rank(group)
+        block_len = q.shape[1]
+        acc = _accumulator_dtype(q.dtype)
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)  # [B, S_R, H, D]
+        lse = torch.full((q.shape[0], q.shape[2], block_len), float("-inf"), dtype=acc,
+                         device=q.device)  # [B, H, S_R]
+        kv = torch.stack([k, v])  # [2, B, S_R, Hkv, D]: one message per step
+        for source, current in _rotating_blocks(kv, group):
+            for b in ring_step_blocks(layout, causal, ring_rank, source, block_len):
+                out_block, lse_block = kernel.forward(
+                    q[:, b.q_start : b.q_end],
+                    current[0][:, b.k_start : b.k_end],
+                    current[1][:, b.k_start : b.k_end],
+                    b.causal,
+                    scale,
+                )
+                merge_into(out[:, b.q_start : b.q_end], lse[:, :, b.q_start : b.q_end],
+                           out_block, lse_block)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.mark_non_differentiable(lse)
+        ctx.group, ctx.layout, ctx.causal, ctx.scale, ctx.kernel = group, layout, causal, scale, kernel
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, kv, out, lse = ctx.saved_tensors
+        group, layout, causal, scale, kernel = ctx.group, ctx.layout, ctx.causal, ctx.scale, ctx.kernel
+        ring_rank = dist.get_rank(group)
+        block_len = q.shape[1]
+        acc = _accumulator_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        # two partial-dK/dV buffers: one is in flight to the next rank while the other fills
+        dkv_buffers = [torch.empty(kv.shape, dtype=acc, device=q.device) for _ in range(2)]
+        dkv_incoming = torch.empty(kv.shape, dtype=acc, device=q.device)
+        dkv_exchange = RingExchange(group, tag=1)
+        # Half-precision partial gradients, rounded per block and then summed over R blocks,
+        # gain error with the ring size (the forward merge is convex and does not). Where the
+        # kernel runs fp32, the block backward runs in fp32 so every partial is exact.
+        block_dtype = q.dtype
+        if q.dtype in (torch.float16, torch.bfloat16) and torch.float32 in kernel.dtypes:
+            block_dtype = torch.float32
+        q_b, dout_b, out_b = (t.to(block_dtype) for t in (q, dout, out))
+        for step, (source, current) in enumerate(_rotating_blocks(kv, group)):
+            dkv = dkv_buffers[step % 2].zero_()  # [2, B, S_R, Hkv, D]
+            k_b, v_b = current.to(block_dtype)
+            for b in ring_step_blocks(layout, causal, ring_rank, source, block_len):
+                rows, cols = slice(b.q_start, b.q_end), slice(b.k_start, b.k_end)
+                dq_block, dk_block, dv_block = kernel.backward(
+                    dout_b[:, rows], q_b[:, rows], k_b[:, cols], v_b[:, cols],
+                    out_b[:, rows], lse[:, :, rows], b.causal, scale,
+                )
+                dq[:, rows] += dq_block
+                dkv[0][:, cols] += dk_block
+                dkv[1][:, cols] += dv_block
+            if step > 0:
+                dkv_exchange.wait()  # the partial of the block we hold, from the previous rank
+                dkv += dkv_incoming
+            # after the last step the next rank is this block's owner
+            dkv_exchange.start(dkv, dkv_incoming)
+        dkv_exchange.wait()
+        dk, dv = dkv_incoming.to(kv.dtype)
+        return dq.to(q.dtype), dk, dv, None, None, None, None, None
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                    kernel: Kernel) -> Tensor:
+    """One device's attention through a kernel, differentiable (the ring of size one)."""
+    return _LocalAttention.apply(q, k, v, causal, scale, kernel)
+
+
+class _LocalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, kernel: Kernel):
+        out, lse = kernel.forward(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.kernel = causal, scale, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def ring_attention_on_group(
+    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, *, layout: str,
+    causal: bool, scale: float, kernel: Kernel,
+) -> Tensor:
+    """Ring attention over ``group`` on ring blocks ``[B, S_R, H, D]``; no validation here."""
+    if group is None or dist.get_world_size(group) == 1:
+        return local_attention(q, k, v, causal, scale, kernel)
+    out, _ = _RingAttention.apply(q, k, v, group, layout, causal, scale, kernel)
+    return out

@@ -1,0 +1,146 @@
+"""Collectives of usp: an autograd all-to-all, an autograd all-gather, the ring's async P2P.
+
+Every collective here reports the bytes this rank sends to the active :class:`CommStats`
+recorders, so measured traffic can be checked against the cost model (usp.plan):
+all-to-all of N bytes over G ranks sends N(G-1)/G; a P2P send counts its full size; all-gather of
+an N-byte input sends N(G-1); reduce-scatter of N sends N(G-1)/G; all-reduce of N sends 2N(G-1)/G.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+Tensor = torch.Tensor
+
+KINDS = ("all_to_all", "p2p", "all_gather", "reduce_scatter", "all_reduce")
+_active_stats: contextvars.ContextVar[tuple] = contextvars.ContextVar("usp_comm_stats", default=())
+
+
+class CommStats:
+    """Records the bytes this rank sends, by collective kind, while the context is active.
+
+    >>> with CommStats() as stats:
+    ...     usp_attention(q, k, v, topology).sum().backward()
+    >>> stats.bytes["p2p"], stats.calls["all_to_all"]
+    """
+
+    def __init__(self) -> None:
+        self.bytes: Counter = Counter({kind: 0 for kind in KINDS})
+        self.calls: Counter = Counter({kind: 0 for kind in KINDS})
+        self._token = None
+
+    def __enter__(self) -> "CommStats":
+        self._token = _active_stats.set(_active_stats.get() + (self,))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _active_stats.reset(self._token)
+
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+def record(kind: str, num_bytes: int) -> None:
+    for stats in _active_stats.get():
+        stats.bytes[kind] += int(num_bytes)
+        stats.calls[kind] += 1
+
+
+def _nbytes(x: Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+# ------------------------------------------------------------------------------------ all-to-all
+def _all_to_all(x: Tensor, group: dist.ProcessGroup, scatter_dim: int, gather_dim: int) -> Tensor:
+    world = dist.get_world_size(group)
+    if x.shape[scatter_dim] % world != 0:
+        raise ValueError(
+            f"all_to_all: dim {scatter_dim} of size {x.shape[scatter_dim]} is not divisible by "
+            f"the group size {world}"
+        )
+    # [.., n, ..] -> [G, .., n/G, ..]: chunk g of the scatter dim goes to rank g
+    send = x.unflatten(scatter_dim, (world, -1)).movedim(scatter_dim, 0).contiguous()
+    recv = torch.empty_like(send)
+    record("all_to_all", _nbytes(send) * (world - 1) // world)
+    dist.all_to_all_single(recv, send, group=group)
+    # [G, .., m, ..] -> [.., G*m, ..]: concatenate the sources along the gather dim, rank order
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.group, ctx.scatter_dim, ctx.gather_dim = group, scatter_dim, gather_dim
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # the inverse all-to-all: the two dims swap roles
+        return _all_to_all(grad, ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
+
+
+def all_to_all(x: Tensor, group: dist.ProcessGroup, scatter_dim: int, gather_dim: int) -> Tensor:
+    """Split ``scatter_dim`` over the group's ranks and gather ``gather_dim`` in rank order.
+
+    Differentiable; the backward is the same all-to-all with the dims swapped.
+    """
+    if dist.get_world_size(group) == 1:
+        return x
+    scatter_dim, gather_dim = scatter_dim % x.dim(), gather_dim % x.dim()
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+
+
+# ------------------------------------------------------------------------------------ all-gather
+def all_gather_stacked(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``[..]`` -> ``[G, ..]``: every rank's tensor, in group-rank order (not differentiable)."""
+    world = dist.get_world_size(group)
+    x = x.contiguous().view(1, *x.shape)
+    out = torch.empty((world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    record("all_gather", _nbytes(x) * (world - 1))
+    dist.all_gather_single(out, x, group=group)
+    return out
+
+
+def all_reduce_(x: Tensor, group: dist.ProcessGroup, op=dist.ReduceOp.SUM) -> Tensor:
+    """In-place all-reduce that reports its bytes."""
+    world = dist.get_world_size(group)
+    record("all_reduce", 2 * _nbytes(x) * (world - 1) // world)
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+# ------------------------------------------------------------------------------------ ring P2P
+class RingExchange:
+    """Asynchronous send to the next rank and receive from the previous one on a ring group.
+
+    ``start`` posts both operations and returns at once, so the caller computes while the bytes
+    travel; ``wait`` blocks until the received buffer is filled (and the send buffer is free).
+    """
+
+    def __init__(self, group: dist.ProcessGroup, tag: int = 0) -> None:
+        # distinct tags keep two exchanges in flight on one group (K/V and dK/dV) apart
+        self.group, self.tag = group, tag
+        self.size = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        self.next_rank = dist.get_global_rank(group, (rank + 1) % self.size)
+        self.prev_rank = dist.get_global_rank(group, (rank - 1) % self.size)
+        self._works: list = []
+
+    def start(self, send: Tensor, recv: Tensor) -> None:
+        if self._works:
+            raise RuntimeError("RingExchange.start called while an exchange is still in flight")
+        record("p2p", _nbytes(send))
+        ops = [
+            dist.P2POp(dist.isend, send, self.next_rank, self.group, self.tag),
+            dist.P2POp(dist.irecv, recv, self.prev_rank, self.group, self.tag),
+        ]
+        self._works = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._works = []
