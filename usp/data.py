@@ -1,0 +1,228 @@
+"""Training data: byte-level tokens, a deterministic resumable batcher, and the batch sharding.
+
+Tokens are the UTF-8 bytes of the text (ids 0-255) with documents joined by an end-of-text token
+``EOT = 256``, so 257 ids in all. Three sources:
+
+- :func:`stdlib_documents`: the ``.py`` files of this Python's standard library, a corpus every
+  machine with Python has (the default);
+- :func:`text_file_documents`: the user's own text files, one document each;
+- :func:`synthetic_tokens`: seeded uniformly random tokens (throughput runs; nothing to learn).
+
+Documents are packed back to back into fixed windows and attention runs causally across the EOT
+boundaries, the usual pre-training packing; no per-document mask is applied.
+
+:func:`shard_batch` turns a global batch into one rank's inputs, labels and global positions.
+Labels are shifted **before** sharding, so under any layout every rank's label at a position is
+the token that follows that position in the global sequence.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from usp.layout import check_sequence_length, sequence_positions, shard_sequence
+from usp.topology import Topology
+
+EOT = 256
+BYTE_VOCAB_SIZE = 257
+DEFAULT_STDLIB_BYTES = 8 * 2**20
+
+
+def encode(text: str) -> list[int]:
+    """Byte-level token ids (0-255) of ``text``'s UTF-8 encoding."""
+    return list(text.encode("utf-8"))
+
+
+def decode(tokens: Sequence[int]) -> str:
+    """Text of byte-level ids; ``EOT`` becomes ``<|endoftext|>``, broken UTF-8 becomes U+FFFD."""
+    pieces, current = [], bytearray()
+    for token in tokens:
+        token = int(token)
+        if token == EOT:
+            pieces.append(current.decode("utf-8", errors="replace") + "<|endoftext|>")
+            current = bytearray()
+        elif 0 <= token < 256:
+            current.append(token)
+        else:
+            raise ValueError(f"token id {token} is not a byte-level id (0-255, or EOT={EOT})")
+    pieces.append(current.decode("utf-8", errors="replace"))
+    return "".join(pieces)
+
+
+def stdlib_documents(max_bytes: int = DEFAULT_STDLIB_BYTES) -> list[str]:
+    """The standard library's ``.py`` files, in sorted path order, until ``max_bytes`` are read.
+
+    ``site-packages`` is skipped: it differs between machines. The same Python version gives the
+    same documents everywhere.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = sorted(
+            d for d in subdirectories if d not in ("site-packages", "__pycache__")
+        )
+        paths.extend(Path(directory, f) for f in files if f.endswith(".py"))
+    documents, total = [], 0
+    for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
+        if total >= max_bytes:
+            break
+        data = path.read_bytes()
+        documents.append(data.decode("utf-8", errors="replace"))
+        total += len(data)
+    if not documents:
+        raise ValueError(f"no .py files found under the standard library directory {root}")
+    return documents
+
+
+def text_file_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """One document per text file; a missing or unreadable path raises ValueError naming it."""
+    if not paths:
+        raise ValueError("no data paths given; pass one or more text files")
+    documents = []
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"data path {str(path)!r} does not exist")
+        if not path.is_file():
+            raise ValueError(f"data path {str(path)!r} is not a file; pass the text files in it")
+        try:
+            documents.append(path.read_bytes().decode("utf-8", errors="replace"))
+        except OSError as exc:
+            raise ValueError(f"data path {str(path)!r} cannot be read: {exc}") from exc
+    return documents
+
+
+def synthetic_tokens(num_tokens: int, vocab_size: int = 256, seed: int = 0) -> torch.Tensor:
+    """``num_tokens`` uniformly random ids in ``[0, vocab_size)`` drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (num_tokens,), generator=generator)
+
+
+def document_tokens(documents: Sequence[str]) -> torch.Tensor:
+    """One token stream: each document's bytes followed by ``EOT``. ``-> LongTensor [N]``."""
+    encoded = [document.encode("utf-8") for document in documents]
+    joined = bytearray(b"".join(encoded))
+    # one conversion of all bytes at once: a tensor per document costs seconds on 8 MB
+    text = torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.empty(0)
+    stream = torch.full((len(joined) + len(encoded),), EOT, dtype=torch.long)
+    is_text = torch.ones(stream.numel(), dtype=torch.bool)
+    is_text[torch.tensor([len(e) + 1 for e in encoded], dtype=torch.long).cumsum(0) - 1] = False
+    stream[is_text] = text.long()
+    return stream
+
+
+class TokenBatcher:
+    """Global batches ``[global_batch, seq_len + 1]`` of windows cut from one token stream.
+
+    The stream is cut into windows of ``seq_len + 1`` tokens that overlap by one, so every token
+    but the first is a label exactly once per epoch. Each epoch visits the windows in a random
+    order drawn from ``(seed, epoch)``; the position (epoch, index) is the whole state, so
+    :meth:`load_state_dict` resumes exactly.
+    """
+
+    def __init__(
+        self,
+        documents_or_tokens: Sequence[str] | torch.Tensor,
+        global_batch: int,
+        seq_len: int,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(documents_or_tokens, torch.Tensor):
+            self.tokens = documents_or_tokens.reshape(-1).long()
+        else:
+            self.tokens = document_tokens(documents_or_tokens)
+        if global_batch < 1 or seq_len < 1:
+            raise ValueError(f"global_batch={global_batch} and seq_len={seq_len} must be >= 1")
+        self.global_batch, self.seq_len, self.seed = global_batch, seq_len, seed
+        self.num_windows = (self.tokens.numel() - 1) // seq_len
+        if self.num_windows < 1:
+            raise ValueError(
+                f"the data has {self.tokens.numel()} tokens, fewer than one window of "
+                f"seq_len + 1 = {seq_len + 1}; add data or lower seq_len"
+            )
+        self.epoch, self.index = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 2**31 + epoch)
+        return torch.randperm(self.num_windows, generator=generator)
+
+    def next_batch(self) -> torch.Tensor:
+        """The next global batch, ``LongTensor [global_batch, seq_len + 1]``."""
+        rows = []
+        for _ in range(self.global_batch):
+            if self.index == self.num_windows:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            start = int(self._order[self.index]) * self.seq_len
+            rows.append(self.tokens[start : start + self.seq_len + 1])
+            self.index += 1
+        return torch.stack(rows)
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "num_tokens": self.tokens.numel(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position; refuse a state saved over other data or settings."""
+        for key, mine in (
+            ("seed", self.seed), ("seq_len", self.seq_len), ("num_tokens", self.tokens.numel())
+        ):
+            if state[key] != mine:
+                raise ValueError(
+                    f"data state was saved with {key}={state[key]} but this run has {key}={mine}; "
+                    "resume with the same data, seq_len and seed"
+                )
+        if not 0 <= state["index"] <= self.num_windows:
+            raise ValueError(f"data state index {state['index']} is outside 0..{self.num_windows}")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._epoch_order(self.epoch)
+
+
+def shard_batch(
+    tokens: torch.Tensor, topology: Topology, layout: str = "zigzag"
+) -> dict[str, torch.Tensor]:
+    """This rank's part of a global batch ``[B, S + 1]``.
+
+    Rows are split over ``dp``; the sequence over ring × ulysses with ``layout``; every ``tp`` rank
+    of a group gets the same batch. Returns ``input_ids``, ``labels`` and ``position_ids``, each
+    ``[B / dp, S / (ring * ulysses)]``; ``labels[b, i]`` is the global successor of
+    ``input_ids[b, i]`` and ``position_ids[b, i]`` its global position.
+    """
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [global_batch, seq_len + 1], got {tuple(tokens.shape)}")
+    batch, seq_len = tokens.shape[0], tokens.shape[1] - 1
+    dp, ring, ulysses, tp = (topology.size(a) for a in ("dp", "ring", "ulysses", "tp"))
+    if batch % dp != 0:
+        raise ValueError(
+            f"global batch {batch} is not divisible by dp={dp}; use a multiple of {dp}"
+        )
+    check_sequence_length(seq_len, ring, ulysses, layout)
+    local_len = seq_len // (ring * ulysses)
+    if local_len % tp != 0:
+        multiple = ring * ulysses * tp * (2 if layout == "zigzag" else 1)
+        raise ValueError(
+            f"sequence length {seq_len} leaves {local_len} tokens per sequence rank, which tp={tp} "
+            "cannot split for Megatron sequence parallelism; use a multiple of "
+            f"{multiple} (e.g. {-(-seq_len // multiple) * multiple})"
+        )
+    local_batch = batch // dp
+    rows = tokens.narrow(0, topology.rank("dp") * local_batch, local_batch)
+    # shift first, then shard: the label of every token is its successor in the global sequence
+    inputs, labels = rows[:, :-1], rows[:, 1:]
+    positions = sequence_positions(seq_len, topology, layout).to(tokens.device)
+    return {
+        "input_ids": shard_sequence(inputs, topology, layout, dim=1).contiguous(),
+        "labels": shard_sequence(labels, topology, layout, dim=1).contiguous(),
+        "position_ids": positions.expand(local_batch, -1).contiguous(),
+    }

@@ -1,0 +1,70 @@
+"""The training loss: the exact mean cross-entropy over every token of every dp and sp rank.
+
+Each rank holds ``B / dp`` rows and ``S / (ring * ulysses)`` tokens of each, so a local mean would
+weight ranks wrongly as soon as their counts of real (not ``ignore_index``) labels differ. The
+global token count is all-reduced over dp × ring × ulysses (tp ranks hold copies, left out).
+
+The returned scalar has two faces:
+
+- its **value** is the global mean, the same on every rank (log it);
+- its **gradient** is this rank's share, ``d(local_sum) / global_count``. The shares of all
+  dp × ring × ulysses ranks add up to the exact gradient, so gradients must be **summed** over
+  that mesh, not averaged: ``usp.parallelize`` sets FSDP2's gradient divide factor to 1 for this.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from usp.topology import Topology
+
+DATA_AXES = ("dp", "ring", "ulysses")
+
+
+def data_parallel_size(topology: Topology) -> int:
+    """How many ranks hold different tokens: dp × ring × ulysses."""
+    size = 1
+    for axis in DATA_AXES:
+        size *= topology.size(axis)
+    return size
+
+
+def global_mean_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, topology: Topology, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean cross-entropy over all labels of all ranks. ``logits [B, S, V], labels [B, S]``.
+
+    See the module docstring: the value is the global mean, the gradient this rank's share of it.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree; "
+            "expected logits [B, S, V] and labels [B, S]"
+        )
+    # [B, S, V] -> [B*S, V]; fp32 so the log-softmax of bf16 logits does not lose the target's mass
+    local_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+        ignore_index=ignore_index, reduction="sum",
+    )
+    # fp64 totals: a float32 count is exact only up to 2**24 tokens
+    totals = torch.stack([local_sum.detach().double(), (labels != ignore_index).sum().double()])
+    if data_parallel_size(topology) > 1:
+        dist.all_reduce(totals, group=topology.flat_mesh(*DATA_AXES).get_group())
+    if totals[1] == 0:
+        raise ValueError(f"every label of the global batch is ignore_index={ignore_index}")
+    return _GlobalMean.apply(local_sum, totals[0], totals[1])
+
+
+class _GlobalMean(torch.autograd.Function):
+    """Value ``global_sum / global_count``; gradient ``d(local_sum) / global_count``."""
+
+    @staticmethod
+    def forward(ctx, local_sum, global_sum, global_count):
+        ctx.global_count = global_count
+        return (global_sum / global_count).to(local_sum.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.global_count.to(grad.dtype), None, None

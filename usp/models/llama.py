@@ -1,0 +1,257 @@
+"""A plain single-device Llama: RMSNorm, RoPE on explicit global positions, GQA, SwiGLU.
+
+The model knows nothing of parallelism. Two things make it easy to parallelise afterwards
+(``usp.parallelize``):
+
+- RoPE takes the **global** position of every token (``position_ids``), so a rank that holds a
+  zigzag shard of the sequence rotates its tokens exactly as the full model would.
+- Attention goes through ``Attention.attention_fn(q, k, v)`` on ``[B, S, H, D]`` tensors, a plain
+  causal attention by default, swapped for ``usp_attention`` by ``parallelize``. The attention reads
+  its head counts off the projections' actual output sizes, so column-wise tensor parallelism (which
+  gives each rank ``H / tp`` heads) needs no change here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LlamaConfig.{name}={value!r} must be a positive integer")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(
+                f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                f"choose dim a multiple of {self.n_heads}"
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE (rotates pairs)")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                "grouped-query attention needs a whole number of query heads per KV head"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+CONFIGS: dict[str, LlamaConfig] = {
+    # CPU-sized: seconds per step on one core; vocab 512 covers the 257 byte ids and divides by tp.
+    "tiny": LlamaConfig(vocab_size=512, dim=128, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=384),
+    "small": LlamaConfig(
+        vocab_size=512, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1536
+    ),
+    # Published shapes (Meta Llama 3.2 1B and Llama 3 8B).
+    "llama3-1b": LlamaConfig(
+        vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+        tie_embeddings=True,
+    ),
+    "llama3-8b": LlamaConfig(
+        vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336
+    ),
+}
+
+
+def get_config(name: str) -> LlamaConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}")
+    return CONFIGS[name]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Single-device causal attention with GQA: ``[B, S, Hq, D], [B, S, Hkv, D] -> [B, S, Hq, D]``.
+
+    Query head ``j`` reads KV head ``j // (Hq / Hkv)``, as in ``usp_attention``.
+    """
+    # [B, S, H, D] -> [B, H, S, D], the layout SDPA expects
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        is_causal=True, enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the RoPE angles for explicit positions: ``[B, S] -> 2 x [B, S, 1, D/2]``."""
+    # angles in fp64: positions up to 1e6 times frequencies keep their digits before the cast
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float64)
+    inv_freq = theta ** (-exponents / head_dim)
+    angles = position_ids.to(torch.float64)[..., None] * inv_freq  # [B, S, D/2]
+    return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs ``(x[2i], x[2i+1])`` by the angle of their token (Meta's layout)."""
+    pairs = x.unflatten(-1, (-1, 2))  # [B, S, H, D] -> [B, S, H, D/2, 2]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)  # [B, S, H, D/2, 2] -> [B, S, H, D]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.attention_fn = causal_attention
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq = x.shape[0], x.shape[1]
+        # Head counts come from the projections' outputs: H here is H / tp under tensor parallelism.
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)  # [B, S, H*D] -> [B, S, H, D]
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)  # [B, S, Hkv*D] -> [B, S, Hkv, D]
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.attention_fn(q, k, v)  # [B, S, H, D]
+        return self.wo(out.reshape(batch, seq, -1))  # [B, S, H, D] -> [B, S, H*D] -> [B, S, dim]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``; w1 is the gate, w3 the up and w2 the down projection."""
+
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.ffn_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_weights(seed=0)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids, position_ids [B, S] -> logits [B, S, vocab]`` (at least fp32).
+
+        ``position_ids`` are the tokens' global positions; with a sharded sequence they are this
+        rank's (non-contiguous, under zigzag) positions, from ``usp.sequence_positions``.
+        """
+        if input_ids.shape != position_ids.shape:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and position_ids "
+                f"{tuple(position_ids.shape)} must have the same [B, S] shape"
+            )
+        h = self.tok_embeddings(input_ids)  # [B, S] -> [B, S, dim]
+        # RoPE in at least fp32, whatever the activations' dtype
+        rope_dtype = torch.promote_types(h.dtype, torch.float32)
+        cos, sin = rotary_cos_sin(
+            position_ids, self.config.head_dim, self.config.rope_theta, rope_dtype
+        )
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        logits = self.output(self.norm(h))  # [B, S, dim] -> [B, S, vocab]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic initialisation from ``seed`` (call before ``usp.parallelize``).
+
+        Normal(0, 0.02) for embeddings and input projections; the projections that write into the
+        residual stream (``wo``, ``w2``) are scaled by ``1/sqrt(2 n_layers)`` (GPT-2) so the
+        stream's variance does not grow with depth; norms start at one.
+        """
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+
+        def normal_(weight: torch.Tensor, std: float) -> None:
+            if weight.is_meta:  # a model built on the meta device holds no values to fill
+                return
+            # Drawn on the CPU generator so every device and rank gets the same numbers.
+            values = torch.randn(
+                weight.shape, generator=generator, dtype=torch.float32, device="cpu"
+            )
+            weight.copy_(values * std)
+
+        normal_(self.tok_embeddings.weight, 0.02)
+        for layer in self.layers:
+            for linear in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
+                normal_(linear.weight, 0.02)
+            normal_(layer.attention.wo.weight, residual_std)
+            normal_(layer.feed_forward.w1.weight, 0.02)
+            normal_(layer.feed_forward.w3.weight, 0.02)
+            normal_(layer.feed_forward.w2.weight, residual_std)
+            layer.attention_norm.weight.fill_(1.0)
+            layer.ffn_norm.weight.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+        if not self.config.tie_embeddings:
+            normal_(self.output.weight, self.config.dim**-0.5)
+
+    def num_params(self) -> int:
+        """Number of distinct parameters (a tied embedding counts once), global under sharding."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at sequence length ``seq_len``.
+
+        ``6 N`` for the matmul parameters (every parameter except the embedding lookup table,
+        which does no matmul unless it is tied to the output), plus attention: per layer, QK^T and
+        AV cost ``4 S dim`` forward FLOPs per token without a mask, three times that with the
+        backward, and half of it under a causal mask: ``6 n_layers dim S``.
+        """
+        matmul_params = self.num_params()
+        if not self.config.tie_embeddings:
+            matmul_params -= self.tok_embeddings.weight.numel()
+        attention = 6 * self.config.n_layers * self.config.n_heads * self.config.head_dim * seq_len
+        return 6.0 * matmul_params + attention
