@@ -1,0 +1,179 @@
+"""``usp plan``: pick the parallel configuration for a model, sequence length, batch and cluster.
+
+    usp plan --model llama3-8b --seq-len 208k --global-batch 1 --cluster a800x8 --nodes 2
+    usp plan --list                                   # the model and cluster presets
+    usp plan ... --config ring=2,ulysses=8,zero=3,ckpt=1   # cost one configuration in detail
+    usp plan --model tiny --seq-len 4k --cluster cpu --calibrate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+from usp.plan import calibrate as calibration
+from usp.plan.config import ParallelConfig, check_config
+from usp.plan.cost import StepCost, estimate
+from usp.plan.planner import Plan, explain, plan
+from usp.plan.presets import CLUSTERS, MODELS, cpu_cluster, get_cluster, get_model
+from usp.plan.specs import GIB, ClusterSpec, Workload, parse_count
+
+# flag -> ClusterSpec field it overrides
+CLUSTER_FLAGS = {
+    "gpus_per_node": int, "peak_tflops": float, "memory_gib": float,
+    "intra_bandwidth_gbs": float, "inter_bandwidth_gbs": float, "intra_latency_us": float,
+    "inter_latency_us": float, "hbm_bandwidth_gbs": float, "matmul_efficiency": float,
+    "attention_efficiency": float, "reserved_gib": float,
+}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan", help="choose dp/tp/pp/ring/ulysses/ZeRO for a model and cluster by a cost model",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="llama3-8b", help="preset name or a HF config.json")
+    parser.add_argument("--seq-len", default="32k", help="tokens per sequence: 8192, 208k, 1m")
+    parser.add_argument("--global-batch", type=int, default=1, help="sequences per optimizer step")
+    parser.add_argument("--non-causal", action="store_true", help="full (bidirectional) attention")
+    parser.add_argument("--cluster", default="a800x8", help="cluster preset (see --list)")
+    parser.add_argument("--nodes", type=int, help="number of nodes (default: the preset's)")
+    for name, kind in CLUSTER_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=f"override {name}")
+    parser.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
+    parser.add_argument("--fix", default="", help="only configurations with these fields, "
+                        "e.g. tp=1,pp=1 or ring=1")
+    parser.add_argument("--config",
+                        help="cost one configuration, e.g. ring=2,ulysses=8,zero=3,ckpt=1")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="measure this machine (GEMM, attention, gloo) and plan for it")
+    parser.add_argument("--list", action="store_true", help="list model and cluster presets")
+    parser.set_defaults(func=run)
+
+
+def _cluster(args) -> ClusterSpec:
+    overrides = {name: getattr(args, name) for name in CLUSTER_FLAGS}
+    cluster = get_cluster(args.cluster, nodes=args.nodes, **overrides)
+    if args.calibrate:
+        if args.cluster != "cpu":
+            raise ValueError(
+                f"--calibrate measures this machine; use --cluster cpu, not {args.cluster!r}"
+            )
+        cluster = calibration.calibrated(cluster, calibration.measure())
+    return cluster
+
+
+def _row(rank: int, cost: StepCost) -> list[str]:
+    c = cost.config
+    exposed = cost.step_time - cost.time["compute"] - cost.time["bubble"] - cost.time["optimizer"]
+    return [str(rank), str(c.dp), f"{c.tp}{'-sp' if c.tp > 1 and c.tp_sequence_parallel else ''}",
+            str(c.pp), str(c.ring), str(c.ulysses), str(c.zero), str(c.micro_batches),
+            "on" if c.checkpointing else "off",
+            c.placement if c.ring > 1 and c.ulysses > 1 else "-",
+            f"{cost.memory_total / GIB:.1f}", f"{cost.step_time:.3f}",
+            f"{cost.tokens_per_second:,.0f}", f"{100 * cost.mfu:.1f}%", f"{exposed:.3f}"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+HEADER = ["#", "dp", "tp", "pp", "ring", "uly", "zero", "mb", "ckpt", "placement", "mem GiB",
+          "step s", "tokens/s", "MFU", "exposed s"]
+
+
+def _details(cost: StepCost) -> list[str]:
+    memory = ", ".join(f"{k} {v / GIB:.2f}" for k, v in cost.memory.items())
+    traffic = ", ".join(f"{kind} {link} {sent / 1e9:.2f}"
+                        for (kind, link), sent in sorted(cost.comm_bytes.items()))
+    times = ", ".join(f"{k} {v:.3f}" for k, v in cost.time.items() if v)
+    return [f"  memory per GPU (GiB): {memory}; total {cost.memory_total / GIB:.2f} of "
+            f"{cost.usable_memory / GIB:.2f} usable",
+            f"  sent per GPU per step (GB): {traffic or 'nothing'}",
+            f"  time (s): {times}; step {cost.step_time:.3f}, MFU {100 * cost.mfu:.1f}%"]
+
+
+def _as_json(cost: StepCost) -> dict:
+    return {
+        "config": asdict(cost.config), "label": cost.config.label(), "fits": cost.fits,
+        "step_time_s": cost.step_time, "tokens_per_s": cost.tokens_per_second, "mfu": cost.mfu,
+        "memory_bytes": {**cost.memory, "total": cost.memory_total, "usable": cost.usable_memory},
+        "comm_bytes": [{"kind": kind, "link": link, "bytes": sent}
+                       for (kind, link), sent in cost.comm_bytes.items()],
+        "time_s": cost.time,
+        "links": {axis: "intra" if p.intra_node else "inter" for axis, p in cost.placements.items()
+                  if p.size > 1},
+    }
+
+
+def _print_presets() -> None:
+    print("models:")
+    for m in MODELS.values():
+        size = (f"{m.total_params / 1e9:.2f}B" if m.total_params >= 1e9
+                else f"{m.total_params / 1e6:.1f}M")
+        print(f"  {m.name:12s} {size:>7s}  layers {m.layers}, hidden {m.hidden}, "
+              f"heads {m.q_heads}/{m.kv_heads} kv, head_dim {m.head_dim}, ffn {m.ffn_hidden}, "
+              f"vocab {m.vocab}{', tied' if m.tied_embeddings else ''}")
+    print("  (or a path to a Hugging Face config.json)")
+    print("clusters (per GPU; bandwidth one direction):")
+    for c in [*CLUSTERS.values(), cpu_cluster()]:
+        print(f"  {c.name:8s} {c.nodes}x{c.gpus_per_node}, {c.peak_tflops:g} TFLOPS, "
+              f"{c.memory_gib:g} GiB, intra {c.intra_bandwidth_gbs:g} GB/s, "
+              f"inter {c.inter_bandwidth_gbs:g} GB/s, "
+              f"latency {c.intra_latency_us:g}/{c.inter_latency_us:g} us")
+
+
+def run(args) -> int:
+    if args.list:
+        _print_presets()
+        return 0
+    if args.top < 1:
+        raise ValueError(f"--top {args.top} must be at least 1")
+    workload = Workload(get_model(args.model), parse_count(args.seq_len), args.global_batch,
+                        causal=not args.non_causal)
+    cluster = _cluster(args)
+    if args.config:
+        return _run_one(workload, cluster, ParallelConfig.parse(args.config), args.json)
+    result = plan(workload, cluster, ParallelConfig.parse_fields(args.fix))
+    best, reasons = result.best, explain(result)
+    if args.json:
+        workload_json = {"model": asdict(workload.model), "seq_len": workload.seq_len,
+                         "global_batch": workload.global_batch, "causal": workload.causal}
+        print(json.dumps({"workload": workload_json, "cluster": asdict(cluster),
+                          "best": _as_json(best), "reasons": reasons,
+                          "top": [_as_json(c) for c in result.ranked[:args.top]],
+                          "counted": _counts(result)}, indent=2))
+        return 0
+    print(f"{workload.model.name}, {workload.seq_len:,} tokens x {workload.global_batch} on "
+          f"{cluster.name} {cluster.nodes}x{cluster.gpus_per_node}: {_counts(result)}")
+    print(_table(HEADER, [_row(i + 1, c) for i, c in enumerate(result.ranked[:args.top])]))
+    print(f"\nbest: {best.config.label()}")
+    print("\n".join(_details(best)))
+    print("why:")
+    print("\n".join(f"  - {reason}" for reason in reasons))
+    return 0
+
+
+def _counts(result: Plan) -> dict[str, int]:
+    return {"fit": len(result.ranked), "too_big": len(result.too_big),
+            "invalid": len(result.invalid)}
+
+
+def _run_one(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
+             as_json: bool) -> int:
+    problems = check_config(workload, cluster, config)
+    if problems:
+        raise ValueError(f"{config.label()} is invalid: " + "; ".join(problems))
+    cost = estimate(workload, cluster, config)
+    if as_json:
+        print(json.dumps(_as_json(cost), indent=2))
+    else:
+        print(f"{config.label()} on {cluster.name} {cluster.nodes}x{cluster.gpus_per_node}"
+              f"{'' if cost.fits else ' - DOES NOT FIT'}")
+        print("\n".join(_details(cost)))
+    return 0 if cost.fits else 1

@@ -1,0 +1,228 @@
+"""The cost of one training step under one configuration: FLOPs, bytes by kind and link, time.
+
+Time is modelled per pipeline stage and micro-batch, layer by layer, with the overlap each method
+allows (docs/cost-model.md derives every term): the Ulysses all-to-all and the TP collectives
+block the compute that needs their result; the ring's P2P of the next k/v block runs under the
+attention of the current one; FSDP prefetches a layer's parameters during the previous layer's
+compute; the data-parallel gradient reduction runs under the last micro-batch's backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from usp.plan.collectives import KINDS, attention_traffic, sent_bytes, transfer_seconds
+from usp.plan.config import SHARD_AXES, GroupPlacement, ParallelConfig, group_placement
+from usp.plan.memory import (
+    GRAD_BYTES, PARAM_BYTES, layer_params_per_gpu, memory_per_gpu, shapes, stage_params,
+)
+from usp.plan.specs import ClusterSpec, Workload
+
+ATTENTION_BACKWARD_FACTOR = 2.5  # flash backward: 5 matmuls (P recomputed) vs 2 forward
+# AdamW reads master, grad, m, v (14 B per parameter) and writes master, m, v, bf16 copy (14 B)
+OPTIMIZER_BYTES_MOVED = 28
+
+
+@dataclass
+class StepCost:
+    """Everything the model predicts for one configuration; bytes and seconds are per GPU."""
+
+    config: ParallelConfig
+    memory: dict[str, float]
+    usable_memory: float
+    comm_bytes: dict[tuple[str, str], float]
+    time: dict[str, float]
+    step_time: float
+    model_flops: float
+    tokens_per_second: float
+    mfu: float
+    placements: dict[str, GroupPlacement] = field(repr=False, default_factory=dict)
+
+    @property
+    def memory_total(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_total <= self.usable_memory
+
+    def bytes_by_kind(self) -> dict[str, float]:
+        totals = dict.fromkeys(KINDS, 0.0)
+        for (kind, _link), value in self.comm_bytes.items():
+            totals[kind] += value
+        return totals
+
+
+def model_flops_per_sequence(workload: Workload) -> float:
+    """Forward FLOPs of one sequence: linear layers, causal-aware attention, LM head."""
+    m, seq = workload.model, workload.seq_len
+    linear = 2 * seq * m.layers * (m.attention_linear_params + m.mlp_linear_params)
+    pairs = seq * (seq + 1) / 2 if workload.causal else seq * seq
+    attention = 4 * m.layers * m.q_heads * m.head_dim * pairs
+    head = 2 * seq * m.hidden * m.vocab
+    return linear + attention + head
+
+
+class _Ledger:
+    """Accumulates the bytes a GPU sends per step by (kind, link) and prices one transfer."""
+
+    def __init__(self, cluster: ClusterSpec) -> None:
+        self.cluster = cluster
+        self.bytes: dict[tuple[str, str], float] = {}
+
+    def add(self, kind: str, sent: float, calls: int, placement: GroupPlacement,
+            repeat: float) -> float:
+        """Record ``repeat`` transfers of ``sent`` bytes (``calls`` calls each); time one."""
+        if sent == 0 or placement.size == 1:
+            return 0.0
+        if placement.intra_node:
+            shares = {"intra": 1.0}
+        elif kind == "all_to_all":
+            remote = placement.inter_peer_fraction
+            shares = {"intra": 1.0 - remote, "inter": remote}
+        else:
+            shares = {"inter": 1.0}
+        for link, share in shares.items():
+            if share:
+                self.bytes[(kind, link)] = self.bytes.get((kind, link), 0.0) + repeat * sent * share
+        return transfer_seconds(kind, sent, calls, placement, self.cluster)
+
+
+def _ring_pass(compute: float, hop: float, ring: int, tail: float = 0.0) -> float:
+    """Attention of one pass split into ``ring`` steps, each hiding the next block's transfer."""
+    if ring == 1:
+        return compute
+    step = compute / ring
+    return (ring - 1) * max(step, hop) + step + tail
+
+
+def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -> StepCost:
+    """Predict memory, traffic and time of one step; ``config`` must pass ``check_config``."""
+    model, e, s = workload.model, workload.element_bytes, shapes(workload, config)
+    R, U, t, p, m = config.ring, config.ulysses, config.tp, config.pp, config.micro_batches
+    place = {axis: group_placement(config, cluster.gpus_per_node, (axis,))
+             for axis in ("ring", "ulysses", "tp", "pp")}
+    place["shard"] = shard = group_placement(config, cluster.gpus_per_node, SHARD_AXES)
+    ledger = _Ledger(cluster)
+    runs = s.layers * m  # layer executions per GPU per step
+    forwards = 2 if config.checkpointing else 1  # checkpointing repeats each layer's forward
+    peak, hbm = cluster.peak_tflops * 1e12, cluster.hbm_bandwidth_gbs * 1e9
+    matmul_rate = peak * cluster.matmul_efficiency
+    attention_rate = peak * cluster.attention_efficiency
+
+    # --- compute of one layer for one micro-batch on one GPU ---
+    linear_flops = 2 * s.micro_batch * s.tokens * (model.attention_linear_params
+                                                   + model.mlp_linear_params) / t
+    seq = workload.seq_len
+    pairs = seq * (seq + 1) / 2 if workload.causal else seq * seq
+    attention_flops = 4 * s.micro_batch * s.q_heads * model.head_dim * pairs / (R * U)
+    linear_fwd, attention_fwd = linear_flops / matmul_rate, attention_flops / attention_rate
+    linear_bwd, attention_bwd = 2 * linear_fwd, ATTENTION_BACKWARD_FACTOR * attention_fwd
+    compute_fwd, compute_bwd = linear_fwd + attention_fwd, linear_bwd + attention_bwd
+
+    # --- sequence-parallel attention: the exact traffic of usp_attention ---
+    traffic = attention_traffic(s.micro_batch, seq, s.q_heads, s.kv_heads, model.head_dim, e, R, U)
+    a2a = ledger.add("all_to_all", traffic.all_to_all_forward, 4, place["ulysses"],
+                     repeat=runs * (forwards + 1))
+    # The ring's bytes are booked per pass; its time is priced per hop (one message each).
+    ledger.add("p2p", forwards * traffic.p2p_forward + traffic.p2p_backward, 0, place["ring"],
+               repeat=runs)
+    kv_hop = transfer_seconds("p2p", traffic.ring_kv_send, 1, place["ring"], cluster)
+    grad_hop = transfer_seconds("p2p", traffic.ring_grad_send, 1, place["ring"], cluster)
+    ring_fwd = _ring_pass(attention_fwd, kv_hop, R)
+    ring_bwd = _ring_pass(attention_bwd, kv_hop + grad_hop, R, tail=grad_hop)
+    # Each ring step merges a block into fp32 accumulators: memory-bound passes over [S/R, H/U, D].
+    out_elements = s.micro_batch * s.tokens * s.q_heads * model.head_dim
+    merge_fwd = (R - 1) * out_elements * (2 * 4 + e) / hbm
+    merge_bwd = (R - 1) * (out_elements * 2 * 4 + 2 * traffic.ring_grad_send) / hbm
+
+    # --- tensor parallelism (Megatron), with or without its sequence parallelism ---
+    activation = s.micro_batch * s.tokens * model.hidden * e  # one [b, s, h] tensor
+    tp_fwd = tp_bwd = 0.0
+    if t > 1 and config.tp_sequence_parallel:
+        one = sent_bytes("all_gather", activation, t)
+        gather = ledger.add("all_gather", one, 1, place["tp"], repeat=runs * (2 * forwards + 4))
+        scatter = ledger.add("reduce_scatter", one, 1, place["tp"],
+                             repeat=runs * (2 * forwards + 2))
+        # Backward re-gathers the sharded inputs of the two column-parallel GEMMs for their
+        # weight gradients; Megatron overlaps that gather with the input-gradient GEMMs (half of
+        # the linear backward). The other collectives carry data the next GEMM needs: blocking.
+        regather = max(0.0, 2 * gather - linear_bwd / 2)
+        tp_fwd, tp_bwd = 2 * gather + 2 * scatter, 2 * gather + 2 * scatter + regather
+    elif t > 1:
+        reduce = ledger.add("all_reduce", sent_bytes("all_reduce", activation, t), 1, place["tp"],
+                            repeat=runs * (2 * forwards + 2))
+        tp_fwd = tp_bwd = 2 * reduce
+
+    pass_fwd = linear_fwd + ring_fwd + merge_fwd + a2a + tp_fwd
+    pass_bwd = linear_bwd + ring_bwd + merge_bwd + a2a + tp_bwd
+    layer_time = forwards * pass_fwd + pass_bwd
+
+    # --- ZeRO / FSDP and the gradient reduction, over dp x ring x ulysses ---
+    psi = max(stage_params(workload, config, 0), stage_params(workload, config, p - 1))
+    layer_params = layer_params_per_gpu(model, t)
+    # Overlapped transfers on the ring's link class share it with the ring's P2P, so they hide
+    # only behind compute the ring has not already used.
+    same_link = place["ring"].intra_node == shard.intra_node
+    busy_fwd = (R - 1) * kv_hop if same_link else 0.0
+    busy_bwd = (R - 1) * (kv_hop + grad_hop) if same_link else 0.0
+    window_fwd = max(0.0, compute_fwd - busy_fwd)
+    window_bwd = max(0.0, (forwards - 1) * compute_fwd + compute_bwd - busy_bwd)
+    fsdp, sync, regather = 0.0, 0.0, 0.0
+    if config.zero == 3 and shard.size > 1:
+        gathered = sent_bytes("all_gather", PARAM_BYTES * layer_params, shard.size)
+        gather = ledger.add("all_gather", gathered, 1, shard, repeat=2 * runs)
+        scatter = ledger.add("reduce_scatter",
+                             sent_bytes("reduce_scatter", GRAD_BYTES * layer_params, shard.size),
+                             1, shard, repeat=runs)
+        # Prefetch hides layer i+1's gather under layer i; the first gathers and the last
+        # reduce-scatter of each pass have nothing to hide under.
+        fsdp = (s.layers * (max(0.0, gather - window_fwd) + max(0.0, gather + scatter - window_bwd))
+                + 2 * gather + scatter)
+    elif shard.size > 1:
+        kind = "all_reduce" if config.zero == 0 else "reduce_scatter"
+        reductions = m if config.zero == 2 else 1
+        one = ledger.add(kind, sent_bytes(kind, GRAD_BYTES * psi, shard.size), 1, shard,
+                         repeat=reductions)
+        sync = reductions * max(0.0, one - s.layers * window_bwd)
+        if config.zero >= 1:
+            updated = sent_bytes("all_gather", PARAM_BYTES * psi, shard.size)
+            regather = ledger.add("all_gather", updated, 1, shard, repeat=1)
+
+    # --- pipeline: activations forward and their gradients backward cross each boundary ---
+    boundary_time = 0.0
+    if p > 1:
+        sends = 2 if p > 2 else 1  # an inner stage sends both ways
+        boundary = s.micro_batch * s.tokens_outside_attention * model.hidden * e
+        boundary_time = sends * ledger.add("p2p", boundary, 1, place["pp"], repeat=sends * m)
+
+    head_time = 3 * (2 * s.micro_batch * s.tokens * model.hidden * model.vocab / t) / matmul_rate
+    stage_time = s.layers * layer_time + fsdp + head_time + boundary_time
+    optimizer = (psi / (shard.size if config.zero >= 1 else 1)) * OPTIMIZER_BYTES_MOVED / hbm
+    step_time = (m + p - 1) * stage_time + sync + regather + optimizer
+
+    model_flops = 3 * workload.global_batch * model_flops_per_sequence(workload)
+    time = {
+        "compute": runs * (forwards * compute_fwd + compute_bwd) + m * head_time,
+        "all_to_all": runs * (forwards + 1) * a2a,
+        "ring_exposed": runs * (forwards * (ring_fwd - attention_fwd) + ring_bwd - attention_bwd),
+        "ring_merge": runs * (forwards * merge_fwd + merge_bwd),
+        "tp": runs * (forwards * tp_fwd + tp_bwd),
+        "fsdp_exposed": m * fsdp,
+        "grad_sync_exposed": sync + regather,
+        "pipeline_p2p": m * boundary_time,
+        "bubble": (p - 1) * stage_time,
+        "optimizer": optimizer,
+    }
+    return StepCost(
+        config=config,
+        memory=memory_per_gpu(workload, config),
+        usable_memory=cluster.usable_bytes,
+        comm_bytes=ledger.bytes,
+        time=time,
+        step_time=step_time,
+        model_flops=model_flops,
+        tokens_per_second=workload.tokens / step_time,
+        mfu=model_flops / (step_time * cluster.world_size * peak),
+        placements=place,
+    )

@@ -1,0 +1,211 @@
+"""Enumerate every configuration, drop the invalid and the too big, rank the rest by step time.
+
+:func:`plan` returns a :class:`Plan`; :func:`explain` says in sentences why its best entry wins
+(each sentence computed from the cost model, none written in advance); :func:`no_fit_message`
+says which constraint bites, and by how much, when nothing can run.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, fields, replace
+
+from usp.plan.config import ParallelConfig, Violation, check_config
+from usp.plan.cost import StepCost, estimate
+from usp.plan.memory import memory_per_gpu
+from usp.plan.specs import GIB, ClusterSpec, Workload
+
+KNOBS = ("sequence split", "placement", "tp", "pp", "zero", "checkpointing", "micro_batches")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _factorisations(n: int, parts: int):
+    """Ordered tuples of ``parts`` positive integers whose product is ``n``."""
+    if parts == 1:
+        yield (n,)
+        return
+    for first in _divisors(n):
+        for rest in _factorisations(n // first, parts - 1):
+            yield (first, *rest)
+
+
+def enumerate_configs(workload: Workload, cluster: ClusterSpec) -> list[ParallelConfig]:
+    """Every combination of degrees, ZeRO stage, TP-sp, placement, micro-batches, checkpointing."""
+    configs = []
+    for pp, dp, tp, ring, ulysses in _factorisations(cluster.world_size, 5):
+        per_replica = workload.global_batch // dp if workload.global_batch % dp == 0 else 1
+        for zero, tp_sp, placement, micro_batches, checkpointing in itertools.product(
+            (0, 1, 2, 3) if dp * ring * ulysses > 1 else (0,),
+            (True, False) if tp > 1 else (True,),
+            ("head-first", "context-first") if ring > 1 and ulysses > 1 else ("head-first",),
+            _divisors(per_replica),
+            (False, True),
+        ):
+            configs.append(ParallelConfig(
+                dp=dp, tp=tp, pp=pp, ring=ring, ulysses=ulysses, zero=zero,
+                tp_sequence_parallel=tp_sp, micro_batches=micro_batches,
+                checkpointing=checkpointing, placement=placement,
+            ))
+    return configs
+
+
+@dataclass
+class Plan:
+    workload: Workload
+    cluster: ClusterSpec
+    ranked: list[StepCost]  # fit in memory, fastest first
+    too_big: list[StepCost]  # valid but over the memory budget, smallest first
+    invalid: list[tuple[ParallelConfig, list[Violation]]]  # with the rules each breaks
+
+    @property
+    def best(self) -> StepCost:
+        if not self.ranked:
+            raise ValueError(no_fit_message(self))
+        return self.ranked[0]
+
+
+def _matches(config: ParallelConfig, fixed: dict[str, object]) -> bool:
+    return all(getattr(config, key) == value for key, value in fixed.items())
+
+
+def plan(workload: Workload, cluster: ClusterSpec, fixed: dict[str, object] | None = None) -> Plan:
+    """Rank all configurations (optionally only those whose fields equal ``fixed``)."""
+    fixed = fixed or {}
+    names = {f.name for f in fields(ParallelConfig)}
+    unknown = sorted(set(fixed) - names)
+    if unknown:
+        raise ValueError(f"cannot fix {unknown}: the configuration fields are {sorted(names)}")
+    ranked, too_big, invalid = [], [], []
+    for config in enumerate_configs(workload, cluster):
+        if not _matches(config, fixed):
+            continue
+        problems = check_config(workload, cluster, config)
+        if problems:
+            invalid.append((config, problems))
+            continue
+        cost = estimate(workload, cluster, config)
+        (ranked if cost.fits else too_big).append(cost)
+    ranked.sort(key=lambda c: (c.step_time, c.memory_total))
+    too_big.sort(key=lambda c: c.memory_total)
+    return Plan(workload, cluster, ranked, too_big, invalid)
+
+
+def _knob_value(config: ParallelConfig, knob: str) -> object:
+    if knob == "sequence split":
+        return (config.ring, config.ulysses)
+    return getattr(config, knob)
+
+
+def _describe(config: ParallelConfig, knob: str) -> str:
+    value = _knob_value(config, knob)
+    if knob == "sequence split":
+        return f"ring {value[0]} x ulysses {value[1]}"
+    if knob == "checkpointing":
+        return "checkpointing " + ("on" if value else "off")
+    return f"{knob} {value}"
+
+
+def _link(cost: StepCost, axis: str) -> str:
+    return "inside one node" if cost.placements[axis].intra_node else "across nodes"
+
+
+def _method_sentences(workload: Workload, best: StepCost) -> list[str]:
+    c, step = best.config, best.step_time
+    sentences = []
+    by_kind = best.bytes_by_kind()
+    if c.ulysses > 1:
+        sentences.append(
+            f"ulysses {c.ulysses} {_link(best, 'ulysses')}: its all-to-all sends "
+            f"{by_kind['all_to_all'] / 1e9:.2f} GB per GPU per step and blocks for "
+            f"{best.time['all_to_all']:.3f} s "
+            f"({100 * best.time['all_to_all'] / step:.1f}% of the step)"
+        )
+    if c.ring > 1:
+        sentences.append(
+            f"ring {c.ring} {_link(best, 'ring')}: its P2P of {by_kind['p2p'] / 1e9:.2f} GB "
+            f"per GPU "
+            f"overlaps the attention compute, leaving {best.time['ring_exposed']:.3f} s exposed"
+        )
+    if c.tp > 1:
+        sentences.append(
+            f"tp {c.tp}{' with sequence parallelism' if c.tp_sequence_parallel else ''} "
+            f"{_link(best, 'tp')}: {best.time['tp']:.3f} s of blocking collectives"
+        )
+    if c.zero and c.shard_size > 1:
+        sharded, replicated = (
+            sum(memory[k] for k in ("parameters", "gradients", "optimizer"))
+            for memory in (best.memory, memory_per_gpu(workload, replace(c, zero=0)))
+        )
+        sentences.append(
+            f"ZeRO-{c.zero} over dp x ring x ulysses = {c.shard_size} GPUs keeps model states at "
+            f"{sharded / GIB:.2f} GiB per GPU instead of {replicated / GIB:.2f} GiB replicated"
+        )
+    if c.pp > 1:
+        sentences.append(f"pp {c.pp} with {c.micro_batches} micro-batches: bubble "
+                         f"{best.time['bubble']:.3f} s")
+    return sentences
+
+
+def explain(result: Plan) -> list[str]:
+    """Why the best configuration wins: what each of its methods costs, the best rival per knob."""
+    best = result.best
+    sentences = _method_sentences(result.workload, best)
+    usable = result.cluster.usable_bytes / GIB
+    for knob in KNOBS:
+        own = _knob_value(best.config, knob)
+        rivals = [c for c in result.ranked if _knob_value(c.config, knob) != own]
+        if rivals:
+            rival = rivals[0]
+            gaps = {k: rival.time[k] - best.time[k] for k in best.time}
+            main = max(gaps, key=gaps.get)
+            slower = 100 * (rival.step_time / best.step_time - 1)
+            verdict = "as fast (within 0.05%)"
+            if slower >= 0.05:
+                verdict = (f"{slower:.1f}% slower, mostly {main.replace('_', ' ')} "
+                           f"(+{gaps[main]:.3f} s)")
+            sentences.append(
+                f"best with {_describe(rival.config, knob)} ({rival.config.label()}) is {verdict}"
+            )
+            continue
+        oversized = [c for c in result.too_big if _knob_value(c.config, knob) != own]
+        if oversized:
+            smallest = oversized[0]
+            sentences.append(
+                f"{_describe(smallest.config, knob)} does not fit: its smallest configuration "
+                f"needs "
+                f"{smallest.memory_total / GIB:.1f} GiB > {usable:.1f} GiB usable"
+            )
+    return sentences
+
+
+def no_fit_message(result: Plan) -> str:
+    """Which constraint leaves no configuration, and by how much."""
+    usable = result.cluster.usable_bytes / GIB
+    if result.too_big:
+        smallest = result.too_big[0]
+        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in smallest.memory.items())
+        largest = max(smallest.memory, key=smallest.memory.get)
+        return (
+            f"nothing fits in {usable:.1f} GiB per GPU ({result.cluster.memory_gib:g} GiB minus "
+            f"{result.cluster.reserved_gib:g} reserved): the smallest configuration "
+            f"({smallest.config.label()}) needs {smallest.memory_total / GIB:.1f} GiB ({parts}), "
+            f"{(smallest.memory_total / GIB - usable):.1f} GiB too much; {largest} dominate - "
+            + ("add GPUs or shorten the sequence" if largest == "activations"
+               else "add GPUs or use a smaller model")
+        )
+    if not result.invalid:
+        return "no configuration matches the fixed fields; relax --fix"
+    # The binding rules: those that alone reject a configuration (lifting one would admit some).
+    sole = Counter(problems[0].rule for _, problems in result.invalid if len(problems) == 1)
+    counted = sole or Counter(p.rule for _, problems in result.invalid for p in problems)
+    example = {p.rule: p for _, problems in result.invalid for p in reversed(problems)}
+    common = "; ".join(f"{rule}: {count} configurations, e.g. {example[rule]}"
+                       for rule, count in counted.most_common(3))
+    return (
+        f"no configuration of {result.cluster.world_size} GPUs is valid for this model and "
+        f"workload; the rules that reject them{' alone' if sole else ''}: {common}"
+    )

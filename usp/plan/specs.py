@@ -1,0 +1,200 @@
+"""What the planner reasons about: a model's shapes, a cluster's hardware, one training workload.
+
+All three are frozen dataclasses with validated fields; presets live in :mod:`usp.plan.presets`.
+Units: bandwidths in GB/s (1e9 bytes per second, one direction, per GPU), latency in microseconds,
+memory in GiB (2**30 bytes, the unit GPU memory is sold in), throughput in TFLOPS (1e12 per second).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+GIB = 2**30
+
+
+def _check_positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{owner}: {name}={value!r} must be positive")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A Llama-style decoder: RMSNorm, GQA attention with RoPE, SwiGLU MLP, untied or tied head."""
+
+    name: str
+    layers: int
+    hidden: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    ffn_hidden: int
+    vocab: int
+    tied_embeddings: bool = False
+    qkv_bias: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            f"model {self.name!r}",
+            layers=self.layers, hidden=self.hidden, q_heads=self.q_heads,
+            kv_heads=self.kv_heads, head_dim=self.head_dim, ffn_hidden=self.ffn_hidden,
+            vocab=self.vocab,
+        )
+        if self.q_heads % self.kv_heads:
+            raise ValueError(
+                f"model {self.name!r}: q_heads={self.q_heads} is not a multiple of "
+                f"kv_heads={self.kv_heads}; grouped-query attention needs whole groups"
+            )
+
+    @property
+    def attention_linear_params(self) -> int:
+        """Weights of the q, k, v and output projections of one layer (biases included)."""
+        q_width, kv_width = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
+        bias = (q_width + 2 * kv_width) if self.qkv_bias else 0
+        return self.hidden * (2 * q_width + 2 * kv_width) + bias
+
+    @property
+    def mlp_linear_params(self) -> int:
+        """Gate, up and down projections of the SwiGLU MLP of one layer."""
+        return 3 * self.hidden * self.ffn_hidden
+
+    @property
+    def layer_params(self) -> int:
+        """Everything in one decoder layer: the linear weights plus two RMSNorm scales."""
+        return self.attention_linear_params + self.mlp_linear_params + 2 * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.layers * self.layer_params + self.embedding_params + head + self.hidden
+
+    @classmethod
+    def from_llama_config(cls, name: str, config) -> "ModelSpec":
+        """The shapes of a :class:`usp.models.llama.LlamaConfig`."""
+        return cls(name, layers=config.n_layers, hidden=config.dim, q_heads=config.n_heads,
+                   kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+                   ffn_hidden=config.ffn_dim, vocab=config.vocab_size,
+                   tied_embeddings=config.tie_embeddings)
+
+    @classmethod
+    def from_hf_config(cls, path: str | Path) -> "ModelSpec":
+        """Read a Hugging Face ``config.json`` of a Llama/Mistral/Qwen2-style model."""
+        path = Path(path)
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read a model config from {path}: {exc}") from exc
+        missing = [
+            key
+            for key in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                        "intermediate_size", "vocab_size")
+            if key not in config
+        ]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}; is it a decoder-only LLM config.json?")
+        q_heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // q_heads
+        return cls(
+            name=config.get("_name_or_path") or path.parent.name or path.stem,
+            layers=config["num_hidden_layers"],
+            hidden=config["hidden_size"],
+            q_heads=q_heads,
+            kv_heads=config.get("num_key_value_heads") or q_heads,
+            head_dim=head_dim,
+            ffn_hidden=config["intermediate_size"],
+            vocab=config["vocab_size"],
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            # Qwen2 always carries q/k/v biases; Llama exposes the switch as attention_bias.
+            qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+        )
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Homogeneous nodes of identical accelerators.
+
+    ``matmul_efficiency`` and ``attention_efficiency`` are the fractions of ``peak_tflops`` that
+    large GEMMs and the fused attention kernel (forward + backward) reach in practice.
+    ``reserved_gib`` is memory the step can never use (runtime context, communicator buffers,
+    allocator fragmentation).
+    """
+
+    name: str
+    nodes: int
+    gpus_per_node: int
+    peak_tflops: float
+    memory_gib: float
+    intra_bandwidth_gbs: float
+    inter_bandwidth_gbs: float
+    intra_latency_us: float
+    inter_latency_us: float
+    hbm_bandwidth_gbs: float
+    matmul_efficiency: float
+    attention_efficiency: float
+    reserved_gib: float
+
+    def __post_init__(self) -> None:
+        numeric = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+        reserved = numeric.pop("reserved_gib")
+        _check_positive(f"cluster {self.name!r}", **numeric)
+        for name in ("matmul_efficiency", "attention_efficiency"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"cluster {self.name!r}: {name}={getattr(self, name)} exceeds 1")
+        if not 0 <= reserved < self.memory_gib:
+            raise ValueError(
+                f"cluster {self.name!r}: reserved_gib={reserved} must lie in [0, {self.memory_gib})"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def usable_bytes(self) -> float:
+        return (self.memory_gib - self.reserved_gib) * GIB
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One optimizer step: ``global_batch`` sequences of ``seq_len`` tokens, bf16 mixed precision.
+
+    ``element_bytes`` is the activation dtype's width (2 for bf16).
+    """
+
+    model: ModelSpec
+    seq_len: int
+    global_batch: int
+    causal: bool = True
+    element_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            "workload", seq_len=self.seq_len, global_batch=self.global_batch,
+            element_bytes=self.element_bytes,
+        )
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.global_batch
+
+
+def parse_count(text: str | int) -> int:
+    """``"208k"`` -> 212992 (k = 1024, m = 1024**2, as sequence lengths are quoted); ``"4096"``."""
+    if isinstance(text, int):
+        return text
+    cleaned = text.strip().lower()
+    scale = {"k": 1024, "m": 1024**2}.get(cleaned[-1:], 1)
+    digits = cleaned[:-1] if scale > 1 else cleaned
+    try:
+        value = float(digits) * scale
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a count; write e.g. 4096, 32k or 1m") from None
+    if value != int(value) or value <= 0:
+        raise ValueError(f"{text!r} is not a positive whole number of tokens")
+    return int(value)
