@@ -7,7 +7,6 @@ grid of cases inside one world and collect every failing case (see ``collect_fai
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -16,15 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from usp.comm import free_port
+
 
 class RankFailure(AssertionError):
     """One or more ranks raised; the message holds every failing rank's traceback."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world_size, port, fn, args, timeout_s, errors, results):

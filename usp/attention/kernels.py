@@ -255,12 +255,17 @@ KERNELS = {
 }
 
 
-def resolve_kernel(name: str, q: Tensor) -> Kernel:
+def resolve_kernel(name: "str | Kernel", q: Tensor) -> Kernel:
     """The kernel called ``name`` for tensors like ``q``; ``"auto"`` picks the best one.
 
     auto: CPU -> cpu_flash (every float dtype); CUDA -> flash-attn 2 if importable, else SDPA flash
-    for fp16/bf16, SDPA efficient for fp32, math for fp64.
+    for fp16/bf16, SDPA efficient for fp32, math for fp64. A :class:`Kernel` instance (your own
+    kernel, or a wrapped one) is checked against q and used as it is.
     """
+    if isinstance(name, Kernel):
+        if name.device_type != "any":
+            name.check(q)
+        return name
     if name == "auto":
         if q.device.type == "cpu":
             name = "cpu_flash"

@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from usp.attention.kernels import default_scale, resolve_kernel
+from usp.attention.kernels import Kernel, default_scale, resolve_kernel
 from usp.attention.ring import ring_attention_on_group
 from usp.attention.ulysses import kv_replication, ulysses_around
 from usp.layout import check_layout, check_sequence_length
@@ -58,7 +58,7 @@ def usp_attention(
     causal: bool = False,
     layout: str = "zigzag",
     softmax_scale: float | None = None,
-    kernel: str = "auto",
+    kernel: "str | Kernel" = "auto",
 ) -> Tensor:
     """Attention over a sequence sharded on ring × ulysses ranks.
 
@@ -107,7 +107,7 @@ class USPAttention(nn.Module):
         causal: bool = False,
         layout: str = "zigzag",
         softmax_scale: float | None = None,
-        kernel: str = "auto",
+        kernel: "str | Kernel" = "auto",
     ) -> None:
         super().__init__()
         check_layout(layout)

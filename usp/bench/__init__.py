@@ -1,0 +1,1 @@
+"""Benchmarks: ``usp bench attention`` (and the training benchmark)."""
