@@ -12,7 +12,9 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from usp import train as train_cli
     from usp.bench import cli as bench_cli
+    from usp.plan import cli as plan_cli
 
     parser = argparse.ArgumentParser(
         prog="usp", description="Unified Sequence Parallelism: Ulysses x Ring attention"
@@ -20,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     bench_cli.register(subparsers)
+    plan_cli.register(subparsers)
+    train_cli.register(subparsers)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from usp.bench import training
 from usp.bench.attention import BenchShape, configurations, format_rows, run_benchmark
 from usp.layout import LAYOUTS
 
@@ -32,10 +33,6 @@ def register(subparsers) -> None:
     attention.add_argument("--profile", action="store_true",
                            help="print rank 0's top operators for each configuration")
     attention.set_defaults(func=_run_attention)
-    try:
-        from usp.bench import training
-    except ImportError:
-        return
     training.register(kinds)
 
 

@@ -1,0 +1,171 @@
+"""`usp bench train`: per-rank memory and throughput of real training steps at SP = 1, 2, 4.
+
+Each configuration is a fresh ``usp train`` run (own rank processes, synthetic tokens) at the same
+total sequence length. Per rank it reports the step's peak memory, the memory held at the start
+of a step (model + optimizer state + sharded parameters: the baseline) and their difference, the
+activation part, which sequence parallelism divides by SP. Tokens/s of every configuration are
+compared with one rank's.
+
+``--find-max-seq`` doubles the sequence length for 1 rank and for 4 ranks until a step exceeds
+``--max-step-s``; from the measured peaks it fits ``total peak = a + b * S`` (memory is linear in
+S: the attention kernels keep O(S) state) and reports where that meets the machine's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MIB = 2**20
+DEFAULT_GRID = ("1x1", "1x2", "2x2")  # RING x ULYSSES: SP = 1, 2, 4
+
+
+def register(bench_subparsers) -> None:
+    parser = bench_subparsers.add_parser(
+        "train", help="memory and tokens/s of training steps at SP = 1, 2, 4",
+        description=(
+            "Fresh `usp train` runs at one total sequence length for each RINGxULYSSES of --grid: "
+            "per-rank peak memory, baseline, activation part, saved activations and tokens/s. "
+            "--find-max-seq also searches the longest sequence for 1 and 4 ranks."
+        ),
+    )
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--seq-len", type=int, default=16384, help="total sequence length")
+    parser.add_argument("--steps", type=int, default=3, help="steps per run (the first is warm-up)")
+    parser.add_argument("--grid", nargs="+", default=list(DEFAULT_GRID), metavar="RINGxULYSSES")
+    parser.add_argument("--layout", default="zigzag")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--find-max-seq", action="store_true", help="also search the longest S")
+    parser.add_argument("--search-start", type=int, default=8192, help="first S of the search")
+    parser.add_argument("--max-step-s", type=float, default=90.0, help="stop the search past this")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    parser.set_defaults(func=run)
+
+
+def _parse_grid(grid: list[str]) -> list[tuple[int, int]]:
+    degrees = []
+    for item in grid:
+        ring, _, ulysses = item.partition("x")
+        if not (ring.isdigit() and ulysses.isdigit()):
+            raise ValueError(f"--grid entry {item!r} must be RINGxULYSSES, e.g. 2x2")
+        degrees.append((int(ring), int(ulysses)))
+    return degrees
+
+
+def measure(args, ring: int, ulysses: int, seq_len: int, steps: int) -> dict:
+    """Train ``steps`` steps on ring x ulysses fresh ranks; summarise the steps after the first."""
+    from usp.train import launch_elastic
+    from usp.train_setup import TrainConfig, validate
+
+    with tempfile.TemporaryDirectory(prefix="usp-bench-train-") as out:
+        config = TrainConfig(
+            model=args.model, seq_len=seq_len, steps=steps, ring=ring, ulysses=ulysses,
+            layout=args.layout, dtype=args.dtype, synthetic=True, out=out, progress=False,
+            nproc=ring * ulysses, warmup=1,
+        )
+        validate(config, config.nproc)
+        records = launch_elastic(config)
+    measured = records[1:] or records
+    world = ring * ulysses
+    peak = [max(r["peak_memory_bytes"][rank] for r in measured) for rank in range(world)]
+    base = [max(r["memory_before_step_bytes"][rank] for r in measured) for rank in range(world)]
+    activation = [
+        max(r["peak_memory_bytes"][rank] - r["memory_before_step_bytes"][rank] for r in measured)
+        for rank in range(world)
+    ]
+    return {
+        "ring": ring, "ulysses": ulysses, "sp": world, "seq_len": seq_len,
+        "peak_mib": [p / MIB for p in peak], "base_mib": [b / MIB for b in base],
+        "activation_mib": [a / MIB for a in activation],
+        "saved_mib": [
+            max(r["saved_activation_bytes"][rank] for r in measured) / MIB for rank in range(world)
+        ],
+        "tokens_per_s": sum(r["tokens_per_s"] for r in measured) / len(measured),
+        "step_time_s": sum(r["step_time_s"] for r in measured) / len(measured),
+        "mfu": sum(r["mfu"] for r in measured) / len(measured),
+    }
+
+
+def format_grid(results: list[dict]) -> str:
+    one = next((r for r in results if r["sp"] == 1), results[0])
+    lines = [
+        "per rank, MiB: peak = baseline (model, optimizer) + activation part (peak - baseline);"
+        " saved = tensors autograd keeps for the backward",
+        f"{'ring x ulysses':>14} {'SP':>3} {'peak':>7} {'baseline':>9} {'activation':>11} "
+        f"{'vs SP=1':>8} {'saved':>7} {'vs SP=1':>8} {'ideal':>6} {'tokens/s':>9} {'vs SP=1':>8}",
+    ]
+    for r in results:
+        activation, saved = max(r["activation_mib"]), max(r["saved_mib"])
+        lines.append(
+            f"{r['ring']:>6} x {r['ulysses']:<6} {r['sp']:>3} {max(r['peak_mib']):>7.0f} "
+            f"{max(r['base_mib']):>9.0f} {activation:>11.0f} "
+            f"{activation / max(one['activation_mib']):>8.2f} {saved:>7.0f} "
+            f"{saved / max(one['saved_mib']):>8.2f} {1 / r['sp']:>6.2f} "
+            f"{r['tokens_per_s']:>9.0f} {r['tokens_per_s'] / one['tokens_per_s']:>7.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def machine_memory_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError("/proc/meminfo has no MemTotal line; this search needs Linux")
+
+
+def find_max_seq(args, ring: int, ulysses: int) -> dict:
+    """Double S while a step stays under ``--max-step-s``; extrapolate memory to the machine's."""
+    points, seq_len = [], args.search_start
+    while True:
+        result = measure(args, ring, ulysses, seq_len, steps=1)
+        points.append(result)
+        print(
+            f"  SP={result['sp']}: S={seq_len}: {result['step_time_s']:.1f} s/step, peak over "
+            f"all ranks {sum(result['peak_mib']):.0f} MiB", flush=True,
+        )
+        # attention is O(S^2): the next doubling costs about 4x this step
+        if len(points) >= 2 and 4 * result["step_time_s"] > args.max_step_s:
+            break
+        seq_len *= 2
+    # least squares through (S, peak over all ranks): peak = intercept + per_token * S
+    xs = [p["seq_len"] for p in points]
+    ys = [sum(p["peak_mib"]) * MIB for p in points]
+    x_mean, y_mean = sum(xs) / len(xs), sum(ys) / len(ys)
+    per_token = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / sum(
+        (x - x_mean) ** 2 for x in xs
+    )
+    intercept = y_mean - per_token * x_mean
+    memory = machine_memory_bytes()
+    return {
+        "sp": ring * ulysses, "longest_measured": xs[-1], "points": points,
+        "bytes_per_token_all_ranks": per_token, "intercept_bytes": intercept,
+        "memory_limit_seq_len": int((memory - intercept) / per_token),
+        "machine_memory_gib": memory / 2**30,
+    }
+
+
+def run(args) -> int:
+    results = [measure(args, r, u, args.seq_len, args.steps) for r, u in _parse_grid(args.grid)]
+    print(f"usp bench train: model {args.model}, total S={args.seq_len}, {args.dtype}, "
+          f"{args.steps} steps (first is warm-up), synthetic tokens")
+    print(format_grid(results))
+    report = {"grid": results}
+    if args.find_max_seq:
+        report["max_seq"] = []
+        for ring, ulysses in ((1, 1), (2, 2)):
+            found = find_max_seq(args, ring, ulysses)
+            report["max_seq"].append(found)
+            print(
+                f"SP={found['sp']}: trained up to S={found['longest_measured']} (measured); "
+                f"{found['bytes_per_token_all_ranks'] / 1024:.1f} KiB/token over all ranks -> "
+                f"the {found['machine_memory_gib']:.0f} GiB machine fits S ~ "
+                f"{found['memory_limit_seq_len']:,} (extrapolated)"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0

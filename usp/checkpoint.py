@@ -1,0 +1,234 @@
+"""Atomic, layout-independent training checkpoints with torch.distributed.checkpoint (DCP).
+
+A checkpoint is a directory ``ROOT/step_000005`` holding
+
+- the DCP shards of ``{"model": ..., "optim": ...}`` from ``get_state_dict``: keys are full
+  parameter names and DTensor shards carry their global shape, so a checkpoint written under one
+  layout (ring 2 x ulysses 2, FSDP over 4) loads under another (ulysses 4, or one process);
+- ``trainer.pt``: step, scheduler and data-batcher state (identical on every rank, written once);
+- ``rng_rank00000.pt`` ...: each rank's RNG states;
+- ``meta.json``: model config, run shape and topology, checked before anything is loaded.
+
+Atomicity: every rank writes into ``step_000005.tmp``; after a barrier rank 0 renames it to
+``step_000005`` (``rename`` is atomic on POSIX) and then points ``ROOT/latest`` at it by writing a
+temporary file and ``os.replace``-ing it. A crash at any moment leaves ``latest`` naming the last
+complete checkpoint; a stale ``.tmp`` directory is only ever a partial save and is cleared by the
+next save of that step. A complete checkpoint is never overwritten or deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+META = "meta.json"
+TRAINER = "trainer.pt"
+# Fields of meta.json's "run" that must match on resume for training to continue exactly.
+RUN_FIELDS_THAT_MUST_MATCH = ("seq_len", "global_batch", "data", "seed")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it "assumes" a single process even when told so; one process is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:06d}"
+
+
+def steps_saved(root: Path, after: int = -1) -> list[int]:
+    """Steps of the complete checkpoints under ``root`` later than ``after`` (``.tmp`` excluded)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    suffixes = [p.name[len("step_"):] for p in root.glob("step_*")]
+    steps = [int(suffix) for suffix in suffixes if suffix.isdigit()]
+    return sorted(s for s in steps if s > after)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint ``ROOT/latest`` names, or None when there is no pointer."""
+    pointer = Path(root) / LATEST
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    path = Path(root) / name
+    if not path.is_dir():
+        raise ValueError(
+            f"checkpoint pointer {pointer} names {name!r}, which is not a directory; the "
+            "checkpoint is unreadable: pass --resume with an existing step_* directory"
+        )
+    return path
+
+
+def read_metadata(path: Path) -> dict:
+    """meta.json of a checkpoint; a clear ValueError when it is missing or unreadable."""
+    meta_path = Path(path) / META
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"checkpoint {path} is unreadable ({meta_path}: {exc}); pass --resume with a "
+            f"complete checkpoint directory (one with {META}, {TRAINER} and .distcp files)"
+        ) from exc
+    required = {"format", "step", "model", "run"}
+    if not isinstance(metadata, dict) or not required <= metadata.keys():
+        raise ValueError(
+            f"checkpoint {path} is unreadable: {meta_path} is not a usp checkpoint record "
+            f"(it needs the keys {sorted(required)})"
+        )
+    if metadata["format"] != FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint {path} has format {metadata['format']!r}, this usp reads "
+            f"format {FORMAT_VERSION}"
+        )
+    return metadata
+
+
+def check_compatible(path: Path, saved: dict, current: dict) -> None:
+    """Refuse to resume a checkpoint written for another model or another run shape.
+
+    The parallel layout (ring, ulysses, tp, dp) may differ: DCP reshards on load.
+    """
+    problems = [
+        f"model.{key}={saved['model'].get(key)!r} in the checkpoint but {value!r} now"
+        for key, value in current["model"].items()
+        if saved["model"].get(key) != value
+    ]
+    problems += [
+        f"{key}={saved['run'].get(key)!r} in the checkpoint but {current['run'][key]!r} now"
+        for key in RUN_FIELDS_THAT_MUST_MATCH
+        if saved["run"].get(key) != current["run"][key]
+    ]
+    if problems:
+        raise ValueError(
+            f"checkpoint {path} does not match this run: " + "; ".join(problems)
+            + ". Resume with the checkpoint's settings, or start a new run in another --out"
+        )
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict,
+    metadata: dict,
+) -> Path:
+    """Save atomically on every rank (a collective); returns the final directory."""
+    root = Path(root)
+    final = step_dir(root, step)
+    if final.exists():
+        raise ValueError(f"checkpoint {final} exists already; refusing to overwrite it")
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # a save of this step that crashed: incomplete by construction
+            shutil.rmtree(tmp)
+    _barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _single_process_quiet():
+        dcp.save(
+            {"model": model_state, "optim": optim_state},
+            checkpoint_id=tmp, no_dist=not _distributed(),
+        )
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
+    if _rank() == 0:
+        torch.save(trainer_state, tmp / TRAINER)
+        meta = {"format": FORMAT_VERSION, "step": step, **metadata}
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+    _barrier()
+    _publish(tmp, final)
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Every rank's shards are in ``tmp``: rank 0 renames it, then moves the pointer (each step
+    atomic), and the others wait for it."""
+    if _rank() == 0:
+        os.rename(tmp, final)
+        pointer_tmp = final.parent / (LATEST + ".tmp")
+        pointer_tmp.write_text(final.name + "\n")
+        os.replace(pointer_tmp, final.parent / LATEST)
+    _barrier()
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, current: dict, seed: int
+) -> dict:
+    """Load model and optimizer in place (any layout); restore RNG; return the trainer state."""
+    path = Path(path)
+    saved = read_metadata(path)
+    check_compatible(path, saved, current)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+        trainer_state = torch.load(path / TRAINER, weights_only=True)
+    # DCP raises several types for torn or foreign files; CheckpointException is a BaseException
+    except (Exception, dcp.CheckpointException) as exc:
+        raise ValueError(f"checkpoint {path} is unreadable: {type(exc).__name__}: {exc}") from exc
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    _restore_rng(path, saved, seed, trainer_state["step"])
+    logger.info("resumed from %s at step %d", path, trainer_state["step"])
+    return trainer_state
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(path: Path, saved: dict, seed: int, step: int) -> None:
+    """Same world size: each rank gets its own saved RNG back. Another world size: the saved
+    streams belong to ranks that no longer exist, so every rank reseeds from (seed, step, rank)."""
+    rng_path = path / f"rng_rank{_rank():05d}.pt"
+    if saved["run"]["world_size"] == _world_size() and rng_path.exists():
+        state = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        return
+    generator_seed = (seed * 1_000_003 + step) * 65_537 + _rank()
+    torch.manual_seed(generator_seed)
+    logger.info("world size changed: reseeded the RNG of rank %d from (seed, step, rank)", _rank())

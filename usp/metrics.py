@@ -1,0 +1,252 @@
+"""Training metrics: memory, MFU, the JSONL log with a progress bar on rank 0, and the loss plot.
+
+Memory is per rank. On CUDA it is the caching allocator's ``max_memory_allocated``. On CPU it is
+the process's resident set: ``VmRSS`` and its high-water mark ``VmHWM`` from ``/proc/self/status``,
+whose peak is reset per step by writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0); where
+that file is missing the peak falls back to ``getrusage``'s lifetime ``ru_maxrss``. Before a step's
+baseline is read on CPU, ``malloc_trim`` hands freed heap pages back to the kernel, so the baseline
+is what is live (model, optimizer state) and not what glibc kept from the previous step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+logger = logging.getLogger(__name__)
+
+# Dense peak TFLOP/s of common accelerators (bf16 tensor cores; fp32 is the TF32 rate).
+CUDA_PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp32": 494.0},
+    "H100": {"bf16": 989.0, "fp32": 494.0},
+    "A100": {"bf16": 312.0, "fp32": 156.0},
+    "L40S": {"bf16": 362.0, "fp32": 181.0},
+    "A10": {"bf16": 125.0, "fp32": 62.5},
+}
+
+
+# ---------------------------------------------------------------------------- memory
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB
+    except OSError:
+        return None
+    return None
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """Return freed heap pages to the kernel (CPU, glibc) so RSS shows live memory only."""
+    if device.type != "cpu":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        logger.debug("malloc_trim is unavailable; CPU memory baselines include freed pages")
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    """Memory this rank holds now: CUDA allocated bytes, or the process RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    rss = _proc_status_bytes("VmRSS")
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (per step)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # "5" resets VmHWM to the current RSS
+    except OSError:
+        logger.debug("cannot reset the RSS peak; CPU peaks are lifetime peaks")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank since the last :func:`reset_peak_memory`."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class SavedActivations:
+    """Bytes of the tensors autograd saves for the backward inside this context: the activation
+    memory proper, free of allocator caching and of the step's temporaries. Storages are counted
+    once (views share them); a checkpointed region's inner tensors are not saved, so not counted."""
+
+    def __init__(self) -> None:
+        self._storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._count(tensor)
+        return tensor
+
+    def _count(self, tensor: torch.Tensor) -> None:
+        # DTensor and the collectives' async wrappers hold no storage themselves: count the
+        # plain tensors inside them
+        if is_traceable_wrapper_subclass(tensor):
+            inner_names, _ = tensor.__tensor_flatten__()
+            for name in inner_names:
+                inner = getattr(tensor, name)
+                if isinstance(inner, torch.Tensor):  # flatten may also name a DeviceMesh
+                    self._count(inner)
+            return
+        storage = tensor.untyped_storage()
+        self._storages[storage.data_ptr()] = storage.nbytes()
+
+    def __enter__(self) -> "SavedActivations":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+
+# ---------------------------------------------------------------------------- MFU
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """Dense matmul throughput of this rank with its current threads, in TFLOP/s."""
+    n = 512 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up: first call pays for allocation and kernel selection
+    iterations, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        iterations += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * n**3 * iterations / elapsed / 1e12
+
+
+def preset_peak_tflops(device: torch.device, dtype_name: str) -> float | None:
+    """The datasheet peak of a known CUDA device, or None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, table in CUDA_PEAK_TFLOPS.items():
+        if key in name:
+            return table[dtype_name]
+    return None
+
+
+def model_flops_utilization(
+    tokens_per_s: float, flops_per_token: float, num_devices: int, peak_tflops: float
+) -> float:
+    """Achieved model FLOP/s over the peak of all devices (PaLM's MFU definition)."""
+    return tokens_per_s * flops_per_token / (num_devices * peak_tflops * 1e12)
+
+
+# ---------------------------------------------------------------------------- log and plot
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics JSONL file."""
+    with open(path) as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+class MetricsLog:
+    """Appends one JSON record per step to ``path`` and draws a progress bar (rank 0 only).
+
+    Other ranks construct it too and it does nothing for them, so the loop has no rank branches.
+    """
+
+    def __init__(
+        self, path: Path, total_steps: int, start_step: int, enabled: bool, progress: bool
+    ) -> None:
+        self.path, self.enabled, self.progress = path, enabled, progress
+        self._file = open(path, "a") if enabled else None
+        self._bar = None
+        if enabled and progress:
+            from tqdm import tqdm
+
+            # disable=None: a bar on a terminal, none in a log file (the step lines remain)
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", disable=None
+            )
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if not self.progress:
+            return
+        from tqdm import tqdm
+
+        tqdm.write(format_record(record))  # above the bar, which redraws below it
+        self._bar.set_postfix(
+            loss=f"{record['loss']:.4f}",
+            tok_s=f"{record['tokens_per_s']:.0f}",
+            mfu=f"{record['mfu']:.2%}",
+            mem_gib=f"{max(record['peak_memory_bytes']) / 2**30:.2f}",
+        )
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def format_record(record: dict) -> str:
+    peaks = ", ".join(f"{p / 2**20:.0f}" for p in record["peak_memory_bytes"])
+    return (
+        f"step {record['step']:>5} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
+        f"{record['step_time_s'] * 1000:.0f} ms | MFU {record['mfu']:.2%} | "
+        f"peak MiB per rank [{peaks}]"
+    )
+
+
+def plot_loss(metrics_path: Path, png_path: Path, reference_path: Path | None = None) -> None:
+    """Write a PNG of loss against step, with a reference run's curve when one is given."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    curves = [("reference", reference_path, "--")] if reference_path is not None else []
+    curves.insert(0, ("this run", metrics_path, "-"))
+    for label, path, style in curves:
+        records = read_metrics(path)
+        steps = [r["step"] for r in records]
+        losses = [r["loss"] for r in records]
+        axes.plot(steps, losses, style, label=label)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (global mean cross-entropy)")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+
+
+def finite_or_raise(loss: float, step: int) -> float:
+    """Stop a diverged run at the step it diverged instead of training on NaNs."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or use --dtype fp32")
+    return loss

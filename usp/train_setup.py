@@ -1,0 +1,299 @@
+"""The training run's configuration: its flags, their validation, and the objects built from them.
+
+:func:`validate` is pure (it reads files, never writes or communicates), so the launcher runs it
+before starting any rank and every rank runs it again: bad input fails the same way everywhere.
+:func:`build_run` turns a valid config into the model (parallelised), optimizer, schedule and data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from usp import checkpoint
+from usp.layout import LAYOUTS, check_sequence_length
+from usp.models.llama import CONFIGS, Llama, get_config
+from usp.parallel import check_parallel_config, parallelize
+from usp.topology import AXES, Topology
+
+SYNTHETIC_WINDOWS = 16  # synthetic data: this many windows per global-batch row, then repeat
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; the CLI flags map one to one (``--seq-len`` -> ``seq_len``)."""
+
+    model: str = "tiny"
+    seq_len: int = 1024
+    global_batch: int = 1
+    steps: int = 20
+    lr: float = 3e-3
+    warmup: int = 5
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dtype: str = "fp32"
+    seed: int = 0
+    ring: int = 1
+    ulysses: int = 1
+    tp: int = 1
+    dp: int = -1
+    layout: str = "zigzag"
+    kernel: str = "auto"
+    ac: str = "none"
+    zero2: bool = False
+    data: list[str] = field(default_factory=list)
+    synthetic: bool = False
+    out: str = "runs/tiny"
+    ckpt_every: int = 0
+    resume: str | None = None
+    reference_metrics: str | None = None
+    peak_tflops: float | None = None
+    device: str = "auto"
+    nproc: int = 1
+    progress: bool = True
+
+
+def add_arguments(parser) -> None:
+    a = parser.add_argument
+    a("--nproc", type=int, default=1, help="ranks to launch on this machine (elastic launcher)")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="gloo on cpu, nccl on cuda")
+    a("--model", choices=sorted(CONFIGS), default="tiny")
+    a("--seq-len", type=int, default=1024, help="global sequence length (tokens per sample)")
+    a("--global-batch", type=int, default=1, help="samples per step over all dp ranks")
+    a("--steps", type=int, default=20, help="total optimizer steps of the run")
+    a("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    a("--warmup", type=int, default=5, help="linear warm-up steps before the cosine decay")
+    a("--min-lr", type=float, default=3e-4, help="learning rate at the end of the cosine")
+    a("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (not norms)")
+    a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    a("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 params")
+    a("--seed", type=int, default=0, help="model init and data order")
+    a("--ring", type=int, default=1, help="ring-attention degree")
+    a("--ulysses", type=int, default=1, help="Ulysses degree")
+    a("--tp", type=int, default=1, help="tensor-parallel degree")
+    a("--dp", type=int, default=-1, help="data-parallel degree (-1: the rest of the world)")
+    a("--layout", choices=LAYOUTS, default="zigzag", help="token layout over the sequence ranks")
+    a("--kernel", default="auto", help="local attention kernel (see usp bench attention)")
+    a("--ac", choices=("none", "full", "selective"), default="none",
+      help="activation checkpointing")
+    a("--zero2", action="store_true", help="keep gathered params after forward (FSDP ZeRO-2)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", nargs="+", default=[], metavar="PATH",
+                        help="text files to train on (default: the Python stdlib's source)")
+    source.add_argument("--synthetic", action="store_true", help="random tokens (throughput runs)")
+    a("--out", default=None, help="run directory (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ)")
+    a("--ckpt-every", type=int, default=0,
+      help="checkpoint every N steps and at the end (0: never)")
+    a("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+      help="continue from OUT's latest checkpoint, or from the step_* directory CKPT")
+    a("--reference-metrics", default=None, metavar="JSONL", help="another run's curve for the plot")
+    a("--peak-tflops", type=float, default=None,
+      help="per-device peak for MFU (default: a known GPU's datasheet value, else measured)")
+    a("--no-progress", dest="progress", action="store_false",
+      help="no progress bar, no per-step lines")
+
+
+def config_from_args(args) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["out"] is None:
+        values["out"] = (
+            f"runs/{args.model}-r{args.ring}-u{args.ulysses}-t{args.tp}-s{args.seq_len}"
+        )
+    return TrainConfig(**values)
+
+
+# ---------------------------------------------------------------------------- validation
+def validate(config: TrainConfig, world_size: int) -> None:
+    """Raise ValueError naming the numbers and the fix for any input that cannot train."""
+    for name in ("seq_len", "global_batch", "steps", "nproc"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(config, name)} must be >= 1")
+    if config.warmup < 0 or config.ckpt_every < 0 or config.grad_clip < 0:
+        raise ValueError("--warmup, --ckpt-every and --grad-clip must be >= 0")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu")
+    if not 0 <= config.min_lr <= config.lr:
+        raise ValueError(f"--min-lr={config.min_lr} must lie in [0, --lr={config.lr}]")
+    inner = config.ring * config.ulysses * config.tp
+    # the degrees mirror Topology.build's rules, checked here before any rank starts
+    if world_size % inner != 0:
+        raise ValueError(
+            f"ring={config.ring} x ulysses={config.ulysses} x tp={config.tp} = {inner} does not "
+            f"divide the {world_size} ranks; use --nproc a multiple of {inner}"
+        )
+    dp = world_size // inner if config.dp == -1 else config.dp
+    if dp * inner != world_size:
+        raise ValueError(
+            f"dp={dp} x ring x ulysses x tp = {dp * inner} != {world_size} ranks; pass --dp -1"
+        )
+    if config.global_batch % dp != 0:
+        raise ValueError(
+            f"--global-batch={config.global_batch} is not divisible by dp={dp}; use a multiple "
+            f"of {dp}, or more sequence parallelism (ring, ulysses) and a smaller dp"
+        )
+    check_sequence_length(config.seq_len, config.ring, config.ulysses, config.layout)
+    local_len = config.seq_len // (config.ring * config.ulysses)
+    if local_len % config.tp != 0:
+        raise ValueError(
+            f"--seq-len={config.seq_len} leaves {local_len} tokens per sequence rank, which "
+            f"tp={config.tp} cannot split; use a multiple of "
+            f"{config.ring * config.ulysses * config.tp * 2}"
+        )
+    # a shape-only topology (no process group) lets parallelize's own check run before launch
+    sizes = {"dp": dp, "ring": config.ring, "ulysses": config.ulysses, "tp": config.tp}
+    check_parallel_config(get_config(config.model), Topology(sizes, {axis: 0 for axis in AXES}))
+    for path in config.data:
+        if not Path(path).is_file():
+            raise ValueError(f"data path {path!r} does not exist or is not a file")
+    if config.reference_metrics and not Path(config.reference_metrics).is_file():
+        raise ValueError(f"--reference-metrics {config.reference_metrics!r} does not exist")
+    _validate_output(config, world_size)
+
+
+def _validate_output(config: TrainConfig, world_size: int) -> None:
+    out = Path(config.out)
+    if config.resume is None:
+        previous = [p.name for p in (out / "metrics.jsonl", out / "checkpoints") if p.exists()]
+        if previous:
+            raise ValueError(
+                f"--out {out} holds a previous run ({', '.join(previous)}); pass --resume to "
+                "continue it or choose another --out (nothing was overwritten)"
+            )
+        return
+    path = resume_path(config)
+    saved = checkpoint.read_metadata(path)
+    checkpoint.check_compatible(path, saved, run_metadata(config, world_size))
+    later = checkpoint.steps_saved(out / "checkpoints", after=saved["step"])
+    if later:
+        raise ValueError(
+            f"--out {out} already holds checkpoints of steps {later}, beyond step {saved['step']} "
+            f"of {path}; resume into another --out so they are not overwritten"
+        )
+
+
+def resume_path(config: TrainConfig) -> Path:
+    """The checkpoint ``--resume`` names: OUT's latest, or an explicit step_* directory."""
+    if config.resume != "latest":
+        return Path(config.resume)
+    path = checkpoint.latest_checkpoint(Path(config.out) / "checkpoints")
+    if path is None:
+        raise ValueError(
+            f"--resume: {Path(config.out) / 'checkpoints'} has no checkpoint; train without "
+            "--resume or pass the step_* directory to resume from"
+        )
+    return path
+
+
+def run_metadata(config: TrainConfig, world_size: int) -> dict:
+    """What a checkpoint records about its run, JSON-normalised as ``check_compatible`` reads it."""
+    data = [str(Path(p).resolve()) for p in config.data] or "stdlib"
+    if config.synthetic:
+        data = "synthetic"
+    metadata = {
+        "model_name": config.model,
+        "model": dataclasses.asdict(get_config(config.model)),
+        "run": {
+            "seq_len": config.seq_len,
+            "global_batch": config.global_batch,
+            "data": data,
+            "seed": config.seed,
+            "world_size": world_size,
+            "degrees": {"ring": config.ring, "ulysses": config.ulysses, "tp": config.tp},
+            "layout": config.layout,
+            "dtype": config.dtype,
+        },
+    }
+    return json.loads(json.dumps(metadata))
+
+
+# ---------------------------------------------------------------------------- building the run
+def lr_at_step(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier of step ``step`` (0-based): linear warm-up, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Run:
+    device: torch.device
+    topology: Topology
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    batcher: object
+    metadata: dict
+    flops_per_token: float
+    resume_path: Path | None
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Clip to a global norm over every rank's shards; returns the norm before clipping."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # DTensor grads reduce over their own mesh; FSDP and TP parameters may live on different
+        # meshes, so sum squared norms per mesh and combine (plain tensors are whole already).
+        by_mesh: dict[object, list[torch.Tensor]] = {}
+        for grad in grads:
+            by_mesh.setdefault(getattr(grad, "device_mesh", None), []).append(grad)
+        squared = torch.zeros((), dtype=torch.float64, device=self.device)
+        for group in by_mesh.values():
+            norm = torch.nn.utils.get_total_norm(group, 2.0)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            squared += norm.double() ** 2
+        total = squared.sqrt()
+        if max_norm > 0:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(torch.float32))
+        return float(total)
+
+
+def _training_data(config: TrainConfig):
+    from usp.data import stdlib_documents, synthetic_tokens, text_file_documents
+
+    if config.synthetic:
+        num_tokens = config.global_batch * SYNTHETIC_WINDOWS * config.seq_len + 1
+        return synthetic_tokens(num_tokens, seed=config.seed)
+    if config.data:
+        return text_file_documents(config.data)
+    return stdlib_documents()
+
+
+def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run:
+    from usp.data import TokenBatcher
+
+    topology = Topology.build(ring=config.ring, ulysses=config.ulysses, dp=config.dp, tp=config.tp)
+    model = Llama(get_config(config.model))
+    model.init_weights(config.seed)
+    flops_per_token = model.flops_per_token(config.seq_len)
+    model = model.to(device)
+    if dist.is_initialized():
+        model = parallelize(
+            model, topology, layout=config.layout, kernel=config.kernel,
+            activation_checkpointing=config.ac, fsdp=True,
+            reshard_after_forward=not config.zero2, param_dtype=None, reduce_dtype=None,
+        )
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms: decay would fight their scale
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+    schedule = partial(
+        lr_at_step, warmup=config.warmup, total=config.steps, min_ratio=config.min_lr / config.lr
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    batcher = TokenBatcher(_training_data(config), config.global_batch, config.seq_len, config.seed)
+    return Run(
+        device=device, topology=topology, model=model, optimizer=optimizer, scheduler=scheduler,
+        batcher=batcher, metadata=run_metadata(config, world_size), flops_per_token=flops_per_token,
+        resume_path=resume_path(config) if config.resume else None,
+    )
