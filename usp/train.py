@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import sys
 import time
 import uuid
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from usp import checkpoint, metrics
+from usp.comm import free_port
 from usp.train_setup import (
     TrainConfig,
     add_arguments,
@@ -106,17 +106,11 @@ def launch_elastic(config: TrainConfig) -> list[dict]:
         nproc_per_node=config.nproc,
         run_id=f"usp-train-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
         max_restarts=0,
         start_method="spawn",
     )
     return elastic_launch(launch_config, _worker)(config)[0]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(config: TrainConfig) -> list[dict]:

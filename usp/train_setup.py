@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -89,7 +91,8 @@ def add_arguments(parser) -> None:
     source.add_argument("--data", nargs="+", default=[], metavar="PATH",
                         help="text files to train on (default: the Python stdlib's source)")
     source.add_argument("--synthetic", action="store_true", help="random tokens (throughput runs)")
-    a("--out", default=None, help="run directory (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ)")
+    a("--out", default=None,
+      help="run directory (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ-RUNID, new each run)")
     a("--ckpt-every", type=int, default=0,
       help="checkpoint every N steps and at the end (0: never)")
     a("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
@@ -104,8 +107,11 @@ def add_arguments(parser) -> None:
 def config_from_args(args) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if values["out"] is None:
+        # a fresh directory per run, so the same command can run twice; every rank of one job
+        # agrees on it (torchrun's run id, or the launching process's clock)
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
         values["out"] = (
-            f"runs/{args.model}-r{args.ring}-u{args.ulysses}-t{args.tp}-s{args.seq_len}"
+            f"runs/{args.model}-r{args.ring}-u{args.ulysses}-t{args.tp}-s{args.seq_len}-{run_id}"
         )
     return TrainConfig(**values)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -19,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from usp.comm import free_port
 from usp.plan.specs import ClusterSpec
 
 logger = logging.getLogger(__name__)
@@ -91,9 +91,7 @@ def _link_worker(rank: int, port: int, message_bytes: int, results) -> None:
 
 def measure_gloo_link(message_bytes: int = 8 * 2**20) -> tuple[float, float]:
     """(GB/s one rank sends, one-message latency in microseconds) between two gloo ranks."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     processes = [ctx.Process(target=_link_worker, args=(rank, port, message_bytes, results))
