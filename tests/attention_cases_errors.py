@@ -55,4 +55,30 @@ def bad_inputs(rank: int, world_size: int) -> list[str]:
     # after all of that, the ranks are still in step: a real call works
     q = torch.randn(1, 4, 4, 8)
     usp.usp_attention(q, q, q, topology, causal=True)
+    check_from_mesh_and_module()
     return messages
+
+
+def check_from_mesh_and_module() -> None:
+    """A user's own DeviceMesh (context-first order, no dp axis) drives USPAttention exactly."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tests.attention_cases import global_tensors, reference, Case
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ulysses", "ring"))
+    topology = usp.Topology.from_mesh(mesh)
+    assert topology.placement == "context-first"
+    assert (topology.size("dp"), topology.ring_size, topology.ulysses_size) == (1, 2, 2)
+    assert topology.sequence_rank == topology.ring_rank * 2 + topology.ulysses_rank
+    case = Case(2, 2, "stripe", True, 2, "fp64")
+    q, k, v, dout = global_tensors(case, 4, 16)
+    expected = reference(q, k, v, dout, causal=True)
+    module = usp.USPAttention(topology, causal=True, layout="stripe")
+    leaves = [usp.shard_sequence(t, topology, "stripe").requires_grad_() for t in (q, k, v)]
+    out = module(*leaves)
+    out.backward(usp.shard_sequence(dout, topology, "stripe"))
+    for got, want in zip((out, *(t.grad for t in leaves)), expected):
+        torch.testing.assert_close(got, usp.shard_sequence(want, topology, "stripe"),
+                                   atol=1e-10, rtol=0)
+    gathered = usp.unshard_sequence(out, topology, "stripe")
+    torch.testing.assert_close(gathered, expected[0], atol=1e-10, rtol=0)
