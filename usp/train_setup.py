@@ -33,6 +33,7 @@ class TrainConfig:
     """Every setting of a run; the CLI flags map one to one (``--seq-len`` -> ``seq_len``)."""
 
     model: str = "tiny"
+    hf_config: str | None = None
     seq_len: int = 1024
     global_batch: int = 1
     steps: int = 20
@@ -68,6 +69,9 @@ def add_arguments(parser) -> None:
     a("--nproc", type=int, default=1, help="ranks to launch on this machine (elastic launcher)")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="gloo on cpu, nccl on cuda")
     a("--model", choices=sorted(CONFIGS), default="tiny")
+    a("--hf-config", default=None, metavar="PATH_OR_PRESET",
+      help="train a Hugging Face causal LM instead of --model: a config.json (or its directory) "
+      "or a preset (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma); random init")
     a("--seq-len", type=int, default=1024, help="global sequence length (tokens per sample)")
     a("--global-batch", type=int, default=1, help="samples per step over all dp ranks")
     a("--steps", type=int, default=20, help="total optimizer steps of the run")
@@ -110,8 +114,9 @@ def config_from_args(args) -> TrainConfig:
         # a fresh directory per run, so the same command can run twice; every rank of one job
         # agrees on it (torchrun's run id, or the launching process's clock)
         run_id = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
+        name = Path(args.hf_config).stem if args.hf_config else args.model
         values["out"] = (
-            f"runs/{args.model}-r{args.ring}-u{args.ulysses}-t{args.tp}-s{args.seq_len}-{run_id}"
+            f"runs/{name}-r{args.ring}-u{args.ulysses}-t{args.tp}-s{args.seq_len}-{run_id}"
         )
     return TrainConfig(**values)
 
@@ -155,7 +160,13 @@ def validate(config: TrainConfig, world_size: int) -> None:
         )
     # a shape-only topology (no process group) lets parallelize's own check run before launch
     sizes = {"dp": dp, "ring": config.ring, "ulysses": config.ulysses, "tp": config.tp}
-    check_parallel_config(get_config(config.model), Topology(sizes, {axis: 0 for axis in AXES}))
+    shape_only = Topology(sizes, {axis: 0 for axis in AXES})
+    if config.hf_config:
+        from usp.integrations.hf_train import validate_hf_config
+
+        validate_hf_config(config.hf_config, shape_only)
+    else:
+        check_parallel_config(get_config(config.model), shape_only)
     for path in config.data:
         if not Path(path).is_file():
             raise ValueError(f"data path {path!r} does not exist or is not a file")
@@ -203,9 +214,15 @@ def run_metadata(config: TrainConfig, world_size: int) -> dict:
     data = [str(Path(p).resolve()) for p in config.data] or "stdlib"
     if config.synthetic:
         data = "synthetic"
+    if config.hf_config:
+        from usp.integrations.hf_train import hf_config_metadata
+
+        model_name, model = config.hf_config, hf_config_metadata(config.hf_config)
+    else:
+        model_name, model = config.model, dataclasses.asdict(get_config(config.model))
     metadata = {
-        "model_name": config.model,
-        "model": dataclasses.asdict(get_config(config.model)),
+        "model_name": model_name,
+        "model": model,
         "run": {
             "seq_len": config.seq_len,
             "global_batch": config.global_batch,
@@ -276,12 +293,19 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
     from usp.data import TokenBatcher
 
     topology = Topology.build(ring=config.ring, ulysses=config.ulysses, dp=config.dp, tp=config.tp)
-    model = Llama(get_config(config.model))
-    model.init_weights(config.seed)
+    if config.hf_config:
+        from usp.integrations.hf_train import build_hf_causal_lm, parallelize_hf
+
+        model = build_hf_causal_lm(config.hf_config, seed=config.seed)
+        parallelize_model = parallelize_hf
+    else:
+        model = Llama(get_config(config.model))
+        model.init_weights(config.seed)
+        parallelize_model = parallelize
     flops_per_token = model.flops_per_token(config.seq_len)
     model = model.to(device)
     if dist.is_initialized():
-        model = parallelize(
+        model = parallelize_model(
             model, topology, layout=config.layout, kernel=config.kernel,
             activation_checkpointing=config.ac, fsdp=True,
             reshard_after_forward=not config.zero2, param_dtype=None, reduce_dtype=None,

@@ -1,0 +1,281 @@
+"""attn_implementation="usp" on Hugging Face models vs the single-process eager model.
+
+One spawned 4-rank world runs every architecture x topology case, the refusals and the FSDP2
+training step. Each case compares logits (gathered), loss and every parameter's gradient (summed
+over ranks) with the eager model run on the whole seeded batch in one process. fp32 rule
+(DESIGN.md): the error against an fp64 eager reference is at most twice the fp32 eager model's
+own error plus a tiny atol.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+from transformers.masking_utils import (
+    and_masks,
+    causal_mask_function,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    packed_sequence_mask_function,
+    sliding_window_causal_mask_function,
+)
+
+from tests.distributed import collect_failures, run_on_ranks
+from usp import Topology, unshard_sequence
+from usp.data import shard_batch
+from usp.integrations.hf_masks import is_packed_causal
+from usp.integrations.hf_train import build_hf_causal_lm, parallelize_hf, trivial_topology
+from usp.integrations.transformers import USPContext
+from usp.loss import global_mean_cross_entropy
+
+WORLD = 4
+VOCAB, BATCH, SEQ = 128, 2, 32
+# 2 layers, hidden 64, vocab 128; init 0.2 makes the attention far from uniform, so a wrong mask
+# or a wrong RoPE position changes the result well beyond the tolerance
+_TINY = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    initializer_range=0.2, tie_word_embeddings=False,
+)
+ARCHITECTURES = {
+    "llama-mha": lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **_TINY),
+    "llama-gqa": lambda: LlamaConfig(num_attention_heads=8, num_key_value_heads=2, **_TINY),
+    "qwen2-gqa": lambda: Qwen2Config(num_attention_heads=8, num_key_value_heads=2, **_TINY),
+    "qwen3-gqa-qknorm": lambda: Qwen3Config(
+        num_attention_heads=8, num_key_value_heads=1, head_dim=16, **_TINY
+    ),
+    "llama-bidirectional": lambda: LlamaConfig(
+        num_attention_heads=8, num_key_value_heads=2, is_causal=False, **_TINY
+    ),
+    "gemma-gqa": lambda: GemmaConfig(
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+        **{**_TINY, "tie_word_embeddings": True},
+    ),
+}
+# (ring, ulysses, layout); ulysses 4 runs with the configs' 1 or 2 kv heads (replicated)
+TOPOLOGIES = [(2, 2, "zigzag"), (1, 4, "zigzag")]
+CASES = [(arch, *degrees) for arch in ARCHITECTURES for degrees in TOPOLOGIES]
+CASES += [("llama-gqa", 4, 1, "stripe")]
+
+
+def _batch(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def _eager_run(model, ids):
+    """Logits, mean next-token loss and gradients of the whole batch in one process."""
+    logits = model(input_ids=ids, use_cache=False).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return logits.detach(), loss.detach(), grads
+
+
+def _check_close(results):
+    """Each ``(name, got, eager32, ref64)``: |got - ref64| <= 2 |eager32 - ref64| + 1e-6 max|ref64|.
+
+    Compares after every collective is done, so a failing case cannot desynchronise the ranks.
+    """
+    failures = []
+    for name, got, eager32, reference64 in results:
+        reference = reference64.double()
+        own = (eager32.double() - reference).abs().max().item()
+        err = (got.double() - reference).abs().max().item()
+        bound = 2 * own + 1e-6 * reference.abs().max().item()
+        if not err <= bound:
+            failures.append(f"{name}: error {err:.3g} > bound {bound:.3g} (eager fp32 {own:.3g})")
+    if failures:
+        raise AssertionError("; ".join(failures))
+
+
+def _compare(arch, ring, ulysses, layout, contexts):
+    context = contexts[(ring, ulysses, layout)]
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(ARCHITECTURES[arch](), attn_implementation="eager")
+    reference = copy.deepcopy(eager).double()
+    model = context.prepare(copy.deepcopy(eager))
+    ids = _batch()
+    logits32, loss32, grads32 = _eager_run(eager, ids)
+    logits64, loss64, grads64 = _eager_run(reference, ids)
+
+    inputs = context.shard(ids)
+    local = model(
+        input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False,
+        usp_context=context,
+    ).logits
+    loss = context.loss(local, inputs["labels"])
+    loss.backward()
+    logits = unshard_sequence(local.detach(), context.topology, layout)
+    results = [("logits", logits, logits32, logits64), ("loss", loss.detach(), loss32, loss64)]
+    for name, param in model.named_parameters():
+        grad = param.grad.clone()
+        dist.all_reduce(grad)  # each rank's gradient is its share of the global mean's
+        results.append((f"grad {name}", grad, grads32[name], grads64[name]))
+    _check_close(results)
+
+
+def _expect_refusal(context, run, *needles):
+    """``run()`` raises ValueError on every rank; this rank's message holds one of ``needles``."""
+    with pytest.raises(ValueError) as info:
+        run()
+    message = str(info.value)
+    if not any(n in message for n in needles):
+        raise AssertionError(f"unexpected refusal message: {message}")
+    dist.barrier()  # every rank got here: nobody is left waiting in a collective
+
+
+def _refusals(rank, context):
+    torch.manual_seed(0)
+    config = LlamaConfig(num_attention_heads=8, num_key_value_heads=2, **_TINY)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="usp")
+    inputs = context.shard(_batch())
+    forward = dict(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                   use_cache=False, usp_context=context)
+    reference = model(**forward).logits
+    ones = torch.ones_like(inputs["input_ids"])
+    torch.testing.assert_close(model(**forward, attention_mask=ones).logits, reference)
+
+    padded = ones.clone()
+    if rank == WORLD - 1:  # padding on one rank only: the others must raise, not hang
+        padded[0, 0] = 0
+    _expect_refusal(context, lambda: model(**forward, attention_mask=padded),
+                    "zeros (padding)", "another rank refused")
+    # no position_ids: transformers counts 0..S_local-1 on every rank, right for rank 0 only
+    _expect_refusal(context, lambda: model(**{**forward, "position_ids": None}),
+                    "position_ids must be", "another rank refused")
+    restarting = (inputs["position_ids"] % 8)  # packed documents of 8 tokens
+    _expect_refusal(context, lambda: model(**{**forward, "position_ids": restarting}),
+                    "position_ids must be", "another rank refused")
+    square = torch.ones(1, 1, ones.shape[1], ones.shape[1], dtype=torch.bool).tril()
+    _expect_refusal(context, lambda: model(**forward, attention_mask=square), "custom 4-D mask")
+
+    mistral = AutoModelForCausalLM.from_config(
+        MistralConfig(num_attention_heads=8, num_key_value_heads=2, sliding_window=16, **_TINY),
+        attn_implementation="usp",
+    )
+    _expect_refusal(context, lambda: mistral(**forward), "MistralConfig.sliding_window=16")
+    _expect_refusal(context, lambda: context.prepare(mistral), "MistralConfig.sliding_window=16")
+
+
+def _fsdp_step(rank, topology):
+    """FSDP2 over dp 2 x ulysses 2: one step's gradients equal the single-process eager ones."""
+    tokens = torch.randint(0, 512, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    eager = build_hf_causal_lm("tiny-qwen3", seed=3)
+    eager.model.set_attn_implementation("eager")
+    references = []
+    for reference in (eager, copy.deepcopy(eager).double()):
+        logits = reference(tokens[:, :-1], torch.arange(SEQ).expand(2, -1))
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        references.append({n: p.grad for n, p in reference.named_parameters()})
+
+    model = parallelize_hf(build_hf_causal_lm("tiny-qwen3", seed=3), topology, layout="zigzag")
+    batch = shard_batch(tokens, topology, "zigzag")
+    loss = global_mean_cross_entropy(model(batch["input_ids"], batch["position_ids"]),
+                                     batch["labels"], topology)
+    loss.backward()
+    grads = {name: param.grad.full_tensor() for name, param in model.named_parameters()}
+    _check_close([(n, g, references[0][n], references[1][n]) for n, g in grads.items()])
+
+
+def _world(rank, world_size):
+    contexts = {
+        (ring, ulysses, layout): USPContext(Topology.build(ring=ring, ulysses=ulysses), layout)
+        for _, ring, ulysses, layout in CASES
+    }
+    failures = collect_failures(CASES, lambda case: _compare(*case, contexts))
+    ulysses4 = contexts[(1, 4, "zigzag")]
+    failures += collect_failures(["refusals"], lambda _: _refusals(rank, ulysses4))
+    dp2 = Topology.build(ring=1, ulysses=2, dp=2)
+    failures += collect_failures(["fsdp dp2 x ulysses2"], lambda _: _fsdp_step(rank, dp2))
+    return failures
+
+
+def test_transformers_usp_matches_eager_on_four_ranks():
+    failures = run_on_ranks(_world, WORLD, timeout_s=240)
+    lines = [f"rank {rank}: {line}" for rank, lines in enumerate(failures) for line in lines]
+    assert not lines, "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ single process
+def _single_process_pair(config):
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    context = USPContext(trivial_topology())
+    return eager, context.prepare(copy.deepcopy(eager)), context
+
+
+def test_single_process_matches_eager_and_refuses_what_it_cannot_run():
+    eager, model, context = _single_process_pair(
+        LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **_TINY)
+    )
+    ids = _batch()
+    inputs = context.shard(ids)
+    forward = dict(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                   usp_context=context, use_cache=False)
+    expected = eager(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(model(**forward).logits, expected)
+    ones = torch.ones_like(ids)
+    torch.testing.assert_close(model(**forward, attention_mask=ones).logits, expected)
+    # labels shifted before sharding: the loss is the model's own next-token loss
+    loss = context.loss(model(**forward).logits, inputs["labels"])
+    torch.testing.assert_close(loss, eager(input_ids=ids, labels=ids, use_cache=False).loss)
+
+    with pytest.raises(ValueError, match="needs the forward kwarg usp_context"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="1 zeros \\(padding\\)"):
+        ones[1, 0] = 0
+        model(**forward, attention_mask=ones)
+    with pytest.raises(ValueError, match="attends 1 queries to 33 keys"):
+        cache = model(**{**forward, "use_cache": True}).past_key_values
+        model(input_ids=ids[:, :1], position_ids=torch.full((BATCH, 1), SEQ),
+              past_key_values=cache, usp_context=context)
+    _, dropping, _ = _single_process_pair(
+        LlamaConfig(num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1, **_TINY)
+    )
+    dropping.eval()(**forward)  # no dropout outside training
+    with pytest.raises(ValueError, match="attention dropout 0.1"):
+        dropping.train()(**forward)
+
+
+def test_mask_requests_accept_only_plain_causal_and_layout_packing():
+    """The requests transformers' own mask builders make for "usp" (whatever their internals)."""
+    config = LlamaConfig(**_TINY)
+    config._attn_implementation = "usp"
+    embeds = torch.zeros(1, 8, 4)
+    zigzag = torch.tensor([[0, 1, 2, 3, 12, 13, 14, 15]])  # looks like 2 packed documents
+    mask = lambda attention_mask=None, **options: create_causal_mask(  # noqa: E731
+        config=config, inputs_embeds=embeds, attention_mask=attention_mask,
+        past_key_values=None, **options,
+    )
+    for request in (mask(), mask(position_ids=zigzag), mask(attention_mask=torch.ones(1, 8))):
+        assert request.causal and request.refusal is None
+    everything = lambda b, h, q, kv: q >= 0  # noqa: E731
+    assert "custom attention mask" in mask(position_ids=zigzag, or_mask_function=everything).refusal
+    assert "custom attention mask" in mask(and_mask_function=everything).refusal
+    assert "zeros (padding)" in mask(attention_mask=torch.tensor([[0] + [1] * 7])).refusal
+    config.sliding_window = 4
+    window = create_sliding_window_causal_mask(
+        config=config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
+        position_ids=zigzag,
+    )
+    assert "LlamaConfig.sliding_window=4" in window.refusal
+    config.is_causal = False
+    request = mask()
+    assert not request.causal and request.refusal is None
+    # the recogniser itself: the wrapper around causal only, never around a window
+    documents = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    same_document = packed_sequence_mask_function(documents)
+    assert is_packed_causal(and_masks(causal_mask_function, same_document))
+    assert not is_packed_causal(and_masks(sliding_window_causal_mask_function(4), same_document))
+    assert not is_packed_causal(causal_mask_function)

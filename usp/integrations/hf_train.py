@@ -1,0 +1,228 @@
+"""Train a Hugging Face causal LM with usp: build it from a config, then parallelise it.
+
+- :func:`load_hf_config`: a preset built in code (no download) or a local ``config.json``.
+- :func:`build_hf_causal_lm`: randomly initialised model (seeded, equal on every rank) wrapped in
+  :class:`HFCausalLM`, whose ``forward(input_ids, position_ids) -> logits`` is the interface of
+  ``usp.models.Llama``, so ``usp train`` runs either with the same loop.
+- :func:`parallelize_hf`: the ``usp.parallelize`` of these models, in the same order: attention
+  (``"usp"`` on the topology), activation checkpointing, FSDP2 per decoder layer and on the root
+  over dp × ring × ulysses with gradients **summed** (``usp.parallel.apply_fsdp``), as
+  ``usp.loss.global_mean_cross_entropy`` expects. Tensor parallelism is not offered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed._composable import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from usp.data import BYTE_VOCAB_SIZE
+from usp.integrations.transformers import ATTENTION_NAME, USPContext, check_config
+from usp.loss import data_parallel_size
+from usp.parallel import ACTIVATION_CHECKPOINTING, apply_fsdp
+from usp.topology import AXES, Topology
+
+logger = logging.getLogger(__name__)
+
+_TINY = dict(
+    vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1 << 17,
+    tie_word_embeddings=False,
+)
+# CPU-sized configs of five architectures (vocab 512 covers the 257 byte-level ids of usp.data)
+PRESETS: dict[str, dict] = {
+    "tiny-llama": dict(model_type="llama", **_TINY),
+    "tiny-qwen2": dict(model_type="qwen2", **_TINY),
+    "tiny-qwen3": dict(model_type="qwen3", head_dim=16, **_TINY),  # q/k RMSNorm per head
+    "tiny-mistral": dict(model_type="mistral", sliding_window=None, **_TINY),
+    "tiny-gemma": dict(model_type="gemma", head_dim=16, **_TINY),
+}
+
+
+def load_hf_config(path_or_preset: str) -> PretrainedConfig:
+    """A preset name, a ``config.json`` or a directory holding one; never downloads."""
+    if path_or_preset in PRESETS:
+        values = dict(PRESETS[path_or_preset])
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    path = Path(path_or_preset)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"--hf-config {path_or_preset!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+            "nor a config.json file or a directory holding one"
+        )
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read the Hugging Face config {str(path)!r}: {exc}") from exc
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise ValueError(f"{str(path)!r} has no \"model_type\"; it is no transformers config.json")
+    model_type = values.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(
+            f"{str(path)!r}: transformers does not know model_type={model_type!r}"
+        ) from exc
+
+
+def validate_hf_config(
+    path_or_preset: str, topology: Topology, min_vocab_size: int = BYTE_VOCAB_SIZE
+) -> PretrainedConfig:
+    """Load and check a config for training on ``topology`` (its sizes only: no process group)."""
+    config = load_hf_config(path_or_preset)
+    if topology.size("tp") != 1:
+        raise ValueError(
+            f"tp={topology.size('tp')}: tensor parallelism is not supported for Hugging Face "
+            "models; use --tp 1"
+        )
+    if config.vocab_size < min_vocab_size:
+        raise ValueError(
+            f"{type(config).__name__}.vocab_size={config.vocab_size} is smaller than the "
+            f"{min_vocab_size} token ids of the training data; use vocab_size >= {min_vocab_size}"
+        )
+    check_config(config, topology)
+    return config
+
+
+def hf_config_metadata(path_or_preset: str) -> dict:
+    """The config as JSON data for checkpoint metadata (without the transformers version)."""
+    values = json.loads(load_hf_config(path_or_preset).to_json_string(use_diff=False))
+    for key in ("transformers_version", "_name_or_path"):
+        values.pop(key, None)
+    return values
+
+
+def trivial_topology() -> Topology:
+    """The single-process topology (every axis of size 1), built without a process group."""
+    return Topology({axis: 1 for axis in AXES}, {axis: 0 for axis in AXES})
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM behind ``usp.models.Llama``'s interface.
+
+    ``forward(input_ids, position_ids [B, S]) -> logits [B, S, V]`` (at least fp32), with
+    ``use_cache=False`` and this model's :class:`USPContext` (single-process until
+    :func:`parallelize_hf` replaces it).
+    """
+
+    def __init__(self, model: nn.Module, context: USPContext) -> None:
+        super().__init__()
+        self.model = model
+        self.context = context
+        if not isinstance(getattr(model.base_model, "layers", None), nn.ModuleList):
+            raise ValueError(
+                f"{type(model).__name__} keeps no decoder layers in base_model.layers; usp "
+                "shards and checkpoints per decoder layer and cannot wrap this architecture"
+            )
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers (what ``usp.parallel.apply_fsdp`` shards one by one)."""
+        return self.model.base_model.layers
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape != position_ids.shape:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and position_ids "
+                f"{tuple(position_ids.shape)} must have the same [B, S] shape"
+            )
+        logits = self.model(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False,
+            usp_context=self.context,
+        ).logits
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def num_params(self) -> int:
+        """Distinct parameters (a tied embedding counts once), global under sharding."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, counted as ``usp.models.Llama.flops_per_token`` does."""
+        config = self.config
+        embedding = self.model.get_input_embeddings().weight
+        matmul_params = self.num_params()
+        if self.model.get_output_embeddings().weight is not embedding:
+            matmul_params -= embedding.numel()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        attention = 6 * config.num_hidden_layers * heads * head_dim * seq_len
+        return 6.0 * matmul_params + attention
+
+
+def build_hf_causal_lm(
+    path_or_preset: str, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> HFCausalLM:
+    """A randomly initialised causal LM (``attn_implementation="usp"``); equal on every rank."""
+    config = load_hf_config(path_or_preset)
+    with torch.random.fork_rng(devices=[]):  # the init draws from a seed, not the caller's RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=ATTENTION_NAME, dtype=dtype
+        )
+    return HFCausalLM(model, USPContext(trivial_topology()))
+
+
+def parallelize_hf(
+    model: HFCausalLM,
+    topology: Topology,
+    *,
+    layout: str = "zigzag",
+    kernel: str = "auto",
+    activation_checkpointing: str = "none",
+    fsdp: bool = True,
+    reshard_after_forward: bool = True,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+) -> HFCausalLM:
+    """Attention on ``topology``, activation checkpointing, FSDP2; in place (see module doc).
+
+    The options mean what they mean in ``usp.parallelize``. Call it on a model built by
+    :func:`build_hf_causal_lm` with the same seed on every rank.
+    """
+    if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(
+            f"activation_checkpointing={activation_checkpointing!r}; choose one of "
+            f"{ACTIVATION_CHECKPOINTING}"
+        )
+    use_fsdp = data_parallel_size(topology) > 1
+    if use_fsdp and not fsdp:
+        raise ValueError(
+            f"dp x ring x ulysses = {data_parallel_size(topology)} ranks hold different tokens and "
+            "their gradients must be summed; FSDP2 does that, so fsdp=False needs that product 1"
+        )
+    if not use_fsdp and (param_dtype is not None or reduce_dtype is not None):
+        raise ValueError(
+            "param_dtype/reduce_dtype are FSDP2's mixed precision, and dp x ring x ulysses = 1 "
+            "leaves nothing to shard; cast the model instead (model.to(dtype))"
+        )
+    model.context = USPContext(topology, layout, kernel)
+    model.context.prepare(model.model)
+    if activation_checkpointing == "selective" and not all(hasattr(l, "mlp") for l in model.layers):
+        raise ValueError(
+            f"selective activation checkpointing recomputes each decoder layer's .mlp, which "
+            f"{type(model.layers[0]).__name__} lacks; use activation_checkpointing='full'"
+        )
+    for layer in model.layers:
+        if activation_checkpointing == "full":
+            checkpoint(layer)
+        elif activation_checkpointing == "selective":
+            checkpoint(layer.mlp)
+    if use_fsdp:
+        apply_fsdp(model, topology, reshard_after_forward, param_dtype, reduce_dtype)
+    logger.info(
+        "parallelized %s over %s: layout=%s, activation checkpointing=%s, fsdp=%s",
+        type(model.model).__name__, topology, layout, activation_checkpointing,
+        ("zero3" if reshard_after_forward else "zero2") if use_fsdp else "off",
+    )
+    return model
