@@ -50,8 +50,10 @@ def test_schedule_covers_exactly_the_mask_once(ring, units, layout, causal):
                     allowed = torch.ones_like(allowed).tril()
                 for i, row in enumerate(rows):
                     covered[row, k_pos[cols[allowed[i]]]] += 1
-        expected = (k := torch.arange(seq_len)).unsqueeze(0) <= q_pos.unsqueeze(1) if causal \
-            else torch.ones(block_len, seq_len, dtype=torch.bool)
+        if causal:
+            expected = torch.arange(seq_len).unsqueeze(0) <= q_pos.unsqueeze(1)
+        else:
+            expected = torch.ones(block_len, seq_len, dtype=torch.bool)
         assert covered.equal(expected.long()), (rank, layout)
 
 

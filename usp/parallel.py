@@ -77,6 +77,33 @@ def check_parallel_config(config: LlamaConfig, topology: Topology) -> None:
         )
 
 
+def check_parallel_options(
+    topology: Topology,
+    activation_checkpointing: str,
+    fsdp: bool,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype | None,
+) -> bool:
+    """Validate the options shared by every parallelize path; return whether FSDP2 applies."""
+    if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(
+            f"activation_checkpointing={activation_checkpointing!r}; choose one of "
+            f"{ACTIVATION_CHECKPOINTING}"
+        )
+    use_fsdp = data_parallel_size(topology) > 1
+    if use_fsdp and not fsdp:
+        raise ValueError(
+            f"dp x ring x ulysses = {data_parallel_size(topology)} ranks hold different tokens and "
+            "their gradients must be summed; FSDP2 does that, so fsdp=False needs that product 1"
+        )
+    if not use_fsdp and (param_dtype is not None or reduce_dtype is not None):
+        raise ValueError(
+            "param_dtype/reduce_dtype are FSDP2's mixed precision, and dp x ring x ulysses = 1 "
+            "leaves nothing to shard; cast the model instead (model.to(dtype))"
+        )
+    return use_fsdp
+
+
 def parallelize(
     model: nn.Module,
     topology: Topology,
@@ -97,22 +124,9 @@ def parallelize(
     """
     check_layout(layout)
     check_parallel_config(model.config, topology)
-    if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-        raise ValueError(
-            f"activation_checkpointing={activation_checkpointing!r}; choose one of "
-            f"{ACTIVATION_CHECKPOINTING}"
-        )
-    use_fsdp = data_parallel_size(topology) > 1
-    if use_fsdp and not fsdp:
-        raise ValueError(
-            f"dp x ring x ulysses = {data_parallel_size(topology)} ranks hold different tokens and "
-            "their gradients must be summed; FSDP2 does that, so fsdp=False needs that product 1"
-        )
-    if not use_fsdp and (param_dtype is not None or reduce_dtype is not None):
-        raise ValueError(
-            "param_dtype/reduce_dtype are FSDP2's mixed precision, and dp x ring x ulysses = 1 "
-            "leaves nothing to shard; cast the model instead (model.to(dtype))"
-        )
+    use_fsdp = check_parallel_options(
+        topology, activation_checkpointing, fsdp, param_dtype, reduce_dtype
+    )
 
     for block in model.layers:
         block.attention.attention_fn = partial(

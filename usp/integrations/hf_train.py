@@ -23,8 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from usp.data import BYTE_VOCAB_SIZE
 from usp.integrations.transformers import ATTENTION_NAME, USPContext, check_config
-from usp.loss import data_parallel_size
-from usp.parallel import ACTIVATION_CHECKPOINTING, apply_fsdp
+from usp.parallel import apply_fsdp, check_parallel_options
 from usp.topology import AXES, Topology
 
 logger = logging.getLogger(__name__)
@@ -190,22 +189,9 @@ def parallelize_hf(
     The options mean what they mean in ``usp.parallelize``. Call it on a model built by
     :func:`build_hf_causal_lm` with the same seed on every rank.
     """
-    if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-        raise ValueError(
-            f"activation_checkpointing={activation_checkpointing!r}; choose one of "
-            f"{ACTIVATION_CHECKPOINTING}"
-        )
-    use_fsdp = data_parallel_size(topology) > 1
-    if use_fsdp and not fsdp:
-        raise ValueError(
-            f"dp x ring x ulysses = {data_parallel_size(topology)} ranks hold different tokens and "
-            "their gradients must be summed; FSDP2 does that, so fsdp=False needs that product 1"
-        )
-    if not use_fsdp and (param_dtype is not None or reduce_dtype is not None):
-        raise ValueError(
-            "param_dtype/reduce_dtype are FSDP2's mixed precision, and dp x ring x ulysses = 1 "
-            "leaves nothing to shard; cast the model instead (model.to(dtype))"
-        )
+    use_fsdp = check_parallel_options(
+        topology, activation_checkpointing, fsdp, param_dtype, reduce_dtype
+    )
     model.context = USPContext(topology, layout, kernel)
     model.context.prepare(model.model)
     if activation_checkpointing == "selective" and not all(hasattr(l, "mlp") for l in model.layers):
