@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from usp.plan import cli as plan_cli
+from usp.cli import plan as plan_cli
 from usp.plan.calibrate import Measurements, calibrated
 from usp.plan.config import ParallelConfig, check_config
 from usp.plan.planner import explain, no_fit_message, plan

@@ -13,10 +13,8 @@ S: the attention kernels keep O(S) state) and reports where that meets the machi
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
-from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -24,29 +22,7 @@ MIB = 2**20
 DEFAULT_GRID = ("1x1", "1x2", "2x2")  # RING x ULYSSES: SP = 1, 2, 4
 
 
-def register(bench_subparsers) -> None:
-    parser = bench_subparsers.add_parser(
-        "train", help="memory and tokens/s of training steps at SP = 1, 2, 4",
-        description=(
-            "Fresh `usp train` runs at one total sequence length for each RINGxULYSSES of --grid: "
-            "per-rank peak memory, baseline, activation part, saved activations and tokens/s. "
-            "--find-max-seq also searches the longest sequence for 1 and 4 ranks."
-        ),
-    )
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--seq-len", type=int, default=16384, help="total sequence length")
-    parser.add_argument("--steps", type=int, default=3, help="steps per run (the first is warm-up)")
-    parser.add_argument("--grid", nargs="+", default=list(DEFAULT_GRID), metavar="RINGxULYSSES")
-    parser.add_argument("--layout", default="zigzag")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--find-max-seq", action="store_true", help="also search the longest S")
-    parser.add_argument("--search-start", type=int, default=8192, help="first S of the search")
-    parser.add_argument("--max-step-s", type=float, default=90.0, help="stop the search past this")
-    parser.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
-    parser.set_defaults(func=run)
-
-
-def _parse_grid(grid: list[str]) -> list[tuple[int, int]]:
+def parse_grid(grid: list[str]) -> list[tuple[int, int]]:
     degrees = []
     for item in grid:
         ring, _, ulysses = item.partition("x")
@@ -124,9 +100,9 @@ def find_max_seq(args, ring: int, ulysses: int) -> dict:
     while True:
         result = measure(args, ring, ulysses, seq_len, steps=1)
         points.append(result)
-        print(
-            f"  SP={result['sp']}: S={seq_len}: {result['step_time_s']:.1f} s/step, peak over "
-            f"all ranks {sum(result['peak_mib']):.0f} MiB", flush=True,
+        logger.info(
+            "SP=%d: S=%d: %.1f s/step, peak over all ranks %.0f MiB",
+            result["sp"], seq_len, result["step_time_s"], sum(result["peak_mib"]),
         )
         # attention is O(S^2): the next doubling costs about 4x this step
         if len(points) >= 2 and 4 * result["step_time_s"] > args.max_step_s:
@@ -147,25 +123,3 @@ def find_max_seq(args, ring: int, ulysses: int) -> dict:
         "memory_limit_seq_len": int((memory - intercept) / per_token),
         "machine_memory_gib": memory / 2**30,
     }
-
-
-def run(args) -> int:
-    results = [measure(args, r, u, args.seq_len, args.steps) for r, u in _parse_grid(args.grid)]
-    print(f"usp bench train: model {args.model}, total S={args.seq_len}, {args.dtype}, "
-          f"{args.steps} steps (first is warm-up), synthetic tokens")
-    print(format_grid(results))
-    report = {"grid": results}
-    if args.find_max_seq:
-        report["max_seq"] = []
-        for ring, ulysses in ((1, 1), (2, 2)):
-            found = find_max_seq(args, ring, ulysses)
-            report["max_seq"].append(found)
-            print(
-                f"SP={found['sp']}: trained up to S={found['longest_measured']} (measured); "
-                f"{found['bytes_per_token_all_ranks'] / 1024:.1f} KiB/token over all ranks -> "
-                f"the {found['machine_memory_gib']:.0f} GiB machine fits S ~ "
-                f"{found['memory_limit_seq_len']:,} (extrapolated)"
-            )
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from usp.bench import training
 from usp.bench.attention import BenchShape, configurations, format_rows, run_benchmark
@@ -33,7 +35,7 @@ def register(subparsers) -> None:
     attention.add_argument("--profile", action="store_true",
                            help="print rank 0's top operators for each configuration")
     attention.set_defaults(func=_run_attention)
-    training.register(kinds)
+    register_train(kinds)
 
 
 def _run_attention(args) -> int:
@@ -49,4 +51,48 @@ def _run_attention(args) -> int:
         raise ValueError(f"no configuration of {args.modes} fits {args.nproc} ranks")
     reference, rows = run_benchmark(shape, args.nproc, configs, args.profile)
     print(format_rows(shape, args.nproc, reference, rows))
+    return 0
+
+
+def register_train(bench_subparsers) -> None:
+    parser = bench_subparsers.add_parser(
+        "train", help="memory and tokens/s of training steps at SP = 1, 2, 4",
+        description=(
+            "Fresh `usp train` runs at one total sequence length for each RINGxULYSSES of --grid: "
+            "per-rank peak memory, baseline, activation part, saved activations and tokens/s. "
+            "--find-max-seq also searches the longest sequence for 1 and 4 ranks."
+        ),
+    )
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--seq-len", type=int, default=16384, help="total sequence length")
+    parser.add_argument("--steps", type=int, default=3, help="steps per run (the first is warm-up)")
+    parser.add_argument("--grid", nargs="+", default=list(training.DEFAULT_GRID), metavar="RINGxULYSSES")
+    parser.add_argument("--layout", default="zigzag")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--find-max-seq", action="store_true", help="also search the longest S")
+    parser.add_argument("--search-start", type=int, default=8192, help="first S of the search")
+    parser.add_argument("--max-step-s", type=float, default=90.0, help="stop the search past this")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    parser.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    results = [training.measure(args, r, u, args.seq_len, args.steps) for r, u in training.parse_grid(args.grid)]
+    print(f"usp bench train: model {args.model}, total S={args.seq_len}, {args.dtype}, "
+          f"{args.steps} steps (first is warm-up), synthetic tokens")
+    print(training.format_grid(results))
+    report = {"grid": results}
+    if args.find_max_seq:
+        report["max_seq"] = []
+        for ring, ulysses in ((1, 1), (2, 2)):
+            found = training.find_max_seq(args, ring, ulysses)
+            report["max_seq"].append(found)
+            print(
+                f"SP={found['sp']}: trained up to S={found['longest_measured']} (measured); "
+                f"{found['bytes_per_token_all_ranks'] / 1024:.1f} KiB/token over all ranks -> "
+                f"the {found['machine_memory_gib']:.0f} GiB machine fits S ~ "
+                f"{found['memory_limit_seq_len']:,} (extrapolated)"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

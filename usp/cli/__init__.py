@@ -1,7 +1,7 @@
 """The ``usp`` command: ``usp bench attention``, ``usp plan``, ``usp train``.
 
-Each subcommand lives beside the code it drives and exposes ``register(subparsers)``; this file
-only wires them together and is the one place (with ``__main__``) that prints.
+Each subcommand is a module of this package exposing ``register(subparsers)``: argument parsing
+and printing live here and only here; the library modules they drive log, never print.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from usp import train as train_cli
-    from usp.bench import cli as bench_cli
-    from usp.plan import cli as plan_cli
+    from usp.cli import bench as bench_cli
+    from usp.cli import plan as plan_cli
+    from usp.cli import train as train_cli
 
     parser = argparse.ArgumentParser(
         prog="usp", description="Unified Sequence Parallelism: Ulysses x Ring attention"
