@@ -113,14 +113,6 @@ def all_gather_stacked(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     return out
 
 
-def all_reduce_(x: Tensor, group: dist.ProcessGroup, op=dist.ReduceOp.SUM) -> Tensor:
-    """In-place all-reduce that reports its bytes."""
-    world = dist.get_world_size(group)
-    record("all_reduce", 2 * _nbytes(x) * (world - 1) // world)
-    dist.all_reduce(x, op=op, group=group)
-    return x
-
-
 # ------------------------------------------------------------------------------------ ring P2P
 class RingExchange:
     """Asynchronous send to the next rank and receive from the previous one on a ring group.

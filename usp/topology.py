@@ -207,23 +207,6 @@ class Topology:
         return [(g % ring) * ulysses + g // ring for g in range(ring * ulysses)]
 
     @property
-    def sequence_group_ranks(self) -> list[int]:
-        """Global ranks of this rank's sequence group, indexed by sequence rank."""
-        if self.mesh is None:
-            return [0]
-        order = self.mesh.mesh_dim_names
-        coordinate = dict(zip(order, self.mesh.get_coordinate()))
-        ranks = []
-        for ring_rank in range(self.ring_size):
-            for ulysses_rank in range(self.ulysses_size):
-                index = tuple(
-                    ring_rank if a == "ring" else ulysses_rank if a == "ulysses" else coordinate[a]
-                    for a in order
-                )
-                ranks.append(int(self.mesh.mesh[index]))
-        return ranks
-
-    @property
     def world_size(self) -> int:
         return self.sizes["dp"] * self.sequence_size * self.sizes["tp"]
 
