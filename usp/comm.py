@@ -9,6 +9,7 @@ an N-byte input sends N(G-1); reduce-scatter of N sends N(G-1)/G; all-reduce of 
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import socket
 from collections import Counter
 
@@ -62,6 +63,60 @@ def _nbytes(x: Tensor) -> int:
     return x.numel() * x.element_size()
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where ``group``'s collectives take their tensors: the current CUDA device for NCCL, else CPU."""
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------ agreement
+def agree(group: dist.ProcessGroup | None, description: dict, error: str | None) -> None:
+    """Raise the same ValueError on every rank of ``group`` if any rank has an ``error`` or the
+    ranks' ``description`` dicts differ; return on every rank otherwise.
+
+    A rank that rejects its input alone would leave the others waiting in the next collective,
+    and ranks that disagree on a flag compute a silently wrong result, so this runs before the
+    first collective of a call. Cost: one all-gather of two int64 per rank; the descriptions and
+    messages themselves are gathered only when something is wrong, to say what and where.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        if error is not None:
+            raise ValueError(error)
+        return
+    digest = hashlib.blake2b(repr(sorted(description.items())).encode(), digest_size=7).digest()
+    mine = torch.tensor([int(error is not None), int.from_bytes(digest, "little")],
+                        dtype=torch.int64, device=collective_device(group))
+    world = dist.get_world_size(group)
+    # control traffic, not attention's: not counted in CommStats
+    flags, digests = _gather_stacked(mine, group).cpu().unbind(1)  # [G, 2]
+    if not flags.any() and bool((digests == digests[0]).all()):
+        return
+    reports: list = [None] * world
+    dist.all_gather_object(reports, (description, error), group=group)
+    ranks = [dist.get_global_rank(group, i) for i in range(world)]
+    raise ValueError(_disagreement(ranks, reports))
+
+
+def _disagreement(ranks: list[int], reports: list[tuple[dict, str | None]]) -> str:
+    """One message, the same on every rank, from every rank's (description, error)."""
+    errors = [(rank, error) for rank, (_, error) in zip(ranks, reports) if error is not None]
+    if errors:
+        first = errors[0][1]
+        others = [rank for rank, error in errors if error != first]
+        where = f"rank {errors[0][0]}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+        extra = f"; ranks {others} rejected it for other reasons" if others else ""
+        return f"{first} [{where}{extra}]"
+    fields = []
+    for key in sorted({key for description, _ in reports for key in description}):
+        values: dict[str, list[int]] = {}
+        for rank, (description, _) in zip(ranks, reports):
+            values.setdefault(repr(description.get(key)), []).append(rank)
+        if len(values) > 1:
+            fields.append(f"{key}: " + ", ".join(f"{v} on ranks {r}" for v, r in values.items()))
+    return "ranks disagree on the call (every rank must pass the same): " + "; ".join(fields)
+
+
 # ------------------------------------------------------------------------------------ all-to-all
 def _all_to_all(x: Tensor, group: dist.ProcessGroup, scatter_dim: int, gather_dim: int) -> Tensor:
     world = dist.get_world_size(group)
@@ -103,14 +158,20 @@ def all_to_all(x: Tensor, group: dist.ProcessGroup, scatter_dim: int, gather_dim
 
 
 # ------------------------------------------------------------------------------------ all-gather
-def all_gather_stacked(x: Tensor, group: dist.ProcessGroup) -> Tensor:
-    """``[..]`` -> ``[G, ..]``: every rank's tensor, in group-rank order (not differentiable)."""
+def _gather_stacked(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     world = dist.get_world_size(group)
     x = x.contiguous().view(1, *x.shape)
     out = torch.empty((world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    record("all_gather", _nbytes(x) * (world - 1))
-    dist.all_gather_single(out, x, group=group)
+    # torch 2.13 renamed all_gather_into_tensor (the name older releases know) to all_gather_single
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
     return out
+
+
+def all_gather_stacked(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``[..]`` -> ``[G, ..]``: every rank's tensor, in group-rank order (not differentiable)."""
+    record("all_gather", _nbytes(x) * (dist.get_world_size(group) - 1))
+    return _gather_stacked(x, group)
 
 
 # ------------------------------------------------------------------------------------ ring P2P

@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from usp.comm import agree
+
 logger = logging.getLogger(__name__)
 
 AXES = ("dp", "ring", "ulysses", "tp")
 PLACEMENTS = ("head-first", "context-first")
+AGREED_CALLS_KEPT = 1024  # distinct call descriptions remembered per topology
 
 
 def _mesh_axis_order(placement: str) -> tuple[str, ...]:
@@ -51,6 +54,7 @@ class Topology:
     placement: str = "head-first"
     _groups: dict[str, dist.ProcessGroup] = field(default_factory=dict, repr=False)
     _flat_meshes: dict[tuple[str, ...], DeviceMesh] = field(default_factory=dict, repr=False)
+    _agreed_calls: set = field(default_factory=set, repr=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -209,6 +213,24 @@ class Topology:
     @property
     def world_size(self) -> int:
         return self.sizes["dp"] * self.sequence_size * self.sizes["tp"]
+
+    def agree_on_call(self, description: dict, error: str | None) -> None:
+        """Make the sequence group's ranks agree on one call (:func:`usp.comm.agree`): the same
+        ValueError on every rank if any rank has an ``error`` or the descriptions differ.
+
+        A description agreed once is remembered, so a training loop pays for one tiny all-gather
+        per distinct call (per shape change), not per step. Ranks see the same sequence of calls,
+        so their memories stay equal.
+        """
+        key = tuple(sorted(description.items()))
+        if key in self._agreed_calls:
+            if error is not None:  # every rank agreed on this call before: the input decides it
+                raise ValueError(error)
+            return
+        agree(self.sequence_group if self.sequence_size > 1 else None, description, error)
+        if len(self._agreed_calls) >= AGREED_CALLS_KEPT:
+            self._agreed_calls.clear()
+        self._agreed_calls.add(key)
 
     def _check_axis(self, axis: str) -> None:
         if axis not in AXES:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from usp.attention.kernels import Kernel
+from usp.attention.kernels import HALF, Kernel
 from usp.attention.merge import merge_into
 from usp.comm import RingExchange
 from usp.layout import ring_step_blocks
@@ -78,6 +78,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        dout = dout.contiguous()  # autograd may hand over any strides (an expanded scalar's grad)
         q, kv, out, lse = ctx.saved_tensors
         group, layout, causal, scale, kernel = ctx.group, ctx.layout, ctx.causal, ctx.scale, ctx.kernel
         ring_rank = dist.get_rank(group)
@@ -88,11 +89,11 @@ class _RingAttention(torch.autograd.Function):
         dkv_buffers = [torch.empty(kv.shape, dtype=acc, device=q.device) for _ in range(2)]
         dkv_incoming = torch.empty(kv.shape, dtype=acc, device=q.device)
         dkv_exchange = RingExchange(group, tag=1)
-        # Half-precision partial gradients, rounded per block and then summed over R blocks,
-        # gain error with the ring size (the forward merge is convex and does not). Where the
-        # kernel runs fp32, the block backward runs in fp32 so every partial is exact.
+        # Half-precision partial gradients are rounded per block, then summed over R blocks in
+        # fp32. For kernels whose half-precision backward loses too much for that (the CPU flash
+        # kernel, measured), the block backward runs in fp32 so every partial is exact.
         block_dtype = q.dtype
-        if q.dtype in (torch.float16, torch.bfloat16) and torch.float32 in kernel.dtypes:
+        if q.dtype in HALF and kernel.upcast_half_backward:
             block_dtype = torch.float32
         q_b, dout_b, out_b = (t.to(block_dtype) for t in (q, dout, out))
         for step, (source, current) in enumerate(_rotating_blocks(kv, group)):
@@ -133,6 +134,7 @@ class _LocalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        dout = dout.contiguous()  # autograd may hand over any strides (an expanded scalar's grad)
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None

@@ -1,15 +1,17 @@
 """usp_attention: Ulysses inside each row of the sequence grid, ring attention across rows.
 
 ``ring_attention`` (ulysses = 1) and ``ulysses_attention`` (ring = 1) are the two corner cases of
-the same path. All three validate their inputs before any collective, so bad input raises the
-same ValueError on every rank instead of hanging one of them.
+the same path. All three validate their inputs and agree on them over the sequence group before
+any collective, so bad input raises the same ValueError on every rank instead of hanging one.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from usp.attention.kernels import Kernel, default_scale, resolve_kernel
@@ -21,12 +23,19 @@ from usp.topology import Topology
 Tensor = torch.Tensor
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, topology: Topology, layout: str) -> None:
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, topology: Topology, layout: str,
+                 softmax_scale: float | None = None) -> None:
     """Raise ValueError, naming the numbers, for anything usp_attention cannot do exactly."""
     check_layout(layout)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, S_local, H, D]; got shape {tuple(t.shape)}")
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a tensor [B, S_local, H, D]; got {shape}")
+        if 0 in t.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} [B, S_local, H, D] with an empty dimension; "
+                "every rank needs at least one token, head and head-dim element"
+            )
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: k {tuple(k.shape)}, v {tuple(v.shape)}")
     (batch, seq, n_q, dim), (kb, ks, n_kv, kd) = q.shape, k.shape
@@ -41,12 +50,45 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, topology: Topology, layout: st
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if not q.is_floating_point():
         raise ValueError(f"attention needs floating-point tensors, got {q.dtype}")
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale={softmax_scale} must be a finite number (or None)")
     if n_q % n_kv != 0:
         raise ValueError(f"n_q_heads={n_q} is not a multiple of n_kv_heads={n_kv} (GQA needs it)")
     ring, ulysses = topology.ring_size, topology.ulysses_size
     if ulysses > 1:
         kv_replication(n_q, n_kv, ulysses)
     check_sequence_length(seq * ring * ulysses, ring, ulysses, layout)
+
+
+def _check_collective_device(q: Tensor, topology: Topology) -> None:
+    """NCCL sends from the current CUDA device: tensors elsewhere hang or fail inside NCCL."""
+    if q.device.type != "cuda" or topology.sequence_size == 1:
+        return
+    group = topology.ring_group if topology.ring_size > 1 else topology.ulysses_group
+    if "nccl" in str(dist.get_backend(group)) and q.device.index != torch.cuda.current_device():
+        raise ValueError(
+            f"the tensors are on {q.device} but this rank's current CUDA device is "
+            f"cuda:{torch.cuda.current_device()}; NCCL needs them equal: call "
+            "torch.cuda.set_device(local_rank) before the first collective"
+        )
+
+
+def _describe(q, k, v, causal, layout, softmax_scale, kernel) -> dict:
+    """What every rank of a sequence group must pass alike (agreed before the first collective)."""
+    shape = lambda t: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__  # noqa: E731
+    return {
+        "shapes": tuple(shape(t) for t in (q, k, v)),
+        "dtypes": tuple(str(getattr(t, "dtype", None)) for t in (q, k, v)),
+        # the device type, not the index: each rank has its own GPU
+        "devices": tuple(str(getattr(getattr(t, "device", None), "type", None)) for t in (q, k, v)),
+        "causal": bool(causal), "layout": layout, "softmax_scale": softmax_scale,
+        "kernel": kernel.name if isinstance(kernel, Kernel) else kernel,
+    }
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    # every kernel reads rows of D contiguous elements; a strided head dim (x[..., ::2]) is copied
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def usp_attention(
@@ -65,9 +107,20 @@ def usp_attention(
     q: [B, S_RU, Hq, D], k/v: [B, S_RU, Hkv, D], local shards in ``layout`` (see
     :func:`usp.shard_sequence`). Returns [B, S_RU, Hq, D] in q's dtype. ``Hq % Hkv == 0``; the
     Ulysses degree must divide Hq, and Hkv and ulysses must divide one another. Differentiable.
+
+    Before the first collective the ranks of the sequence group agree on the call (shapes,
+    dtype, flags): bad input on any rank, or ranks that disagree, raise the same ValueError on
+    every rank. This costs one tiny all-gather the first time each call description is seen.
     """
-    check_inputs(q, k, v, topology, layout)
-    chosen = resolve_kernel(kernel, q)
+    error, chosen = None, None
+    try:
+        check_inputs(q, k, v, topology, layout, softmax_scale)
+        _check_collective_device(q, topology)
+        chosen = resolve_kernel(kernel, q)
+    except ValueError as exc:
+        error = str(exc)
+    topology.agree_on_call(_describe(q, k, v, causal, layout, softmax_scale, kernel), error)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     scale = default_scale(q.shape[-1], softmax_scale)
     ring_group = topology.ring_group if topology.ring_size > 1 else None
     ring = partial(ring_attention_on_group, group=ring_group, layout=layout, causal=causal,

@@ -1,0 +1,77 @@
+"""The kernel contract every local attention obeys, and the GQA helpers the adapters share.
+
+A kernel works on ``[B, S, H, D]`` tensors (heads third, the flash-attn convention). Its forward
+returns the output in the input dtype and the log-sum-exp of each query row, ``[B, H, S]`` fp32
+(fp64 for fp64 inputs). ``causal=True`` aligns the mask top-left: query ``i`` sees keys ``j <= i``.
+Its backward takes the *final* output and lse of the whole attention (not this block's), so a ring
+can call it on every block and get exact partial gradients.
+
+GQA: ``k``/``v`` may have fewer heads than ``q`` (``Hq % Hkv == 0``); query head ``j`` reads kv head
+``j // (Hq // Hkv)``. Kernels whose op has no GQA expand locally (never before communication) and
+sum the gradients back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A local attention: ``forward(q, k, v, causal, scale) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)``.
+
+    ``device_type`` is ``"cpu"``, ``"cuda"`` or ``"any"``. ``load`` raises ValueError when the
+    kernel's optional package cannot be imported (checked lazily, when the kernel is asked for).
+    ``upcast_half_backward``: the ring runs this kernel's backward in fp32 for fp16/bf16 inputs,
+    because its half-precision partial gradients lose too much when R of them are summed (the CPU
+    flash kernel, measured); CUDA kernels keep their half-precision backward and the ring sums
+    their partials in fp32.
+    """
+
+    name: str
+    device_type: str
+    dtypes: tuple[torch.dtype, ...]
+    forward: Callable
+    backward: Callable
+    load: Callable[[], None] | None = None
+    upcast_half_backward: bool = False
+
+    def check(self, q: Tensor) -> None:
+        """Raise ValueError unless this kernel can run on tensors like ``q``."""
+        if self.device_type != "any" and q.device.type != self.device_type:
+            raise ValueError(
+                f"kernel {self.name!r} runs on {self.device_type}, the tensors are on {q.device}"
+            )
+        if q.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            raise ValueError(
+                f"kernel {self.name!r} supports {names}, not {q.dtype}; use kernel='math' for it"
+            )
+        if self.load is not None:
+            self.load()
+
+
+def default_scale(head_dim: int, softmax_scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+
+
+def expand_kv(kv: Tensor, n_q_heads: int) -> Tensor:
+    # [B, S, Hkv, D] -> [B, S, Hq, D]
+    repeats = n_q_heads // kv.shape[2]
+    return kv if repeats == 1 else kv.repeat_interleave(repeats, dim=2)
+
+
+def reduce_kv_grad(grad: Tensor, n_kv_heads: int) -> Tensor:
+    # [B, S, Hq, D] -> [B, S, Hkv, D]: sum over the query heads that shared each kv head
+    batch, seq, n_q_heads, dim = grad.shape
+    if n_q_heads == n_kv_heads:
+        return grad
+    return grad.view(batch, seq, n_kv_heads, n_q_heads // n_kv_heads, dim).sum(dim=3)

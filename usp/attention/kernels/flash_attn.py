@@ -1,0 +1,124 @@
+"""The flash-attn package's kernels: FlashAttention-2 (``flash_attn``) and FlashAttention-3
+(``flash_attn3``, the Hopper build's ``flash_attn_interface``), imported lazily.
+
+Their private ``_flash_attn_forward`` / ``_flash_attn_backward`` (the only entry points that return
+the lse and take a given out/lse in the backward) change between releases: positional order,
+``window_size`` as one tuple or two ints, ``softcap`` added, the forward's return tuple, and since
+flash-attn 2.7 they are ``torch.library`` custom ops whose Python signature reads ``(*args,
+**kwargs)``. So usp calls them **by parameter name**, reading the names from the function the
+custom op wraps (or from the op schema), and passes ``None`` to the parameters that mean "not
+used" (variable-length, paged and rotary inputs). A required name usp does not know is a clear
+error naming the version's parameters, not a wrong call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Callable
+
+import torch
+
+from usp.attention.kernels.glue import HALF, OpAdapter, cuda_kernel
+
+Tensor = torch.Tensor
+
+FLASH_ATTN_2_MODULES = ("flash_attn.flash_attn_interface",)
+FLASH_ATTN_3_MODULES = ("flash_attn_interface", "flash_attn_3.flash_attn_interface")
+# parameters that take None when a dense, dropout-free, non-paged call leaves them unused
+UNUSED_WHEN_NONE = frozenset({
+    "alibi_slopes", "rng_state", "k_new", "v_new", "qv", "cu_seqlens_q", "cu_seqlens_k",
+    "cu_seqlens_k_new", "seqused_q", "seqused_k", "sequed_q", "sequed_k", "max_seqlen_q",
+    "max_seqlen_k", "page_table", "kv_batch_idx", "leftpad_k", "rotary_cos", "rotary_sin",
+    "seqlens_rotary", "q_descale", "k_descale", "v_descale", "block_mask", "scheduler_metadata",
+})
+
+
+def import_interface(module_names: tuple[str, ...], kernel: str):
+    """The first importable module of ``module_names``; ValueError naming the install otherwise."""
+    errors = []
+    for name in module_names:
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:  # a missing package, or a built extension that fails to load
+            errors.append(f"{name}: {exc}")
+    raise ValueError(
+        f"kernel={kernel!r} needs the flash-attn package (FlashAttention-2: pip install flash-attn;"
+        f" FlashAttention-3: the hopper/ build of flash-attn); importing it failed: "
+        + "; ".join(errors)
+    )
+
+
+def parameters(fn: Callable) -> dict[str, bool]:
+    """``{name: has_default}`` of a flash-attn function, a custom op wrapping one, or an op."""
+    wrapped = getattr(fn, "_init_fn", None)  # torch.library.custom_op keeps the decorated function
+    if wrapped is not None:
+        fn = wrapped
+    schema = getattr(fn, "_schema", None) or getattr(getattr(fn, "default", None), "_schema", None)
+    if schema is not None:  # an OpOverload / OpOverloadPacket
+        return {arg.name: arg.has_default_value() for arg in schema.arguments}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    found = {
+        name: p.default is not inspect.Parameter.empty
+        for name, p in inspect.signature(fn).parameters.items() if p.kind in kinds
+    }
+    if not found:
+        raise ValueError(f"cannot read the parameters of {fn!r} (flash-attn version unknown to usp)")
+    return found
+
+
+def call_by_name(fn: Callable, values: dict):
+    """Call ``fn`` with the entries of ``values`` its version takes, None for unused inputs."""
+    params = parameters(fn)
+    values = dict(values)
+    if "window_size" in values and "window_size" not in params:
+        values["window_size_left"], values["window_size_right"] = values.pop("window_size")
+    missing = [name for name, has_default in params.items()
+               if not has_default and name not in values and name not in UNUSED_WHEN_NONE]
+    if missing:
+        raise ValueError(
+            f"unsupported flash-attn version: {getattr(fn, '__name__', fn)!r} needs {missing} "
+            f"(its parameters: {list(params)})"
+        )
+    arguments = {name: values.get(name) for name in params
+                 if name in values or (name in UNUSED_WHEN_NONE and not params[name])}
+    return fn(**arguments)
+
+
+def first_lse(result) -> Tensor:
+    """The lse in a forward's return tuple: (out, lse, ...) or (out, q, k, v, out_padded, lse, ...)."""
+    return next(t for t in result[1:]
+                if isinstance(t, Tensor) and t.dtype == torch.float32 and t.dim() == 3)
+
+
+def flash_attn_adapter(module_names: tuple[str, ...], kernel: str) -> OpAdapter:
+    def forward(q, k, v, causal: bool, scale: float):
+        interface = import_interface(module_names, kernel)
+        result = call_by_name(interface._flash_attn_forward, dict(
+            q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal,
+            window_size=(-1, -1), softcap=0.0, return_softmax=False,
+        ))
+        return result[0], first_lse(result)
+
+    def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+        interface = import_interface(module_names, kernel)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        call_by_name(interface._flash_attn_backward, dict(
+            dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq, dk=dk, dv=dv,
+            dropout_p=0.0, softmax_scale=scale, causal=causal, window_size=(-1, -1),
+            softcap=0.0, deterministic=False,
+        ))
+        return dq, dk, dv
+
+    return OpAdapter(forward, backward, native_gqa=True, max_head_dim=256)
+
+
+def _flash_attn_kernel(name: str, module_names: tuple[str, ...]):
+    def load() -> None:
+        import_interface(module_names, name)
+
+    return cuda_kernel(name, HALF, flash_attn_adapter(module_names, name), load=load)
+
+
+FLASH_ATTN = _flash_attn_kernel("flash_attn", FLASH_ATTN_2_MODULES)
+FLASH_ATTN_3 = _flash_attn_kernel("flash_attn3", FLASH_ATTN_3_MODULES)
