@@ -16,8 +16,9 @@ from usp.attention.kernels import default_scale, math_backward, math_forward, re
 from usp.attention.ring import local_attention
 from tests.distributed import collect_failures
 
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}
-ATOL = {"fp32": 1e-6, "bf16": 1e-3}
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16,
+          "fp16": torch.float16}
+ATOL = {"fp32": 1e-6, "bf16": 1e-3, "fp16": 1e-4}
 
 
 @dataclass(frozen=True)
@@ -48,33 +49,35 @@ def reference(q, k, v, dout, causal: bool):
     return (out, *math_backward(dout, q, k, v, out, lse, causal, scale))
 
 
-def single_process_kernel(q, k, v, dout, causal: bool, dtype: torch.dtype):
+def single_process_kernel(q, k, v, dout, causal: bool, dtype: torch.dtype, device: str = "cpu"):
     """The same-dtype single-process kernel (what one device would compute) and its gradients."""
-    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
     kernel = resolve_kernel("auto", leaves[0])
     out = local_attention(*leaves, causal, default_scale(q.shape[-1], None), kernel)
-    out.backward(dout.to(dtype))
+    out.backward(dout.to(device=device, dtype=dtype))
     return (out, *(t.grad for t in leaves))
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
+    return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
 
 
-def check_case(case: Case, topology, n_heads: int, seq_len: int) -> dict[str, float]:
-    """Run usp_attention forward+backward on this rank's shard; assert against the references."""
-    q, k, v, dout = global_tensors(case, n_heads, seq_len)
+def check_case(case: Case, topology, n_heads: int, seq_len: int, device: str = "cpu",
+               head_dim: int = 8) -> dict[str, float]:
+    """Run usp_attention forward+backward on this rank's shard; assert against the references
+    (fp64 math on CPU; for other dtypes, the bound comes from the same device's single kernel)."""
+    q, k, v, dout = global_tensors(case, n_heads, seq_len, dim=head_dim)
     expected = reference(q, k, v, dout, case.causal)
     dtype = DTYPES[case.dtype]
     shard = lambda t: usp.shard_sequence(t, topology, case.layout)  # noqa: E731
-    leaves = [shard(t).to(dtype).requires_grad_() for t in (q, k, v)]
+    leaves = [shard(t).to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
     out = usp.usp_attention(*leaves, topology, causal=case.causal, layout=case.layout)
-    out.backward(shard(dout).to(dtype))
+    out.backward(shard(dout).to(device=device, dtype=dtype))
     got = (out, *(t.grad for t in leaves))
     if case.dtype == "fp64":
         bounds = [1e-10] * 4
     else:
-        single = single_process_kernel(q, k, v, dout, case.causal, dtype)
+        single = single_process_kernel(q, k, v, dout, case.causal, dtype, device)
         bounds = [2 * max_error(s, e) + ATOL[case.dtype] for s, e in zip(single, expected)]
     errors = {}
     for name, g, e, bound in zip(("out", "dq", "dk", "dv"), got, expected, bounds):
@@ -91,7 +94,8 @@ def factorisations(sequence_size: int):
 
 
 def run_grid(rank: int, world_size: int, sp_sizes: list[int], n_heads: int, seq_len: int,
-             dtypes: list[str], placements: list[str]) -> list[str]:
+             dtypes: list[str], placements: list[str], device: str = "cpu",
+             head_dim: int = 8) -> list[str]:
     """Every (ring, ulysses) factorisation of each SP size (dp = world / sp) x layouts x causal x
     kv heads x dtypes. Returns the failures (an empty list on success)."""
     torch.manual_seed(0)
@@ -109,16 +113,19 @@ def run_grid(rank: int, world_size: int, sp_sizes: list[int], n_heads: int, seq_
             dp = world_size // sp
             failures += [
                 f"rank {rank} dp={dp} {f}"
-                for f in collect_failures(cases, lambda c: check_case(c, topology, n_heads, seq_len))
+                for f in collect_failures(
+                    cases, lambda c: check_case(c, topology, n_heads, seq_len, device, head_dim))
             ]
     return failures
 
 
-def ring_error_growth(rank: int, world_size: int, seq_len: int) -> dict[int, float]:
+def ring_error_growth(rank: int, world_size: int, seq_len: int, device: str = "cpu",
+                      n_heads: int = 4, head_dim: int = 8) -> dict[int, float]:
     """bf16 forward+backward error of zigzag causal attention for each pure ring size."""
     errors = {}
     for ring in (r for r in (1, 2, 4, 8) if r <= world_size and world_size % r == 0):
         topology = usp.Topology.build(ring=ring, ulysses=1)
         case = Case(ring, 1, "zigzag", True, 2, "bf16")
-        errors[ring] = max(check_case(case, topology, 4, seq_len).values())
+        errors[ring] = max(check_case(case, topology, n_heads, seq_len, device,
+                                      head_dim).values())
     return errors

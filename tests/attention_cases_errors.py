@@ -52,11 +52,77 @@ def bad_inputs(rank: int, world_size: int) -> list[str]:
         _expect_value_error(lambda: usp.shard_sequence(torch.zeros(1, 6), topology, "zigzag"),
                             "6", "8"),
     ]
+    messages += rank_dependent_inputs(rank, topology, pure_ring)
     # after all of that, the ranks are still in step: a real call works
     q = torch.randn(1, 4, 4, 8)
     usp.usp_attention(q, q, q, topology, causal=True)
     check_from_mesh_and_module()
+    check_strided_and_nan_inputs(pure_ring)
     return messages
+
+
+def rank_dependent_inputs(rank: int, topology, pure_ring) -> list[str]:
+    """Ranks that disagree, or one rank with bad input: the same ValueError everywhere, no hang
+    (a hang would exceed the spawn's timeout), and the ranks stay in step."""
+    x = lambda s, h=4, d=8: torch.zeros(1, s, h, d)  # noqa: E731
+    attention = usp.usp_attention
+    first = rank == 0
+    return [
+        _expect_value_error(lambda: attention(x(4), x(4), x(4), topology, causal=first),
+                            "disagree", "causal", "True on ranks [0]", "False on ranks [1, 2, 3]"),
+        _expect_value_error(
+            lambda: attention(x(4), x(4), x(4), pure_ring, layout="zigzag" if first else "stripe"),
+            "disagree", "layout", "'stripe' on ranks [1, 2, 3]"),
+        _expect_value_error(
+            lambda: attention(x(4), x(4), x(4), topology, softmax_scale=0.5 if first else 0.25),
+            "disagree", "softmax_scale", "0.5 on ranks [0]"),
+        _expect_value_error(lambda: attention(*[x(8 if first else 4)] * 3, topology),
+                            "disagree", "shapes", "(1, 8, 4, 8)"),
+        # one rank's own validation error reaches every rank, with its message
+        _expect_value_error(
+            lambda: attention(x(4), x(4, 3 if rank == 2 else 4), x(4, 3 if rank == 2 else 4),
+                              topology), "n_q_heads=4", "n_kv_heads=3", "rank 2"),
+        _expect_value_error(lambda: attention(x(0), x(0), x(0), topology), "(1, 0, 4, 8)", "empty"),
+        _expect_value_error(lambda: attention(x(4, d=0), x(4, d=0), x(4, d=0), topology),
+                            "(1, 4, 4, 0)", "empty"),
+        _expect_value_error(
+            lambda: attention(x(4), x(4), x(4), topology, softmax_scale=float("nan")),
+            "softmax_scale=nan", "finite"),
+    ]
+
+
+def check_strided_and_nan_inputs(pure_ring) -> None:
+    """A strided head dim is read correctly; a NaN in q or k propagates to exactly the rows that
+    read it (CPU flash returns 0 for a NaN query row; usp must not), at ring 4 and in one process."""
+    from tests.attention_cases import reference
+
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(1, 16, 2, 16, generator=g, dtype=torch.float64)
+    q, k, v, dout = wide[..., ::2], *(torch.randn(1, 16, 2, 8, generator=g,
+                                                  dtype=torch.float64) for _ in range(3))
+    expected = reference(q.contiguous(), k, v, dout, causal=True)
+    trivial = usp.Topology(sizes={"dp": 1, "ring": 1, "ulysses": 1, "tp": 1},
+                           ranks={"dp": 0, "ring": 0, "ulysses": 0, "tp": 0})
+    for topology in (pure_ring, trivial):
+        shard = lambda t: usp.shard_sequence(t, topology, "zigzag")  # noqa: E731
+        local_q = shard(wide).requires_grad_()
+        out = usp.usp_attention(local_q[..., ::2], shard(k), shard(v), topology, causal=True)
+        out.backward(shard(dout))
+        torch.testing.assert_close(out, shard(expected[0]), atol=1e-10, rtol=0)
+        torch.testing.assert_close(local_q.grad[..., ::2], shard(expected[1]), atol=1e-10, rtol=0)
+        assert local_q.grad[..., 1::2].abs().max() == 0
+
+        bad_q, bad_k = q.contiguous().clone(), k.clone()
+        bad_q[0, 5, 1, 3] = float("nan")  # query 5, head 1: only that output row turns NaN
+        bad_k[0, 9, 0, 0] = float("nan")  # key 9 of kv head 0: every causal row >= 9 of head 0
+        out = usp.unshard_sequence(
+            usp.usp_attention(shard(bad_q), shard(bad_k), shard(v), topology, causal=True),
+            topology, "zigzag")
+        nan_rows = out.isnan().any(dim=-1)[0]  # [S, H]
+        want = torch.zeros(16, 2, dtype=torch.bool)
+        want[5, 1] = True
+        want[9:, 0] = True
+        assert torch.equal(nan_rows, want), nan_rows.nonzero().tolist()
 
 
 def check_from_mesh_and_module() -> None:

@@ -25,9 +25,11 @@ Tensor = torch.Tensor
 
 FLASH_ATTN_2_MODULES = ("flash_attn.flash_attn_interface",)
 FLASH_ATTN_3_MODULES = ("flash_attn_interface", "flash_attn_3.flash_attn_interface")
-# parameters that take None when a dense, dropout-free, non-paged call leaves them unused
+# parameters that take None when a dense, dropout-free, non-paged call leaves them unused; a
+# value usp passes wins (the backward's ``out`` is the forward output, FA3's forward ``out`` an
+# optional buffer to write into)
 UNUSED_WHEN_NONE = frozenset({
-    "alibi_slopes", "rng_state", "k_new", "v_new", "qv", "cu_seqlens_q", "cu_seqlens_k",
+    "out", "alibi_slopes", "rng_state", "k_new", "v_new", "qv", "cu_seqlens_q", "cu_seqlens_k",
     "cu_seqlens_k_new", "seqused_q", "seqused_k", "sequed_q", "sequed_k", "max_seqlen_q",
     "max_seqlen_k", "page_table", "kv_batch_idx", "leftpad_k", "rotary_cos", "rotary_sin",
     "seqlens_rotary", "q_descale", "k_descale", "v_descale", "block_mask", "scheduler_metadata",

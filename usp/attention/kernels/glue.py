@@ -35,6 +35,12 @@ def pad_head_dim(t: Tensor, multiple: int = HEAD_DIM_MULTIPLE) -> Tensor:
     return t if extra == 0 else F.pad(t, (0, extra))
 
 
+def contiguous(t: Tensor) -> Tensor:
+    # what .contiguous() does, spelled as a clone so that it also runs on fake CUDA tensors (the
+    # op-schema tests of a CPU-only build), where copy_ into a fresh tensor does not
+    return t if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+
+
 def normalise_lse(lse: Tensor, batch: int, heads: int, seq: int) -> Tensor:
     """Any op's log-sum-exp as ``[B, H, S]`` fp32, contiguous."""
     if lse.dim() == 4 and lse.shape[-1] == 1:
@@ -44,7 +50,7 @@ def normalise_lse(lse: Tensor, batch: int, heads: int, seq: int) -> Tensor:
             f"attention op returned lse of shape {tuple(lse.shape)}; expected [{batch}, {heads}, "
             f">= {seq}] (an op version usp does not know: report it with your torch version)"
         )
-    return lse[..., :seq].float().contiguous()
+    return contiguous(lse.narrow(-1, 0, seq).float())
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ def cuda_kernel(name: str, dtypes: tuple[torch.dtype, ...], adapter: OpAdapter,
         if not adapter.native_gqa:
             k, v = expand_kv(k, heads), expand_kv(v, heads)
         out, lse = adapter.forward(q, k, v, causal, scale)
-        return out[..., :head_dim], normalise_lse(lse, batch, heads, seq)
+        return out.narrow(-1, 0, head_dim), normalise_lse(lse, batch, heads, seq)
 
     def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
         head_dim, n_kv = q.shape[-1], k.shape[2]
@@ -97,9 +103,9 @@ def cuda_kernel(name: str, dtypes: tuple[torch.dtype, ...], adapter: OpAdapter,
         if not adapter.native_gqa:
             k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
         # the fused backwards read dout and lse assuming contiguous rows
-        dq, dk, dv = adapter.backward(dout.contiguous(), q, k, v, out, lse.float().contiguous(),
+        dq, dk, dv = adapter.backward(contiguous(dout), q, k, v, out, contiguous(lse.float()),
                                       causal, scale)
-        dq, dk, dv = (t[..., :head_dim] for t in (dq, dk, dv))
+        dq, dk, dv = (t.narrow(-1, 0, head_dim) for t in (dq, dk, dv))
         if not adapter.native_gqa:
             dk, dv = reduce_kv_grad(dk, n_kv), reduce_kv_grad(dv, n_kv)
         return dq, dk, dv
