@@ -1,4 +1,6 @@
-"""Collectives of usp: an autograd all-to-all, an autograd all-gather, the ring's async P2P.
+"""Collectives of usp: an autograd all-to-all, an all-gather, the agreement before a call.
+
+The ring's point-to-point transport is in :mod:`usp.p2p`.
 
 Every collective here reports the bytes this rank sends to the active :class:`CommStats`
 recorders, so measured traffic can be checked against the cost model (usp.plan):
@@ -59,7 +61,7 @@ def record(kind: str, num_bytes: int) -> None:
         stats.calls[kind] += 1
 
 
-def _nbytes(x: Tensor) -> int:
+def nbytes(x: Tensor) -> int:
     return x.numel() * x.element_size()
 
 
@@ -128,7 +130,7 @@ def _all_to_all(x: Tensor, group: dist.ProcessGroup, scatter_dim: int, gather_di
     # [.., n, ..] -> [G, .., n/G, ..]: chunk g of the scatter dim goes to rank g
     send = x.unflatten(scatter_dim, (world, -1)).movedim(scatter_dim, 0).contiguous()
     recv = torch.empty_like(send)
-    record("all_to_all", _nbytes(send) * (world - 1) // world)
+    record("all_to_all", nbytes(send) * (world - 1) // world)
     dist.all_to_all_single(recv, send, group=group)
     # [G, .., m, ..] -> [.., G*m, ..]: concatenate the sources along the gather dim, rank order
     return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
@@ -170,38 +172,5 @@ def _gather_stacked(x: Tensor, group: dist.ProcessGroup) -> Tensor:
 
 def all_gather_stacked(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """``[..]`` -> ``[G, ..]``: every rank's tensor, in group-rank order (not differentiable)."""
-    record("all_gather", _nbytes(x) * (dist.get_world_size(group) - 1))
+    record("all_gather", nbytes(x) * (dist.get_world_size(group) - 1))
     return _gather_stacked(x, group)
-
-
-# ------------------------------------------------------------------------------------ ring P2P
-class RingExchange:
-    """Asynchronous send to the next rank and receive from the previous one on a ring group.
-
-    ``start`` posts both operations and returns at once, so the caller computes while the bytes
-    travel; ``wait`` blocks until the received buffer is filled (and the send buffer is free).
-    """
-
-    def __init__(self, group: dist.ProcessGroup, tag: int = 0) -> None:
-        # distinct tags keep two exchanges in flight on one group (K/V and dK/dV) apart
-        self.group, self.tag = group, tag
-        self.size = dist.get_world_size(group)
-        rank = dist.get_rank(group)
-        self.next_rank = dist.get_global_rank(group, (rank + 1) % self.size)
-        self.prev_rank = dist.get_global_rank(group, (rank - 1) % self.size)
-        self._works: list = []
-
-    def start(self, send: Tensor, recv: Tensor) -> None:
-        if self._works:
-            raise RuntimeError("RingExchange.start called while an exchange is still in flight")
-        record("p2p", _nbytes(send))
-        ops = [
-            dist.P2POp(dist.isend, send, self.next_rank, self.group, self.tag),
-            dist.P2POp(dist.irecv, recv, self.prev_rank, self.group, self.tag),
-        ]
-        self._works = dist.batch_isend_irecv(ops)
-
-    def wait(self) -> None:
-        for work in self._works:
-            work.wait()
-        self._works = []

@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 from usp.attention.kernels import HALF, Kernel
 from usp.attention.merge import merge_into
-from usp.comm import RingExchange
 from usp.layout import ring_step_blocks
+from usp.p2p import GroupRing, LoopbackRing
 
 Tensor = torch.Tensor
 
@@ -28,14 +28,14 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rotating_blocks(kv: Tensor, group: dist.ProcessGroup):
+def _rotating_blocks(kv: Tensor, ring: "GroupRing | LoopbackRing"):
     """Yield ``(source_rank, kv_block)`` for each ring step, the next transfer already posted.
 
     Blocks are received into two fresh buffers in turn, never into ``kv`` itself (the caller
     keeps it for the backward); a buffer is reused only after its own send has completed.
     """
-    ring_size, ring_rank = dist.get_world_size(group), dist.get_rank(group)
-    exchange = RingExchange(group, tag=0)
+    ring_size, ring_rank = ring.size, ring.rank
+    exchange = ring.exchange(tag=0)
     receive = [torch.empty_like(kv) for _ in range(min(2, ring_size - 1))]
     current = kv
     for step in range(ring_size):
@@ -51,15 +51,15 @@ def _rotating_blocks(kv: Tensor, group: dist.ProcessGroup):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, layout, causal, scale, kernel: Kernel):
-        ring_rank = dist.get_rank(group)
+    def forward(ctx, q, k, v, ring, layout, causal, scale, kernel: Kernel):
+        ring_rank = ring.rank
         block_len = q.shape[1]
         acc = _accumulator_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=acc, device=q.device)  # [B, S_R, H, D]
         lse = torch.full((q.shape[0], q.shape[2], block_len), float("-inf"), dtype=acc,
                          device=q.device)  # [B, H, S_R]
         kv = torch.stack([k, v])  # [2, B, S_R, Hkv, D]: one message per step
-        for source, current in _rotating_blocks(kv, group):
+        for source, current in _rotating_blocks(kv, ring):
             for b in ring_step_blocks(layout, causal, ring_rank, source, block_len):
                 out_block, lse_block = kernel.forward(
                     q[:, b.q_start : b.q_end],
@@ -73,22 +73,22 @@ class _RingAttention(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, kv, out, lse)
         ctx.mark_non_differentiable(lse)
-        ctx.group, ctx.layout, ctx.causal, ctx.scale, ctx.kernel = group, layout, causal, scale, kernel
+        ctx.ring, ctx.layout, ctx.causal, ctx.scale, ctx.kernel = ring, layout, causal, scale, kernel
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         dout = dout.contiguous()  # autograd may hand over any strides (an expanded scalar's grad)
         q, kv, out, lse = ctx.saved_tensors
-        group, layout, causal, scale, kernel = ctx.group, ctx.layout, ctx.causal, ctx.scale, ctx.kernel
-        ring_rank = dist.get_rank(group)
+        ring, layout, causal, scale, kernel = ctx.ring, ctx.layout, ctx.causal, ctx.scale, ctx.kernel
+        ring_rank = ring.rank
         block_len = q.shape[1]
         acc = _accumulator_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         # two partial-dK/dV buffers: one is in flight to the next rank while the other fills
         dkv_buffers = [torch.empty(kv.shape, dtype=acc, device=q.device) for _ in range(2)]
         dkv_incoming = torch.empty(kv.shape, dtype=acc, device=q.device)
-        dkv_exchange = RingExchange(group, tag=1)
+        dkv_exchange = ring.exchange(tag=1)
         # Half-precision partial gradients are rounded per block, then summed over R blocks in
         # fp32. For kernels whose half-precision backward loses too much for that (the CPU flash
         # kernel, measured), the block backward runs in fp32 so every partial is exact.
@@ -96,7 +96,7 @@ class _RingAttention(torch.autograd.Function):
         if q.dtype in HALF and kernel.upcast_half_backward:
             block_dtype = torch.float32
         q_b, dout_b, out_b = (t.to(block_dtype) for t in (q, dout, out))
-        for step, (source, current) in enumerate(_rotating_blocks(kv, group)):
+        for step, (source, current) in enumerate(_rotating_blocks(kv, ring)):
             dkv = dkv_buffers[step % 2].zero_()  # [2, B, S_R, Hkv, D]
             k_b, v_b = current.to(block_dtype)
             for b in ring_step_blocks(layout, causal, ring_rank, source, block_len):
@@ -141,11 +141,13 @@ class _LocalAttention(torch.autograd.Function):
 
 
 def ring_attention_on_group(
-    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, *, layout: str,
-    causal: bool, scale: float, kernel: Kernel,
+    q: Tensor, k: Tensor, v: Tensor, group: "dist.ProcessGroup | LoopbackRing | None", *,
+    layout: str, causal: bool, scale: float, kernel: Kernel,
 ) -> Tensor:
-    """Ring attention over ``group`` on ring blocks ``[B, S_R, H, D]``; no validation here."""
-    if group is None or dist.get_world_size(group) == 1:
+    """Ring attention over ``group`` (or a loopback ring) on ring blocks ``[B, S_R, H, D]``; no
+    validation here."""
+    ring = group if isinstance(group, LoopbackRing) or group is None else GroupRing(group)
+    if ring is None or ring.size == 1:
         return local_attention(q, k, v, causal, scale, kernel)
-    out, _ = _RingAttention.apply(q, k, v, group, layout, causal, scale, kernel)
+    out, _ = _RingAttention.apply(q, k, v, ring, layout, causal, scale, kernel)
     return out

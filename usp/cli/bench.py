@@ -10,6 +10,12 @@ from usp.bench import training
 from usp.bench.attention import BenchShape, configurations, format_rows, run_benchmark
 from usp.layout import LAYOUTS
 
+# CPU defaults are the peers' comparison shape; CUDA defaults Llama-3-8B's attention
+SHAPE_DEFAULTS = {
+    "cpu": {"heads": 8, "head_dim": 64, "dtype": "fp32"},
+    "cuda": {"heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bf16"},
+}
+
 
 def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks measured in one run")
@@ -18,13 +24,25 @@ def register(subparsers) -> None:
         "attention", help="ring, ulysses and usp attention on N spawned CPU ranks",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    attention.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                           help="cpu: --nproc gloo ranks; cuda: one GPU, one rank of a ring "
+                           "played alone (see docs/gpu.md)")
     attention.add_argument("--nproc", type=int, default=4, help="ranks to spawn (gloo)")
     attention.add_argument("--seq-len", type=int, default=8192)
-    attention.add_argument("--heads", type=int, default=8)
-    attention.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
-    attention.add_argument("--head-dim", type=int, default=64)
+    attention.add_argument("--heads", type=int, default=None, help="default: 8 (cpu), 32 (cuda)")
+    attention.add_argument("--kv-heads", type=int, default=None,
+                           help="default: --heads (cpu), 8 (cuda)")
+    attention.add_argument("--head-dim", type=int, default=None, help="default: 64 (cpu), 128 (cuda)")
     attention.add_argument("--batch", type=int, default=1)
-    attention.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp64"], default="fp32")
+    attention.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp64"], default=None,
+                           help="default: fp32 (cpu), bf16 (cuda)")
+    attention.add_argument("--ring-size", type=int, default=4,
+                           help="cuda: the size of the ring whose last rank is measured")
+    attention.add_argument("--tokens-per-rank", type=int, nargs="+", default=[8192, 16384, 32768],
+                           help="cuda: tokens each rank holds")
+    attention.add_argument("--kernels", nargs="+", default=None,
+                           help="cuda: kernels to measure (default: every one that works)")
+    attention.add_argument("--json", default=None, metavar="FILE", help="cuda: also write JSON")
     attention.add_argument("--no-causal", dest="causal", action="store_false")
     attention.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     attention.add_argument("--iters", type=int, default=3)
@@ -38,7 +56,38 @@ def register(subparsers) -> None:
     register_train(kinds)
 
 
+def _with_device_defaults(args) -> None:
+    for name, value in SHAPE_DEFAULTS[args.device].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
+    for name in ("heads", "kv_heads", "head_dim", "batch", "seq_len", "ring_size", "iters"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if args.heads % args.kv_heads:
+        raise ValueError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+
+
+def _run_device_attention(args) -> int:
+    from usp.bench.attention_device import DeviceShape, format_device_report, run_device_benchmark
+
+    if args.dtype == "fp64":
+        raise ValueError("--device cuda measures fp16, bf16 or fp32 kernels, not fp64")
+    shape = DeviceShape(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                        batch=args.batch, dtype=args.dtype, ring_size=args.ring_size,
+                        iters=args.iters, warmup=args.warmup)
+    report = run_device_benchmark(shape, args.tokens_per_rank, args.kernels)
+    print(format_device_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def _run_attention(args) -> int:
+    _with_device_defaults(args)
+    if args.device == "cuda":
+        return _run_device_attention(args)
     if args.nproc < 1:
         raise ValueError(f"--nproc {args.nproc} must be at least 1")
     shape = BenchShape(
