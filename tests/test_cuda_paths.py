@@ -1,4 +1,4 @@
-"""The CUDA kernel adapters without a GPU: op schemas under fake CUDA tensors, flash-attn's three
+"""The CUDA paths without a GPU: op schemas under fake CUDA tensors, flash-attn's three
 calling conventions through stand-ins, and ``auto`` falling back past kernels that fail.
 
 The numerical checks of the CUDA kernels themselves are in test_kernels_gpu.py (marked ``gpu``).
@@ -165,3 +165,22 @@ def test_auto_with_nothing_that_works_names_every_reason(monkeypatch):
     monkeypatch.setitem(registry.AUTO_ORDER, "cpu", ("raises", "wrong"))
     with pytest.raises(ValueError, match="no attention kernel works .* raises: .* wrong: "):
         resolve_kernel("auto", torch.zeros(1, 4, 2, 8))
+
+
+def test_cuda_tensors_off_the_current_device_under_nccl_are_refused(monkeypatch):
+    """NCCL sends from the current CUDA device: usp_attention says so instead of hanging."""
+    import usp
+    from usp.attention import usp as usp_module
+
+    topology = usp.Topology(sizes={"dp": 1, "ring": 2, "ulysses": 1, "tp": 1},
+                            ranks={"dp": 0, "ring": 1, "ulysses": 0, "tp": 0},
+                            _groups={"ring": object()})
+    monkeypatch.setattr(usp_module.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with FakeTensorMode():
+        q = torch.empty(1, 8, 2, 64, device="cuda:1", dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match=r"on cuda:1 but this rank's current CUDA device is "
+                                             r"cuda:0.*torch.cuda.set_device"):
+            usp_module._check_collective_device(q, topology)
+        on_current = torch.empty(1, 8, 2, 64, device="cuda:0", dtype=torch.bfloat16)
+        usp_module._check_collective_device(on_current, topology)  # no error

@@ -1,0 +1,43 @@
+"""The benchmarks' own arithmetic: FLOP accounting of the kernel clock and the one-rank ring."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from usp.attention.kernels import KERNELS, default_scale
+from usp.attention.ring import ring_attention_on_group
+from usp.bench.attention_device import DeviceShape, format_device_report, run_device_benchmark
+from usp.bench.kernel_clock import KernelClock
+from usp.p2p import LoopbackRing
+
+
+def test_kernel_clock_counts_one_ring_rank_share_of_causal_flops():
+    """A zigzag rank does 1/R of the causal work: the clock's FLOPs of one forward+backward of
+    the last rank of a ring of R equal 3.5 x 4·B·S²·H·D/2 / R exactly (S = R·T)."""
+    batch, tokens, heads, head_dim, ring_size = 1, 16, 2, 8, 4
+    clock = KernelClock(KERNELS["cpu_flash"], torch.device("cpu"))
+    q, k, v = (torch.randn(batch, tokens, heads, head_dim, requires_grad=True) for _ in range(3))
+    out = ring_attention_on_group(q, k, v, LoopbackRing(ring_size, ring_size - 1),
+                                  layout="zigzag", causal=True,
+                                  scale=default_scale(head_dim, None), kernel=clock.kernel)
+    forward_flops = clock.flops
+    out.sum().backward()
+    seq = ring_size * tokens
+    causal_forward = 4.0 * batch * seq**2 * heads * head_dim / 2
+    assert math.isclose(forward_flops, causal_forward / ring_size)
+    assert math.isclose(clock.flops, 3.5 * causal_forward / ring_size)
+    assert len(clock.calls) == 2 * ring_size and clock.seconds() > 0
+
+
+def test_device_benchmark_runs_and_reports_sane_shares_on_cpu():
+    shape = DeviceShape(heads=4, kv_heads=2, head_dim=16, dtype="fp32", device="cpu", iters=1,
+                        warmup=1, ring_size=2)
+    report = run_device_benchmark(shape, [64], ["cpu_flash"])
+    (row,) = report["rows"]
+    assert row["kernel"] == "cpu_flash" and row["tokens_per_rank"] == 64
+    for key in ("full_fwd_tflops", "causal_fwd_bwd_tflops", "tflops_in_ring", "tflops_replayed"):
+        assert row[key] > 0, key
+    assert row["ring_overhead_share"] < 1 and row["step_ms"] > 0
+    assert "cpu_flash" in format_device_report(report)
