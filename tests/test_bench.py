@@ -8,7 +8,8 @@ import torch
 
 from usp.attention.kernels import KERNELS, default_scale
 from usp.attention.ring import ring_attention_on_group
-from usp.bench.attention_device import DeviceShape, format_device_report, run_device_benchmark
+from usp.bench.attention_device import DeviceShape, run_device_benchmark
+from usp.cli.bench_tables import format_device_report
 from usp.bench.kernel_clock import KernelClock
 from usp.p2p import LoopbackRing
 
@@ -41,3 +42,28 @@ def test_device_benchmark_runs_and_reports_sane_shares_on_cpu():
         assert row[key] > 0, key
     assert row["ring_overhead_share"] < 1 and row["step_ms"] > 0
     assert "cpu_flash" in format_device_report(report)
+
+
+def test_cpu_benchmark_measures_reference_ceiling_and_configs_in_rounds():
+    from usp.bench.attention import BenchShape, configurations, run_benchmark
+
+    shape = BenchShape(seq_len=64, heads=4, kv_heads=2, head_dim=8, iters=1, warmup=1, rounds=2)
+    result = run_benchmark(shape, 2, configurations(2, ["ring", "ulysses"], ["zigzag"]))
+    assert result.single.train_s > result.single.forward_s > 0
+    assert result.ceiling is not None and result.ceiling.train_s > 0
+    assert [(r.config.mode, r.config.layout) for r in result.rows] == [
+        ("ring", "zigzag"), ("ulysses", "contiguous")]
+    for row in result.rows:
+        assert row.timing.train_s > 0 and len(row.kernel_ms_per_rank) == 2
+        assert all(ms > 0 for ms in row.kernel_ms_per_rank)
+
+
+def test_bad_bench_sizes_are_one_message_before_any_rank_starts(capsys):
+    from usp import cli
+
+    assert cli.main(["bench", "attention", "--nproc", "2", "--seq-len", "1001"]) == 2
+    error = capsys.readouterr().err
+    assert "sequence length 1001" in error and "Traceback" not in error
+    assert cli.main(["bench", "attention", "--nproc", "4", "--heads", "6", "--modes",
+                     "ulysses"]) == 2
+    assert "n_q_heads=6" in capsys.readouterr().err

@@ -1,16 +1,27 @@
-"""``usp bench attention``: ring, Ulysses and USP attention timed on N spawned ranks, in one run.
+"""``usp bench attention``: ring, Ulysses and USP attention timed on N spawned CPU ranks, in one run.
 
-For each configuration it reports ms per call (forward, and forward+backward), TFLOPS per rank
-(causal-aware: 4·B·S²·H·D·½ for a causal forward, 2.5× that for the backward), efficiency =
-(single-process full-sequence kernel time / N) / measured time, and load balance = max/mean over
-ranks of the time spent inside the attention kernel (thread CPU time, so other processes sharing
-the cores do not distort it). The single-process reference is measured in the same run.
+Timing is made robust to a noisy, shared machine:
+
+- **Rounds**: each round measures, in turn, the single-process reference (rank 0 alone, the
+  others waiting), the **ceiling** (every rank at once runs its share of the single-process
+  kernel — the full sequence with ``H/N`` heads — with no communication: what N ranks sharing
+  this machine's cores can reach at all), and every configuration. Load that drifts during the
+  run hits all of them alike; each figure is the median over rounds.
+- **Warm-up** calls before both the forward and the forward+backward timings.
+- A configuration's time is the slowest rank's.
+
+Reported per configuration: ms (forward, forward+backward), TFLOPS per rank (causal-aware:
+4·B·S²·H·D·½ forward, 2.5× that backward), efficiency against the single process
+((single time / N) / time) and against the ceiling (ceiling time / time), and load balance (max /
+mean over ranks of the thread CPU time inside the kernel). An efficiency above 1 is flagged: it
+means the load changed within a round, not that usp beat the machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,11 +31,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from usp.attention.kernels import Kernel, default_scale, resolve_kernel
+from usp.attention.kernels import default_scale, resolve_kernel
 from usp.attention.ring import local_attention
+from usp.attention.ulysses import kv_replication
 from usp.attention.usp import usp_attention
+from usp.bench.kernel_clock import KernelClock
 from usp.comm import free_port
-from usp.layout import LAYOUTS, shard_sequence
+from usp.layout import LAYOUTS, check_sequence_length, shard_sequence
 from usp.topology import Topology
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -42,6 +55,7 @@ class BenchShape:
     threads: int = 1
     iters: int = 3
     warmup: int = 1
+    rounds: int = 3
 
     def forward_flops(self) -> float:
         full = 4.0 * self.batch * self.seq_len**2 * self.heads * self.head_dim
@@ -57,12 +71,25 @@ class BenchConfig:
 
 
 @dataclass
+class Timing:
+    """Median seconds per call over the rounds, forward and forward+backward."""
+
+    forward_s: float
+    train_s: float
+
+
+@dataclass
 class BenchRow:
     config: BenchConfig
-    forward_ms: float
-    train_ms: float  # forward + backward
+    timing: Timing
     kernel_ms_per_rank: list[float] = field(default_factory=list)
-    profile: str = ""
+
+
+@dataclass
+class BenchResult:
+    single: Timing
+    ceiling: Timing | None
+    rows: list[BenchRow]
 
 
 def configurations(nproc: int, modes: list[str], layouts: list[str]) -> list[BenchConfig]:
@@ -80,19 +107,22 @@ def configurations(nproc: int, modes: list[str], layouts: list[str]) -> list[Ben
     return configs
 
 
-def timed_kernel(base: Kernel, seconds: list[float]) -> Kernel:
-    """``base`` with the thread CPU time of every forward and backward call added to ``seconds``."""
-
-    def wrap(fn):
-        def timed(*args):
-            start = time.thread_time()
-            result = fn(*args)
-            seconds[0] += time.thread_time() - start
-            return result
-
-        return timed
-
-    return Kernel(base.name, base.device_type, base.dtypes, wrap(base.forward), wrap(base.backward))
+def check_benchmark(shape: BenchShape, nproc: int, configs: list[BenchConfig]) -> None:
+    """Every ValueError a rank would raise, raised here before any rank is spawned."""
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc} must be at least 1")
+    if not configs:
+        raise ValueError(f"no configuration fits {nproc} ranks")
+    if shape.rounds < 1 or shape.iters < 1 or shape.warmup < 0:
+        raise ValueError("--rounds and --iters must be >= 1, --warmup >= 0")
+    for config in configs:
+        try:
+            check_sequence_length(shape.seq_len, config.ring, config.ulysses, config.layout)
+            if config.ulysses > 1:
+                kv_replication(shape.heads, shape.kv_heads, config.ulysses)
+        except ValueError as exc:
+            raise ValueError(f"{config.mode} ring={config.ring} ulysses={config.ulysses} "
+                             f"layout={config.layout}: {exc}") from exc
 
 
 def global_inputs(shape: BenchShape):
@@ -103,147 +133,135 @@ def global_inputs(shape: BenchShape):
     return make(shape.heads), make(shape.kv_heads), make(shape.kv_heads), make(shape.heads)
 
 
-def _time_calls(step, iters: int, warmup: int, barrier=None) -> float:
-    """Mean seconds per call of ``step`` after ``warmup`` calls (barriers keep ranks in step)."""
+def _time_calls(step, iters: int, warmup: int, together: bool = True) -> float:
+    """Mean seconds per call of ``step`` after ``warmup`` calls; ``together``: every rank starts
+    and ends at a barrier (a rank timing alone passes False)."""
     for _ in range(warmup):
         step()
-    if barrier:
-        barrier()
+    if together:
+        dist.barrier()
     start = time.perf_counter()
     for _ in range(iters):
         step()
-    if barrier:
-        barrier()
-    return (time.perf_counter() - start) / iters
+    elapsed = (time.perf_counter() - start) / iters
+    if together:
+        dist.barrier()
+    return elapsed
 
 
-def single_process_times(shape: BenchShape) -> tuple[float, float]:
-    """Seconds per forward and per forward+backward of one process on the full sequence."""
-    torch.set_num_threads(shape.threads)
-    q, k, v, dout = global_inputs(shape)
-    kernel = resolve_kernel("auto", q)
-    scale = default_scale(shape.head_dim, None)
+def _forward_and_train(call, tensors, shape: BenchShape, clock: KernelClock | None = None,
+                       together: bool = True) -> tuple[float, ...]:
+    """(forward s, forward+backward s[, kernel s per forward+backward]) of ``call(q, k, v)``."""
+    q, k, v, dout = tensors
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 
     def forward():
         with torch.no_grad():
-            local_attention(q, k, v, shape.causal, scale, kernel)
+            call(q, k, v)
 
     def train():
-        local_attention(*leaves, shape.causal, scale, kernel).backward(dout)
+        call(*leaves).backward(dout)
 
-    return (_time_calls(forward, shape.iters, shape.warmup),
-            _time_calls(train, shape.iters, shape.warmup))
-
-
-def _profile_table(step) -> str:
-    """Where one call's time goes, by function (cProfile: kernels, merge, waits, copies)."""
-    import cProfile
-    import io
-    import pstats
-
-    profiler = cProfile.Profile()
-    profiler.runcall(step)
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
-    return text.getvalue()
+    forward_s = _time_calls(forward, shape.iters, shape.warmup, together)
+    if clock is not None:
+        clock.reset()
+    train_s = _time_calls(train, shape.iters, shape.warmup, together)
+    if clock is None:
+        return forward_s, train_s
+    return forward_s, train_s, clock.seconds() / (shape.iters + shape.warmup)
 
 
-def _rank_main(rank, nproc, port, shape: BenchShape, configs, out_path, with_profile):
+def _slowest(seconds: tuple[float, ...]) -> list[float]:
+    """Each figure's maximum over ranks."""
+    return torch.tensor(_all_ranks(seconds)).max(dim=0).values.tolist()
+
+
+def _ceiling_tensors(tensors, rank: int, nproc: int):
+    """This rank's share of the single-process problem: all tokens, heads [r·H/N, (r+1)·H/N) and
+    the kv heads they read (one replicated head when there are fewer kv heads than ranks)."""
+    q, k, v, dout = tensors
+    per_rank = q.shape[2] // nproc
+    kv_heads = torch.unique(torch.arange(rank * per_rank, (rank + 1) * per_rank)
+                            // (q.shape[2] // k.shape[2]))
+    heads = slice(rank * per_rank, (rank + 1) * per_rank)
+    return (q[:, :, heads].contiguous(), k[:, :, kv_heads].contiguous(),
+            v[:, :, kv_heads].contiguous(), dout[:, :, heads].contiguous())
+
+
+def _config_call(topology: Topology, layout: str, shape: BenchShape, kernel):
+    def call(q, k, v):
+        return usp_attention(q, k, v, topology, causal=shape.causal, layout=layout, kernel=kernel)
+
+    return call
+
+
+def _rank_main(rank, nproc, port, shape: BenchShape, configs, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(shape.threads)
     dist.init_process_group("gloo", rank=rank, world_size=nproc, timeout=timedelta(minutes=10))
     try:
-        q, k, v, dout = global_inputs(shape)
-        kernel_seconds = [0.0]
-        kernel = timed_kernel(resolve_kernel("auto", q), kernel_seconds)
-        topologies, rows = {}, []
+        tensors = global_inputs(shape)
+        base = resolve_kernel("auto", tensors[0])
+        clock = KernelClock(base, torch.device("cpu"))
+        scale = default_scale(shape.head_dim, None)
+
+        def single_call(q, k, v):
+            return local_attention(q, k, v, shape.causal, scale, base)
+
+        share = _ceiling_tensors(tensors, rank, nproc) if shape.heads % nproc == 0 else None
+        prepared = []
         for config in configs:
-            key = (config.ring, config.ulysses)
-            if key not in topologies:
-                topologies[key] = Topology.build(ring=config.ring, ulysses=config.ulysses)
-            topology = topologies[key]
-            local = [shard_sequence(t, topology, config.layout).contiguous() for t in (q, k, v, dout)]
-            leaves = [t.clone().requires_grad_() for t in local[:3]]
-            call = lambda *x: usp_attention(  # noqa: E731
-                *x, topology, causal=shape.causal, layout=config.layout, kernel=kernel)
-
-            def forward():
-                with torch.no_grad():
-                    call(*local[:3])
-
-            def train():
-                call(*leaves).backward(local[3])
-
-            forward_s = _time_calls(forward, shape.iters, shape.warmup, dist.barrier)
-            kernel_seconds[0] = 0.0
-            train_s = _time_calls(train, shape.iters, 0, dist.barrier)
-            times = torch.tensor([forward_s, train_s, kernel_seconds[0] / shape.iters],
-                                 dtype=torch.float64)
-            gathered = [torch.zeros_like(times) for _ in range(nproc)]
-            dist.all_gather(gathered, times)
-            profile_text = ""
-            if with_profile:  # every rank runs the step (it communicates); rank 0 profiles it
-                profile_text = _profile_table(train) if rank == 0 else train() or ""
-            rows.append(BenchRow(
-                config,
-                forward_ms=1e3 * max(float(t[0]) for t in gathered),
-                train_ms=1e3 * max(float(t[1]) for t in gathered),
-                kernel_ms_per_rank=[1e3 * float(t[2]) for t in gathered],
-                profile=profile_text,
-            ))
+            topology = Topology.build(ring=config.ring, ulysses=config.ulysses)
+            local = [shard_sequence(t, topology, config.layout).contiguous() for t in tensors]
+            prepared.append((_config_call(topology, config.layout, shape, clock.kernel), local))
+        results = {"single": [], "ceiling": [], "configs": [[] for _ in configs]}
+        for _ in range(shape.rounds):
+            dist.barrier()
+            if rank == 0:  # alone: the other ranks wait at the next barrier
+                results["single"].append(
+                    _forward_and_train(single_call, tensors, shape, together=False))
+            dist.barrier()
+            if share is not None:
+                results["ceiling"].append(_slowest(_forward_and_train(single_call, share, shape)))
+            for index, (call, local) in enumerate(prepared):
+                forward_s, train_s, kernel_s = _forward_and_train(call, local, shape, clock)
+                results["configs"][index].append(
+                    _slowest((forward_s, train_s)) + [t[0] for t in _all_ranks((kernel_s,))])
         if rank == 0:
             with open(out_path, "w") as f:
-                json.dump([asdict(r) for r in rows], f)
+                json.dump(results, f)
     finally:
         dist.destroy_process_group()
 
 
-def run_benchmark(shape: BenchShape, nproc: int, configs: list[BenchConfig],
-                  with_profile: bool = False) -> tuple[tuple[float, float], list[BenchRow]]:
-    """Measure the single-process reference, then every configuration on ``nproc`` ranks."""
-    reference = single_process_times(shape)
+def _all_ranks(values: tuple[float, ...]) -> list[list[float]]:
+    """Every rank's ``values``, in rank order."""
+    mine = torch.tensor(values, dtype=torch.float64)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    return [t.tolist() for t in everyone]
+
+
+def _median_timing(samples) -> Timing:
+    return Timing(statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
+
+
+def run_benchmark(shape: BenchShape, nproc: int, configs: list[BenchConfig]) -> BenchResult:
+    """Measure the reference, the ceiling and every configuration on ``nproc`` ranks, in rounds."""
+    check_benchmark(shape, nproc, configs)
     with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "rows.json")
-        mp.spawn(_rank_main, args=(nproc, free_port(), shape, configs, out_path, with_profile),
+        out_path = os.path.join(tmp, "results.json")
+        mp.spawn(_rank_main, args=(nproc, free_port(), shape, configs, out_path),
                  nprocs=nproc, join=True)
         with open(out_path) as f:
             raw = json.load(f)
-    rows = [BenchRow(BenchConfig(**r.pop("config")), **r) for r in raw]
-    return reference, rows
+    rows = []
+    for config, samples in zip(configs, raw["configs"]):
+        kernel = [statistics.median(s[2 + r] for s in samples) * 1e3 for r in range(nproc)]
+        rows.append(BenchRow(config, _median_timing(samples), kernel))
+    ceiling = _median_timing(raw["ceiling"]) if raw["ceiling"] else None
+    return BenchResult(_median_timing(raw["single"]), ceiling, rows)
 
 
-def format_rows(shape: BenchShape, nproc: int, reference, rows: list[BenchRow]) -> str:
-    single_forward, single_train = reference
-    forward_flops = shape.forward_flops()
-    header = (f"{'mode':8} {'ring':>4} {'uly':>4} {'layout':10} {'fwd ms':>9} {'fwd+bwd ms':>11} "
-              f"{'TFLOPS/rank':>11} {'eff fwd':>8} {'eff f+b':>8} {'balance':>8} {'kernel %':>8}")
-    lines = [
-        f"S={shape.seq_len} B={shape.batch} H={shape.heads} Hkv={shape.kv_heads} "
-        f"D={shape.head_dim} {shape.dtype} causal={shape.causal} ranks={nproc} "
-        f"threads/rank={shape.threads}",
-        f"single process, full sequence: forward {1e3 * single_forward:.1f} ms, "
-        f"forward+backward {1e3 * single_train:.1f} ms",
-        header,
-        "-" * len(header),
-    ]
-    for row in rows:
-        c = row.config
-        kernel = row.kernel_ms_per_rank
-        mean_kernel = sum(kernel) / len(kernel)
-        tflops = 3.5 * forward_flops / nproc / (row.train_ms / 1e3) / 1e12
-        layout = "-" if c.mode == "ulysses" else c.layout
-        lines.append(
-            f"{c.mode:8} {c.ring:>4} {c.ulysses:>4} {layout:10} {row.forward_ms:>9.1f} "
-            f"{row.train_ms:>11.1f} {tflops:>11.4f} "
-            f"{single_forward * 1e3 / nproc / row.forward_ms:>8.2f} "
-            f"{single_train * 1e3 / nproc / row.train_ms:>8.2f} "
-            f"{max(kernel) / mean_kernel:>8.2f} {100 * mean_kernel / row.train_ms:>7.0f}%"
-        )
-    for row in rows:
-        if row.profile:
-            lines += [f"\nprofile of rank 0, {row.config}:", row.profile]
-    return "\n".join(lines)
-
-
-__all__ = ["BenchConfig", "BenchShape", "LAYOUTS", "configurations", "format_rows", "run_benchmark"]
+__all__ = ["BenchConfig", "BenchResult", "BenchShape", "LAYOUTS", "asdict", "check_benchmark",
+           "configurations", "run_benchmark"]

@@ -174,30 +174,3 @@ def run_device_benchmark(shape: DeviceShape, tokens_per_rank: list[int],
             if shape.device == "cuda":
                 torch.cuda.empty_cache()
     return report
-
-
-def format_device_report(report: dict) -> str:
-    shape, peak = report["shape"], report["datasheet_peak_tflops"]
-    lines = [
-        f"{report['device']}, torch {report['torch']}: Hq={shape['heads']} Hkv={shape['kv_heads']} "
-        f"D={shape['head_dim']} {shape['dtype']}, one rank of a {shape['layout']} ring of "
-        f"{shape['ring_size']} (loopback transport)",
-        f"{shape['dtype']} matmul {report['matmul_tflops']:.1f} TFLOPS measured"
-        + (f", datasheet peak {peak:.0f}" if peak else ""),
-    ]
-    lines += [f"skipped {name}: {why}" for name, why in report["skipped"]]
-    header = (f"{'kernel':14} {'T/rank':>7} {'full f+b':>9} {'%peak':>6} {'causal f+b':>10} "
-              f"{'full fwd':>9} {'ring ms':>8} {'in-ring':>8} {'replay':>7} {'ratio':>6} "
-              f"{'overhead':>8}")
-    lines += [header, "-" * len(header)]
-    for row in report["rows"]:
-        share = f"{100 * row['full_fwd_bwd_tflops'] / peak:5.1f}%" if peak else "     -"
-        lines.append(
-            f"{row['kernel']:14} {row['tokens_per_rank']:>7} {row['full_fwd_bwd_tflops']:>9.1f} "
-            f"{share:>6} {row['causal_fwd_bwd_tflops']:>10.1f} {row['full_fwd_tflops']:>9.1f} "
-            f"{row['step_ms']:>8.1f} {row['tflops_in_ring']:>8.1f} {row['tflops_replayed']:>7.1f} "
-            f"{row['in_ring_vs_replayed']:>6.2f} {100 * row['ring_overhead_share']:>7.1f}%"
-        )
-    lines.append("TFLOPS per GPU; f+b = forward+backward; in-ring / replay: the kernel calls of the "
-                 "ring step timed inside it / replayed alone; overhead = 1 - kernel time / step time")
-    return "\n".join(lines)

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from usp.bench import training
-from usp.bench.attention import BenchShape, configurations, format_rows, run_benchmark
+from usp.bench.attention import BenchShape, configurations, run_benchmark
+from usp.cli.bench_tables import format_device_report, format_result
 from usp.layout import LAYOUTS
 
 # CPU defaults are the peers' comparison shape; CUDA defaults Llama-3-8B's attention
@@ -45,13 +46,14 @@ def register(subparsers) -> None:
     attention.add_argument("--json", default=None, metavar="FILE", help="cuda: also write JSON")
     attention.add_argument("--no-causal", dest="causal", action="store_false")
     attention.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    attention.add_argument("--iters", type=int, default=3)
-    attention.add_argument("--warmup", type=int, default=1)
+    attention.add_argument("--iters", type=int, default=3, help="timed calls per measurement")
+    attention.add_argument("--warmup", type=int, default=1, help="untimed calls before each")
+    attention.add_argument("--rounds", type=int, default=3,
+                           help="cpu: rounds of reference, ceiling and every configuration; "
+                           "each figure is the median over rounds")
     attention.add_argument("--modes", nargs="+", default=["ring", "ulysses", "usp"],
                            choices=["ring", "ulysses", "usp"])
     attention.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    attention.add_argument("--profile", action="store_true",
-                           help="print rank 0's top operators for each configuration")
     attention.set_defaults(func=_run_attention)
     register_train(kinds)
 
@@ -70,7 +72,7 @@ def _with_device_defaults(args) -> None:
 
 
 def _run_device_attention(args) -> int:
-    from usp.bench.attention_device import DeviceShape, format_device_report, run_device_benchmark
+    from usp.bench.attention_device import DeviceShape, run_device_benchmark
 
     if args.dtype == "fp64":
         raise ValueError("--device cuda measures fp16, bf16 or fp32 kernels, not fp64")
@@ -88,18 +90,14 @@ def _run_attention(args) -> int:
     _with_device_defaults(args)
     if args.device == "cuda":
         return _run_device_attention(args)
-    if args.nproc < 1:
-        raise ValueError(f"--nproc {args.nproc} must be at least 1")
     shape = BenchShape(
-        seq_len=args.seq_len, heads=args.heads, kv_heads=args.kv_heads or args.heads,
+        seq_len=args.seq_len, heads=args.heads, kv_heads=args.kv_heads,
         head_dim=args.head_dim, batch=args.batch, dtype=args.dtype, causal=args.causal,
-        threads=args.threads, iters=args.iters, warmup=args.warmup,
+        threads=args.threads, iters=args.iters, warmup=args.warmup, rounds=args.rounds,
     )
     configs = configurations(args.nproc, args.modes, args.layouts)
-    if not configs:
-        raise ValueError(f"no configuration of {args.modes} fits {args.nproc} ranks")
-    reference, rows = run_benchmark(shape, args.nproc, configs, args.profile)
-    print(format_rows(shape, args.nproc, reference, rows))
+    result = run_benchmark(shape, args.nproc, configs)
+    print(format_result(shape, args.nproc, result))
     return 0
 
 

@@ -1,0 +1,83 @@
+"""The tables ``usp bench attention`` prints, CPU ranks and one GPU."""
+
+from __future__ import annotations
+
+from usp.bench.attention import BenchResult, BenchShape, Timing
+
+
+def _ratio(value: float) -> str:
+    # an efficiency above 1 is a measurement artefact (load changed within a round): flag it
+    return f"{value:.2f}" + ("!" if value > 1.0 else " ")
+
+
+def format_result(shape: BenchShape, nproc: int, result: BenchResult) -> str:
+    single, ceiling = result.single, result.ceiling
+    lines = [
+        f"S={shape.seq_len} B={shape.batch} H={shape.heads} Hkv={shape.kv_heads} "
+        f"D={shape.head_dim} {shape.dtype} causal={shape.causal} ranks={nproc} "
+        f"threads/rank={shape.threads}; median of {shape.rounds} rounds of {shape.iters} calls",
+        f"single process, full sequence: forward {1e3 * single.forward_s:.1f} ms, "
+        f"forward+backward {1e3 * single.train_s:.1f} ms",
+    ]
+    if ceiling is not None:
+        lines.append(
+            f"ceiling ({nproc} ranks at once, {shape.heads // nproc} heads each, no "
+            f"communication): forward {1e3 * ceiling.forward_s:.1f} ms (efficiency "
+            f"{_efficiency(single, ceiling, nproc, 'forward_s')}), forward+backward "
+            f"{1e3 * ceiling.train_s:.1f} ms ({_efficiency(single, ceiling, nproc, 'train_s')})")
+    else:
+        lines.append(f"ceiling: n/a ({shape.heads} heads do not split over {nproc} ranks)")
+    header = (f"{'mode':8} {'ring':>4} {'uly':>4} {'layout':10} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+              f"{'TFLOPS/rank':>11} {'eff fwd':>8} {'eff f+b':>8} {'ceil fwd':>9} "
+              f"{'ceil f+b':>9} {'balance':>8} {'kernel %':>8}")
+    lines += [header, "-" * len(header)]
+    for row in result.rows:
+        c, t, kernel = row.config, row.timing, row.kernel_ms_per_rank
+        mean_kernel = sum(kernel) / len(kernel)
+        tflops = 3.5 * shape.forward_flops() / nproc / t.train_s / 1e12
+        versus_ceiling = ["     -    "] * 2
+        if ceiling is not None:
+            versus_ceiling = [f"{_ratio(getattr(ceiling, a) / getattr(t, a)):>9}"
+                              for a in ("forward_s", "train_s")]
+        lines.append(
+            f"{c.mode:8} {c.ring:>4} {c.ulysses:>4} {'-' if c.mode == 'ulysses' else c.layout:10} "
+            f"{1e3 * t.forward_s:>9.1f} {1e3 * t.train_s:>11.1f} {tflops:>11.4f} "
+            f"{_efficiency(single, t, nproc, 'forward_s'):>8} "
+            f"{_efficiency(single, t, nproc, 'train_s'):>8} {versus_ceiling[0]} "
+            f"{versus_ceiling[1]} {max(kernel) / mean_kernel:>8.2f} "
+            f"{100 * mean_kernel / (1e3 * t.train_s):>7.0f}%"
+        )
+    lines.append("eff = (single-process time / ranks) / time; ceil = ceiling time / time; "
+                 "balance = max/mean kernel CPU time over ranks; ! = above 1 (noise: rerun idle)")
+    return "\n".join(lines)
+
+
+def _efficiency(single: Timing, measured: Timing, nproc: int, attribute: str) -> str:
+    return _ratio(getattr(single, attribute) / nproc / getattr(measured, attribute))
+
+
+def format_device_report(report: dict) -> str:
+    shape, peak = report["shape"], report["datasheet_peak_tflops"]
+    lines = [
+        f"{report['device']}, torch {report['torch']}: Hq={shape['heads']} Hkv={shape['kv_heads']} "
+        f"D={shape['head_dim']} {shape['dtype']}, one rank of a {shape['layout']} ring of "
+        f"{shape['ring_size']} (loopback transport)",
+        f"{shape['dtype']} matmul {report['matmul_tflops']:.1f} TFLOPS measured"
+        + (f", datasheet peak {peak:.0f}" if peak else ""),
+    ]
+    lines += [f"skipped {name}: {why}" for name, why in report["skipped"]]
+    header = (f"{'kernel':14} {'T/rank':>7} {'full f+b':>9} {'%peak':>6} {'causal f+b':>10} "
+              f"{'full fwd':>9} {'ring ms':>8} {'in-ring':>8} {'replay':>7} {'ratio':>6} "
+              f"{'overhead':>8}")
+    lines += [header, "-" * len(header)]
+    for row in report["rows"]:
+        share = f"{100 * row['full_fwd_bwd_tflops'] / peak:5.1f}%" if peak else "     -"
+        lines.append(
+            f"{row['kernel']:14} {row['tokens_per_rank']:>7} {row['full_fwd_bwd_tflops']:>9.1f} "
+            f"{share:>6} {row['causal_fwd_bwd_tflops']:>10.1f} {row['full_fwd_tflops']:>9.1f} "
+            f"{row['step_ms']:>8.1f} {row['tflops_in_ring']:>8.1f} {row['tflops_replayed']:>7.1f} "
+            f"{row['in_ring_vs_replayed']:>6.2f} {100 * row['ring_overhead_share']:>7.1f}%"
+        )
+    lines.append("TFLOPS per GPU; f+b = forward+backward; in-ring / replay: the kernel calls of the "
+                 "ring step timed inside it / replayed alone; overhead = 1 - kernel time / step time")
+    return "\n".join(lines)
