@@ -17,6 +17,7 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 Tensor = torch.Tensor
 
@@ -86,6 +87,11 @@ def agree(group: dist.ProcessGroup | None, description: dict, error: str | None)
         if error is not None:
             raise ValueError(error)
         return
+    with record_function("usp::agree"):
+        _agree(group, description, error)
+
+
+def _agree(group: dist.ProcessGroup, description: dict, error: str | None) -> None:
     digest = hashlib.blake2b(repr(sorted(description.items())).encode(), digest_size=7).digest()
     mine = torch.tensor([int(error is not None), int.from_bytes(digest, "little")],
                         dtype=torch.int64, device=collective_device(group))
@@ -128,12 +134,22 @@ def _all_to_all(x: Tensor, group: dist.ProcessGroup, scatter_dim: int, gather_di
             f"the group size {world}"
         )
     # [.., n, ..] -> [G, .., n/G, ..]: chunk g of the scatter dim goes to rank g
-    send = x.unflatten(scatter_dim, (world, -1)).movedim(scatter_dim, 0).contiguous()
+    with record_function("usp::all_to_all.pack"):
+        send = x.unflatten(scatter_dim, (world, -1)).movedim(scatter_dim, 0).contiguous()
+    recv = exchange_all_to_all(send, group)
+    # [G, .., m, ..] -> [.., G*m, ..]: concatenate the sources along the gather dim, rank order
+    with record_function("usp::all_to_all.unpack"):
+        return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+
+
+def exchange_all_to_all(send: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``send [G, ..]``: slice g goes to rank g; returns ``recv [G, ..]``, slice g from rank g."""
+    world = dist.get_world_size(group)
     recv = torch.empty_like(send)
     record("all_to_all", nbytes(send) * (world - 1) // world)
-    dist.all_to_all_single(recv, send, group=group)
-    # [G, .., m, ..] -> [.., G*m, ..]: concatenate the sources along the gather dim, rank order
-    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+    with record_function("usp::all_to_all.exchange"):
+        dist.all_to_all_single(recv, send, group=group)
+    return recv
 
 
 class _AllToAll(torch.autograd.Function):

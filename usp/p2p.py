@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from usp.comm import nbytes, record
 
@@ -43,11 +44,13 @@ class RingExchange:
             dist.P2POp(dist.isend, send, self.next_rank, self.group, self.tag),
             dist.P2POp(dist.irecv, recv, self.prev_rank, self.group, self.tag),
         ]
-        self._works = dist.batch_isend_irecv(ops)
+        with record_function("usp::ring.post"):
+            self._works = dist.batch_isend_irecv(ops)
 
     def wait(self) -> None:
-        for work in self._works:
-            work.wait()
+        with record_function("usp::ring.wait"):
+            for work in self._works:
+                work.wait()
         self._works = []
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from usp.attention.kernels import HALF, Kernel
 from usp.attention.merge import merge_into
@@ -58,7 +59,8 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros(q.shape, dtype=acc, device=q.device)  # [B, S_R, H, D]
         lse = torch.full((q.shape[0], q.shape[2], block_len), float("-inf"), dtype=acc,
                          device=q.device)  # [B, H, S_R]
-        kv = torch.stack([k, v])  # [2, B, S_R, Hkv, D]: one message per step
+        with record_function("usp::ring.pack"):
+            kv = torch.stack([k, v])  # [2, B, S_R, Hkv, D]: one message per step
         for source, current in _rotating_blocks(kv, ring):
             for b in ring_step_blocks(layout, causal, ring_rank, source, block_len):
                 out_block, lse_block = kernel.forward(
@@ -68,9 +70,11 @@ class _RingAttention(torch.autograd.Function):
                     b.causal,
                     scale,
                 )
-                merge_into(out[:, b.q_start : b.q_end], lse[:, :, b.q_start : b.q_end],
-                           out_block, lse_block)
-        out = out.to(q.dtype)
+                with record_function("usp::ring.merge"):
+                    merge_into(out[:, b.q_start : b.q_end], lse[:, :, b.q_start : b.q_end],
+                               out_block, lse_block)
+        with record_function("usp::ring.cast"):
+            out = out.to(q.dtype)
         ctx.save_for_backward(q, kv, out, lse)
         ctx.mark_non_differentiable(lse)
         ctx.ring, ctx.layout, ctx.causal, ctx.scale, ctx.kernel = ring, layout, causal, scale, kernel
@@ -95,27 +99,33 @@ class _RingAttention(torch.autograd.Function):
         block_dtype = q.dtype
         if q.dtype in HALF and kernel.upcast_half_backward:
             block_dtype = torch.float32
-        q_b, dout_b, out_b = (t.to(block_dtype) for t in (q, dout, out))
+        with record_function("usp::ring.cast"):
+            q_b, dout_b, out_b = (t.to(block_dtype) for t in (q, dout, out))
         for step, (source, current) in enumerate(_rotating_blocks(kv, ring)):
-            dkv = dkv_buffers[step % 2].zero_()  # [2, B, S_R, Hkv, D]
-            k_b, v_b = current.to(block_dtype)
+            with record_function("usp::ring.accumulate"):
+                dkv = dkv_buffers[step % 2].zero_()  # [2, B, S_R, Hkv, D]
+            with record_function("usp::ring.cast"):
+                k_b, v_b = current.to(block_dtype)
             for b in ring_step_blocks(layout, causal, ring_rank, source, block_len):
                 rows, cols = slice(b.q_start, b.q_end), slice(b.k_start, b.k_end)
                 dq_block, dk_block, dv_block = kernel.backward(
                     dout_b[:, rows], q_b[:, rows], k_b[:, cols], v_b[:, cols],
                     out_b[:, rows], lse[:, :, rows], b.causal, scale,
                 )
-                dq[:, rows] += dq_block
-                dkv[0][:, cols] += dk_block
-                dkv[1][:, cols] += dv_block
+                with record_function("usp::ring.accumulate"):
+                    dq[:, rows] += dq_block
+                    dkv[0][:, cols] += dk_block
+                    dkv[1][:, cols] += dv_block
             if step > 0:
                 dkv_exchange.wait()  # the partial of the block we hold, from the previous rank
-                dkv += dkv_incoming
+                with record_function("usp::ring.accumulate"):
+                    dkv += dkv_incoming
             # after the last step the next rank is this block's owner
             dkv_exchange.start(dkv, dkv_incoming)
         dkv_exchange.wait()
-        dk, dv = dkv_incoming.to(kv.dtype)
-        return dq.to(q.dtype), dk, dv, None, None, None, None, None
+        with record_function("usp::ring.cast"):
+            dk, dv = dkv_incoming.to(kv.dtype)
+            return dq.to(q.dtype), dk, dv, None, None, None, None, None
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,

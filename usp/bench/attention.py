@@ -35,6 +35,7 @@ from usp.attention.kernels import default_scale, resolve_kernel
 from usp.attention.ring import local_attention
 from usp.attention.ulysses import kv_replication
 from usp.attention.usp import usp_attention
+from usp.bench.breakdown import profile_ms
 from usp.bench.kernel_clock import KernelClock
 from usp.comm import free_port
 from usp.layout import LAYOUTS, check_sequence_length, shard_sequence
@@ -83,6 +84,7 @@ class BenchRow:
     config: BenchConfig
     timing: Timing
     kernel_ms_per_rank: list[float] = field(default_factory=list)
+    breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # rank 0, per call kind
 
 
 @dataclass
@@ -195,7 +197,23 @@ def _config_call(topology: Topology, layout: str, shape: BenchShape, kernel):
     return call
 
 
-def _rank_main(rank, nproc, port, shape: BenchShape, configs, out_path):
+def _breakdown(call, tensors) -> dict[str, dict[str, float]]:
+    """This rank's profile of one forward and one forward+backward (every rank runs them)."""
+    q, k, v, dout = tensors
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    result = {}
+    for kind, step in (("fwd", lambda: call(q, k, v)),
+                       ("fwd+bwd", lambda: call(*leaves).backward(dout))):
+        dist.barrier()
+        if kind == "fwd":
+            with torch.no_grad():
+                result[kind] = profile_ms(step)
+        else:
+            result[kind] = profile_ms(step)
+    return result
+
+
+def _rank_main(rank, nproc, port, shape: BenchShape, configs, out_path, breakdown: bool):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(shape.threads)
     dist.init_process_group("gloo", rank=rank, world_size=nproc, timeout=timedelta(minutes=10))
@@ -227,6 +245,9 @@ def _rank_main(rank, nproc, port, shape: BenchShape, configs, out_path):
                 forward_s, train_s, kernel_s = _forward_and_train(call, local, shape, clock)
                 results["configs"][index].append(
                     _slowest((forward_s, train_s)) + [t[0] for t in _all_ranks((kernel_s,))])
+        # after the rounds, so first-call work (agreement, probes) is not in it
+        results["breakdown"] = [_breakdown(call, local) if breakdown else {}
+                                for call, local in prepared]
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(results, f)
@@ -246,19 +267,21 @@ def _median_timing(samples) -> Timing:
     return Timing(statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
 
 
-def run_benchmark(shape: BenchShape, nproc: int, configs: list[BenchConfig]) -> BenchResult:
-    """Measure the reference, the ceiling and every configuration on ``nproc`` ranks, in rounds."""
+def run_benchmark(shape: BenchShape, nproc: int, configs: list[BenchConfig],
+                  breakdown: bool = False) -> BenchResult:
+    """Measure the reference, the ceiling and every configuration on ``nproc`` ranks, in rounds;
+    with ``breakdown``, also profile one call of each kind per configuration (rank 0's)."""
     check_benchmark(shape, nproc, configs)
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "results.json")
-        mp.spawn(_rank_main, args=(nproc, free_port(), shape, configs, out_path),
+        mp.spawn(_rank_main, args=(nproc, free_port(), shape, configs, out_path, breakdown),
                  nprocs=nproc, join=True)
         with open(out_path) as f:
             raw = json.load(f)
     rows = []
-    for config, samples in zip(configs, raw["configs"]):
+    for config, samples, profiled in zip(configs, raw["configs"], raw["breakdown"]):
         kernel = [statistics.median(s[2 + r] for s in samples) * 1e3 for r in range(nproc)]
-        rows.append(BenchRow(config, _median_timing(samples), kernel))
+        rows.append(BenchRow(config, _median_timing(samples), kernel, profiled))
     ceiling = _median_timing(raw["ceiling"]) if raw["ceiling"] else None
     return BenchResult(_median_timing(raw["single"]), ceiling, rows)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.profiler import record_function
 
 from usp.attention.kernels import Kernel
 
@@ -55,6 +56,10 @@ class KernelClock:
         return timed
 
     def _run(self, fn, args):
+        with record_function("usp::kernel"):
+            return self._run_timed(fn, args)
+
+    def _run_timed(self, fn, args):
         if self.device.type == "cuda":
             start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()

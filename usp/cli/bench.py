@@ -8,7 +8,7 @@ from pathlib import Path
 
 from usp.bench import training
 from usp.bench.attention import BenchShape, configurations, run_benchmark
-from usp.cli.bench_tables import format_device_report, format_result
+from usp.cli.bench_tables import format_breakdown, format_device_report, format_result
 from usp.layout import LAYOUTS
 
 # CPU defaults are the peers' comparison shape; CUDA defaults Llama-3-8B's attention
@@ -48,6 +48,8 @@ def register(subparsers) -> None:
     attention.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     attention.add_argument("--iters", type=int, default=3, help="timed calls per measurement")
     attention.add_argument("--warmup", type=int, default=1, help="untimed calls before each")
+    attention.add_argument("--breakdown", action="store_true",
+                           help="cpu: where rank 0's time goes in one call, by usp's labels")
     attention.add_argument("--rounds", type=int, default=3,
                            help="cpu: rounds of reference, ceiling and every configuration; "
                            "each figure is the median over rounds")
@@ -96,8 +98,10 @@ def _run_attention(args) -> int:
         threads=args.threads, iters=args.iters, warmup=args.warmup, rounds=args.rounds,
     )
     configs = configurations(args.nproc, args.modes, args.layouts)
-    result = run_benchmark(shape, args.nproc, configs)
+    result = run_benchmark(shape, args.nproc, configs, args.breakdown)
     print(format_result(shape, args.nproc, result))
+    if args.breakdown:
+        print(format_breakdown(result))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from usp.bench.attention import BenchResult, BenchShape, Timing
+from usp.bench.breakdown import COLUMNS
 
 
 def _ratio(value: float) -> str:
@@ -49,6 +50,19 @@ def format_result(shape: BenchShape, nproc: int, result: BenchResult) -> str:
         )
     lines.append("eff = (single-process time / ranks) / time; ceil = ceiling time / time; "
                  "balance = max/mean kernel CPU time over ranks; ! = above 1 (noise: rerun idle)")
+    return "\n".join(lines)
+
+
+def format_breakdown(result: BenchResult) -> str:
+    """Rank 0's milliseconds per category in one call, each configuration, fwd and fwd+bwd."""
+    header = f"{'configuration':28} {'call':8} " + " ".join(f"{c:>9}" for c in COLUMNS)
+    lines = ["where rank 0's time goes (ms in one call, torch.profiler labels; profiling adds a "
+             "little)", header, "-" * len(header)]
+    for row in result.rows:
+        c = row.config
+        name = f"{c.mode} r{c.ring} u{c.ulysses} {'-' if c.mode == 'ulysses' else c.layout}"
+        for kind, spent in row.breakdown.items():
+            lines.append(f"{name:28} {kind:8} " + " ".join(f"{spent[col]:>9.1f}" for col in COLUMNS))
     return "\n".join(lines)
 
 

@@ -1,0 +1,47 @@
+"""Where one call's time goes: usp's profiler labels, summed over one call of each kind.
+
+The library marks its work with ``torch.profiler.record_function`` labels (``usp::...``): the
+local kernel (``usp::kernel``, added by :class:`usp.bench.kernel_clock.KernelClock`), the
+all-to-all's packing, exchange (including the wait for the slowest rank) and unpacking, the
+ring's posting of transfers, waits, K/V packing, merges, gradient accumulation and dtype casts,
+Ulysses' kv-head replication and the agreement before a call. Whatever no label covers (autograd,
+Python, allocation, the backward of a replication) is ``other``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from torch.profiler import ProfilerActivity, profile
+
+CATEGORIES = {
+    "usp::kernel": "kernel",
+    "usp::all_to_all.pack": "a2a pack",
+    "usp::all_to_all.exchange": "a2a",
+    "usp::all_to_all.unpack": "a2a unpack",
+    "usp::ring.post": "p2p post",
+    "usp::ring.wait": "p2p wait",
+    "usp::ring.pack": "kv pack",
+    "usp::ring.merge": "merge",
+    "usp::ring.accumulate": "grad acc",
+    "usp::ring.cast": "casts",
+    "usp::agree": "agree",
+}
+COLUMNS = list(dict.fromkeys(CATEGORIES.values())) + ["other", "total"]
+
+
+def profile_ms(step) -> dict[str, float]:
+    """Milliseconds of one ``step()`` by category (labels never nest, so they add up)."""
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        start = time.perf_counter()
+        step()
+        total = (time.perf_counter() - start) * 1e3
+    spent = defaultdict(float)
+    for event in profiler.events():
+        if event.name in CATEGORIES:
+            spent[CATEGORIES[event.name]] += event.cpu_time_total / 1e3
+    result = {column: spent.get(column, 0.0) for column in COLUMNS[:-2]}
+    result["other"] = total - sum(result.values())
+    result["total"] = total
+    return result
