@@ -2,10 +2,10 @@
 
 The library marks its work with ``torch.profiler.record_function`` labels (``usp::...``): the
 local kernel (``usp::kernel``, added by :class:`usp.bench.kernel_clock.KernelClock`), the
-all-to-all's packing, exchange (including the wait for the slowest rank) and unpacking, the
-ring's posting of transfers, waits, K/V packing, merges, gradient accumulation and dtype casts,
-Ulysses' kv-head replication and the agreement before a call. Whatever no label covers (autograd,
-Python, allocation, the backward of a replication) is ``other``.
+all-to-all's packing (Ulysses' kv-head replication included), exchange (including the wait for
+the slowest rank) and unpacking, the ring's posting of transfers, waits, K/V packing, merges,
+gradient accumulation and dtype casts, and the agreement before a call. Whatever no label covers
+(autograd, Python, allocation) is ``other``.
 """
 
 from __future__ import annotations
