@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,13 +17,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from usp import checkpoint
+from usp import run_dir
+from usp.attention.kernels import KERNELS
 from usp.layout import LAYOUTS, check_sequence_length
 from usp.models.llama import CONFIGS, Llama, get_config
 from usp.parallel import check_parallel_config, parallelize
+from usp.resume import ResumePlan, plan_resume
 from usp.topology import AXES, Topology
 
 SYNTHETIC_WINDOWS = 16  # synthetic data: this many windows per global-batch row, then repeat
+# Checkpoint every 50 steps and at the last: a crash loses at most 50 steps, and the README's
+# 30-step job still ends with one. 0 turns checkpoints off (benchmarks).
+DEFAULT_CHECKPOINT_EVERY = 50
 
 
 @dataclass
@@ -55,7 +58,7 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     synthetic: bool = False
     out: str = "runs/tiny"
-    ckpt_every: int = 0
+    ckpt_every: int = DEFAULT_CHECKPOINT_EVERY
     resume: str | None = None
     reference_metrics: str | None = None
     peak_tflops: float | None = None
@@ -65,60 +68,59 @@ class TrainConfig:
 
 
 def add_arguments(parser) -> None:
+    """The flags of ``usp train``. They carry no argparse defaults (the parser is built with
+    ``argument_default=SUPPRESS``): the namespace holds only what the user typed, so a resumed
+    run can take the rest from its config.json; :class:`TrainConfig` holds the defaults."""
+    d = TrainConfig()
     a = parser.add_argument
-    a("--nproc", type=int, default=1, help="ranks to launch on this machine (elastic launcher)")
-    a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="gloo on cpu, nccl on cuda")
-    a("--model", choices=sorted(CONFIGS), default="tiny")
-    a("--hf-config", default=None, metavar="PATH_OR_PRESET",
+    a("--nproc", type=int, help=f"ranks to launch on this machine (default {d.nproc})")
+    a("--device", choices=("auto", "cpu", "cuda"), help="gloo on cpu, nccl on cuda (default auto)")
+    a("--model", choices=sorted(CONFIGS), help=f"default {d.model}")
+    a("--hf-config", metavar="PATH_OR_PRESET",
       help="train a Hugging Face causal LM instead of --model: a config.json (or its directory) "
       "or a preset (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma); random init")
-    a("--seq-len", type=int, default=1024, help="global sequence length (tokens per sample)")
-    a("--global-batch", type=int, default=1, help="samples per step over all dp ranks")
-    a("--steps", type=int, default=20, help="total optimizer steps of the run")
-    a("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    a("--warmup", type=int, default=5, help="linear warm-up steps before the cosine decay")
-    a("--min-lr", type=float, default=3e-4, help="learning rate at the end of the cosine")
-    a("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (not norms)")
-    a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    a("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 params")
-    a("--seed", type=int, default=0, help="model init and data order")
-    a("--ring", type=int, default=1, help="ring-attention degree")
-    a("--ulysses", type=int, default=1, help="Ulysses degree")
-    a("--tp", type=int, default=1, help="tensor-parallel degree")
-    a("--dp", type=int, default=-1, help="data-parallel degree (-1: the rest of the world)")
-    a("--layout", choices=LAYOUTS, default="zigzag", help="token layout over the sequence ranks")
-    a("--kernel", default="auto", help="local attention kernel (see usp bench attention)")
-    a("--ac", choices=("none", "full", "selective"), default="none",
-      help="activation checkpointing")
+    a("--seq-len", type=int, help=f"global sequence length, tokens per sample (default {d.seq_len})")
+    a("--global-batch", type=int, help=f"samples per step over all dp ranks (default {d.global_batch})")
+    a("--steps", type=int, help=f"total optimizer steps of the run (default {d.steps})")
+    a("--lr", type=float, help=f"peak learning rate of AdamW (default {d.lr})")
+    a("--warmup", type=int, help=f"linear warm-up steps before the cosine (default {d.warmup})")
+    a("--min-lr", type=float, help=f"learning rate at the end of the cosine (default {d.min_lr})")
+    a("--weight-decay", type=float, help=f"AdamW decay of matrices (default {d.weight_decay})")
+    a("--grad-clip", type=float, help=f"max global gradient norm, 0: off (default {d.grad_clip})")
+    a("--dtype", choices=("fp32", "bf16"), help="bf16 = autocast, fp32 params (default fp32)")
+    a("--seed", type=int, help=f"model init and data order (default {d.seed})")
+    a("--ring", type=int, help="ring-attention degree (default 1)")
+    a("--ulysses", type=int, help="Ulysses degree (default 1)")
+    a("--tp", type=int, help="tensor-parallel degree (default 1)")
+    a("--dp", type=int, help="data-parallel degree (default -1: the rest of the world)")
+    a("--layout", choices=LAYOUTS, help=f"token layout over the sequence ranks (default {d.layout})")
+    a("--kernel", help="local attention kernel: auto or a name of usp.attention.kernels.KERNELS")
+    a("--ac", choices=("none", "full", "selective"), help="activation checkpointing (default none)")
     a("--zero2", action="store_true", help="keep gathered params after forward (FSDP ZeRO-2)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data", nargs="+", default=[], metavar="PATH",
+    source.add_argument("--data", nargs="+", metavar="PATH",
                         help="text files to train on (default: the Python stdlib's source)")
     source.add_argument("--synthetic", action="store_true", help="random tokens (throughput runs)")
-    a("--out", default=None,
-      help="run directory (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ-RUNID, new each run)")
-    a("--ckpt-every", type=int, default=0,
-      help="checkpoint every N steps and at the end (0: never)")
-    a("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-      help="continue from OUT's latest checkpoint, or from the step_* directory CKPT")
-    a("--reference-metrics", default=None, metavar="JSONL", help="another run's curve for the plot")
-    a("--peak-tflops", type=float, default=None,
-      help="per-device peak for MFU (default: a known GPU's datasheet value, else measured)")
+    a("--out", help="run directory (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ-TIME, new each run)")
+    a("--ckpt-every", type=int,
+      help=f"checkpoint every N steps and at the last (default {DEFAULT_CHECKPOINT_EVERY}; 0: never)")
+    a("--resume", nargs="?", const="latest", metavar="RUN_DIR|CKPT",
+      help="continue a run: its directory (settings come from its config.json, flags given again "
+      "override them), one of its checkpoints, or with no value the newest run of this "
+      "configuration under runs/ (or --out's)")
+    a("--reference-metrics", metavar="JSONL", help="another run's curve for the plot")
+    a("--peak-tflops", type=float,
+      help="per-device peak for MFU (default: a known GPU's datasheet value; none on CPU)")
     a("--no-progress", dest="progress", action="store_false",
       help="no progress bar, no per-step lines")
 
 
 def config_from_args(args) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if values["out"] is None:
-        # a fresh directory per run, so the same command can run twice; every rank of one job
-        # agrees on it (torchrun's run id, or the launching process's clock)
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
-        name = Path(args.hf_config).stem if args.hf_config else args.model
-        values["out"] = (
-            f"runs/{name}-r{args.ring}-u{args.ulysses}-t{args.tp}-s{args.seq_len}-{run_id}"
-        )
-    return TrainConfig(**values)
+    """The run's settings: the flags given, over the resumed run's config.json or the defaults."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    defaults = dataclasses.asdict(TrainConfig(out=None))
+    return TrainConfig(**run_dir.resolve_settings(given, defaults))
 
 
 # ---------------------------------------------------------------------------- validation
@@ -129,6 +131,10 @@ def validate(config: TrainConfig, world_size: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(config, name)} must be >= 1")
     if config.warmup < 0 or config.ckpt_every < 0 or config.grad_clip < 0:
         raise ValueError("--warmup, --ckpt-every and --grad-clip must be >= 0")
+    if config.kernel != "auto" and config.kernel not in KERNELS:
+        raise ValueError(
+            f"--kernel {config.kernel!r} is unknown; choose 'auto' or one of {sorted(KERNELS)}"
+        )
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu")
     if not 0 <= config.min_lr <= config.lr:
@@ -176,37 +182,11 @@ def validate(config: TrainConfig, world_size: int) -> None:
 
 
 def _validate_output(config: TrainConfig, world_size: int) -> None:
-    out = Path(config.out)
+    run_dir.check_writable(Path(config.out))
     if config.resume is None:
-        previous = [p.name for p in (out / "metrics.jsonl", out / "checkpoints") if p.exists()]
-        if previous:
-            raise ValueError(
-                f"--out {out} holds a previous run ({', '.join(previous)}); pass --resume to "
-                "continue it or choose another --out (nothing was overwritten)"
-            )
-        return
-    path = resume_path(config)
-    saved = checkpoint.read_metadata(path)
-    checkpoint.check_compatible(path, saved, run_metadata(config, world_size))
-    later = checkpoint.steps_saved(out / "checkpoints", after=saved["step"])
-    if later:
-        raise ValueError(
-            f"--out {out} already holds checkpoints of steps {later}, beyond step {saved['step']} "
-            f"of {path}; resume into another --out so they are not overwritten"
-        )
-
-
-def resume_path(config: TrainConfig) -> Path:
-    """The checkpoint ``--resume`` names: OUT's latest, or an explicit step_* directory."""
-    if config.resume != "latest":
-        return Path(config.resume)
-    path = checkpoint.latest_checkpoint(Path(config.out) / "checkpoints")
-    if path is None:
-        raise ValueError(
-            f"--resume: {Path(config.out) / 'checkpoints'} has no checkpoint; train without "
-            "--resume or pass the step_* directory to resume from"
-        )
-    return path
+        run_dir.check_fresh(Path(config.out))
+    else:
+        plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
 
 
 def run_metadata(config: TrainConfig, world_size: int) -> dict:
@@ -228,6 +208,11 @@ def run_metadata(config: TrainConfig, world_size: int) -> dict:
             "global_batch": config.global_batch,
             "data": data,
             "seed": config.seed,
+            "steps": config.steps,
+            "lr": config.lr,
+            "min_lr": config.min_lr,
+            "warmup": config.warmup,
+            "weight_decay": config.weight_decay,
             "world_size": world_size,
             "degrees": {"ring": config.ring, "ulysses": config.ulysses, "tp": config.tp},
             "layout": config.layout,
@@ -256,7 +241,7 @@ class Run:
     batcher: object
     metadata: dict
     flops_per_token: float
-    resume_path: Path | None
+    resume_plan: ResumePlan | None
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip to a global norm over every rank's shards; returns the norm before clipping."""
@@ -325,5 +310,8 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
     return Run(
         device=device, topology=topology, model=model, optimizer=optimizer, scheduler=scheduler,
         batcher=batcher, metadata=run_metadata(config, world_size), flops_per_token=flops_per_token,
-        resume_path=resume_path(config) if config.resume else None,
+        resume_plan=(
+            plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
+            if config.resume else None
+        ),
     )
