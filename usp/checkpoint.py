@@ -171,11 +171,14 @@ def save_checkpoint(
             shutil.rmtree(tmp)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    with _single_process_quiet():
-        dcp.save(
-            {"model": model_state, "optim": optim_state},
-            checkpoint_id=tmp, no_dist=not _distributed(),
-        )
+    try:
+        with _single_process_quiet():
+            dcp.save(
+                {"model": model_state, "optim": optim_state},
+                checkpoint_id=tmp, no_dist=not _distributed(),
+            )
+    except dcp.CheckpointException as exc:  # a BaseException: make it an error that reports
+        raise OSError(f"saving checkpoint {final} failed: {_causes(exc)}") from exc
     torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
     if _rank() == 0:
         torch.save(trainer_state, tmp / TRAINER)
@@ -233,7 +236,12 @@ def load_checkpoint(
         trainer_state = torch.load(path / TRAINER, weights_only=True)
     # DCP raises several types for torn or foreign files; CheckpointException is a BaseException
     except (Exception, dcp.CheckpointException) as exc:
-        raise ValueError(f"checkpoint {path} is unreadable: {type(exc).__name__}: {exc}") from exc
+        causes = exc.failures.values() if isinstance(exc, dcp.CheckpointException) else [(exc,)]
+        unsafe = [c[0] for c in causes if isinstance(c[0], integrity.UnsafeCheckpointError)]
+        if unsafe:
+            raise ValueError(f"checkpoint {path} was refused, nothing was loaded: {unsafe[0]}") \
+                from exc
+        raise ValueError(f"checkpoint {path} is unreadable: {_causes(exc)}") from exc
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
@@ -241,6 +249,14 @@ def load_checkpoint(
     if _rank() == 0:
         logger.info("resumed from %s at step %d", path, trainer_state["step"])
     return trainer_state
+
+
+def _causes(exc: BaseException) -> str:
+    """The exceptions behind a DCP failure (each rank's), without its traceback dump."""
+    if isinstance(exc, dcp.CheckpointException):
+        causes = {f"{type(e).__name__}: {e}" for e, _ in exc.failures.values()}
+        return "; ".join(sorted(causes))
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _rng_state() -> dict:

@@ -68,7 +68,9 @@ def launch_elastic(config: TrainConfig, run_dir_locked: bool = False) -> list[di
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     _register_loopback_rendezvous()
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    if _log_level() > logging.DEBUG:  # describe_failure says it in a line per rank; -v: all
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        logging.getLogger("torch.multiprocessing").setLevel(logging.ERROR)
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -178,6 +180,7 @@ def describe_failure(exc, out: Path) -> str:
             message = message.get("message", "") if isinstance(message, dict) else message
             what = (message.strip().splitlines() or [f"exit code {failure.exitcode}"])[-1]
         lines.append(f"rank {local_rank}: {what}")
+    lines.append("(usp -v train ... prints each failed rank's traceback)")
     return "\n".join(lines + [resume_hint(out)])
 
 

@@ -69,7 +69,6 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = Path(config.out)
     if rank == 0:
-        run_dir.write_settings(out, _settings_on_record(config))
         logger.info("building %s and loading its data", config.hf_config or config.model)
     run = build_run(config, device, world_size)
     metrics_path = out / "metrics.jsonl"
@@ -86,6 +85,8 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
             start_step = state["step"]
         if rank == 0:
             _truncate_metrics(metrics_path, start_step)
+    if rank == 0:  # what a later --resume reads back (after the resume itself succeeded)
+        run_dir.write_settings(out, _settings_on_record(config))
     peak = metrics.peak_tflops(device, config.dtype, config.peak_tflops)
     log = metrics.MetricsLog(metrics_path, config.steps, start_step, rank == 0, config.progress)
     if rank == 0 and start_step < config.steps:
