@@ -293,7 +293,7 @@ def test_a_local_run_listens_on_loopback_only(chain):
     launchers = [pid for pid in chain["launchers"] if pid in sockets]
     assert launchers, f"no launcher was seen listening: {sockets}"
     assert len(sockets) >= 3, f"expected the launcher's stores and the ranks' sockets: {sockets}"
-    wide = {pid: [a for a in addresses if not _is_loopback(a)] for pid, addresses in sockets.items()}
+    wide = {pid: [a for a in found if not _is_loopback(a)] for pid, found in sockets.items()}
     assert not any(wide.values()), f"listening beyond 127.0.0.1 (hex address:port): {wide}"
 
 

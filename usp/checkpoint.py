@@ -17,7 +17,8 @@ atomic on POSIX) and then points ``ROOT/latest`` at it by writing a temporary fi
 ``os.replace``-ing it. A ``step_*`` directory is therefore complete by construction; ``latest`` is
 a convenience for people and is only consulted for a warning. A stale ``.tmp`` directory is only
 ever a partial save and is cleared by the next save of that step. A complete checkpoint is never
-overwritten or deleted; one found corrupt when resuming is renamed ``step_000005.corrupt`` (``usp.resume``).
+overwritten or deleted; one found corrupt when resuming is renamed ``step_000005.corrupt``
+(``usp.resume``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Training metrics: memory, MFU against a stated peak, the JSONL log with a progress bar on rank 0, and the loss plot.
+"""Training metrics: memory, MFU against a stated peak, the JSONL log with a progress bar on rank
+0, and the loss plot.
 
 Memory is per rank. On CUDA it is the caching allocator's ``max_memory_allocated``. On CPU it is
 the process's resident set: ``VmRSS`` and its high-water mark ``VmHWM`` from ``/proc/self/status``,

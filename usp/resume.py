@@ -70,7 +70,9 @@ def _explicit(out: Path, path: Path, current: dict) -> ResumePlan:
     saved = checkpoint.read_metadata(path)
     problems = integrity.check_listing(path)
     if problems:
-        raise ValueError(f"checkpoint {path} is corrupt, nothing was loaded: " + "; ".join(problems))
+        raise ValueError(
+            f"checkpoint {path} is corrupt, nothing was loaded: " + "; ".join(problems)
+        )
     checkpoint.check_compatible(path, saved, current)
     later = checkpoint.steps_saved(out / "checkpoints", after=saved["step"])
     if later:

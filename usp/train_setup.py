@@ -79,8 +79,8 @@ def add_arguments(parser) -> None:
     a("--hf-config", metavar="PATH_OR_PRESET",
       help="train a Hugging Face causal LM instead of --model: a config.json (or its directory) "
       "or a preset (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma); random init")
-    a("--seq-len", type=int, help=f"global sequence length, tokens per sample (default {d.seq_len})")
-    a("--global-batch", type=int, help=f"samples per step over all dp ranks (default {d.global_batch})")
+    a("--seq-len", type=int, help=f"global tokens per sample (default {d.seq_len})")
+    a("--global-batch", type=int, help=f"samples per step, all dp ranks (default {d.global_batch})")
     a("--steps", type=int, help=f"total optimizer steps of the run (default {d.steps})")
     a("--lr", type=float, help=f"peak learning rate of AdamW (default {d.lr})")
     a("--warmup", type=int, help=f"linear warm-up steps before the cosine (default {d.warmup})")
@@ -93,7 +93,7 @@ def add_arguments(parser) -> None:
     a("--ulysses", type=int, help="Ulysses degree (default 1)")
     a("--tp", type=int, help="tensor-parallel degree (default 1)")
     a("--dp", type=int, help="data-parallel degree (default -1: the rest of the world)")
-    a("--layout", choices=LAYOUTS, help=f"token layout over the sequence ranks (default {d.layout})")
+    a("--layout", choices=LAYOUTS, help=f"token layout over sequence ranks (default {d.layout})")
     a("--kernel", help="local attention kernel: auto or a name of usp.attention.kernels.KERNELS")
     a("--ac", choices=("none", "full", "selective"), help="activation checkpointing (default none)")
     a("--zero2", action="store_true", help="keep gathered params after forward (FSDP ZeRO-2)")
@@ -103,7 +103,8 @@ def add_arguments(parser) -> None:
     source.add_argument("--synthetic", action="store_true", help="random tokens (throughput runs)")
     a("--out", help="run directory (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ-TIME, new each run)")
     a("--ckpt-every", type=int,
-      help=f"checkpoint every N steps and at the last (default {DEFAULT_CHECKPOINT_EVERY}; 0: never)")
+      help=f"checkpoint every N steps and at the last (default {DEFAULT_CHECKPOINT_EVERY}; "
+      "0: never)")
     a("--resume", nargs="?", const="latest", metavar="RUN_DIR|CKPT",
       help="continue a run: its directory (settings come from its config.json, flags given again "
       "override them), one of its checkpoints, or with no value the newest run of this "
