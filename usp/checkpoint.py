@@ -229,11 +229,12 @@ def load_checkpoint(
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     try:
+        reader = integrity.SafeFileSystemReader(path)
+        # read the index once here: DCP would catch a refusal and try other files, blurring it
+        reader.read_metadata()
         with _single_process_quiet():
-            dcp.load(
-                state, storage_reader=integrity.SafeFileSystemReader(path),
-                planner=integrity.SafeLoadPlanner(), no_dist=not _distributed(),
-            )
+            dcp.load(state, storage_reader=reader, planner=integrity.SafeLoadPlanner(),
+                     no_dist=not _distributed())
         trainer_state = torch.load(path / TRAINER, weights_only=True)
     # DCP raises several types for torn or foreign files; CheckpointException is a BaseException
     except (Exception, dcp.CheckpointException) as exc:
