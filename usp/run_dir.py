@@ -25,6 +25,8 @@ LOCK = ".lock"
 RUNS = Path("runs")
 # Settings that say where a run is, not what it trains: never taken from a saved config.json.
 NOT_INHERITED = ("out", "resume")
+# A flag given on resume replaces the saved setting that excludes it (then validation compares).
+REPLACES = {"data": ("synthetic", False), "synthetic": ("data", []), "model": ("hf_config", None)}
 
 
 def run_prefix(model: str, hf_config: str | None, ring: int, ulysses: int, tp: int,
@@ -80,6 +82,9 @@ def resolve_settings(given: dict, defaults: dict) -> dict:
     run, out = _resume_target(resume, given, defaults)
     saved = {k: v for k, v in read_settings(run).items() if k in defaults} if run else {}
     saved = {k: v for k, v in saved.items() if k not in NOT_INHERITED}
+    for flag, (other, cleared) in REPLACES.items():
+        if flag in given and other not in given:
+            saved[other] = cleared
     return {**defaults, **saved, **given, "out": str(out),
             "resume": "latest" if resume == "latest" or out == Path(resume) else resume}
 

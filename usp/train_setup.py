@@ -1,4 +1,4 @@
-"""The training run's configuration: its flags, their validation, and the objects built from them.
+"""The training run's settings: their validation, and the objects built from them.
 
 :func:`validate` is pure (it reads files, never writes or communicates), so the launcher runs it
 before starting any rank and every rank runs it again: bad input fails the same way everywhere.
@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from usp import run_dir
 from usp.attention.kernels import KERNELS
-from usp.layout import LAYOUTS, check_sequence_length
-from usp.models.llama import CONFIGS, Llama, get_config
+from usp.layout import check_sequence_length
+from usp.models.llama import Llama, get_config
 from usp.parallel import check_parallel_config, parallelize
 from usp.resume import ResumePlan, plan_resume
 from usp.topology import AXES, Topology
@@ -65,63 +65,6 @@ class TrainConfig:
     device: str = "auto"
     nproc: int = 1
     progress: bool = True
-
-
-def add_arguments(parser) -> None:
-    """The flags of ``usp train``. They carry no argparse defaults (the parser is built with
-    ``argument_default=SUPPRESS``): the namespace holds only what the user typed, so a resumed
-    run can take the rest from its config.json; :class:`TrainConfig` holds the defaults."""
-    d = TrainConfig()
-    a = parser.add_argument
-    a("--nproc", type=int, help=f"ranks to launch on this machine (default {d.nproc})")
-    a("--device", choices=("auto", "cpu", "cuda"), help="gloo on cpu, nccl on cuda (default auto)")
-    a("--model", choices=sorted(CONFIGS), help=f"default {d.model}")
-    a("--hf-config", metavar="PATH_OR_PRESET",
-      help="train a Hugging Face causal LM instead of --model: a config.json (or its directory) "
-      "or a preset (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma); random init")
-    a("--seq-len", type=int, help=f"global tokens per sample (default {d.seq_len})")
-    a("--global-batch", type=int, help=f"samples per step, all dp ranks (default {d.global_batch})")
-    a("--steps", type=int, help=f"total optimizer steps of the run (default {d.steps})")
-    a("--lr", type=float, help=f"peak learning rate of AdamW (default {d.lr})")
-    a("--warmup", type=int, help=f"linear warm-up steps before the cosine (default {d.warmup})")
-    a("--min-lr", type=float, help=f"learning rate at the end of the cosine (default {d.min_lr})")
-    a("--weight-decay", type=float, help=f"AdamW decay of matrices (default {d.weight_decay})")
-    a("--grad-clip", type=float, help=f"max global gradient norm, 0: off (default {d.grad_clip})")
-    a("--dtype", choices=("fp32", "bf16"), help="bf16 = autocast, fp32 params (default fp32)")
-    a("--seed", type=int, help=f"model init and data order (default {d.seed})")
-    a("--ring", type=int, help="ring-attention degree (default 1)")
-    a("--ulysses", type=int, help="Ulysses degree (default 1)")
-    a("--tp", type=int, help="tensor-parallel degree (default 1)")
-    a("--dp", type=int, help="data-parallel degree (default -1: the rest of the world)")
-    a("--layout", choices=LAYOUTS, help=f"token layout over sequence ranks (default {d.layout})")
-    a("--kernel", help="local attention kernel: auto or a name of usp.attention.kernels.KERNELS")
-    a("--ac", choices=("none", "full", "selective"), help="activation checkpointing (default none)")
-    a("--zero2", action="store_true", help="keep gathered params after forward (FSDP ZeRO-2)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data", nargs="+", metavar="PATH",
-                        help="text files to train on (default: the Python stdlib's source)")
-    source.add_argument("--synthetic", action="store_true", help="random tokens (throughput runs)")
-    a("--out", help="run directory (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ-TIME, new each run)")
-    a("--ckpt-every", type=int,
-      help=f"checkpoint every N steps and at the last (default {DEFAULT_CHECKPOINT_EVERY}; "
-      "0: never)")
-    a("--resume", nargs="?", const="latest", metavar="RUN_DIR|CKPT",
-      help="continue a run: its directory (settings come from its config.json, flags given again "
-      "override them), one of its checkpoints, or with no value the newest run of this "
-      "configuration under runs/ (or --out's)")
-    a("--reference-metrics", metavar="JSONL", help="another run's curve for the plot")
-    a("--peak-tflops", type=float,
-      help="per-device peak for MFU (default: a known GPU's datasheet value; none on CPU)")
-    a("--no-progress", dest="progress", action="store_false",
-      help="no progress bar, no per-step lines")
-
-
-def config_from_args(args) -> TrainConfig:
-    """The run's settings: the flags given, over the resumed run's config.json or the defaults."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    defaults = dataclasses.asdict(TrainConfig(out=None))
-    return TrainConfig(**run_dir.resolve_settings(given, defaults))
 
 
 # ---------------------------------------------------------------------------- validation
