@@ -231,9 +231,12 @@ def chain(tmp_path_factory):
     stages = {
         "pair": lambda: _pair(root, root / "straight"),
         "killed": lambda: {**_run(root, [*RUN_FLAGS, "--out", str(faulty)],
-                                  "kill-rank-1-in-step-5"), "latest": _latest(faulty)},
+                                  "kill-rank-1-in-step-5"),
+                           "latest": _latest(faulty),
+                           "step3": _verify(faulty / "checkpoints/step_000003")},
         "sigterm": lambda: {**_run(root, ["--resume", str(faulty)], "sigterm-while-saving-6"),
                             "latest": _latest(faulty),
+                            "step3": _verify(faulty / "checkpoints/step_000003"),
                             "tmp": (faulty / "checkpoints/step_000006.tmp").is_dir()},
         "disk_full": full_disk,
         "corrupt_resume": corrupt_then_resume,
@@ -312,14 +315,14 @@ def test_a_killed_rank_ends_the_run_with_a_message_and_checkpoint_3_intact(chain
     assert killed["rc"] == 1 and killed["seconds"] < FAIL_WITHIN_S, killed["err"][-2000:]
     assert "rank 1: killed by SIGKILL" in killed["err"]
     assert "the last complete checkpoint is" in killed["err"] and "step 3" in killed["err"]
-    assert killed["latest"] == "step_000003"
+    assert killed["latest"] == "step_000003" and killed["step3"] == [], killed["step3"]
 
 
 def test_sigterm_during_a_save_publishes_nothing(chain):
     stopped = _stage(chain, "sigterm")
     assert stopped["rc"] == 128 + 15 and stopped["seconds"] < FAIL_WITHIN_S, stopped["err"][-2000:]
     assert "stopped by SIGTERM" in stopped["err"] and "step 3" in stopped["err"]
-    assert stopped["latest"] == "step_000003"
+    assert stopped["latest"] == "step_000003" and stopped["step3"] == [], stopped["step3"]
     assert stopped["tmp"], "the interrupted save should have left step_000006.tmp"
 
 

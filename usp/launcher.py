@@ -68,9 +68,6 @@ def launch_elastic(config: TrainConfig, run_dir_locked: bool = False) -> list[di
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     _register_loopback_rendezvous()
-    if _log_level() > logging.DEBUG:  # describe_failure says it in a line per rank; -v: all
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-        logging.getLogger("torch.multiprocessing").setLevel(logging.ERROR)
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -82,7 +79,18 @@ def launch_elastic(config: TrainConfig, run_dir_locked: bool = False) -> list[di
         max_restarts=0,
         start_method="spawn",
     )
-    results = elastic_launch(launch_config, _worker)(config, run_dir_locked, _log_level(), True)
+    # torch's launcher logs a failed rank's whole traceback; describe_failure says it in a line
+    # per rank (with -v, the root logger at DEBUG, torch's report stays)
+    quiet = {"torch.distributed.elastic": logging.CRITICAL, "torch.multiprocessing": logging.ERROR}
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    if _log_level() > logging.DEBUG:
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+    try:
+        results = elastic_launch(launch_config, _worker)(config, run_dir_locked, _log_level(), True)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     return _result(*[results[rank] for rank in sorted(results)])
 
 

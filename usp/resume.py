@@ -112,9 +112,10 @@ def _pointer_notes(root: Path, steps: list[int]) -> list[str]:
         return [f"checkpoint pointer {pointer} is unreadable ({exc}); {fallback}"]
     if name == newest:
         return []
-    if not name.startswith("step_") or not (root / name).is_dir():
-        return [f"checkpoint pointer {pointer} holds {name[:40]!r}, not a checkpoint of this "
-                f"run; {fallback}"]
+    complete = name.startswith("step_") and name[len("step_"):].isdigit() and (root / name).is_dir()
+    if not complete:
+        return [f"checkpoint pointer {pointer} holds {name[:40]!r}, not a complete checkpoint of "
+                f"this run; {fallback}"]
     return [f"checkpoint pointer {pointer} names {name}, but {newest} is newer and complete; "
             f"{fallback}"]
 
