@@ -8,17 +8,22 @@ The multi-rank training loop itself is exercised in one spawned world by ``test_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
+import json
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import usp.train
 from usp import cli, metrics
+from usp.cli.train import summarize
 from usp.models.llama import Llama, get_config
 from usp.train import train
 from usp.train_setup import TrainConfig, lr_at_step
@@ -108,7 +113,8 @@ BAD_INPUT = {
         ["--data", "/nonexistent/corpus.txt"],
         "data path '/nonexistent/corpus.txt' does not exist",
     ),
-    "resume without a checkpoint": (["--resume"], "has no checkpoint"),
+    "resume without a run": (["--resume"], "is not a run directory"),
+    "unknown kernel": (["--kernel", "nope"], "--kernel 'nope' is unknown; choose 'auto' or one of"),
 }
 
 
@@ -131,6 +137,113 @@ def test_a_previous_run_is_never_overwritten(tmp_path, capsys):
     assert rc == 2
     assert "holds a previous run" in capsys.readouterr().err
     assert _snapshot(out) == before
+
+
+def test_an_out_under_a_file_is_refused_before_any_rank_starts(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    started = time.monotonic()
+    rc = cli.main(["train", "--nproc", "2", "--ring", "2", "--seq-len", "64", "--steps", "2",
+                   "--synthetic", "--out", str(blocker / "run")])
+    assert rc == 2
+    message = f"--out {blocker / 'run'} cannot be created: {blocker} is a file"
+    assert message in capsys.readouterr().err
+    assert time.monotonic() - started < 5, "found only after the ranks started"
+
+
+def test_a_read_only_out_is_refused_before_any_rank_starts(tmp_path, capsys):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        rc = cli.main(["train", "--nproc", "2", "--ring", "2", "--seq-len", "64", "--steps", "2",
+                       "--synthetic", "--out", str(read_only / "run")])
+    finally:
+        subprocess.run(["umount", str(read_only)], capture_output=True)
+    assert rc == 2
+    assert f"--out {read_only / 'run'} is not writable" in capsys.readouterr().err
+
+
+FLAGS = ["--seq-len", "64", "--synthetic", "--no-progress"]
+
+
+class SimulatedCrash(RuntimeError):
+    """Stands for a kill of an in-process run."""
+
+
+def _crash_in_step(monkeypatch, crash_step: int) -> None:
+    original = usp.train.train_step
+
+    def crashing(run, config, step):
+        if step == crash_step:
+            raise SimulatedCrash(f"killed in step {step}")
+        return original(run, config, step)
+
+    monkeypatch.setattr(usp.train, "train_step", crashing)
+
+
+def _losses(path: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in metrics.read_metrics(path / "metrics.jsonl")]
+
+
+def test_the_default_run_writes_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", *FLAGS, "--steps", "3"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("tiny-r1-u1-t1-s64-")
+    assert (run / "checkpoints/latest").read_text().strip() == "step_000003"
+
+
+def test_plain_resume_finds_the_timestamped_run_and_reads_its_settings(tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.chdir(tmp_path)
+    settings = ["--steps", "6", "--ckpt-every", "2", "--lr", "1e-3"]
+    assert cli.main(["train", *FLAGS, *settings, "--out", "straight"]) == 0
+    with monkeypatch.context() as patch:
+        _crash_in_step(patch, 5)
+        with pytest.raises(SimulatedCrash):
+            cli.main(["train", *FLAGS, *settings])
+    # no --out, no --steps, --lr or --ckpt-every: the newest run of "tiny, s64" and its settings
+    assert cli.main(["train", "--resume", "--seq-len", "64"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert _losses(run) == _losses(tmp_path / "straight"), "not the same run, step for step"
+    assert json.loads((run / "config.json").read_text())["lr"] == 1e-3
+    # a flag that would change the schedule is refused, naming both values
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--steps", "8"]) == 2
+    assert "steps=6 in the checkpoint but 8 now" in capsys.readouterr().err
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_restarts(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as patch:
+        _crash_in_step(patch, 2)
+        with pytest.raises(SimulatedCrash):
+            cli.main(["train", *FLAGS, "--steps", "3", "--out", "early"])
+    assert cli.main(["train", *FLAGS, "--steps", "3", "--out", "early"]) == 2
+    assert "pass --resume early to continue it" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", "early"]) == 0
+    assert [step for step, _ in _losses(tmp_path / "early")] == [1, 2, 3]
+    assert (tmp_path / "early/checkpoints/latest").read_text().strip() == "step_000003"
+
+
+def test_mfu_only_against_a_stated_peak_and_never_above_100_percent(tmp_path, caplog):
+    config = TrainConfig(model="tiny", seq_len=64, steps=2, synthetic=True, ckpt_every=0,
+                         out=str(tmp_path / "no-peak"), progress=False)
+    records = train(config)
+    assert not any("mfu" in r or "mfu_above_peak" in r for r in records), "a CPU has no peak"
+    assert "MFU" not in summarize(records, config)
+    assert "MFU" not in metrics.format_record(records[0])
+    config = dataclasses.replace(config, out=str(tmp_path / "low-peak"), peak_tflops=1e-9)
+    with caplog.at_level("WARNING"):
+        records = train(config)
+    assert all("mfu" not in r and r["mfu_above_peak"] > 1 for r in records)
+    assert "of the stated peak of 1e-09 TFLOP/s per device, which is impossible" in caplog.text
+    assert "MFU not reported" in summarize(records, config)
+    assert "MFU invalid" in metrics.format_record(records[0])
 
 
 def test_cpu_peak_memory_sees_a_step_allocation_and_resets():

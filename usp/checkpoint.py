@@ -7,13 +7,18 @@ A checkpoint is a directory ``ROOT/step_000005`` holding
   layout (ring 2 x ulysses 2, FSDP over 4) loads under another (ulysses 4, or one process);
 - ``trainer.pt``: step, scheduler and data-batcher state (identical on every rank, written once);
 - ``rng_rank00000.pt`` ...: each rank's RNG states;
-- ``meta.json``: model config, run shape and topology, checked before anything is loaded.
+- ``meta.json``: model config, run shape and topology, checked before anything is loaded;
+- ``manifest.json``: size and SHA-256 of every other file (``usp.integrity``), verified before
+  anything is loaded; everything is read through loaders that cannot run code.
 
-Atomicity: every rank writes into ``step_000005.tmp``; after a barrier rank 0 renames it to
-``step_000005`` (``rename`` is atomic on POSIX) and then points ``ROOT/latest`` at it by writing a
-temporary file and ``os.replace``-ing it. A crash at any moment leaves ``latest`` naming the last
-complete checkpoint; a stale ``.tmp`` directory is only ever a partial save and is cleared by the
-next save of that step. A complete checkpoint is never overwritten or deleted.
+Atomicity: every rank writes into ``step_000005.tmp``; after a barrier the ranks hash their share
+of the files, rank 0 writes the manifest, renames the directory to ``step_000005`` (``rename`` is
+atomic on POSIX) and then points ``ROOT/latest`` at it by writing a temporary file and
+``os.replace``-ing it. A ``step_*`` directory is therefore complete by construction; ``latest`` is
+a convenience for people and is only consulted for a warning. A stale ``.tmp`` directory is only
+ever a partial save and is cleared by the next save of that step. A complete checkpoint is never
+overwritten or deleted; one found corrupt when resuming is renamed ``step_000005.corrupt``
+(``usp.resume``).
 """
 
 from __future__ import annotations
@@ -31,14 +36,20 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from usp import integrity
+
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json with SHA-256 of every file
 LATEST = "latest"
 META = "meta.json"
 TRAINER = "trainer.pt"
-# Fields of meta.json's "run" that must match on resume for training to continue exactly.
-RUN_FIELDS_THAT_MUST_MATCH = ("seq_len", "global_batch", "data", "seed")
+# Fields of meta.json's "run" that must match on resume for training to continue exactly. The
+# schedule's fields are among them: the LR of every step is a function of (step, steps, lr,
+# min_lr, warmup), and AdamW's param_groups (lr, weight_decay) come back from the checkpoint.
+RUN_FIELDS_THAT_MUST_MATCH = (
+    "seq_len", "global_batch", "data", "seed", "steps", "lr", "min_lr", "warmup", "weight_decay",
+)
 
 
 def _distributed() -> bool:
@@ -66,33 +77,27 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _all_gather(value) -> list:
+    if not _distributed():
+        return [value]
+    gathered = [None] * _world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step_{step:06d}"
 
 
 def steps_saved(root: Path, after: int = -1) -> list[int]:
-    """Steps of the complete checkpoints under ``root`` later than ``after`` (``.tmp`` excluded)."""
+    """Steps of the complete checkpoints under ``root`` later than ``after`` (``.tmp`` and
+    ``.corrupt`` excluded: only a finished save is renamed to ``step_NNNNNN``)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    suffixes = [p.name[len("step_"):] for p in root.glob("step_*")]
+    suffixes = [p.name[len("step_"):] for p in root.glob("step_*") if p.is_dir()]
     steps = [int(suffix) for suffix in suffixes if suffix.isdigit()]
     return sorted(s for s in steps if s > after)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint ``ROOT/latest`` names, or None when there is no pointer."""
-    pointer = Path(root) / LATEST
-    if not pointer.exists():
-        return None
-    name = pointer.read_text().strip()
-    path = Path(root) / name
-    if not path.is_dir():
-        raise ValueError(
-            f"checkpoint pointer {pointer} names {name!r}, which is not a directory; the "
-            "checkpoint is unreadable: pass --resume with an existing step_* directory"
-        )
-    return path
 
 
 def read_metadata(path: Path) -> dict:
@@ -100,7 +105,7 @@ def read_metadata(path: Path) -> dict:
     meta_path = Path(path) / META
     try:
         metadata = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(
             f"checkpoint {path} is unreadable ({meta_path}: {exc}); pass --resume with a "
             f"complete checkpoint directory (one with {META}, {TRAINER} and .distcp files)"
@@ -114,7 +119,7 @@ def read_metadata(path: Path) -> dict:
     if metadata["format"] != FORMAT_VERSION:
         raise ValueError(
             f"checkpoint {path} has format {metadata['format']!r}, this usp reads "
-            f"format {FORMAT_VERSION}"
+            f"format {FORMAT_VERSION} (checksummed)"
         )
     return metadata
 
@@ -135,12 +140,18 @@ def check_compatible(path: Path, saved: dict, current: dict) -> None:
         if saved["run"].get(key) != current["run"][key]
     ]
     if problems:
+        steps_note = (
+            " (--steps is fixed for a run: the learning-rate schedule spans it, so a changed "
+            "horizon would splice two schedules; train longer in a new run)"
+            if any(p.startswith("steps=") for p in problems) else ""
+        )
         raise ValueError(
-            f"checkpoint {path} does not match this run: " + "; ".join(problems)
+            f"checkpoint {path} does not match this run: " + "; ".join(problems) + steps_note
             + ". Resume with the checkpoint's settings, or start a new run in another --out"
         )
 
 
+# ---------------------------------------------------------------------------- saving
 def save_checkpoint(
     root: Path,
     step: int,
@@ -161,25 +172,41 @@ def save_checkpoint(
             shutil.rmtree(tmp)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    with _single_process_quiet():
-        dcp.save(
-            {"model": model_state, "optim": optim_state},
-            checkpoint_id=tmp, no_dist=not _distributed(),
-        )
+    try:
+        with _single_process_quiet():
+            dcp.save(
+                {"model": model_state, "optim": optim_state},
+                checkpoint_id=tmp, no_dist=not _distributed(),
+            )
+    except dcp.CheckpointException as exc:  # a BaseException: make it an error that reports
+        raise OSError(f"saving checkpoint {final} failed: {_causes(exc)}") from exc
     torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
     if _rank() == 0:
         torch.save(trainer_state, tmp / TRAINER)
         meta = {"format": FORMAT_VERSION, "step": step, **metadata}
         (tmp / META).write_text(json.dumps(meta, indent=2))
     _barrier()
+    _write_manifest(tmp)
     _publish(tmp, final)
-    logger.info("saved checkpoint %s", final)
+    if _rank() == 0:
+        logger.info("saved checkpoint %s", final)
     return final
 
 
+def _write_manifest(tmp: Path) -> None:
+    """Every rank hashes a share of the files (rank 0's listing, so all agree on it); rank 0
+    writes the manifest."""
+    names = [sorted(p.name for p in tmp.iterdir() if p.is_file())] if _rank() == 0 else [None]
+    if _distributed():
+        dist.broadcast_object_list(names, src=0)
+    shares = _all_gather(integrity.describe_files(tmp, names[0][_rank()::_world_size()]))
+    if _rank() == 0:
+        integrity.write_manifest(tmp, {k: v for share in shares for k, v in share.items()})
+
+
 def _publish(tmp: Path, final: Path) -> None:
-    """Every rank's shards are in ``tmp``: rank 0 renames it, then moves the pointer (each step
-    atomic), and the others wait for it."""
+    """Every rank's shards and the manifest are in ``tmp``: rank 0 renames it, then moves the
+    pointer (each step atomic), and the others wait for it."""
     if _rank() == 0:
         os.rename(tmp, final)
         pointer_tmp = final.parent / (LATEST + ".tmp")
@@ -188,28 +215,50 @@ def _publish(tmp: Path, final: Path) -> None:
     _barrier()
 
 
+# ---------------------------------------------------------------------------- loading
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, current: dict, seed: int
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int
 ) -> dict:
-    """Load model and optimizer in place (any layout); restore RNG; return the trainer state."""
+    """Load model and optimizer in place (any layout); restore RNG; return the trainer state.
+
+    ``path`` has been verified against its manifest (``usp.resume.choose_intact``); every file is
+    read by a loader that cannot run code (``usp.integrity``).
+    """
     path = Path(path)
     saved = read_metadata(path)
-    check_compatible(path, saved, current)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     try:
+        reader = integrity.SafeFileSystemReader(path)
+        # read the index once here: DCP would catch a refusal and try other files, blurring it
+        reader.read_metadata()
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+            dcp.load(state, storage_reader=reader, planner=integrity.SafeLoadPlanner(),
+                     no_dist=not _distributed())
         trainer_state = torch.load(path / TRAINER, weights_only=True)
     # DCP raises several types for torn or foreign files; CheckpointException is a BaseException
     except (Exception, dcp.CheckpointException) as exc:
-        raise ValueError(f"checkpoint {path} is unreadable: {type(exc).__name__}: {exc}") from exc
+        causes = exc.failures.values() if isinstance(exc, dcp.CheckpointException) else [(exc,)]
+        unsafe = [c[0] for c in causes if isinstance(c[0], integrity.UnsafeCheckpointError)]
+        if unsafe:
+            raise ValueError(f"checkpoint {path} was refused, nothing was loaded: {unsafe[0]}") \
+                from exc
+        raise ValueError(f"checkpoint {path} is unreadable: {_causes(exc)}") from exc
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
     _restore_rng(path, saved, seed, trainer_state["step"])
-    logger.info("resumed from %s at step %d", path, trainer_state["step"])
+    if _rank() == 0:
+        logger.info("resumed from %s at step %d", path, trainer_state["step"])
     return trainer_state
+
+
+def _causes(exc: BaseException) -> str:
+    """The exceptions behind a DCP failure (each rank's), without its traceback dump."""
+    if isinstance(exc, dcp.CheckpointException):
+        causes = {f"{type(e).__name__}: {e}" for e, _ in exc.failures.values()}
+        return "; ".join(sorted(causes))
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _rng_state() -> dict:
@@ -231,4 +280,5 @@ def _restore_rng(path: Path, saved: dict, seed: int, step: int) -> None:
         return
     generator_seed = (seed * 1_000_003 + step) * 65_537 + _rank()
     torch.manual_seed(generator_seed)
-    logger.info("world size changed: reseeded the RNG of rank %d from (seed, step, rank)", _rank())
+    if _rank() == 0:
+        logger.info("world size changed: every rank reseeded its RNG from (seed, step, rank)")

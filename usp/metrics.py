@@ -1,4 +1,5 @@
-"""Training metrics: memory, MFU, the JSONL log with a progress bar on rank 0, and the loss plot.
+"""Training metrics: memory, MFU against a stated peak, the JSONL log with a progress bar on rank
+0, and the loss plot.
 
 Memory is per rank. On CUDA it is the caching allocator's ``max_memory_allocated``. On CPU it is
 the process's resident set: ``VmRSS`` and its high-water mark ``VmHWM`` from ``/proc/self/status``,
@@ -15,7 +16,6 @@ import json
 import logging
 import math
 import resource
-import time
 from pathlib import Path
 
 import torch
@@ -122,25 +122,12 @@ class SavedActivations:
 
 
 # ---------------------------------------------------------------------------- MFU
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """Dense matmul throughput of this rank with its current threads, in TFLOP/s."""
-    n = 512 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)  # warm-up: first call pays for allocation and kernel selection
-    iterations, start = 0, time.perf_counter()
-    while True:
-        torch.mm(a, b)
-        iterations += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return 2.0 * n**3 * iterations / elapsed / 1e12
-
-
-def preset_peak_tflops(device: torch.device, dtype_name: str) -> float | None:
-    """The datasheet peak of a known CUDA device, or None."""
+def peak_tflops(device: torch.device, dtype_name: str, given: float | None) -> float | None:
+    """The per-device peak MFU is stated against: ``--peak-tflops``, else a known GPU's
+    datasheet value, else None (no MFU: a CPU has no peak worth stating, and a matmul timed at
+    start-up is not one: it read 206-348 % MFU on a shared CPU)."""
+    if given is not None:
+        return given
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -155,6 +142,26 @@ def model_flops_utilization(
 ) -> float:
     """Achieved model FLOP/s over the peak of all devices (PaLM's MFU definition)."""
     return tokens_per_s * flops_per_token / (num_devices * peak_tflops * 1e12)
+
+
+def mfu_fields(
+    tokens_per_s: float, flops_per_token: float, num_devices: int, peak: float | None
+) -> dict:
+    """A record's MFU fields: none without a stated peak; ``mfu`` and ``peak_tflops`` with one;
+    ``mfu_above_peak`` instead of ``mfu`` when the ratio exceeds 1, which no hardware does: the
+    stated peak (or the FLOP count) is wrong, and the number is not reported as an MFU."""
+    if peak is None:
+        return {}
+    mfu = model_flops_utilization(tokens_per_s, flops_per_token, num_devices, peak)
+    return {"mfu" if mfu <= 1.0 else "mfu_above_peak": mfu, "peak_tflops": peak}
+
+
+def format_mfu(record: dict) -> str | None:
+    if "mfu" in record:
+        return f"{record['mfu']:.2%}"
+    if "mfu_above_peak" in record:
+        return f"invalid ({record['mfu_above_peak']:.0%} of the stated peak)"
+    return None
 
 
 # ---------------------------------------------------------------------------- log and plot
@@ -176,6 +183,7 @@ class MetricsLog:
         self.path, self.enabled, self.progress = path, enabled, progress
         self._file = open(path, "a") if enabled else None
         self._bar = None
+        self._warned_mfu = False
         if enabled and progress:
             from tqdm import tqdm
 
@@ -189,15 +197,24 @@ class MetricsLog:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if "mfu_above_peak" in record and not self._warned_mfu:
+            self._warned_mfu = True
+            logger.warning(
+                "step %d: model FLOP/s are %.0f%% of the stated peak of %g TFLOP/s per device, "
+                "which is impossible: the peak is too low (check --peak-tflops); MFU is not "
+                "reported (the JSONL says mfu_above_peak)", record["step"],
+                100 * record["mfu_above_peak"], record["peak_tflops"],
+            )
         if not self.progress:
             return
         from tqdm import tqdm
 
         tqdm.write(format_record(record))  # above the bar, which redraws below it
+        mfu = format_mfu(record)
         self._bar.set_postfix(
             loss=f"{record['loss']:.4f}",
             tok_s=f"{record['tokens_per_s']:.0f}",
-            mfu=f"{record['mfu']:.2%}",
+            **({"mfu": mfu} if mfu else {}),
             mem_gib=f"{max(record['peak_memory_bytes']) / 2**30:.2f}",
         )
         self._bar.update(1)
@@ -211,11 +228,12 @@ class MetricsLog:
 
 def format_record(record: dict) -> str:
     peaks = ", ".join(f"{p / 2**20:.0f}" for p in record["peak_memory_bytes"])
+    mfu = format_mfu(record)
     return (
         f"step {record['step']:>5} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
         f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
-        f"{record['step_time_s'] * 1000:.0f} ms | MFU {record['mfu']:.2%} | "
-        f"peak MiB per rank [{peaks}]"
+        f"{record['step_time_s'] * 1000:.0f} ms | " + (f"MFU {mfu} | " if mfu else "")
+        + f"peak MiB per rank [{peaks}]"
     )
 
 

@@ -1,13 +1,9 @@
-"""`usp train`: train a Llama with USP x FSDP2 x TP, launched through torchrun's elastic launcher.
+"""The training loop of `usp train`: one rank's run, from the process group to the last checkpoint.
 
-``usp train --nproc 4 --ring 2 --ulysses 2 ...`` starts four ranks with
-``torch.distributed.launcher.api.elastic_launch`` (c10d rendezvous on 127.0.0.1) and runs
-:func:`train` on each. Under an external ``torchrun`` (``RANK``/``WORLD_SIZE`` set), the same entry
-runs :func:`train` directly, so multi-node jobs use torchrun's standard rendezvous flags. With one
-process and no torchrun it trains in-process without a process group.
-
-Every check of the user's input (:func:`validate`) runs before any rank starts and again on every
-rank, so bad input is one clear ``ValueError`` and nothing is written.
+:func:`train` runs on every rank (``usp.launcher`` starts the ranks). It validates the input again
+and agrees with the other ranks (bad input on one rank raises on all), holds the run directory's
+lock on rank 0 unless its launcher holds it, resumes from the first intact checkpoint, and trains,
+logging its progress once (rank 0) from the first second.
 """
 
 from __future__ import annotations
@@ -17,71 +13,19 @@ import json
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from usp import checkpoint, metrics
-from usp.comm import free_port
-from usp.train_setup import (
-    TrainConfig,
-    build_run,
-    validate,
-)
+from usp import checkpoint, metrics, run_dir
+from usp.resume import choose_intact
+from usp.run_dir import RunLock
+from usp.train_setup import TrainConfig, build_run, validate
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "launch", "launch_elastic", "train", "train_step", "validate"]
-
-
-# ---------------------------------------------------------------------------- launching
-def _under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def launch(config: TrainConfig) -> list[dict]:
-    """Validate, train on ``config.nproc`` ranks (or torchrun's); returns rank 0's records."""
-    world_size = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else config.nproc
-    validate(config, world_size)
-    if _under_torchrun() or config.nproc == 1:
-        return _worker(config)
-    return launch_elastic(config)
-
-
-def launch_elastic(config: TrainConfig) -> list[dict]:
-    """Run ``config.nproc`` fresh rank processes (even one) through torchrun's elastic launcher."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
-    launch_config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=config.nproc,
-        run_id=f"usp-train-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{free_port()}",
-        max_restarts=0,
-        start_method="spawn",
-    )
-    return elastic_launch(launch_config, _worker)(config)[0]
-
-
-def _worker(config: TrainConfig) -> list[dict]:
-    """One rank's entry point: threads, logging, then :func:`train`."""
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local_world > 1:  # ranks sharing a machine share its cores
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO,
-            format=f"%(asctime)s rank {os.environ.get('RANK', '0')} %(levelname)s %(name)s: "
-            "%(message)s",
-        )
-    return record(train)(config)
+__all__ = ["TrainConfig", "train", "train_step", "validate"]
 
 
 def _device(config: TrainConfig) -> torch.device:
@@ -93,19 +37,28 @@ def _device(config: TrainConfig) -> torch.device:
 
 
 # ---------------------------------------------------------------------------- training
-def train(config: TrainConfig) -> list[dict]:
+def train(config: TrainConfig, *, run_dir_locked: bool = False) -> list[dict]:
     """Train on this rank; returns every step's metrics record (the same loss on every rank).
 
     Joins an initialised process group if there is one, else starts one from the torchrun
-    environment when ``WORLD_SIZE > 1``, else trains as a single process.
+    environment when ``WORLD_SIZE > 1``, else trains as a single process. Rank 0 locks the run
+    directory for the run unless ``run_dir_locked`` (the launching process holds the lock).
     """
     device = _device(config)
     created = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         created = True
+        if dist.get_rank() == 0:
+            logger.info("process group ready: %d ranks (%s)", dist.get_world_size(),
+                        dist.get_backend())
     try:
-        return _train(config, device)
+        lock = _validate_on_every_rank(config, run_dir_locked)
+        try:
+            return _train(config, device)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         if created:
             dist.destroy_process_group()
@@ -114,33 +67,38 @@ def train(config: TrainConfig) -> list[dict]:
 def _train(config: TrainConfig, device: torch.device) -> list[dict]:
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    _validate_on_every_rank(config, world_size)
-    run = build_run(config, device, world_size)
     out = Path(config.out)
+    if rank == 0:
+        logger.info("building %s and loading its data", config.hf_config or config.model)
+    run = build_run(config, device, world_size)
     metrics_path = out / "metrics.jsonl"
     start_step = 0
-    if config.resume:
-        state = checkpoint.load_checkpoint(
-            run.resume_path, run.model, run.optimizer, run.metadata, config.seed
-        )
-        run.scheduler.load_state_dict(state["scheduler"])
-        run.batcher.load_state_dict(state["data"])
-        start_step = state["step"]
+    if run.resume_plan is not None:
+        if rank == 0:
+            for note in run.resume_plan.notes:
+                logger.warning("%s", note)
+        if run.resume_plan.candidates:
+            path = choose_intact(run.resume_plan.candidates, run.metadata)
+            state = checkpoint.load_checkpoint(path, run.model, run.optimizer, config.seed)
+            run.scheduler.load_state_dict(state["scheduler"])
+            run.batcher.load_state_dict(state["data"])
+            start_step = state["step"]
         if rank == 0:
             _truncate_metrics(metrics_path, start_step)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / "config.json").exists():  # the first run's settings stay on record
-            (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    peak_tflops = config.peak_tflops or _peak_tflops(device, config.dtype)
+    if rank == 0:  # what a later --resume reads back (after the resume itself succeeded)
+        run_dir.write_settings(out, _settings_on_record(config))
+    peak = metrics.peak_tflops(device, config.dtype, config.peak_tflops)
     log = metrics.MetricsLog(metrics_path, config.steps, start_step, rank == 0, config.progress)
+    if rank == 0 and start_step < config.steps:
+        logger.info("training steps %d-%d (the first one also allocates and warms up)",
+                    start_step + 1, config.steps)
     records = []
     try:
         for step in range(start_step + 1, config.steps + 1):
             record = train_step(run, config, step)
-            record["mfu"] = metrics.model_flops_utilization(
-                record["tokens_per_s"], run.flops_per_token, world_size, peak_tflops
-            )
+            record.update(metrics.mfu_fields(
+                record["tokens_per_s"], run.flops_per_token, world_size, peak
+            ))
             log.log(record)
             records.append(record)
             if config.ckpt_every and (step % config.ckpt_every == 0 or step == config.steps):
@@ -160,13 +118,19 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
     return records
 
 
-def _validate_on_every_rank(config: TrainConfig, world_size: int) -> None:
-    """Validate on each rank and agree: if any rank rejects the input, every rank raises (a file
-    missing on one node must not leave the others waiting in a collective). Also the barrier
-    that keeps rank 0 from writing into OUT before every rank has checked it."""
+def _validate_on_every_rank(config: TrainConfig, run_dir_locked: bool) -> RunLock | None:
+    """Validate on each rank, take the run directory's lock on rank 0 (unless the launcher holds
+    it), and agree: if any rank rejects the input, every rank raises (a file missing on one node
+    must not leave the others waiting in a collective). Also the barrier that keeps rank 0 from
+    writing into OUT before every rank has checked it. Returns the lock this rank holds."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    lock, error = None, None
     try:
         validate(config, world_size)
-        error = None
+        if rank == 0 and not run_dir_locked:
+            lock = RunLock(Path(config.out)).acquire()
+            validate(config, world_size)  # again under the lock
     except ValueError as exc:
         error = exc
     if dist.is_initialized():
@@ -175,7 +139,19 @@ def _validate_on_every_rank(config: TrainConfig, world_size: int) -> None:
         if error is None and failed.item() > 0:
             error = ValueError("another rank rejected this configuration; see its error message")
     if error is not None:
+        if lock is not None:
+            lock.release()
         raise error
+    return lock
+
+
+def _settings_on_record(config: TrainConfig) -> dict:
+    """config.json: the settings, with paths made absolute so a resume from elsewhere finds them."""
+    settings = dataclasses.asdict(config)
+    settings["data"] = [str(Path(p).resolve()) for p in config.data]
+    if config.reference_metrics:
+        settings["reference_metrics"] = str(Path(config.reference_metrics).resolve())
+    return settings
 
 
 def train_step(run, config: TrainConfig, step: int) -> dict:
@@ -235,16 +211,6 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _peak_tflops(device: torch.device, dtype_name: str) -> float:
-    """The datasheet peak of a known GPU, else the mean over ranks of a measured matmul rate."""
-    preset = metrics.preset_peak_tflops(device, dtype_name)
-    if preset is not None:
-        return preset
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    measured = torch.tensor([metrics.measure_peak_tflops(device, dtype)], dtype=torch.float64)
-    return float(torch.stack(_gather(measured)).mean())
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,4 +1,4 @@
-"""The training run's configuration: its flags, their validation, and the objects built from them.
+"""The training run's settings: their validation, and the objects built from them.
 
 :func:`validate` is pure (it reads files, never writes or communicates), so the launcher runs it
 before starting any rank and every rank runs it again: bad input fails the same way everywhere.
@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,13 +17,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from usp import checkpoint
-from usp.layout import LAYOUTS, check_sequence_length
-from usp.models.llama import CONFIGS, Llama, get_config
+from usp import run_dir
+from usp.attention.kernels import KERNELS
+from usp.layout import check_sequence_length
+from usp.models.llama import Llama, get_config
 from usp.parallel import check_parallel_config, parallelize
+from usp.resume import ResumePlan, plan_resume
 from usp.topology import AXES, Topology
 
 SYNTHETIC_WINDOWS = 16  # synthetic data: this many windows per global-batch row, then repeat
+# Checkpoint every 50 steps and at the last: a crash loses at most 50 steps, and the README's
+# 30-step job still ends with one. 0 turns checkpoints off (benchmarks).
+DEFAULT_CHECKPOINT_EVERY = 50
 
 
 @dataclass
@@ -55,70 +58,13 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)
     synthetic: bool = False
     out: str = "runs/tiny"
-    ckpt_every: int = 0
+    ckpt_every: int = DEFAULT_CHECKPOINT_EVERY
     resume: str | None = None
     reference_metrics: str | None = None
     peak_tflops: float | None = None
     device: str = "auto"
     nproc: int = 1
     progress: bool = True
-
-
-def add_arguments(parser) -> None:
-    a = parser.add_argument
-    a("--nproc", type=int, default=1, help="ranks to launch on this machine (elastic launcher)")
-    a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="gloo on cpu, nccl on cuda")
-    a("--model", choices=sorted(CONFIGS), default="tiny")
-    a("--hf-config", default=None, metavar="PATH_OR_PRESET",
-      help="train a Hugging Face causal LM instead of --model: a config.json (or its directory) "
-      "or a preset (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma); random init")
-    a("--seq-len", type=int, default=1024, help="global sequence length (tokens per sample)")
-    a("--global-batch", type=int, default=1, help="samples per step over all dp ranks")
-    a("--steps", type=int, default=20, help="total optimizer steps of the run")
-    a("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    a("--warmup", type=int, default=5, help="linear warm-up steps before the cosine decay")
-    a("--min-lr", type=float, default=3e-4, help="learning rate at the end of the cosine")
-    a("--weight-decay", type=float, default=0.1, help="AdamW decay of matrices (not norms)")
-    a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    a("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 params")
-    a("--seed", type=int, default=0, help="model init and data order")
-    a("--ring", type=int, default=1, help="ring-attention degree")
-    a("--ulysses", type=int, default=1, help="Ulysses degree")
-    a("--tp", type=int, default=1, help="tensor-parallel degree")
-    a("--dp", type=int, default=-1, help="data-parallel degree (-1: the rest of the world)")
-    a("--layout", choices=LAYOUTS, default="zigzag", help="token layout over the sequence ranks")
-    a("--kernel", default="auto", help="local attention kernel (see usp bench attention)")
-    a("--ac", choices=("none", "full", "selective"), default="none",
-      help="activation checkpointing")
-    a("--zero2", action="store_true", help="keep gathered params after forward (FSDP ZeRO-2)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--data", nargs="+", default=[], metavar="PATH",
-                        help="text files to train on (default: the Python stdlib's source)")
-    source.add_argument("--synthetic", action="store_true", help="random tokens (throughput runs)")
-    a("--out", default=None,
-      help="run directory (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ-RUNID, new each run)")
-    a("--ckpt-every", type=int, default=0,
-      help="checkpoint every N steps and at the end (0: never)")
-    a("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-      help="continue from OUT's latest checkpoint, or from the step_* directory CKPT")
-    a("--reference-metrics", default=None, metavar="JSONL", help="another run's curve for the plot")
-    a("--peak-tflops", type=float, default=None,
-      help="per-device peak for MFU (default: a known GPU's datasheet value, else measured)")
-    a("--no-progress", dest="progress", action="store_false",
-      help="no progress bar, no per-step lines")
-
-
-def config_from_args(args) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if values["out"] is None:
-        # a fresh directory per run, so the same command can run twice; every rank of one job
-        # agrees on it (torchrun's run id, or the launching process's clock)
-        run_id = os.environ.get("TORCHELASTIC_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
-        name = Path(args.hf_config).stem if args.hf_config else args.model
-        values["out"] = (
-            f"runs/{name}-r{args.ring}-u{args.ulysses}-t{args.tp}-s{args.seq_len}-{run_id}"
-        )
-    return TrainConfig(**values)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -129,6 +75,10 @@ def validate(config: TrainConfig, world_size: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(config, name)} must be >= 1")
     if config.warmup < 0 or config.ckpt_every < 0 or config.grad_clip < 0:
         raise ValueError("--warmup, --ckpt-every and --grad-clip must be >= 0")
+    if config.kernel != "auto" and config.kernel not in KERNELS:
+        raise ValueError(
+            f"--kernel {config.kernel!r} is unknown; choose 'auto' or one of {sorted(KERNELS)}"
+        )
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu")
     if not 0 <= config.min_lr <= config.lr:
@@ -176,37 +126,11 @@ def validate(config: TrainConfig, world_size: int) -> None:
 
 
 def _validate_output(config: TrainConfig, world_size: int) -> None:
-    out = Path(config.out)
+    run_dir.check_writable(Path(config.out))
     if config.resume is None:
-        previous = [p.name for p in (out / "metrics.jsonl", out / "checkpoints") if p.exists()]
-        if previous:
-            raise ValueError(
-                f"--out {out} holds a previous run ({', '.join(previous)}); pass --resume to "
-                "continue it or choose another --out (nothing was overwritten)"
-            )
-        return
-    path = resume_path(config)
-    saved = checkpoint.read_metadata(path)
-    checkpoint.check_compatible(path, saved, run_metadata(config, world_size))
-    later = checkpoint.steps_saved(out / "checkpoints", after=saved["step"])
-    if later:
-        raise ValueError(
-            f"--out {out} already holds checkpoints of steps {later}, beyond step {saved['step']} "
-            f"of {path}; resume into another --out so they are not overwritten"
-        )
-
-
-def resume_path(config: TrainConfig) -> Path:
-    """The checkpoint ``--resume`` names: OUT's latest, or an explicit step_* directory."""
-    if config.resume != "latest":
-        return Path(config.resume)
-    path = checkpoint.latest_checkpoint(Path(config.out) / "checkpoints")
-    if path is None:
-        raise ValueError(
-            f"--resume: {Path(config.out) / 'checkpoints'} has no checkpoint; train without "
-            "--resume or pass the step_* directory to resume from"
-        )
-    return path
+        run_dir.check_fresh(Path(config.out))
+    else:
+        plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
 
 
 def run_metadata(config: TrainConfig, world_size: int) -> dict:
@@ -228,6 +152,11 @@ def run_metadata(config: TrainConfig, world_size: int) -> dict:
             "global_batch": config.global_batch,
             "data": data,
             "seed": config.seed,
+            "steps": config.steps,
+            "lr": config.lr,
+            "min_lr": config.min_lr,
+            "warmup": config.warmup,
+            "weight_decay": config.weight_decay,
             "world_size": world_size,
             "degrees": {"ring": config.ring, "ulysses": config.ulysses, "tp": config.tp},
             "layout": config.layout,
@@ -256,7 +185,7 @@ class Run:
     batcher: object
     metadata: dict
     flops_per_token: float
-    resume_path: Path | None
+    resume_plan: ResumePlan | None
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip to a global norm over every rank's shards; returns the norm before clipping."""
@@ -325,5 +254,8 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
     return Run(
         device=device, topology=topology, model=model, optimizer=optimizer, scheduler=scheduler,
         batcher=batcher, metadata=run_metadata(config, world_size), flops_per_token=flops_per_token,
-        resume_path=resume_path(config) if config.resume else None,
+        resume_plan=(
+            plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
+            if config.resume else None
+        ),
     )

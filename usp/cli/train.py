@@ -1,13 +1,19 @@
-"""``usp train``: the command line of the training job (usp.train does the work)."""
+"""``usp train``: the command line of the training job (usp.launcher and usp.train do the work)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 
-from usp.train import launch
-from usp.train_setup import TrainConfig, add_arguments, config_from_args
+from usp import run_dir
+from usp.launcher import describe_failure, launch, resume_hint
+from usp.layout import LAYOUTS
+from usp.models.llama import CONFIGS
+from usp.train_setup import DEFAULT_CHECKPOINT_EVERY, TrainConfig
 
 
 def register(subparsers) -> None:
@@ -19,20 +25,85 @@ def register(subparsers) -> None:
             "tensor parallelism. --nproc N launches N ranks through torchrun's elastic launcher; "
             "under an external torchrun the same command runs one rank. See docs/training.md."
         ),
+        # only the flags typed reach the namespace: a resume reads the rest from config.json
+        argument_default=argparse.SUPPRESS,
     )
     add_arguments(parser)
     parser.set_defaults(func=run_cli)
 
 
+def add_arguments(parser) -> None:
+    """The flags of ``usp train``. They carry no argparse defaults (the parser is built with
+    ``argument_default=SUPPRESS``): the namespace holds only what the user typed, so a resumed
+    run can take the rest from its config.json; :class:`TrainConfig` holds the defaults."""
+    d = TrainConfig()
+    a = parser.add_argument
+    a("--nproc", type=int, help=f"ranks to launch on this machine (default {d.nproc})")
+    a("--device", choices=("auto", "cpu", "cuda"), help="gloo on cpu, nccl on cuda (default auto)")
+    a("--model", choices=sorted(CONFIGS), help=f"default {d.model}")
+    a("--hf-config", metavar="PATH_OR_PRESET",
+      help="train a Hugging Face causal LM instead of --model: a config.json (or its directory) "
+      "or a preset (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma); random init")
+    a("--seq-len", type=int, help=f"global tokens per sample (default {d.seq_len})")
+    a("--global-batch", type=int, help=f"samples per step, all dp ranks (default {d.global_batch})")
+    a("--steps", type=int, help=f"total optimizer steps of the run (default {d.steps})")
+    a("--lr", type=float, help=f"peak learning rate of AdamW (default {d.lr})")
+    a("--warmup", type=int, help=f"linear warm-up steps before the cosine (default {d.warmup})")
+    a("--min-lr", type=float, help=f"learning rate at the end of the cosine (default {d.min_lr})")
+    a("--weight-decay", type=float, help=f"AdamW decay of matrices (default {d.weight_decay})")
+    a("--grad-clip", type=float, help=f"max global gradient norm, 0: off (default {d.grad_clip})")
+    a("--dtype", choices=("fp32", "bf16"), help="bf16 = autocast, fp32 params (default fp32)")
+    a("--seed", type=int, help=f"model init and data order (default {d.seed})")
+    a("--ring", type=int, help="ring-attention degree (default 1)")
+    a("--ulysses", type=int, help="Ulysses degree (default 1)")
+    a("--tp", type=int, help="tensor-parallel degree (default 1)")
+    a("--dp", type=int, help="data-parallel degree (default -1: the rest of the world)")
+    a("--layout", choices=LAYOUTS, help=f"token layout over sequence ranks (default {d.layout})")
+    a("--kernel", help="local attention kernel: auto or a name of usp.attention.kernels.KERNELS")
+    a("--ac", choices=("none", "full", "selective"), help="activation checkpointing (default none)")
+    a("--zero2", action="store_true", help="keep gathered params after forward (FSDP ZeRO-2)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", nargs="+", metavar="PATH",
+                        help="text files to train on (default: the Python stdlib's source)")
+    source.add_argument("--synthetic", action="store_true", help="random tokens (throughput runs)")
+    a("--out", help="run directory (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ-TIME, new each run)")
+    a("--ckpt-every", type=int,
+      help=f"checkpoint every N steps and at the last (default {DEFAULT_CHECKPOINT_EVERY}; "
+      "0: never)")
+    a("--resume", nargs="?", const="latest", metavar="RUN_DIR|CKPT",
+      help="continue a run: its directory (settings come from its config.json, flags given again "
+      "override them), one of its checkpoints, or with no value the newest run of this "
+      "configuration under runs/ (or --out's)")
+    a("--reference-metrics", metavar="JSONL", help="another run's curve for the plot")
+    a("--peak-tflops", type=float,
+      help="per-device peak for MFU (default: a known GPU's datasheet value; none on CPU)")
+    a("--no-progress", dest="progress", action="store_false",
+      help="no progress bar, no per-step lines")
+
+
+def config_from_args(args) -> TrainConfig:
+    """The run's settings: the flags given, over the resumed run's config.json or the defaults."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    defaults = dataclasses.asdict(TrainConfig(out=None))
+    return TrainConfig(**run_dir.resolve_settings(given, defaults))
+
+
 def run_cli(args) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     config = config_from_args(args)
     try:
         records = launch(config)
-    except ChildFailedError as exc:  # the launcher's report names the rank and its traceback
-        print(f"usp train: a rank failed\n{exc}", file=sys.stderr)
+    except ChildFailedError as exc:
+        print(f"usp train: a rank failed\n{describe_failure(exc, Path(config.out))}",
+              file=sys.stderr)
         return 1
+    except SignalException as exc:  # the launcher was told to stop; it stopped its ranks
+        print(f"usp train: stopped by {signal.Signals(exc.sigval).name} (and so were its ranks)\n"
+              f"{resume_hint(Path(config.out))}", file=sys.stderr)
+        return 128 + int(exc.sigval)
     if int(os.environ.get("RANK", "0")) == 0:
         print(summarize(records, config) if records else "nothing to train: already at --steps")
     return 0
@@ -42,11 +113,21 @@ def summarize(records: list[dict], config: TrainConfig) -> str:
     steady = records[1:] or records  # the first step pays for warm-up and allocation
     tokens_per_s = sum(r["tokens_per_s"] for r in steady) / len(steady)
     step_time = sum(r["step_time_s"] for r in steady) / len(steady)
-    mfu = sum(r["mfu"] for r in steady) / len(steady)
+    if all("mfu" in r for r in steady):
+        mfu = f", MFU {sum(r['mfu'] for r in steady) / len(steady):.2%}"
+    elif any("mfu_above_peak" in r for r in steady):
+        mfu = ", MFU not reported (above 100% of the stated --peak-tflops: the peak is wrong)"
+    else:
+        mfu = ""  # no stated peak (CPU, or a GPU without a datasheet entry): no MFU
     peak = max(max(r["peak_memory_bytes"]) for r in records)
-    return (
+    out = Path(config.out)
+    lines = [
         f"trained steps {records[0]['step']}-{records[-1]['step']}: loss "
         f"{records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}, {tokens_per_s:.0f} tok/s, "
-        f"{step_time:.2f} s/step, MFU {mfu:.2%}, peak memory per rank {peak / 2**30:.2f} GiB\n"
-        f"metrics: {Path(config.out) / 'metrics.jsonl'}\nplot:    {Path(config.out) / 'loss.png'}"
-    )
+        f"{step_time:.2f} s/step{mfu}, peak memory per rank {peak / 2**30:.2f} GiB",
+        f"metrics:     {out / 'metrics.jsonl'}",
+        f"plot:        {out / 'loss.png'}",
+    ]
+    if (out / "checkpoints").is_dir():
+        lines.append(f"checkpoints: {out / 'checkpoints'} (resume: usp train --resume {out})")
+    return "\n".join(lines)

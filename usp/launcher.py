@@ -1,0 +1,202 @@
+"""Starting ``usp train``: validation, the run directory's lock, the ranks, and their failures.
+
+``usp train --nproc 4 ...`` validates everything, locks the run directory (``usp.run_dir``) and
+starts four ranks with torchrun's ``elastic_launch``, each running :func:`usp.train.train`. Under an
+external ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the same entry runs the rank directly and rank 0
+takes the lock. With one process and no torchrun it trains in-process.
+
+**Loopback only.** A ``--nproc`` run is one machine, so nothing of it should listen beyond it.
+torch's c10d rendezvous creates its ``TCPStore`` servers (the rendezvous store, and the store it
+shares with the workers) with ``TCPStore(host, port)``, which listens on every interface whatever
+``host`` says (measured on torch 2.13: ``*:PORT``). The ``usp-loopback`` rendezvous backend below
+hands both a socket already bound to 127.0.0.1 (``TCPStore(master_listen_fd=...)``), and the ranks'
+gloo sockets are pinned to ``lo`` (``GLOO_SOCKET_IFNAME``).
+
+**Failures.** A ``ValueError`` on the ranks (bad input that only a rank can see, a corrupt
+checkpoint) comes back to the launching process as the same ``ValueError``, without tracebacks;
+anything else is torch's ``ChildFailedError``, which :func:`describe_failure` turns into a line
+per rank and the checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import torch
+
+from usp import checkpoint
+from usp.run_dir import RunLock
+from usp.train_setup import TrainConfig, validate
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+RENDEZVOUS_BACKEND = "usp-loopback"
+_ERROR = "usp_value_error"  # a rank's result that carries a ValueError's message
+
+
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(config: TrainConfig) -> list[dict]:
+    """Validate, lock, train on ``config.nproc`` ranks (or torchrun's); rank 0's records."""
+    from usp.train import train
+
+    world_size = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else config.nproc
+    validate(config, world_size)
+    if _under_torchrun():
+        return _result(_worker(config, run_dir_locked=False, log_level=_log_level()))
+    if config.nproc == 1:
+        return train(config)
+    with RunLock(Path(config.out)):
+        validate(config, world_size)  # again under the lock: nothing changed since the first look
+        logger.info(
+            "launching %d ranks on %s (ring %d x ulysses %d x tp %d), run directory %s",
+            config.nproc, LOOPBACK, config.ring, config.ulysses, config.tp, config.out,
+        )
+        return launch_elastic(config, run_dir_locked=True)
+
+
+def launch_elastic(config: TrainConfig, run_dir_locked: bool = False) -> list[dict]:
+    """Run ``config.nproc`` fresh rank processes (even one) through torchrun's elastic launcher,
+    rendezvous on the loopback interface only."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    _register_loopback_rendezvous()
+    launch_config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=config.nproc,
+        run_id=f"usp-train-{uuid.uuid4().hex[:8]}",
+        rdzv_backend=RENDEZVOUS_BACKEND,
+        rdzv_endpoint=f"{LOOPBACK}:0",
+        local_addr=LOOPBACK,  # the address the workers are told to reach the store at
+        max_restarts=0,
+        start_method="spawn",
+    )
+    # torch's launcher logs a failed rank's whole traceback; describe_failure says it in a line
+    # per rank (with -v, the root logger at DEBUG, torch's report stays)
+    quiet = {"torch.distributed.elastic": logging.CRITICAL, "torch.multiprocessing": logging.ERROR}
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    if _log_level() > logging.DEBUG:
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+    try:
+        results = elastic_launch(launch_config, _worker)(config, run_dir_locked, _log_level(), True)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    return _result(*[results[rank] for rank in sorted(results)])
+
+
+def _result(*per_rank):
+    """Rank 0's records, or the ValueError a rank returned (its own message before the others'
+    "another rank rejected")."""
+    errors = [r[_ERROR] for r in per_rank if isinstance(r, dict) and _ERROR in r]
+    if errors:
+        raise ValueError(sorted(errors, key=lambda e: e.startswith("another rank"))[0])
+    return per_rank[0]
+
+
+def _log_level() -> int:
+    return logging.getLogger().getEffectiveLevel()
+
+
+def _worker(config: TrainConfig, run_dir_locked: bool, log_level: int, loopback: bool = False):
+    """One rank's entry point: threads, network, logging, then :func:`usp.train.train`."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from usp.train import train
+
+    if loopback:  # gloo listens on the address of the interface it is given
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world > 1:  # ranks sharing a machine share its cores
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
+    rank = int(os.environ.get("RANK", "0"))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s"
+        )
+    # one voice: rank 0 reports progress; the other ranks speak only of warnings and errors
+    logging.getLogger().setLevel(log_level if rank == 0 else max(log_level, logging.WARNING))
+    try:
+        return record(train)(config, run_dir_locked=run_dir_locked)
+    except ValueError as exc:
+        logger.debug("rank %d rejected the run", rank, exc_info=True)
+        return {_ERROR: str(exc)}
+
+
+# ---------------------------------------------------------------------------- rendezvous
+def _loopback_store(**kwargs):
+    """A TCPStore server listening on 127.0.0.1 only (a free port)."""
+    from torch.distributed import TCPStore
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((LOOPBACK, 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    # detach: the store serves on this descriptor from now on, Python must not close it
+    return TCPStore(LOOPBACK, port, is_master=True, multi_tenant=True,
+                    master_listen_fd=listener.detach(), **kwargs)
+
+
+def _create_loopback_handler(params):
+    from datetime import timedelta
+
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import (
+        C10dRendezvousBackend,
+    )
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    class LoopbackBackend(C10dRendezvousBackend):
+        """torch's c10d rendezvous state on our store, under the name it was registered with."""
+
+        @property
+        def name(self) -> str:
+            return RENDEZVOUS_BACKEND
+
+    store = _loopback_store(timeout=timedelta(seconds=params.get_as_int("read_timeout", 60)))
+    handler = create_handler(store, LoopbackBackend(store, params.run_id), params)
+    # The store torch shares with the workers is made by this (private) method, with
+    # TCPStore(host, 0), listening on all interfaces; tests/test_faults.py checks the result.
+    handler._create_tcp_store_server = lambda master_addr, master_port: _loopback_store()
+    return handler
+
+
+def _register_loopback_rendezvous() -> None:
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
+
+    rendezvous_handler_registry.register(RENDEZVOUS_BACKEND, _create_loopback_handler)
+
+
+# ---------------------------------------------------------------------------- failures
+def describe_failure(exc, out: Path) -> str:
+    """A ``ChildFailedError`` in words: a line per failed rank, then the checkpoint a resume
+    would continue from."""
+    lines = []
+    for local_rank, failure in sorted(exc.failures.items()):
+        if failure.exitcode < 0:
+            what = f"killed by {failure.signal_name()}"
+        else:
+            message = failure.message
+            message = message.get("message", "") if isinstance(message, dict) else message
+            what = (message.strip().splitlines() or [f"exit code {failure.exitcode}"])[-1]
+        lines.append(f"rank {local_rank}: {what}")
+    lines.append("(usp -v train ... prints each failed rank's traceback)")
+    return "\n".join(lines + [resume_hint(out)])
+
+
+def resume_hint(out: Path) -> str:
+    root = Path(out) / "checkpoints"
+    steps = checkpoint.steps_saved(root)
+    if not steps:
+        return f"no checkpoint was saved; start again with: usp train --resume {out}"
+    last = checkpoint.step_dir(root, steps[-1])
+    return f"the last complete checkpoint is {last} (step {steps[-1]}); continue with: " \
+           f"usp train --resume {out}"

@@ -1,0 +1,192 @@
+"""The run directory of ``usp train``: its name, its saved settings, its lock, and its writability.
+
+A run lives in one directory (``--out``, by default ``runs/MODEL-rR-uU-tT-sS-TIME``) holding
+``config.json`` (the settings, rewritten on every resume), ``metrics.jsonl``, ``loss.png`` and
+``checkpoints/``. ``--resume`` accepts that directory, a checkpoint inside it, or nothing (the
+newest run of the same configuration under ``runs/``); :func:`resolve_settings` turns the flags
+the user gave into a full set of settings, the run's saved ones with the given flags on top.
+
+While a run trains, the process that launched it holds an exclusive ``fcntl.flock`` on
+``OUT/.lock`` (released by the kernel however that process ends, ``kill -9`` included), so a second
+run into the same directory is refused at once instead of interleaving its files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+CONFIG = "config.json"
+LOCK = ".lock"
+RUNS = Path("runs")
+# Settings that say where a run is, not what it trains: never taken from a saved config.json.
+NOT_INHERITED = ("out", "resume")
+# A flag given on resume replaces the saved setting that excludes it (then validation compares).
+REPLACES = {"data": ("synthetic", False), "synthetic": ("data", []), "model": ("hf_config", None)}
+
+
+def run_prefix(model: str, hf_config: str | None, ring: int, ulysses: int, tp: int,
+               seq_len: int) -> str:
+    name = Path(hf_config).stem if hf_config else model
+    return f"{name}-r{ring}-u{ulysses}-t{tp}-s{seq_len}"
+
+
+def new_run_dir(prefix: str) -> Path:
+    """``runs/PREFIX-TIME``, a directory that does not exist yet (the time sorts by start)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = RUNS / f"{prefix}-{stamp}", 1
+    while candidate.exists():
+        n += 1
+        candidate = RUNS / f"{prefix}-{stamp}-{n}"
+    return candidate
+
+
+def latest_run(prefix: str) -> Path | None:
+    """The newest ``runs/PREFIX-*`` directory that holds a ``config.json``."""
+    runs = [p for p in RUNS.glob(f"{prefix}-*") if (p / CONFIG).is_file()]
+    return max(runs, key=lambda p: p.name) if runs else None
+
+
+def read_settings(run: Path) -> dict:
+    path = Path(run) / CONFIG
+    try:
+        settings = json.loads(path.read_text())
+        if not isinstance(settings, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the settings of run {run}: {path}: {exc}") from exc
+    return settings
+
+
+def write_settings(out: Path, settings: dict) -> None:
+    """``OUT/config.json`` (atomically): what ``--resume OUT`` reads back."""
+    tmp = Path(out) / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps({**settings, "resume": None}, indent=2) + "\n")
+    os.replace(tmp, Path(out) / CONFIG)
+
+
+def resolve_settings(given: dict, defaults: dict) -> dict:
+    """Full settings from the flags the user ``given`` (name -> value, only those on the command
+    line): a fresh run takes ``defaults`` below them; a resumed run takes its saved config.json
+    below them (``validate`` then refuses the ones a checkpoint cannot change)."""
+    resume = given.get("resume")
+    if resume is None:
+        settings = {**defaults, **given}
+        if settings.get("out") is None:
+            settings["out"] = str(new_run_dir(_prefix({**defaults, **given})))
+        return settings
+    run, out = _resume_target(resume, given, defaults)
+    saved = {k: v for k, v in read_settings(run).items() if k in defaults} if run else {}
+    saved = {k: v for k, v in saved.items() if k not in NOT_INHERITED}
+    for flag, (other, cleared) in REPLACES.items():
+        if flag in given and other not in given:
+            saved[other] = cleared
+    return {**defaults, **saved, **given, "out": str(out),
+            "resume": "latest" if resume == "latest" or out == Path(resume) else resume}
+
+
+def _prefix(settings: dict) -> str:
+    return run_prefix(settings["model"], settings.get("hf_config"), settings["ring"],
+                      settings["ulysses"], settings["tp"], settings["seq_len"])
+
+
+def _resume_target(resume: str, given: dict, defaults: dict) -> tuple[Path | None, Path]:
+    """(the run whose settings to read back, the run directory to train in) for ``--resume``."""
+    if resume == "latest":
+        if given.get("out") is not None:
+            out = Path(given["out"])
+            return (out if (out / CONFIG).is_file() else None), out
+        prefix = _prefix({**defaults, **given})
+        run = latest_run(prefix)
+        if run is None:
+            raise ValueError(
+                f"--resume: no run of this configuration in {RUNS}/ ({RUNS / prefix}-*); pass "
+                "the run directory: --resume RUN_DIR"
+            )
+        return run, run
+    path = Path(resume)
+    if (path / CONFIG).is_file():  # a run directory
+        if given.get("out") is not None and Path(given["out"]) != path:
+            raise ValueError(
+                f"--resume {path} continues that run in place; to branch it into --out "
+                f"{given['out']}, pass one of its checkpoints: --resume {path}/checkpoints/step_N"
+            )
+        return path, path
+    if not path.is_dir():
+        raise ValueError(f"--resume {path}: no such run directory or checkpoint")
+    run = path.parent.parent  # RUN/checkpoints/step_N
+    run = run if (run / CONFIG).is_file() else None
+    if given.get("out") is None and run is None:
+        raise ValueError(f"--resume {path}: not inside a run directory; pass --out for the run")
+    return run, Path(given["out"]) if given.get("out") is not None else run
+
+
+# ---------------------------------------------------------------------------- the directory
+PREVIOUS_RUN_FILES = (CONFIG, "metrics.jsonl", "checkpoints")
+
+
+def check_fresh(out: Path) -> None:
+    """A run without ``--resume`` starts in a directory that holds no run."""
+    previous = [name for name in PREVIOUS_RUN_FILES if (Path(out) / name).exists()]
+    if previous:
+        raise ValueError(
+            f"--out {out} holds a previous run ({', '.join(previous)}); pass --resume {out} to "
+            "continue it or choose another --out (nothing was overwritten)"
+        )
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be created or written, before anything starts."""
+    out = Path(out)
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise ValueError(f"--out {out} cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} is not writable: no write permission on {existing} "
+                         "(or a read-only file system)")
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as this process trains in it."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        path = self.out / LOCK
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ValueError(f"--out {self.out} cannot be written: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(
+                f"--out {self.out} is in use by another usp train run ({holder}); wait for it "
+                "to finish or choose another --out (nothing was written)"
+            ) from None
+        os.ftruncate(fd, 0)
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}"
+        os.write(fd, holder.encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
