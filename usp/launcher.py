@@ -95,11 +95,10 @@ def launch_elastic(config: TrainConfig, run_dir_locked: bool = False) -> list[di
 
 
 def _result(*per_rank):
-    """Rank 0's records, or the ValueError a rank returned (its own message before the others'
-    "another rank rejected")."""
+    """Rank 0's records, or the ValueError the ranks returned (they agree on one message)."""
     errors = [r[_ERROR] for r in per_rank if isinstance(r, dict) and _ERROR in r]
     if errors:
-        raise ValueError(sorted(errors, key=lambda e: e.startswith("another rank"))[0])
+        raise ValueError(errors[0])
     return per_rank[0]
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from usp import checkpoint, metrics, run_dir
+from usp.comm import agree, collective_device
 from usp.resume import choose_intact
 from usp.run_dir import RunLock
 from usp.train_setup import TrainConfig, build_run, validate
@@ -132,16 +133,13 @@ def _validate_on_every_rank(config: TrainConfig, run_dir_locked: bool) -> RunLoc
             lock = RunLock(Path(config.out)).acquire()
             validate(config, world_size)  # again under the lock
     except ValueError as exc:
-        error = exc
-    if dist.is_initialized():
-        failed = torch.tensor([float(error is not None)], device=_collective_device())
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if error is None and failed.item() > 0:
-            error = ValueError("another rank rejected this configuration; see its error message")
-    if error is not None:
+        error = str(exc)
+    try:
+        agree(dist.group.WORLD if dist.is_initialized() else None, {}, error)
+    except ValueError:
         if lock is not None:
             lock.release()
-        raise error
+        raise
     return lock
 
 
@@ -200,17 +198,10 @@ def train_step(run, config: TrainConfig, step: int) -> dict:
 def _gather(values: torch.Tensor) -> list[torch.Tensor]:
     if not dist.is_initialized():
         return [values]
-    values = values.to(_collective_device())
+    values = values.to(collective_device())
     gathered = [torch.empty_like(values) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, values)
     return [g.cpu() for g in gathered]
-
-
-def _collective_device() -> torch.device:
-    """NCCL communicates CUDA tensors, gloo CPU tensors."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

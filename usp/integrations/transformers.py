@@ -18,12 +18,12 @@ the others waiting in a collective.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from usp.attention import usp_attention
 from usp.attention.ulysses import kv_replication
+from usp.comm import agree
 from usp.data import shard_batch
 from usp.integrations.hf_masks import ATTENTION_NAME, MaskRequest, usp_mask, window_refusal
 from usp.layout import check_layout, sequence_positions
@@ -100,15 +100,9 @@ class USPContext:
         """
         return global_mean_cross_entropy(logits, labels, self.topology)
 
-    def agree(self, refusal: str | None, device: torch.device) -> None:
-        """Raise ``refusal`` as ValueError on every rank if any rank has one (one all-reduce)."""
-        if self._group is not None:
-            flag = torch.tensor([float(refusal is not None)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-            if refusal is None and flag.item() > 0:
-                refusal = "another rank refused this forward; its error says why"
-        if refusal is not None:
-            raise ValueError(refusal)
+    def agree(self, refusal: str | None) -> None:
+        """Raise the refusal of any rank as the same ValueError on every rank (one all-gather)."""
+        agree(self._group, {}, refusal)
 
 
 def check_config(config, topology: Topology) -> None:
@@ -180,7 +174,7 @@ def usp_attention_forward(
         check_rope(config)
     if request is None or not request.agreed:
         refusal = _local_refusal(attention_mask, query, key, is_causal, position_ids, usp_context)
-        usp_context.agree(refusal, query.device)
+        usp_context.agree(refusal)
         request.agreed = True  # agree() raised unless the mask is a MaskRequest
     out = usp_attention(
         # [B, H, S_RU, D] -> [B, S_RU, H, D]
