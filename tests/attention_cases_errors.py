@@ -49,8 +49,15 @@ def bad_inputs(rank: int, world_size: int) -> list[str]:
         _expect_value_error(lambda: usp.Topology.build(ring=2, ulysses=2, dp=2), "dp=2", "4"),
         _expect_value_error(lambda: usp.ring_attention(x(4, 4), x(4, 4), x(4, 4), topology),
                             "ulysses=2"),
-        _expect_value_error(lambda: usp.shard_sequence(torch.zeros(1, 6), topology, "zigzag"),
-                            "6", "8"),
+        # 4 slots per rank x 4 ranks = 16 slots: 3 tokens would have been padded to 4, not 16
+        _expect_value_error(lambda: attention(x(4, 4), x(4, 4), x(4, 4), topology, seq_len=3),
+                            "seq_len=3", "16 slots"),
+        _expect_value_error(
+            lambda: attention(x(4, 4), x(4, 4), x(4, 4), topology, window=(2, 0),
+                              kernel="cuda_efficient"), "cuda"),
+        _expect_value_error(
+            lambda: attention(x(4, 4), x(4, 4), x(4, 4), topology,
+                              documents=torch.tensor([0, 1, 0] + [2] * 13)), "contiguous run"),
     ]
     messages += rank_dependent_inputs(rank, topology, pure_ring)
     # after all of that, the ranks are still in step: a real call works

@@ -8,7 +8,9 @@ on CPU, so usp's adapter is tested against each calling convention without a GPU
 - ``v3``: FlashAttention-3's ``flash_attn_interface``, plain functions with many required
   parameters that mean "unused" when None (varlen, paged, rotary, descale).
 
-Each asserts that the unused parameters arrive as None and the features usp does not use are off.
+Each asserts that the unused parameters arrive as None and the features usp does not use are off,
+and applies ``causal`` and ``window_size`` the way flash-attn does (aligned bottom-right), so the
+conversion of usp's top-left bands into flash-attn windows is tested too.
 """
 
 from __future__ import annotations
@@ -18,19 +20,30 @@ from typing import Optional
 
 import torch
 
-from usp.attention.kernels import math_backward, math_forward
+from usp.attention.kernels import Band, math_backward, math_forward
 
 Tensor = torch.Tensor
 
 
-def _forward(q, k, v, softmax_scale, causal):
-    out, lse = math_forward(q, k, v, causal, softmax_scale)
+def _band(q, k, causal, window) -> Band:
+    """flash-attn's mask as a top-left band: query i sees key j iff
+    i + shift - left <= j <= i + shift + right (shift = n_k - n_q; -1: unbounded)."""
+    left, right = window
+    shift = k.shape[1] - q.shape[1]
+    hi = None if right < 0 else shift + right
+    if causal:
+        hi = shift if hi is None else min(hi, shift)
+    return Band(None if left < 0 else shift - left, hi)
+
+
+def _forward(q, k, v, softmax_scale, causal, window=(-1, -1)):
+    out, lse = math_forward(q, k, v, _band(q, k, causal, window), softmax_scale)
     return out, lse.float()  # flash-attn's lse is fp32 whatever the input dtype
 
 
-def _backward_into(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal):
-    for buffer, grad in zip((dq, dk, dv), math_backward(dout, q, k, v, out, lse, causal,
-                                                          softmax_scale)):
+def _backward_into(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, window=(-1, -1)):
+    grads = math_backward(dout, q, k, v, out, lse, _band(q, k, causal, window), softmax_scale)
+    for buffer, grad in zip((dq, dk, dv), grads):
         buffer.copy_(grad)
     return torch.zeros(lse.shape, dtype=torch.float32)
 
@@ -42,8 +55,7 @@ def fa27_forward(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, softmax_scal
                  alibi_slopes: Optional[Tensor], return_softmax: bool
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     assert dropout_p == 0 and softcap == 0 and alibi_slopes is None and not return_softmax
-    assert (window_size_left, window_size_right) == (-1, -1)
-    out, lse = _forward(q, k, v, softmax_scale, causal)
+    out, lse = _forward(q, k, v, softmax_scale, causal, (window_size_left, window_size_right))
     return out, lse, torch.empty(0, dtype=q.dtype), torch.zeros(2, dtype=torch.int64)
 
 
@@ -55,22 +67,23 @@ def fa27_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, so
                   window_size_right: int, softcap: float, alibi_slopes: Optional[Tensor],
                   deterministic: bool, rng_state: Optional[Tensor] = None) -> Tensor:
     assert dropout_p == 0 and softcap == 0 and alibi_slopes is None
-    assert (window_size_left, window_size_right) == (-1, -1)
-    return _backward_into(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal)
+    return _backward_into(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal,
+                          (window_size_left, window_size_right))
 
 
 # ------------------------------------------------------------------------------------- 2.5
 def fa25_forward(q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
                  return_softmax):
-    assert dropout_p == 0 and tuple(window_size) == (-1, -1) and alibi_slopes is None
-    out, lse = _forward(q, k, v, softmax_scale, causal)
+    assert dropout_p == 0 and alibi_slopes is None
+    out, lse = _forward(q, k, v, softmax_scale, causal, tuple(window_size))
     return out, q, k, v, out, lse, None, torch.zeros(2, dtype=torch.int64)
 
 
 def fa25_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
                   window_size, alibi_slopes, deterministic, rng_state=None):
-    assert dropout_p == 0 and tuple(window_size) == (-1, -1) and alibi_slopes is None
-    softmax_d = _backward_into(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal)
+    assert dropout_p == 0 and alibi_slopes is None
+    softmax_d = _backward_into(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal,
+                               tuple(window_size))
     return dq, dk, dv, softmax_d
 
 
@@ -84,8 +97,8 @@ def fa3_forward(q, k, v, k_new, v_new, qv, out, cu_seqlens_q, cu_seqlens_k, cu_s
     unused = (k_new, v_new, qv, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k_new, seqused_q,
               seqused_k, max_seqlen_q, max_seqlen_k, page_table, kv_batch_idx, leftpad_k,
               rotary_cos, rotary_sin, seqlens_rotary, q_descale, k_descale, v_descale)
-    assert all(x is None for x in unused) and tuple(window_size) == (-1, -1) and softcap == 0
-    out, lse = _forward(q, k, v, softmax_scale, causal)
+    assert all(x is None for x in unused) and softcap == 0
+    out, lse = _forward(q, k, v, softmax_scale, causal, tuple(window_size))
     return out, lse, None, None
 
 
@@ -93,8 +106,9 @@ def fa3_backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, se
                  max_seqlen_q, max_seqlen_k, dq, dk, dv, softmax_scale, causal,
                  window_size=(-1, -1), softcap=0.0, deterministic=False, sm_margin=0):
     unused = (cu_seqlens_q, cu_seqlens_k, sequed_q, sequed_k, max_seqlen_q, max_seqlen_k)
-    assert all(x is None for x in unused) and tuple(window_size) == (-1, -1) and softcap == 0
-    softmax_d = _backward_into(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal)
+    assert all(x is None for x in unused) and softcap == 0
+    softmax_d = _backward_into(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, causal,
+                               tuple(window_size))
     return dq, dk, dv, softmax_d
 
 

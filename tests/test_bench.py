@@ -11,7 +11,9 @@ from usp.attention.ring import ring_attention_on_group
 from usp.bench.attention_device import DeviceShape, run_device_benchmark
 from usp.cli.bench_tables import format_device_report
 from usp.bench.kernel_clock import KernelClock
+from usp.mask import AttentionMask
 from usp.p2p import LoopbackRing
+from usp.schedule import RingSchedule
 
 
 def test_kernel_clock_counts_one_ring_rank_share_of_causal_flops():
@@ -20,9 +22,11 @@ def test_kernel_clock_counts_one_ring_rank_share_of_causal_flops():
     batch, tokens, heads, head_dim, ring_size = 1, 16, 2, 8, 4
     clock = KernelClock(KERNELS["cpu_flash"], torch.device("cpu"))
     q, k, v = (torch.randn(batch, tokens, heads, head_dim, requires_grad=True) for _ in range(3))
+    schedule = RingSchedule(AttentionMask.build(tokens * ring_size, causal=True), "zigzag",
+                            ring_size)
     out = ring_attention_on_group(q, k, v, LoopbackRing(ring_size, ring_size - 1),
-                                  layout="zigzag", causal=True,
-                                  scale=default_scale(head_dim, None), kernel=clock.kernel)
+                                  schedule=schedule, scale=default_scale(head_dim, None),
+                                  kernel=clock.kernel)
     forward_flops = clock.flops
     out.sum().backward()
     seq = ring_size * tokens

@@ -15,7 +15,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests import flash_attn_standins
-from usp.attention.kernels import KERNELS, Kernel, default_scale, math_backward, math_forward
+from usp.attention.kernels import (KERNELS, Band, Kernel, default_scale, math_backward,
+                                   math_forward)
 from usp.attention.kernels import registry, resolve_kernel
 from usp.attention.kernels.flash_attn import FLASH_ATTN, FLASH_ATTN_3, call_by_name
 
@@ -75,12 +76,33 @@ def test_sdpa_adapters_match_torch_op_schemas_on_fake_cuda(name, heads, kv_heads
         assert forward[1].shape[2] == kv_heads
 
 
-def test_cuda_flash_refuses_non_square_causal_blocks():
+@pytest.mark.parametrize("band,n_q,n_k,box,window,causal", [
+    # (usp band, block, the visible box the op runs on, flash's bottom-right window, causal flag)
+    (Band(-3, 0), 16, 16, (16, 16), (3, 0), False),       # a sliding window
+    (Band(None, -1), 16, 16, (15, 15), (-1, -1), True),   # stripe: strictly lower -> trimmed
+    (Band(None, 0), 8, 16, (8, 8), (-1, -1), True),       # top-left causal, keys beyond cut
+    (Band(None, 0), 16, 8, (16, 8), (-1, 8), False),      # top-left causal, more queries
+    (Band(2, 6), 16, 16, (14, 14), (0, 4), False),        # a band above the diagonal
+])
+def test_bands_reach_flash_as_bottom_right_windows_on_their_visible_box(band, n_q, n_k, box,
+                                                                        window, causal):
+    with FakeTensorMode(), RecordAttentionOps() as recorded:
+        q = torch.empty(1, n_q, 2, 64, device="cuda", dtype=torch.bfloat16)
+        k = torch.empty(1, n_k, 2, 64, device="cuda", dtype=torch.bfloat16)
+        out, lse = KERNELS["cuda_flash"].forward(q, k, k, band, 0.125)
+        assert out.shape == q.shape and lse.shape == (1, 2, n_q)
+    func, args, kwargs = recorded.calls[0]
+    assert (args[0].shape[1], args[1].shape[1]) == box
+    assert (kwargs["window_size_left"], kwargs["window_size_right"]) == window
+    assert args[8] is causal
+
+
+def test_kernels_without_windows_refuse_bands_and_auto_avoids_them():
     with FakeTensorMode():
-        q = torch.empty(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
-        k = torch.empty(1, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
-        with pytest.raises(ValueError, match="square blocks only; got 8 queries and 16 keys"):
-            KERNELS["cuda_flash"].forward(q, k, k, True, 0.125)
+        q = torch.empty(1, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="'cuda_efficient' runs full and causal blocks only"):
+            KERNELS["cuda_efficient"].forward(q, q, q, Band(-3, 0), 0.125)
+    assert KERNELS["cuda_flash"].bands and not KERNELS["cuda_cudnn"].bands
 
 
 def _inputs(heads=4, kv_heads=2, seq=24, head_dim=20, seed=0):
@@ -90,7 +112,7 @@ def _inputs(heads=4, kv_heads=2, seq=24, head_dim=20, seed=0):
 
 
 @pytest.mark.parametrize("generation", sorted(flash_attn_standins.GENERATIONS))
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", [True, False, Band(-5, 0), Band(None, -1), Band(-7, 3)])
 def test_flash_attn_adapter_calls_every_api_generation_by_name(monkeypatch, generation, causal):
     forward, backward = flash_attn_standins.GENERATIONS[generation]
     interface = flash_attn_standins.module("standin", forward, backward)

@@ -1,4 +1,4 @@
-"""Layouts: which global token positions each rank holds, and the ring's causal block schedule.
+"""Layouts: which global token positions each rank holds; padding for lengths that do not split.
 
 A layout maps the global sequence onto the ring's ``R`` blocks; the ring block of ring rank ``r``
 is then cut into ``U`` contiguous pieces, piece ``u`` to Ulysses rank ``u`` (the Ulysses
@@ -10,11 +10,14 @@ all-to-all concatenates the pieces back in Ulysses-rank order, giving the ring i
 
 Tokens, labels and RoPE positions must all be permuted the same way: use
 :func:`shard_sequence` for the tensors and :func:`sequence_positions` for the positions.
+
+A length the layout cannot split evenly is padded to :func:`padded_length` slots; the slots past
+the real length hold no token: :func:`shard_sequence` fills them, :func:`usp.usp_attention` masks
+them (``seq_len=``), the loss ignores them, and :func:`unshard_sequence` drops them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -31,18 +34,35 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
 
 
-def check_sequence_length(seq_len: int, ring: int, ulysses: int, layout: str) -> None:
-    """Raise ValueError unless ``layout`` can split ``seq_len`` over ring × ulysses evenly."""
+def slot_multiple(ring: int, ulysses: int, layout: str) -> int:
+    """The number of slots a sequence is padded to a multiple of: ``ring x ulysses``, and for
+    zigzag an even number of slots per ring block (its two chunks)."""
     check_layout(layout)
-    need = [ring * ulysses] + ([2 * ring] if layout == "zigzag" else [])
-    for divisor in need:
-        if seq_len % divisor != 0:
-            multiple = ring * ulysses * (2 if layout == "zigzag" and ulysses % 2 else 1)
-            raise ValueError(
-                f"sequence length {seq_len} cannot be split by layout {layout!r} over ring={ring} x "
-                f"ulysses={ulysses}: it must be a multiple of {multiple}; pad it to "
-                f"{-(-seq_len // multiple) * multiple}"
-            )
+    multiple = ring * ulysses
+    if layout == "zigzag" and ulysses % 2:
+        multiple *= 2
+    return multiple
+
+
+def padded_length(seq_len: int, ring: int, ulysses: int, layout: str) -> int:
+    """The slots ``layout`` splits a ``seq_len``-token sequence into (``>= seq_len``): the
+    slots past ``seq_len`` hold no token and are masked out of attention and loss."""
+    if seq_len < 1:
+        raise ValueError(f"sequence length {seq_len} must be at least 1")
+    multiple = slot_multiple(ring, ulysses, layout)
+    return -(-seq_len // multiple) * multiple
+
+
+def check_sequence_length(seq_len: int, ring: int, ulysses: int, layout: str) -> None:
+    """Raise ValueError unless ``layout`` splits ``seq_len`` slots over ring × ulysses evenly
+    (shards from :func:`shard_sequence` always do: it pads)."""
+    multiple = slot_multiple(ring, ulysses, layout)
+    if seq_len % multiple != 0:
+        raise ValueError(
+            f"sequence length {seq_len} cannot be split by layout {layout!r} over ring={ring} x "
+            f"ulysses={ulysses}: it must be a multiple of {multiple}; shard_sequence pads it to "
+            f"{-(-seq_len // multiple) * multiple} (pass seq_len={seq_len} to usp_attention)"
+        )
 
 
 def ring_block_positions(seq_len: int, ring: int, ring_rank: int, layout: str) -> Tensor:
@@ -62,24 +82,38 @@ def ring_block_positions(seq_len: int, ring: int, ring_rank: int, layout: str) -
 def shard_positions(
     seq_len: int, ring: int, ulysses: int, ring_rank: int, ulysses_rank: int, layout: str
 ) -> Tensor:
-    """Global positions held by the rank at (ring_rank, ulysses_rank)."""
-    check_sequence_length(seq_len, ring, ulysses, layout)
-    piece = seq_len // (ring * ulysses)
-    block = ring_block_positions(seq_len, ring, ring_rank, layout)
+    """Global positions of the slots held by the rank at (ring_rank, ulysses_rank); positions
+    ``>= seq_len`` are the padding slots of an uneven length."""
+    slots = padded_length(seq_len, ring, ulysses, layout)
+    piece = slots // (ring * ulysses)
+    block = ring_block_positions(slots, ring, ring_rank, layout)
     return block[ulysses_rank * piece : (ulysses_rank + 1) * piece]
 
 
 def sequence_positions(seq_len: int, topology: Topology, layout: str = "zigzag") -> Tensor:
-    """LongTensor ``[S_local]``: the global positions of this rank's tokens (for RoPE and labels)."""
+    """LongTensor ``[S_local]``: the global positions of this rank's slots (for RoPE and labels);
+    for a length the layout cannot split evenly, the last slots (positions ``>= seq_len``) are
+    padding."""
     return shard_positions(
         seq_len, topology.ring_size, topology.ulysses_size, topology.ring_rank,
         topology.ulysses_rank, layout,
     )
 
 
-def shard_sequence(x: Tensor, topology: Topology, layout: str = "zigzag", dim: int = 1) -> Tensor:
-    """This rank's shard ``[.., S_local, ..]`` of a global tensor ``[.., S, ..]`` (along ``dim``)."""
-    positions = sequence_positions(x.shape[dim], topology, layout).to(x.device)
+def shard_sequence(x: Tensor, topology: Topology, layout: str = "zigzag", dim: int = 1,
+                   fill: float = 0) -> Tensor:
+    """This rank's shard ``[.., S_local, ..]`` of a global tensor ``[.., S, ..]`` (along ``dim``).
+
+    A length the layout cannot split evenly is padded with ``fill`` first (use -100 for labels);
+    pass ``seq_len=S`` to :func:`usp.usp_attention` so the padding is masked."""
+    dim = dim % x.dim()
+    seq_len = x.shape[dim]
+    slots = padded_length(seq_len, topology.ring_size, topology.ulysses_size, layout)
+    if slots > seq_len:
+        pad_shape = list(x.shape)
+        pad_shape[dim] = slots - seq_len
+        x = torch.cat([x, x.new_full(pad_shape, fill)], dim=dim)
+    positions = sequence_positions(seq_len, topology, layout).to(x.device)
     if layout == "contiguous":
         return x.narrow(dim, int(positions[0]), positions.numel())
     return x.index_select(dim, positions)
@@ -87,83 +121,53 @@ def shard_sequence(x: Tensor, topology: Topology, layout: str = "zigzag", dim: i
 
 class _Unshard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_local, topology, layout, dim):
+    def forward(ctx, x_local, topology, layout, dim, seq_len):
         ring, ulysses = topology.ring_size, topology.ulysses_size
-        seq_len = x_local.shape[dim] * ring * ulysses
+        slots = x_local.shape[dim] * ring * ulysses
         stacked = all_gather_stacked(x_local, topology.sequence_group)  # [G, .., S_local, ..]
         positions = torch.cat([
-            shard_positions(seq_len, ring, ulysses, index // ulysses, index % ulysses, layout)
+            shard_positions(slots, ring, ulysses, index // ulysses, index % ulysses, layout)
             for index in topology.sequence_index_of_group_rank
         ]).to(x_local.device)
         gathered = stacked.movedim(0, dim).flatten(dim, dim + 1)  # [.., G*S_local, ..]
         out = torch.empty_like(gathered).index_copy_(dim, positions, gathered)
-        ctx.dim, ctx.own = dim, sequence_positions(seq_len, topology, layout).to(x_local.device)
-        return out
+        ctx.dim, ctx.slots = dim, slots
+        ctx.own = sequence_positions(slots, topology, layout).to(x_local.device)
+        return out.narrow(dim, 0, seq_len)  # the padding slots of an uneven length dropped
 
     @staticmethod
     def backward(ctx, grad):
         # the gathered tensor is replicated over the sequence group: each rank keeps its slice
-        return grad.index_select(ctx.dim, ctx.own), None, None, None
+        # (zero for its padding slots)
+        extra = list(grad.shape)
+        extra[ctx.dim] = ctx.slots - grad.shape[ctx.dim]
+        grad = torch.cat([grad, grad.new_zeros(extra)], dim=ctx.dim)
+        return grad.index_select(ctx.dim, ctx.own), None, None, None, None
 
 
 def unshard_sequence(
-    x_local: Tensor, topology: Topology, layout: str = "zigzag", dim: int = 1
+    x_local: Tensor, topology: Topology, layout: str = "zigzag", dim: int = 1,
+    seq_len: int | None = None,
 ) -> Tensor:
-    """Gather every rank's shard back into global order ``[.., S, ..]`` on every rank.
+    """Gather every rank's shard back into global order ``[.., S, ..]`` on every rank, the
+    padding slots of an uneven length ``seq_len`` dropped (None: every slot is a token).
 
     Differentiable: the result is treated as replicated over the sequence group, so the backward
     hands each rank its own slice of the gradient (right when all ranks compute the same function
     of the gathered tensor).
     """
     check_layout(layout)
+    dim = dim % x_local.dim()
+    slots = x_local.shape[dim] * topology.sequence_size
+    seq_len = slots if seq_len is None else seq_len
+    if not 0 < seq_len <= slots or padded_length(
+            seq_len, topology.ring_size, topology.ulysses_size, layout) != slots:
+        raise ValueError(
+            f"seq_len={seq_len} does not fit {slots} slots ({x_local.shape[dim]} per rank x "
+            f"{topology.sequence_size} ranks) under layout {layout!r}"
+        )
     if topology.sequence_size == 1:
-        return x_local
+        return x_local.narrow(dim, 0, seq_len)
     if not dist.is_initialized():
         raise ValueError("unshard_sequence over several ranks needs an initialised process group")
-    return _Unshard.apply(x_local, topology, layout, dim % x_local.dim())
-
-
-# ------------------------------------------------------------------------- causal block schedule
-@dataclass(frozen=True)
-class Block:
-    """Query rows [q_start, q_end) meet key rows [k_start, k_end), with a top-left causal mask or not."""
-
-    q_start: int
-    q_end: int
-    k_start: int
-    k_end: int
-    causal: bool
-
-
-def ring_step_blocks(
-    layout: str, causal: bool, ring_rank: int, source_rank: int, block_len: int
-) -> list[Block]:
-    """The attention a ring rank computes when it holds the key block of ``source_rank``.
-
-    Returns an empty list when the whole block is masked (the K/V are still passed on).
-    """
-    full = Block(0, block_len, 0, block_len, False)
-    if not causal:
-        return [full]
-    diagonal = Block(0, block_len, 0, block_len, True)
-    if layout == "contiguous":
-        if source_rank == ring_rank:
-            return [diagonal]
-        return [full] if source_rank < ring_rank else []
-    if layout == "zigzag":
-        half = block_len // 2
-        if source_rank == ring_rank:
-            # chunk r precedes chunk 2R-1-r, so one top-left causal mask covers the whole block
-            return [diagonal]
-        if source_rank < ring_rank:
-            # both query chunks follow the source's first chunk and precede its second
-            return [Block(0, block_len, 0, half, False)]
-        # only our second chunk follows the source's chunks, and it follows both entirely
-        return [Block(half, block_len, 0, block_len, False)]
-    if layout == "stripe":
-        if source_rank <= ring_rank:
-            return [diagonal]
-        # query R·i + r sees key R·j + src only for j < i: strictly below the diagonal
-        return [Block(1, block_len, 0, block_len - 1, True)] if block_len > 1 else []
-    check_layout(layout)
-    return []
+    return _Unshard.apply(x_local, topology, layout, dim, seq_len)

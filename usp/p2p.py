@@ -21,19 +21,20 @@ Tensor = torch.Tensor
 
 
 class RingExchange:
-    """Asynchronous send to the next rank and receive from the previous one on a ring group.
+    """Asynchronous send to the rank ``offset`` ahead and receive from the one ``offset`` behind
+    on a ring group (``offset`` 1: the next and the previous rank).
 
     ``start`` posts both operations and returns at once, so the caller computes while the bytes
     travel; ``wait`` blocks until the received buffer is filled (and the send buffer is free).
     """
 
-    def __init__(self, group: dist.ProcessGroup, tag: int = 0) -> None:
+    def __init__(self, group: dist.ProcessGroup, tag: int = 0, offset: int = 1) -> None:
         # distinct tags keep two exchanges in flight on one group (K/V and dK/dV) apart
         self.group, self.tag = group, tag
         self.size = dist.get_world_size(group)
         rank = dist.get_rank(group)
-        self.next_rank = dist.get_global_rank(group, (rank + 1) % self.size)
-        self.prev_rank = dist.get_global_rank(group, (rank - 1) % self.size)
+        self.next_rank = dist.get_global_rank(group, (rank + offset) % self.size)
+        self.prev_rank = dist.get_global_rank(group, (rank - offset) % self.size)
         self._works: list = []
 
     def start(self, send: Tensor, recv: Tensor) -> None:
@@ -61,8 +62,10 @@ class GroupRing:
         self.group = group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
 
-    def exchange(self, tag: int) -> RingExchange:
-        return RingExchange(self.group, tag)
+    def exchange(self, tag: int, offset: int = 1) -> "RingExchange | LoopbackExchange":
+        if offset % self.size == 0:  # to this rank itself: a copy
+            return LoopbackExchange()
+        return RingExchange(self.group, tag, offset)
 
 
 class LoopbackExchange:
@@ -98,5 +101,12 @@ class LoopbackRing:
             raise ValueError(f"rank {rank} is not in a ring of {size}")
         self.size, self.rank = size, rank
 
-    def exchange(self, tag: int) -> LoopbackExchange:
+    def exchange(self, tag: int, offset: int = 1) -> LoopbackExchange:
         return LoopbackExchange()
+
+
+class SelfRing(LoopbackRing):
+    """A ring of one rank (attention that needs several kernel calls on one device)."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 0)

@@ -17,7 +17,9 @@ from torch import nn
 from usp.attention.kernels import Kernel, default_scale, resolve_kernel
 from usp.attention.ring import ring_attention_on_group
 from usp.attention.ulysses import kv_replication, ulysses_around
-from usp.layout import check_layout, check_sequence_length
+from usp.layout import check_layout, check_sequence_length, padded_length
+from usp.mask import AttentionMask
+from usp.schedule import schedule_for
 from usp.topology import Topology
 
 Tensor = torch.Tensor
@@ -73,7 +75,7 @@ def _check_collective_device(q: Tensor, topology: Topology) -> None:
         )
 
 
-def _describe(q, k, v, causal, layout, softmax_scale, kernel) -> dict:
+def _describe(q, k, v, mask, layout, softmax_scale, kernel) -> dict:
     """What every rank of a sequence group must pass alike (agreed before the first collective)."""
     shape = lambda t: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__  # noqa: E731
     return {
@@ -81,7 +83,9 @@ def _describe(q, k, v, causal, layout, softmax_scale, kernel) -> dict:
         "dtypes": tuple(str(getattr(t, "dtype", None)) for t in (q, k, v)),
         # the device type, not the index: each rank has its own GPU
         "devices": tuple(str(getattr(getattr(t, "device", None), "type", None)) for t in (q, k, v)),
-        "causal": bool(causal), "layout": layout, "softmax_scale": softmax_scale,
+        "causal": getattr(mask, "causal", None), "window": getattr(mask, "window", None),
+        "documents": mask.documents_digest() if isinstance(mask, AttentionMask) else None,
+        "layout": layout, "softmax_scale": softmax_scale,
         "kernel": kernel.name if isinstance(kernel, Kernel) else kernel,
     }
 
@@ -101,6 +105,12 @@ def usp_attention(
     layout: str = "zigzag",
     softmax_scale: float | None = None,
     kernel: "str | Kernel" = "auto",
+    window: tuple[int, int] | None = None,
+    documents: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    padding_mask: Tensor | None = None,
+    seq_len: int | None = None,
+    mask: AttentionMask | None = None,
 ) -> Tensor:
     """Attention over a sequence sharded on ring × ulysses ranks.
 
@@ -108,26 +118,73 @@ def usp_attention(
     :func:`usp.shard_sequence`). Returns [B, S_RU, Hq, D] in q's dtype. ``Hq % Hkv == 0``; the
     Ulysses degree must divide Hq, and Hkv and ulysses must divide one another. Differentiable.
 
+    Masks describe the **global** sequence and are the same on every rank:
+
+    - ``window=(left, right)``: query i sees keys i-left .. i+right (-1: unbounded; flash-attn's
+      convention; with ``causal`` the right side is 0);
+    - ``documents`` ([S] or [B, S], a document id per position, -1 for no token) or flash-attn's
+      ``cu_seqlens``: packed documents, attention stays inside each;
+    - ``padding_mask`` ([B, S], true for tokens, as Hugging Face passes it): padding attends to
+      nothing and is seen by nothing (its output and gradients are zero);
+    - ``seq_len``: the real length when :func:`usp.shard_sequence` padded an uneven one;
+    - or ``mask``, an :class:`usp.AttentionMask` built once (then none of the above).
+
     Before the first collective the ranks of the sequence group agree on the call (shapes,
-    dtype, flags): bad input on any rank, or ranks that disagree, raise the same ValueError on
-    every rank. This costs one tiny all-gather the first time each call description is seen.
+    dtype, flags, mask): bad input on any rank, or ranks that disagree, raise the same
+    ValueError on every rank. This costs one tiny all-gather the first time each call
+    description is seen.
     """
     error, chosen = None, None
     try:
         check_inputs(q, k, v, topology, layout, softmax_scale)
+        mask = _attention_mask(q, topology, layout, mask, causal, window, documents,
+                               cu_seqlens, padding_mask, seq_len)
         _check_collective_device(q, topology)
-        chosen = resolve_kernel(kernel, q)
+        chosen = resolve_kernel(kernel, q, bands=mask.window is not None)
     except ValueError as exc:
         error = str(exc)
-    topology.agree_on_call(_describe(q, k, v, causal, layout, softmax_scale, kernel), error)
+    topology.agree_on_call(_describe(q, k, v, mask, layout, softmax_scale, kernel), error)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     scale = default_scale(q.shape[-1], softmax_scale)
     ring_group = topology.ring_group if topology.ring_size > 1 else None
-    ring = partial(ring_attention_on_group, group=ring_group, layout=layout, causal=causal,
-                   scale=scale, kernel=chosen)
+    schedule = schedule_for(mask, layout, topology.ring_size)
+    ring = partial(ring_attention_on_group, group=ring_group, schedule=schedule, scale=scale,
+                   kernel=chosen)
     if topology.ulysses_size == 1:
         return ring(q, k, v)  # [B, S_R, Hq, D]
     return ulysses_around(q, k, v, topology.ulysses_group, ring)
+
+
+def _attention_mask(q, topology, layout, mask, causal, window, documents, cu_seqlens,
+                    padding_mask, seq_len) -> AttentionMask:
+    """The call's mask over its ``S_local x ring x ulysses`` slots; ValueError when it cannot be."""
+    slots = q.shape[1] * topology.sequence_size
+    if mask is not None:
+        given = [name for name, value in (("causal", causal), ("window", window),
+                                          ("documents", documents), ("cu_seqlens", cu_seqlens),
+                                          ("padding_mask", padding_mask), ("seq_len", seq_len))
+                 if value not in (None, False)]
+        if given:
+            raise ValueError(f"pass mask= or {given}, not both (the mask holds them)")
+        if mask.seq_len != slots:
+            raise ValueError(f"the mask covers {mask.seq_len} slots, the shards hold {slots}")
+    else:
+        if seq_len is not None and padded_length(
+                seq_len, topology.ring_size, topology.ulysses_size, layout) != slots:
+            raise ValueError(
+                f"seq_len={seq_len} does not fit the {slots} slots of the shards "
+                f"({q.shape[1]} per rank): shard_sequence pads {seq_len} tokens to "
+                f"{padded_length(seq_len, topology.ring_size, topology.ulysses_size, layout)}"
+            )
+        mask = AttentionMask.build(slots, causal=causal, window=window, documents=documents,
+                                   cu_seqlens=cu_seqlens, padding_mask=padding_mask,
+                                   real_len=seq_len)
+    if mask.batch_rows not in (1, q.shape[0]):
+        raise ValueError(
+            f"the mask has {mask.batch_rows} batch rows of documents or padding, q has batch "
+            f"{q.shape[0]}: give one row for all, or one per batch row"
+        )
+    return mask
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, topology: Topology, **options) -> Tensor:

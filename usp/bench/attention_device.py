@@ -24,7 +24,9 @@ import torch
 from usp.attention.kernels import AUTO_ORDER, KERNELS, default_scale, probe
 from usp.attention.ring import ring_attention_on_group
 from usp.bench.kernel_clock import BACKWARD_FLOPS_FACTOR, KernelClock, attention_flops
+from usp.mask import AttentionMask
 from usp.p2p import LoopbackRing
+from usp.schedule import RingSchedule
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DATASHEET_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16
@@ -110,11 +112,13 @@ def ring_rank(kernel, shape: DeviceShape, tokens: int) -> dict:
     clock = KernelClock(kernel, torch.device(shape.device))
     q, k, v, dout = _inputs(shape, tokens, requires_grad=True)
     ring = LoopbackRing(shape.ring_size, shape.ring_size - 1)
+    mask = AttentionMask.build(tokens * shape.ring_size, causal=True)
+    schedule = RingSchedule(mask, shape.layout, shape.ring_size)
     scale = default_scale(shape.head_dim, None)
 
     def step():
-        out = ring_attention_on_group(q, k, v, ring, layout=shape.layout, causal=True,
-                                      scale=scale, kernel=clock.kernel)
+        out = ring_attention_on_group(q, k, v, ring, schedule=schedule, scale=scale,
+                                      kernel=clock.kernel)
         out.backward(dout)
 
     for _ in range(shape.warmup):

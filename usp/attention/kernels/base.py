@@ -1,10 +1,15 @@
-"""The kernel contract every local attention obeys, and the GQA helpers the adapters share.
+"""The kernel contract every local attention obeys, the masks it takes, and shared GQA helpers.
 
 A kernel works on ``[B, S, H, D]`` tensors (heads third, the flash-attn convention). Its forward
 returns the output in the input dtype and the log-sum-exp of each query row, ``[B, H, S]`` fp32
-(fp64 for fp64 inputs). ``causal=True`` aligns the mask top-left: query ``i`` sees keys ``j <= i``.
-Its backward takes the *final* output and lse of the whole attention (not this block's), so a ring
-can call it on every block and get exact partial gradients.
+(fp64 for fp64 inputs). Its backward takes the *final* output and lse of the whole attention (not
+this block's), so a ring can call it on every block and get exact partial gradients.
+
+The mask is ``False`` (every key visible), ``True`` (causal, aligned top-left: query ``i`` sees
+keys ``j <= i``) or a :class:`Band`: query ``i`` sees key ``j`` iff ``lo <= j - i <= hi``, both
+counted from the block's first row and column. A band is what every mask usp supports becomes
+inside one block (causal, sliding windows, document boundaries, the stripe layout's strictly
+lower blocks); the schedule hands kernels only bands in which every query row sees a key.
 
 GQA: ``k``/``v`` may have fewer heads than ``q`` (``Hq % Hkv == 0``); query head ``j`` reads kv head
 ``j // (Hq // Hkv)``. Kernels whose op has no GQA expand locally (never before communication) and
@@ -24,12 +29,75 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
+class Band:
+    """Query ``i`` sees key ``j`` iff ``lo <= j - i <= hi`` (None: unbounded on that side)."""
+
+    lo: int | None = None
+    hi: int | None = None
+
+    def visible(self, n_q: int, n_k: int, device=None) -> Tensor:
+        """The ``[n_q, n_k]`` boolean mask of this band."""
+        offset = (torch.arange(n_k, device=device)[None, :]
+                  - torch.arange(n_q, device=device)[:, None])  # j - i
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+        if self.lo is not None:
+            mask &= offset >= self.lo
+        if self.hi is not None:
+            mask &= offset <= self.hi
+        return mask
+
+
+CAUSAL = Band(None, 0)
+
+
+def as_band(mask: "bool | Band", n_q: int, n_k: int) -> Band | None:
+    """``mask`` as a band, or None when it hides nothing in an ``n_q x n_k`` block."""
+    band = (CAUSAL if mask else None) if isinstance(mask, bool) else mask
+    if band is None:
+        return None
+    lo = None if band.lo is None or band.lo <= -(n_q - 1) else band.lo
+    hi = None if band.hi is None or band.hi >= n_k - 1 else band.hi
+    return None if lo is None and hi is None else Band(lo, hi)
+
+
+def visible_box(band: Band | None, n_q: int, n_k: int) -> tuple[int, int, int, int] | None:
+    """``(row_start, row_end, col_start, col_end)``: the rows that see a key and the columns some
+    row sees, under ``band`` in an ``n_q x n_k`` block; None when nothing is visible."""
+    if band is None:
+        return (0, n_q, 0, n_k) if n_q and n_k else None
+    lo = -(n_q + n_k) if band.lo is None else band.lo
+    hi = n_q + n_k if band.hi is None else band.hi
+    # row i sees [i + lo, i + hi] within [0, n_k); column j is seen by rows [j - hi, j - lo]
+    row_start, row_end = max(0, -hi), min(n_q, n_k - lo)
+    col_start, col_end = max(0, lo), min(n_k, n_q - 1 + hi + 1)
+    if lo > hi or row_start >= row_end or col_start >= col_end:
+        return None
+    return row_start, row_end, col_start, col_end
+
+
+def shifted(band: Band | None, rows: int, cols: int) -> Band | None:
+    """``band`` seen from a sub-block starting ``rows`` rows and ``cols`` columns in."""
+    if band is None:
+        return None
+    delta = cols - rows  # j - i grows by the row offset and shrinks by the column offset
+    return Band(None if band.lo is None else band.lo - delta,
+                None if band.hi is None else band.hi - delta)
+
+
+def is_causal_square(band: Band | None, n_q: int, n_k: int) -> bool:
+    """True when ``band`` is the plain top-left causal mask of a square block."""
+    return band is not None and n_q == n_k and band.lo is None and band.hi == 0
+
+
+@dataclass(frozen=True)
 class Kernel:
-    """A local attention: ``forward(q, k, v, causal, scale) -> (out, lse)`` and
-    ``backward(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)``.
+    """A local attention: ``forward(q, k, v, mask, scale) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse, mask, scale) -> (dq, dk, dv)``, ``mask`` as above.
 
     ``device_type`` is ``"cpu"``, ``"cuda"`` or ``"any"``. ``load`` raises ValueError when the
     kernel's optional package cannot be imported (checked lazily, when the kernel is asked for).
+    ``bands``: the kernel runs any :class:`Band`; without it, only ``False`` and ``True`` on square
+    blocks (the CUDA kernels whose ops have no window).
     ``upcast_half_backward``: the ring runs this kernel's backward in fp32 for fp16/bf16 inputs,
     because its half-precision partial gradients lose too much when R of them are summed (the CPU
     flash kernel, measured); CUDA kernels keep their half-precision backward and the ring sums
@@ -43,6 +111,7 @@ class Kernel:
     backward: Callable
     load: Callable[[], None] | None = None
     upcast_half_backward: bool = False
+    bands: bool = True
 
     def check(self, q: Tensor) -> None:
         """Raise ValueError unless this kernel can run on tensors like ``q``."""

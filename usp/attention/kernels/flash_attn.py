@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from usp.attention.kernels.glue import HALF, OpAdapter, cuda_kernel
+from usp.attention.kernels.glue import HALF, OpAdapter, OpMask, cuda_kernel
 
 Tensor = torch.Tensor
 
@@ -94,25 +94,25 @@ def first_lse(result) -> Tensor:
 
 
 def flash_attn_adapter(module_names: tuple[str, ...], kernel: str) -> OpAdapter:
-    def forward(q, k, v, causal: bool, scale: float):
+    def forward(q, k, v, mask: OpMask, scale: float):
         interface = import_interface(module_names, kernel)
         result = call_by_name(interface._flash_attn_forward, dict(
-            q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=causal,
-            window_size=(-1, -1), softcap=0.0, return_softmax=False,
+            q=q, k=k, v=v, dropout_p=0.0, softmax_scale=scale, causal=mask.causal,
+            window_size=mask.window, softcap=0.0, return_softmax=False,
         ))
         return result[0], first_lse(result)
 
-    def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    def backward(dout, q, k, v, out, lse, mask: OpMask, scale: float):
         interface = import_interface(module_names, kernel)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         call_by_name(interface._flash_attn_backward, dict(
             dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, dq=dq, dk=dk, dv=dv,
-            dropout_p=0.0, softmax_scale=scale, causal=causal, window_size=(-1, -1),
+            dropout_p=0.0, softmax_scale=scale, causal=mask.causal, window_size=mask.window,
             softcap=0.0, deterministic=False,
         ))
         return dq, dk, dv
 
-    return OpAdapter(forward, backward, native_gqa=True, max_head_dim=256)
+    return OpAdapter(forward, backward, native_gqa=True, max_head_dim=256, windows=True)
 
 
 def _flash_attn_kernel(name: str, module_names: tuple[str, ...]):

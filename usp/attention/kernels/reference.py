@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from usp.attention.kernels.base import HALF, Kernel, expand_kv, reduce_kv_grad
+from usp.attention.kernels.base import HALF, Band, Kernel, as_band, expand_kv, reduce_kv_grad
 
 Tensor = torch.Tensor
 
@@ -16,16 +16,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _masked_scores(qh: Tensor, kh: Tensor, causal: bool, scale: float) -> Tensor:
+def _masked_scores(qh: Tensor, kh: Tensor, mask: "bool | Band", scale: float) -> Tensor:
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
-    if causal:
-        sq, sk = scores.shape[-2:]
-        mask = torch.ones(sq, sk, dtype=torch.bool, device=qh.device).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
+    band = as_band(mask, *scores.shape[-2:])
+    if band is not None:
+        scores = scores.masked_fill(~band.visible(*scores.shape[-2:], qh.device), float("-inf"))
     return scores
 
 
-def math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
+def math_forward(q: Tensor, k: Tensor, v: Tensor, causal: "bool | Band", scale: float):
     compute = _compute_dtype(q.dtype)
     k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
     qh, kh, vh = (t.transpose(1, 2).to(compute) for t in (q, k, v))  # [B, H, S, D]
@@ -37,7 +36,7 @@ def math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
     return out.to(q.dtype), lse
 
 
-def math_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def math_backward(dout, q, k, v, out, lse, causal: "bool | Band", scale: float):
     compute = _compute_dtype(q.dtype)
     n_kv = k.shape[2]
     k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])

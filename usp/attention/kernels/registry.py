@@ -1,8 +1,10 @@
 """Which kernel runs: the registry of named kernels, and ``auto``, which cannot crash a run.
 
 ``auto`` tries the candidates for the tensors' device in order of speed and takes the first whose
-**probe** passes: a tiny causal and non-causal forward+backward with GQA at the caller's dtype and
-head dim, compared with the math reference. A kernel that is missing (flash-attn not installed),
+**probe** passes: a tiny causal, non-causal and (for kernels that take them) band-masked
+forward+backward with GQA at the caller's dtype and head dim, compared with the math reference.
+When the call needs bands (sliding windows, documents, the stripe layout) only kernels that run
+them are candidates. A kernel that is missing (flash-attn not installed),
 does not load (an extension built for another torch), raises, or returns wrong numbers is skipped,
 and the choice is logged with the reason for every skip. Probes run once per (kernel, dtype,
 device, head dim) in a process. A kernel the caller names explicitly is probed too, and a failure
@@ -15,7 +17,7 @@ import logging
 
 import torch
 
-from usp.attention.kernels.base import Kernel, default_scale
+from usp.attention.kernels.base import Band, Kernel, default_scale
 from usp.attention.kernels.cpu import CPU_FLASH
 from usp.attention.kernels.flash_attn import FLASH_ATTN, FLASH_ATTN_3
 from usp.attention.kernels.reference import MATH, math_backward, math_forward
@@ -35,6 +37,7 @@ AUTO_ORDER = {
 PROBE_TOLERANCE = {torch.float64: 1e-8, torch.float32: 2e-3, torch.bfloat16: 6e-2,
                    torch.float16: 1e-2}
 PROBE_SHAPE = (1, 72, 4, 2)  # batch, sequence (not a multiple of 32 or 64), q heads, kv heads
+PROBE_BAND = Band(-9, 2)  # a window on both sides
 _probes: dict[tuple, str | None] = {}
 _announced: set[tuple] = set()
 
@@ -49,13 +52,13 @@ def _probe_failure(kernel: Kernel, dtype: torch.dtype, device: torch.device,
     scale = default_scale(head_dim, None)
     try:
         with torch.autocast(device.type, enabled=False), torch.no_grad():
-            for causal in (True, False):
+            for mask in (True, False) + ((PROBE_BAND,) if kernel.bands else ()):
                 inputs = [t.to(device=device, dtype=dtype) for t in (q, k, v, dout)]
-                out, lse = kernel.forward(*inputs[:3], causal, scale)
-                grads = kernel.backward(inputs[3], *inputs[:3], out, lse, causal, scale)
+                out, lse = kernel.forward(*inputs[:3], mask, scale)
+                grads = kernel.backward(inputs[3], *inputs[:3], out, lse, mask, scale)
                 exact = [t.to(device=device, dtype=torch.float64) for t in (q, k, v, dout)]
-                ref_out, ref_lse = math_forward(*exact[:3], causal, scale)
-                ref_grads = math_backward(exact[3], *exact[:3], ref_out, ref_lse, causal, scale)
+                ref_out, ref_lse = math_forward(*exact[:3], mask, scale)
+                ref_grads = math_backward(exact[3], *exact[:3], ref_out, ref_lse, mask, scale)
                 for name, got, ref in zip(("out", "lse", "dq", "dk", "dv"),
                                           (out, lse, *grads), (ref_out, ref_lse, *ref_grads)):
                     if tuple(got.shape) != tuple(ref.shape):
@@ -63,7 +66,7 @@ def _probe_failure(kernel: Kernel, dtype: torch.dtype, device: torch.device,
                     error = (got.double() - ref).abs().max().item()
                     bound = PROBE_TOLERANCE[dtype] * (1.0 + ref.abs().max().item())
                     if not error <= bound:  # also catches NaN
-                        return f"{name} is off by {error:.3g} (> {bound:.3g}) with causal={causal}"
+                        return f"{name} is off by {error:.3g} (> {bound:.3g}) with mask {mask}"
     except Exception as exc:  # any failure of an optional kernel means: do not use it
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
@@ -92,12 +95,14 @@ def _is_fake(q: Tensor) -> bool:
     return q.device.type == "meta" or is_fake(q)
 
 
-def _auto(q: Tensor) -> Kernel:
+def _auto(q: Tensor, bands: bool) -> Kernel:
     order = AUTO_ORDER.get(q.device.type, ("math",))
     skipped = []
     for name in order:
         kernel = KERNELS[name]
         reason = _static_failure(kernel, q)
+        if reason is None and bands and not kernel.bands:
+            reason = "no band masks (windows, documents, stripe)"
         if reason is None and not _is_fake(q):
             reason = probe(kernel, q.dtype, q.device, q.shape[-1])
         if reason is None:
@@ -115,21 +120,25 @@ def _auto(q: Tensor) -> Kernel:
     )
 
 
-def resolve_kernel(name: "str | Kernel", q: Tensor) -> Kernel:
+def resolve_kernel(name: "str | Kernel", q: Tensor, bands: bool = False) -> Kernel:
     """The kernel called ``name`` for tensors like ``q``; ``"auto"`` picks the best that works.
 
-    A :class:`Kernel` instance (your own kernel, or a wrapped one) is checked against q's device
-    and dtype and used as it is.
+    ``bands``: the call needs band masks. A :class:`Kernel` instance (your own kernel, or a
+    wrapped one) is checked against q's device and dtype and used as it is.
     """
-    if isinstance(name, Kernel):
-        name.check(q)
-        return name
+    kernel = name if isinstance(name, Kernel) else KERNELS.get(name)
     if name == "auto":
-        return _auto(q)
-    if name not in KERNELS:
+        return _auto(q, bands)
+    if kernel is None:
         raise ValueError(f"unknown kernel {name!r}; choose 'auto' or one of {sorted(KERNELS)}")
-    kernel = KERNELS[name]
     kernel.check(q)
+    if bands and not kernel.bands:
+        raise ValueError(
+            f"kernel {kernel.name!r} runs full and causal blocks only, and this call needs band "
+            "masks (a sliding window, documents, padding or the stripe layout); use kernel='auto'"
+        )
+    if isinstance(name, Kernel):
+        return kernel
     if not _is_fake(q):
         reason = probe(kernel, q.dtype, q.device, q.shape[-1])
         if reason is not None:

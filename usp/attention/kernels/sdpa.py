@@ -8,8 +8,8 @@ Each adapter is the op call and nothing else; the comment above it is the op's s
   selects the variable-length, bias or nested branch of the kernel.
 - philox seed/offset: dropout is 0, so the kernels never read them; the backward gets zeros of the
   dtype its forward returns (the ring does not keep each block forward's values).
-- Causal blocks are square here (the ring only issues square causal blocks), so the flash
-  kernel's bottom-right alignment equals usp's top-left one; the glue refuses anything else.
+- Masks arrive as the ops take them (``glue.OpMask``: a causal flag and a bottom-right aligned
+  window). Only FlashAttention-2 has a window; the other two run full and causal square blocks.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from usp.attention.kernels.glue import HALF, OpAdapter, cuda_kernel
+from usp.attention.kernels.glue import HALF, OpAdapter, OpMask, cuda_kernel
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -33,9 +33,11 @@ def _bhsd(t: Tensor) -> Tensor:
 #     bool return_debug_mask, *, float? scale=None, SymInt? window_size_left=None,
 #     SymInt? window_size_right=None, ...) -> (output, softmax_logsumexp, rng_state, unused,
 #     debug_attn_mask)                                 [B, S, H, D] in and out; GQA native
-def flash_forward(q, k, v, causal: bool, scale: float):
+def flash_forward(q, k, v, mask: OpMask, scale: float):
+    left, right = mask.window
     out, lse, _rng_state, _unused, _debug = aten._flash_attention_forward(
-        q, k, v, None, None, q.shape[1], k.shape[1], 0.0, causal, False, scale=scale
+        q, k, v, None, None, q.shape[1], k.shape[1], 0.0, mask.causal, False, scale=scale,
+        window_size_left=left, window_size_right=right,
     )
     return out, lse
 
@@ -44,12 +46,13 @@ def flash_forward(q, k, v, causal: bool, scale: float):
 #     Tensor out, Tensor logsumexp, Tensor cum_seq_q, Tensor cum_seq_k, SymInt max_q,
 #     SymInt max_k, float dropout_p, bool is_causal, Tensor rng_state, Tensor unused, *,
 #     float? scale=None, SymInt? window_size_left=None, SymInt? window_size_right=None)
-def flash_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def flash_backward(dout, q, k, v, out, lse, mask: OpMask, scale: float):
     rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
     unused = torch.zeros((), dtype=torch.uint64, device=q.device)
+    left, right = mask.window
     return aten._flash_attention_backward(
-        dout, q, k, v, out, lse, None, None, q.shape[1], k.shape[1], 0.0, causal,
-        rng_state, unused, scale=scale,
+        dout, q, k, v, out, lse, None, None, q.shape[1], k.shape[1], 0.0, mask.causal,
+        rng_state, unused, scale=scale, window_size_left=left, window_size_right=right,
     )
 
 
@@ -58,9 +61,9 @@ def flash_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
 #     Tensor? attn_bias, bool compute_log_sumexp, float dropout_p=0., bool is_causal=False, *,
 #     float? scale=None) -> (output, log_sumexp, philox_seed, philox_offset)
 #                                               [B, H, S, D]; lse rows padded to a multiple of 32
-def efficient_forward(q, k, v, causal: bool, scale: float):
+def efficient_forward(q, k, v, mask: OpMask, scale: float):
     out, lse, _seed, _offset = aten._scaled_dot_product_efficient_attention(
-        _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, scale=scale
+        _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, mask.causal, scale=scale
     )
     return _bhsd(out), lse
 
@@ -72,13 +75,13 @@ EFFICIENT_LSE_ROWS = 32
 #     Tensor key, Tensor value, Tensor attn_bias, Tensor out, Tensor logsumexp,
 #     Tensor philox_seed, Tensor philox_offset, float dropout_p, bool[4] grad_input_mask,
 #     bool is_causal=False, *, float? scale=None) -> (Tensor, Tensor, Tensor, Tensor)
-def efficient_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def efficient_backward(dout, q, k, v, out, lse, mask: OpMask, scale: float):
     # the kernel reads lse in tiles of 32 rows, as its forward returned it
     lse = F.pad(lse, (0, -lse.shape[-1] % EFFICIENT_LSE_ROWS))
     seed = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv, _dbias = aten._scaled_dot_product_efficient_attention_backward(
         _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), None, _bhsd(out), lse, seed, seed, 0.0,
-        [True, True, True, False], causal, scale=scale,
+        [True, True, True, False], mask.causal, scale=scale,
     )
     return _bhsd(dq), _bhsd(dk), _bhsd(dv)
 
@@ -89,9 +92,9 @@ def efficient_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
 #     bool return_debug_mask=False, *, float? scale=None) -> (output, logsumexp, cum_seq_q,
 #     cum_seq_k, max_q, max_k, philox_seed, philox_offset, debug_attn_mask)
 #                                                           [B, H, S, D]; lse [B, H, S, 1]
-def cudnn_forward(q, k, v, causal: bool, scale: float):
+def cudnn_forward(q, k, v, mask: OpMask, scale: float):
     out, lse, *_ = aten._scaled_dot_product_cudnn_attention(
-        _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, False, scale=scale
+        _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, mask.causal, False, scale=scale
     )
     return _bhsd(out), lse
 
@@ -100,17 +103,18 @@ def cudnn_forward(q, k, v, causal: bool, scale: float):
 #     Tensor value, Tensor out, Tensor logsumexp, Tensor philox_seed, Tensor philox_offset,
 #     Tensor attn_bias, Tensor cum_seq_q, Tensor cum_seq_k, SymInt max_q, SymInt max_k,
 #     float dropout_p, bool is_causal, *, float? scale=None) -> (Tensor, Tensor, Tensor)
-def cudnn_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def cudnn_backward(dout, q, k, v, out, lse, mask: OpMask, scale: float):
     seed = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
         _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.unsqueeze(-1), seed, seed,
-        None, None, None, q.shape[1], k.shape[1], 0.0, causal, scale=scale,
+        None, None, None, q.shape[1], k.shape[1], 0.0, mask.causal, scale=scale,
     )
     return _bhsd(dq), _bhsd(dk), _bhsd(dv)
 
 
 CUDA_FLASH = cuda_kernel(
-    "cuda_flash", HALF, OpAdapter(flash_forward, flash_backward, native_gqa=True, max_head_dim=256)
+    "cuda_flash", HALF,
+    OpAdapter(flash_forward, flash_backward, native_gqa=True, max_head_dim=256, windows=True)
 )
 CUDA_EFFICIENT = cuda_kernel(
     "cuda_efficient", (torch.float32,) + HALF,

@@ -1,0 +1,181 @@
+"""What may attend to what: causal, sliding windows, packed documents, padding — one description.
+
+An :class:`AttentionMask` describes the mask of the **global** sequence, the same on every rank
+(like the positions of :func:`usp.sequence_positions`): key position ``j`` is visible to query
+position ``i`` iff
+
+- both are tokens of the same document (``documents``: one id per position, ``-1`` for a position
+  that is no token at all — padding, or the slots a layout adds to split an uneven length);
+- ``j <= i`` when ``causal``;
+- ``i - left <= j <= i + right`` for a ``window=(left, right)`` (flash-attn's convention, ``-1``
+  unbounded on that side; ``causal`` with a window is ``(left, 0)``).
+
+Documents must be contiguous runs of positions (as packed sequences are). For each query position
+the visible keys are then one interval of positions, ``[first_key(i), last_key(i)]``, which is
+all the ring's schedule needs (:mod:`usp.schedule`). Documents may differ between batch rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+Tensor = torch.Tensor
+NOT_A_TOKEN = -1
+
+
+def documents_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
+    """Document ids ``[S]`` from flash-attn's cumulative lengths ``[0, l0, l0 + l1, ..., total]``;
+    positions past ``total`` are no token."""
+    cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).flatten().cpu()
+    if cu.numel() < 2 or cu[0] != 0 or bool((cu[1:] < cu[:-1]).any()) or cu[-1] > seq_len:
+        raise ValueError(
+            f"cu_seqlens must rise from 0 to at most the sequence length {seq_len}; got "
+            f"{cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}"
+        )
+    lengths = cu[1:] - cu[:-1]
+    ids = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    return torch.cat([ids, torch.full((seq_len - ids.numel(),), NOT_A_TOKEN)])
+
+
+def _check_window(window) -> tuple[int, int] | None:
+    if window is None:
+        return None
+    try:
+        left, right = (int(w) for w in window)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"window={window!r} must be a pair (left, right) of ints") from exc
+    if left < -1 or right < -1:
+        raise ValueError(f"window={window!r}: each side must be >= 0, or -1 for unbounded")
+    return left, right
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionMask:
+    """The mask of a global sequence of ``seq_len`` slots (see the module docstring).
+
+    ``documents``: ``[B, S]`` (or ``[1, S]`` shared by every batch row) document ids, ``-1`` where
+    there is no token; None: one document over every slot.
+    """
+
+    seq_len: int
+    causal: bool = False
+    window: tuple[int, int] | None = None
+    documents: Tensor | None = None
+    _bounds: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, seq_len: int, *, causal: bool = False, window=None, documents=None,
+              cu_seqlens=None, padding_mask=None, real_len: int | None = None) -> "AttentionMask":
+        """From what a caller has: ``documents`` (an id per position, ``[S]`` or ``[B, S]``) or
+        flash-attn's ``cu_seqlens``; ``padding_mask`` ``[B, S]`` (True or 1 = a token, as Hugging
+        Face passes it); ``real_len``: the real length when the layout padded the sequence to
+        ``seq_len`` slots. Positions the inputs do not reach are no token."""
+        window = _check_window(window)
+        if window is not None and causal:
+            window = (window[0], 0)  # causal: nothing to the right
+        if documents is not None and cu_seqlens is not None:
+            raise ValueError("pass documents (an id per position) or cu_seqlens, not both")
+        ids = None
+        if cu_seqlens is not None:
+            ids = documents_from_cu_seqlens(cu_seqlens, real_len or seq_len)
+        elif documents is not None:
+            ids = torch.as_tensor(documents).cpu().to(torch.int64)
+        if ids is not None:
+            ids = _to_length(ids.reshape(-1, ids.shape[-1]), seq_len, "documents")
+        if padding_mask is not None:
+            padding = _to_length(torch.as_tensor(padding_mask).cpu().reshape(
+                -1, torch.as_tensor(padding_mask).shape[-1]).bool(), seq_len, "padding_mask",
+                fill=False)
+            ids = torch.zeros(padding.shape, dtype=torch.int64) if ids is None else ids
+            ids = torch.where(padding, ids.expand(padding.shape[0], -1), NOT_A_TOKEN)
+        if real_len is not None and real_len < seq_len:
+            ids = torch.zeros(1, seq_len, dtype=torch.int64) if ids is None else ids.clone()
+            ids[:, real_len:] = NOT_A_TOKEN
+        if ids is not None:
+            _check_contiguous(ids)
+        return cls(seq_len, bool(causal), window, ids)
+
+    # ---------------------------------------------------------------------- queries
+    @property
+    def trivial(self) -> bool:
+        """No window and no documents: plain causal or full attention."""
+        return self.window is None and self.documents is None
+
+    @property
+    def batch_rows(self) -> int:
+        """How many different rows the mask has (1: shared by the whole batch)."""
+        return 1 if self.documents is None else self.documents.shape[0]
+
+    def documents_digest(self) -> str | None:
+        """A short fingerprint of the documents and padding (ranks agree on it before a call)."""
+        if self.documents is None:
+            return None
+        return hashlib.blake2b(self.documents.numpy().tobytes(), digest_size=8).hexdigest()
+
+    def digest(self) -> tuple:
+        """The whole mask, in a form that compares and hashes cheaply."""
+        return (self.seq_len, self.causal, self.window, self.documents_digest())
+
+    def key_bounds(self, row: int = 0) -> tuple[Tensor, Tensor]:
+        """``(first_key, last_key)`` ``[S]``: the visible key positions of each query position
+        of batch row ``row`` are ``first_key[i] .. last_key[i]`` (empty when first > last)."""
+        if row not in self._bounds:
+            self._bounds[row] = self._compute_bounds(row)
+        return self._bounds[row]
+
+    def _compute_bounds(self, row: int) -> tuple[Tensor, Tensor]:
+        positions = torch.arange(self.seq_len)
+        first = torch.zeros(self.seq_len, dtype=torch.int64)
+        last = torch.full((self.seq_len,), self.seq_len - 1, dtype=torch.int64)
+        if self.documents is not None:
+            ids = self.documents[row]
+            change = torch.ones(self.seq_len, dtype=torch.bool)
+            change[1:] = ids[1:] != ids[:-1]
+            starts = torch.nonzero(change).flatten()
+            ends = torch.cat([starts[1:], torch.tensor([self.seq_len])]) - 1
+            run = torch.cumsum(change.long(), 0) - 1  # the run each position is in
+            first, last = starts[run], ends[run]
+            token = ids != NOT_A_TOKEN
+            first, last = torch.where(token, first, 1), torch.where(token, last, 0)
+        if self.causal:
+            last = torch.minimum(last, positions)
+        if self.window is not None:
+            left, right = self.window
+            if left >= 0:
+                first = torch.maximum(first, positions - left)
+            if right >= 0:
+                last = torch.minimum(last, positions + right)
+        return first, last
+
+    def visible(self, row: int = 0) -> Tensor:
+        """The dense ``[S, S]`` mask of batch row ``row`` (tests and references only)."""
+        first, last = self.key_bounds(row)
+        keys = torch.arange(self.seq_len)
+        return (keys[None, :] >= first[:, None]) & (keys[None, :] <= last[:, None])
+
+
+def _to_length(values: Tensor, seq_len: int, name: str, fill=NOT_A_TOKEN) -> Tensor:
+    """``[B, L]`` -> ``[B, seq_len]``: shorter rows are padded with ``fill`` (no token)."""
+    if values.shape[-1] > seq_len:
+        raise ValueError(f"{name} covers {values.shape[-1]} positions, the sequence has {seq_len}")
+    if values.shape[-1] == seq_len:
+        return values
+    pad = torch.full((values.shape[0], seq_len - values.shape[-1]), fill, dtype=values.dtype)
+    return torch.cat([values, pad], dim=-1)
+
+
+def _check_contiguous(ids: Tensor) -> None:
+    """Each document id must be one run of positions (packed documents are)."""
+    for row, row_ids in enumerate(ids):
+        change = torch.ones(row_ids.numel(), dtype=torch.bool)
+        change[1:] = row_ids[1:] != row_ids[:-1]
+        runs = row_ids[change]
+        runs = runs[runs != NOT_A_TOKEN]
+        if runs.numel() != torch.unique(runs).numel():
+            raise ValueError(
+                f"documents of batch row {row}: a document id appears in two separate runs of "
+                "positions; each document must be one contiguous run (as packed sequences are)"
+            )
