@@ -1,23 +1,27 @@
-"""Ulysses: all-to-alls around any inner attention, with GQA kv-head replication.
+"""Ulysses: all-to-alls around any inner attention, for any head count.
 
 Each rank of a Ulysses group holds ``S/U`` tokens of all heads. One all-to-all hands rank ``p``
-the contiguous head group ``p`` of q, k and v for all ``S`` tokens of the group (shards
-concatenated in Ulysses rank order), the inner attention runs on those heads, and the inverse
-all-to-all returns the output to the sequence split.
+its head group for all ``S`` tokens of the group (shards concatenated in Ulysses rank order), the
+inner attention runs on those heads, and the inverse all-to-all returns the output to the
+sequence split. q, k and v travel in **one** all-to-all: each destination's heads of the three
+are packed side by side in one send buffer (one collective instead of three, and one again for
+their gradients in the backward).
 
-q, k and v travel in **one** all-to-all: each destination's slices of the three are packed side
-by side in one send buffer (one copy per tensor, as separate all-to-alls would make, but one
-collective instead of three, and one again for their gradients in the backward).
+Which heads go where is a :class:`HeadPlan`. GQA: query head ``j`` reads kv head ``j // (Hq/Hkv)``,
+so each rank's query heads must come with the kv heads they read:
 
-GQA: query head ``j`` reads kv head ``j // (Hq/Hkv)``. Splitting q heads and kv heads contiguously
-by the same ``U`` keeps that map local when ``U`` divides ``Hkv``. With fewer kv heads than ranks
-(``U % Hkv == 0``), destination ``g`` needs kv head ``g // (U/Hkv)``: the packing writes that head
-into each destination's slot (replication costs no extra copy; the bytes sent are those each rank
-needs), and the backward sums the replicas' gradients.
+- ``U`` divides ``Hkv``: rank ``p`` gets q heads ``[p·Hq/U, ..)`` and kv heads ``[p·Hkv/U, ..)``;
+- ``Hkv`` divides ``U``: each kv head serves ``U/Hkv`` ranks and is sent to each of them (the
+  bytes each rank needs; the backward sums the replicas' gradients);
+- otherwise (14 query heads, or 6 kv heads, over Ulysses 4): every kv group is padded with zero
+  query heads, and zero kv groups are added, until one of the two cases above holds (14/2 over 4
+  runs as 16/2; 12/6 as 16/8). Padded heads cost their share of compute and bytes; their outputs
+  are dropped, and no gradient reaches them, so the result is exact.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,46 +33,98 @@ from usp.comm import all_to_all, exchange_all_to_all
 Tensor = torch.Tensor
 
 
-def kv_replication(n_q_heads: int, n_kv_heads: int, ulysses: int) -> int:
-    """How many ranks share each kv head (1 when U divides Hkv: each gets its own heads)."""
-    if n_q_heads % ulysses != 0:
+@dataclass(frozen=True)
+class HeadPlan:
+    """Slots of the padded head layout: ``q_slots[i]`` / ``kv_slots[i]`` is the source head in
+    slot ``i`` (-1: a padding head). Rank ``p`` gets q slots ``[p·q_per_rank, ..)`` and kv slots
+    ``[p·kv_per_rank, ..)``."""
+
+    ulysses: int
+    n_q_heads: int
+    n_kv_heads: int
+    q_slots: tuple[int, ...]
+    kv_slots: tuple[int, ...]
+
+    @property
+    def q_per_rank(self) -> int:
+        return len(self.q_slots) // self.ulysses
+
+    @property
+    def kv_per_rank(self) -> int:
+        return len(self.kv_slots) // self.ulysses
+
+    @property
+    def padded(self) -> bool:
+        return -1 in self.q_slots or -1 in self.kv_slots
+
+    def describe(self) -> str:
+        q, kv = len(self.q_slots), len(set(self.kv_slots) - {-1}) + self.kv_slots.count(-1)
+        return f"{self.n_q_heads}/{self.n_kv_heads} heads run as {q}/{kv}"
+
+
+def head_plan(n_q_heads: int, n_kv_heads: int, ulysses: int) -> HeadPlan:
+    """The slots for ``n_q_heads`` query and ``n_kv_heads`` kv heads over ``ulysses`` ranks."""
+    if n_q_heads % n_kv_heads != 0:
         raise ValueError(
-            f"n_q_heads={n_q_heads} is not divisible by ulysses={ulysses}; choose a ulysses degree "
-            f"that divides {n_q_heads} and put the rest of the sequence parallelism on the ring"
+            f"n_q_heads={n_q_heads} is not a multiple of n_kv_heads={n_kv_heads} (GQA needs it)"
         )
-    if n_kv_heads % ulysses == 0:
-        return 1
-    if ulysses % n_kv_heads == 0:
-        return ulysses // n_kv_heads
-    raise ValueError(
-        f"n_kv_heads={n_kv_heads} and ulysses={ulysses}: one must divide the other (kv heads are "
-        f"split, or replicated, evenly over the Ulysses ranks); use ring>1 for the remaining degree"
-    )
+    group = n_q_heads // n_kv_heads
+    # kv heads: the fewest >= Hkv that U divides or that divide U
+    if n_kv_heads <= ulysses:
+        kv_padded = next(d for d in range(n_kv_heads, ulysses + 1) if ulysses % d == 0)
+    else:
+        kv_padded = -(-n_kv_heads // ulysses) * ulysses
+    # the group size: the smallest >= group that makes the query heads split evenly
+    step = 1 if kv_padded % ulysses == 0 else ulysses // kv_padded
+    group_padded = -(-group // step) * step
+    q_slots = tuple(c * group + t if c < n_kv_heads and t < group else -1
+                    for c in range(kv_padded) for t in range(group_padded))
+    if kv_padded % ulysses == 0:  # each rank its own kv heads
+        kv_slots = tuple(c if c < n_kv_heads else -1 for c in range(kv_padded))
+    else:  # each kv head to the U/Hkv' ranks of its query heads
+        kv_slots = tuple(p * kv_padded // ulysses if p * kv_padded // ulysses < n_kv_heads else -1
+                         for p in range(ulysses))
+    return HeadPlan(ulysses, n_q_heads, n_kv_heads, q_slots, kv_slots)
 
 
-def _kv_slots(kv: Tensor, ulysses: int, repeats: int) -> Tensor:
-    """``[B, S_U, Hkv, D]`` as the per-destination view ``[U, B, S_U, Hkv·repeats/U, D]``."""
-    if repeats == 1:
-        return kv.unflatten(2, (ulysses, -1)).movedim(2, 0)
-    # destination g = h·repeats + j reads kv head h: [Hkv, repeats, B, S_U, 1, D] (a view)
-    per_head = kv.movedim(2, 0).unsqueeze(1).unsqueeze(-2)
-    return per_head.expand(-1, repeats, -1, -1, -1, -1).flatten(0, 1)
+def _by_destination(x: Tensor, slots: tuple[int, ...], ulysses: int) -> Tensor:
+    """``[B, S_U, H, D]`` -> ``[U, B, S_U, slots/U, D]``: the heads of each destination's slots
+    (a view when the slots are the heads in order; zeros in padding slots)."""
+    if slots == tuple(range(x.shape[2])):
+        return x.unflatten(2, (ulysses, -1)).movedim(2, 0)
+    index = torch.tensor(slots, device=x.device)
+    picked = x.index_select(2, index.clamp(min=0))
+    if -1 in slots:
+        picked = picked * (index >= 0).to(x.dtype)[:, None]
+    return picked.unflatten(2, (ulysses, -1)).movedim(2, 0)
+
+
+def _to_sources(grad: Tensor, slots: tuple[int, ...], n_heads: int) -> Tensor:
+    """``[B, S_U, slots, D]`` gradients of the slots -> ``[B, S_U, n_heads, D]``: replicas
+    summed, padding slots dropped."""
+    if slots == tuple(range(n_heads)):
+        return grad
+    index = torch.tensor(slots, device=grad.device)
+    real = index >= 0
+    out = grad.new_zeros(grad.shape[0], grad.shape[1], n_heads, grad.shape[3])
+    return out.index_add_(2, index[real], grad[:, :, real])
 
 
 class _QKVToHeads(torch.autograd.Function):
-    """q [B, S_U, Hq, D], k/v [B, S_U, Hkv, D] -> [B, S, Hq_U, D], [B, S, Hkv_U, D] ×2."""
+    """q [B, S_U, Hq, D], k/v [B, S_U, Hkv, D] -> this rank's slots [B, S, q/U, D], [B, S, kv/U, D]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, repeats: int):
-        ulysses = dist.get_world_size(group)
-        batch, local_len, n_q, dim = q.shape
-        q_heads, kv_heads = n_q // ulysses, k.shape[2] * repeats // ulysses
+    def forward(ctx, q, k, v, group, plan: HeadPlan):
+        ulysses = plan.ulysses
+        batch, local_len, _, dim = q.shape
+        q_heads, kv_heads = plan.q_per_rank, plan.kv_per_rank
         with record_function("usp::all_to_all.pack"):
-            # [U, B, S_U, Hq_U + 2·Hkv_U, D]: destination g's q, k and v heads side by side
+            # [U, B, S_U, q + 2 kv, D]: destination p's q, k and v slots side by side
             send = q.new_empty(ulysses, batch, local_len, q_heads + 2 * kv_heads, dim)
-            send[..., :q_heads, :].copy_(q.unflatten(2, (ulysses, q_heads)).movedim(2, 0))
-            send[..., q_heads:q_heads + kv_heads, :].copy_(_kv_slots(k, ulysses, repeats))
-            send[..., q_heads + kv_heads:, :].copy_(_kv_slots(v, ulysses, repeats))
+            send[..., :q_heads, :].copy_(_by_destination(q, plan.q_slots, ulysses))
+            send[..., q_heads:q_heads + kv_heads, :].copy_(
+                _by_destination(k, plan.kv_slots, ulysses))
+            send[..., q_heads + kv_heads:, :].copy_(_by_destination(v, plan.kv_slots, ulysses))
         recv = exchange_all_to_all(send, group)  # [U (source), B, S_U, heads, D]
         with record_function("usp::all_to_all.unpack"):
             # [U, B, S_U, h, D] -> [B, U·S_U, h, D]: sources concatenated in rank order
@@ -76,13 +132,13 @@ class _QKVToHeads(torch.autograd.Function):
             parts = [whole[..., :q_heads, :], whole[..., q_heads:q_heads + kv_heads, :],
                      whole[..., q_heads + kv_heads:, :]]
             outputs = [p.reshape(batch, ulysses * local_len, p.shape[-2], dim) for p in parts]
-        ctx.group, ctx.repeats, ctx.kv_shape = group, repeats, tuple(k.shape)
+        ctx.group, ctx.plan = group, plan
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        group, repeats = ctx.group, ctx.repeats
-        ulysses = dist.get_world_size(group)
+        group, plan = ctx.group, ctx.plan
+        ulysses = plan.ulysses
         batch, seq, q_heads, dim = dq.shape
         kv_heads, local_len = dk.shape[2], seq // ulysses
         with record_function("usp::all_to_all.pack"):
@@ -92,17 +148,16 @@ class _QKVToHeads(torch.autograd.Function):
                                 (dk, slice(q_heads, q_heads + kv_heads)),
                                 (dv, slice(q_heads + kv_heads, None))):
                 send[..., heads, :].copy_(grad.unflatten(1, (ulysses, local_len)).movedim(1, 0))
-        recv = exchange_all_to_all(send, group)  # [U (head group), B, S_U, h, D]
+        recv = exchange_all_to_all(send, group)  # [U (slot group), B, S_U, h, D]
         with record_function("usp::all_to_all.unpack"):
-            dq_local = recv[..., :q_heads, :].movedim(0, 2).flatten(2, 3)  # [B, S_U, Hq, D]
-            grads = [recv[..., q_heads:q_heads + kv_heads, :],
-                     recv[..., q_heads + kv_heads:, :]]  # [U, B, S_U, Hkv_U, D]
-            if repeats == 1:
-                dk_local, dv_local = (g.movedim(0, 2).flatten(2, 3) for g in grads)
-            else:  # sum the replicas of each kv head: [Hkv, repeats, B, S_U, D] -> [B, S_U, Hkv, D]
-                n_kv = ctx.kv_shape[2]
-                dk_local, dv_local = (g.squeeze(-2).unflatten(0, (n_kv, repeats)).sum(1)
-                                      .movedim(0, 2) for g in grads)
+            # [U, B, S_U, h, D] -> [B, S_U, U·h, D]: every slot's gradient, then to the heads
+            slots = recv.movedim(0, 2)
+            dq_slots = slots[..., :q_heads, :].flatten(2, 3)
+            dk_slots = slots[..., q_heads:q_heads + kv_heads, :].flatten(2, 3)
+            dv_slots = slots[..., q_heads + kv_heads:, :].flatten(2, 3)
+            dq_local = _to_sources(dq_slots, plan.q_slots, plan.n_q_heads)
+            dk_local = _to_sources(dk_slots, plan.kv_slots, plan.n_kv_heads)
+            dv_local = _to_sources(dv_slots, plan.kv_slots, plan.n_kv_heads)
         return dq_local.contiguous(), dk_local.contiguous(), dv_local.contiguous(), None, None
 
 
@@ -111,10 +166,14 @@ def ulysses_around(
 ) -> Tensor:
     """All-to-all q/k/v to head groups, run ``inner(q, k, v)``, all-to-all the output back.
 
-    q: [B, S_U, Hq, D], k/v: [B, S_U, Hkv, D]; ``inner`` sees [B, S, Hq_U, D] and [B, S, Hkv_U, D].
+    q: [B, S_U, Hq, D], k/v: [B, S_U, Hkv, D]; ``inner`` sees this rank's slots [B, S, q/U, D]
+    and [B, S, kv/U, D].
     """
-    ulysses = dist.get_world_size(group)
-    repeats = kv_replication(q.shape[2], k.shape[2], ulysses)
-    q, k, v = _QKVToHeads.apply(q, k, v, group, repeats)
-    out = inner(q, k, v)  # [B, S, Hq_U, D]
-    return all_to_all(out, group, scatter_dim=1, gather_dim=2)  # -> [B, S_U, Hq, D]
+    plan = head_plan(q.shape[2], k.shape[2], dist.get_world_size(group))
+    q, k, v = _QKVToHeads.apply(q, k, v, group, plan)
+    out = inner(q, k, v)  # [B, S, q/U, D]
+    out = all_to_all(out, group, scatter_dim=1, gather_dim=2)  # -> [B, S_U, q slots, D]
+    if plan.padded:
+        real = [plan.q_slots.index(head) for head in range(plan.n_q_heads)]
+        out = out.index_select(2, torch.tensor(real, device=out.device))  # padding dropped
+    return out

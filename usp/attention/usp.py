@@ -16,7 +16,7 @@ from torch import nn
 
 from usp.attention.kernels import Kernel, default_scale, resolve_kernel
 from usp.attention.ring import ring_attention_on_group
-from usp.attention.ulysses import kv_replication, ulysses_around
+from usp.attention.ulysses import ulysses_around
 from usp.layout import check_layout, check_sequence_length, padded_length
 from usp.mask import AttentionMask
 from usp.schedule import schedule_for
@@ -57,8 +57,6 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, topology: Topology, layout: st
     if n_q % n_kv != 0:
         raise ValueError(f"n_q_heads={n_q} is not a multiple of n_kv_heads={n_kv} (GQA needs it)")
     ring, ulysses = topology.ring_size, topology.ulysses_size
-    if ulysses > 1:
-        kv_replication(n_q, n_kv, ulysses)
     check_sequence_length(seq * ring * ulysses, ring, ulysses, layout)
 
 

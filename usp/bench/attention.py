@@ -33,7 +33,6 @@ import torch.multiprocessing as mp
 
 from usp.attention.kernels import default_scale, resolve_kernel
 from usp.attention.ring import local_attention
-from usp.attention.ulysses import kv_replication
 from usp.attention.usp import usp_attention
 from usp.bench.breakdown import profile_ms
 from usp.bench.kernel_clock import KernelClock
@@ -120,8 +119,9 @@ def check_benchmark(shape: BenchShape, nproc: int, configs: list[BenchConfig]) -
     for config in configs:
         try:
             check_sequence_length(shape.seq_len, config.ring, config.ulysses, config.layout)
-            if config.ulysses > 1:
-                kv_replication(shape.heads, shape.kv_heads, config.ulysses)
+            if shape.heads % shape.kv_heads:
+                raise ValueError(f"--heads {shape.heads} is not a multiple of --kv-heads "
+                                 f"{shape.kv_heads}")
         except ValueError as exc:
             raise ValueError(f"{config.mode} ring={config.ring} ulysses={config.ulysses} "
                              f"layout={config.layout}: {exc}") from exc

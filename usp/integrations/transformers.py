@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from usp.attention import usp_attention
-from usp.attention.ulysses import kv_replication
+from usp.attention.ulysses import head_plan
 from usp.comm import agree
 from usp.data import shard_batch
 from usp.integrations.hf_masks import ATTENTION_NAME, MaskRequest, usp_mask, window_refusal
@@ -113,7 +113,7 @@ def check_config(config, topology: Topology) -> None:
     """
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    kv_replication(heads, kv_heads, topology.size("ulysses"))
+    head_plan(heads, kv_heads, topology.size("ulysses"))
     check_rope(config)
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or []
