@@ -13,11 +13,12 @@ from usp.data import (
     decode,
     document_tokens,
     encode,
-    shard_batch,
     stdlib_documents,
     synthetic_tokens,
     text_file_documents,
 )
+from usp.batch import IGNORE_INDEX, shard_batch
+from usp.layout import shard_sequence
 from usp.topology import AXES, Topology
 
 
@@ -68,12 +69,39 @@ def test_shard_batch_reassembles_to_shifted_global_tokens(layout, degrees):
     assert torch.equal(labels, tokens[:, 1:])
 
 
-def test_shard_batch_rejects_what_the_layout_cannot_split():
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+def test_shard_batch_pads_uneven_lengths_and_keeps_labels_inside_documents(layout):
+    """S = 30 over ring 2 x ulysses 2 pads to 32 slots; packed documents (and padding) make
+    the label that crosses a boundary -100 and RoPE positions restart in every document."""
+    tokens = torch.arange(2 * 31).reshape(2, 31)
+    documents = torch.tensor([[0] * 7 + [1] * 13 + [2] * 11,
+                              [0] * 20 + [1] * 6 + [-1] * 5])
+    ignored = 0
+    want_labels = tokens[:, 1:].clone()
+    want_labels[0, [6, 19]] = IGNORE_INDEX  # the last token of documents 0 and 1
+    want_labels[1, [19]] = IGNORE_INDEX
+    want_labels[1, 25:] = IGNORE_INDEX  # into the padding, and the padding itself
+    want_positions = torch.tensor([list(range(7)) + list(range(13)) + list(range(10)),
+                                   list(range(20)) + list(range(6)) + [0] * 4])
+    for topology in _rank_topologies(1, 2, 2, 1):
+        shard = shard_batch(tokens, topology, layout, documents=documents)
+        assert shard["input_ids"].shape == (2, 8)  # 32 slots over 4 ranks
+        assert torch.equal(shard["labels"], shard_sequence(want_labels, topology, layout,
+                                                           fill=IGNORE_INDEX))
+        assert torch.equal(shard["input_ids"], shard_sequence(tokens[:, :-1], topology, layout))
+        assert torch.equal(shard["position_ids"], shard_sequence(want_positions, topology,
+                                                                 layout))
+        assert torch.equal(shard["documents"], documents[:, :-1])
+        plain = shard_batch(tokens, topology, layout)
+        assert plain["documents"].shape == (1, 30)  # the padding slots hold no token
+        ignored += int((plain["labels"] == IGNORE_INDEX).sum())
+    assert ignored == 2 * 2  # two padding slots in each of the two rows
+
+
+def test_shard_batch_rejects_what_cannot_be_split():
     tokens = torch.zeros(4, 31, dtype=torch.long)
     with pytest.raises(ValueError, match="global batch 4 is not divisible by dp=3"):
         shard_batch(tokens, _rank_topologies(3, 1, 1, 1)[0])
-    with pytest.raises(ValueError, match="sequence length 30 cannot be split"):
-        shard_batch(tokens, _rank_topologies(1, 2, 2, 1)[0], "zigzag")
     with pytest.raises(ValueError, match="tp=4 cannot split"):
         shard_batch(torch.zeros(4, 21, dtype=torch.long), _rank_topologies(1, 2, 1, 4)[0], "zigzag")
     with pytest.raises(ValueError, match=r"\[global_batch, seq_len \+ 1\]"):

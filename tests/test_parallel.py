@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from tests.distributed import collect_failures, run_on_ranks
-from usp.data import TokenBatcher, shard_batch, synthetic_tokens
+from usp.batch import shard_batch
+from usp.data import TokenBatcher, synthetic_tokens
 from usp.loss import global_mean_cross_entropy
 from usp.models import Llama, LlamaConfig
 from usp.parallel import check_parallel_config, parallelize

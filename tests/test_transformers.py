@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
@@ -24,18 +25,19 @@ from transformers import (
     Qwen3Config,
 )
 from transformers.masking_utils import (
-    and_masks,
     causal_mask_function,
+    chunked_causal_mask_function,
     create_causal_mask,
     create_sliding_window_causal_mask,
-    packed_sequence_mask_function,
+    packed_sequence_compatibility_function,
     sliding_window_causal_mask_function,
 )
 
 from tests.distributed import collect_failures, run_on_ranks
+import usp
 from usp import Topology, unshard_sequence
-from usp.data import shard_batch
-from usp.integrations.hf_masks import is_packed_causal
+from usp.batch import IGNORE_INDEX, shard_batch
+from usp.integrations.hf_masks import mask_components
 from usp.integrations.hf_train import build_hf_causal_lm, parallelize_hf, trivial_topology
 from usp.integrations.transformers import USPContext
 from usp.loss import global_mean_cross_entropy
@@ -67,6 +69,28 @@ ARCHITECTURES = {
 TOPOLOGIES = [(2, 2, "zigzag"), (1, 4, "zigzag")]
 CASES = [(arch, *degrees) for arch in ARCHITECTURES for degrees in TOPOLOGIES]
 CASES += [("llama-gqa", 4, 1, "stripe")]
+
+# masks: (name, config, how the batch is masked); each against eager with the same mask
+MASKED = {
+    "mistral-sliding": (lambda: MistralConfig(num_attention_heads=8, num_key_value_heads=2,
+                                              sliding_window=6, **_TINY), "plain"),
+    "gemma2-alternating": (lambda: Gemma2Config(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+        attn_logit_softcapping=None, final_logit_softcapping=None,
+        layer_types=["sliding_attention", "full_attention"], **_TINY), "plain"),
+    "qwen2-padding-mask": (lambda: Qwen2Config(num_attention_heads=8, num_key_value_heads=2,
+                                               **_TINY), "padding-mask"),
+    "qwen2-padding-shard": (lambda: Qwen2Config(num_attention_heads=8, num_key_value_heads=2,
+                                                **_TINY), "padding-shard"),
+    "llama-packed": (lambda: LlamaConfig(num_attention_heads=8, num_key_value_heads=2, **_TINY),
+                     "packed"),
+    "llama-packed-cu-seqlens": (lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=4,
+                                                    **_TINY), "cu-seqlens"),
+}
+MASK_CASES = [(name, *degrees) for name in MASKED for degrees in
+              ((2, 2, "zigzag"), (1, 4, "stripe"))]
+LENGTHS = torch.tensor([SEQ - 5, SEQ])  # right padding of the first row
+DOCUMENT_STARTS = [0, 3, 4, 17, SEQ]  # packed documents of 3, 1, 13 and 15 tokens
 
 
 def _batch(seed: int = 0) -> torch.Tensor:
@@ -125,6 +149,64 @@ def _compare(arch, ring, ulysses, layout, contexts):
     _check_close(results)
 
 
+def _masked_inputs(how: str):
+    """The global batch and its mask as eager takes it, and the global labels usp trains on."""
+    ids = _batch()
+    eager_kwargs, shard_kwargs = {}, {}
+    if how in ("padding-mask", "padding-shard"):
+        padding = (torch.arange(SEQ)[None, :] < LENGTHS[:, None]).long()
+        eager_kwargs = shard_kwargs = {"attention_mask": padding}
+    if how in ("packed", "cu-seqlens"):
+        positions = torch.cat([torch.arange(b - a) for a, b in
+                               zip(DOCUMENT_STARTS, DOCUMENT_STARTS[1:])]).expand(BATCH, -1)
+        eager_kwargs = shard_kwargs = {"position_ids": positions}
+    global_context = USPContext(trivial_topology())
+    labels = global_context.shard(ids, **shard_kwargs)["labels"]  # shifted, never across
+    return ids, eager_kwargs, shard_kwargs, labels
+
+
+def _eager_masked(model, ids, eager_kwargs, labels):
+    logits = model(input_ids=ids, use_cache=False, **eager_kwargs).logits
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _compare_masked(name, ring, ulysses, layout, contexts):
+    context = contexts[(ring, ulysses, layout)]
+    make_config, how = MASKED[name]
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(make_config(), attn_implementation="eager")
+    reference = copy.deepcopy(eager).double()
+    model = context.prepare(copy.deepcopy(eager))
+    ids, eager_kwargs, shard_kwargs, labels = _masked_inputs(how)
+    logits32, loss32, grads32 = _eager_masked(eager, ids, eager_kwargs, labels)
+    logits64, loss64, grads64 = _eager_masked(reference, ids, eager_kwargs, labels)
+
+    forward = {"use_cache": False, "usp_context": context}
+    inputs = context.shard(ids, **shard_kwargs)
+    if how == "padding-mask":  # the plain transformers way: each rank its shard of the mask
+        inputs.pop("usp_documents")
+        forward["attention_mask"] = usp.shard_sequence(eager_kwargs["attention_mask"],
+                                                       context.topology, layout)
+    if how == "cu-seqlens":  # transformers' packing collator's kwargs instead of usp_documents
+        inputs.pop("usp_documents")
+        forward["cu_seq_lens_q"] = torch.tensor(DOCUMENT_STARTS)
+    local = model(**{k: v for k, v in inputs.items() if k != "labels"}, **forward).logits
+    loss = context.loss(local, inputs["labels"])
+    loss.backward()
+    logits = unshard_sequence(local.detach(), context.topology, layout)
+    real = labels != IGNORE_INDEX  # padding rows attend to nothing in usp, to keys in eager
+    results = [("logits", logits[real], logits32[real], logits64[real]),
+               ("loss", loss.detach(), loss32, loss64)]
+    for param_name, param in model.named_parameters():
+        grad = param.grad.clone()
+        dist.all_reduce(grad)
+        results.append((f"grad {param_name}", grad, grads32[param_name], grads64[param_name]))
+    _check_close(results)
+
+
 def _expect_refusal(context, run, *needles):
     """``run()`` raises ValueError on every rank, each with the refusing rank's message."""
     with pytest.raises(ValueError) as info:
@@ -146,26 +228,16 @@ def _refusals(rank, context):
     ones = torch.ones_like(inputs["input_ids"])
     torch.testing.assert_close(model(**forward, attention_mask=ones).logits, reference)
 
-    padded = ones.clone()
-    if rank == WORLD - 1:  # padding on one rank only: the others must raise, not hang
-        padded[0, 0] = 0
-    _expect_refusal(context, lambda: model(**forward, attention_mask=padded),
-                    "zeros (padding)")
     # no position_ids: transformers counts 0..S_local-1 on every rank, right for rank 0 only
     _expect_refusal(context, lambda: model(**{**forward, "position_ids": None}),
                     "position_ids must be")
-    restarting = (inputs["position_ids"] % 8)  # packed documents of 8 tokens
+    # positions that restart (packed documents) without the documents: RoPE and the mask would
+    # disagree; on one rank only, every rank must raise, not hang
+    restarting = inputs["position_ids"] % 8 if rank == WORLD - 1 else inputs["position_ids"]
     _expect_refusal(context, lambda: model(**{**forward, "position_ids": restarting}),
                     "position_ids must be")
     square = torch.ones(1, 1, ones.shape[1], ones.shape[1], dtype=torch.bool).tril()
     _expect_refusal(context, lambda: model(**forward, attention_mask=square), "custom 4-D mask")
-
-    mistral = AutoModelForCausalLM.from_config(
-        MistralConfig(num_attention_heads=8, num_key_value_heads=2, sliding_window=16, **_TINY),
-        attn_implementation="usp",
-    )
-    _expect_refusal(context, lambda: mistral(**forward), "MistralConfig.sliding_window=16")
-    _expect_refusal(context, lambda: context.prepare(mistral), "MistralConfig.sliding_window=16")
 
 
 def _fsdp_step(rank, topology):
@@ -193,7 +265,12 @@ def _world(rank, world_size):
         (ring, ulysses, layout): USPContext(Topology.build(ring=ring, ulysses=ulysses), layout)
         for _, ring, ulysses, layout in CASES
     }
+    contexts.update({(ring, ulysses, layout): USPContext(Topology.build(ring=ring, ulysses=ulysses),
+                                                         layout)
+                     for _, ring, ulysses, layout in MASK_CASES
+                     if (ring, ulysses, layout) not in contexts})
     failures = collect_failures(CASES, lambda case: _compare(*case, contexts))
+    failures += collect_failures(MASK_CASES, lambda case: _compare_masked(*case, contexts))
     ulysses4 = contexts[(1, 4, "zigzag")]
     failures += collect_failures(["refusals"], lambda _: _refusals(rank, ulysses4))
     dp2 = Topology.build(ring=1, ulysses=2, dp=2)
@@ -233,9 +310,6 @@ def test_single_process_matches_eager_and_refuses_what_it_cannot_run():
 
     with pytest.raises(ValueError, match="needs the forward kwarg usp_context"):
         model(input_ids=ids)
-    with pytest.raises(ValueError, match="1 zeros \\(padding\\)"):
-        ones[1, 0] = 0
-        model(**forward, attention_mask=ones)
     with pytest.raises(ValueError, match="attends 1 queries to 33 keys"):
         cache = model(**{**forward, "use_cache": True}).past_key_values
         model(input_ids=ids[:, :1], position_ids=torch.full((BATCH, 1), SEQ),
@@ -248,7 +322,7 @@ def test_single_process_matches_eager_and_refuses_what_it_cannot_run():
         dropping.train()(**forward)
 
 
-def test_mask_requests_accept_only_plain_causal_and_layout_packing():
+def test_mask_requests_read_transformers_masks_and_refuse_the_rest():
     """The requests transformers' own mask builders make for "usp" (whatever their internals)."""
     config = LlamaConfig(**_TINY)
     config._attn_implementation = "usp"
@@ -259,23 +333,27 @@ def test_mask_requests_accept_only_plain_causal_and_layout_packing():
         past_key_values=None, **options,
     )
     for request in (mask(), mask(position_ids=zigzag), mask(attention_mask=torch.ones(1, 8))):
-        assert request.causal and request.refusal is None
+        assert request.causal and request.refusal is None and request.window is None
+        assert request.padding is None
+    padded = mask(attention_mask=torch.tensor([[0] + [1] * 7]))
+    assert padded.refusal is None and padded.padded and padded.padding.tolist() == [
+        [False] + [True] * 7]
     everything = lambda b, h, q, kv: q >= 0  # noqa: E731
     assert "custom attention mask" in mask(position_ids=zigzag, or_mask_function=everything).refusal
     assert "custom attention mask" in mask(and_mask_function=everything).refusal
-    assert "zeros (padding)" in mask(attention_mask=torch.tensor([[0] + [1] * 7])).refusal
     config.sliding_window = 4
     window = create_sliding_window_causal_mask(
         config=config, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
         position_ids=zigzag,
     )
-    assert "LlamaConfig.sliding_window=4" in window.refusal
+    assert window.refusal is None and window.causal and window.window == (3, -1)
     config.is_causal = False
     request = mask()
     assert not request.causal and request.refusal is None
-    # the recogniser itself: the wrapper around causal only, never around a window
-    documents = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
-    same_document = packed_sequence_mask_function(documents)
-    assert is_packed_causal(and_masks(causal_mask_function, same_document))
-    assert not is_packed_causal(and_masks(sliding_window_causal_mask_function(4), same_document))
-    assert not is_packed_causal(causal_mask_function)
+    # the recogniser itself
+    positions = torch.arange(8)[None]
+    assert mask_components(packed_sequence_compatibility_function(
+        sliding_window_causal_mask_function(4), positions, positions)) == {
+            "causal": True, "window": (3, -1)}
+    assert mask_components(causal_mask_function) == {"causal": True, "window": None}
+    assert mask_components(chunked_causal_mask_function(4, torch.zeros(1))) is None

@@ -11,9 +11,7 @@ Tokens are the UTF-8 bytes of the text (ids 0-255) with documents joined by an e
 Documents are packed back to back into fixed windows and attention runs causally across the EOT
 boundaries, the usual pre-training packing; no per-document mask is applied.
 
-:func:`shard_batch` turns a global batch into one rank's inputs, labels and global positions.
-Labels are shifted **before** sharding, so under any layout every rank's label at a position is
-the token that follows that position in the global sequence.
+:func:`usp.batch.shard_batch` turns a global batch into one rank's inputs, labels and positions.
 """
 
 from __future__ import annotations
@@ -25,8 +23,6 @@ from pathlib import Path
 
 import torch
 
-from usp.layout import check_sequence_length, sequence_positions, shard_sequence
-from usp.topology import Topology
 
 EOT = 256
 BYTE_VOCAB_SIZE = 257
@@ -187,42 +183,3 @@ class TokenBatcher:
             raise ValueError(f"data state index {state['index']} is outside 0..{self.num_windows}")
         self.epoch, self.index = state["epoch"], state["index"]
         self._order = self._epoch_order(self.epoch)
-
-
-def shard_batch(
-    tokens: torch.Tensor, topology: Topology, layout: str = "zigzag"
-) -> dict[str, torch.Tensor]:
-    """This rank's part of a global batch ``[B, S + 1]``.
-
-    Rows are split over ``dp``; the sequence over ring × ulysses with ``layout``; every ``tp`` rank
-    of a group gets the same batch. Returns ``input_ids``, ``labels`` and ``position_ids``, each
-    ``[B / dp, S / (ring * ulysses)]``; ``labels[b, i]`` is the global successor of
-    ``input_ids[b, i]`` and ``position_ids[b, i]`` its global position.
-    """
-    if tokens.dim() != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be [global_batch, seq_len + 1], got {tuple(tokens.shape)}")
-    batch, seq_len = tokens.shape[0], tokens.shape[1] - 1
-    dp, ring, ulysses, tp = (topology.size(a) for a in ("dp", "ring", "ulysses", "tp"))
-    if batch % dp != 0:
-        raise ValueError(
-            f"global batch {batch} is not divisible by dp={dp}; use a multiple of {dp}"
-        )
-    check_sequence_length(seq_len, ring, ulysses, layout)
-    local_len = seq_len // (ring * ulysses)
-    if local_len % tp != 0:
-        multiple = ring * ulysses * tp * (2 if layout == "zigzag" else 1)
-        raise ValueError(
-            f"sequence length {seq_len} leaves {local_len} tokens per sequence rank, which tp={tp} "
-            "cannot split for Megatron sequence parallelism; use a multiple of "
-            f"{multiple} (e.g. {-(-seq_len // multiple) * multiple})"
-        )
-    local_batch = batch // dp
-    rows = tokens.narrow(0, topology.rank("dp") * local_batch, local_batch)
-    # shift first, then shard: the label of every token is its successor in the global sequence
-    inputs, labels = rows[:, :-1], rows[:, 1:]
-    positions = sequence_positions(seq_len, topology, layout).to(tokens.device)
-    return {
-        "input_ids": shard_sequence(inputs, topology, layout, dim=1).contiguous(),
-        "labels": shard_sequence(labels, topology, layout, dim=1).contiguous(),
-        "position_ids": positions.expand(local_batch, -1).contiguous(),
-    }

@@ -64,7 +64,7 @@ class AttentionMask:
     causal: bool = False
     window: tuple[int, int] | None = None
     documents: Tensor | None = None
-    _bounds: dict = field(default_factory=dict, repr=False, compare=False)
+    _bounds: dict = field(default_factory=dict, repr=False, compare=False)  # computed once
 
     @classmethod
     def build(cls, seq_len: int, *, causal: bool = False, window=None, documents=None,
@@ -113,7 +113,10 @@ class AttentionMask:
         """A short fingerprint of the documents and padding (ranks agree on it before a call)."""
         if self.documents is None:
             return None
-        return hashlib.blake2b(self.documents.numpy().tobytes(), digest_size=8).hexdigest()
+        if "digest" not in self._bounds:  # the documents never change: hash them once
+            self._bounds["digest"] = hashlib.blake2b(self.documents.numpy().tobytes(),
+                                                     digest_size=8).hexdigest()
+        return self._bounds["digest"]
 
     def digest(self) -> tuple:
         """The whole mask, in a form that compares and hashes cheaply."""
@@ -122,9 +125,9 @@ class AttentionMask:
     def key_bounds(self, row: int = 0) -> tuple[Tensor, Tensor]:
         """``(first_key, last_key)`` ``[S]``: the visible key positions of each query position
         of batch row ``row`` are ``first_key[i] .. last_key[i]`` (empty when first > last)."""
-        if row not in self._bounds:
-            self._bounds[row] = self._compute_bounds(row)
-        return self._bounds[row]
+        if ("bounds", row) not in self._bounds:
+            self._bounds[("bounds", row)] = self._compute_bounds(row)
+        return self._bounds[("bounds", row)]
 
     def _compute_bounds(self, row: int) -> tuple[Tensor, Tensor]:
         positions = torch.arange(self.seq_len)

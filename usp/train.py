@@ -154,7 +154,7 @@ def _settings_on_record(config: TrainConfig) -> dict:
 
 def train_step(run, config: TrainConfig, step: int) -> dict:
     """One optimizer step on the next global batch; returns its metrics record (without MFU)."""
-    from usp.data import shard_batch
+    from usp.batch import shard_batch
     from usp.loss import global_mean_cross_entropy
 
     metrics.release_freed_memory(run.device)

@@ -2,20 +2,21 @@
 
 transformers asks each attention implementation's mask function to build the mask the model
 wants. usp builds none (nothing ``S x S`` is ever allocated): :func:`usp_mask` returns a
-:class:`MaskRequest` saying causal or bidirectional, or why usp cannot run it exactly (padding,
-a sliding or chunked window, a KV cache, a custom overlay such as image-token blocks). The
-attention function then agrees the request over all ranks and refuses or runs it.
+:class:`MaskRequest` — causal or bidirectional, the sliding window if any, this rank's padding
+mask if any — or says why usp cannot run it exactly (a chunked window, a KV cache, a custom
+overlay such as image-token blocks). The attention function turns the request, with the batch's
+documents, into a :class:`usp.AttentionMask` of the global sequence.
 
-Under zigzag or stripe layouts a rank's ``position_ids`` are not contiguous, so transformers
-takes them for packed documents and wraps the causal mask in its packed-sequence mask.
-:func:`is_packed_causal` recognises exactly that wrapper around the plain causal mask; it is
-accepted because the attention function then requires the positions to be this rank's global
-positions under the layout, which leaves no room for real document boundaries.
+The request is read off transformers' mask functions: :func:`mask_components` takes apart the
+``and_masks`` composition transformers builds (causal, bidirectional, sliding-window overlays)
+and strips its packed-sequence wrapper, which transformers adds whenever a rank's positions are
+not contiguous (zigzag and stripe layouts, packed documents). usp knows the documents from the
+batch itself, so that wrapper carries nothing it needs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
@@ -26,6 +27,7 @@ from transformers.masking_utils import (
     bidirectional_mask_function,
     causal_mask_function,
     packed_sequence_mask_function,
+    sliding_window_overlay,
 )
 
 ATTENTION_NAME = "usp"
@@ -36,33 +38,26 @@ if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
         f"usp's transformers integration needs transformers>={MIN_TRANSFORMERS}, found "
         f"{transformers.__version__}; pip install 'usp[hf]'"
     )
-WINDOW_SETTINGS = ("sliding_window", "attention_chunk_size")
 
 
 @dataclass(eq=False)
 class MaskRequest:
     """The mask a model asked for, as the ``"usp"`` mask function saw it (never a dense tensor).
 
+    ``window``: ``(left, right)`` in :class:`usp.AttentionMask`'s convention. ``padding``: this
+    rank's ``[B, S_local]`` padding mask (True: a token), or None when it has no zero.
     ``agreed`` turns true once every rank has checked this forward's request, so the layers after
-    the first (and activation-checkpoint recomputation) skip the all-reduce.
+    the first (and activation-checkpoint recomputation) skip the agreement; ``mask`` keeps the
+    global mask built by the first layer.
     """
 
     causal: bool
+    window: tuple[int, int] | None = None
+    padding: torch.Tensor | None = None
+    padded: bool = False
     refusal: str | None = None
     agreed: bool = False
-
-
-def window_refusal(config, size: int) -> str:
-    """The refusal of attention limited to windows of ``size`` tokens, naming the config setting."""
-    setting = next(
-        (s for s in WINDOW_SETTINGS if getattr(config, s, None) == size), WINDOW_SETTINGS[0]
-    )
-    return (
-        f"{type(config).__name__}.{setting}={size} asks for attention limited to windows of {size} "
-        f"tokens, which usp does not support yet; set {setting}=None for full causal attention "
-        f"(the same model for sequences of at most {size} tokens), or do not use "
-        f'attn_implementation="{ATTENTION_NAME}"'
-    )
+    mask: object = field(default=None, repr=False)
 
 
 def _closure_values(function) -> dict:
@@ -70,30 +65,45 @@ def _closure_values(function) -> dict:
     return dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in cells)))
 
 
-# code objects of the functions transformers builds for packed sequences: and(...) of "same
-# document" with "causal", where 5.23 remaps causal to the positions inside each document
 _AND_CODE = and_masks(causal_mask_function).__code__
 _SAME_DOCUMENT_CODE = packed_sequence_mask_function(None).__code__
-_remap = getattr(masking_utils, "remap_positions_for_packed_sequence", None)  # 5.23, not 5.0
+_SLIDING_CODE = sliding_window_overlay(1).__code__
+_bidirectional_overlay = getattr(masking_utils, "sliding_window_bidirectional_overlay", None)
+_SLIDING_BIDIRECTIONAL_CODE = (_bidirectional_overlay(1).__code__
+                               if _bidirectional_overlay is not None else None)
+_remap = getattr(masking_utils, "remap_positions_for_packed_sequence", None)  # 5.23, not 5.4
 _REMAP_CODE = _remap(causal_mask_function, None).__code__ if _remap is not None else None
 
 
-def is_packed_causal(mask_function) -> bool:
-    """True for transformers' packed-sequence wrapper around the plain causal mask, only that."""
-    if getattr(mask_function, "__code__", None) is not _AND_CODE:
-        return False
-    parts = _closure_values(mask_function).get("mask_functions", ())
-    codes = [getattr(part, "__code__", None) for part in parts]
-    if len(parts) != 2 or codes.count(_SAME_DOCUMENT_CODE) != 1:
-        return False
-    causal = parts[1 - codes.index(_SAME_DOCUMENT_CODE)]
-    if causal is causal_mask_function:
-        return True
-    return (
-        _REMAP_CODE is not None
-        and getattr(causal, "__code__", None) is _REMAP_CODE
-        and _closure_values(causal).get("mask_function") is causal_mask_function
-    )
+def mask_components(function) -> dict | None:
+    """What a transformers mask function is made of: ``{"causal": bool, "window": (l, r) or
+    None}``, or None if it holds anything else (a custom overlay). Packed-sequence wrappers are
+    dropped (usp takes documents from the batch)."""
+    if function is causal_mask_function:
+        return {"causal": True, "window": None}
+    if function is bidirectional_mask_function:
+        return {"causal": False, "window": None}
+    code = getattr(function, "__code__", None)
+    closure = _closure_values(function) if code is not None else {}
+    if code is _SLIDING_CODE:  # key > query - W: W keys up to and including the query
+        return {"causal": None, "window": (closure["sliding_window"] - 1, -1)}
+    if code is not None and code is _SLIDING_BIDIRECTIONAL_CODE:  # |query - key| <= W
+        window = closure["sliding_window"]
+        return {"causal": None, "window": (window, window)}
+    if code is _SAME_DOCUMENT_CODE:
+        return {"causal": None, "window": None}
+    if code is not None and code is _REMAP_CODE:
+        return mask_components(closure["mask_function"])
+    if code is _AND_CODE:
+        parts = [mask_components(part) for part in closure.get("mask_functions", ())]
+        if not parts or any(part is None for part in parts):
+            return None
+        causal = [p["causal"] for p in parts if p["causal"] is not None]
+        windows = [p["window"] for p in parts if p["window"] is not None]
+        if len(set(causal)) > 1 or len(windows) > 1:
+            return None
+        return {"causal": causal[0] if causal else None, "window": windows[0] if windows else None}
+    return None
 
 
 def usp_mask(
@@ -109,30 +119,26 @@ def usp_mask(
     **backend_options,  # dtype, device, use_vmap, allow_*_skip: for backends that build tensors
 ) -> MaskRequest:
     """transformers' mask hook for ``"usp"``; the arguments are those of ``sdpa_mask``."""
-    causal = mask_function is not bidirectional_mask_function
     name = type(config).__name__ if config is not None else "the model"
-    if local_size is not None:
-        return MaskRequest(causal, window_refusal(config, local_size))
-    if attention_mask is not None and not bool(attention_mask.all()):
-        padded = int((~attention_mask.bool()).sum())
-        return MaskRequest(causal, (
-            f"attention_mask has {padded} zeros (padding) in this rank's [{batch_size}, "
-            f"{attention_mask.shape[-1]}] shard; usp supports no padding mask yet. A causal model "
-            "needs none for right padding (no token attends to later ones): pad on the right, "
-            "set those labels to -100 and pass no attention_mask"
-        ))
+    components = mask_components(mask_function)
+    causal = bool(components and components["causal"] is not False)
     if q_offset != 0 or kv_offset != 0 or kv_length != q_length:
-        return MaskRequest(causal, (
+        return MaskRequest(causal, refusal=(
             f"{name} attends {q_length} queries to {kv_length} keys (a KV cache, an offset or "
             "cross-attention); usp runs self-attention over the whole sequence only: pass "
             "use_cache=False and no past_key_values"
         ))
-    if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
-        return MaskRequest(causal)
-    if is_packed_causal(mask_function):  # the attention function checks the positions
-        return MaskRequest(True)
-    overlay = getattr(mask_function, "__qualname__", repr(mask_function))
-    return MaskRequest(causal, (
-        f"{name} asks for a custom attention mask ({overlay}: packed documents, image-token "
-        "blocks or another overlay); usp supports plain causal and unmasked attention only"
-    ))
+    if components is None or components["causal"] is None:
+        overlay = getattr(mask_function, "__qualname__", repr(mask_function))
+        chunk = getattr(config, "attention_chunk_size", None)
+        what = (f"chunked attention (attention_chunk_size={chunk})" if chunk else
+                f"a custom attention mask ({overlay}: image-token blocks or another overlay)")
+        return MaskRequest(causal, refusal=(
+            f"{name} asks for {what}; usp runs causal or bidirectional attention with sliding "
+            "windows, packed documents and padding"
+        ))
+    padding = None
+    if attention_mask is not None:
+        padding = attention_mask.bool()
+        padding = None if bool(padding.all()) else padding
+    return MaskRequest(causal, components["window"], padding, attention_mask is not None)

@@ -24,17 +24,19 @@ from transformers.masking_utils import AttentionMaskInterface
 from usp.attention import usp_attention
 from usp.attention.ulysses import head_plan
 from usp.comm import agree
-from usp.data import shard_batch
-from usp.integrations.hf_masks import ATTENTION_NAME, MaskRequest, usp_mask, window_refusal
-from usp.layout import check_layout, sequence_positions
+from usp.batch import IGNORE_INDEX, documents_from_positions, positions_in_documents, shard_batch
+from usp.integrations.hf_masks import ATTENTION_NAME, MaskRequest, usp_mask
+from usp.layout import check_layout, sequence_positions, unshard_sequence
+from usp.mask import NOT_A_TOKEN, AttentionMask
 from usp.loss import DATA_AXES, data_parallel_size, global_mean_cross_entropy
 from usp.topology import Topology
 
 # RoPE variants that rescale from the largest position they see: each rank sees another largest
 # position, so the ranks would rotate the same token differently
 SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
-# forward kwargs that reach the attention function and change nothing in it
-IGNORED_OPTIONS = ("use_cache",)
+# forward kwargs that reach the attention function and change nothing in it (transformers'
+# packing kwargs describe the same documents as usp_documents or position_ids)
+IGNORED_OPTIONS = ("use_cache", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 class USPContext:
@@ -67,31 +69,43 @@ class USPContext:
         return model
 
     def shard(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+        attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """This rank's ``input_ids``, ``position_ids`` and ``labels`` of a global batch ``[B, S]``.
+        """This rank's part of a global batch ``[B, S]``: ``input_ids``, ``position_ids``,
+        ``labels`` and, for packed documents, padding or a length the layout cannot split
+        evenly, ``usp_documents`` (pass them all to the model with ``usp_context=self``).
 
-        ``labels`` follow transformers' convention (defaults to ``input_ids``; ``-100`` is
-        ignored; the model would shift them). They are shifted **globally** before sharding:
-        ``labels[b, i]`` is the label of the token after position ``i``, ``-100`` after the last
-        one, so pass them to :meth:`loss`, not to the model. Rows are split over dp.
+        ``labels`` follow transformers' convention (default ``input_ids``; ``-100`` is ignored;
+        the model would shift them). They are shifted **globally** before sharding, never across
+        a document boundary or into padding: pass them to :meth:`loss`, not to the model.
+        ``attention_mask`` ``[B, S]``: padding (1 = token). ``position_ids`` ``[B, S]`` that
+        restart at 0 in every document (``DataCollatorWithFlattening``): packed documents,
+        attention stays inside each. Rows are split over dp.
         """
         labels = input_ids if labels is None else labels
-        if labels.shape != input_ids.shape:
-            raise ValueError(
-                f"labels {tuple(labels.shape)} and input_ids {tuple(input_ids.shape)} must both be "
-                "[B, S]"
-            )
-        # usp.data.shard_batch shards [B, S + 1] windows whose labels are the next tokens:
-        # append one column, and the window of the labels shifted by one is the shifted labels
-        pad = torch.full_like(input_ids[:, :1], -100)
-        inputs = shard_batch(torch.cat([input_ids, pad], dim=1), self.topology, self.layout)
-        targets = shard_batch(torch.cat([labels, pad], dim=1), self.topology, self.layout)
-        return {
-            "input_ids": inputs["input_ids"],
-            "position_ids": inputs["position_ids"],
-            "labels": targets["labels"],
-        }
+        for name, other in (("labels", labels), ("attention_mask", attention_mask),
+                            ("position_ids", position_ids)):
+            if other is not None and other.shape != input_ids.shape:
+                raise ValueError(f"{name} {tuple(other.shape)} and input_ids "
+                                 f"{tuple(input_ids.shape)} must both be [B, S]")
+        documents = None
+        if position_ids is not None:
+            documents = documents_from_positions(position_ids)
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            documents = torch.zeros_like(input_ids) if documents is None else documents
+            documents = documents.masked_fill(~attention_mask.bool(), NOT_A_TOKEN)
+        # windows of S + 1: one extra column that is no token and no label
+        pad = torch.full_like(input_ids[:, :1], IGNORE_INDEX)
+        batch = shard_batch(
+            torch.cat([input_ids, pad.clamp(min=0)], dim=1), self.topology, self.layout,
+            targets=torch.cat([labels, pad], dim=1),
+            documents=None if documents is None else torch.cat(
+                [documents, torch.full_like(pad, NOT_A_TOKEN)], dim=1),
+        )
+        if "documents" in batch:
+            batch["usp_documents"] = batch.pop("documents")
+        return batch
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The exact mean cross-entropy over all ranks' labels (from :meth:`shard`).
@@ -115,10 +129,12 @@ def check_config(config, topology: Topology) -> None:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_plan(heads, kv_heads, topology.size("ulysses"))
     check_rope(config)
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    if window is not None and (not layer_types or "sliding_attention" in layer_types):
-        raise ValueError(window_refusal(config, window))
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk is not None:
+        raise ValueError(
+            f"{type(config).__name__}.attention_chunk_size={chunk} asks for chunked attention, "
+            "which usp does not run; use another attn_implementation for this model"
+        )
 
 
 def check_rope(config) -> None:
@@ -144,11 +160,16 @@ def usp_attention_forward(
     is_causal: bool | None = None,
     position_ids: torch.Tensor | None = None,
     usp_context: USPContext | None = None,
+    usp_documents: torch.Tensor | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
     **options,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention hook for ``"usp"``.
 
     query [B, Hq, S_RU, D], key/value [B, Hkv, S_RU, D] -> ([B, S_RU, Hq, D], None).
+    The mask comes from the model's mask request (causal or not, its sliding window, this rank's
+    padding) and the batch's documents (``usp_documents`` from :meth:`USPContext.shard`, or the
+    global ``cu_seq_lens_q`` of transformers' packing collator).
     """
     config = getattr(module, "config", None)
     if not isinstance(usp_context, USPContext):
@@ -156,8 +177,6 @@ def usp_attention_forward(
             f'attn_implementation="{ATTENTION_NAME}" needs the forward kwarg usp_context='
             "USPContext(topology, layout); got " + repr(usp_context)
         )
-    if sliding_window is not None:
-        raise ValueError(window_refusal(config, sliding_window))
     if dropout:
         raise ValueError(
             f"attention dropout {dropout} is not supported by usp; set the config's "
@@ -173,48 +192,80 @@ def usp_attention_forward(
     if config is not None:
         check_rope(config)
     if request is None or not request.agreed:
-        refusal = _local_refusal(attention_mask, query, key, is_causal, position_ids, usp_context)
+        refusal = _local_refusal(attention_mask, query, key, is_causal, sliding_window)
         usp_context.agree(refusal)
+        request.mask = _global_mask(request, query, usp_context, usp_documents, cu_seq_lens_q)
+        usp_context.agree(_position_refusal(request.mask, position_ids, query, usp_context))
         request.agreed = True  # agree() raised unless the mask is a MaskRequest
     out = usp_attention(
         # [B, H, S_RU, D] -> [B, S_RU, H, D]
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), usp_context.topology,
-        causal=request.causal, layout=usp_context.layout, softmax_scale=scaling,
-        kernel=usp_context.kernel,
+        layout=usp_context.layout, softmax_scale=scaling, kernel=usp_context.kernel,
+        mask=request.mask,
     )
     return out, None
 
 
-def _local_refusal(attention_mask, query, key, is_causal, position_ids, context) -> str | None:
+def _global_mask(request: MaskRequest, query, context: USPContext, documents,
+                 cu_seqlens) -> AttentionMask:
+    """The forward's mask over the global sequence: the request's causal flag and window, the
+    batch's documents, and every rank's padding (gathered: it is per shard)."""
+    topology, layout = context.topology, context.layout
+    slots = query.shape[2] * topology.sequence_size
+    padding = None
+    if request.padded:  # every rank of this forward has an attention_mask: gather the shards
+        local = (request.padding if request.padding is not None
+                 else torch.ones(query.shape[0], query.shape[2], dtype=torch.bool))
+        padding = unshard_sequence(local.to(torch.uint8).to(query.device), topology, layout)
+        padding = padding.bool().cpu()
+    return AttentionMask.build(slots, causal=request.causal, window=request.window,
+                               documents=documents, cu_seqlens=cu_seqlens, padding_mask=padding)
+
+
+def _local_refusal(attention_mask, query, key, is_causal, sliding_window) -> str | None:
     """Why this rank cannot run the attention exactly, or None."""
     if not isinstance(attention_mask, MaskRequest):
         return (
             f"the attention received a {type(attention_mask).__name__} mask that transformers did "
             f'not build through the "{ATTENTION_NAME}" mask function (a custom 4-D mask or '
-            "BlockMask); usp supports causal and unmasked attention only"
+            "BlockMask); usp runs the masks transformers builds (causal, sliding windows, "
+            "padding, packed documents)"
         )
     if attention_mask.refusal is not None:
         return attention_mask.refusal
     if is_causal is not None and is_causal != attention_mask.causal:
         return f"the layer asks is_causal={is_causal}, its mask causal={attention_mask.causal}"
+    if sliding_window is not None and attention_mask.window is None:
+        return (f"the layer asks for a sliding window of {sliding_window} tokens but its mask "
+                "has none; usp follows the mask, which would disagree with the layer")
     if key.shape[2] != query.shape[2]:
         return f"{query.shape[2]} queries attend {key.shape[2]} keys; pass use_cache=False"
+    return None
+
+
+def _position_refusal(mask: AttentionMask, position_ids, query, context: USPContext) -> str | None:
+    """RoPE must see each token's position in its document (its global position when the
+    sequence is one document): the positions a rank holds, under the layout."""
     topology, layout = context.topology, context.layout
-    local_len = query.shape[2]
-    seq_len = local_len * topology.sequence_size
+    local_len, slots = query.shape[2], mask.seq_len
     if position_ids is None:
         return (
             "the attention layers received no position_ids; pass the model position_ids="
             "USPContext.shard(...)['position_ids'] (usp checks them against the layout)"
         )
-    expected = sequence_positions(seq_len, topology, layout).to(query.device)
-    if position_ids.shape[-1] != local_len or not bool((position_ids == expected).all()):
+    ids = (mask.documents if mask.documents is not None
+           else torch.zeros(1, slots, dtype=torch.long))
+    here = sequence_positions(slots, topology, layout)
+    expected = positions_in_documents(ids)[:, here]
+    tokens = ids[:, here] != NOT_A_TOKEN  # padding may hold any position
+    given = position_ids.detach().cpu()
+    if given.shape[-1] != local_len or not bool(((given == expected) | ~tokens).all()):
         return (
-            f"position_ids must be the global positions of this rank's {local_len} of {seq_len} "
-            f"tokens under layout={layout!r} over ring={topology.ring_size} x ulysses="
-            f"{topology.ulysses_size}: pass USPContext.shard(...)['position_ids'] "
-            "(= usp.sequence_positions); positions that restart (packed documents) need a "
-            "document mask, which usp does not support yet"
+            f"position_ids must be the positions of this rank's {local_len} of {slots} slots "
+            f"under layout={layout!r} over ring={topology.ring_size} x ulysses="
+            f"{topology.ulysses_size}, counted from 0 in each packed document: pass "
+            "USPContext.shard(...)['position_ids'] (for packed documents: shard(..., "
+            "position_ids=...) with positions that restart in each document)"
         )
     return None
 
