@@ -68,6 +68,6 @@ def test_bad_bench_sizes_are_one_message_before_any_rank_starts(capsys):
     assert cli.main(["bench", "attention", "--nproc", "2", "--seq-len", "1001"]) == 2
     error = capsys.readouterr().err
     assert "sequence length 1001" in error and "Traceback" not in error
-    assert cli.main(["bench", "attention", "--nproc", "4", "--heads", "6", "--modes",
-                     "ulysses"]) == 2
-    assert "n_q_heads=6" in capsys.readouterr().err
+    assert cli.main(["bench", "attention", "--nproc", "4", "--heads", "6", "--kv-heads", "4",
+                     "--modes", "ulysses"]) == 2
+    assert "--heads 6 must be a multiple of --kv-heads 4" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from tests.distributed import collect_failures, run_on_ranks
-from usp.batch import shard_batch
+from usp.batch import positions_in_documents, shard_batch
 from usp.data import TokenBatcher, synthetic_tokens
 from usp.loss import global_mean_cross_entropy
 from usp.models import Llama, LlamaConfig
@@ -38,7 +38,11 @@ CASES = [
     ({"dp": 2, "ulysses": 2}, {"activation_checkpointing": "selective", "layout": "stripe"}, True),
     ({"tp": 2, "ulysses": 2}, {"activation_checkpointing": "selective"}, True),
     ({"tp": 2, "ring": 2}, {"activation_checkpointing": "full", "layout": "contiguous"}, False),
+    # packed documents: attention, labels and RoPE positions stay inside each
+    ({"ring": 2, "ulysses": 2}, {"documents": True}, False),
+    ({"tp": 2, "ulysses": 2}, {"documents": True, "layout": "stripe"}, False),
 ]
+DOCUMENTS = torch.tensor([[0] * 9 + [1] + [2] * 30 + [3] * 25, [0] * 40 + [1] * 25])
 
 
 def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,26 +60,37 @@ def _model(tie: bool, dtype: torch.dtype = torch.float32) -> Llama:
     return model.to(dtype)
 
 
-def _reference(tie: bool, dtype: torch.dtype) -> tuple[float, dict[str, torch.Tensor]]:
+def _reference(tie: bool, dtype: torch.dtype, documents: bool = False):
     model = _model(tie, dtype)
     tokens, ignored = _global_batch()
     labels = tokens[:, 1:].masked_fill(ignored, -100)
-    logits = model(tokens[:, :-1], torch.arange(SEQ).expand(BATCH, SEQ))
+    positions, inside = torch.arange(SEQ).expand(BATCH, SEQ), None
+    if documents:
+        inside = DOCUMENTS[:, :-1]
+        labels = tokens[:, 1:].masked_fill(DOCUMENTS[:, 1:] != inside, -100)
+        positions = positions_in_documents(inside)
+    logits = model(tokens[:, :-1], positions, inside)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     loss.backward()
     return loss.item(), {n: p.grad.double() for n, p in model.named_parameters()}
 
 
 def _one_step(topology: Topology, options: dict, tie: bool) -> tuple[float, dict]:
+    options = dict(options)
+    documents = options.pop("documents", False)
     layout = options.get("layout", "zigzag")
     model = parallelize(_model(tie), topology, **options)
     tokens, ignored = _global_batch()
-    batch = shard_batch(tokens, topology, layout)
-    # the same global mask, read at this rank's rows and global positions
-    local_batch = BATCH // topology.size("dp")
-    rows = ignored.narrow(0, topology.rank("dp") * local_batch, local_batch)
-    labels = batch["labels"].masked_fill(rows.gather(1, batch["position_ids"]), -100)
-    logits = model(batch["input_ids"], batch["position_ids"])
+    if documents:
+        batch = shard_batch(tokens, topology, layout, documents=DOCUMENTS)
+        labels = batch["labels"]
+    else:
+        batch = shard_batch(tokens, topology, layout)
+        # the same global mask, read at this rank's rows and global positions
+        local_batch = BATCH // topology.size("dp")
+        rows = ignored.narrow(0, topology.rank("dp") * local_batch, local_batch)
+        labels = batch["labels"].masked_fill(rows.gather(1, batch["position_ids"]), -100)
+    logits = model(batch["input_ids"], batch["position_ids"], batch.get("documents"))
     loss = global_mean_cross_entropy(logits, labels, topology)
     loss.backward()
     grads = {}
@@ -98,7 +113,7 @@ def _check_one_step(rank: int, references: dict, case) -> None:
     degrees, options, tie = case
     topology = Topology.build(**degrees)
     loss, grads = _one_step(topology, options, tie)
-    (loss64, grads64), (loss32, grads32) = references[tie]
+    (loss64, grads64), (loss32, grads32) = references[(tie, options.get("documents", False))]
     _assert_within("loss", loss, loss64, loss32, atol=1e-6)
     assert grads.keys() == grads64.keys(), sorted(set(grads) ^ set(grads64))
     failures = []
@@ -138,8 +153,9 @@ def _loss_curve(topology: Topology | None, steps: int) -> list[float]:
 
 
 def _world(rank: int, world_size: int) -> dict:
-    references = {tie: (_reference(tie, torch.float64), _reference(tie, torch.float32))
-                  for tie in (False, True)}
+    references = {(tie, documents): (_reference(tie, torch.float64, documents),
+                                     _reference(tie, torch.float32, documents))
+                  for tie in (False, True) for documents in (False, True)}
     failures = collect_failures(CASES, lambda case: _check_one_step(rank, references, case))
     reference_curve = torch.tensor(_loss_curve(None, 10))
     curve = torch.tensor(_loss_curve(Topology.build(ring=2, ulysses=2), 10))

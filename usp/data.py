@@ -8,8 +8,9 @@ Tokens are the UTF-8 bytes of the text (ids 0-255) with documents joined by an e
 - :func:`text_file_documents`: the user's own text files, one document each;
 - :func:`synthetic_tokens`: seeded uniformly random tokens (throughput runs; nothing to learn).
 
-Documents are packed back to back into fixed windows and attention runs causally across the EOT
-boundaries, the usual pre-training packing; no per-document mask is applied.
+Documents are packed back to back into fixed windows. :func:`documents_of_windows` tells each
+window's tokens their document (an ``EOT`` closes the document it ends), so with packing on
+(``usp train``'s default) attention, labels and RoPE positions stay inside each document.
 
 :func:`usp.batch.shard_batch` turns a global batch into one rank's inputs, labels and positions.
 """
@@ -97,6 +98,13 @@ def synthetic_tokens(num_tokens: int, vocab_size: int = 256, seed: int = 0) -> t
     """``num_tokens`` uniformly random ids in ``[0, vocab_size)`` drawn from ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (num_tokens,), generator=generator)
+
+
+def documents_of_windows(tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, S + 1]`` document ids of each window's tokens: a new document starts after every
+    ``EOT`` (the ``EOT`` belongs to the document it ends)."""
+    is_end = (tokens == EOT).long()
+    return torch.cumsum(is_end, dim=1) - is_end
 
 
 def document_tokens(documents: Sequence[str]) -> torch.Tensor:

@@ -161,10 +161,11 @@ def apply_tensor_parallel(model: nn.Module, topology: Topology) -> None:
         prefix = f"layers.{index}."
         plan.update({
             prefix + "attention_norm": SequenceParallel(),
-            # (x, cos, sin): x [B, S/tp, dim] is gathered to [B, S, dim]; RoPE tables pass as is
+            # (x, cos, sin, documents): x [B, S/tp, dim] is gathered to [B, S, dim]; RoPE tables
+            # and documents pass as they are
             prefix + "attention": PrepareModuleInput(
-                input_layouts=(Shard(1), None, None),
-                desired_input_layouts=(Replicate(), None, None),
+                input_layouts=(Shard(1), None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None),
             ),
             prefix + "attention.wq": ColwiseParallel(),
             prefix + "attention.wk": ColwiseParallel(),

@@ -155,19 +155,22 @@ def _settings_on_record(config: TrainConfig) -> dict:
 def train_step(run, config: TrainConfig, step: int) -> dict:
     """One optimizer step on the next global batch; returns its metrics record (without MFU)."""
     from usp.batch import shard_batch
+    from usp.data import documents_of_windows
     from usp.loss import global_mean_cross_entropy
 
     metrics.release_freed_memory(run.device)
     memory_before = metrics.current_memory_bytes(run.device)
     metrics.reset_peak_memory(run.device)
     start = time.perf_counter()
-    batch = shard_batch(run.batcher.next_batch(), run.topology, config.layout)
+    tokens = run.batcher.next_batch()
+    documents = documents_of_windows(tokens) if config.pack and not config.synthetic else None
+    batch = shard_batch(tokens, run.topology, config.layout, documents=documents)
     batch = {name: tensor.to(run.device) for name, tensor in batch.items()}
     lr = run.scheduler.get_last_lr()[0]
     autocast = torch.autocast(run.device.type, torch.bfloat16, enabled=config.dtype == "bf16")
     with metrics.SavedActivations() as saved:
         with autocast:
-            logits = run.model(batch["input_ids"], batch["position_ids"])
+            logits = run.model(batch["input_ids"], batch["position_ids"], batch.get("documents"))
         loss = global_mean_cross_entropy(logits, batch["labels"], run.topology)
     loss.backward()
     grad_norm = run.clip_gradients(config.grad_clip)

@@ -57,6 +57,7 @@ class TrainConfig:
     zero2: bool = False
     data: list[str] = field(default_factory=list)
     synthetic: bool = False
+    pack: bool = True
     out: str = "runs/tiny"
     ckpt_every: int = DEFAULT_CHECKPOINT_EVERY
     resume: str | None = None
@@ -157,6 +158,7 @@ def run_metadata(config: TrainConfig, world_size: int) -> dict:
             "min_lr": config.min_lr,
             "warmup": config.warmup,
             "weight_decay": config.weight_decay,
+            "pack": config.pack and not config.synthetic,
             "world_size": world_size,
             "degrees": {"ring": config.ring, "ulysses": config.ulysses, "tp": config.tp},
             "layout": config.layout,

@@ -66,6 +66,9 @@ def add_arguments(parser) -> None:
     source.add_argument("--data", nargs="+", metavar="PATH",
                         help="text files to train on (default: the Python stdlib's source)")
     source.add_argument("--synthetic", action="store_true", help="random tokens (throughput runs)")
+    a("--no-pack", dest="pack", action="store_false",
+      help="let attention, labels and RoPE positions run across document boundaries (EOT); by "
+      "default each packed document is its own sequence")
     a("--out", help="run directory (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ-TIME, new each run)")
     a("--ckpt-every", type=int,
       help=f"checkpoint every N steps and at the last (default {DEFAULT_CHECKPOINT_EVERY}; "

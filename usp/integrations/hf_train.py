@@ -130,7 +130,8 @@ class HFCausalLM(nn.Module):
         """The decoder layers (what ``usp.parallel.apply_fsdp`` shards one by one)."""
         return self.model.base_model.layers
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.shape != position_ids.shape:
             raise ValueError(
                 f"input_ids {tuple(input_ids.shape)} and position_ids "
@@ -138,7 +139,7 @@ class HFCausalLM(nn.Module):
             )
         logits = self.model(
             input_ids=input_ids, position_ids=position_ids, use_cache=False,
-            usp_context=self.context,
+            usp_context=self.context, usp_documents=documents,
         ).logits
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 

@@ -79,15 +79,24 @@ def get_config(name: str) -> LlamaConfig:
     return CONFIGS[name]
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     documents: torch.Tensor | None = None) -> torch.Tensor:
     """Single-device causal attention with GQA: ``[B, S, Hq, D], [B, S, Hkv, D] -> [B, S, Hq, D]``.
 
-    Query head ``j`` reads KV head ``j // (Hq / Hkv)``, as in ``usp_attention``.
+    Query head ``j`` reads KV head ``j // (Hq / Hkv)``, as in ``usp_attention``. ``documents``
+    ``[B or 1, S]``: packed documents (an id per token); attention stays inside each, and a
+    token with id -1 (no token) sees only itself.
     """
+    mask = None
+    if documents is not None:
+        ids = documents.to(q.device)
+        same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0)
+        same |= torch.eye(ids.shape[1], dtype=torch.bool, device=q.device)
+        mask = (same & torch.ones_like(same[0]).tril())[:, None]  # [B, 1, S, S]
     # [B, S, H, D] -> [B, H, S, D], the layout SDPA expects
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        is_causal=True, enable_gqa=q.shape[2] != k.shape[2],
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=mask is None, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
 
@@ -133,14 +142,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.attention_fn = causal_attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq = x.shape[0], x.shape[1]
         # Head counts come from the projections' outputs: H here is H / tp under tensor parallelism.
         q = self.wq(x).view(batch, seq, -1, self.head_dim)  # [B, S, H*D] -> [B, S, H, D]
         k = self.wk(x).view(batch, seq, -1, self.head_dim)  # [B, S, Hkv*D] -> [B, S, Hkv, D]
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attention_fn(q, k, v)  # [B, S, H, D]
+        out = self.attention_fn(q, k, v, documents=documents)  # [B, S, H, D]
         return self.wo(out.reshape(batch, seq, -1))  # [B, S, H, D] -> [B, S, H*D] -> [B, S, dim]
 
 
@@ -165,8 +175,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -182,11 +193,13 @@ class Llama(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.init_weights(seed=0)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids, position_ids [B, S] -> logits [B, S, vocab]`` (at least fp32).
 
-        ``position_ids`` are the tokens' global positions; with a sharded sequence they are this
-        rank's (non-contiguous, under zigzag) positions, from ``usp.sequence_positions``.
+        ``position_ids`` are the tokens' positions; with a sharded sequence they are this
+        rank's (non-contiguous, under zigzag) positions, from ``usp.batch.shard_batch``.
+        ``documents``: packed documents of the global sequence (``shard_batch``'s), or None.
         """
         if input_ids.shape != position_ids.shape:
             raise ValueError(
@@ -200,7 +213,7 @@ class Llama(nn.Module):
             position_ids, self.config.head_dim, self.config.rope_theta, rope_dtype
         )
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, documents)
         logits = self.output(self.norm(h))  # [B, S, dim] -> [B, S, vocab]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
