@@ -51,15 +51,27 @@ def test_device_benchmark_runs_and_reports_sane_shares_on_cpu():
 def test_cpu_benchmark_measures_reference_ceiling_and_configs_in_rounds():
     from usp.bench.attention import BenchShape, configurations, run_benchmark
 
-    shape = BenchShape(seq_len=64, heads=4, kv_heads=2, head_dim=8, iters=1, warmup=1, rounds=2)
-    result = run_benchmark(shape, 2, configurations(2, ["ring", "ulysses"], ["zigzag"]))
-    assert result.single.train_s > result.single.forward_s > 0
+    from usp.bench.attention import work_vs_dense
+    from usp.cli.bench_tables import format_result
+
+    shape = BenchShape(seq_len=64, heads=4, kv_heads=2, head_dim=8, iters=1, warmup=1, rounds=2,
+                       window=8)
+    configs = configurations(2, ["ring", "ulysses"], ["contiguous"], ("dense", "window"))
+    result = run_benchmark(shape, 2, configs)
+    for timing in result.single.values():
+        assert timing.train_s > timing.forward_s > 0
     assert result.ceiling is not None and result.ceiling.train_s > 0
-    assert [(r.config.mode, r.config.layout) for r in result.rows] == [
-        ("ring", "zigzag"), ("ulysses", "contiguous")]
+    assert [(r.config.mode, r.config.layout, r.config.mask) for r in result.rows] == [
+        ("ring", "contiguous", "dense"), ("ring", "contiguous", "window"),
+        ("ulysses", "contiguous", "dense"), ("ulysses", "contiguous", "window")]
     for row in result.rows:
         assert row.timing.train_s > 0 and len(row.kernel_ms_per_rank) == 2
-        assert all(ms > 0 for ms in row.kernel_ms_per_rank)
+        assert all(ms > 0 for ms in row.kernel_ms_per_rank) and row.bytes_sent > 0
+    ring_dense, ring_window = result.rows[:2]
+    # an 8-token window over blocks of 32: the ring stops after one step, a quarter of the work
+    assert ring_window.bytes_sent < ring_dense.bytes_sent
+    assert work_vs_dense(shape, ring_window.config) < 0.3
+    assert "work/dense" in format_result(shape, 2, result)
 
 
 def test_bad_bench_sizes_are_one_message_before_any_rank_starts(capsys):

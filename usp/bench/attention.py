@@ -36,8 +36,10 @@ from usp.attention.ring import local_attention
 from usp.attention.usp import usp_attention
 from usp.bench.breakdown import profile_ms
 from usp.bench.kernel_clock import KernelClock
-from usp.comm import free_port
+from usp.comm import CommStats, free_port
 from usp.layout import LAYOUTS, check_sequence_length, shard_sequence
+from usp.mask import AttentionMask
+from usp.schedule import RingSchedule
 from usp.topology import Topology
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -56,10 +58,14 @@ class BenchShape:
     iters: int = 3
     warmup: int = 1
     rounds: int = 3
+    window: int = 4096  # tokens a query sees under the "window" mask, itself included
 
     def forward_flops(self) -> float:
         full = 4.0 * self.batch * self.seq_len**2 * self.heads * self.head_dim
         return full / 2 if self.causal else full
+
+
+MASKS = ("dense", "packed", "window")
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,40 @@ class BenchConfig:
     ring: int
     ulysses: int
     layout: str
+    mask: str = "dense"  # dense | packed | window
 
+
+def long_tail_cu_seqlens(seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Packed documents with a long tail: one of half the sequence, the rest 1/64 to 1/16 of it
+    (at 32K tokens: one of 16K and many of 0.5K-2K), shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths, left = [seq_len // 2], seq_len - seq_len // 2
+    while left > 0:
+        length = int(torch.randint(seq_len // 64, seq_len // 16 + 1, (1,), generator=generator))
+        lengths.append(min(left, max(1, length)))
+        left -= lengths[-1]
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    return torch.tensor([0] + torch.tensor([lengths[i] for i in order]).cumsum(0).tolist())
+
+
+def mask_options(shape: "BenchShape", mask: str) -> dict:
+    """usp_attention's mask keywords for ``mask``."""
+    if mask == "packed":
+        return {"cu_seqlens": long_tail_cu_seqlens(shape.seq_len)}
+    if mask == "window":
+        return {"window": (shape.window - 1, 0 if shape.causal else shape.window - 1)}
+    return {}
+
+
+def work_vs_dense(shape: "BenchShape", config: BenchConfig) -> float:
+    """The (query, key) pairs the config's mask computes, over those of dense attention."""
+    def pairs(mask: str) -> int:
+        attention_mask = AttentionMask.build(shape.seq_len, causal=shape.causal,
+                                             **mask_options(shape, mask))
+        schedule = RingSchedule(attention_mask, config.layout, config.ring)
+        return sum(piece.area for rank in range(config.ring) for source in range(config.ring)
+                   for piece in schedule.pieces(rank, source))
+    return pairs(config.mask) / pairs("dense")
 
 @dataclass
 class Timing:
@@ -84,16 +123,24 @@ class BenchRow:
     timing: Timing
     kernel_ms_per_rank: list[float] = field(default_factory=list)
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)  # rank 0, per call kind
+    bytes_sent: int = 0  # rank 0, one forward+backward
 
 
 @dataclass
 class BenchResult:
-    single: Timing
+    single: dict[str, Timing]  # per mask
     ceiling: Timing | None
     rows: list[BenchRow]
 
 
-def configurations(nproc: int, modes: list[str], layouts: list[str]) -> list[BenchConfig]:
+def configurations(nproc: int, modes: list[str], layouts: list[str],
+                   masks: tuple[str, ...] = ("dense",)) -> list[BenchConfig]:
+    """Every mode x layout that fits ``nproc`` ranks, each under every mask."""
+    return [BenchConfig(c.mode, c.ring, c.ulysses, c.layout, mask)
+            for c in _layouts_and_modes(nproc, modes, layouts) for mask in masks]
+
+
+def _layouts_and_modes(nproc: int, modes: list[str], layouts: list[str]) -> list[BenchConfig]:
     configs = []
     for mode in modes:
         if mode == "ulysses":
@@ -190,11 +237,22 @@ def _ceiling_tensors(tensors, rank: int, nproc: int):
             v[:, :, kv_heads].contiguous(), dout[:, :, heads].contiguous())
 
 
-def _config_call(topology: Topology, layout: str, shape: BenchShape, kernel):
+def _config_call(topology: Topology, layout: str, shape: BenchShape, kernel, mask: str):
+    options = mask_options(shape, mask)
+
     def call(q, k, v):
-        return usp_attention(q, k, v, topology, causal=shape.causal, layout=layout, kernel=kernel)
+        return usp_attention(q, k, v, topology, causal=shape.causal, layout=layout, kernel=kernel,
+                             **options)
 
     return call
+
+
+def _bytes_of_one_step(call, tensors) -> int:
+    q, k, v, dout = tensors
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with CommStats() as stats:
+        call(*leaves).backward(dout)
+    return stats.total()
 
 
 def _breakdown(call, tensors) -> dict[str, dict[str, float]]:
@@ -226,19 +284,27 @@ def _rank_main(rank, nproc, port, shape: BenchShape, configs, out_path, breakdow
         def single_call(q, k, v):
             return local_attention(q, k, v, shape.causal, scale, base)
 
+        alone = Topology(sizes={"dp": 1, "ring": 1, "ulysses": 1, "tp": 1},
+                         ranks={"dp": 0, "ring": 0, "ulysses": 0, "tp": 0})
+        masks = list(dict.fromkeys(config.mask for config in configs))
+        singles = {mask: single_call if mask == "dense" else
+                   _config_call(alone, "contiguous", shape, base, mask) for mask in masks}
         share = _ceiling_tensors(tensors, rank, nproc) if shape.heads % nproc == 0 else None
         prepared = []
         for config in configs:
             topology = Topology.build(ring=config.ring, ulysses=config.ulysses)
             local = [shard_sequence(t, topology, config.layout).contiguous() for t in tensors]
-            prepared.append((_config_call(topology, config.layout, shape, clock.kernel), local))
-        results = {"single": [], "ceiling": [], "configs": [[] for _ in configs]}
+            prepared.append((_config_call(topology, config.layout, shape, clock.kernel,
+                                          config.mask), local))
+        results = {"single": {mask: [] for mask in masks}, "ceiling": [],
+                   "configs": [[] for _ in configs]}
         for _ in range(shape.rounds):
-            dist.barrier()
-            if rank == 0:  # alone: the other ranks wait at the next barrier
-                results["single"].append(
-                    _forward_and_train(single_call, tensors, shape, together=False))
-            dist.barrier()
+            for mask, call in singles.items():
+                dist.barrier()
+                if rank == 0:  # alone: the other ranks wait at the next barrier
+                    results["single"][mask].append(
+                        _forward_and_train(call, tensors, shape, together=False))
+                dist.barrier()
             if share is not None:
                 results["ceiling"].append(_slowest(_forward_and_train(single_call, share, shape)))
             for index, (call, local) in enumerate(prepared):
@@ -248,6 +314,7 @@ def _rank_main(rank, nproc, port, shape: BenchShape, configs, out_path, breakdow
         # after the rounds, so first-call work (agreement, probes) is not in it
         results["breakdown"] = [_breakdown(call, local) if breakdown else {}
                                 for call, local in prepared]
+        results["bytes"] = [_bytes_of_one_step(call, local) for call, local in prepared]
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(results, f)
@@ -279,11 +346,13 @@ def run_benchmark(shape: BenchShape, nproc: int, configs: list[BenchConfig],
         with open(out_path) as f:
             raw = json.load(f)
     rows = []
-    for config, samples, profiled in zip(configs, raw["configs"], raw["breakdown"]):
+    for config, samples, profiled, sent in zip(configs, raw["configs"], raw["breakdown"],
+                                               raw["bytes"]):
         kernel = [statistics.median(s[2 + r] for s in samples) * 1e3 for r in range(nproc)]
-        rows.append(BenchRow(config, _median_timing(samples), kernel, profiled))
+        rows.append(BenchRow(config, _median_timing(samples), kernel, profiled, sent))
     ceiling = _median_timing(raw["ceiling"]) if raw["ceiling"] else None
-    return BenchResult(_median_timing(raw["single"]), ceiling, rows)
+    single = {mask: _median_timing(samples) for mask, samples in raw["single"].items()}
+    return BenchResult(single, ceiling, rows)
 
 
 __all__ = ["BenchConfig", "BenchResult", "BenchShape", "LAYOUTS", "asdict", "check_benchmark",

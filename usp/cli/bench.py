@@ -48,6 +48,12 @@ def register(subparsers) -> None:
     attention.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     attention.add_argument("--iters", type=int, default=3, help="timed calls per measurement")
     attention.add_argument("--warmup", type=int, default=1, help="untimed calls before each")
+    attention.add_argument("--mask", choices=["packed", "window"], default=None,
+                           help="cpu: also run every configuration under this mask (packed: one "
+                           "document of S/2 and many of S/64-S/16; window: --window tokens) and "
+                           "compare work, time and bytes with dense causal")
+    attention.add_argument("--window", type=int, default=4096,
+                           help="tokens a query sees under --mask window, itself included")
     attention.add_argument("--breakdown", action="store_true",
                            help="cpu: where rank 0's time goes in one call, by usp's labels")
     attention.add_argument("--rounds", type=int, default=3,
@@ -96,8 +102,10 @@ def _run_attention(args) -> int:
         seq_len=args.seq_len, heads=args.heads, kv_heads=args.kv_heads,
         head_dim=args.head_dim, batch=args.batch, dtype=args.dtype, causal=args.causal,
         threads=args.threads, iters=args.iters, warmup=args.warmup, rounds=args.rounds,
+        window=args.window,
     )
-    configs = configurations(args.nproc, args.modes, args.layouts)
+    masks = ("dense",) if args.mask is None else ("dense", args.mask)
+    configs = configurations(args.nproc, args.modes, args.layouts, masks)
     result = run_benchmark(shape, args.nproc, configs, args.breakdown)
     print(format_result(shape, args.nproc, result))
     if args.breakdown:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from usp.bench.attention import BenchResult, BenchShape, Timing
+from dataclasses import replace
+
+from usp.bench.attention import BenchResult, BenchShape, Timing, work_vs_dense
 from usp.bench.breakdown import COLUMNS
 
 
@@ -17,39 +19,49 @@ def format_result(shape: BenchShape, nproc: int, result: BenchResult) -> str:
         f"S={shape.seq_len} B={shape.batch} H={shape.heads} Hkv={shape.kv_heads} "
         f"D={shape.head_dim} {shape.dtype} causal={shape.causal} ranks={nproc} "
         f"threads/rank={shape.threads}; median of {shape.rounds} rounds of {shape.iters} calls",
-        f"single process, full sequence: forward {1e3 * single.forward_s:.1f} ms, "
-        f"forward+backward {1e3 * single.train_s:.1f} ms",
     ]
-    if ceiling is not None:
+    for mask, timing in single.items():
+        lines.append(f"single process, {mask}: forward {1e3 * timing.forward_s:.1f} ms, "
+                     f"forward+backward {1e3 * timing.train_s:.1f} ms")
+    dense = single["dense"] if "dense" in single else None
+    if ceiling is not None and dense is not None:
         lines.append(
             f"ceiling ({nproc} ranks at once, {shape.heads // nproc} heads each, no "
-            f"communication): forward {1e3 * ceiling.forward_s:.1f} ms (efficiency "
-            f"{_efficiency(single, ceiling, nproc, 'forward_s')}), forward+backward "
-            f"{1e3 * ceiling.train_s:.1f} ms ({_efficiency(single, ceiling, nproc, 'train_s')})")
-    else:
+            f"communication, dense): forward {1e3 * ceiling.forward_s:.1f} ms (efficiency "
+            f"{_efficiency(dense, ceiling, nproc, 'forward_s')}), forward+backward "
+            f"{1e3 * ceiling.train_s:.1f} ms ({_efficiency(dense, ceiling, nproc, 'train_s')})")
+    elif ceiling is None:
         lines.append(f"ceiling: n/a ({shape.heads} heads do not split over {nproc} ranks)")
-    header = (f"{'mode':8} {'ring':>4} {'uly':>4} {'layout':10} {'fwd ms':>9} {'fwd+bwd ms':>11} "
-              f"{'TFLOPS/rank':>11} {'eff fwd':>8} {'eff f+b':>8} {'ceil fwd':>9} "
-              f"{'ceil f+b':>9} {'balance':>8} {'kernel %':>8}")
+    masked = any(row.config.mask != "dense" for row in result.rows)
+    header = (f"{'mode':8} {'ring':>4} {'uly':>4} {'layout':10} {'mask':7} {'fwd ms':>9} "
+              f"{'fwd+bwd ms':>11} {'eff fwd':>8} {'eff f+b':>8} {'ceil f+b':>9} "
+              f"{'balance':>8} {'kernel %':>8}")
+    if masked:
+        header += f" {'work/dense':>10} {'time/dense':>10} {'bytes/dense':>11}"
     lines += [header, "-" * len(header)]
     for row in result.rows:
         c, t, kernel = row.config, row.timing, row.kernel_ms_per_rank
         mean_kernel = sum(kernel) / len(kernel)
-        tflops = 3.5 * shape.forward_flops() / nproc / t.train_s / 1e12
-        versus_ceiling = ["     -    "] * 2
-        if ceiling is not None:
-            versus_ceiling = [f"{_ratio(getattr(ceiling, a) / getattr(t, a)):>9}"
-                              for a in ("forward_s", "train_s")]
-        lines.append(
+        versus_ceiling = "     -   "
+        if ceiling is not None and c.mask == "dense":
+            versus_ceiling = f"{_ratio(ceiling.train_s / t.train_s):>9}"
+        line = (
             f"{c.mode:8} {c.ring:>4} {c.ulysses:>4} {'-' if c.mode == 'ulysses' else c.layout:10} "
-            f"{1e3 * t.forward_s:>9.1f} {1e3 * t.train_s:>11.1f} {tflops:>11.4f} "
-            f"{_efficiency(single, t, nproc, 'forward_s'):>8} "
-            f"{_efficiency(single, t, nproc, 'train_s'):>8} {versus_ceiling[0]} "
-            f"{versus_ceiling[1]} {max(kernel) / mean_kernel:>8.2f} "
-            f"{100 * mean_kernel / (1e3 * t.train_s):>7.0f}%"
+            f"{c.mask:7} {1e3 * t.forward_s:>9.1f} {1e3 * t.train_s:>11.1f} "
+            f"{_efficiency(single[c.mask], t, nproc, 'forward_s'):>8} "
+            f"{_efficiency(single[c.mask], t, nproc, 'train_s'):>8} {versus_ceiling} "
+            f"{max(kernel) / mean_kernel:>8.2f} {100 * mean_kernel / (1e3 * t.train_s):>7.0f}%"
         )
-    lines.append("eff = (single-process time / ranks) / time; ceil = ceiling time / time; "
-                 "balance = max/mean kernel CPU time over ranks; ! = above 1 (noise: rerun idle)")
+        if masked:
+            base = next(r for r in result.rows if r.config == replace(c, mask="dense"))
+            line += (f" {work_vs_dense(shape, c):>10.3f} {t.train_s / base.timing.train_s:>10.3f}"
+                     f" {row.bytes_sent / max(base.bytes_sent, 1):>11.3f}")
+        lines.append(line)
+    lines.append("eff = (single-process time on the same mask / ranks) / time; ceil = ceiling time "
+                 "/ time; balance = max/mean kernel CPU time over ranks; ! = above 1 (noise)")
+    if masked:
+        lines.append("work/dense = (query, key) pairs computed / dense causal's; time/dense and "
+                     "bytes/dense: fwd+bwd time and bytes sent against the dense row")
     return "\n".join(lines)
 
 
@@ -60,7 +72,8 @@ def format_breakdown(result: BenchResult) -> str:
              "little)", header, "-" * len(header)]
     for row in result.rows:
         c = row.config
-        name = f"{c.mode} r{c.ring} u{c.ulysses} {'-' if c.mode == 'ulysses' else c.layout}"
+        name = (f"{c.mode} r{c.ring} u{c.ulysses} {'-' if c.mode == 'ulysses' else c.layout}"
+                f" {c.mask}")
         for kind, spent in row.breakdown.items():
             lines.append(f"{name:28} {kind:8} " + " ".join(f"{spent[col]:>9.1f}" for col in COLUMNS))
     return "\n".join(lines)
