@@ -68,8 +68,9 @@ def test_cpu_benchmark_measures_reference_ceiling_and_configs_in_rounds():
         assert row.timing.train_s > 0 and len(row.kernel_ms_per_rank) == 2
         assert all(ms > 0 for ms in row.kernel_ms_per_rank) and row.bytes_sent > 0
     ring_dense, ring_window = result.rows[:2]
-    # an 8-token window over blocks of 32: the ring stops after one step, a quarter of the work
-    assert ring_window.bytes_sent < ring_dense.bytes_sent
+    # an 8-token window over blocks of 32: about a quarter of the work (the bytes fall with
+    # rings longer than the window's reach: test_attention_masks measures that at 4 ranks)
+    assert ring_window.bytes_sent <= ring_dense.bytes_sent
     assert work_vs_dense(shape, ring_window.config) < 0.3
     assert "work/dense" in format_result(shape, 2, result)
 
