@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from usp import run_dir
 from usp.attention.kernels import KERNELS
-from usp.layout import check_sequence_length
+from usp.layout import padded_length
 from usp.models.llama import Llama, get_config
 from usp.parallel import check_parallel_config, parallelize
 from usp.resume import ResumePlan, plan_resume
@@ -51,7 +51,7 @@ class TrainConfig:
     ulysses: int = 1
     tp: int = 1
     dp: int = -1
-    layout: str = "zigzag"
+    layout: str = "stripe"  # balanced for dense causal and for packed documents alike
     kernel: str = "auto"
     ac: str = "none"
     zero2: bool = False
@@ -101,11 +101,12 @@ def validate(config: TrainConfig, world_size: int) -> None:
             f"--global-batch={config.global_batch} is not divisible by dp={dp}; use a multiple "
             f"of {dp}, or more sequence parallelism (ring, ulysses) and a smaller dp"
         )
-    check_sequence_length(config.seq_len, config.ring, config.ulysses, config.layout)
-    local_len = config.seq_len // (config.ring * config.ulysses)
+    # any length: the layout pads it to its slots (masked); tp splits each rank's slots
+    slots = padded_length(config.seq_len, config.ring, config.ulysses, config.layout)
+    local_len = slots // (config.ring * config.ulysses)
     if local_len % config.tp != 0:
         raise ValueError(
-            f"--seq-len={config.seq_len} leaves {local_len} tokens per sequence rank, which "
+            f"--seq-len={config.seq_len} leaves {local_len} slots per sequence rank, which "
             f"tp={config.tp} cannot split; use a multiple of "
             f"{config.ring * config.ulysses * config.tp * 2}"
         )
