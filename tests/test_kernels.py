@@ -127,3 +127,15 @@ def test_cpu_flash_runs_every_band_exactly(monkeypatch, chunking):
             for got, want in zip(cpu.cpu_flash_backward(dout, q, k, v, out, lse, band, 0.3),
                                  grads):
                 torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_the_gpu_kernel_check_itself_on_cpu(monkeypatch):
+    """test_kernels_gpu.check (bound: 2x plain low-precision attention) run on the CPU kernel,
+    bands included, so the GPU grid's own logic is exercised where CI runs."""
+    from tests import test_kernels_gpu
+    from usp.attention.kernels import Band
+
+    monkeypatch.setattr(test_kernels_gpu, "DEVICE", "cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        for mask in (True, False, Band(-33, 0), Band(None, -1), Band(-20, 7)):
+            test_kernels_gpu.check("cpu_flash", dtype, (8, 2), 64, mask, 200)

@@ -94,13 +94,9 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 
 
 BAD_INPUT = {
-    "sequence the layout cannot split": (
-        ["--nproc", "4", "--ring", "2", "--ulysses", "2", "--seq-len", "102"],
-        "sequence length 102 cannot be split by layout 'zigzag' over ring=2 x ulysses=2",
-    ),
-    "heads ulysses cannot divide": (
-        ["--nproc", "3", "--ulysses", "3", "--seq-len", "96"],
-        "n_heads=8 is not divisible by tp=1 x ulysses=3",
+    "slots tp cannot split": (
+        ["--nproc", "2", "--tp", "2", "--seq-len", "63"],
+        "leaves 63 slots per sequence rank, which tp=2 cannot split",
     ),
     "heads tp cannot divide": (
         ["--nproc", "3", "--tp", "3", "--seq-len", "96"], "n_heads=8 is not divisible by tp=3"

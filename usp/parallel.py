@@ -41,6 +41,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from usp.attention import usp_attention
+from usp.attention.ulysses import head_plan
 from usp.layout import check_layout
 from usp.loss import DATA_AXES, data_parallel_size
 from usp.models.llama import LlamaConfig
@@ -63,18 +64,13 @@ def check_parallel_config(config: LlamaConfig, topology: Topology) -> None:
                 f"{name}={value} is not divisible by tp={tp}: tensor parallelism splits it evenly "
                 f"over the tp ranks; choose tp dividing {value}"
             )
-    heads, kv_heads = config.n_heads // tp, config.n_kv_heads // tp
-    if heads % ulysses != 0:
-        raise ValueError(
-            f"n_heads={config.n_heads} is not divisible by tp={tp} x ulysses={ulysses} = "
-            f"{tp * ulysses} (heads are split over tp first, then over ulysses); lower ulysses "
-            "and put the remaining sequence parallelism on the ring"
-        )
-    if kv_heads % ulysses != 0 and ulysses % kv_heads != 0:
-        raise ValueError(
-            f"n_kv_heads={config.n_kv_heads} / tp={tp} = {kv_heads} kv heads per tp rank and "
-            f"ulysses={ulysses}: one must divide the other; lower ulysses and use the ring"
-        )
+    # heads split over tp first, then over ulysses: an uneven ulysses split runs on padded
+    # heads (exact; usp.attention.ulysses.head_plan), which costs their share of the work
+    plan = head_plan(config.n_heads // tp, config.n_kv_heads // tp, ulysses)
+    if plan.padded:
+        logger.warning("%d query / %d kv heads per tp rank over ulysses=%d: %s (padding heads "
+                       "cost their share of compute)", config.n_heads // tp,
+                       config.n_kv_heads // tp, ulysses, plan.describe())
 
 
 def check_parallel_options(
