@@ -51,7 +51,7 @@ def test_device_benchmark_runs_and_reports_sane_shares_on_cpu():
 def test_cpu_benchmark_measures_reference_ceiling_and_configs_in_rounds():
     from usp.bench.attention import BenchShape, configurations, run_benchmark
 
-    from usp.bench.attention import work_vs_dense
+    from usp.bench.masks import work_vs_dense
     from usp.cli.bench_tables import format_result
 
     shape = BenchShape(seq_len=64, heads=4, kv_heads=2, head_dim=8, iters=1, warmup=1, rounds=2,

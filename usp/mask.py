@@ -13,6 +13,10 @@ position ``i`` iff
 Documents must be contiguous runs of positions (as packed sequences are). For each query position
 the visible keys are then one interval of positions, ``[first_key(i), last_key(i)]``, which is
 all the ring's schedule needs (:mod:`usp.schedule`). Documents may differ between batch rows.
+
+Inside one block (a kernel call) the mask is a :class:`Band`: query ``i`` sees key ``j`` iff
+``lo <= j - i <= hi``, both counted from the block's corner — causal, sliding windows, document
+boundaries and the stripe layout's strictly lower blocks all become one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,70 @@ Tensor = torch.Tensor
 NOT_A_TOKEN = -1
 
 
+# ------------------------------------------------------------------------- inside one block
+@dataclass(frozen=True)
+class Band:
+    """Query ``i`` sees key ``j`` iff ``lo <= j - i <= hi`` (None: unbounded on that side)."""
+
+    lo: int | None = None
+    hi: int | None = None
+
+    def visible(self, n_q: int, n_k: int, device=None) -> Tensor:
+        """The ``[n_q, n_k]`` boolean mask of this band."""
+        offset = (torch.arange(n_k, device=device)[None, :]
+                  - torch.arange(n_q, device=device)[:, None])  # j - i
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+        if self.lo is not None:
+            mask &= offset >= self.lo
+        if self.hi is not None:
+            mask &= offset <= self.hi
+        return mask
+
+
+CAUSAL = Band(None, 0)
+
+
+def as_band(mask: "bool | Band", n_q: int, n_k: int) -> Band | None:
+    """``mask`` as a band, or None when it hides nothing in an ``n_q x n_k`` block."""
+    band = (CAUSAL if mask else None) if isinstance(mask, bool) else mask
+    if band is None:
+        return None
+    lo = None if band.lo is None or band.lo <= -(n_q - 1) else band.lo
+    hi = None if band.hi is None or band.hi >= n_k - 1 else band.hi
+    return None if lo is None and hi is None else Band(lo, hi)
+
+
+def visible_box(band: Band | None, n_q: int, n_k: int) -> tuple[int, int, int, int] | None:
+    """``(row_start, row_end, col_start, col_end)``: the rows that see a key and the columns some
+    row sees, under ``band`` in an ``n_q x n_k`` block; None when nothing is visible."""
+    if band is None:
+        return (0, n_q, 0, n_k) if n_q and n_k else None
+    lo = -(n_q + n_k) if band.lo is None else band.lo
+    hi = n_q + n_k if band.hi is None else band.hi
+    # row i sees [i + lo, i + hi] within [0, n_k); column j is seen by rows [j - hi, j - lo]
+    row_start, row_end = max(0, -hi), min(n_q, n_k - lo)
+    col_start, col_end = max(0, lo), min(n_k, n_q - 1 + hi + 1)
+    if lo > hi or row_start >= row_end or col_start >= col_end:
+        return None
+    return row_start, row_end, col_start, col_end
+
+
+def shifted(band: Band | None, rows: int, cols: int) -> Band | None:
+    """``band`` seen from a sub-block starting ``rows`` rows and ``cols`` columns in."""
+    if band is None:
+        return None
+    delta = cols - rows  # j - i grows by the row offset and shrinks by the column offset
+    return Band(None if band.lo is None else band.lo - delta,
+                None if band.hi is None else band.hi - delta)
+
+
+def is_causal_square(band: Band | None, n_q: int, n_k: int) -> bool:
+    """True when ``band`` is the plain top-left causal mask of a square block."""
+    return band is not None and n_q == n_k and band.lo is None and band.hi == 0
+
+
+
+# ------------------------------------------------------------------------- the global sequence
 def documents_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
     """Document ids ``[S]`` from flash-attn's cumulative lengths ``[0, l0, l0 + l1, ..., total]``;
     positions past ``total`` are no token."""

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from usp.attention.kernels.base import Band
+
 from usp.layout import ring_block_positions
-from usp.mask import AttentionMask
+from usp.mask import AttentionMask, Band
 
 Tensor = torch.Tensor
 

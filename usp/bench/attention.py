@@ -34,12 +34,11 @@ import torch.multiprocessing as mp
 from usp.attention.kernels import default_scale, resolve_kernel
 from usp.attention.ring import local_attention
 from usp.attention.usp import usp_attention
-from usp.bench.breakdown import profile_ms
+from usp.bench.breakdown import breakdown_of_calls, bytes_of_one_step
 from usp.bench.kernel_clock import KernelClock
-from usp.comm import CommStats, free_port
+from usp.comm import free_port
+from usp.bench.masks import mask_options
 from usp.layout import LAYOUTS, check_sequence_length, shard_sequence
-from usp.mask import AttentionMask
-from usp.schedule import RingSchedule
 from usp.topology import Topology
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -65,9 +64,6 @@ class BenchShape:
         return full / 2 if self.causal else full
 
 
-MASKS = ("dense", "packed", "window")
-
-
 @dataclass(frozen=True)
 class BenchConfig:
     mode: str  # ring | ulysses | usp
@@ -76,38 +72,6 @@ class BenchConfig:
     layout: str
     mask: str = "dense"  # dense | packed | window
 
-
-def long_tail_cu_seqlens(seq_len: int, seed: int = 0) -> torch.Tensor:
-    """Packed documents with a long tail: one of half the sequence, the rest 1/64 to 1/16 of it
-    (at 32K tokens: one of 16K and many of 0.5K-2K), shuffled."""
-    generator = torch.Generator().manual_seed(seed)
-    lengths, left = [seq_len // 2], seq_len - seq_len // 2
-    while left > 0:
-        length = int(torch.randint(seq_len // 64, seq_len // 16 + 1, (1,), generator=generator))
-        lengths.append(min(left, max(1, length)))
-        left -= lengths[-1]
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    return torch.tensor([0] + torch.tensor([lengths[i] for i in order]).cumsum(0).tolist())
-
-
-def mask_options(shape: "BenchShape", mask: str) -> dict:
-    """usp_attention's mask keywords for ``mask``."""
-    if mask == "packed":
-        return {"cu_seqlens": long_tail_cu_seqlens(shape.seq_len)}
-    if mask == "window":
-        return {"window": (shape.window - 1, 0 if shape.causal else shape.window - 1)}
-    return {}
-
-
-def work_vs_dense(shape: "BenchShape", config: BenchConfig) -> float:
-    """The (query, key) pairs the config's mask computes, over those of dense attention."""
-    def pairs(mask: str) -> int:
-        attention_mask = AttentionMask.build(shape.seq_len, causal=shape.causal,
-                                             **mask_options(shape, mask))
-        schedule = RingSchedule(attention_mask, config.layout, config.ring)
-        return sum(piece.area for rank in range(config.ring) for source in range(config.ring)
-                   for piece in schedule.pieces(rank, source))
-    return pairs(config.mask) / pairs("dense")
 
 @dataclass
 class Timing:
@@ -247,30 +211,6 @@ def _config_call(topology: Topology, layout: str, shape: BenchShape, kernel, mas
     return call
 
 
-def _bytes_of_one_step(call, tensors) -> int:
-    q, k, v, dout = tensors
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    with CommStats() as stats:
-        call(*leaves).backward(dout)
-    return stats.total()
-
-
-def _breakdown(call, tensors) -> dict[str, dict[str, float]]:
-    """This rank's profile of one forward and one forward+backward (every rank runs them)."""
-    q, k, v, dout = tensors
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    result = {}
-    for kind, step in (("fwd", lambda: call(q, k, v)),
-                       ("fwd+bwd", lambda: call(*leaves).backward(dout))):
-        dist.barrier()
-        if kind == "fwd":
-            with torch.no_grad():
-                result[kind] = profile_ms(step)
-        else:
-            result[kind] = profile_ms(step)
-    return result
-
-
 def _rank_main(rank, nproc, port, shape: BenchShape, configs, out_path, breakdown: bool):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(shape.threads)
@@ -312,9 +252,9 @@ def _rank_main(rank, nproc, port, shape: BenchShape, configs, out_path, breakdow
                 results["configs"][index].append(
                     _slowest((forward_s, train_s)) + [t[0] for t in _all_ranks((kernel_s,))])
         # after the rounds, so first-call work (agreement, probes) is not in it
-        results["breakdown"] = [_breakdown(call, local) if breakdown else {}
+        results["breakdown"] = [breakdown_of_calls(call, local) if breakdown else {}
                                 for call, local in prepared]
-        results["bytes"] = [_bytes_of_one_step(call, local) for call, local in prepared]
+        results["bytes"] = [bytes_of_one_step(call, local) for call, local in prepared]
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump(results, f)

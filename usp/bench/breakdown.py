@@ -13,7 +13,11 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+import torch
+import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
+
+from usp.comm import CommStats
 
 CATEGORIES = {
     "usp::kernel": "kernel",
@@ -44,4 +48,29 @@ def profile_ms(step) -> dict[str, float]:
     result = {column: spent.get(column, 0.0) for column in COLUMNS[:-2]}
     result["other"] = total - sum(result.values())
     result["total"] = total
+    return result
+
+
+def bytes_of_one_step(call, tensors) -> int:
+    """Bytes this rank sends in one forward+backward of ``call`` (CommStats)."""
+    q, k, v, dout = tensors
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with CommStats() as stats:
+        call(*leaves).backward(dout)
+    return stats.total()
+
+
+def breakdown_of_calls(call, tensors) -> dict[str, dict[str, float]]:
+    """This rank's profile of one forward and one forward+backward (every rank runs them)."""
+    q, k, v, dout = tensors
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    result = {}
+    for kind, step in (("fwd", lambda: call(q, k, v)),
+                       ("fwd+bwd", lambda: call(*leaves).backward(dout))):
+        dist.barrier()
+        if kind == "fwd":
+            with torch.no_grad():
+                result[kind] = profile_ms(step)
+        else:
+            result[kind] = profile_ms(step)
     return result

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from usp.bench import training
 from usp.bench.attention import BenchShape, configurations, run_benchmark
+from usp.bench.masks import MASKS
 from usp.cli.bench_tables import format_breakdown, format_device_report, format_result
 from usp.layout import LAYOUTS
 
@@ -48,7 +49,7 @@ def register(subparsers) -> None:
     attention.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     attention.add_argument("--iters", type=int, default=3, help="timed calls per measurement")
     attention.add_argument("--warmup", type=int, default=1, help="untimed calls before each")
-    attention.add_argument("--mask", choices=["packed", "window"], default=None,
+    attention.add_argument("--mask", choices=MASKS[1:], default=None,
                            help="cpu: also run every configuration under this mask (packed: one "
                            "document of S/2 and many of S/64-S/16; window: --window tokens) and "
                            "compare work, time and bytes with dense causal")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from usp.bench.attention import BenchResult, BenchShape, Timing, work_vs_dense
+from usp.bench.attention import BenchResult, BenchShape, Timing
+from usp.bench.masks import work_vs_dense
 from usp.bench.breakdown import COLUMNS
 
 

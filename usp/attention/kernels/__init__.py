@@ -5,10 +5,10 @@ and ``cuda_cudnn`` (PyTorch's SDPA kernels) and ``flash_attn`` / ``flash_attn3``
 package, loaded lazily). ``resolve_kernel("auto", q)`` picks the fastest that passes a probe.
 """
 
-from usp.attention.kernels.base import (CAUSAL, HALF, Band, Kernel, as_band, default_scale,
-                                        expand_kv, reduce_kv_grad, shifted, visible_box)
+from usp.attention.kernels.base import HALF, Kernel, default_scale, expand_kv, reduce_kv_grad
 from usp.attention.kernels.reference import math_backward, math_forward
 from usp.attention.kernels.registry import AUTO_ORDER, KERNELS, probe, resolve_kernel
+from usp.mask import CAUSAL, Band, as_band, shifted, visible_box
 
 __all__ = ["AUTO_ORDER", "Band", "CAUSAL", "HALF", "KERNELS", "Kernel", "as_band",
            "default_scale", "expand_kv", "math_backward", "math_forward", "probe",

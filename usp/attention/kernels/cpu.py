@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from usp.attention.kernels.base import HALF, Band, Kernel, as_band, shifted, visible_box
+from usp.attention.kernels.base import HALF, Kernel
+from usp.mask import Band, as_band, shifted, visible_box
 from usp.attention.merge import merge_into
 
 Tensor = torch.Tensor

@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from usp.attention.kernels.base import (HALF, Band, Kernel, as_band, expand_kv,
-                                        is_causal_square, reduce_kv_grad, shifted, visible_box)
+from usp.attention.kernels.base import HALF, Kernel, expand_kv, reduce_kv_grad
+from usp.mask import Band, as_band, is_causal_square, shifted, visible_box
 
 Tensor = torch.Tensor
 HEAD_DIM_MULTIPLE = 8

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from usp.attention.kernels.base import HALF, Band, Kernel, as_band, expand_kv, reduce_kv_grad
+from usp.attention.kernels.base import HALF, Kernel, expand_kv, reduce_kv_grad
+from usp.mask import Band, as_band
 
 Tensor = torch.Tensor
 

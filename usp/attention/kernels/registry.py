@@ -17,7 +17,8 @@ import logging
 
 import torch
 
-from usp.attention.kernels.base import Band, Kernel, default_scale
+from usp.attention.kernels.base import Kernel, default_scale
+from usp.mask import Band
 from usp.attention.kernels.cpu import CPU_FLASH
 from usp.attention.kernels.flash_attn import FLASH_ATTN, FLASH_ATTN_3
 from usp.attention.kernels.reference import MATH, math_backward, math_forward
