@@ -3,15 +3,10 @@ sliding window; and how much of dense causal attention's work each leaves."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from usp.mask import AttentionMask
 from usp.schedule import RingSchedule
-
-if TYPE_CHECKING:
-    from usp.bench.attention import BenchConfig, BenchShape
 
 MASKS = ("dense", "packed", "window")
 
@@ -29,8 +24,8 @@ def long_tail_cu_seqlens(seq_len: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor([0] + torch.tensor([lengths[i] for i in order]).cumsum(0).tolist())
 
 
-def mask_options(shape: "BenchShape", mask: str) -> dict:
-    """usp_attention's mask keywords for ``mask``."""
+def mask_options(shape, mask: str) -> dict:
+    """usp_attention's mask keywords for ``mask`` on a ``BenchShape``."""
     if mask == "packed":
         return {"cu_seqlens": long_tail_cu_seqlens(shape.seq_len)}
     if mask == "window":
@@ -38,8 +33,8 @@ def mask_options(shape: "BenchShape", mask: str) -> dict:
     return {}
 
 
-def work_vs_dense(shape: "BenchShape", config: BenchConfig) -> float:
-    """The (query, key) pairs the config's mask computes, over those of dense attention."""
+def work_vs_dense(shape, config) -> float:
+    """The (query, key) pairs a ``BenchConfig``'s mask computes, over those of dense attention."""
     def pairs(mask: str) -> int:
         attention_mask = AttentionMask.build(shape.seq_len, causal=shape.causal,
                                              **mask_options(shape, mask))
