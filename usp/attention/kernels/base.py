@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 Tensor = torch.Tensor
-HALF = (torch.float16, torch.bfloat16)
+HALF = (torch.float16, torch.bfloat16)  # the half-precision dtypes
 
 
 @dataclass(frozen=True)
