@@ -113,8 +113,8 @@ def usp_attention(
     """Attention over a sequence sharded on ring × ulysses ranks.
 
     q: [B, S_RU, Hq, D], k/v: [B, S_RU, Hkv, D], local shards in ``layout`` (see
-    :func:`usp.shard_sequence`). Returns [B, S_RU, Hq, D] in q's dtype. ``Hq % Hkv == 0``; the
-    Ulysses degree must divide Hq, and Hkv and ulysses must divide one another. Differentiable.
+    :func:`usp.shard_sequence`). Returns [B, S_RU, Hq, D] in q's dtype. ``Hq % Hkv == 0``; head
+    counts Ulysses cannot split evenly run on zero-padded heads (exact). Differentiable.
 
     Masks describe the **global** sequence and are the same on every rank:
 
