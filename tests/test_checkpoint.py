@@ -24,10 +24,10 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.distributed import run_on_ranks
-from usp import checkpoint
+from usp.training import checkpoint
 from usp.models.llama import CONFIGS, LlamaConfig
-from usp.train import train
-from usp.train_setup import TrainConfig, validate
+from usp.training.loop import train
+from usp.training.setup import TrainConfig, validate
 
 MICRO = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
 CROSS_LAYOUTS = {
@@ -88,8 +88,8 @@ def _run_until_crash(config: TrainConfig, module, name: str, when) -> None:
 
 
 def _resume_world(rank: int, world_size: int, root: str) -> dict:
-    import usp.checkpoint as checkpoint_module
-    import usp.train as train_module
+    import usp.training.checkpoint as checkpoint_module
+    import usp.training.loop as train_module
 
     CONFIGS["test-micro"] = MICRO  # this spawned rank's own registry
     root = Path(root)
@@ -178,7 +178,7 @@ def test_resume_same_layout_is_bit_exact_after_a_kill_and_a_crash_mid_save(runs,
 
 
 def checkpoint_records(run_dir: Path) -> list[dict]:
-    from usp.metrics import read_metrics
+    from usp.training.metrics import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from usp import checkpoint
+from usp.training import checkpoint
 from usp.models.llama import CONFIGS, LlamaConfig
-from usp.train import train
-from usp.train_setup import TrainConfig
+from usp.training.loop import train
+from usp.training.setup import TrainConfig
 
 MICRO = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
 

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from usp.data import (
+from usp.training.data import (
     EOT,
     TokenBatcher,
     decode,
@@ -27,7 +27,7 @@ def _rank_topologies(dp: int, ring: int, ulysses: int, tp: int) -> list[Topology
     sizes = {"dp": dp, "ring": ring, "ulysses": ulysses, "tp": tp}
     return [
         Topology(sizes=sizes, ranks=dict(zip(AXES, coordinate)))
-        for coordinate in itertools.product(*(range(sizes[a]) for a in AXES))
+        for coordinate in itertools.product(*(range(sizes.get(a, 1)) for a in AXES))
     ]
 
 

@@ -32,7 +32,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.test_checkpoint_trust import flip_64_bytes
-from usp.metrics import read_metrics
+from usp.training.metrics import read_metrics
 from usp.models.llama import CONFIGS, LlamaConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,8 @@ FAIL_WITHIN_S = 60
 
 FAULT_MAIN = '''
 import os, signal, sys, time
-import usp.checkpoint, usp.train
+import usp.training.checkpoint
+import usp.training.loop
 from usp.models.llama import CONFIGS, LlamaConfig
 
 CONFIGS["test-micro"] = LlamaConfig(**{micro!r})
@@ -58,17 +59,17 @@ def rank():  # set by the launcher in each rank after this module is imported
 
 
 if FAULT == "kill-rank-1-in-step-5":
-    train_step = usp.train.train_step
+    train_step = usp.training.loop.train_step
 
     def killing_train_step(run, config, step):
         if step == 5 and rank() == "1":
             os.kill(os.getpid(), signal.SIGKILL)
         return train_step(run, config, step)
 
-    usp.train.train_step = killing_train_step
+    usp.training.loop.train_step = killing_train_step
 
 if FAULT == "sigterm-while-saving-6":
-    publish = usp.checkpoint._publish
+    publish = usp.training.checkpoint._publish
 
     def interrupted_publish(tmp, final):  # every shard is written, nothing published yet
         if final.name == "step_000006" and rank() == "0":
@@ -76,10 +77,10 @@ if FAULT == "sigterm-while-saving-6":
             time.sleep(60)
         return publish(tmp, final)
 
-    usp.checkpoint._publish = interrupted_publish
+    usp.training.checkpoint._publish = interrupted_publish
 
 if FAULT == "disk-full-before-saving-9":
-    save = usp.checkpoint.save_checkpoint
+    save = usp.training.checkpoint.save_checkpoint
 
     def save_on_a_full_disk(root, step, *args):
         if step == 9 and rank() == "0":
@@ -93,7 +94,7 @@ if FAULT == "disk-full-before-saving-9":
                         pass
         return save(root, step, *args)
 
-    usp.checkpoint.save_checkpoint = save_on_a_full_disk
+    usp.training.checkpoint.save_checkpoint = save_on_a_full_disk
 
 if __name__ == "__main__":
     from usp.cli import main
@@ -260,7 +261,7 @@ def _stage(chain: dict, name: str) -> dict:
 
 
 def _verify(path: Path) -> list[str]:
-    from usp import integrity
+    from usp.training import integrity
 
     return integrity.verify(path)
 
@@ -304,7 +305,7 @@ def test_progress_is_logged_once_from_the_start(chain):
     log = trained["err"]
     assert "launching 2 ranks" in log
     assert log.count("building test-micro") == 1
-    assert log.count("parallelized over") == 1, "every rank logged the same line"
+    assert log.count("parallelized Llama over") == 1, "every rank logged the same line"
     assert "rank 1 INFO" not in log
     assert log.index("launching 2 ranks") < log.index("process group ready")
     assert log.index("process group ready") < log.index("training steps 1-12")

@@ -1,4 +1,4 @@
-"""usp.integrations.hf_train: Hugging Face configs, the HFCausalLM wrapper and its parallelisation.
+"""usp.training.hf_model: Hugging Face configs, the HFCausalLM wrapper and its parallelisation.
 
 Single process; the FSDP2 step over dp 2 x ulysses 2 runs in tests/test_transformers.py's world.
 """
@@ -13,16 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from usp import Topology
-from usp.integrations.hf_train import (
+from usp.training.hf_model import (
     PRESETS,
     build_hf_causal_lm,
     load_hf_config,
-    parallelize_hf,
     trivial_topology,
     validate_hf_config,
 )
 from usp.models.llama import Llama, get_config
-from usp.parallel import ACTIVATION_CHECKPOINTING
+from usp.parallel import ACTIVATION_CHECKPOINTING, parallelize
 
 
 def _sizes(**degrees) -> Topology:
@@ -82,7 +81,7 @@ def test_hf_causal_lm_checkpointing_and_flops():
     positions = torch.arange(16).expand(2, -1)
     grads = {}
     for ac in ACTIVATION_CHECKPOINTING:
-        model = parallelize_hf(build_hf_causal_lm("tiny-llama", seed=1), trivial_topology(),
+        model = parallelize(build_hf_causal_lm("tiny-llama", seed=1), trivial_topology(),
                                activation_checkpointing=ac)
         logits = model(tokens[:, :-1], positions)
         F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()

@@ -117,7 +117,7 @@ def test_init_weights_is_deterministic():
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
     b.init_weights(seed=4)
-    assert not torch.equal(a.layers[0].attention.wq.weight, b.layers[0].attention.wq.weight)
+    assert not torch.equal(a.layers["0"].attention.wq.weight, b.layers["0"].attention.wq.weight)
 
 
 def test_config_validation_and_lookup():

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from tests.distributed import collect_failures, run_on_ranks
 from usp.batch import positions_in_documents, shard_batch
-from usp.data import TokenBatcher, synthetic_tokens
+from usp.training.data import TokenBatcher, synthetic_tokens
 from usp.loss import global_mean_cross_entropy
 from usp.models import Llama, LlamaConfig
 from usp.parallel import check_parallel_config, parallelize
@@ -54,14 +54,15 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, ignored
 
 
-def _model(tie: bool, dtype: torch.dtype = torch.float32) -> Llama:
-    model = Llama(dataclasses.replace(CONFIG, tie_embeddings=tie))
+def _model(tie: bool, dtype: torch.dtype = torch.float32, n_layers: int = CONFIG.n_layers) -> Llama:
+    model = Llama(dataclasses.replace(CONFIG, tie_embeddings=tie, n_layers=n_layers))
     model.init_weights(SEED)
     return model.to(dtype)
 
 
-def _reference(tie: bool, dtype: torch.dtype, documents: bool = False):
-    model = _model(tie, dtype)
+def _reference(tie: bool, dtype: torch.dtype, documents: bool = False,
+               n_layers: int = CONFIG.n_layers):
+    model = _model(tie, dtype, n_layers)
     tokens, ignored = _global_batch()
     labels = tokens[:, 1:].masked_fill(ignored, -100)
     positions, inside = torch.arange(SEQ).expand(BATCH, SEQ), None

@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import usp.train
-from usp import cli, metrics
+import usp.training.loop
+from usp import cli
+from usp.training import metrics
 from usp.cli.train import summarize
 from usp.models.llama import Llama, get_config
-from usp.train import train
-from usp.train_setup import TrainConfig, lr_at_step
+from usp.training.loop import train
+from usp.training.setup import TrainConfig, lr_at_step
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = inspect.getsourcefile(argparse)
@@ -171,14 +172,14 @@ class SimulatedCrash(RuntimeError):
 
 
 def _crash_in_step(monkeypatch, crash_step: int) -> None:
-    original = usp.train.train_step
+    original = usp.training.loop.train_step
 
     def crashing(run, config, step):
         if step == crash_step:
             raise SimulatedCrash(f"killed in step {step}")
         return original(run, config, step)
 
-    monkeypatch.setattr(usp.train, "train_step", crashing)
+    monkeypatch.setattr(usp.training.loop, "train_step", crashing)
 
 
 def _losses(path: Path) -> list[tuple[int, float]]:

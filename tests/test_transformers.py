@@ -38,7 +38,8 @@ import usp
 from usp import Topology, unshard_sequence
 from usp.batch import IGNORE_INDEX, shard_batch
 from usp.integrations.hf_masks import mask_components
-from usp.integrations.hf_train import build_hf_causal_lm, parallelize_hf, trivial_topology
+from usp.parallel import parallelize
+from usp.training.hf_model import build_hf_causal_lm, trivial_topology
 from usp.integrations.transformers import USPContext
 from usp.loss import global_mean_cross_entropy
 
@@ -251,7 +252,7 @@ def _fsdp_step(rank, topology):
         F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
         references.append({n: p.grad for n, p in reference.named_parameters()})
 
-    model = parallelize_hf(build_hf_causal_lm("tiny-qwen3", seed=3), topology, layout="zigzag")
+    model = parallelize(build_hf_causal_lm("tiny-qwen3", seed=3), topology, layout="zigzag")
     batch = shard_batch(tokens, topology, "zigzag")
     loss = global_mean_cross_entropy(model(batch["input_ids"], batch["position_ids"]),
                                      batch["labels"], topology)

@@ -57,6 +57,41 @@ def global_mean_cross_entropy(
     return _GlobalMean.apply(local_sum, totals[0], totals[1])
 
 
+def global_label_count(
+    labels: torch.Tensor, topology: Topology, ignore_index: int = -100
+) -> torch.Tensor:
+    """How many labels of the global batch count (not ``ignore_index``): fp64, on every rank."""
+    count = (labels != ignore_index).sum().double().reshape(1)
+    if data_parallel_size(topology) > 1:
+        dist.all_reduce(count, group=topology.flat_mesh(*DATA_AXES).get_group())
+    if count.item() == 0:
+        raise ValueError(f"every label of the global batch is ignore_index={ignore_index}")
+    return count[0]
+
+
+def cross_entropy_share(
+    logits: torch.Tensor, labels: torch.Tensor, global_count: torch.Tensor,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """This part's share of the global mean: ``sum of its cross-entropies / global_count``.
+
+    For micro-batches (pipeline stages): the shares of every micro-batch of every rank add up to
+    the global mean, value and gradient alike, with ``global_count`` from
+    :func:`global_label_count` over the whole batch.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree; "
+            "expected logits [B, S, V] and labels [B, S]"
+        )
+    # [B, S, V] -> [B*S, V]; fp32 as in global_mean_cross_entropy
+    local_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+        ignore_index=ignore_index, reduction="sum",
+    )
+    return local_sum / global_count.to(local_sum.dtype)
+
+
 class _GlobalMean(torch.autograd.Function):
     """Value ``global_sum / global_count``; gradient ``d(local_sum) / global_count``."""
 

@@ -1,15 +1,15 @@
-"""parallelize: make a plain ``usp.models.Llama`` a USP × TP × FSDP2 model, in one fixed order.
+"""parallelize: make a plain model a PP × USP × TP × FSDP2 model, in one fixed order.
 
-1. **Attention swap.** Every layer's ``attention_fn`` becomes causal ``usp_attention`` over the
-   topology's ring × ulysses grid, so each rank attends with its sequence shard.
-2. **Tensor parallelism** over the ``tp`` axis, Megatron style with sequence parallelism, as DTensor
-   plans: q/k/v and gate/up column-wise (each tp rank holds ``H / tp`` heads), o and down
-   row-wise with their output reduce-scattered onto the sequence, norms sequence-sharded, the
-   embedding row-wise (vocabulary-sharded) and the output projection column-wise gathered to full
-   logits. Heads are split over tp first and then, inside the attention, over ulysses. Between the
-   attention and MLP regions the residual stream holds ``S_local / tp`` tokens; attention sees all
-   ``S_local`` tokens of the rank's sequence shard (gathered over tp), so the global RoPE
-   positions of the batch apply unchanged.
+One function for our ``usp.models.Llama`` and for Hugging Face causal LMs
+(``usp.training.hf_model.HFCausalLM``); what differs between model families is a
+:class:`ModelPlan` (how to swap the attention, the tensor-parallel plan, where the MLP is, how
+to cut a pipeline stage).
+
+0. **Pipeline stage** (``pp > 1``): the model is cut to this rank's stage (``usp.pipeline``).
+1. **Attention swap.** Every layer's attention becomes ``usp_attention`` over the topology's
+   ring × ulysses grid, so each rank attends with its sequence shard.
+2. **Tensor parallelism** over the ``tp`` axis (Llama: ``usp.models.llama_tp``). Heads are split
+   over tp first and then, inside the attention, over ulysses.
 3. **Activation checkpointing**: ``"full"`` recomputes every block in the backward;
    ``"selective"`` recomputes only each block's MLP (the largest activations, ``3 x ffn_dim`` per
    token) and keeps the attention's, so the sequence-parallel communication is not repeated.
@@ -19,32 +19,28 @@
    ``usp.loss.global_mean_cross_entropy`` gives every rank its share of the exact global mean.
    With one rank on that mesh there is nothing to shard or reduce and FSDP is skipped.
 
-Call it after ``model.init_weights(seed)`` on a model whose weights are equal on every rank.
+Call it on a model whose weights are equal on every rank.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
 
 from usp.attention import usp_attention
 from usp.attention.ulysses import head_plan
 from usp.layout import check_layout
 from usp.loss import DATA_AXES, data_parallel_size
-from usp.models.llama import LlamaConfig
+from usp.models.llama import Llama, LlamaConfig
+from usp.models.llama_tp import apply_llama_tensor_parallel
+from usp.pipeline import keep_stage
 from usp.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -53,8 +49,15 @@ ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 def check_parallel_config(config: LlamaConfig, topology: Topology) -> None:
-    """Raise ValueError, naming the numbers, unless tp and ulysses can split the model."""
-    tp, ulysses = topology.size("tp"), topology.size("ulysses")
+    """Raise ValueError, naming the numbers, unless pp, tp and ulysses can split the model."""
+    tp, ulysses, pp = topology.size("tp"), topology.size("ulysses"), topology.size("pp")
+    if config.n_layers < pp:
+        raise ValueError(f"n_layers={config.n_layers} < pp={pp}: every pipeline stage needs a layer")
+    if config.tie_embeddings and pp > 1:
+        raise ValueError(
+            "tie_embeddings with pp > 1: the embedding (first stage) and the output projection "
+            "(last stage) would live on different ranks; untie them or use pp=1"
+        )
     for name, value in (
         ("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads),
         ("ffn_dim", config.ffn_dim), ("vocab_size", config.vocab_size),
@@ -100,6 +103,52 @@ def check_parallel_options(
     return use_fsdp
 
 
+@dataclass(frozen=True)
+class ModelPlan:
+    """What :func:`parallelize` must know of a model family."""
+
+    check: Callable[[nn.Module, Topology], None]  # ValueError for what it cannot split
+    use_attention: Callable[[nn.Module, Topology, str, str], None]  # (model, topology, layout, kernel)
+    tensor_parallel: Callable[[nn.Module, object], None] | None  # (model, tp mesh); None: no TP
+    keep_stage: Callable[[nn.Module, Topology], nn.Module] | None  # None: no pipeline stages
+    mlp: Callable[[nn.Module], nn.Module]  # a block's MLP (selective checkpointing)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks this rank holds, in order (a ModuleDict keeps global names)."""
+    layers = model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
+def _llama_attention(model: nn.Module, topology: Topology, layout: str, kernel: str) -> None:
+    for block in blocks(model):
+        block.attention.attention_fn = partial(
+            usp_attention, topology=topology, causal=True, layout=layout, kernel=kernel
+        )
+
+
+LLAMA_PLAN = ModelPlan(
+    check=lambda model, topology: check_parallel_config(model.config, topology),
+    use_attention=_llama_attention,
+    tensor_parallel=apply_llama_tensor_parallel,
+    keep_stage=keep_stage,
+    mlp=lambda block: block.feed_forward,
+)
+
+
+def model_plan(model: nn.Module) -> ModelPlan:
+    """The plan of ``model``'s family: our Llama's, or the one the model carries."""
+    if isinstance(model, Llama):
+        return LLAMA_PLAN
+    plan = getattr(model, "model_plan", None)
+    if not isinstance(plan, ModelPlan):
+        raise ValueError(
+            f"parallelize knows usp.models.Llama and models that carry a usp.parallel.ModelPlan "
+            f"as .model_plan (usp.training.hf_model.HFCausalLM); {type(model).__name__} has none"
+        )
+    return plan
+
+
 def parallelize(
     model: nn.Module,
     topology: Topology,
@@ -112,74 +161,45 @@ def parallelize(
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Apply attention swap, TP, activation checkpointing and FSDP2 to ``model`` (see module doc).
+    """Apply stage cut, attention swap, TP, activation checkpointing and FSDP2 (see module doc).
 
     ``param_dtype`` / ``reduce_dtype`` are FSDP2's mixed-precision policy (compute dtype of the
     gathered parameters, dtype of the gradient reduction); the sharded master weights keep
-    their dtype. Returns the same module, modified in place.
+    their dtype. Returns the same module, modified in place (with ``pp > 1``: this rank's stage
+    of it; run it with ``usp.pipeline.Pipeline``).
     """
     check_layout(layout)
-    check_parallel_config(model.config, topology)
+    plan = model_plan(model)
+    plan.check(model, topology)
     use_fsdp = check_parallel_options(
         topology, activation_checkpointing, fsdp, param_dtype, reduce_dtype
     )
-
-    for block in model.layers:
-        block.attention.attention_fn = partial(
-            usp_attention, topology=topology, causal=True, layout=layout, kernel=kernel
-        )
+    if topology.size("pp") > 1:
+        if plan.keep_stage is None:
+            raise ValueError(
+                f"pp={topology.size('pp')}: {type(model).__name__} cannot be cut into pipeline "
+                "stages; use pp=1"
+            )
+        model = plan.keep_stage(model, topology)
+    plan.use_attention(model, topology, layout, kernel)
     if topology.size("tp") > 1:
-        apply_tensor_parallel(model, topology)
+        if plan.tensor_parallel is None:
+            raise ValueError(
+                f"tp={topology.size('tp')}: tensor parallelism is not supported for "
+                f"{type(model).__name__}; use tp=1"
+            )
+        plan.tensor_parallel(model, topology.mesh["tp"])
     if activation_checkpointing != "none":
-        for block in model.layers:
-            checkpoint(block if activation_checkpointing == "full" else block.feed_forward)
+        for block in blocks(model):
+            checkpoint(block if activation_checkpointing == "full" else plan.mlp(block))
     if use_fsdp:
         apply_fsdp(model, topology, reshard_after_forward, param_dtype, reduce_dtype)
     logger.info(
-        "parallelized over %s: layout=%s, activation checkpointing=%s, fsdp=%s",
-        topology, layout, activation_checkpointing,
+        "parallelized %s over %s: layout=%s, activation checkpointing=%s, fsdp=%s",
+        type(model).__name__, topology, layout, activation_checkpointing,
         ("zero3" if reshard_after_forward else "zero2") if use_fsdp else "off",
     )
     return model
-
-
-def apply_tensor_parallel(model: nn.Module, topology: Topology) -> None:
-    """Megatron TP + sequence parallelism over the ``tp`` mesh axis, in place."""
-    tied = model.config.tie_embeddings
-    plan = {
-        # [B, S] ids replicated -> vocab-sharded lookup, reduce-scattered to [B, S/tp, dim]
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(),
-        # [B, S/tp, dim] gathered, vocab-sharded projection gathered to full logits [B, S, V]
-        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
-    }
-    for index in range(len(model.layers)):
-        prefix = f"layers.{index}."
-        plan.update({
-            prefix + "attention_norm": SequenceParallel(),
-            # (x, cos, sin, documents): x [B, S/tp, dim] is gathered to [B, S, dim]; RoPE tables
-            # and documents pass as they are
-            prefix + "attention": PrepareModuleInput(
-                input_layouts=(Shard(1), None, None, None),
-                desired_input_layouts=(Replicate(), None, None, None),
-            ),
-            prefix + "attention.wq": ColwiseParallel(),
-            prefix + "attention.wk": ColwiseParallel(),
-            prefix + "attention.wv": ColwiseParallel(),
-            prefix + "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            prefix + "ffn_norm": SequenceParallel(),
-            prefix + "feed_forward": PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-            ),
-            prefix + "feed_forward.w1": ColwiseParallel(),
-            prefix + "feed_forward.w3": ColwiseParallel(),
-            prefix + "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        })
-    parallelize_module(model, topology.mesh["tp"], plan)
-    if tied:
-        # the plan gave the embedding and the output a DTensor each (both Shard(0) over the
-        # vocabulary): share one again so the tie and its summed gradient survive
-        model.output.weight = model.tok_embeddings.weight
 
 
 def apply_fsdp(
@@ -192,7 +212,7 @@ def apply_fsdp(
     """FSDP2 per block and on the root over dp × ring × ulysses, gradients summed, in place."""
     mesh = topology.flat_mesh(*DATA_AXES)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for block in model.layers:
+    for block in blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     # the root's parameters (embedding, final norm, output) are the first the backward needs
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy)

@@ -1,7 +1,8 @@
 """Topology: one named DeviceMesh over the ranks, with validated degrees and a group per axis.
 
-The mesh axes are ``dp`` (data parallel), ``ring`` and ``ulysses`` (the two sequence-parallel axes)
-and ``tp`` (tensor parallel). Every axis is always present, possibly of size 1, so code can ask for
+The mesh axes are ``pp`` (pipeline stages, outermost: its point-to-point traffic is the lightest),
+``dp`` (data parallel), ``ring`` and ``ulysses`` (the two sequence-parallel axes) and ``tp``
+(tensor parallel). Every axis is always present, possibly of size 1, so code can ask for
 any axis without special cases. The innermost axes hold adjacent ranks (the fast links inside a
 node): ``tp`` is innermost, then ``ulysses`` ("head-first" placement, the default: the Ulysses
 all-to-all stays on NVLink and the ring's P2P crosses nodes), or ``ring`` ("context-first").
@@ -22,16 +23,16 @@ from usp.comm import agree
 
 logger = logging.getLogger(__name__)
 
-AXES = ("dp", "ring", "ulysses", "tp")
+AXES = ("pp", "dp", "ring", "ulysses", "tp")
 PLACEMENTS = ("head-first", "context-first")
 AGREED_CALLS_KEPT = 1024  # distinct call descriptions remembered per topology
 
 
 def _mesh_axis_order(placement: str) -> tuple[str, ...]:
     if placement == "head-first":
-        return ("dp", "ring", "ulysses", "tp")
+        return ("pp", "dp", "ring", "ulysses", "tp")
     if placement == "context-first":
-        return ("dp", "ulysses", "ring", "tp")
+        return ("pp", "dp", "ulysses", "ring", "tp")
     raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
 
 
@@ -56,6 +57,14 @@ class Topology:
     _flat_meshes: dict[tuple[str, ...], DeviceMesh] = field(default_factory=dict, repr=False)
     _agreed_calls: set = field(default_factory=set, repr=False)
 
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.sizes) - set(AXES))
+        if unknown:
+            raise ValueError(f"unknown axes {unknown}; the axes are {AXES}")
+        # an axis left out has size 1 (rank 0)
+        self.sizes = {axis: self.sizes.get(axis, 1) for axis in AXES}
+        self.ranks = {axis: self.ranks.get(axis, 0) for axis in AXES}
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def build(
@@ -64,32 +73,33 @@ class Topology:
         ulysses: int = 1,
         dp: int = -1,
         tp: int = 1,
+        pp: int = 1,
         *,
         placement: str = "head-first",
         device_type: str | None = None,
     ) -> "Topology":
-        """Lay ``dp × ring × ulysses × tp`` over the default process group; ``dp=-1`` infers it."""
-        for name, value in (("ring", ring), ("ulysses", ulysses), ("tp", tp)):
+        """Lay ``pp × dp × ring × ulysses × tp`` over the default process group; ``dp=-1`` infers it."""
+        for name, value in (("ring", ring), ("ulysses", ulysses), ("tp", tp), ("pp", pp)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if not (dp == -1 or (isinstance(dp, int) and dp >= 1)):
             raise ValueError(f"dp={dp!r} must be a positive integer or -1 (inferred)")
         order = _mesh_axis_order(placement)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        inner = ring * ulysses * tp
+        inner = pp * ring * ulysses * tp
         if world % inner != 0:
             raise ValueError(
-                f"ring={ring} x ulysses={ulysses} x tp={tp} = {inner} does not divide the world "
-                f"size {world}; choose degrees whose product divides {world}"
+                f"pp={pp} x ring={ring} x ulysses={ulysses} x tp={tp} = {inner} does not divide "
+                f"the world size {world}; choose degrees whose product divides {world}"
             )
         if dp == -1:
             dp = world // inner
         if dp * inner != world:
             raise ValueError(
-                f"dp={dp} x ring={ring} x ulysses={ulysses} x tp={tp} = {dp * inner} != world size "
-                f"{world}; pass dp=-1 to infer dp={world // inner}"
+                f"pp={pp} x dp={dp} x ring={ring} x ulysses={ulysses} x tp={tp} = {dp * inner} != "
+                f"world size {world}; pass dp=-1 to infer dp={world // inner}"
             )
-        sizes = {"dp": dp, "ring": ring, "ulysses": ulysses, "tp": tp}
+        sizes = {"pp": pp, "dp": dp, "ring": ring, "ulysses": ulysses, "tp": tp}
         if world == 1 and not (dist.is_available() and dist.is_initialized()):
             return cls(sizes=sizes, ranks={axis: 0 for axis in AXES}, placement=placement)
         mesh = init_device_mesh(
@@ -101,7 +111,7 @@ class Topology:
 
     @classmethod
     def from_mesh(cls, mesh: DeviceMesh) -> "Topology":
-        """Adopt an existing mesh whose dim names are a subset of ``dp, ring, ulysses, tp``.
+        """Adopt an existing mesh whose dim names are a subset of ``pp, dp, ring, ulysses, tp``.
 
         Missing axes have size 1. The placement is read off the order of ``ring`` and ``ulysses``.
         """
@@ -212,7 +222,7 @@ class Topology:
 
     @property
     def world_size(self) -> int:
-        return self.sizes["dp"] * self.sequence_size * self.sizes["tp"]
+        return self.sizes["pp"] * self.sizes["dp"] * self.sequence_size * self.sizes["tp"]
 
     def agree_on_call(self, description: dict, error: str | None) -> None:
         """Make the sequence group's ranks agree on one call (:func:`usp.comm.agree`): the same

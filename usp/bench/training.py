@@ -34,8 +34,8 @@ def parse_grid(grid: list[str]) -> list[tuple[int, int]]:
 
 def measure(args, ring: int, ulysses: int, seq_len: int, steps: int) -> dict:
     """Train ``steps`` steps on ring x ulysses fresh ranks; summarise the steps after the first."""
-    from usp.launcher import launch_elastic
-    from usp.train_setup import TrainConfig, validate
+    from usp.training.launcher import launch_elastic
+    from usp.training.setup import TrainConfig, validate
 
     with tempfile.TemporaryDirectory(prefix="usp-bench-train-") as out:
         config = TrainConfig(

@@ -1,4 +1,4 @@
-"""``usp train``: the command line of the training job (usp.launcher and usp.train do the work)."""
+"""``usp train``: the command line of the training job (usp.training.launcher and usp.training.loop do the work)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import signal
 import sys
 from pathlib import Path
 
-from usp import run_dir
-from usp.launcher import describe_failure, launch, resume_hint
+from usp.training import run_dir
+from usp.training.launcher import describe_failure, launch, resume_hint
 from usp.layout import LAYOUTS
 from usp.models.llama import CONFIGS
-from usp.train_setup import DEFAULT_CHECKPOINT_EVERY, TrainConfig
+from usp.training.setup import DEFAULT_CHECKPOINT_EVERY, TrainConfig
 
 
 def register(subparsers) -> None:
@@ -57,6 +57,11 @@ def add_arguments(parser) -> None:
     a("--ring", type=int, help="ring-attention degree (default 1)")
     a("--ulysses", type=int, help="Ulysses degree (default 1)")
     a("--tp", type=int, help="tensor-parallel degree (default 1)")
+    a("--pp", type=int, help="pipeline stages (default 1)")
+    a("--microbatches", type=int,
+      help="pipeline micro-batches per step (default: one per stage); the global batch must be "
+      "a multiple of dp x microbatches")
+    a("--pp-schedule", choices=("1f1b", "gpipe"), help="pipeline schedule (default 1f1b)")
     a("--dp", type=int, help="data-parallel degree (default -1: the rest of the world)")
     a("--layout", choices=LAYOUTS, help=f"token layout over sequence ranks (default {d.layout})")
     a("--kernel", help="local attention kernel: auto or a name of usp.attention.kernels.KERNELS")

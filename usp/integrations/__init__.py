@@ -2,7 +2,6 @@
 
 - :mod:`usp.integrations.transformers`: ``attn_implementation="usp"`` for Hugging Face models
   (its mask function lives in :mod:`usp.integrations.hf_masks`).
-- :mod:`usp.integrations.hf_train`: build and parallelise a Hugging Face causal LM (``usp train``).
 
 Importing this package imports none of them (and no third-party library).
 """

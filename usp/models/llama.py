@@ -186,7 +186,8 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        # keyed by the layer's index, so a pipeline stage that keeps some layers keeps their names
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(config) for i in range(config.n_layers)})
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -200,21 +201,32 @@ class Llama(nn.Module):
         ``position_ids`` are the tokens' positions; with a sharded sequence they are this
         rank's (non-contiguous, under zigzag) positions, from ``usp.batch.shard_batch``.
         ``documents``: packed documents of the global sequence (``shard_batch``'s), or None.
+
+        A model whose ``tok_embeddings`` is None takes hidden states ``[B, S, dim]`` instead of
+        ids, and one whose ``norm`` and ``output`` are None returns them (a pipeline stage).
         """
-        if input_ids.shape != position_ids.shape:
+        # ids must match their positions; a stage's hidden states may hold S / tp of the tokens
+        # (sequence-parallel TP), so only their batch is checked
+        takes_ids = self.tok_embeddings is not None
+        if (input_ids.shape != position_ids.shape if takes_ids
+                else input_ids.shape[0] != position_ids.shape[0]):
             raise ValueError(
                 f"input_ids {tuple(input_ids.shape)} and position_ids "
                 f"{tuple(position_ids.shape)} must have the same [B, S] shape"
             )
-        h = self.tok_embeddings(input_ids)  # [B, S] -> [B, S, dim]
-        # RoPE in at least fp32, whatever the activations' dtype
+        h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
+        # [B, S] -> [B, S, dim]; RoPE in at least fp32, whatever the activations' dtype
         rope_dtype = torch.promote_types(h.dtype, torch.float32)
         cos, sin = rotary_cos_sin(
             position_ids, self.config.head_dim, self.config.rope_theta, rope_dtype
         )
-        for layer in self.layers:
+        for layer in self.layers.values():
             h = layer(h, cos, sin, documents)
-        logits = self.output(self.norm(h))  # [B, S, dim] -> [B, S, vocab]
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is None:
+            return h
+        logits = self.output(h)  # [B, S, dim] -> [B, S, vocab]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     @torch.no_grad()
@@ -237,8 +249,9 @@ class Llama(nn.Module):
             )
             weight.copy_(values * std)
 
-        normal_(self.tok_embeddings.weight, 0.02)
-        for layer in self.layers:
+        if self.tok_embeddings is not None:
+            normal_(self.tok_embeddings.weight, 0.02)
+        for layer in self.layers.values():
             for linear in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
                 normal_(linear.weight, 0.02)
             normal_(layer.attention.wo.weight, residual_std)
@@ -247,8 +260,9 @@ class Llama(nn.Module):
             normal_(layer.feed_forward.w2.weight, residual_std)
             layer.attention_norm.weight.fill_(1.0)
             layer.ffn_norm.weight.fill_(1.0)
-        self.norm.weight.fill_(1.0)
-        if not self.config.tie_embeddings:
+        if self.norm is not None:
+            self.norm.weight.fill_(1.0)
+        if self.output is not None and not self.config.tie_embeddings:
             normal_(self.output.weight, self.config.dim**-0.5)
 
     def num_params(self) -> int:

@@ -1,6 +1,6 @@
 """The training loop of `usp train`: one rank's run, from the process group to the last checkpoint.
 
-:func:`train` runs on every rank (``usp.launcher`` starts the ranks). It validates the input again
+:func:`train` runs on every rank (``usp.training.launcher`` starts the ranks). It validates the input again
 and agrees with the other ranks (bad input on one rank raises on all), holds the run directory's
 lock on rank 0 unless its launcher holds it, resumes from the first intact checkpoint, and trains,
 logging its progress once (rank 0) from the first second.
@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from usp import checkpoint, metrics, run_dir
+from usp.training import checkpoint, metrics, run_dir
 from usp.comm import agree, collective_device
-from usp.resume import choose_intact
-from usp.run_dir import RunLock
-from usp.train_setup import TrainConfig, build_run, validate
+from usp.training.resume import choose_intact
+from usp.training.run_dir import RunLock
+from usp.training.setup import TrainConfig, build_run, validate
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _settings_on_record(config: TrainConfig) -> dict:
 def train_step(run, config: TrainConfig, step: int) -> dict:
     """One optimizer step on the next global batch; returns its metrics record (without MFU)."""
     from usp.batch import shard_batch
-    from usp.data import documents_of_windows
+    from usp.training.data import documents_of_windows
     from usp.loss import global_mean_cross_entropy
 
     metrics.release_freed_memory(run.device)
@@ -169,10 +169,17 @@ def train_step(run, config: TrainConfig, step: int) -> dict:
     lr = run.scheduler.get_last_lr()[0]
     autocast = torch.autocast(run.device.type, torch.bfloat16, enabled=config.dtype == "bf16")
     with metrics.SavedActivations() as saved:
-        with autocast:
-            logits = run.model(batch["input_ids"], batch["position_ids"], batch.get("documents"))
-        loss = global_mean_cross_entropy(logits, batch["labels"], run.topology)
-    loss.backward()
+        if run.pipeline is not None:  # forward and backward of every micro-batch, stage by stage
+            with autocast:
+                loss = run.pipeline.step(
+                    batch["input_ids"], batch["position_ids"], batch["labels"],
+                    batch.get("documents"),
+                )
+        else:
+            with autocast:
+                logits = run.model(batch["input_ids"], batch["position_ids"], batch.get("documents"))
+            loss = global_mean_cross_entropy(logits, batch["labels"], run.topology)
+            loss.backward()
     grad_norm = run.clip_gradients(config.grad_clip)
     run.optimizer.step()
     run.scheduler.step()

@@ -8,7 +8,7 @@ A checkpoint is a directory ``ROOT/step_000005`` holding
 - ``trainer.pt``: step, scheduler and data-batcher state (identical on every rank, written once);
 - ``rng_rank00000.pt`` ...: each rank's RNG states;
 - ``meta.json``: model config, run shape and topology, checked before anything is loaded;
-- ``manifest.json``: size and SHA-256 of every other file (``usp.integrity``), verified before
+- ``manifest.json``: size and SHA-256 of every other file (``usp.training.integrity``), verified before
   anything is loaded; everything is read through loaders that cannot run code.
 
 Atomicity: every rank writes into ``step_000005.tmp``; after a barrier the ranks hash their share
@@ -18,7 +18,7 @@ atomic on POSIX) and then points ``ROOT/latest`` at it by writing a temporary fi
 a convenience for people and is only consulted for a warning. A stale ``.tmp`` directory is only
 ever a partial save and is cleared by the next save of that step. A complete checkpoint is never
 overwritten or deleted; one found corrupt when resuming is renamed ``step_000005.corrupt``
-(``usp.resume``).
+(``usp.training.resume``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from usp import integrity
+from usp.training import integrity
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +222,8 @@ def load_checkpoint(
 ) -> dict:
     """Load model and optimizer in place (any layout); restore RNG; return the trainer state.
 
-    ``path`` has been verified against its manifest (``usp.resume.choose_intact``); every file is
-    read by a loader that cannot run code (``usp.integrity``).
+    ``path`` has been verified against its manifest (``usp.training.resume.choose_intact``); every file is
+    read by a loader that cannot run code (``usp.training.integrity``).
     """
     path = Path(path)
     saved = read_metadata(path)

@@ -4,10 +4,9 @@
 - :func:`build_hf_causal_lm`: randomly initialised model (seeded, equal on every rank) wrapped in
   :class:`HFCausalLM`, whose ``forward(input_ids, position_ids) -> logits`` is the interface of
   ``usp.models.Llama``, so ``usp train`` runs either with the same loop.
-- :func:`parallelize_hf`: the ``usp.parallelize`` of these models, in the same order: attention
-  (``"usp"`` on the topology), activation checkpointing, FSDP2 per decoder layer and on the root
-  over dp × ring × ulysses with gradients **summed** (``usp.parallel.apply_fsdp``), as
-  ``usp.loss.global_mean_cross_entropy`` expects. Tensor parallelism is not offered.
+- :data:`HF_PLAN`: what ``usp.parallelize`` needs to know of these models: attention
+  (``"usp"`` on the topology through a :class:`USPContext`), the MLP at ``.mlp``. Tensor and
+  pipeline parallelism are not offered for them (ValueError).
 """
 
 from __future__ import annotations
@@ -18,12 +17,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed._composable import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from usp.data import BYTE_VOCAB_SIZE
+from usp.training.data import BYTE_VOCAB_SIZE
 from usp.integrations.transformers import ATTENTION_NAME, USPContext, check_config
-from usp.parallel import apply_fsdp, check_parallel_options
+from usp.parallel import ModelPlan
 from usp.topology import AXES, Topology
 
 logger = logging.getLogger(__name__)
@@ -33,7 +31,7 @@ _TINY = dict(
     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1 << 17,
     tie_word_embeddings=False,
 )
-# CPU-sized configs of five architectures (vocab 512 covers the 257 byte-level ids of usp.data)
+# CPU-sized configs of five architectures (vocab 512 covers the 257 byte-level ids of usp.training.data)
 PRESETS: dict[str, dict] = {
     "tiny-llama": dict(model_type="llama", **_TINY),
     "tiny-qwen2": dict(model_type="qwen2", **_TINY),
@@ -108,13 +106,14 @@ class HFCausalLM(nn.Module):
 
     ``forward(input_ids, position_ids [B, S]) -> logits [B, S, V]`` (at least fp32), with
     ``use_cache=False`` and this model's :class:`USPContext` (single-process until
-    :func:`parallelize_hf` replaces it).
+    ``usp.parallelize`` replaces it).
     """
 
     def __init__(self, model: nn.Module, context: USPContext) -> None:
         super().__init__()
         self.model = model
         self.context = context
+        self.model_plan = HF_PLAN
         if not isinstance(getattr(model.base_model, "layers", None), nn.ModuleList):
             raise ValueError(
                 f"{type(model).__name__} keeps no decoder layers in base_model.layers; usp "
@@ -173,43 +172,24 @@ def build_hf_causal_lm(
     return HFCausalLM(model, USPContext(trivial_topology()))
 
 
-def parallelize_hf(
-    model: HFCausalLM,
-    topology: Topology,
-    *,
-    layout: str = "zigzag",
-    kernel: str = "auto",
-    activation_checkpointing: str = "none",
-    fsdp: bool = True,
-    reshard_after_forward: bool = True,
-    param_dtype: torch.dtype | None = None,
-    reduce_dtype: torch.dtype | None = None,
-) -> HFCausalLM:
-    """Attention on ``topology``, activation checkpointing, FSDP2; in place (see module doc).
+def _check(model: HFCausalLM, topology: Topology) -> None:
+    check_config(model.config, topology)
 
-    The options mean what they mean in ``usp.parallelize``. Call it on a model built by
-    :func:`build_hf_causal_lm` with the same seed on every rank.
-    """
-    use_fsdp = check_parallel_options(
-        topology, activation_checkpointing, fsdp, param_dtype, reduce_dtype
-    )
+
+def _use_attention(model: HFCausalLM, topology: Topology, layout: str, kernel: str) -> None:
     model.context = USPContext(topology, layout, kernel)
     model.context.prepare(model.model)
-    if activation_checkpointing == "selective" and not all(hasattr(l, "mlp") for l in model.layers):
+
+
+def _mlp(layer: nn.Module) -> nn.Module:
+    if not hasattr(layer, "mlp"):
         raise ValueError(
             f"selective activation checkpointing recomputes each decoder layer's .mlp, which "
-            f"{type(model.layers[0]).__name__} lacks; use activation_checkpointing='full'"
+            f"{type(layer).__name__} lacks; use activation_checkpointing='full'"
         )
-    for layer in model.layers:
-        if activation_checkpointing == "full":
-            checkpoint(layer)
-        elif activation_checkpointing == "selective":
-            checkpoint(layer.mlp)
-    if use_fsdp:
-        apply_fsdp(model, topology, reshard_after_forward, param_dtype, reduce_dtype)
-    logger.info(
-        "parallelized %s over %s: layout=%s, activation checkpointing=%s, fsdp=%s",
-        type(model.model).__name__, topology, layout, activation_checkpointing,
-        ("zero3" if reshard_after_forward else "zero2") if use_fsdp else "off",
-    )
-    return model
+    return layer.mlp
+
+
+HF_PLAN = ModelPlan(
+    check=_check, use_attention=_use_attention, tensor_parallel=None, keep_stage=None, mlp=_mlp
+)

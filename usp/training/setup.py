@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from usp import run_dir
+from usp.training import run_dir
 from usp.attention.kernels import KERNELS
 from usp.layout import padded_length
 from usp.models.llama import Llama, get_config
 from usp.parallel import check_parallel_config, parallelize
-from usp.resume import ResumePlan, plan_resume
+from usp.pipeline import Pipeline, check_pipeline
+from usp.training.resume import ResumePlan, plan_resume
 from usp.topology import AXES, Topology
 
 SYNTHETIC_WINDOWS = 16  # synthetic data: this many windows per global-batch row, then repeat
@@ -50,7 +51,10 @@ class TrainConfig:
     ring: int = 1
     ulysses: int = 1
     tp: int = 1
+    pp: int = 1
     dp: int = -1
+    microbatches: int = 0  # pipeline micro-batches per step; 0: one per stage
+    pp_schedule: str = "1f1b"
     layout: str = "stripe"  # balanced for dense causal and for packed documents alike
     kernel: str = "auto"
     ac: str = "none"
@@ -66,6 +70,11 @@ class TrainConfig:
     device: str = "auto"
     nproc: int = 1
     progress: bool = True
+
+
+def microbatches(config: TrainConfig) -> int:
+    """Pipeline micro-batches per step: as given, or one per stage."""
+    return config.microbatches or config.pp
 
 
 # ---------------------------------------------------------------------------- validation
@@ -84,17 +93,20 @@ def validate(config: TrainConfig, world_size: int) -> None:
         raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu")
     if not 0 <= config.min_lr <= config.lr:
         raise ValueError(f"--min-lr={config.min_lr} must lie in [0, --lr={config.lr}]")
-    inner = config.ring * config.ulysses * config.tp
+    inner = config.pp * config.ring * config.ulysses * config.tp
     # the degrees mirror Topology.build's rules, checked here before any rank starts
+    if min(config.pp, config.ring, config.ulysses, config.tp) < 1:
+        raise ValueError("--pp, --ring, --ulysses and --tp must be >= 1")
     if world_size % inner != 0:
         raise ValueError(
-            f"ring={config.ring} x ulysses={config.ulysses} x tp={config.tp} = {inner} does not "
-            f"divide the {world_size} ranks; use --nproc a multiple of {inner}"
+            f"pp={config.pp} x ring={config.ring} x ulysses={config.ulysses} x tp={config.tp} = "
+            f"{inner} does not divide the {world_size} ranks; use --nproc a multiple of {inner}"
         )
     dp = world_size // inner if config.dp == -1 else config.dp
     if dp * inner != world_size:
         raise ValueError(
-            f"dp={dp} x ring x ulysses x tp = {dp * inner} != {world_size} ranks; pass --dp -1"
+            f"dp={dp} x pp x ring x ulysses x tp = {dp * inner} != {world_size} ranks; "
+            "pass --dp -1"
         )
     if config.global_batch % dp != 0:
         raise ValueError(
@@ -110,11 +122,15 @@ def validate(config: TrainConfig, world_size: int) -> None:
             f"tp={config.tp} cannot split; use a multiple of "
             f"{config.ring * config.ulysses * config.tp * 2}"
         )
+    if config.pp > 1:
+        check_pipeline(config.pp, config.global_batch // dp, microbatches(config),
+                       config.pp_schedule)
     # a shape-only topology (no process group) lets parallelize's own check run before launch
-    sizes = {"dp": dp, "ring": config.ring, "ulysses": config.ulysses, "tp": config.tp}
+    sizes = {"pp": config.pp, "dp": dp, "ring": config.ring, "ulysses": config.ulysses,
+             "tp": config.tp}
     shape_only = Topology(sizes, {axis: 0 for axis in AXES})
     if config.hf_config:
-        from usp.integrations.hf_train import validate_hf_config
+        from usp.training.hf_model import validate_hf_config
 
         validate_hf_config(config.hf_config, shape_only)
     else:
@@ -141,7 +157,7 @@ def run_metadata(config: TrainConfig, world_size: int) -> dict:
     if config.synthetic:
         data = "synthetic"
     if config.hf_config:
-        from usp.integrations.hf_train import hf_config_metadata
+        from usp.training.hf_model import hf_config_metadata
 
         model_name, model = config.hf_config, hf_config_metadata(config.hf_config)
     else:
@@ -161,7 +177,8 @@ def run_metadata(config: TrainConfig, world_size: int) -> dict:
             "weight_decay": config.weight_decay,
             "pack": config.pack and not config.synthetic,
             "world_size": world_size,
-            "degrees": {"ring": config.ring, "ulysses": config.ulysses, "tp": config.tp},
+            "degrees": {"pp": config.pp, "ring": config.ring, "ulysses": config.ulysses,
+                        "tp": config.tp},
             "layout": config.layout,
             "dtype": config.dtype,
         },
@@ -189,6 +206,7 @@ class Run:
     metadata: dict
     flops_per_token: float
     resume_plan: ResumePlan | None
+    pipeline: Pipeline | None = None  # pp > 1: this rank's stage runs through it
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip to a global norm over every rank's shards; returns the norm before clipping."""
@@ -203,6 +221,8 @@ class Run:
             norm = torch.nn.utils.get_total_norm(group, 2.0)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             squared += norm.double() ** 2
+        if self.topology.size("pp") > 1:  # every stage holds other parameters
+            dist.all_reduce(squared, group=self.topology.group("pp"))
         total = squared.sqrt()
         if max_norm > 0:
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -211,7 +231,7 @@ class Run:
 
 
 def _training_data(config: TrainConfig):
-    from usp.data import stdlib_documents, synthetic_tokens, text_file_documents
+    from usp.training.data import stdlib_documents, synthetic_tokens, text_file_documents
 
     if config.synthetic:
         num_tokens = config.global_batch * SYNTHETIC_WINDOWS * config.seq_len + 1
@@ -222,26 +242,28 @@ def _training_data(config: TrainConfig):
 
 
 def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run:
-    from usp.data import TokenBatcher
+    from usp.training.data import TokenBatcher
 
-    topology = Topology.build(ring=config.ring, ulysses=config.ulysses, dp=config.dp, tp=config.tp)
+    topology = Topology.build(ring=config.ring, ulysses=config.ulysses, dp=config.dp, tp=config.tp,
+                              pp=config.pp)
     if config.hf_config:
-        from usp.integrations.hf_train import build_hf_causal_lm, parallelize_hf
+        from usp.training.hf_model import build_hf_causal_lm
 
         model = build_hf_causal_lm(config.hf_config, seed=config.seed)
-        parallelize_model = parallelize_hf
     else:
         model = Llama(get_config(config.model))
         model.init_weights(config.seed)
-        parallelize_model = parallelize
     flops_per_token = model.flops_per_token(config.seq_len)
     model = model.to(device)
     if dist.is_initialized():
-        model = parallelize_model(
+        model = parallelize(
             model, topology, layout=config.layout, kernel=config.kernel,
             activation_checkpointing=config.ac, fsdp=True,
             reshard_after_forward=not config.zero2, param_dtype=None, reduce_dtype=None,
         )
+    pipeline = None
+    if topology.size("pp") > 1:
+        pipeline = Pipeline(model, topology, device, microbatches(config), config.pp_schedule)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms: decay would fight their scale
     optimizer = torch.optim.AdamW(
@@ -257,6 +279,7 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
     return Run(
         device=device, topology=topology, model=model, optimizer=optimizer, scheduler=scheduler,
         batcher=batcher, metadata=run_metadata(config, world_size), flops_per_token=flops_per_token,
+        pipeline=pipeline,
         resume_plan=(
             plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
             if config.resume else None

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from usp import checkpoint, integrity
-from usp.run_dir import CONFIG
+from usp.training import checkpoint, integrity
+from usp.training.run_dir import CONFIG
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Starting ``usp train``: validation, the run directory's lock, the ranks, and their failures.
 
-``usp train --nproc 4 ...`` validates everything, locks the run directory (``usp.run_dir``) and
-starts four ranks with torchrun's ``elastic_launch``, each running :func:`usp.train.train`. Under an
+``usp train --nproc 4 ...`` validates everything, locks the run directory (``usp.training.run_dir``) and
+starts four ranks with torchrun's ``elastic_launch``, each running :func:`usp.training.loop.train`. Under an
 external ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the same entry runs the rank directly and rank 0
 takes the lock. With one process and no torchrun it trains in-process.
 
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from usp import checkpoint
-from usp.run_dir import RunLock
-from usp.train_setup import TrainConfig, validate
+from usp.training import checkpoint
+from usp.training.run_dir import RunLock
+from usp.training.setup import TrainConfig, validate
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _under_torchrun() -> bool:
 
 def launch(config: TrainConfig) -> list[dict]:
     """Validate, lock, train on ``config.nproc`` ranks (or torchrun's); rank 0's records."""
-    from usp.train import train
+    from usp.training.loop import train
 
     world_size = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else config.nproc
     validate(config, world_size)
@@ -107,10 +107,10 @@ def _log_level() -> int:
 
 
 def _worker(config: TrainConfig, run_dir_locked: bool, log_level: int, loopback: bool = False):
-    """One rank's entry point: threads, network, logging, then :func:`usp.train.train`."""
+    """One rank's entry point: threads, network, logging, then :func:`usp.training.loop.train`."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from usp.train import train
+    from usp.training.loop import train
 
     if loopback:  # gloo listens on the address of the interface it is given
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
