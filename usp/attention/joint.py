@@ -21,7 +21,7 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-from usp.attention.kernels import default_scale, resolve_kernel
+from usp.attention.kernels import Kernel, default_scale, resolve_kernel
 from usp.attention.ring import ring_attention_on_group
 from usp.attention.ulysses import HeadPlan, head_plan, ulysses_around
 from usp.attention.usp import _check_collective_device, check_inputs
@@ -35,7 +35,7 @@ Tensor = torch.Tensor
 
 def joint_attention(q: Tensor, k: Tensor, v: Tensor, text_q: Tensor, text_k: Tensor,
                     text_v: Tensor, topology: Topology, *, softmax_scale: float | None = None,
-                    kernel: str = "auto") -> tuple[Tensor, Tensor]:
+                    kernel: "str | Kernel" = "auto") -> tuple[Tensor, Tensor]:
     """Non-causal attention of image and text queries over all text and image keys.
 
     q: [B, S_RU, Hq, D], k/v: [B, S_RU, Hkv, D], this rank's contiguous shard of the image tokens
