@@ -52,7 +52,7 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, text_q: Tensor, text_k: Ten
     (every rank's loss term counts; a loss computed identically on every rank must be divided by
     ``topology.sequence_size`` or computed on one rank). Then q/k/v get the exact gradient of this
     rank's shard, and text_q/k/v get partial gradients whose sum over the sequence group is exact
-    (each rank's holds the rows and heads it computed, zero elsewhere).
+    (each rank's part holds the rows and heads it computed, zero elsewhere).
 
     Bad input on any rank, or ranks that disagree on shapes, dtypes or options, raise the same
     ValueError on every rank before any collective (see :func:`usp.usp_attention`).
@@ -70,27 +70,19 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, text_q: Tensor, text_k: Ten
     scale = default_scale(q.shape[-1], softmax_scale)
     ring_size, ulysses = topology.ring_size, topology.ulysses_size
     plan = head_plan(q.shape[2], k.shape[2], ulysses)
-    start, count, pad = text_rows(text_q.shape[1], ring_size, topology.ring_rank)
-    slots = range(topology.ulysses_rank * plan.q_per_rank, (topology.ulysses_rank + 1)
-                  * plan.q_per_rank)
-    kv_slots = range(topology.ulysses_rank * plan.kv_per_rank, (topology.ulysses_rank + 1)
-                     * plan.kv_per_rank)
-    # this rank's text: its ring slice, its Ulysses heads, an empty pad row first where it has one
-    text = [_pad_rows(_slot_heads(t.narrow(1, start, count), [s[i] for i in heads]), pad)
-            for t, s, heads in ((text_q, plan.q_slots, slots), (text_k, plan.kv_slots, kv_slots),
-                                (text_v, plan.kv_slots, kv_slots))]  # [B, T, h, D]
+    text = _local_text((text_q, text_k, text_v), topology, plan)  # [B, T, h, D] each
+    slots, pads = text[0].shape[1], ring_size * text[0].shape[1] - text_q.shape[1]
     text_out = []
 
     def inner(q_heads: Tensor, k_heads: Tensor, v_heads: Tensor) -> Tensor:
         # [B, S_R, h, D] image ring block ++ [B, T, h, D] text slots -> [B, T + S_R, h, D]
         joint = [torch.cat([t, x], dim=1) for t, x in zip(text, (q_heads, k_heads, v_heads))]
-        mask = joint_mask(joint[0].shape[1] * ring_size, ring_size * text[0].shape[1]
-                          - text_q.shape[1])
+        mask = joint_mask(joint[0].shape[1] * ring_size, pads)
         ring_group = topology.ring_group if ring_size > 1 else None
         out = ring_attention_on_group(*joint, group=ring_group, scale=scale, kernel=chosen,
                                       schedule=schedule_for(mask, "stripe", ring_size))
-        text_out.append(out[:, :text[0].shape[1]])  # [B, T, h, D], the pad row's output is 0
-        return out[:, text[0].shape[1]:]  # [B, S_R, h, D]
+        text_out.append(out[:, :slots])  # [B, T, h, D], a pad row's output is 0
+        return out[:, slots:]  # [B, S_R, h, D]
 
     if ulysses == 1:
         out_image = inner(q, k, v)
@@ -107,6 +99,17 @@ def text_rows(text_len: int, ring_size: int, ring_rank: int) -> tuple[int, int, 
     pads = slots * ring_size - text_len
     pad = int(ring_rank < pads)
     return ring_rank * slots - min(ring_rank, pads), slots - pad, pad
+
+
+def _local_text(texts: tuple[Tensor, ...], topology: Topology, plan: HeadPlan) -> list[Tensor]:
+    """This rank's part of the replicated text q, k, v: its ring rows and its Ulysses head slots,
+    after an empty pad row where it has one: [B, S_txt, H, D] -> [B, T, h, D] each."""
+    start, count, pad = text_rows(texts[0].shape[1], topology.ring_size, topology.ring_rank)
+    rank = topology.ulysses_rank
+    q_slots = plan.q_slots[rank * plan.q_per_rank:(rank + 1) * plan.q_per_rank]
+    kv_slots = plan.kv_slots[rank * plan.kv_per_rank:(rank + 1) * plan.kv_per_rank]
+    return [_pad_rows(_slot_heads(t.narrow(1, start, count), list(slots)), pad)
+            for t, slots in zip(texts, (q_slots, kv_slots, kv_slots))]
 
 
 @lru_cache(maxsize=64)
