@@ -3,7 +3,13 @@
 Importing usp has no side effects: no process group, no kernel import, no environment reads.
 """
 
-from usp.attention import USPAttention, ring_attention, ulysses_attention, usp_attention
+from usp.attention import (
+    USPAttention,
+    joint_attention,
+    ring_attention,
+    ulysses_attention,
+    usp_attention,
+)
 from usp.comm import CommStats
 from usp.layout import LAYOUTS, sequence_positions, shard_sequence, unshard_sequence
 from usp.parallel import parallelize
@@ -14,6 +20,7 @@ __all__ = [
     "CommStats",
     "Topology",
     "USPAttention",
+    "joint_attention",
     "parallelize",
     "ring_attention",
     "sequence_positions",
