@@ -201,6 +201,13 @@ class Llama(nn.Module):
         rank's (non-contiguous, under zigzag) positions, from ``usp.batch.shard_batch``.
         ``documents``: packed documents of the global sequence (``shard_batch``'s), or None.
         """
+        return self.logits(self.hidden_states(input_ids, position_ids, documents))
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      documents: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after the last block: ``[B, S] -> [B, S, dim]`` (before the final
+        norm). With :meth:`logits` it is :meth:`forward`, split so that generation can take the
+        logits of the rows it needs only."""
         if input_ids.shape != position_ids.shape:
             raise ValueError(
                 f"input_ids {tuple(input_ids.shape)} and position_ids "
@@ -214,7 +221,11 @@ class Llama(nn.Module):
         )
         for layer in self.layers:
             h = layer(h, cos, sin, documents)
-        logits = self.output(self.norm(h))  # [B, S, dim] -> [B, S, vocab]
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, S, dim] -> [B, S, vocab]`` (at least fp32): the final norm and the output head."""
+        logits = self.output(self.norm(hidden))
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     @torch.no_grad()
