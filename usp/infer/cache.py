@@ -99,6 +99,11 @@ class ShardedKVCache:
         count = self.counts[self.sequence_rank]
         return self._keys[layer][:, :count], self._values[layer][:, :count]
 
+    @property
+    def pending_rows(self) -> int:
+        """Rows of this rank that the current forward writes (set by :meth:`extend`)."""
+        return self._write.stop - self._write.start
+
     def shard_bytes(self) -> int:
         """Bytes of K/V storage this rank holds (all layers, allocated rows)."""
         return sum(t.numel() * t.element_size() for t in self._keys + self._values)
@@ -145,8 +150,7 @@ class ShardedKVCache:
 
     def store(self, layer: int, keys: Tensor, values: Tensor) -> None:
         """Write this rank's new keys and values ``[B, n, Hkv, D]`` of ``layer``."""
-        rows = self._write.stop - self._write.start
-        expected = (self.batch, rows, self.n_kv_heads, self.head_dim)
+        expected = (self.batch, self.pending_rows, self.n_kv_heads, self.head_dim)
         if tuple(keys.shape) != expected or keys.shape != values.shape:
             raise ValueError(f"layer {layer} stores keys {tuple(keys.shape)} and values "
                              f"{tuple(values.shape)}; the cache expects {expected}")
