@@ -15,7 +15,7 @@ from tests.distributed import collect_failures, run_on_ranks
 from usp import Topology
 from usp.comm import CommStats
 from usp.infer import ShardedKVCache, choose_ring_pass, decode_step, generate, prefill
-from usp.models import Llama, LlamaConfig
+from usp.models import Llama, LlamaConfig, get_config
 from usp.models.llama import causal_attention
 
 WORLD = 4
@@ -228,3 +228,20 @@ def test_ring_pass_rule_follows_message_sizes():
     assert choose_ring_pass(4096, 10**6, 8, 1, ranks=4, peak_flops=1e12,
                             bandwidth=1e10) == "kv"
     assert choose_ring_pass(16, 10**6, 8, 1, ranks=4, peak_flops=1e12, bandwidth=1e10) == "q"
+
+
+def test_usp_generate_command_in_one_process(tmp_path, capsys):
+    from usp.cli import main
+    from usp.data import encode
+
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("def fibonacci(n):\n    ", encoding="utf-8")
+    assert main(["generate", "--prompt-file", str(prompt_file), "--max-new-tokens", "4",
+                 "--dtype", "fp64"]) == 0
+    printed = capsys.readouterr().out
+    model = Llama(get_config("tiny"))  # the command's default: the preset from seed 0
+    tokens, _ = _reference_greedy(model.double(), torch.tensor([encode(prompt_file.read_text())]),
+                                  4)
+    assert f"generated 4: {tokens[0].tolist()}" in printed
+    assert "prefill:" in printed and "per-token decode latency:" in printed
+

@@ -69,22 +69,31 @@ def launch_generation(config: GenerateConfig) -> dict:
     config.validate()
     if config.nproc == 1:
         return run_generation(config)
+    return launch_ranks(config.nproc, _generation_rank, asdict(config))
+
+
+def _generation_rank(settings: dict) -> dict:
+    return run_generation(GenerateConfig(**settings))
+
+
+def launch_ranks(nproc: int, function, *args):
+    """Run ``function(*args)`` on ``nproc`` fresh gloo ranks of this machine (module-level
+    ``function``, picklable ``args``); returns rank 0's result."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     _register_loopback_rendezvous()
     launch_config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=config.nproc,
-        run_id=f"usp-generate-{uuid.uuid4().hex[:8]}", rdzv_backend=RENDEZVOUS_BACKEND,
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+        run_id=f"usp-infer-{uuid.uuid4().hex[:8]}", rdzv_backend=RENDEZVOUS_BACKEND,
         rdzv_endpoint=f"{LOOPBACK}:0", local_addr=LOOPBACK, max_restarts=0,
         start_method="spawn",
     )
-    results = elastic_launch(launch_config, _worker)(asdict(config),
-                                                     logging.getLogger().level)
+    results = elastic_launch(launch_config, _worker)(function, args, logging.getLogger().level)
     return results[0]
 
 
-def _worker(settings: dict, log_level: int) -> dict:
-    """One rank: network, threads, logging, the process group, then :func:`run_generation`."""
+def _worker(function, args: tuple, log_level: int):
+    """One rank: network, threads, logging, the process group, then ``function(*args)``."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
@@ -93,7 +102,7 @@ def _worker(settings: dict, log_level: int) -> dict:
     logging.getLogger().setLevel(log_level if rank == 0 else max(log_level, logging.WARNING))
     dist.init_process_group("gloo")
     try:
-        return run_generation(GenerateConfig(**settings))
+        return function(*args)
     finally:
         dist.destroy_process_group()
 
