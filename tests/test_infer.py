@@ -184,7 +184,8 @@ def _all_cases(rank, world_size):
     model = _model()
     failures = []
     prefill_cases = [(degrees, layout, length, ring_pass) for degrees in TOPOLOGIES
-                     for layout in LAYOUTS for length in (EVEN, UNEVEN) for ring_pass in ("kv", "q")]
+                     for layout in LAYOUTS for length in (EVEN, UNEVEN)
+                     for ring_pass in ("kv", "q")]
     failures += collect_failures(prefill_cases, lambda c: _prefill_case(c, topologies, model))
     continuation_cases = [(degrees, layout, ring_pass) for degrees in TOPOLOGIES
                           for layout in LAYOUTS for ring_pass in ("kv", "q")]

@@ -48,9 +48,9 @@ class MaskRequest:
     ``window``: ``(left, right)`` in :class:`usp.AttentionMask`'s convention. ``padding``: this
     rank's ``[B, S_local]`` padding mask (True: a token), or None when it has no zero.
     ``cached``: tokens of a KV cache before the queries (the sequence-parallel attention refuses
-    them; ``usp.infer.hf``'s generation runs them). ``agreed`` turns true once every rank has checked this forward's request, so the layers after
-    the first (and activation-checkpoint recomputation) skip the agreement; ``mask`` keeps the
-    global mask built by the first layer.
+    them; ``usp.infer.hf``'s generation runs them). ``agreed`` turns true once every rank has
+    checked this forward's request, so the layers after the first (and activation-checkpoint
+    recomputation) skip the agreement; ``mask`` keeps the global mask built by the first layer.
     """
 
     causal: bool
