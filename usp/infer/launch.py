@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# the training application's pieces this module reuses (they move to usp.training at the merge)
-from usp.training.data import EOT, decode, encode
-from usp.training.launcher import LOOPBACK, RENDEZVOUS_BACKEND, _register_loopback_rendezvous
 from usp.infer.generate import generate
 from usp.layout import check_layout
 from usp.models.llama import Llama, get_config
+from usp.rendezvous import LOOPBACK, RENDEZVOUS_BACKEND, register_loopback_rendezvous
 from usp.topology import Topology
+from usp.training.data import EOT, decode, encode  # the byte-level tokenizer of usp train
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
@@ -81,7 +80,7 @@ def launch_ranks(nproc: int, function, *args):
     ``function``, picklable ``args``); returns rank 0's result."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    _register_loopback_rendezvous()
+    register_loopback_rendezvous()
     launch_config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc,
         run_id=f"usp-infer-{uuid.uuid4().hex[:8]}", rdzv_backend=RENDEZVOUS_BACKEND,
