@@ -12,7 +12,7 @@ import pytest
 from usp.plan.collectives import attention_traffic
 from usp.plan.config import ParallelConfig, check_config, group_placement
 from usp.plan.cost import estimate, model_flops_per_sequence
-from usp.plan.memory import memory_per_gpu
+from usp.plan.memory import memory_per_gpu, model_states
 from usp.plan.presets import get_cluster, get_model
 from usp.plan.specs import Workload
 
@@ -82,12 +82,12 @@ def test_gqa_lowers_sequence_parallel_traffic_but_not_tensor_parallel_traffic():
 
 def test_sequence_parallelism_alone_replicates_model_states_and_zero_shards_them():
     workload, model = Workload(LLAMA, SEQ, 1), LLAMA
-    single = memory_per_gpu(workload, ParallelConfig())
+    single = model_states(workload, ParallelConfig(), stage=0)
     assert single["parameters"] == 2 * model.total_params
     assert single["optimizer"] == 12 * model.total_params
     stages = {}
     for zero in (0, 1, 2, 3):
-        stages[zero] = memory_per_gpu(workload, ParallelConfig(ring=2, ulysses=4, zero=zero))
+        stages[zero] = model_states(workload, ParallelConfig(ring=2, ulysses=4, zero=zero), 0)
     for kind in ("parameters", "gradients", "optimizer"):
         assert stages[0][kind] == single[kind]  # SP alone: replicated on every rank
     assert stages[1]["optimizer"] == single["optimizer"] / 8
@@ -96,7 +96,10 @@ def test_sequence_parallelism_alone_replicates_model_states_and_zero_shards_them
     totals = [sum(stages[z][k] for k in ("parameters", "gradients", "optimizer")) for z in range(4)]
     assert totals == sorted(totals, reverse=True) and totals[3] < totals[0] / 6
     # ...and the activations are split over the sequence ranks whatever the stage
-    assert stages[0]["activations"] < single["activations"] / 4
+    alone = memory_per_gpu(workload, ParallelConfig())["activations"]
+    for zero in (0, 1, 2, 3):
+        split = memory_per_gpu(workload, ParallelConfig(ring=2, ulysses=4, zero=zero))
+        assert split["activations"] < alone / 4
 
 
 def test_checkpointing_and_pipeline_memory():

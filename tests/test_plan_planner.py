@@ -54,7 +54,9 @@ def test_explanation_is_computed_from_the_costs():
     reasons = " ".join(explain(result))
     assert "ulysses 8 inside one node" in reasons and "ring 2 across nodes" in reasons
     assert "context-first" in reasons and "slower" in reasons
-    assert "checkpointing off does not fit" in reasons
+    # selective checkpointing (the MLP only) fits and skips most of full recompute's extra forward
+    assert result.best.config.checkpointing == "selective"
+    assert "best with checkpointing full" in reasons
 
 
 def test_nothing_fits_says_by_how_much():
@@ -146,7 +148,11 @@ def test_cli_table_json_list_and_single_config(capsys):
 
 def test_config_parsing():
     config = ParallelConfig.parse("r=2,u=8,zero=3,ckpt=on,placement=context-first")
-    assert (config.ring, config.ulysses, config.zero, config.checkpointing) == (2, 8, 3, True)
+    assert (config.ring, config.ulysses, config.zero, config.checkpointing) == (2, 8, 3, "full")
+    assert ParallelConfig.parse("ac=selective,pp=2,schedule=gpipe").pp_schedule == "gpipe"
+    assert ParallelConfig(checkpointing=False).checkpointing == "none"
+    with pytest.raises(ValueError, match="checkpointing='some'"):
+        ParallelConfig(checkpointing="some")
     with pytest.raises(ValueError, match="cannot read"):
         ParallelConfig.parse("rings=2")
     with pytest.raises(ValueError, match="ZeRO stage"):

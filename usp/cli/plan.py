@@ -70,7 +70,7 @@ def _row(rank: int, cost: StepCost) -> list[str]:
     exposed = cost.step_time - cost.time["compute"] - cost.time["bubble"] - cost.time["optimizer"]
     return [str(rank), str(c.dp), f"{c.tp}{'-sp' if c.tp > 1 and c.tp_sequence_parallel else ''}",
             str(c.pp), str(c.ring), str(c.ulysses), str(c.zero), str(c.micro_batches),
-            "on" if c.checkpointing else "off",
+            c.checkpointing,
             c.placement if c.ring > 1 and c.ulysses > 1 else "-",
             f"{cost.memory_total / GIB:.1f}", f"{cost.step_time:.3f}",
             f"{cost.tokens_per_second:,.0f}", f"{100 * cost.mfu:.1f}%", f"{exposed:.3f}"]

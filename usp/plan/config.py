@@ -23,6 +23,15 @@ MESH_ORDER = {
 # parallel ranks and the sequence-parallel ranks (each saw different tokens). ZeRO/FSDP shards
 # over exactly this group.
 SHARD_AXES = ("dp", "ring", "ulysses")
+# What each activation-checkpointing choice recomputes in the backward (usp.parallel's --ac):
+# "full" each whole block (keeping its input), "selective" each block's MLP, "attention" each
+# block's attention (projections, RoPE, the USP attention with its collectives).
+CHECKPOINTING = ("none", "full", "selective", "attention")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
+# How the loss meets the vocabulary: "gathered" = full-vocabulary fp32 logits on every TP rank
+# (usp.models.Llama's output today); "vocab-parallel" = each TP rank keeps V/tp columns;
+# "chunked" = logits made and consumed loss_chunk tokens at a time (recomputed in backward).
+LOSSES = ("gathered", "vocab-parallel", "chunked")
 
 
 @dataclass(frozen=True)
@@ -37,11 +46,23 @@ class ParallelConfig:
     zero: int = 0
     tp_sequence_parallel: bool = True
     micro_batches: int = 1
-    checkpointing: bool = False
+    checkpointing: str = "none"  # one of CHECKPOINTING; True/False read as "full"/"none"
     placement: str = "head-first"
+    pp_schedule: str = "1f1b"
+    loss: str = "gathered"
+    loss_chunk: int = 1024  # tokens per chunk of the "chunked" loss
+    mlp_tile: int = 0  # tiled MLP: tokens per tile, recomputed in backward (0: not tiled)
 
     def __post_init__(self) -> None:
-        for name in ("dp", "tp", "pp", "ring", "ulysses", "micro_batches"):
+        if isinstance(self.checkpointing, bool):
+            object.__setattr__(self, "checkpointing", "full" if self.checkpointing else "none")
+        for name, allowed in (("checkpointing", CHECKPOINTING),
+                              ("pp_schedule", PIPELINE_SCHEDULES), ("loss", LOSSES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        if not (isinstance(self.mlp_tile, int) and self.mlp_tile >= 0):
+            raise ValueError(f"mlp_tile={self.mlp_tile!r} must be 0 (off) or a token count")
+        for name in ("dp", "tp", "pp", "ring", "ulysses", "micro_batches", "loss_chunk"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         if self.zero not in (0, 1, 2, 3):
@@ -69,21 +90,31 @@ class ParallelConfig:
         tp_sp = "-sp" if self.tp > 1 and self.tp_sequence_parallel else ""
         parts = [f"dp{self.dp}", f"tp{self.tp}{tp_sp}", f"pp{self.pp}", f"ring{self.ring}",
                  f"uly{self.ulysses}", f"zero{self.zero}", f"mb{self.micro_batches}",
-                 "ckpt" if self.checkpointing else "no-ckpt"]
+                 {"none": "no-ckpt", "full": "ckpt"}.get(self.checkpointing,
+                                                         f"ckpt-{self.checkpointing}")]
         if self.ring > 1 and self.ulysses > 1:
             parts.append(self.placement)
+        if self.pp > 1 and self.pp_schedule != "1f1b":
+            parts.append(self.pp_schedule)
+        if self.loss != "gathered":
+            parts.append(f"loss-{self.loss}" + (f"{self.loss_chunk}" if self.loss == "chunked"
+                                                else ""))
+        if self.mlp_tile:
+            parts.append(f"mlp-tile{self.mlp_tile}")
         return " ".join(parts)
+
 
     @classmethod
     def parse(cls, text: str) -> "ParallelConfig":
-        """``"ring=2,ulysses=8,zero=3,ckpt=1"``; unnamed fields keep their defaults."""
+        """``"ring=2,ulysses=8,zero=3,ckpt=full"``; unnamed fields keep their defaults."""
         return cls(**cls.parse_fields(text))
 
     @classmethod
     def parse_fields(cls, text: str) -> dict[str, object]:
         """The fields named in ``text`` (keys: field names, or ckpt, mb, sp, r, u) with values."""
-        aliases = {"ckpt": "checkpointing", "mb": "micro_batches", "sp": "tp_sequence_parallel",
-                   "u": "ulysses", "r": "ring"}
+        aliases = {"ckpt": "checkpointing", "ac": "checkpointing", "mb": "micro_batches",
+                   "sp": "tp_sequence_parallel", "u": "ulysses", "r": "ring",
+                   "schedule": "pp_schedule"}
         known = {f.name for f in fields(cls)}
         values: dict[str, object] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
@@ -91,11 +122,14 @@ class ParallelConfig:
             key, raw = aliases.get(key.strip(), key.strip()), raw.strip()
             if not sep or key not in known:
                 raise ValueError(f"cannot read {item!r}; write key=value with keys {sorted(known)}")
-            if key == "placement":
+            if key in ("placement", "pp_schedule", "loss"):
+                values[key] = raw
+            elif key == "checkpointing" and raw in CHECKPOINTING:
                 values[key] = raw
             elif key in ("checkpointing", "tp_sequence_parallel"):
                 if raw.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
-                    raise ValueError(f"{key}={raw!r}: write on/off, 1/0 or true/false")
+                    kinds = f", or one of {CHECKPOINTING}" if key == "checkpointing" else ""
+                    raise ValueError(f"{key}={raw!r}: write on/off, 1/0 or true/false{kinds}")
                 values[key] = raw.lower() in ("1", "true", "on", "yes")
             else:
                 try:
@@ -150,6 +184,10 @@ def check_config(workload: Workload, cluster: ClusterSpec,
                 f"ulysses={config.ulysses} (kv heads are split, or replicated, a whole number "
                 f"of times)"
             ))
+    if config.loss == "vocab-parallel" and model.vocab % config.tp:
+        problems.append(Violation(
+            "vocab by tp", f"vocab={model.vocab} is not divisible by tp={config.tp} "
+            "(the vocab-parallel loss splits it)"))
     if model.layers % config.pp:
         problems.append(Violation(
             "layers by pp", f"layers={model.layers} is not divisible by pp={config.pp}"))

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 
 from usp.plan.collectives import KINDS, attention_traffic, sent_bytes, transfer_seconds
 from usp.plan.config import SHARD_AXES, GroupPlacement, ParallelConfig, group_placement
-from usp.plan.memory import (
-    GRAD_BYTES, PARAM_BYTES, layer_params_per_gpu, memory_per_gpu, shapes, stage_params,
-)
+from usp.plan.memory import layer_params_per_gpu, memory_per_gpu, shapes, stage_params
 from usp.plan.specs import ClusterSpec, Workload
 
 ATTENTION_BACKWARD_FACTOR = 2.5  # flash backward: 5 matmuls (P recomputed) vs 2 forward
@@ -105,7 +103,11 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
     place["shard"] = shard = group_placement(config, cluster.gpus_per_node, SHARD_AXES)
     ledger = _Ledger(cluster)
     runs = s.layers * m  # layer executions per GPU per step
-    forwards = 2 if config.checkpointing else 1  # checkpointing repeats each layer's forward
+    # checkpointing repeats the forward of what it recomputes: the whole block, its MLP
+    # ("selective") or its attention (projections, the USP attention and its collectives)
+    attention_forwards = 2 if config.checkpointing in ("full", "attention") else 1
+    mlp_forwards = 2 if config.checkpointing in ("full", "selective") else 1
+    mlp_share = model.mlp_linear_params / (model.attention_linear_params + model.mlp_linear_params)
     peak, hbm = cluster.peak_tflops * 1e12, cluster.hbm_bandwidth_gbs * 1e9
     matmul_rate = peak * cluster.matmul_efficiency
     attention_rate = peak * cluster.attention_efficiency
@@ -123,9 +125,10 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
     # --- sequence-parallel attention: the exact traffic of usp_attention ---
     traffic = attention_traffic(s.micro_batch, seq, s.q_heads, s.kv_heads, model.head_dim, e, R, U)
     a2a = ledger.add("all_to_all", traffic.all_to_all_forward, 4, place["ulysses"],
-                     repeat=runs * (forwards + 1))
+                     repeat=runs * (attention_forwards + 1))
     # The ring's bytes are booked per pass; its time is priced per hop (one message each).
-    ledger.add("p2p", forwards * traffic.p2p_forward + traffic.p2p_backward, 0, place["ring"],
+    ledger.add("p2p", attention_forwards * traffic.p2p_forward + traffic.p2p_backward, 0,
+               place["ring"],
                repeat=runs)
     kv_hop = transfer_seconds("p2p", traffic.ring_kv_send, 1, place["ring"], cluster)
     grad_hop = transfer_seconds("p2p", traffic.ring_grad_send, 1, place["ring"], cluster)
@@ -141,9 +144,9 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
     tp_fwd = tp_bwd = 0.0
     if t > 1 and config.tp_sequence_parallel:
         one = sent_bytes("all_gather", activation, t)
-        gather = ledger.add("all_gather", one, 1, place["tp"], repeat=runs * (2 * forwards + 4))
-        scatter = ledger.add("reduce_scatter", one, 1, place["tp"],
-                             repeat=runs * (2 * forwards + 2))
+        regions = attention_forwards + mlp_forwards  # each region: one AG and one RS forward
+        gather = ledger.add("all_gather", one, 1, place["tp"], repeat=runs * (regions + 4))
+        scatter = ledger.add("reduce_scatter", one, 1, place["tp"], repeat=runs * (regions + 2))
         # Backward re-gathers the sharded inputs of the two column-parallel GEMMs for their
         # weight gradients; Megatron overlaps that gather with the input-gradient GEMMs (half of
         # the linear backward). The other collectives carry data the next GEMM needs: blocking.
@@ -151,12 +154,16 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
         tp_fwd, tp_bwd = 2 * gather + 2 * scatter, 2 * gather + 2 * scatter + regather
     elif t > 1:
         reduce = ledger.add("all_reduce", sent_bytes("all_reduce", activation, t), 1, place["tp"],
-                            repeat=runs * (2 * forwards + 2))
+                            repeat=runs * (attention_forwards + mlp_forwards + 2))
         tp_fwd = tp_bwd = 2 * reduce
 
     pass_fwd = linear_fwd + ring_fwd + merge_fwd + a2a + tp_fwd
     pass_bwd = linear_bwd + ring_bwd + merge_bwd + a2a + tp_bwd
-    layer_time = forwards * pass_fwd + pass_bwd
+    # what the recompute repeats: each region's linear work, the attention and its collectives
+    recompute = ((mlp_forwards - 1) * (mlp_share * linear_fwd + tp_fwd / 2)
+                 + (attention_forwards - 1) * ((1 - mlp_share) * linear_fwd + ring_fwd + merge_fwd
+                                               + a2a + tp_fwd / 2))
+    layer_time = pass_fwd + recompute + pass_bwd
 
     # --- ZeRO / FSDP and the gradient reduction, over dp x ring x ulysses ---
     psi = max(stage_params(workload, config, 0), stage_params(workload, config, p - 1))
@@ -167,13 +174,17 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
     busy_fwd = (R - 1) * kv_hop if same_link else 0.0
     busy_bwd = (R - 1) * (kv_hop + grad_hop) if same_link else 0.0
     window_fwd = max(0.0, compute_fwd - busy_fwd)
-    window_bwd = max(0.0, (forwards - 1) * compute_fwd + compute_bwd - busy_bwd)
+    recompute_compute = ((mlp_forwards - 1) * mlp_share * linear_fwd
+                         + (attention_forwards - 1) * ((1 - mlp_share) * linear_fwd
+                                                       + attention_fwd))
+    window_bwd = max(0.0, recompute_compute + compute_bwd - busy_bwd)
     fsdp, sync, regather = 0.0, 0.0, 0.0
     if config.zero == 3 and shard.size > 1:
-        gathered = sent_bytes("all_gather", PARAM_BYTES * layer_params, shard.size)
+        gathered = sent_bytes("all_gather", workload.bytes.param * layer_params, shard.size)
         gather = ledger.add("all_gather", gathered, 1, shard, repeat=2 * runs)
         scatter = ledger.add("reduce_scatter",
-                             sent_bytes("reduce_scatter", GRAD_BYTES * layer_params, shard.size),
+                             sent_bytes("reduce_scatter", workload.bytes.grad * layer_params,
+                                        shard.size),
                              1, shard, repeat=runs)
         # Prefetch hides layer i+1's gather under layer i; the first gathers and the last
         # reduce-scatter of each pass have nothing to hide under.
@@ -182,11 +193,11 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
     elif shard.size > 1:
         kind = "all_reduce" if config.zero == 0 else "reduce_scatter"
         reductions = m if config.zero == 2 else 1
-        one = ledger.add(kind, sent_bytes(kind, GRAD_BYTES * psi, shard.size), 1, shard,
+        one = ledger.add(kind, sent_bytes(kind, workload.bytes.grad * psi, shard.size), 1, shard,
                          repeat=reductions)
         sync = reductions * max(0.0, one - s.layers * window_bwd)
         if config.zero >= 1:
-            updated = sent_bytes("all_gather", PARAM_BYTES * psi, shard.size)
+            updated = sent_bytes("all_gather", workload.bytes.param * psi, shard.size)
             regather = ledger.add("all_gather", updated, 1, shard, repeat=1)
 
     # --- pipeline: activations forward and their gradients backward cross each boundary ---
@@ -203,11 +214,12 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
 
     model_flops = 3 * workload.global_batch * model_flops_per_sequence(workload)
     time = {
-        "compute": runs * (forwards * compute_fwd + compute_bwd) + m * head_time,
-        "all_to_all": runs * (forwards + 1) * a2a,
-        "ring_exposed": runs * (forwards * (ring_fwd - attention_fwd) + ring_bwd - attention_bwd),
-        "ring_merge": runs * (forwards * merge_fwd + merge_bwd),
-        "tp": runs * (forwards * tp_fwd + tp_bwd),
+        "compute": runs * (compute_fwd + recompute_compute + compute_bwd) + m * head_time,
+        "all_to_all": runs * (attention_forwards + 1) * a2a,
+        "ring_exposed": runs * (attention_forwards * (ring_fwd - attention_fwd)
+                                + ring_bwd - attention_bwd),
+        "ring_merge": runs * (attention_forwards * merge_fwd + merge_bwd),
+        "tp": runs * ((attention_forwards + mlp_forwards) / 2 * tp_fwd + tp_bwd),
         "fsdp_exposed": m * fsdp,
         "grad_sync_exposed": sync + regather,
         "pipeline_p2p": m * boundary_time,

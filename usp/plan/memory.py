@@ -1,22 +1,21 @@
 """Per-GPU memory of one training step: parameters, gradients, optimizer states, activations.
 
-Mixed-precision AdamW as in the ZeRO paper: bf16 parameters (2 bytes) and gradients (2 bytes),
-fp32 master weights and two fp32 moments (12 bytes), so 16 bytes per parameter unsharded. ZeRO
-stage k shards the first k of (optimizer, gradients, parameters) over dp x ring x ulysses.
-Symbols follow docs/cost-model.md.
+Bytes per parameter come from the workload's precision (``usp.plan.specs.PRECISIONS``: bf16
+mixed precision 2 + 2 + 12, fp32 4 + 4 + 8). ZeRO stage k shards the first k of (optimizer,
+gradients, parameters) over dp x ring x ulysses; stage 3 is FSDP2 as ``usp.parallel`` applies it.
+Activations are :mod:`usp.plan.activations`'. Symbols follow docs/cost-model.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from usp.plan.collectives import FP32_BYTES, attention_traffic
+from usp.plan.activations import (
+    layer_activations, loss_activations, rope_tables, saved_per_layer,
+)
 from usp.plan.config import ParallelConfig, effective_kv_heads
 from usp.plan.specs import ModelSpec, Workload
 
-PARAM_BYTES = 2
-GRAD_BYTES = 2
-OPTIMIZER_BYTES = 12  # fp32 master copy + Adam's first and second moments
 ZERO3_GATHERED_LAYERS = 2  # the layer being computed and the one being prefetched
 
 
@@ -70,55 +69,96 @@ def stage_params(workload: Workload, config: ParallelConfig, stage: int) -> floa
     return params
 
 
-def layer_activation_bytes(workload: Workload, config: ParallelConfig, s: Shapes) -> float:
-    """Activations one layer saves for backward for one micro-batch, without checkpointing.
+def root_params(workload: Workload, config: ParallelConfig, stage: int) -> float:
+    """Parameters of stage ``stage`` outside its decoder layers: embedding, final norm, head."""
+    return stage_params(workload, config, stage) - (
+        (workload.model.layers // config.pp) * layer_params_per_gpu(workload.model, config.tp))
 
-    Two RMSNorm inputs and outputs on the residual stream (s_t tokens each); q, k, v and the
-    attention output as the attention kernel holds them (after the all-to-all: S/R tokens of H/U
-    heads, the same count as s tokens of H heads) and the fp32 log-sum-exp; the SwiGLU gate, its
-    SiLU, the up projection and their product (s tokens of F/tp each; a fused SwiGLU saves one
-    fewer). Norms are assumed fused (they save their bf16 input only).
+
+def in_flight(config: ParallelConfig, stage: int) -> tuple[int, int]:
+    """Micro-batches whose activations stage ``stage`` holds at its first backward, and at the
+    later ones: 1F1B keeps ``min(pp - stage, m)``, GPipe all ``m`` (one fewer per backward)."""
+    m = config.micro_batches
+    if config.pp == 1:
+        return 1, 1
+    if config.pp_schedule == "gpipe":
+        return m, m - 1
+    first = min(config.pp - stage, m)
+    return first, first if m > first else first - 1
+
+
+def model_states(workload: Workload, config: ParallelConfig, stage: int) -> dict[str, float]:
+    """Parameters, gradients and optimizer states of a GPU of ``stage`` at the optimizer step:
+    ZeRO stage z shards the first z of (optimizer, gradients, parameters) over dp x ring x
+    ulysses; the gradients are whole for z < 2."""
+    precision, shards = workload.bytes, config.shard_size
+    psi = stage_params(workload, config, stage)
+    return {
+        "parameters": precision.param * psi / (shards if config.zero >= 3 else 1),
+        "gradients": precision.grad * psi / (shards if config.zero >= 2 else 1),
+        "optimizer": precision.optimizer * psi / (shards if config.zero >= 1 else 1),
+    }
+
+
+def stage_memory(workload: Workload, config: ParallelConfig, stage: int) -> dict[str, float]:
+    """Peak bytes of one GPU of pipeline stage ``stage``, split into parameters, gradients,
+    optimizer and activations at the moment of the peak (docs/cost-model.md §4).
+
+    Three moments compete: the first backward (every in-flight micro-batch's activations, model
+    states sharded), a later backward of a pipeline (FSDP does not reshard or reduce between the
+    micro-batches of a pipeline schedule, so the stage's parameters and gradients are whole) and
+    the optimizer step (all gradients, no activations).
     """
-    model, e = workload.model, workload.element_bytes
-    norms = 4 * e * model.hidden * s.tokens_outside_attention
-    attention = e * s.tokens * model.head_dim * (2 * s.q_heads + 2 * s.kv_heads_attention)
-    log_sum_exp = FP32_BYTES * s.tokens * s.q_heads
-    mlp = 4 * e * s.tokens * model.ffn_hidden / config.tp
-    return s.micro_batch * (norms + attention + log_sum_exp + mlp)
+    precision, s = workload.bytes, shapes(workload, config)
+    states = model_states(workload, config, stage)
+    params, optimizer = states["parameters"], states["optimizer"]
+    fsdp = config.zero >= 3 and config.shard_size > 1
+    psi, root = stage_params(workload, config, stage), root_params(workload, config, stage)
+    layer_shard = layer_params_per_gpu(workload.model, config.tp)
+    last = stage == config.pp - 1
+    # FSDP: the layer being computed and the one prefetched are gathered; the root (embedding,
+    # final norm, head) stays gathered from its forward to the end of the backward
+    gathered = precision.param * (ZERO3_GATHERED_LAYERS * layer_shard + root) if fsdp else 0.0
+    # backward: the head's and embedding's gradients whole, and the layer in backward's (FSDP:
+    # also their reduce-scatter buffer)
+    grads_backward = precision.grad * (root + (2 if fsdp else 1) * layer_shard)
+
+    layer = layer_activations(workload, config, s)
+    per_micro_batch = s.layers * saved_per_layer(layer, config.checkpointing)
+    loss = loss_activations(workload, config, s) if last else None
+    if loss is not None:
+        per_micro_batch += loss.held
+    elif config.pp > 1:
+        per_micro_batch += s.micro_batch * workload.element_bytes * workload.model.hidden * \
+            s.tokens_outside_attention  # the stage output, kept for its backward
+    transient = max(layer.working, loss.transient if loss is not None else 0.0)
+    transient += rope_tables(workload, s)
+
+    first, later = in_flight(config, stage)
+    moments = [{"parameters": params + gathered, "gradients": grads_backward,
+                "optimizer": optimizer, "activations": first * per_micro_batch + transient}]
+    if config.micro_batches > 1:
+        whole = config.pp > 1  # pipeline schedules run FSDP without resharding or reducing
+        accumulated = precision.grad * psi if whole else states["gradients"]
+        moments.append({
+            "parameters": precision.param * psi + (params if whole and fsdp else 0.0)
+            if whole else params + gathered,
+            "gradients": accumulated, "optimizer": optimizer,
+            "activations": later * per_micro_batch + transient,
+        })
+    moments.append({**states, "activations": 0.0})
+    return max(moments, key=lambda moment: sum(moment.values()))
+
+
+def resting_memory(workload: Workload, config: ParallelConfig) -> float:
+    """Bytes between steps on the most loaded GPU: parameters and optimizer states (gradients
+    are freed after the optimizer step)."""
+    return max(states["parameters"] + states["optimizer"]
+               for states in (model_states(workload, config, k) for k in {0, config.pp - 1}))
 
 
 def memory_per_gpu(workload: Workload, config: ParallelConfig) -> dict[str, float]:
-    """Bytes on the most loaded GPU, split into parameters/gradients/optimizer/activations."""
-    model, e, s = workload.model, workload.element_bytes, shapes(workload, config)
-    shards = config.shard_size
-    full_layer = layer_activation_bytes(workload, config, s)
-    checkpoint = e * model.hidden * s.tokens_outside_attention * s.micro_batch
-    saved_per_layer = checkpoint if config.checkpointing else full_layer
-    traffic = attention_traffic(s.micro_batch, workload.seq_len, s.q_heads, s.kv_heads,
-                                model.head_dim, e, config.ring, config.ulysses)
-    # One layer's worth of transient memory: its recomputed activations (checkpointing) or the
-    # activation gradients of the layer in backward, plus the ring's in-flight k/v and dk/dv.
-    working = full_layer + traffic.ring_kv_send + traffic.ring_grad_send
-    logits = s.micro_batch * s.tokens * model.vocab / config.tp * (e + FP32_BYTES)
-    layer_shard = layer_params_per_gpu(model, config.tp)
-
-    worst: dict[str, float] = {}
-    stages = {0, config.pp - 1}
-    for stage in sorted(stages):
-        psi = stage_params(workload, config, stage)
-        params = PARAM_BYTES * psi / (shards if config.zero >= 3 else 1)
-        grads = GRAD_BYTES * psi / (shards if config.zero >= 2 else 1)
-        optimizer = OPTIMIZER_BYTES * psi / (shards if config.zero >= 1 else 1)
-        if config.zero >= 3 and shards > 1:
-            params += ZERO3_GATHERED_LAYERS * PARAM_BYTES * layer_shard
-            grads += GRAD_BYTES * layer_shard
-        # 1F1B: stage k keeps min(pp - k, m) micro-batches in flight.
-        in_flight = min(config.pp - stage, config.micro_batches)
-        activations = in_flight * s.layers * saved_per_layer + working
-        if stage == config.pp - 1:
-            activations += logits
-        candidate = {"parameters": params, "gradients": grads, "optimizer": optimizer,
-                     "activations": activations}
-        if not worst or sum(candidate.values()) > sum(worst.values()):
-            worst = candidate
-    return worst
+    """Bytes on the most loaded GPU (the heavier of the first and last pipeline stage)."""
+    stages = sorted({0, config.pp - 1})
+    return max((stage_memory(workload, config, stage) for stage in stages),
+               key=lambda memory: sum(memory.values()))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 from usp.plan.config import ParallelConfig, Violation, check_config
 from usp.plan.cost import StepCost, estimate
-from usp.plan.memory import memory_per_gpu
+from usp.plan.memory import model_states
 from usp.plan.specs import GIB, ClusterSpec, Workload
 
 KNOBS = ("sequence split", "placement", "tp", "pp", "zero", "checkpointing", "micro_batches")
@@ -43,7 +43,7 @@ def enumerate_configs(workload: Workload, cluster: ClusterSpec) -> list[Parallel
             (True, False) if tp > 1 else (True,),
             ("head-first", "context-first") if ring > 1 and ulysses > 1 else ("head-first",),
             _divisors(per_replica),
-            (False, True),
+            ("none", "selective", "full"),
         ):
             configs.append(ParallelConfig(
                 dp=dp, tp=tp, pp=pp, ring=ring, ulysses=ulysses, zero=zero,
@@ -105,7 +105,7 @@ def _describe(config: ParallelConfig, knob: str) -> str:
     if knob == "sequence split":
         return f"ring {value[0]} x ulysses {value[1]}"
     if knob == "checkpointing":
-        return "checkpointing " + ("on" if value else "off")
+        return f"checkpointing {value}"
     return f"{knob} {value}"
 
 
@@ -137,8 +137,9 @@ def _method_sentences(workload: Workload, best: StepCost) -> list[str]:
         )
     if c.zero and c.shard_size > 1:
         sharded, replicated = (
-            sum(memory[k] for k in ("parameters", "gradients", "optimizer"))
-            for memory in (best.memory, memory_per_gpu(workload, replace(c, zero=0)))
+            max(sum(model_states(workload, config, stage).values())
+                for stage in {0, config.pp - 1})
+            for config in (c, replace(c, zero=0))
         )
         sentences.append(
             f"ZeRO-{c.zero} over dp x ring x ulysses = {c.shard_size} GPUs keeps model states at "

@@ -161,23 +161,47 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
-class Workload:
-    """One optimizer step: ``global_batch`` sequences of ``seq_len`` tokens, bf16 mixed precision.
+class Precision:
+    """Bytes per parameter of each model state, and of one activation element."""
 
-    ``element_bytes`` is the activation dtype's width (2 for bf16).
-    """
+    param: int
+    grad: int
+    optimizer: int  # AdamW: two fp32 moments, plus the fp32 master weights under mixed precision
+    activation: int
+
+
+PRECISIONS = {
+    # bf16 weights and gradients, fp32 master + moments (the ZeRO paper's accounting): GPUs
+    "bf16-mixed": Precision(param=2, grad=2, optimizer=12, activation=2),
+    # everything fp32, AdamW's two moments: `usp train --dtype fp32`, the CPU runs
+    "fp32": Precision(param=4, grad=4, optimizer=8, activation=4),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One optimizer step: ``global_batch`` sequences of ``seq_len`` tokens in ``precision``
+    (a key of ``PRECISIONS``)."""
 
     model: ModelSpec
     seq_len: int
     global_batch: int
     causal: bool = True
-    element_bytes: int = 2
+    precision: str = "bf16-mixed"
 
     def __post_init__(self) -> None:
-        _check_positive(
-            "workload", seq_len=self.seq_len, global_batch=self.global_batch,
-            element_bytes=self.element_bytes,
-        )
+        _check_positive("workload", seq_len=self.seq_len, global_batch=self.global_batch)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; choose one of {sorted(PRECISIONS)}")
+
+    @property
+    def bytes(self) -> Precision:
+        return PRECISIONS[self.precision]
+
+    @property
+    def element_bytes(self) -> int:
+        """Width of an activation element (2 for bf16)."""
+        return self.bytes.activation
 
     @property
     def tokens(self) -> int:

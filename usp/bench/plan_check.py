@@ -1,0 +1,197 @@
+"""`usp bench plan`: the planner's memory prediction against real `usp train` steps.
+
+Each row is a fresh ``usp train`` run (own gloo ranks, synthetic tokens, a few steps, no
+checkpoints) of one model, sequence length, 4-D layout and activation checkpointing. The last
+step's per-rank counters (``usp.training.metrics``: the resident set at the start of the step and
+its high-water mark during it) are compared with ``usp.plan.memory`` for the same configuration
+in fp32, plus the runtime itself (Python, torch, gloo), measured once per world size in bare rank
+processes that import the same modules and join a process group but build no model.
+
+**Allocator.** The ranks run with ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB: glibc then maps
+every tensor of 64 KiB or more on its own and returns it on free, so the resident set follows the
+live tensors. With glibc's default, the threshold grows with the first large frees, freed tensors
+stay in the heap, and the measured peak is the allocator's history (+30 to +50 % of the step's
+part, varying by rank and run), not what the step holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch.multiprocessing as mp
+
+from usp.plan.config import ParallelConfig
+from usp.plan.memory import memory_per_gpu, resting_memory
+from usp.plan.presets import get_model
+from usp.plan.specs import Workload
+
+logger = logging.getLogger(__name__)
+
+MIB = 2**20
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# Over 4 ranks: the layouts of the check (dp, tp, pp, ring, ulysses)
+LAYOUTS = {
+    "uly4": dict(ulysses=4), "ring2xuly2": dict(ring=2, ulysses=2),
+    "tp2xring2": dict(tp=2, ring=2), "dp2xuly2": dict(dp=2, ulysses=2),
+    "pp2xring2": dict(pp=2, ring=2), "pp2xtp2": dict(pp=2, tp=2),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One run: a model, a sequence length, a layout (axis degrees) and checkpointing."""
+
+    model: str
+    seq_len: int
+    layout: str
+    ac: str = "none"
+    micro_batch: int = 1
+
+    def degrees(self) -> dict[str, int]:
+        degrees = dict(dp=1, tp=1, pp=1, ring=1, ulysses=1)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
+        degrees.update(LAYOUTS[self.layout])
+        return degrees
+
+    @property
+    def world_size(self) -> int:
+        d = self.degrees()
+        return d["dp"] * d["tp"] * d["pp"] * d["ring"] * d["ulysses"]
+
+    @property
+    def global_batch(self) -> int:
+        d = self.degrees()  # usp train: one micro-batch per pipeline stage
+        return d["dp"] * d["pp"] * self.micro_batch
+
+    def config(self) -> ParallelConfig:
+        """The planner's configuration that ``usp train`` runs for this row."""
+        d = self.degrees()
+        fsdp = d["dp"] * d["ring"] * d["ulysses"] > 1
+        return ParallelConfig(**d, zero=3 if fsdp else 0, micro_batches=d["pp"],
+                              checkpointing=self.ac)
+
+    def workload(self) -> Workload:
+        return Workload(get_model(self.model), self.seq_len, self.global_batch,
+                        precision="fp32")
+
+    def label(self) -> str:
+        return f"{self.model} S={self.seq_len} {self.layout} ac={self.ac}"
+
+
+@contextlib.contextmanager
+def allocator_environment():
+    """Set ``ALLOCATOR_ENV`` for the ranks started inside (they inherit the environment)."""
+    saved = {key: os.environ.get(key) for key in ALLOCATOR_ENV}
+    os.environ.update(ALLOCATOR_ENV)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def train_records(row: Row, steps: int) -> list[dict]:
+    """Run ``usp train`` for ``row`` (spawned gloo ranks); every step's metrics record."""
+    from usp.training.launcher import launch_elastic
+    from usp.training.setup import TrainConfig, validate
+
+    d = row.degrees()
+    with tempfile.TemporaryDirectory(prefix="usp-bench-plan-") as out:
+        config = TrainConfig(
+            model=row.model, seq_len=row.seq_len, global_batch=row.global_batch, steps=steps,
+            synthetic=True, out=out, progress=False, nproc=row.world_size, warmup=1,
+            ckpt_every=0, ac=row.ac, dp=d["dp"], tp=d["tp"], pp=d["pp"], ring=d["ring"],
+            ulysses=d["ulysses"], device="cpu",
+        )
+        validate(config, config.nproc)
+        return launch_elastic(config)
+
+
+def _runtime_worker(rank: int, world: int, port: int, results) -> None:
+    import ctypes
+
+    import torch.distributed as dist
+
+    import usp.training.loop  # noqa: F401  (the modules a training rank holds)
+    from usp.training.metrics import current_memory_bytes
+    import torch
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dist.barrier()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        results.put(current_memory_bytes(torch.device("cpu")))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def runtime_bytes(world: int) -> float:
+    """Resident bytes of a bare rank (imports, process group; no model), the most of ``world``."""
+    from usp.comm import free_port
+
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    with allocator_environment():
+        port = free_port()
+        processes = [ctx.Process(target=_runtime_worker, args=(rank, world, port, results))
+                     for rank in range(world)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(180)
+    failed = [p.exitcode for p in processes if p.exitcode != 0]
+    if failed:
+        raise ValueError(f"the runtime measurement's ranks failed with exit codes {failed}")
+    return max(results.get() for _ in range(world))
+
+
+def check_row(row: Row, runtime: float, steps: int = 2) -> dict:
+    """Predicted and measured per-rank bytes of ``row``: the heaviest rank, last step."""
+    workload, config = row.workload(), row.config()
+    with allocator_environment():
+        records = train_records(row, steps)
+    last = records[-1]
+    peak = max(last["peak_memory_bytes"])
+    rank = last["peak_memory_bytes"].index(peak)
+    predicted = memory_per_gpu(workload, config)
+    resting = resting_memory(workload, config)
+    return {
+        "row": row.label(), "config": config.label(), "runtime": runtime,
+        "predicted": runtime + sum(predicted.values()), "measured": peak,
+        "predicted_parts": predicted,
+        "predicted_before": runtime + resting,
+        "measured_before": last["memory_before_step_bytes"][rank],
+        "step_time_s": sum(r["step_time_s"] for r in records[1:] or records)
+        / len(records[1:] or records),
+    }
+
+
+def format_table(results: list[dict], tolerance: float) -> str:
+    """One line per row: MiB predicted vs measured, total and its two measurable parts."""
+    header = (f"{'row':<40} {'runtime':>7} {'pred':>6} {'meas':>6} {'ratio':>6} "
+              f"{'before p/m':>11} {'step part p/m':>13} {'ratio':>6}  parts predicted "
+              "(params/grads/optim/act)")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        ratio = r["predicted"] / r["measured"]
+        step_pred = r["predicted"] - r["predicted_before"]
+        step_meas = r["measured"] - r["measured_before"]
+        parts = "/".join(f"{v / MIB:.0f}" for v in r["predicted_parts"].values())
+        flag = "" if abs(ratio - 1) <= tolerance else "  MISS"
+        lines.append(
+            f"{r['row']:<40} {r['runtime'] / MIB:>7.0f} {r['predicted'] / MIB:>6.0f} "
+            f"{r['measured'] / MIB:>6.0f} {ratio:>6.2f} "
+            f"{r['predicted_before'] / MIB:>5.0f}/{r['measured_before'] / MIB:<5.0f} "
+            f"{step_pred / MIB:>6.0f}/{step_meas / MIB:<6.0f} "
+            f"{step_pred / max(step_meas, 1):>6.2f}  {parts}{flag}")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Activation memory of one micro-batch on one GPU, tensor by tensor as usp's Llama saves it.
+
+Every term names the tensors autograd keeps for the backward in ``usp.models.llama`` run through
+``usp.parallel`` (measured with a saved-tensor hook; docs/cost-model.md §4 lists them):
+
+- each RMSNorm keeps its input and its normalised value, ``(4 + e)`` bytes per element (the norm
+  upcasts to fp32: the fp32 copy and the rescaled value), and the fp32 reciprocal root; its
+  output is kept by the projections it feeds, gathered over tp (``s`` tokens);
+- attention keeps q, k, v and its output as the kernel holds them, the fp32 log-sum-exp, and,
+  after a Ulysses all-to-all back, the output projection's input as a second copy (RoPE's
+  rotation keeps only the cos/sin tables, shared by every layer);
+- the SwiGLU MLP keeps the gate, SiLU(gate), the up projection and their product;
+- the loss: the logits (fp32, the full vocabulary on every tp rank when "gathered") and the
+  log-softmax the cross-entropy keeps, each ``4·s·V`` bytes.
+
+Symbols follow docs/cost-model.md: ``b`` sequences per micro-batch, ``s`` tokens per sequence
+rank, ``s_t`` of them outside attention under TP-sp, ``e`` activation bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from usp.plan.collectives import FP32_BYTES, attention_traffic
+from usp.plan.config import ParallelConfig
+from usp.plan.specs import Workload
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """Bytes of one decoder layer for one micro-batch; ``full`` = norms + attention + mlp."""
+
+    norms: float  # both RMSNorms: input, normalised value, fp32 root, output (gathered)
+    attention: float  # q, k, v, output (+ the output's copy after Ulysses), log-sum-exp
+    mlp: float  # gate, SiLU(gate), up, product
+    block_input: float  # what a fully checkpointed layer keeps
+    working: float  # transient of the layer's backward: gradients, ring and all-to-all buffers
+
+    @property
+    def full(self) -> float:
+        return self.norms + self.attention + self.mlp
+
+
+def layer_activations(workload: Workload, config: ParallelConfig, shapes) -> LayerActivations:
+    """One layer's activations (``shapes``: :func:`usp.plan.memory.shapes`)."""
+    model, e, s = workload.model, workload.element_bytes, shapes
+    b, tokens, outside = s.micro_batch, s.tokens, s.tokens_outside_attention
+    h, d, ffn = model.hidden, model.head_dim, model.ffn_hidden / config.tp
+    norms = b * (2 * (FP32_BYTES + e) * h * outside + 2 * FP32_BYTES * outside
+                 + 2 * e * h * tokens)
+    out_copy = s.q_heads if config.ulysses > 1 else 0  # the all-to-all back makes a new tensor
+    attention = b * (e * tokens * d * (2 * s.q_heads + 2 * s.kv_heads_attention + out_copy)
+                     + FP32_BYTES * tokens * s.q_heads)
+    tile = min(config.mlp_tile, tokens) if config.mlp_tile else tokens
+    # a tiled MLP keeps only its input (the norm's output, counted above)
+    mlp = 0.0 if config.mlp_tile else b * 4 * e * tokens * ffn
+    # Backward of a layer: the MLP's input gradients (three [s, F/t] tensors at once), or the
+    # attention's dq, dk, dv and dout with the all-to-all's packing buffers, whichever is larger,
+    # plus the ring's fp32 accumulators and in-flight blocks.
+    traffic = attention_traffic(b, workload.seq_len, s.q_heads, s.kv_heads, d, e,
+                                config.ring, config.ulysses)
+    mlp_working = b * 3 * e * tile * ffn
+    qkv = e * tokens * d * (2 * s.q_heads + 2 * s.kv_heads_attention)
+    attention_working = b * qkv * (2 if config.ulysses > 1 else 1)
+    ring_working = 0.0
+    if config.ring > 1:
+        # dq in fp32, two partial dk/dv buffers and the incoming one (fp32), k/v blocks in flight
+        ring_working = (FP32_BYTES * b * tokens * s.q_heads * d + 1.5 * traffic.ring_grad_send
+                        + traffic.ring_kv_send)
+    working = max(mlp_working, attention_working + ring_working)
+    recomputed = {"none": 0.0, "full": norms + attention + b * 4 * e * tile * ffn,
+                  "selective": b * 4 * e * tile * ffn, "attention": attention}
+    return LayerActivations(
+        norms=norms, attention=attention, mlp=mlp, block_input=b * e * h * outside,
+        working=working + recomputed[config.checkpointing],
+    )
+
+
+def saved_per_layer(layer: LayerActivations, checkpointing: str) -> float:
+    """What a layer keeps between its forward and its backward under ``checkpointing``.
+
+    A checkpointed region keeps its input instead of its activations: the block's input
+    (``full``); the MLP's and the attention's inputs are norm outputs, kept already.
+    """
+    if checkpointing == "full":
+        return layer.block_input
+    if checkpointing == "selective":
+        return layer.norms + layer.attention
+    if checkpointing == "attention":
+        return layer.norms + layer.mlp
+    return layer.full
+
+
+@dataclass(frozen=True)
+class LossActivations:
+    held: float  # from the stage's forward to its backward: final norm, logits, log-softmax
+    transient: float  # extra while the loss and head run backward (logit gradients)
+
+
+def loss_activations(workload: Workload, config: ParallelConfig, shapes) -> LossActivations:
+    """The last stage's head and loss for one micro-batch, by ``config.loss``."""
+    model, e, s = workload.model, workload.element_bytes, shapes
+    b, tokens, outside = s.micro_batch, s.tokens, s.tokens_outside_attention
+    final_norm = b * ((FP32_BYTES + e) * model.hidden * outside + FP32_BYTES * outside
+                      + e * model.hidden * tokens)
+    row = FP32_BYTES * b * model.vocab  # one token's fp32 logits over the whole vocabulary
+    if config.loss == "gathered":
+        # logits and log-softmax kept; backward adds their two gradients (and, under tp, the
+        # local V/tp shard of the logits' gradient)
+        shard = row * tokens / config.tp if config.tp > 1 else 0.0
+        return LossActivations(held=final_norm + 2 * row * tokens,
+                               transient=2 * row * tokens + shard)
+    if config.loss == "vocab-parallel":
+        local = row * tokens / config.tp
+        return LossActivations(held=final_norm + 2 * local, transient=2 * local)
+    chunk = min(config.loss_chunk, tokens)  # one chunk's logits, forward and recomputed backward
+    return LossActivations(held=final_norm, transient=4 * row * chunk)
+
+
+def rope_tables(workload: Workload, shapes) -> float:
+    """cos and sin of every token's RoPE angles, ``[b, s, D/2]`` fp32 each, shared by a stage."""
+    return FP32_BYTES * shapes.micro_batch * shapes.tokens * workload.model.head_dim
