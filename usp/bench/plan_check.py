@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -115,18 +116,21 @@ def train_records(row: Row, steps: int) -> list[dict]:
         return launch_elastic(config)
 
 
-def _runtime_worker(rank: int, world: int, port: int, results) -> None:
+def _runtime_worker(rank: int, degrees: dict[str, int], port: int, results) -> None:
     import ctypes
 
+    import torch
     import torch.distributed as dist
 
     import usp.training.loop  # noqa: F401  (the modules a training rank holds)
+    from usp.topology import Topology
     from usp.training.metrics import current_memory_bytes
-    import torch
 
+    world = math.prod(degrees.values())
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        Topology.build(**degrees)  # the mesh and its groups, as build_run makes them
         dist.barrier()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         results.put(current_memory_bytes(torch.device("cpu")))
@@ -135,15 +139,17 @@ def _runtime_worker(rank: int, world: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def runtime_bytes(world: int) -> float:
-    """Resident bytes of a bare rank (imports, process group; no model), the most of ``world``."""
+def runtime_bytes(degrees: dict[str, int]) -> float:
+    """Resident bytes of a bare rank (imports, process group, the mesh of ``degrees``; no model),
+    the most of any rank."""
     from usp.comm import free_port
 
+    world = math.prod(degrees.values())
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     with allocator_environment():
         port = free_port()
-        processes = [ctx.Process(target=_runtime_worker, args=(rank, world, port, results))
+        processes = [ctx.Process(target=_runtime_worker, args=(rank, degrees, port, results))
                      for rank in range(world)]
         for process in processes:
             process.start()

@@ -10,6 +10,7 @@ from usp.bench import training
 from usp.bench.attention import BenchShape, configurations, run_benchmark
 from usp.bench.decode import DecodeBench, run_decode_benchmark
 from usp.bench.masks import MASKS
+from usp.cli.bench_plan import register_plan
 from usp.cli.bench_tables import (
     format_breakdown,
     format_decode,
@@ -72,6 +73,7 @@ def register(subparsers) -> None:
     attention.set_defaults(func=_run_attention)
     register_train(kinds)
     register_decode(kinds)
+    register_plan(kinds)
 
 
 def _with_device_defaults(args) -> None:

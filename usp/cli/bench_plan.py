@@ -1,0 +1,100 @@
+"""``usp bench plan``: the planner against real ``usp train`` steps on this machine.
+
+    usp bench plan                          # memory: predicted vs measured per-rank peak
+    usp bench plan --grid full              # every model x length x layout x checkpointing
+    usp bench plan --pick                   # does the calibrated planner pick the fastest?
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+from usp.bench import plan_check, plan_pick
+
+
+def register_plan(bench_subparsers) -> None:
+    parser = bench_subparsers.add_parser(
+        "plan", help="the planner's memory and pick against real usp train runs",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 2048, 4096])
+    parser.add_argument("--layouts", nargs="+", default=list(plan_check.LAYOUTS),
+                        choices=list(plan_check.LAYOUTS))
+    parser.add_argument("--ac", nargs="+", default=["none", "full"],
+                        choices=["none", "full", "selective"])
+    parser.add_argument("--grid", choices=["cover", "full"], default="cover",
+                        help="cover: every model, layout and --ac once, the lengths taken in "
+                        "turn (each length, layout and --ac appears); full: the whole product")
+    parser.add_argument("--steps", type=int, default=2, help="steps per run (the last is read)")
+    parser.add_argument("--tolerance", type=float, default=0.15,
+                        help="memory: allowed |predicted/measured - 1|; --pick: allowed "
+                        "slowdown of the pick (default 0.15 memory, 0.05 pick)")
+    parser.add_argument("--pick", action="store_true",
+                        help="calibrate, predict each layout's step time, run them all, "
+                        "compare the pick with the measured fastest (one case per model x length)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.set_defaults(func=run)
+
+
+def rows(args) -> list[plan_check.Row]:
+    if args.grid == "full":
+        return [plan_check.Row(m, s, layout, ac) for m, s, layout, ac in itertools.product(
+            args.models, args.seq_lens, args.layouts, args.ac)]
+    lengths = itertools.cycle(args.seq_lens)
+    return [plan_check.Row(m, next(lengths), layout, ac)
+            for m, ac, layout in itertools.product(args.models, args.ac, args.layouts)]
+
+
+def run(args) -> int:
+    if args.pick:
+        return _run_pick(args)
+    started = time.perf_counter()
+    grid = rows(args)
+    runtime = {}
+    results = []
+    for row in grid:
+        key = tuple(row.degrees().items())
+        if key not in runtime:
+            runtime[key] = plan_check.runtime_bytes(row.degrees())
+        results.append(plan_check.check_row(row, runtime[key], args.steps))
+        print(plan_check.format_table(results[-1:], args.tolerance).splitlines()[-1], flush=True)
+    print()
+    print(plan_check.format_table(results, args.tolerance))
+    misses = [r for r in results if abs(r["predicted"] / r["measured"] - 1) > args.tolerance]
+    print(f"\n{len(results) - len(misses)}/{len(results)} rows within ±{args.tolerance:.0%} "
+          f"of the measured per-rank peak ({time.perf_counter() - started:.0f} s; MiB; p/m = "
+          "predicted/measured; runtime = a bare rank, measured)")
+    _write_json(args.json, results)
+    return 0 if not misses else 1
+
+
+def _run_pick(args) -> int:
+    from usp.plan import calibrate
+    from usp.plan.presets import cpu_cluster
+
+    tolerance = args.tolerance if args.tolerance != 0.15 else 0.05
+    cluster = calibrate.calibrated(cpu_cluster(), calibrate.measure())
+    print(f"calibrated: {cluster.peak_tflops * 1e3:.1f} GFLOPS GEMM, attention efficiency "
+          f"{cluster.attention_efficiency:.2f}, gloo {cluster.intra_bandwidth_gbs:.2f} GB/s, "
+          f"{cluster.intra_latency_us:.0f} us")
+    cases = []
+    for model, seq_len in itertools.product(args.models, args.seq_lens):
+        grid = [plan_check.Row(model, seq_len, layout, ac)
+                for layout, ac in itertools.product(args.layouts, args.ac)]
+        case = plan_pick.pick_case(grid, cluster, max(args.steps, 2), tolerance)
+        cases.append(case)
+        print(f"\n{model} S={seq_len}\n{plan_pick.format_case(case)}", flush=True)
+    passed = sum(case["passed"] for case in cases)
+    print(f"\npick within {tolerance:.0%} of the measured fastest in {passed}/{len(cases)} cases")
+    _write_json(args.json, cases)
+    return 0 if passed >= 0.9 * len(cases) else 1
+
+
+def _write_json(path: str | None, results: list[dict]) -> None:
+    if path:
+        with open(path, "w") as out:
+            json.dump(results, out, indent=2)
