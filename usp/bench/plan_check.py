@@ -17,7 +17,6 @@ part, varying by rank and run), not what the step holds.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import tempfile
@@ -30,7 +29,6 @@ from usp.plan.memory import memory_per_gpu, resting_memory
 from usp.plan.presets import get_model
 from usp.plan.specs import Workload
 
-logger = logging.getLogger(__name__)
 
 MIB = 2**20
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
