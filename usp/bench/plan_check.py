@@ -32,12 +32,15 @@ from usp.plan.specs import Workload
 
 MIB = 2**20
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-# Over 4 ranks: the layouts of the check (dp, tp, pp, ring, ulysses)
+# The layouts a row can name (degrees of dp, tp, pp, ring, ulysses); the check's grid is the
+# six over 4 ranks, the 2-rank ones serve the quick test
 LAYOUTS = {
     "uly4": dict(ulysses=4), "ring2xuly2": dict(ring=2, ulysses=2),
     "tp2xring2": dict(tp=2, ring=2), "dp2xuly2": dict(dp=2, ulysses=2),
     "pp2xring2": dict(pp=2, ring=2), "pp2xtp2": dict(pp=2, tp=2),
+    "uly2": dict(ulysses=2), "ring2": dict(ring=2), "tp2": dict(tp=2),
 }
+GRID_LAYOUTS = ("uly4", "ring2xuly2", "tp2xring2", "dp2xuly2", "pp2xring2", "pp2xtp2")
 
 
 @dataclass(frozen=True)

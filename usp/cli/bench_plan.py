@@ -22,7 +22,7 @@ def register_plan(bench_subparsers) -> None:
     )
     parser.add_argument("--models", nargs="+", default=["tiny", "small"])
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 2048, 4096])
-    parser.add_argument("--layouts", nargs="+", default=list(plan_check.LAYOUTS),
+    parser.add_argument("--layouts", nargs="+", default=list(plan_check.GRID_LAYOUTS),
                         choices=list(plan_check.LAYOUTS))
     parser.add_argument("--ac", nargs="+", default=["none", "full"],
                         choices=["none", "full", "selective"])
