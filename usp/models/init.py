@@ -1,0 +1,102 @@
+"""Shard-local, deterministic parameter initialisation: any shard draws its own values.
+
+A parameter's values are a function of ``(seed, name, row block)`` only: rows ``[b*R, (b+1)*R)``
+of a parameter named ``name`` are ``randn`` from a CPU generator seeded by a hash of ``(seed,
+name, b)``, with ``R`` fixed by the parameter's global shape (:func:`rows_per_block`). A rank that
+holds a shard of the parameter (FSDP2's ``Shard(0)``, a tensor-parallel ``Shard(0)`` or
+``Shard(1)``, both nested, or a pipeline stage's whole layers) draws only the row blocks its rows
+fall in and slices its columns out of them, so no rank ever builds the full tensor, and the
+values agree bit for bit with a single process that initialises the whole model: both run the
+same function. Names are the parameter's name in the unparallelised model (``parallelize`` keeps
+them: FSDP2, TP, composable checkpointing and pipeline stages rename nothing).
+
+The values change when the name or the global shape changes, not when the layout, the world size
+or the device does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+BLOCK_ELEMENTS = 1 << 20  # a row block holds at most this many elements (4 MiB of fp32)
+
+
+def rows_per_block(shape: torch.Size | tuple[int, ...]) -> int:
+    """Rows per generator block of a parameter of global ``shape`` (a function of the shape only)."""
+    row = math.prod(shape[1:])
+    return max(1, BLOCK_ELEMENTS // max(1, row))
+
+
+def block_seed(seed: int, name: str, block: int) -> int:
+    """The generator seed of row block ``block`` of parameter ``name`` (63 bits of BLAKE2b)."""
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def local_region(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """This rank's part of ``tensor``: (local tensor, its shape, its offset in the global tensor).
+
+    A plain tensor is whole. A DTensor's local block is read off its placements, as
+    ``torch.distributed.checkpoint`` does when it loads into one.
+    """
+    if not isinstance(tensor, DTensor):
+        return tensor, tuple(tensor.shape), (0,) * tensor.ndim
+    local = tensor.to_local()
+    shape, offset = compute_local_shape_and_global_offset(
+        tensor.shape, tensor.device_mesh, tensor.placements
+    )
+    if tuple(shape) != tuple(local.shape):
+        raise ValueError(
+            f"a DTensor of global shape {tuple(tensor.shape)} with placements {tensor.placements} "
+            f"holds a local tensor of shape {tuple(local.shape)}, not the {tuple(shape)} its "
+            "placements give; shard-local initialisation cannot place its rows"
+        )
+    return local, tuple(shape), tuple(offset)
+
+
+def global_normal(name: str, shape: tuple[int, ...], std: float, seed: int,
+                  rows: slice) -> torch.Tensor:
+    """Rows ``rows`` (not empty) of the whole ``normal(0, std)`` tensor of parameter ``name``,
+    fp32 on the CPU."""
+    block_rows = rows_per_block(shape)
+    start, stop = rows.start, rows.stop
+    pieces = []
+    generator = torch.Generator(device="cpu")
+    for block in range(start // block_rows, (stop - 1) // block_rows + 1):
+        first = block * block_rows
+        count = min(block_rows, shape[0] - first)
+        generator.manual_seed(block_seed(seed, name, block))
+        values = torch.randn((count, *shape[1:]), generator=generator, dtype=torch.float32)
+        pieces.append(values[max(start, first) - first : min(stop, first + count) - first])
+    return torch.cat(pieces) * std
+
+
+@torch.no_grad()
+def normal_(tensor: torch.Tensor, std: float, seed: int, name: str) -> None:
+    """Fill this rank's part of ``tensor`` (plain or DTensor) with its rows of the deterministic
+    ``normal(0, std)`` tensor of ``name``; a meta tensor holds nothing to fill."""
+    if tensor.is_meta:
+        return
+    local, shape, offset = local_region(tensor)
+    if local.numel() == 0:
+        return
+    if tensor.ndim == 0:
+        raise ValueError(f"{name}: a 0-dimensional parameter has no rows to initialise")
+    rows = slice(offset[0], offset[0] + shape[0])
+    values = global_normal(name, tuple(tensor.shape), std, seed, rows)
+    # [local rows, *global trailing dims] -> [local rows, *local trailing dims]
+    for dim in range(1, tensor.ndim):
+        values = values.narrow(dim, offset[dim], shape[dim])
+    local.copy_(values)
+
+
+@torch.no_grad()
+def fill_(tensor: torch.Tensor, value: float) -> None:
+    """A constant (norms, biases): the same on every shard; a meta tensor holds nothing to fill."""
+    if not tensor.is_meta:
+        tensor.fill_(value)
