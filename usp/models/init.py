@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -59,40 +60,39 @@ def local_region(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], t
     return local, tuple(shape), tuple(offset)
 
 
-def global_normal(name: str, shape: tuple[int, ...], std: float, seed: int,
-                  rows: slice) -> torch.Tensor:
-    """Rows ``rows`` (not empty) of the whole ``normal(0, std)`` tensor of parameter ``name``,
-    fp32 on the CPU."""
+def row_blocks(name: str, shape: tuple[int, ...], std: float, seed: int, start: int,
+               stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Rows ``[start, stop)`` of the whole ``normal(0, std)`` tensor of parameter ``name``, a block
+    at a time: ``(first row, values [rows, *shape[1:]])``, fp32 on the CPU."""
     block_rows = rows_per_block(shape)
-    start, stop = rows.start, rows.stop
-    pieces = []
     generator = torch.Generator(device="cpu")
     for block in range(start // block_rows, (stop - 1) // block_rows + 1):
         first = block * block_rows
         count = min(block_rows, shape[0] - first)
         generator.manual_seed(block_seed(seed, name, block))
         values = torch.randn((count, *shape[1:]), generator=generator, dtype=torch.float32)
-        pieces.append(values[max(start, first) - first : min(stop, first + count) - first])
-    return torch.cat(pieces) * std
+        lo, hi = max(start, first), min(stop, first + count)
+        yield lo, values[lo - first : hi - first] * std
 
 
 @torch.no_grad()
 def normal_(tensor: torch.Tensor, std: float, seed: int, name: str) -> None:
     """Fill this rank's part of ``tensor`` (plain or DTensor) with its rows of the deterministic
-    ``normal(0, std)`` tensor of ``name``; a meta tensor holds nothing to fill."""
+    ``normal(0, std)`` tensor of ``name``, a block of rows at a time (nothing bigger than a block
+    is ever allocated); a meta tensor holds nothing to fill."""
     if tensor.is_meta:
-        return
-    local, shape, offset = local_region(tensor)
-    if local.numel() == 0:
         return
     if tensor.ndim == 0:
         raise ValueError(f"{name}: a 0-dimensional parameter has no rows to initialise")
-    rows = slice(offset[0], offset[0] + shape[0])
-    values = global_normal(name, tuple(tensor.shape), std, seed, rows)
-    # [local rows, *global trailing dims] -> [local rows, *local trailing dims]
-    for dim in range(1, tensor.ndim):
-        values = values.narrow(dim, offset[dim], shape[dim])
-    local.copy_(values)
+    local, shape, offset = local_region(tensor)
+    if local.numel() == 0:
+        return
+    for first, values in row_blocks(name, tuple(tensor.shape), std, seed, offset[0],
+                                    offset[0] + shape[0]):
+        # [rows, *global trailing dims] -> [rows, *local trailing dims]
+        for dim in range(1, tensor.ndim):
+            values = values.narrow(dim, offset[dim], shape[dim])
+        local[first - offset[0] : first - offset[0] + values.shape[0]].copy_(values)
 
 
 @torch.no_grad()
