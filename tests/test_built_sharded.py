@@ -27,7 +27,7 @@ from usp.parallel import parallelize
 from usp.topology import Topology
 from usp.training import metrics
 from usp.training.build import materialize, parameter_bytes
-from usp.training.hf_model import build_hf_causal_lm
+from usp.training.hf_model import build_hf_causal_lm, load_hf_config
 
 SEED = 7
 CONFIG = LlamaConfig(vocab_size=96, dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=160)
@@ -148,3 +148,19 @@ def test_built_sharded_equals_one_process_and_holds_only_its_shard():
         assert all(materialised["equal"].values()), materialised["equal"]
         # resident memory grows by the shard (and a block of rows in flight), never the model
         assert materialised["grown"] <= materialised["bytes"] + 64 * MiB, materialised
+
+
+def test_one_process_build_keeps_ties_and_equals_an_eager_build(tmp_path):
+    for tie in (False, True):
+        config = dataclasses.replace(CONFIG, tie_embeddings=tie)
+        reference = Llama(config)
+        reference.init_weights(SEED)
+        with torch.device("meta"):
+            model = Llama(config)
+        _compare(materialize(model, torch.device("cpu"), SEED), _tensors(reference), f"tie={tie}")
+        assert (model.output.weight is model.tok_embeddings.weight) == tie
+    config = load_hf_config("tiny-qwen3")
+    config.tie_word_embeddings = True
+    config.to_json_file(tmp_path / "config.json")
+    tied = build_hf_causal_lm(str(tmp_path), seed=SEED)  # on meta, then materialised
+    assert tied.model.lm_head.weight is tied.model.model.embed_tokens.weight

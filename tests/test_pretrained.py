@@ -177,6 +177,21 @@ def test_fine_tune_from_local_files_matches_transformers(files, tmp_path):
     assert all(r["straight"] == results[0]["straight"] for r in results)
 
 
+def test_bf16_weights_load_into_fp32_parameters_in_one_process(files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(files["qwen3"], local_files_only=True)
+    source.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    config = TrainConfig(hf_model=str(tmp_path / "bf16"), tokenizer=files["tokenizer"],
+                         data=files["data"], seq_len=24)
+    model, _ = build_model(config, Topology.build(), torch.device("cpu"))
+    saved = _saved(str(tmp_path / "bf16"))
+    for name, parameter in model.named_parameters():
+        assert parameter.dtype == torch.float32, name
+        assert torch.equal(parameter, saved[name.removeprefix("model.")].float()), name
+    assert torch.equal(model.model.lm_head.weight, model.model.model.embed_tokens.weight)
+
+
 # ------------------------------------------------------------------------------ refusals
 def _copy(files: dict, name: str, tmp_path: Path, new: str) -> Path:
     target = tmp_path / new

@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -93,6 +94,23 @@ def normal_(tensor: torch.Tensor, std: float, seed: int, name: str) -> None:
         for dim in range(1, tensor.ndim):
             values = values.narrow(dim, offset[dim], shape[dim])
         local[first - offset[0] : first - offset[0] + values.shape[0]].copy_(values)
+
+
+def to_empty(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model.to_empty(device=device)`` that keeps tied parameters tied.
+
+    ``to_empty`` gives every module a new parameter object, so a parameter shared by two modules
+    (a tied output projection) would become two; each alias is pointed back at its first name's.
+    """
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    model.to_empty(device=device)
+    for primary, *aliases in names.values():
+        for alias in aliases:
+            owner, _, leaf = alias.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, model.get_parameter(primary))
+    return model
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from usp.models import init
 from usp.models.llama import Llama, get_config
 from usp.parallel import check_parallel_config, parallelize
 from usp.topology import Topology
@@ -73,12 +74,12 @@ def model_metadata(config) -> tuple[str, dict]:
 
 
 def tokenizer_metadata(config) -> dict | None:
-    """The tokenizer's record (path, size, EOS, fingerprint); None for byte-level tokens."""
+    """The tokenizer's record (class, size, EOS, fingerprint); None for byte-level tokens."""
     if not config.tokenizer:
         return None
     from usp.training.tokenizer import load_tokenizer, tokenizer_record
 
-    return tokenizer_record(load_tokenizer(config.tokenizer), config.tokenizer)
+    return tokenizer_record(load_tokenizer(config.tokenizer))
 
 
 def training_tokens(config, documents):
@@ -118,7 +119,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int,
                 pretrained: str | None = None) -> nn.Module:
     """Allocate this rank's shards of a meta-device model on ``device`` and initialise them from
     ``seed``, or read them from the Hugging Face directory ``pretrained``. In place; returns it."""
-    model.to_empty(device=device)
+    init.to_empty(model, device)  # tied parameters stay tied
     if pretrained is None:
         model.init_weights(seed)
     else:

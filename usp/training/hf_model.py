@@ -196,7 +196,7 @@ def build_hf_causal_lm(
         )
     wrapped = HFCausalLM(model, USPContext(trivial_topology()))
     if torch.device(device).type != "meta":
-        wrapped.to_empty(device=device)
+        init.to_empty(wrapped, device)
         wrapped.init_weights(seed)
     return wrapped
 

@@ -48,8 +48,9 @@ def check_vocab(tokenizer, directory: str, vocab_size: int, model: str) -> None:
         )
 
 
-def tokenizer_record(tokenizer, directory: str) -> dict:
-    """What a checkpoint records of the tokenizer: a resume must tokenize the same way.
+def tokenizer_record(tokenizer) -> dict:
+    """What a checkpoint records of the tokenizer: a resume must tokenize the same way (wherever
+    the tokenizer lies now: its path is in the run's config.json, not here).
 
     The fingerprint is the SHA-256 of the fast tokenizer's whole serialisation (vocabulary,
     merges, normaliser, pre-tokeniser), or of the sorted vocabulary for a slow one.
@@ -60,7 +61,6 @@ def tokenizer_record(tokenizer, directory: str) -> dict:
     else:
         serialised = json.dumps(sorted(tokenizer.get_vocab().items()))
     return {
-        "path": str(Path(directory).resolve()),
         "class": type(tokenizer).__name__,
         "tokens": len(tokenizer),
         "eos_token_id": tokenizer.eos_token_id,
