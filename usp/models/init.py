@@ -11,7 +11,7 @@ same function. Names are the parameter's name in the unparallelised model (``par
 them: FSDP2, TP, composable checkpointing and pipeline stages rename nothing).
 
 The values change when the name or the global shape changes, not when the layout, the world size
-or the device does.
+or the device does. :func:`to_empty` materialises a meta-device model and keeps its ties.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ BLOCK_ELEMENTS = 1 << 20  # a row block holds at most this many elements (4 MiB 
 
 
 def rows_per_block(shape: torch.Size | tuple[int, ...]) -> int:
-    """Rows per generator block of a parameter of global ``shape`` (a function of the shape only)."""
+    """Rows per generator block of a parameter of global ``shape`` (depends on the shape only)."""
     row = math.prod(shape[1:])
     return max(1, BLOCK_ELEMENTS // max(1, row))
 
@@ -43,8 +43,10 @@ def block_seed(seed: int, name: str, block: int) -> int:
 def local_region(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
     """This rank's part of ``tensor``: (local tensor, its shape, its offset in the global tensor).
 
-    A plain tensor is whole. A DTensor's local block is read off its placements, as
-    ``torch.distributed.checkpoint`` does when it loads into one.
+    A plain tensor is whole. A DTensor's local block is read off its placements by the function
+    ``torch.distributed.checkpoint`` uses when it loads into one (torch 2.13 has no public
+    equivalent); the block is contiguous in the global tensor for every placement ``parallelize``
+    makes, ``_StridedShard`` included.
     """
     if not isinstance(tensor, DTensor):
         return tensor, tuple(tensor.shape), (0,) * tensor.ndim
