@@ -34,6 +34,8 @@ CROSS_LAYOUTS = {
     "ulysses4": {"ring": 1, "ulysses": 4},
     "ring2-tp2": {"ring": 2, "ulysses": 1, "tp": 2},
     "dp2-ulysses2": {"ring": 1, "ulysses": 2},
+    "pp2-ring2": {"pp": 2, "ring": 2, "ulysses": 1},  # no stages -> two pipeline stages
+    "from-pp2-ulysses4": {"ring": 1, "ulysses": 4},  # two pipeline stages -> none (see below)
 }
 # Other layouts sum the same terms in another order (attention merges, reduce-scatters); after
 # 5 AdamW steps the measured loss differences are <= 1.2e-7 relative (fp32 rounding). 1e-5 leaves
@@ -112,8 +114,12 @@ def _resume_world(rank: int, world_size: int, root: str) -> dict:
     results["resumed"] = train(micro_config(crashed, resume="latest"))
 
     step5 = str(root / "crashed/checkpoints/step_000005")
+    # a run with two pipeline stages from the start, whose step 5 a run without stages resumes
+    results["pp2-straight"] = train(micro_config(root / "pp2-straight", pp=2, ring=2, ulysses=1))
     for name, degrees in CROSS_LAYOUTS.items():
-        results[name] = train(micro_config(root / name, resume=step5, **degrees))
+        start = str(root / "pp2-straight/checkpoints/step_000005") if name.startswith("from-pp2") \
+            else step5
+        results[name] = train(micro_config(root / name, resume=start, **degrees))
 
     # Bad input on one rank only must still raise on every rank (no rank left in a collective).
     data = ["/nonexistent/corpus.txt"] if rank == 3 else None
@@ -181,6 +187,14 @@ def checkpoint_records(run_dir: Path) -> list[dict]:
     from usp.training.metrics import read_metrics
 
     return read_metrics(run_dir / "metrics.jsonl")
+
+
+def test_pipeline_run_matches_the_run_without_stages(runs):
+    _, per_rank = runs
+    straight, pipelined = per_rank[0]["straight"], per_rank[0]["pp2-straight"]
+    assert len(pipelined) == len(straight) == 10
+    for mine, reference in zip(_losses(pipelined), _losses(straight)):
+        assert math.isclose(mine, reference, rel_tol=CROSS_LAYOUT_RTOL), (mine, reference)
 
 
 @pytest.mark.parametrize("layout", sorted(CROSS_LAYOUTS))

@@ -171,6 +171,7 @@ def parallelize(
     of it; run it with ``usp.pipeline.Pipeline``).
     """
     check_layout(layout)
+    name = type(model).__name__  # (FSDP2 changes the class)
     plan = model_plan(model)
     plan.check(model, topology)
     use_fsdp = check_parallel_options(
@@ -198,7 +199,7 @@ def parallelize(
         apply_fsdp(model, topology, reshard_after_forward, param_dtype, reduce_dtype)
     logger.info(
         "parallelized %s over %s: layout=%s, activation checkpointing=%s, fsdp=%s",
-        type(model).__name__, topology, layout, activation_checkpointing,
+        name, topology, layout, activation_checkpointing,
         ("zero3" if reshard_after_forward else "zero2") if use_fsdp else "off",
     )
     return model

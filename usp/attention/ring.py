@@ -32,11 +32,12 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rotating_blocks(kv: Tensor, ring, steps: int):
-    """Yield ``(source_rank, kv_block)`` for ``steps`` ring steps, the next transfer posted first.
+def rotating_blocks(kv: Tensor, ring, steps: int):
+    """Yield ``(source_rank, block)`` for ``steps`` ring steps, the next transfer posted first.
 
-    Blocks are received into two fresh buffers in turn, never into ``kv`` itself (the caller
-    keeps it for the backward); a buffer is reused only after its own send has completed.
+    ``kv`` is this rank's block (K/V here; the queries in inference's pass-Q ring). Blocks are
+    received into two fresh buffers in turn, never into ``kv`` itself (the caller keeps it for
+    the backward); a buffer is reused only after its own send has completed.
     """
     exchange = ring.exchange(tag=0)
     receive = [torch.empty_like(kv) for _ in range(min(2, steps - 1))]
@@ -75,7 +76,7 @@ class _RingAttention(torch.autograd.Function):
                          device=q.device)  # [B, H, S_R]
         with record_function("usp::ring.pack"):
             kv = torch.stack([k, v])  # [2, B, S_R, Hkv, D]: one message per step
-        for source, current in _rotating_blocks(kv, ring, steps):
+        for source, current in rotating_blocks(kv, ring, steps):
             for piece in schedule.pieces(ring.rank, source):
                 rows, cols = _rows(piece), _cols(piece)
                 out_block, lse_block = kernel.forward(q[rows], current[0][cols], current[1][cols],
@@ -109,7 +110,7 @@ class _RingAttention(torch.autograd.Function):
             block_dtype = torch.float32
         with record_function("usp::ring.cast"):
             q_b, dout_b, out_b = (t.to(block_dtype) for t in (q, dout, out))
-        for step, (source, current) in enumerate(_rotating_blocks(kv, ring, steps)):
+        for step, (source, current) in enumerate(rotating_blocks(kv, ring, steps)):
             with record_function("usp::ring.accumulate"):
                 dkv = dkv_buffers[step % 2].zero_()  # [2, B, S_R, Hkv, D]
             with record_function("usp::ring.cast"):

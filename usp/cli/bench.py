@@ -1,4 +1,4 @@
-"""``usp bench``: the attention benchmark and the training benchmark."""
+"""``usp bench``: the attention, training and decode benchmarks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ from pathlib import Path
 
 from usp.bench import training
 from usp.bench.attention import BenchShape, configurations, run_benchmark
+from usp.bench.decode import DecodeBench, run_decode_benchmark
 from usp.bench.masks import MASKS
-from usp.cli.bench_tables import format_breakdown, format_device_report, format_result
+from usp.cli.bench_tables import (
+    format_breakdown,
+    format_decode,
+    format_device_report,
+    format_result,
+)
 from usp.layout import LAYOUTS
 
 # CPU defaults are the peers' comparison shape; CUDA defaults Llama-3-8B's attention
@@ -65,6 +71,7 @@ def register(subparsers) -> None:
     attention.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     attention.set_defaults(func=_run_attention)
     register_train(kinds)
+    register_decode(kinds)
 
 
 def _with_device_defaults(args) -> None:
@@ -155,4 +162,39 @@ def _run_train(args) -> int:
             )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def register_decode(bench_subparsers) -> None:
+    parser = bench_subparsers.add_parser(
+        "decode", help="decode latency and KV-cache bytes vs the cache length; pass-KV vs pass-Q",
+        description=(
+            "On --nproc spawned CPU ranks: per-token decode latency against a sharded KV cache "
+            "of each --cache-lengths, beside the same model alone in one process, the K/V bytes "
+            "each rank holds, and a continuation of T new tokens against P cached (T + P = "
+            "--crossover-total) through pass-KV and pass-Q. See docs/inference.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = DecodeBench()
+    a = parser.add_argument
+    a("--nproc", type=int, default=d.nproc)
+    a("--ring", type=int, default=d.ring)
+    a("--ulysses", type=int, default=d.ulysses)
+    a("--layout", choices=LAYOUTS, default=d.layout)
+    a("--model", default=d.model, help="a preset of usp.models (random init)")
+    a("--cache-lengths", type=int, nargs="+", default=list(d.cache_lengths))
+    a("--steps", type=int, default=d.steps, help="timed decode steps per cache length")
+    a("--crossover-total", type=int, default=d.crossover_total, help="T + P")
+    a("--crossover-new", type=int, nargs="+", default=list(d.crossover_new), help="each T")
+    parser.set_defaults(func=_run_decode)
+
+
+def _run_decode(args) -> int:
+    bench = DecodeBench(nproc=args.nproc, ring=args.ring, ulysses=args.ulysses,
+                        layout=args.layout, model=args.model,
+                        cache_lengths=tuple(args.cache_lengths), steps=args.steps,
+                        crossover_total=args.crossover_total,
+                        crossover_new=tuple(args.crossover_new))
+    print(format_decode(run_decode_benchmark(bench)))
     return 0

@@ -109,3 +109,37 @@ def format_device_report(report: dict) -> str:
     lines.append("TFLOPS per GPU; f+b = forward+backward; in-ring / replay: the kernel calls of the "
                  "ring step timed inside it / replayed alone; overhead = 1 - kernel time / step time")
     return "\n".join(lines)
+
+
+def format_decode(report: dict) -> str:
+    """``usp bench decode``'s tables: latency and bytes per cache length, then the crossover."""
+    bench = report["bench"]
+    sp = bench["ring"] * bench["ulysses"]
+    heads, kv_heads = report["heads"]
+    lines = [
+        f"usp bench decode: model {bench['model']}, ring {bench['ring']} x ulysses "
+        f"{bench['ulysses']} ({bench['layout']}), median of {bench['steps']} decode steps",
+        f"{'cache tokens':>12} {'SP=' + str(sp) + ' ms/token':>16} {'1 process':>10} "
+        f"{'KV bytes/rank':>14} {'1 process':>12} {'ratio':>6}",
+    ]
+    for row in report["decode"]:
+        lines.append(
+            f"{row['cache_tokens']:>12} {1e3 * row['decode_s']:>16.2f} "
+            f"{1e3 * row['single_decode_s']:>10.2f} {row['rank_bytes']:>14,} "
+            f"{row['single_bytes']:>12,} {row['rank_bytes'] / row['single_bytes']:>6.3f}")
+    lines += [
+        "",
+        f"pass-KV vs pass-Q: T new tokens against P cached, T + P = {bench['crossover_total']}; "
+        f"rule (arXiv 2411.01783 eq. 1): pass-Q when T/(T+P) < 2*{kv_heads}/{heads} = "
+        f"{report['threshold']:.3f}",
+        f"{'T':>6} {'P':>6} {'T/(T+P)':>8} {'kv ms':>8} {'q ms':>8} {'kv p2p B':>10} "
+        f"{'q p2p B':>10} {'faster':>6} {'rule':>5}",
+    ]
+    for row in report["crossover"]:
+        faster = "kv" if row["kv_s"] <= row["q_s"] else "q"
+        lines.append(
+            f"{row['new_tokens']:>6} {row['cached_tokens']:>6} "
+            f"{row['new_tokens'] / (row['new_tokens'] + row['cached_tokens']):>8.3f} "
+            f"{1e3 * row['kv_s']:>8.1f} {1e3 * row['q_s']:>8.1f} {row['kv_p2p_bytes']:>10,} "
+            f"{row['q_p2p_bytes']:>10,} {faster:>6} {row['rule']:>5}")
+    return "\n".join(lines)

@@ -3,9 +3,10 @@
 transformers asks each attention implementation's mask function to build the mask the model
 wants. usp builds none (nothing ``S x S`` is ever allocated): :func:`usp_mask` returns a
 :class:`MaskRequest` — causal or bidirectional, the sliding window if any, this rank's padding
-mask if any — or says why usp cannot run it exactly (a chunked window, a KV cache, a custom
-overlay such as image-token blocks). The attention function turns the request, with the batch's
-documents, into a :class:`usp.AttentionMask` of the global sequence.
+mask if any, how many cached tokens precede the queries — or says why usp cannot run it
+exactly (a chunked window, a sliding cache, a custom overlay such as image-token blocks). The
+attention function turns the request, with the batch's documents, into a
+:class:`usp.AttentionMask` of the global sequence.
 
 The request is read off transformers' mask functions: :func:`mask_components` takes apart the
 ``and_masks`` composition transformers builds (causal, bidirectional, sliding-window overlays)
@@ -46,9 +47,10 @@ class MaskRequest:
 
     ``window``: ``(left, right)`` in :class:`usp.AttentionMask`'s convention. ``padding``: this
     rank's ``[B, S_local]`` padding mask (True: a token), or None when it has no zero.
-    ``agreed`` turns true once every rank has checked this forward's request, so the layers after
-    the first (and activation-checkpoint recomputation) skip the agreement; ``mask`` keeps the
-    global mask built by the first layer.
+    ``cached``: tokens of a KV cache before the queries (the sequence-parallel attention refuses
+    them; ``usp.infer.hf``'s generation runs them). ``agreed`` turns true once every rank has
+    checked this forward's request, so the layers after the first (and activation-checkpoint
+    recomputation) skip the agreement; ``mask`` keeps the global mask built by the first layer.
     """
 
     causal: bool
@@ -56,6 +58,7 @@ class MaskRequest:
     padding: torch.Tensor | None = None
     padded: bool = False
     refusal: str | None = None
+    cached: int = 0
     agreed: bool = False
     mask: object = field(default=None, repr=False)
 
@@ -122,11 +125,11 @@ def usp_mask(
     name = type(config).__name__ if config is not None else "the model"
     components = mask_components(mask_function)
     causal = bool(components and components["causal"] is not False)
-    if q_offset != 0 or kv_offset != 0 or kv_length != q_length:
+    if kv_offset != 0 or kv_length != q_offset + q_length:
         return MaskRequest(causal, refusal=(
-            f"{name} attends {q_length} queries to {kv_length} keys (a KV cache, an offset or "
-            "cross-attention); usp runs self-attention over the whole sequence only: pass "
-            "use_cache=False and no past_key_values"
+            f"{name} attends {q_length} queries to {kv_length} keys from offset {kv_offset} (a "
+            "sliding cache, an offset or cross-attention); usp runs self-attention over the "
+            "whole sequence, or generation with usp.infer.hf.USPCache"
         ))
     if components is None or components["causal"] is None:
         overlay = getattr(mask_function, "__qualname__", repr(mask_function))
@@ -141,4 +144,5 @@ def usp_mask(
     if attention_mask is not None:
         padding = attention_mask.bool()
         padding = None if bool(padding.all()) else padding
-    return MaskRequest(causal, components["window"], padding, attention_mask is not None)
+    return MaskRequest(causal, components["window"], padding, attention_mask is not None,
+                       cached=int(q_offset))

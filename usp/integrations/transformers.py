@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.utils.generic import TransformersKwargs
 
 from usp.attention import usp_attention
 from usp.attention.ulysses import head_plan
@@ -118,6 +119,29 @@ class USPContext:
         """Raise the refusal of any rank as the same ValueError on every rank (one all-gather)."""
         agree(self._group, {}, refusal)
 
+    def attention(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  request, refusal: str | None, *, scaling: float | None, position_ids,
+                  documents, cu_seqlens) -> torch.Tensor:
+        """One layer's attention on this rank's shard: query [B, Hq, S_RU, D], key/value
+        [B, Hkv, S_RU, D] -> [B, S_RU, Hq, D]. ``request``: the layer's mask request;
+        ``refusal``: why this rank cannot run it (None: it can). Subclasses attend otherwise
+        (``usp.infer.hf``'s generation, against a sharded KV cache)."""
+        if refusal is None and request.cached:  # refusal None: request is a MaskRequest
+            refusal = (f"the model attends {query.shape[2]} queries to "
+                       f"{request.cached + query.shape[2]} keys (a KV cache); usp runs "
+                       "self-attention over the whole sequence: pass use_cache=False and no "
+                       "past_key_values, or generate with usp.infer.hf.USPCache")
+        if not isinstance(request, MaskRequest) or not request.agreed:
+            self.agree(refusal)
+            request.mask = _global_mask(request, query, self, documents, cu_seqlens)
+            self.agree(_position_refusal(request.mask, position_ids, query, self))
+            request.agreed = True  # agree() raised unless the mask is a MaskRequest
+        return usp_attention(
+            # [B, H, S_RU, D] -> [B, S_RU, H, D]
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.topology,
+            layout=self.layout, softmax_scale=scaling, kernel=self.kernel, mask=request.mask,
+        )
+
 
 def check_config(config, topology: Topology) -> None:
     """Raise ValueError for model settings that usp cannot run exactly on ``topology``.
@@ -188,21 +212,12 @@ def usp_attention_forward(
             f"usp attention does not support the options {sorted(unknown)} that "
             f"{type(module).__name__} passes; use another attn_implementation for this model"
         )
-    request = attention_mask if isinstance(attention_mask, MaskRequest) else None
     if config is not None:
         check_rope(config)
-    if request is None or not request.agreed:
-        refusal = _local_refusal(attention_mask, query, key, is_causal, sliding_window)
-        usp_context.agree(refusal)
-        request.mask = _global_mask(request, query, usp_context, usp_documents, cu_seq_lens_q)
-        usp_context.agree(_position_refusal(request.mask, position_ids, query, usp_context))
-        request.agreed = True  # agree() raised unless the mask is a MaskRequest
-    out = usp_attention(
-        # [B, H, S_RU, D] -> [B, S_RU, H, D]
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), usp_context.topology,
-        layout=usp_context.layout, softmax_scale=scaling, kernel=usp_context.kernel,
-        mask=request.mask,
-    )
+    refusal = _local_refusal(attention_mask, query, key, is_causal, sliding_window)
+    out = usp_context.attention(module, query, key, value, attention_mask, refusal,
+                                scaling=scaling, position_ids=position_ids,
+                                documents=usp_documents, cu_seqlens=cu_seq_lens_q)
     return out, None
 
 
@@ -238,7 +253,7 @@ def _local_refusal(attention_mask, query, key, is_causal, sliding_window) -> str
     if sliding_window is not None and attention_mask.window is None:
         return (f"the layer asks for a sliding window of {sliding_window} tokens but its mask "
                 "has none; usp follows the mask, which would disagree with the layer")
-    if key.shape[2] != query.shape[2]:
+    if key.shape[2] != query.shape[2] and not attention_mask.cached:  # a cache: the context's
         return f"{query.shape[2]} queries attend {key.shape[2]} keys; pass use_cache=False"
     return None
 
@@ -270,10 +285,20 @@ def _position_refusal(mask: AttentionMask, position_ids, query, context: USPCont
     return None
 
 
+FORWARD_KWARGS = ("usp_context", "usp_documents")
+
+
 def register() -> None:
-    """Register ``"usp"`` with transformers' attention and mask registries (idempotent)."""
+    """Register ``"usp"`` with transformers' attention and mask registries (idempotent).
+
+    ``generate`` refuses model kwargs that transformers does not know as attention kwargs; the
+    two that usp passes through every model's forward to its attention function are declared
+    as such, so ``model.generate(..., usp_context=...)`` works like ``model(..., usp_context=...)``.
+    """
     AttentionInterface.register(ATTENTION_NAME, usp_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, usp_mask)
+    TransformersKwargs.__optional_keys__ = TransformersKwargs.__optional_keys__ | frozenset(
+        FORWARD_KWARGS)
 
 
 register()

@@ -207,6 +207,13 @@ class Llama(nn.Module):
         A model whose ``tok_embeddings`` is None takes hidden states ``[B, S, dim]`` instead of
         ids, and one whose ``norm`` and ``output`` are None returns them (a pipeline stage).
         """
+        return self.logits(self.hidden_states(input_ids, position_ids, documents))
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      documents: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after the last block: ``[B, S] -> [B, S, dim]`` (before the final
+        norm). With :meth:`logits` it is :meth:`forward`, split so that generation can take the
+        logits of the rows it needs only."""
         # ids must match their positions; a stage's hidden states may hold S / tp of the tokens
         # (sequence-parallel TP), so only their batch is checked
         takes_ids = self.tok_embeddings is not None
@@ -224,11 +231,17 @@ class Llama(nn.Module):
         )
         for layer in self.layers.values():
             h = layer(h, cos, sin, documents)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, S, dim] -> [B, S, vocab]`` (at least fp32): the final norm and the output head.
+
+        A pipeline stage without them (``norm`` and ``output`` None) returns ``hidden``."""
         if self.norm is not None:
-            h = self.norm(h)
+            hidden = self.norm(hidden)
         if self.output is None:
-            return h
-        logits = self.output(h)  # [B, S, dim] -> [B, S, vocab]
+            return hidden
+        logits = self.output(hidden)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     @torch.no_grad()

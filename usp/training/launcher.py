@@ -5,12 +5,9 @@ starts four ranks with torchrun's ``elastic_launch``, each running :func:`usp.tr
 external ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the same entry runs the rank directly and rank 0
 takes the lock. With one process and no torchrun it trains in-process.
 
-**Loopback only.** A ``--nproc`` run is one machine, so nothing of it should listen beyond it.
-torch's c10d rendezvous creates its ``TCPStore`` servers (the rendezvous store, and the store it
-shares with the workers) with ``TCPStore(host, port)``, which listens on every interface whatever
-``host`` says (measured on torch 2.13: ``*:PORT``). The ``usp-loopback`` rendezvous backend below
-hands both a socket already bound to 127.0.0.1 (``TCPStore(master_listen_fd=...)``), and the ranks'
-gloo sockets are pinned to ``lo`` (``GLOO_SOCKET_IFNAME``).
+**Loopback only.** A ``--nproc`` run is one machine, so nothing of it listens beyond it: the
+ranks meet on ``usp.rendezvous``'s loopback-only backend, and their gloo sockets are pinned to
+``lo`` (``GLOO_SOCKET_IFNAME``).
 
 **Failures.** A ``ValueError`` on the ranks (bad input that only a rank can see, a corrupt
 checkpoint) comes back to the launching process as the same ``ValueError``, without tracebacks;
@@ -22,20 +19,18 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
 from pathlib import Path
 
 import torch
 
+from usp.rendezvous import LOOPBACK, RENDEZVOUS_BACKEND, register_loopback_rendezvous
 from usp.training import checkpoint
 from usp.training.run_dir import RunLock
 from usp.training.setup import TrainConfig, validate
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
-RENDEZVOUS_BACKEND = "usp-loopback"
 _ERROR = "usp_value_error"  # a rank's result that carries a ValueError's message
 
 
@@ -67,7 +62,7 @@ def launch_elastic(config: TrainConfig, run_dir_locked: bool = False) -> list[di
     rendezvous on the loopback interface only."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    _register_loopback_rendezvous()
+    register_loopback_rendezvous()
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -129,49 +124,6 @@ def _worker(config: TrainConfig, run_dir_locked: bool, log_level: int, loopback:
     except ValueError as exc:
         logger.debug("rank %d rejected the run", rank, exc_info=True)
         return {_ERROR: str(exc)}
-
-
-# ---------------------------------------------------------------------------- rendezvous
-def _loopback_store(**kwargs):
-    """A TCPStore server listening on 127.0.0.1 only (a free port)."""
-    from torch.distributed import TCPStore
-
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind((LOOPBACK, 0))
-    listener.listen()
-    port = listener.getsockname()[1]
-    # detach: the store serves on this descriptor from now on, Python must not close it
-    return TCPStore(LOOPBACK, port, is_master=True, multi_tenant=True,
-                    master_listen_fd=listener.detach(), **kwargs)
-
-
-def _create_loopback_handler(params):
-    from datetime import timedelta
-
-    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import (
-        C10dRendezvousBackend,
-    )
-    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
-
-    class LoopbackBackend(C10dRendezvousBackend):
-        """torch's c10d rendezvous state on our store, under the name it was registered with."""
-
-        @property
-        def name(self) -> str:
-            return RENDEZVOUS_BACKEND
-
-    store = _loopback_store(timeout=timedelta(seconds=params.get_as_int("read_timeout", 60)))
-    handler = create_handler(store, LoopbackBackend(store, params.run_id), params)
-    # The store torch shares with the workers is made by this (private) method, with
-    # TCPStore(host, 0), listening on all interfaces; tests/test_faults.py checks the result.
-    handler._create_tcp_store_server = lambda master_addr, master_port: _loopback_store()
-    return handler
-
-
-def _register_loopback_rendezvous() -> None:
-    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
-
-    rendezvous_handler_registry.register(RENDEZVOUS_BACKEND, _create_loopback_handler)
 
 
 # ---------------------------------------------------------------------------- failures

@@ -1,0 +1,123 @@
+"""``model.generate`` with a USPCache vs single-process eager generation (usp.infer.hf).
+
+One spawned 4-rank world: Llama with grouped kv heads (2 kv heads over Ulysses 4 included) on
+ring 2 x ulysses 2, ring 4 and ulysses 4 greedy, and with sampling under a fixed seed; Qwen2
+(q/k/v biases) greedy on ulysses 4. The tokens equal eager's and sdpa's, every step's logits
+equal fp64 sdpa's (as generate hands them out, cast to fp32); an uneven prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from tests.distributed import collect_failures, run_on_ranks
+from usp import Topology
+from usp.infer.hf import USPCache
+from usp.training.hf_model import trivial_topology
+
+WORLD = 4
+VOCAB, PROMPT, NEW = 128, 21, 12  # 21 tokens: no layout splits them over 4 ranks evenly
+_TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=8, num_key_value_heads=2, initializer_range=0.2,
+             tie_word_embeddings=False)
+ARCHITECTURES = {"llama-gqa": lambda: LlamaConfig(**_TINY),
+                 "qwen2-gqa": lambda: Qwen2Config(**_TINY)}
+TOPOLOGIES = [(2, 2, "zigzag"), (4, 1, "stripe"), (1, 4, "contiguous")]
+
+
+def _models(arch: str):
+    """eager, sdpa and usp copies of one seeded fp64 model. transformers' eager attention takes
+    its softmax in fp32 even for fp64 (off by ~1e-6); sdpa is the exact fp64 reference."""
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(ARCHITECTURES[arch](), attn_implementation="eager")
+    eager = eager.double().eval()
+    exact, model = copy.deepcopy(eager), copy.deepcopy(eager)
+    exact.set_attn_implementation("sdpa")
+    model.set_attn_implementation("usp")
+    return eager, exact, model
+
+
+def _prompt() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(3))
+
+
+def _generate(model, ids, cache=None, seed=None, **options):
+    options = dict(options)
+    if seed is not None:
+        torch.manual_seed(seed)
+    extra = {} if cache is None else {"past_key_values": cache, "usp_context": cache.context}
+    options.setdefault("attention_mask", torch.ones_like(ids))  # token 0 is no padding here
+    return model.generate(ids, max_new_tokens=NEW, pad_token_id=0, return_dict_in_generate=True,
+                          output_logits=True, **options, **extra)
+
+
+def _case(case, topologies, models, expected):
+    arch, degrees, sampling = case
+    topology, layout = topologies[degrees[:2]], degrees[2]
+    cache = USPCache(models[arch].config, topology, layout, max_tokens=PROMPT + NEW, batch=2,
+                     dtype=torch.float64)
+    got = _generate(models[arch], _prompt(), cache, **SAMPLING[sampling])
+    for name, want in zip(("eager", "sdpa"), expected[(arch, sampling)]):
+        if not torch.equal(got.sequences, want.sequences):
+            raise AssertionError(f"tokens differ from {name}:\n{got.sequences}\n"
+                                 f"{want.sequences}")
+    # generate hands out the logits cast to fp32: fp64 results within 1e-10 of each other cast
+    # alike (the ranks merge in another order than sdpa sums, so allow one rounding step)
+    error = max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits))
+    bound = 2**-23 * max(b.abs().max().item() for b in want.logits)
+    if not error <= bound:
+        raise AssertionError(f"logits off by {error:.3g} > {bound:.3g}")
+    counts = cache.sharded.counts
+    if max(counts) - min(counts) > 1 or sum(counts) != PROMPT + NEW - 1:
+        raise AssertionError(f"shards hold {counts} tokens")
+
+
+SAMPLING = {False: {"do_sample": False}, True: {"do_sample": True, "seed": 7, "top_k": 20}}
+
+
+def _world(rank, world_size):
+    topologies = {degrees[:2]: Topology.build(ring=degrees[0], ulysses=degrees[1])
+                  for degrees in TOPOLOGIES}
+    # Llama greedy on every topology and sampling on one; Qwen2 (q/k/v biases) greedy on one
+    cases = [("llama-gqa", degrees, False) for degrees in TOPOLOGIES]
+    cases += [("llama-gqa", TOPOLOGIES[0], True), ("qwen2-gqa", TOPOLOGIES[2], False)]
+    models, expected = {}, {}
+    for arch in ARCHITECTURES:
+        eager, exact, models[arch] = _models(arch)
+        for sampling in {sampling for name, _, sampling in cases if name == arch}:
+            expected[(arch, sampling)] = [_generate(reference, _prompt(), **SAMPLING[sampling])
+                                          for reference in (eager, exact)]
+    return collect_failures(cases, lambda case: _case(case, topologies, models, expected))
+
+
+def test_generate_with_usp_cache_matches_eager_on_four_ranks():
+    failures = run_on_ranks(_world, WORLD, timeout_s=180)
+    lines = [f"rank {rank}: {line}" for rank, lines in enumerate(failures) for line in lines]
+    assert not lines, "\n".join(lines)
+
+
+def test_one_process_and_refusals():
+    eager, _, model = _models("llama-gqa")
+    ids = _prompt()
+    cache = USPCache(model.config, trivial_topology(), max_tokens=PROMPT + NEW, batch=2,
+                     dtype=torch.float64)
+    got = _generate(model, ids, cache, do_sample=False)
+    assert torch.equal(got.sequences, _generate(eager, ids, do_sample=False).sequences)
+    small = USPCache(model.config, trivial_topology(), max_tokens=PROMPT, batch=2,
+                     dtype=torch.float64)
+    with pytest.raises(ValueError, match="max_tokens=21"):
+        _generate(model, ids, small, do_sample=False)
+    with pytest.raises(ValueError, match="beam search"):
+        beams = USPCache(model.config, trivial_topology(), max_tokens=PROMPT + NEW, batch=2,
+                         dtype=torch.float64)
+        _generate(model, ids, beams, num_beams=2, do_sample=False)
+    padded = USPCache(model.config, trivial_topology(), max_tokens=PROMPT + NEW, batch=2,
+                      dtype=torch.float64)
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="unpadded"):
+        _generate(model, ids, padded, do_sample=False, attention_mask=mask)

@@ -1,0 +1,201 @@
+"""Hugging Face generation over a sharded KV cache: ``model.generate`` with a :class:`USPCache`.
+
+``model.generate(ids, past_key_values=cache, usp_context=cache.context, ...)`` on a model loaded
+with ``attn_implementation="usp"`` runs transformers' own loop (greedy, sampling, stopping) on
+every rank with the same prompt. Each layer's keys and values go to :class:`USPCache`, a
+transformers ``Cache`` whose storage is a :class:`~usp.infer.cache.ShardedKVCache`: a rank keeps
+its layout shard of the prompt and its share of the decoded tokens. The attention goes through
+:class:`GenerationContext`:
+
+- the prompt: this rank's shard of q/k/v runs :func:`usp.usp_attention` (ring x Ulysses), and
+  the outputs are gathered back, because transformers runs the rest of the layer on the whole
+  prompt on every rank (only attention and the KV cache are split here; ``usp.infer.prefill``
+  splits the whole model for ``usp.models.Llama``);
+- each new token: the rank's shard in one kernel call, one all-gather of ``(out, lse)`` per
+  layer, the same merge on every rank (:func:`usp.infer.attention.decode_attention`).
+
+Refused with a ValueError: padding in the batch, sliding windows, a prompt that continues a
+non-empty cache, beam search and the other cache reorderings.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from usp.attention import usp_attention
+from usp.attention.kernels import default_scale, resolve_kernel
+from usp.infer.attention import decode_attention
+from usp.infer.cache import ShardedKVCache
+from usp.integrations.hf_masks import MaskRequest
+from usp.integrations.transformers import USPContext, check_config
+from usp.layout import shard_positions, shard_sequence, unshard_sequence
+from usp.topology import Topology
+
+Tensor = torch.Tensor
+
+
+class GenerationContext(USPContext):
+    """The ``usp_context`` of a generation: the topology, layout, kernel and the sharded cache."""
+
+    def __init__(self, topology: Topology, layout: str, kernel: str,
+                 sharded: ShardedKVCache) -> None:
+        super().__init__(topology, layout, kernel)
+        self.sharded = sharded
+        self._kernel = None
+
+    def attention(self, module, query: Tensor, key: Tensor, value: Tensor, request,
+                  refusal: str | None, *, scaling: float | None, position_ids, documents,
+                  cu_seqlens) -> Tensor:
+        """query [B, Hq, T, D], key/value [B, Hkv, T, D] (the T new tokens, the same on every
+        rank) -> [B, T, Hq, D], the same on every rank."""
+        if not isinstance(request, MaskRequest) or not request.agreed:
+            self.agree(refusal or _generation_refusal(request, query, documents, cu_seqlens))
+            request.agreed = True
+        # [B, H, T, D] -> [B, T, H, D]
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+        if self._kernel is None:
+            self._kernel = resolve_kernel(self.kernel, query, bands=True)
+        if request.cached == 0:  # the prompt: this rank's shard through usp_attention
+            length = query.shape[1]
+            shards = [shard_sequence(t, self.topology, self.layout) for t in (query, key, value)]
+            out = usp_attention(*shards, self.topology, causal=True, layout=self.layout,
+                                seq_len=length, softmax_scale=scaling, kernel=self._kernel)
+            return unshard_sequence(out, self.topology, self.layout, seq_len=length)
+        keys, values = self.sharded.layer(module.layer_idx)
+        group = self.topology.sequence_group if self.topology.sequence_size > 1 else None
+        scale = default_scale(query.shape[-1], scaling)
+        return decode_attention(query, keys, values, group, scale, self._kernel)
+
+
+def _generation_refusal(request, query: Tensor, documents, cu_seqlens) -> str | None:
+    if request.window is not None or not request.causal:
+        return (f"generation with a USPCache runs causal attention without a sliding window; "
+                f"the model asks causal={request.causal}, window={request.window}")
+    if request.padding is not None or documents is not None or cu_seqlens is not None:
+        return "generation with a USPCache runs unpadded batches of single documents"
+    if request.cached and query.shape[2] != 1:
+        return (f"{query.shape[2]} new tokens after {request.cached} cached: a USPCache "
+                "generates from an empty cache, one token at a time after the prompt")
+    return None
+
+
+class _ShardedLayer(CacheLayerMixin):
+    """One model layer's view of the shared :class:`ShardedKVCache`."""
+
+    is_sliding = False
+
+    def __init__(self, parent: "USPCache", index: int) -> None:
+        super().__init__()
+        self.parent, self.index = parent, index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        """Nothing to do: the sharded cache allocates its storage when it is built."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        self.parent.store(self.index, key_states, value_states)
+        return key_states, value_states  # the attention reads the cache through the context
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.parent.sharded.length
+
+    def get_max_length(self) -> int:
+        return self.parent.sharded.max_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise ValueError("a USPCache does not reorder its batch (beam search); use greedy "
+                         "decoding or sampling")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ValueError("a USPCache holds one row per prompt; pass num_return_sequences=1")
+
+
+class USPCache(Cache):
+    """A transformers ``Cache`` over a :class:`ShardedKVCache` for ``max_tokens`` tokens; pass
+    ``usp_context=cache.context`` to ``generate`` with it."""
+
+    def __init__(self, config, topology: Topology, layout: str = "zigzag", *, max_tokens: int,
+                 batch: int = 1, dtype: torch.dtype = torch.float32,
+                 device: "str | torch.device" = "cpu", kernel: str = "auto") -> None:
+        check_config(config, topology)
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads)
+        self.sharded = ShardedKVCache(
+            topology, layout, n_layers=config.num_hidden_layers,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim, max_tokens=max_tokens, batch=batch, dtype=dtype, device=device)
+        self.topology = topology
+        self.context = GenerationContext(topology, layout, kernel, self.sharded)
+        super().__init__(layers=[_ShardedLayer(self, index)
+                                 for index in range(config.num_hidden_layers)])
+
+    def store(self, layer: int, key_states: Tensor, value_states: Tensor) -> None:
+        """Keep this rank's part of the new tokens' ``[B, Hkv, T, D]`` keys and values; the
+        first layer of a forward places the new tokens on the shards."""
+        sharded, topology = self.sharded, self.topology
+        new = key_states.shape[2]
+        if key_states.shape[0] != sharded.batch:
+            raise ValueError(
+                f"the USPCache holds {sharded.batch} rows and the model runs "
+                f"{key_states.shape[0]}: beam search and num_return_sequences > 1 multiply the "
+                "rows, which a USPCache does not do; use greedy decoding or sampling"
+            )
+        prompt = sharded.length == 0 if layer == 0 else sharded.length == new
+        if layer == 0 and prompt:  # the prompt: each rank its layout shard
+            ring, ulysses = topology.ring_size, topology.ulysses_size
+            slots = [shard_positions(new, ring, ulysses, index // ulysses, index % ulysses,
+                                     sharded.layout) for index in range(sharded.shards)]
+            sharded.extend([s[s < new] for s in slots])
+        elif layer == 0:  # new tokens go, one each, to the shards with the fewest
+            owner = sharded.next_owner()
+            sharded.extend([torch.arange(sharded.length, sharded.length + new)
+                            if index == owner else torch.empty(0, dtype=torch.int64)
+                            for index in range(sharded.shards)])
+        keys, values = (t.transpose(1, 2) for t in (key_states, value_states))  # [B, T, H, D]
+        if prompt:
+            keys, values = (shard_sequence(t, topology, sharded.layout) for t in (keys, values))
+        rows = sharded.pending_rows
+        sharded.store(layer, keys[:, :rows], values[:, :rows])
+
+
+class _Clock:
+    """A ``generate`` streamer that only notes when each batch of tokens arrives: the prompt
+    first, then every new token."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        """Nothing to flush."""
+
+
+def hf_generate(model_dir: str, text: str, topology: Topology, *, layout: str,
+                max_new_tokens: int, dtype: torch.dtype, kernel: str = "auto") -> dict:
+    """Greedy generation with a local Hugging Face model directory (its weights and tokenizer)
+    over ``topology``: ``usp generate --hf-model``'s work on one rank."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="usp",
+                                                 dtype=dtype).eval()
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    cache = USPCache(model.config, topology, layout, max_tokens=ids.shape[1] + max_new_tokens,
+                     dtype=dtype, kernel=kernel)
+    clock = _Clock()
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         past_key_values=cache, usp_context=cache.context, streamer=clock,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    tokens = out[0, ids.shape[1]:].tolist()
+    # the prompt arrives at the start, each token when it is chosen
+    steps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]
+    return {"prompt_tokens": ids.shape[1], "tokens": tokens,
+            "text": tokenizer.decode(tokens), "prefill_seconds": clock.times[1] - clock.times[0],
+            "token_seconds": steps}

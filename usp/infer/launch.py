@@ -1,0 +1,142 @@
+"""``usp generate``'s work: its settings, the ranks it starts, and what each rank runs.
+
+Ranks start like ``usp train``'s: torchrun's elastic launcher on the training launcher's
+loopback-only rendezvous (nothing listens beyond 127.0.0.1), ``GLOO_SOCKET_IFNAME=lo``, the
+machine's cores shared out. Each rank builds the same model (a preset Llama from a seed, or a
+local Hugging Face model directory), shards the prompt and generates; rank 0's result comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from usp.infer.generate import generate
+from usp.layout import check_layout
+from usp.models.llama import Llama, get_config
+from usp.rendezvous import LOOPBACK, RENDEZVOUS_BACKEND, register_loopback_rendezvous
+from usp.topology import Topology
+from usp.training.data import EOT, decode, encode  # the byte-level tokenizer of usp train
+
+logger = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
+
+
+@dataclass
+class GenerateConfig:
+    """The settings of one ``usp generate`` run (the CLI's flags)."""
+
+    prompt_file: str
+    max_new_tokens: int = 32
+    model: str = "tiny"
+    seed: int = 0
+    hf_model: str | None = None
+    nproc: int = 1
+    ring: int = 1
+    ulysses: int = 1
+    layout: str = "zigzag"
+    ring_pass: str = "auto"
+    kernel: str = "auto"
+    dtype: str = "fp32"
+
+    def validate(self) -> None:
+        check_layout(self.layout)
+        if self.ring * self.ulysses != self.nproc:
+            raise ValueError(f"ring={self.ring} x ulysses={self.ulysses} = "
+                             f"{self.ring * self.ulysses} must equal --nproc {self.nproc}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
+        if not Path(self.prompt_file).is_file():
+            raise ValueError(f"prompt file {self.prompt_file!r} does not exist")
+        if self.hf_model is not None and not Path(self.hf_model, "config.json").is_file():
+            raise ValueError(f"--hf-model {self.hf_model!r} is not a directory with a "
+                             "config.json (a local Hugging Face model; nothing is downloaded)")
+        if self.hf_model is None:
+            get_config(self.model)
+
+
+def launch_generation(config: GenerateConfig) -> dict:
+    """Validate, run ``config.nproc`` ranks (in-process for one), return rank 0's result."""
+    config.validate()
+    if config.nproc == 1:
+        return run_generation(config)
+    return launch_ranks(config.nproc, _generation_rank, asdict(config))
+
+
+def _generation_rank(settings: dict) -> dict:
+    return run_generation(GenerateConfig(**settings))
+
+
+def launch_ranks(nproc: int, function, *args):
+    """Run ``function(*args)`` on ``nproc`` fresh gloo ranks of this machine (module-level
+    ``function``, picklable ``args``); returns rank 0's result."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    register_loopback_rendezvous()
+    launch_config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+        run_id=f"usp-infer-{uuid.uuid4().hex[:8]}", rdzv_backend=RENDEZVOUS_BACKEND,
+        rdzv_endpoint=f"{LOOPBACK}:0", local_addr=LOOPBACK, max_restarts=0,
+        start_method="spawn",
+    )
+    results = elastic_launch(launch_config, _worker)(function, args, logging.getLogger().level)
+    return results[0]
+
+
+def _worker(function, args: tuple, log_level: int):
+    """One rank: network, threads, logging, the process group, then ``function(*args)``."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(log_level if rank == 0 else max(log_level, logging.WARNING))
+    dist.init_process_group("gloo")
+    try:
+        return function(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_generation(config: GenerateConfig) -> dict:
+    """Generate on this rank (every rank of the world calls it); the same result everywhere."""
+    topology = Topology.build(ring=config.ring, ulysses=config.ulysses)
+    dtype = DTYPES[config.dtype]
+    text = Path(config.prompt_file).read_text(encoding="utf-8")
+    if config.hf_model is not None:
+        from usp.infer.hf import hf_generate  # transformers is optional: loaded when asked for
+
+        return hf_generate(config.hf_model, text, topology, layout=config.layout,
+                           max_new_tokens=config.max_new_tokens, dtype=dtype,
+                           kernel=config.kernel)
+    model = Llama(get_config(config.model))
+    model.init_weights(seed=config.seed)
+    model = model.to(dtype).eval()
+    prompt = torch.tensor([encode(text)], dtype=torch.long)
+    if prompt.shape[1] == 0:
+        raise ValueError(f"the prompt file {config.prompt_file!r} is empty")
+    result = generate(model, prompt, topology, max_new_tokens=config.max_new_tokens,
+                      layout=config.layout, ring_pass=config.ring_pass, kernel=config.kernel)
+    tokens = result.tokens[0].tolist()
+    return {"prompt_tokens": prompt.shape[1], "tokens": tokens, "text": byte_text(tokens),
+            "prefill_seconds": result.prefill_seconds, "token_seconds": result.token_seconds}
+
+
+def byte_text(tokens: list[int]) -> str:
+    """Text of byte-level ids; ids past the byte vocabulary (a random model's) show as ``<id>``."""
+    pieces, run = [], []
+    for token in tokens:
+        if 0 <= token <= EOT:
+            run.append(token)
+        else:
+            pieces += [decode(run), f"<{token}>"]
+            run = []
+    return "".join(pieces + [decode(run)])
