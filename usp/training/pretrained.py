@@ -18,6 +18,7 @@ A directory holding pickle weights (``pytorch_model.bin``) and no safetensors is
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,8 +187,10 @@ def load_pretrained(model: nn.Module, directory: str) -> None:
     wanted = {key[len(PREFIX):]: tensor for key, tensor in state.items()
               if key.startswith(PREFIX) and key[len(PREFIX):] in stored}
     try:
-        dcp.load(wanted, storage_reader=_CheckedReader(Path(directory), stored),
-                 no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # DCP warns that one process "assumes" one process
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(wanted, storage_reader=_CheckedReader(Path(directory), stored),
+                     no_dist=not dist.is_initialized())
     except (Exception, dcp.CheckpointException) as exc:  # CheckpointException: a BaseException
         causes = (exc.failures.values() if isinstance(exc, dcp.CheckpointException)
                   else [(exc,)])
