@@ -19,7 +19,9 @@ to cut a pipeline stage).
    ``usp.loss.global_mean_cross_entropy`` gives every rank its share of the exact global mean.
    With one rank on that mesh there is nothing to shard or reduce and FSDP is skipped.
 
-Call it on a model whose weights are equal on every rank.
+Call it on a model whose weights are equal on every rank, or on the meta device; then
+materialise it (``to_empty``) and let each rank initialise its own shards
+(``model.init_weights(seed)``: ``usp.models.init``).
 """
 
 from __future__ import annotations

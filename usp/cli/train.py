@@ -44,6 +44,13 @@ def add_arguments(parser) -> None:
     a("--hf-config", metavar="PATH_OR_PRESET",
       help="train a Hugging Face causal LM instead of --model: a config.json (or its directory) "
       "or a preset (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma); random init")
+    a("--hf-model", metavar="DIR",
+      help="fine-tune a local Hugging Face model: DIR holds config.json and safetensors weights "
+      "(model.safetensors, or shards with model.safetensors.index.json); each rank reads only "
+      "its shards")
+    a("--tokenizer", metavar="DIR",
+      help="tokenize the training text with the local Hugging Face tokenizer in DIR (documents "
+      "end with its EOS); default: byte-level tokens")
     a("--seq-len", type=int, help=f"global tokens per sample (default {d.seq_len})")
     a("--global-batch", type=int, help=f"samples per step, all dp ranks (default {d.global_batch})")
     a("--steps", type=int, help=f"total optimizer steps of the run (default {d.steps})")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from usp.models import init
+
 
 @dataclass
 class LlamaConfig:
@@ -244,39 +246,25 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Deterministic initialisation from ``seed`` (call before ``usp.parallelize``).
+        """Deterministic initialisation from ``seed``, of whole tensors or of this rank's shards.
 
         Normal(0, 0.02) for embeddings and input projections; the projections that write into the
         residual stream (``wo``, ``w2``) are scaled by ``1/sqrt(2 n_layers)`` (GPT-2) so the
-        stream's variance does not grow with depth; norms start at one.
+        stream's variance does not grow with depth; the output projection by ``dim**-0.5``; norms
+        start at one. Each parameter's values depend on ``(seed, its name)`` only
+        (``usp.models.init``), so a model built on the meta device, parallelised, materialised
+        with ``to_empty`` and then initialised holds exactly the single-process values.
         """
-        generator = torch.Generator(device="cpu").manual_seed(seed)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
-
-        def normal_(weight: torch.Tensor, std: float) -> None:
-            if weight.is_meta:  # a model built on the meta device holds no values to fill
-                return
-            # Drawn on the CPU generator so every device and rank gets the same numbers.
-            values = torch.randn(
-                weight.shape, generator=generator, dtype=torch.float32, device="cpu"
-            )
-            weight.copy_(values * std)
-
-        if self.tok_embeddings is not None:
-            normal_(self.tok_embeddings.weight, 0.02)
-        for layer in self.layers.values():
-            for linear in (layer.attention.wq, layer.attention.wk, layer.attention.wv):
-                normal_(linear.weight, 0.02)
-            normal_(layer.attention.wo.weight, residual_std)
-            normal_(layer.feed_forward.w1.weight, 0.02)
-            normal_(layer.feed_forward.w3.weight, 0.02)
-            normal_(layer.feed_forward.w2.weight, residual_std)
-            layer.attention_norm.weight.fill_(1.0)
-            layer.ffn_norm.weight.fill_(1.0)
-        if self.norm is not None:
-            self.norm.weight.fill_(1.0)
-        if self.output is not None and not self.config.tie_embeddings:
-            normal_(self.output.weight, self.config.dim**-0.5)
+        for name, parameter in self.named_parameters():  # a tied output is the embedding
+            if parameter.ndim == 1:
+                init.fill_(parameter, 1.0)
+            elif name == "output.weight":
+                init.normal_(parameter, self.config.dim**-0.5, seed, name)
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                init.normal_(parameter, residual_std, seed, name)
+            else:
+                init.normal_(parameter, 0.02, seed, name)
 
     def num_params(self) -> int:
         """Number of distinct parameters (a tied embedding counts once), global under sharding."""

@@ -49,7 +49,7 @@ TRAINER = "trainer.pt"
 # min_lr, warmup), and AdamW's param_groups (lr, weight_decay) come back from the checkpoint.
 RUN_FIELDS_THAT_MUST_MATCH = (
     "seq_len", "global_batch", "data", "seed", "steps", "lr", "min_lr", "warmup", "weight_decay",
-    "pack",
+    "pack", "tokenizer",
 )
 
 

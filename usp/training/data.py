@@ -100,10 +100,11 @@ def synthetic_tokens(num_tokens: int, vocab_size: int = 256, seed: int = 0) -> t
     return torch.randint(0, vocab_size, (num_tokens,), generator=generator)
 
 
-def documents_of_windows(tokens: torch.Tensor) -> torch.Tensor:
+def documents_of_windows(tokens: torch.Tensor, end_of_document: int = EOT) -> torch.Tensor:
     """``[B, S + 1]`` document ids of each window's tokens: a new document starts after every
-    ``EOT`` (the ``EOT`` belongs to the document it ends)."""
-    is_end = (tokens == EOT).long()
+    ``end_of_document`` token (``EOT``, or a tokenizer's EOS), which belongs to the document it
+    ends."""
+    is_end = (tokens == end_of_document).long()
     return torch.cumsum(is_end, dim=1) - is_end
 
 

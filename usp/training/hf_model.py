@@ -1,7 +1,8 @@
 """Train a Hugging Face causal LM with usp: build it from a config, then parallelise it.
 
 - :func:`load_hf_config`: a preset built in code (no download) or a local ``config.json``.
-- :func:`build_hf_causal_lm`: randomly initialised model (seeded, equal on every rank) wrapped in
+- :func:`build_hf_causal_lm`: a model built on the meta device, then materialised and randomly
+  initialised (seeded, shard by shard, equal to one process's values) and wrapped in
   :class:`HFCausalLM`, whose ``forward(input_ids, position_ids) -> logits`` is the interface of
   ``usp.models.Llama``, so ``usp train`` runs either with the same loop.
 - :data:`HF_PLAN`: what ``usp.parallelize`` needs to know of these models: attention
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from usp.models import init
 from usp.training.data import BYTE_VOCAB_SIZE
 from usp.integrations.transformers import ATTENTION_NAME, USPContext, check_config
 from usp.parallel import ModelPlan
@@ -142,6 +144,27 @@ class HFCausalLM(nn.Module):
         ).logits
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
+    @torch.no_grad()
+    def init_weights(self, seed: int, parameters: bool = True) -> None:
+        """Initialise this rank's shards: matrices and embeddings (every parameter of 2 or more
+        dimensions) ``normal(0, initializer_range)`` drawn shard-locally from ``(seed, name)``
+        (``usp.models.init``); the rest as transformers initialises it, which is a constant
+        for each of them (biases 0, norms 1, or 0 where the norm scales by ``1 + weight``) and
+        the computed buffers (RoPE frequencies, embedding scales). ``parameters=False`` leaves
+        every parameter alone and only computes the buffers (weights about to be loaded).
+        """
+        drawn = [(name, p) for name, p in self.model.named_parameters()
+                 if p.ndim >= 2 or not parameters]
+        for _, parameter in drawn:  # transformers' init functions skip what carries this flag
+            parameter._is_hf_initialized = True
+        for module in self.model.modules():
+            self.model._init_weights(module)
+        std = getattr(self.config, "initializer_range", None) or 0.02
+        for name, parameter in drawn:
+            del parameter._is_hf_initialized
+            if parameters:
+                init.normal_(parameter, std, seed, name)
+
     def num_params(self) -> int:
         """Distinct parameters (a tied embedding counts once), global under sharding."""
         return sum(p.numel() for p in self.parameters())
@@ -160,16 +183,22 @@ class HFCausalLM(nn.Module):
 
 
 def build_hf_causal_lm(
-    path_or_preset: str, seed: int = 0, dtype: torch.dtype = torch.float32
+    path_or_preset: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> HFCausalLM:
-    """A randomly initialised causal LM (``attn_implementation="usp"``); equal on every rank."""
+    """A causal LM (``attn_implementation="usp"``) built on the meta device, then materialised on
+    ``device`` and initialised from ``seed`` (:meth:`HFCausalLM.init_weights`): equal on every
+    rank. ``device="meta"`` returns the skeleton, to parallelise first and materialise after."""
     config = load_hf_config(path_or_preset)
-    with torch.random.fork_rng(devices=[]):  # the init draws from a seed, not the caller's RNG
-        torch.manual_seed(seed)
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
             config, attn_implementation=ATTENTION_NAME, dtype=dtype
         )
-    return HFCausalLM(model, USPContext(trivial_topology()))
+    wrapped = HFCausalLM(model, USPContext(trivial_topology()))
+    if torch.device(device).type != "meta":
+        init.to_empty(wrapped, device)
+        wrapped.init_weights(seed)
+    return wrapped
 
 
 def _check(model: HFCausalLM, topology: Topology) -> None:

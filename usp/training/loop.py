@@ -70,7 +70,8 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = Path(config.out)
     if rank == 0:
-        logger.info("building %s and loading its data", config.hf_config or config.model)
+        logger.info("building %s and loading its data",
+                    config.hf_model or config.hf_config or config.model)
     run = build_run(config, device, world_size)
     metrics_path = out / "metrics.jsonl"
     start_step = 0
@@ -163,7 +164,8 @@ def train_step(run, config: TrainConfig, step: int) -> dict:
     metrics.reset_peak_memory(run.device)
     start = time.perf_counter()
     tokens = run.batcher.next_batch()
-    documents = documents_of_windows(tokens) if config.pack and not config.synthetic else None
+    documents = (documents_of_windows(tokens, run.end_of_document)
+                 if config.pack and not config.synthetic else None)
     batch = shard_batch(tokens, run.topology, config.layout, documents=documents)
     batch = {name: tensor.to(run.device) for name, tensor in batch.items()}
     lr = run.scheduler.get_last_lr()[0]

@@ -90,8 +90,8 @@ def resolve_settings(given: dict, defaults: dict) -> dict:
 
 
 def _prefix(settings: dict) -> str:
-    return run_prefix(settings["model"], settings.get("hf_config"), settings["ring"],
-                      settings["ulysses"], settings["tp"], settings["seq_len"])
+    return run_prefix(settings["model"], settings.get("hf_model") or settings.get("hf_config"),
+                      settings["ring"], settings["ulysses"], settings["tp"], settings["seq_len"])
 
 
 def _resume_target(resume: str, given: dict, defaults: dict) -> tuple[Path | None, Path]:

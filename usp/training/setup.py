@@ -7,7 +7,6 @@ before starting any rank and every rank runs it again: bad input fails the same 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,9 +19,11 @@ import torch.distributed as dist
 from usp.training import run_dir
 from usp.attention.kernels import KERNELS
 from usp.layout import padded_length
-from usp.models.llama import Llama, get_config
-from usp.parallel import check_parallel_config, parallelize
 from usp.pipeline import Pipeline, check_pipeline
+from usp.training.build import (
+    build_model, model_metadata, tokenizer_metadata, training_tokens, validate_model,
+)
+from usp.training.data import EOT
 from usp.training.resume import ResumePlan, plan_resume
 from usp.topology import AXES, Topology
 
@@ -38,6 +39,8 @@ class TrainConfig:
 
     model: str = "tiny"
     hf_config: str | None = None
+    hf_model: str | None = None  # a local Hugging Face directory: config.json + safetensors
+    tokenizer: str | None = None  # a local Hugging Face tokenizer directory; None: bytes
     seq_len: int = 1024
     global_batch: int = 1
     steps: int = 20
@@ -129,12 +132,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
     sizes = {"pp": config.pp, "dp": dp, "ring": config.ring, "ulysses": config.ulysses,
              "tp": config.tp}
     shape_only = Topology(sizes, {axis: 0 for axis in AXES})
-    if config.hf_config:
-        from usp.training.hf_model import validate_hf_config
-
-        validate_hf_config(config.hf_config, shape_only)
-    else:
-        check_parallel_config(get_config(config.model), shape_only)
+    validate_model(config, shape_only)
     for path in config.data:
         if not Path(path).is_file():
             raise ValueError(f"data path {path!r} does not exist or is not a file")
@@ -156,12 +154,7 @@ def run_metadata(config: TrainConfig, world_size: int) -> dict:
     data = [str(Path(p).resolve()) for p in config.data] or "stdlib"
     if config.synthetic:
         data = "synthetic"
-    if config.hf_config:
-        from usp.training.hf_model import hf_config_metadata
-
-        model_name, model = config.hf_config, hf_config_metadata(config.hf_config)
-    else:
-        model_name, model = config.model, dataclasses.asdict(get_config(config.model))
+    model_name, model = model_metadata(config)
     metadata = {
         "model_name": model_name,
         "model": model,
@@ -176,6 +169,8 @@ def run_metadata(config: TrainConfig, world_size: int) -> dict:
             "warmup": config.warmup,
             "weight_decay": config.weight_decay,
             "pack": config.pack and not config.synthetic,
+            "tokenizer": tokenizer_metadata(config),
+            "pretrained": str(Path(config.hf_model).resolve()) if config.hf_model else None,
             "world_size": world_size,
             "degrees": {"pp": config.pp, "ring": config.ring, "ulysses": config.ulysses,
                         "tp": config.tp},
@@ -207,6 +202,7 @@ class Run:
     flops_per_token: float
     resume_plan: ResumePlan | None
     pipeline: Pipeline | None = None  # pp > 1: this rank's stage runs through it
+    end_of_document: int = EOT  # the token id that closes a packed document
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip to a global norm over every rank's shards; returns the norm before clipping."""
@@ -235,10 +231,9 @@ def _training_data(config: TrainConfig):
 
     if config.synthetic:
         num_tokens = config.global_batch * SYNTHETIC_WINDOWS * config.seq_len + 1
-        return synthetic_tokens(num_tokens, seed=config.seed)
-    if config.data:
-        return text_file_documents(config.data)
-    return stdlib_documents()
+        return synthetic_tokens(num_tokens, seed=config.seed), EOT
+    documents = text_file_documents(config.data) if config.data else stdlib_documents()
+    return training_tokens(config, documents)
 
 
 def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run:
@@ -246,21 +241,13 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
 
     topology = Topology.build(ring=config.ring, ulysses=config.ulysses, dp=config.dp, tp=config.tp,
                               pp=config.pp)
-    if config.hf_config:
-        from usp.training.hf_model import build_hf_causal_lm
-
-        model = build_hf_causal_lm(config.hf_config, seed=config.seed)
-    else:
-        model = Llama(get_config(config.model))
-        model.init_weights(config.seed)
-    flops_per_token = model.flops_per_token(config.seq_len)
-    model = model.to(device)
-    if dist.is_initialized():
-        model = parallelize(
-            model, topology, layout=config.layout, kernel=config.kernel,
-            activation_checkpointing=config.ac, fsdp=True,
-            reshard_after_forward=not config.zero2, param_dtype=None, reduce_dtype=None,
-        )
+    resume_plan = (plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
+                   if config.resume else None)
+    # built on the meta device and materialised shard by shard; a checkpoint to resume from
+    # replaces --hf-model's weights, so they are not read
+    model, flops_per_token = build_model(
+        config, topology, device, load_weights=not (resume_plan and resume_plan.candidates)
+    )
     pipeline = None
     if topology.size("pp") > 1:
         pipeline = Pipeline(model, topology, device, microbatches(config), config.pp_schedule)
@@ -275,13 +262,10 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
         lr_at_step, warmup=config.warmup, total=config.steps, min_ratio=config.min_lr / config.lr
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    batcher = TokenBatcher(_training_data(config), config.global_batch, config.seq_len, config.seed)
+    tokens, end_of_document = _training_data(config)
+    batcher = TokenBatcher(tokens, config.global_batch, config.seq_len, config.seed)
     return Run(
         device=device, topology=topology, model=model, optimizer=optimizer, scheduler=scheduler,
         batcher=batcher, metadata=run_metadata(config, world_size), flops_per_token=flops_per_token,
-        pipeline=pipeline,
-        resume_plan=(
-            plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
-            if config.resume else None
-        ),
+        pipeline=pipeline, resume_plan=resume_plan, end_of_document=end_of_document,
     )

@@ -1,0 +1,154 @@
+"""The model of a run, built sharded: checked, built on the meta device, parallelised, and only
+then materialised, each rank initialising (or reading) its own shards.
+
+A model is never whole on any rank: its skeleton lives on the meta device (shapes, no storage)
+while ``usp.parallelize`` cuts the pipeline stage and shards it (TP, FSDP2); ``to_empty`` then
+allocates this rank's shards only, and ``init_weights(seed)`` fills them with exactly the values a
+single process would give the whole model (``usp.models.init``), or ``--hf-model``'s weights are
+read into them (``usp.training.pretrained``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from usp.models import init
+from usp.models.llama import Llama, get_config
+from usp.parallel import check_parallel_config, parallelize
+from usp.topology import Topology
+from usp.training.data import BYTE_VOCAB_SIZE, EOT
+
+logger = logging.getLogger(__name__)
+
+
+def hf_source(config) -> str | None:
+    """The Hugging Face config of the run: ``--hf-model``'s directory or ``--hf-config``."""
+    return config.hf_model or config.hf_config
+
+
+# ---------------------------------------------------------------------------- validation
+def validate_model(config, topology: Topology) -> None:
+    """Raise ValueError, with the numbers, unless the model, its weights and the tokenizer fit
+    ``topology`` (sizes only) and each other. Pure: reads files, never tensor data."""
+    if config.hf_model and config.hf_config:
+        raise ValueError("--hf-model DIR reads its config from DIR/config.json; drop --hf-config")
+    tokenizer = None
+    if config.tokenizer:
+        from usp.training.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer)
+    source = hf_source(config)
+    if source is None:
+        llama = get_config(config.model)
+        check_parallel_config(llama, topology)
+        vocab_size, model_name = llama.vocab_size, config.model
+    else:
+        from usp.training.hf_model import load_hf_config, validate_hf_config
+
+        vocab_size, model_name = load_hf_config(source).vocab_size, source
+    if tokenizer is not None:
+        from usp.training.tokenizer import check_vocab
+
+        check_vocab(tokenizer, config.tokenizer, vocab_size, model_name)
+    if source is not None:
+        validate_hf_config(source, topology, len(tokenizer) if tokenizer else BYTE_VOCAB_SIZE)
+    if config.hf_model:
+        from usp.training.pretrained import check_pretrained
+
+        check_pretrained(config.hf_model, skeleton(config))
+
+
+def model_metadata(config) -> tuple[str, dict]:
+    """The model's name and its config as JSON data, for the checkpoint's record."""
+    source = hf_source(config)
+    if source is None:
+        return config.model, dataclasses.asdict(get_config(config.model))
+    from usp.training.hf_model import hf_config_metadata
+
+    return source, hf_config_metadata(source)
+
+
+def tokenizer_metadata(config) -> dict | None:
+    """The tokenizer's record (class, size, EOS, fingerprint); None for byte-level tokens."""
+    if not config.tokenizer:
+        return None
+    from usp.training.tokenizer import load_tokenizer, tokenizer_record
+
+    return tokenizer_record(load_tokenizer(config.tokenizer))
+
+
+def training_tokens(config, documents):
+    """The documents as the batcher takes them: text (byte-level) or a token stream, and the id
+    that ends a document."""
+    if not config.tokenizer:
+        return documents, EOT
+    from usp.training.tokenizer import load_tokenizer, tokenize_documents
+
+    tokenizer = load_tokenizer(config.tokenizer)
+    return tokenize_documents(tokenizer, documents), tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------------------- building
+def skeleton(config) -> nn.Module:
+    """The run's model on the meta device: every shape, no storage."""
+    source = hf_source(config)
+    if source is not None:
+        from usp.training.hf_model import build_hf_causal_lm
+
+        return build_hf_causal_lm(source, device="meta")
+    with torch.device("meta"):
+        return Llama(get_config(config.model))
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters this rank holds: its shards of DTensors, tied ones once (on the
+    meta device too: shapes are enough)."""
+    total = 0
+    for parameter in model.parameters():  # distinct parameters: a tied one comes once
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        total += local.numel() * local.element_size()
+    return total
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int,
+                pretrained: str | None = None) -> nn.Module:
+    """Allocate this rank's shards of a meta-device model on ``device`` and initialise them from
+    ``seed``, or read them from the Hugging Face directory ``pretrained``. In place; returns it."""
+    init.to_empty(model, device)  # tied parameters stay tied
+    if pretrained is None:
+        model.init_weights(seed)
+    else:
+        from usp.training.pretrained import load_pretrained
+
+        model.init_weights(seed, parameters=False)  # computed buffers only (RoPE tables)
+        load_pretrained(model, pretrained)
+    return model
+
+
+def build_model(config, topology: Topology, device: torch.device,
+                load_weights: bool = True) -> tuple[nn.Module, float]:
+    """The run's model, parallelised and materialised; and its training FLOPs per token.
+
+    ``load_weights=False``: do not read ``--hf-model``'s weights (a checkpoint will replace them).
+    """
+    model = skeleton(config)
+    flops_per_token = model.flops_per_token(config.seq_len)
+    if dist.is_initialized():
+        model = parallelize(
+            model, topology, layout=config.layout, kernel=config.kernel,
+            activation_checkpointing=config.ac, fsdp=True,
+            reshard_after_forward=not config.zero2, param_dtype=None, reduce_dtype=None,
+        )
+    pretrained = config.hf_model if load_weights else None
+    materialize(model, device, config.seed, pretrained)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.info("model %s: %.3f GiB of parameters on rank 0 (%s)", hf_source(config)
+                    or config.model, parameter_bytes(model) / 2**30,
+                    f"read from {pretrained}" if pretrained else f"initialised from seed "
+                    f"{config.seed}")
+    return model, flops_per_token
