@@ -20,9 +20,13 @@ import torch.distributed as dist
 from usp.training import run_dir
 from usp.attention.kernels import KERNELS
 from usp.layout import padded_length
+from usp.losses import DEFAULT_CHUNK_TOKENS, LossHead, check_loss
+from usp.memory import check_offload
 from usp.models.llama import Llama, get_config
-from usp.parallel import check_parallel_config, parallelize
+from usp.parallel import check_memory_options, check_parallel_config, parallelize
 from usp.pipeline import Pipeline, check_pipeline
+from usp.training.accumulate import check_accumulation
+from usp.training.evaluate import HeldOut, held_out_split
 from usp.training.resume import ResumePlan, plan_resume
 from usp.topology import AXES, Topology
 
@@ -57,7 +61,14 @@ class TrainConfig:
     pp_schedule: str = "1f1b"
     layout: str = "stripe"  # balanced for dense causal and for packed documents alike
     kernel: str = "auto"
-    ac: str = "none"
+    ac: str = "none"  # a preset or checkpointing kinds (usp.memory.checkpointing)
+    tiled_mlp: int = 0  # tokens per tile of the MLP; 0: untiled
+    loss: str = "full"  # usp.losses.LOSSES
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    offload_activations: bool = False
+    grad_accum: int = 1  # micro-steps per optimizer step
+    eval_every: int = 0  # held-out loss every N steps; 0: no held-out split
+    eval_batches: int = 4  # global batches held out
     zero2: bool = False
     data: list[str] = field(default_factory=list)
     synthetic: bool = False
@@ -125,10 +136,12 @@ def validate(config: TrainConfig, world_size: int) -> None:
     if config.pp > 1:
         check_pipeline(config.pp, config.global_batch // dp, microbatches(config),
                        config.pp_schedule)
+    _validate_memory_options(config, dp)
     # a shape-only topology (no process group) lets parallelize's own check run before launch
     sizes = {"pp": config.pp, "dp": dp, "ring": config.ring, "ulysses": config.ulysses,
              "tp": config.tp}
     shape_only = Topology(sizes, {axis: 0 for axis in AXES})
+    check_loss(config.loss, shape_only, config.loss_chunk_tokens)
     if config.hf_config:
         from usp.training.hf_model import validate_hf_config
 
@@ -141,6 +154,27 @@ def validate(config: TrainConfig, world_size: int) -> None:
     if config.reference_metrics and not Path(config.reference_metrics).is_file():
         raise ValueError(f"--reference-metrics {config.reference_metrics!r} does not exist")
     _validate_output(config, world_size)
+
+
+def _validate_memory_options(config: TrainConfig, dp: int) -> None:
+    """The memory features, gradient accumulation and the held-out loss (docs/training.md)."""
+    check_memory_options(config.ac, config.tiled_mlp)
+    if config.hf_config and config.loss != "full":
+        raise ValueError(f"--loss {config.loss} is offered for usp's Llama; a Hugging Face model "
+                         "computes its own logits: use --loss full")
+    if config.offload_activations:
+        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        check_offload(torch.device("cuda" if cuda else "cpu"))
+        if config.pp > 1:
+            raise ValueError("--offload-activations with pp > 1 is not offered yet: the "
+                             "pipeline's schedule runs the forward passes; use pp=1")
+    check_accumulation(config.global_batch, dp, config.grad_accum, config.pp)
+    if config.eval_every < 0 or config.eval_batches < 1:
+        raise ValueError(f"--eval-every={config.eval_every} must be >= 0 and --eval-batches="
+                         f"{config.eval_batches} >= 1")
+    if config.eval_every and config.pp > 1:
+        raise ValueError("--eval-every with pp > 1: the held-out loss runs the whole model on "
+                         "each rank's stage, which the pipeline does not offer yet; use pp=1")
 
 
 def _validate_output(config: TrainConfig, world_size: int) -> None:
@@ -207,6 +241,8 @@ class Run:
     flops_per_token: float
     resume_plan: ResumePlan | None
     pipeline: Pipeline | None = None  # pp > 1: this rank's stage runs through it
+    loss_head: LossHead = LossHead()  # how the loss meets the output projection (usp.losses)
+    held_out: HeldOut | None = None  # --eval-every: the held-out batches
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip to a global norm over every rank's shards; returns the norm before clipping."""
@@ -255,15 +291,17 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
         model.init_weights(config.seed)
     flops_per_token = model.flops_per_token(config.seq_len)
     model = model.to(device)
-    if dist.is_initialized():
-        model = parallelize(
-            model, topology, layout=config.layout, kernel=config.kernel,
-            activation_checkpointing=config.ac, fsdp=True,
-            reshard_after_forward=not config.zero2, param_dtype=None, reduce_dtype=None,
-        )
+    # also in one process: the memory features (checkpointing, tiled MLP, loss) apply there too
+    model = parallelize(
+        model, topology, layout=config.layout, kernel=config.kernel,
+        activation_checkpointing=config.ac, tiled_mlp=config.tiled_mlp, loss=config.loss,
+        fsdp=True, reshard_after_forward=not config.zero2, param_dtype=None, reduce_dtype=None,
+    )
+    loss_head = LossHead(config.loss, config.loss_chunk_tokens)
     pipeline = None
     if topology.size("pp") > 1:
-        pipeline = Pipeline(model, topology, device, microbatches(config), config.pp_schedule)
+        pipeline = Pipeline(model, topology, device, microbatches(config), config.pp_schedule,
+                            loss_head)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms: decay would fight their scale
     optimizer = torch.optim.AdamW(
@@ -275,11 +313,15 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
         lr_at_step, warmup=config.warmup, total=config.steps, min_ratio=config.min_lr / config.lr
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    batcher = TokenBatcher(_training_data(config), config.global_batch, config.seq_len, config.seed)
+    data, held_out = _training_data(config), None
+    if config.eval_every:
+        data, held_out = held_out_split(data, config.global_batch, config.seq_len,
+                                        config.eval_batches)
+    batcher = TokenBatcher(data, config.global_batch, config.seq_len, config.seed)
     return Run(
         device=device, topology=topology, model=model, optimizer=optimizer, scheduler=scheduler,
         batcher=batcher, metadata=run_metadata(config, world_size), flops_per_token=flops_per_token,
-        pipeline=pipeline,
+        pipeline=pipeline, loss_head=loss_head, held_out=held_out,
         resume_plan=(
             plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
             if config.resume else None
