@@ -5,8 +5,8 @@ sequence's GPU memory. :class:`ActivationOffload` copies each saved plain CUDA t
 host memory when it is saved and back to the GPU when the backward needs it, as
 ``torch.autograd.graph.save_on_cpu(pin_memory=True)`` does, with two differences:
 
-- parameters stay where they are (a linear layer saves its weight; copying the weight out and
-  back every step would move the whole model over PCIe for nothing);
+- parameters and their views stay where they are (a linear layer saves its weight, transposed;
+  copying it out and back every step would move the whole model over PCIe for nothing);
 - tensor subclasses (DTensor under tensor parallelism, the collectives' async wrappers) stay on
   the GPU: ``save_on_cpu`` would copy them as plain tensors of their global shape.
 
@@ -33,6 +33,11 @@ def check_offload(device: torch.device) -> None:
         )
 
 
+def is_parameter(tensor: torch.Tensor) -> bool:
+    """A parameter, or a view of one (a linear layer saves its weight transposed)."""
+    return isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)
+
+
 class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
     """Context manager: tensors saved inside it wait in pinned host memory until the backward.
 
@@ -47,7 +52,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(self._pack, self._unpack)
 
     def _pack(self, tensor: torch.Tensor):
-        if (tensor.device.type != "cuda" or isinstance(tensor, nn.Parameter)
+        if (tensor.device.type != "cuda" or is_parameter(tensor)
                 or is_traceable_wrapper_subclass(tensor)):
             if self._on_device is not None:
                 self._on_device(tensor)
