@@ -185,8 +185,9 @@ def parallelize(
     gathered parameters, dtype of the gradient reduction); the sharded master weights keep
     their dtype. ``tiled_mlp``: tokens per tile of each block's MLP (0: untiled). ``loss``: one
     of ``usp.losses.LOSSES``; ``"vocab_parallel"`` (tp > 1) leaves the output projection's
-    result split over the vocabulary for ``usp.losses.LossHead``. Returns the same module, modified in place (with ``pp > 1``: this rank's stage
-    of it; run it with ``usp.pipeline.Pipeline``).
+    result split over the vocabulary for ``usp.losses.LossHead``. Returns the same module,
+    modified in place (with ``pp > 1``: this rank's stage of it; run it with
+    ``usp.pipeline.Pipeline``).
     """
     check_layout(layout)
     name = type(model).__name__  # (FSDP2 changes the class)

@@ -6,8 +6,8 @@
 |---|---|---|
 | ``none`` | nothing | everything |
 | ``full`` = ``block`` | each whole block | each block's input |
-| ``selective`` = ``mlp`` | each block's MLP (``3 x ffn_dim`` per token, the largest) | the attention's activations, so no collective runs twice |
-| ``attention`` | each block's attention (projections, RoPE, USP attention: its all-to-alls and ring run again) | the MLP's |
+| ``selective`` = ``mlp`` | each block's MLP (``3 x ffn_dim`` per token) | the attention's |
+| ``attention`` | each block's attention (its all-to-alls and ring run again) | the MLP's |
 | ``attention,mlp`` | both, separately | the norms' and the residual stream |
 
 ``block`` already contains the other kinds, so it stands alone.

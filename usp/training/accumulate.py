@@ -21,7 +21,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from usp.loss import DATA_AXES, data_parallel_size, global_label_count
 from usp.losses import LossHead
-from usp.memory import ActivationOffload
+from usp.memory import ActivationOffload, check_offload
+from usp.parallel import check_memory_options
 from usp.topology import Topology
 from usp.training.metrics import SavedActivations
 
@@ -41,6 +42,28 @@ def check_accumulation(global_batch: int, dp: int, grad_accum: int, pp: int) -> 
             f"{grad_accum} = {dp * grad_accum}: every micro-step takes the same number of rows "
             f"on every dp rank; use a multiple of {dp * grad_accum}"
         )
+
+
+def check_step_options(config, dp: int) -> None:
+    """``usp train``'s memory features, accumulation and held-out loss (a ``TrainConfig``):
+    ValueError, naming the numbers, for what cannot run (docs/training.md)."""
+    check_memory_options(config.ac, config.tiled_mlp)
+    if config.hf_config and config.loss != "full":
+        raise ValueError(f"--loss {config.loss} is offered for usp's Llama; a Hugging Face model "
+                         "computes its own logits: use --loss full")
+    if config.offload_activations:
+        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        check_offload(torch.device("cuda" if cuda else "cpu"))
+        if config.pp > 1:
+            raise ValueError("--offload-activations with pp > 1 is not offered yet: the "
+                             "pipeline's schedule runs the forward passes; use pp=1")
+    check_accumulation(config.global_batch, dp, config.grad_accum, config.pp)
+    if config.eval_every < 0 or config.eval_batches < 1:
+        raise ValueError(f"--eval-every={config.eval_every} must be >= 0 and --eval-batches="
+                         f"{config.eval_batches} >= 1")
+    if config.eval_every and config.pp > 1:
+        raise ValueError("--eval-every with pp > 1: the held-out loss runs the whole model on "
+                         "each rank's stage, which the pipeline does not offer yet; use pp=1")
 
 
 def split_micro_batches(batch: dict, count: int) -> list[dict]:

@@ -21,11 +21,10 @@ from usp.training import run_dir
 from usp.attention.kernels import KERNELS
 from usp.layout import padded_length
 from usp.losses import DEFAULT_CHUNK_TOKENS, LossHead, check_loss
-from usp.memory import check_offload
 from usp.models.llama import Llama, get_config
-from usp.parallel import check_memory_options, check_parallel_config, parallelize
+from usp.parallel import check_parallel_config, parallelize
 from usp.pipeline import Pipeline, check_pipeline
-from usp.training.accumulate import check_accumulation
+from usp.training.accumulate import check_step_options
 from usp.training.evaluate import HeldOut, held_out_split
 from usp.training.resume import ResumePlan, plan_resume
 from usp.topology import AXES, Topology
@@ -136,7 +135,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
     if config.pp > 1:
         check_pipeline(config.pp, config.global_batch // dp, microbatches(config),
                        config.pp_schedule)
-    _validate_memory_options(config, dp)
+    check_step_options(config, dp)
     # a shape-only topology (no process group) lets parallelize's own check run before launch
     sizes = {"pp": config.pp, "dp": dp, "ring": config.ring, "ulysses": config.ulysses,
              "tp": config.tp}
@@ -154,27 +153,6 @@ def validate(config: TrainConfig, world_size: int) -> None:
     if config.reference_metrics and not Path(config.reference_metrics).is_file():
         raise ValueError(f"--reference-metrics {config.reference_metrics!r} does not exist")
     _validate_output(config, world_size)
-
-
-def _validate_memory_options(config: TrainConfig, dp: int) -> None:
-    """The memory features, gradient accumulation and the held-out loss (docs/training.md)."""
-    check_memory_options(config.ac, config.tiled_mlp)
-    if config.hf_config and config.loss != "full":
-        raise ValueError(f"--loss {config.loss} is offered for usp's Llama; a Hugging Face model "
-                         "computes its own logits: use --loss full")
-    if config.offload_activations:
-        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-        check_offload(torch.device("cuda" if cuda else "cpu"))
-        if config.pp > 1:
-            raise ValueError("--offload-activations with pp > 1 is not offered yet: the "
-                             "pipeline's schedule runs the forward passes; use pp=1")
-    check_accumulation(config.global_batch, dp, config.grad_accum, config.pp)
-    if config.eval_every < 0 or config.eval_batches < 1:
-        raise ValueError(f"--eval-every={config.eval_every} must be >= 0 and --eval-batches="
-                         f"{config.eval_batches} >= 1")
-    if config.eval_every and config.pp > 1:
-        raise ValueError("--eval-every with pp > 1: the held-out loss runs the whole model on "
-                         "each rank's stage, which the pipeline does not offer yet; use pp=1")
 
 
 def _validate_output(config: TrainConfig, world_size: int) -> None:
