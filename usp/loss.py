@@ -48,6 +48,14 @@ def global_mean_cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
         ignore_index=ignore_index, reduction="sum",
     )
+    return global_mean_of_sum(local_sum, labels, topology, ignore_index)
+
+
+def global_mean_of_sum(
+    local_sum: torch.Tensor, labels: torch.Tensor, topology: Topology, ignore_index: int = -100
+) -> torch.Tensor:
+    """The global mean from this rank's sum of per-token losses over ``labels`` (any way of
+    computing it: ``usp.losses``); value the global mean, gradient this rank's share."""
     # fp64 totals: a float32 count is exact only up to 2**24 tokens
     totals = torch.stack([local_sum.detach().double(), (labels != ignore_index).sum().double()])
     if data_parallel_size(topology) > 1:

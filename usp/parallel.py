@@ -10,9 +10,13 @@ to cut a pipeline stage).
    ring × ulysses grid, so each rank attends with its sequence shard.
 2. **Tensor parallelism** over the ``tp`` axis (Llama: ``usp.models.llama_tp``). Heads are split
    over tp first and then, inside the attention, over ulysses.
-3. **Activation checkpointing**: ``"full"`` recomputes every block in the backward;
-   ``"selective"`` recomputes only each block's MLP (the largest activations, ``3 x ffn_dim`` per
-   token) and keeps the attention's, so the sequence-parallel communication is not repeated.
+3. **Memory features** (``usp.memory``): the tiled MLP (each block's MLP over tiles of the
+   sequence, recomputed tile by tile), then activation checkpointing by layer kind: ``"full"``
+   recomputes every block in the backward; ``"selective"`` recomputes only each block's MLP (the
+   largest activations, ``3 x ffn_dim`` per token) and keeps the attention's, so the
+   sequence-parallel communication is not repeated; ``"attention"``, ``"mlp"``, ``"block"`` and
+   lists of them (``"attention,mlp"``) choose the kinds. ``loss="vocab_parallel"`` keeps the
+   output projection split over tp (``usp.losses``).
 4. **FSDP2** ``fully_shard`` of every block and of the root over the flattened dp × ring × ulysses
    mesh (ZeRO-3; ``reshard_after_forward=False`` keeps the blocks' parameters gathered between
    forward and backward, ZeRO-2-like). Gradients are **summed** over that mesh (divide factor 1):
@@ -33,22 +37,20 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.distributed._composable import checkpoint
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from usp.attention import usp_attention
 from usp.attention.ulysses import head_plan
 from usp.layout import check_layout
 from usp.loss import DATA_AXES, data_parallel_size
+from usp.losses import check_loss
+from usp.memory import apply_activation_checkpointing, checkpoint_kinds, tile_mlp
 from usp.models.llama import Llama, LlamaConfig
 from usp.models.llama_tp import apply_llama_tensor_parallel
 from usp.pipeline import keep_stage
 from usp.topology import Topology
 
 logger = logging.getLogger(__name__)
-
-ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
-
 
 def check_parallel_config(config: LlamaConfig, topology: Topology) -> None:
     """Raise ValueError, naming the numbers, unless pp, tp and ulysses can split the model."""
@@ -84,13 +86,10 @@ def check_parallel_options(
     fsdp: bool,
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype | None,
+    tiled_mlp: int = 0,
 ) -> bool:
     """Validate the options shared by every parallelize path; return whether FSDP2 applies."""
-    if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-        raise ValueError(
-            f"activation_checkpointing={activation_checkpointing!r}; choose one of "
-            f"{ACTIVATION_CHECKPOINTING}"
-        )
+    check_memory_options(activation_checkpointing, tiled_mlp)
     use_fsdp = data_parallel_size(topology) > 1
     if use_fsdp and not fsdp:
         raise ValueError(
@@ -105,15 +104,31 @@ def check_parallel_options(
     return use_fsdp
 
 
+def check_memory_options(activation_checkpointing: str, tiled_mlp: int) -> None:
+    """ValueError for checkpointing kinds that do not exist or that the tiled MLP makes double."""
+    kinds = checkpoint_kinds(activation_checkpointing)
+    if tiled_mlp < 0:
+        raise ValueError(f"tiled_mlp={tiled_mlp} must be >= 0 (tokens per tile; 0: off)")
+    if tiled_mlp and "mlp" in kinds:
+        raise ValueError(
+            f"tiled_mlp={tiled_mlp} with activation_checkpointing={activation_checkpointing!r}: "
+            "the tiled MLP already recomputes its tiles in the backward; checkpointing the MLP "
+            "as well would recompute it twice (use 'attention' or 'block', or no tiled MLP)"
+        )
+
+
 @dataclass(frozen=True)
 class ModelPlan:
     """What :func:`parallelize` must know of a model family."""
 
     check: Callable[[nn.Module, Topology], None]  # ValueError for what it cannot split
     use_attention: Callable[[nn.Module, Topology, str, str], None]  # (model, topology, layout, kernel)
-    tensor_parallel: Callable[[nn.Module, object], None] | None  # (model, tp mesh); None: no TP
+    # (model, tp mesh, vocab-parallel output); None: no TP
+    tensor_parallel: Callable[[nn.Module, object, bool], None] | None
     keep_stage: Callable[[nn.Module, Topology], nn.Module] | None  # None: no pipeline stages
-    mlp: Callable[[nn.Module], nn.Module]  # a block's MLP (selective checkpointing)
+    mlp: Callable[[nn.Module], nn.Module]  # a block's MLP (selective checkpointing, tiling)
+    # a block's attention (checkpointing of kind 'attention'); None: not offered
+    attention: Callable[[nn.Module], nn.Module] | None = None
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -135,6 +150,7 @@ LLAMA_PLAN = ModelPlan(
     tensor_parallel=apply_llama_tensor_parallel,
     keep_stage=keep_stage,
     mlp=lambda block: block.feed_forward,
+    attention=lambda block: block.attention,
 )
 
 
@@ -158,6 +174,8 @@ def parallelize(
     layout: str = "zigzag",
     kernel: str = "auto",
     activation_checkpointing: str = "none",
+    tiled_mlp: int = 0,
+    loss: str = "full",
     fsdp: bool = True,
     reshard_after_forward: bool = True,
     param_dtype: torch.dtype | None = None,
@@ -167,16 +185,23 @@ def parallelize(
 
     ``param_dtype`` / ``reduce_dtype`` are FSDP2's mixed-precision policy (compute dtype of the
     gathered parameters, dtype of the gradient reduction); the sharded master weights keep
-    their dtype. Returns the same module, modified in place (with ``pp > 1``: this rank's stage
-    of it; run it with ``usp.pipeline.Pipeline``).
+    their dtype. ``tiled_mlp``: tokens per tile of each block's MLP (0: untiled). ``loss``: one
+    of ``usp.losses.LOSSES``; ``"vocab_parallel"`` (tp > 1) leaves the output projection's
+    result split over the vocabulary for ``usp.losses.LossHead``. Returns the same module,
+    modified in place (with ``pp > 1``: this rank's stage of it; run it with
+    ``usp.pipeline.Pipeline``).
     """
     check_layout(layout)
     name = type(model).__name__  # (FSDP2 changes the class)
     plan = model_plan(model)
     plan.check(model, topology)
     use_fsdp = check_parallel_options(
-        topology, activation_checkpointing, fsdp, param_dtype, reduce_dtype
+        topology, activation_checkpointing, fsdp, param_dtype, reduce_dtype, tiled_mlp
     )
+    check_loss(loss, topology)
+    if loss != "full" and not isinstance(model, Llama):
+        raise ValueError(f"loss={loss!r} is offered for usp.models.Llama; "
+                         f"{type(model).__name__} computes full logits: use loss='full'")
     if topology.size("pp") > 1:
         if plan.keep_stage is None:
             raise ValueError(
@@ -191,10 +216,12 @@ def parallelize(
                 f"tp={topology.size('tp')}: tensor parallelism is not supported for "
                 f"{type(model).__name__}; use tp=1"
             )
-        plan.tensor_parallel(model, topology.mesh["tp"])
-    if activation_checkpointing != "none":
+        plan.tensor_parallel(model, topology.mesh["tp"], loss == "vocab_parallel")
+    if tiled_mlp:
         for block in blocks(model):
-            checkpoint(block if activation_checkpointing == "full" else plan.mlp(block))
+            tile_mlp(plan.mlp(block), tiled_mlp)
+    apply_activation_checkpointing(blocks(model), checkpoint_kinds(activation_checkpointing),
+                                   plan.attention, plan.mlp)
     if use_fsdp:
         apply_fsdp(model, topology, reshard_after_forward, param_dtype, reduce_dtype)
     logger.info(

@@ -8,8 +8,9 @@ a whole model (USP attention, TP, checkpointing, FSDP2 over dp × ring × ulysse
 Every rank of a pipeline holds the same tokens; the batch rows are cut into micro-batches that
 flow through the stages (1F1B or GPipe). Positions and documents travel beside the activations
 as keyword arguments to every stage. The last stage computes each micro-batch's share of the
-exact global-mean loss (``usp.loss.cross_entropy_share``); gradients are not rescaled by the
-schedule, because the shares already add up to the global mean.
+exact global-mean loss (``usp.losses.LossHead.share``: from full logits, in chunks or split over
+the vocabulary); gradients are not rescaled by the schedule, because the shares already add up
+to the global mean.
 
 Stages exchange fixed shapes, given to the stages up front (static metadata): the stages'
 forward runs usp attention, whose collectives cannot run on the meta tensors of torch's dynamic
@@ -25,7 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from usp.loss import DATA_AXES, cross_entropy_share, global_label_count
+from usp.loss import DATA_AXES, global_label_count
+from usp.losses import LossHead
 from usp.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -82,8 +84,9 @@ class Pipeline:
     """This rank's stage and its schedule; :meth:`step` runs forward and backward of a batch."""
 
     def __init__(self, stage_module: nn.Module, topology: Topology, device: torch.device,
-                 microbatches: int, schedule: str = "1f1b") -> None:
+                 microbatches: int, schedule: str = "1f1b", loss: LossHead = LossHead()) -> None:
         self.module = stage_module
+        self.loss = loss  # how the last stage meets the output projection (usp.losses)
         self.topology = topology
         self.device = device
         self.microbatches = microbatches
@@ -102,7 +105,7 @@ class Pipeline:
         return self.stage_index == self.num_stages - 1
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_share(logits, labels, self._global_count)
+        return self.loss.share(logits, labels, self._global_count, self.module, self.topology)
 
     def _schedule(self, input_ids: torch.Tensor, dtype: torch.dtype):
         batch, seq = input_ids.shape
@@ -117,7 +120,8 @@ class Pipeline:
             hidden = torch.empty(micro, seq // tp, config.dim, dtype=dtype, device="meta",
                                  requires_grad=True)
             ids = torch.empty(micro, seq, dtype=input_ids.dtype, device="meta")
-            logits = torch.empty(micro, seq, config.vocab_size, dtype=torch.float32, device="meta")
+            size = self.loss.output_size(config.vocab_size, config.dim, tp)
+            logits = torch.empty(micro, seq, size, dtype=torch.float32, device="meta")
             stage = PipelineStage(
                 self.module, self.stage_index, self.num_stages, self.device,
                 input_args=ids if self.is_first else hidden,
@@ -135,7 +139,7 @@ class Pipeline:
         """Forward and backward of every micro-batch; returns the global-mean loss (all ranks)."""
         schedule = self._schedule(input_ids, activation_dtype)
         self._global_count = global_label_count(labels, self.topology)
-        kwargs = {"position_ids": position_ids}
+        kwargs = {"position_ids": position_ids, **self.loss.model_kwargs()}
         if documents is not None:
             kwargs["documents"] = documents
         losses: list[torch.Tensor] = []

@@ -32,8 +32,10 @@ def parse_grid(grid: list[str]) -> list[tuple[int, int]]:
     return degrees
 
 
-def measure(args, ring: int, ulysses: int, seq_len: int, steps: int) -> dict:
-    """Train ``steps`` steps on ring x ulysses fresh ranks; summarise the steps after the first."""
+def measure(args, ring: int, ulysses: int, seq_len: int, steps: int,
+            overrides: dict | None = None) -> dict:
+    """Train ``steps`` steps on ring x ulysses (x tp) fresh ranks; summarise the steps after the
+    first. ``overrides``: further ``TrainConfig`` settings (memory features, ``tp``)."""
     from usp.training.launcher import launch_elastic
     from usp.training.setup import TrainConfig, validate
 
@@ -41,12 +43,13 @@ def measure(args, ring: int, ulysses: int, seq_len: int, steps: int) -> dict:
         config = TrainConfig(
             model=args.model, seq_len=seq_len, steps=steps, ring=ring, ulysses=ulysses,
             layout=args.layout, dtype=args.dtype, synthetic=True, out=out, progress=False,
-            nproc=ring * ulysses, warmup=1, ckpt_every=0,
+            nproc=ring * ulysses * (overrides or {}).get("tp", 1), warmup=1, ckpt_every=0,
+            **(overrides or {}),
         )
         validate(config, config.nproc)
         records = launch_elastic(config)
     measured = records[1:] or records
-    world = ring * ulysses
+    world = config.nproc
     peak = [max(r["peak_memory_bytes"][rank] for r in measured) for rank in range(world)]
     base = [max(r["memory_before_step_bytes"][rank] for r in measured) for rank in range(world)]
     activation = [
@@ -54,7 +57,7 @@ def measure(args, ring: int, ulysses: int, seq_len: int, steps: int) -> dict:
         for rank in range(world)
     ]
     return {
-        "ring": ring, "ulysses": ulysses, "sp": world, "seq_len": seq_len,
+        "ring": ring, "ulysses": ulysses, "sp": ring * ulysses, "seq_len": seq_len,
         "peak_mib": [p / MIB for p in peak], "base_mib": [b / MIB for b in base],
         "activation_mib": [a / MIB for a in activation],
         "saved_mib": [

@@ -142,10 +142,42 @@ def register_train(bench_subparsers) -> None:
     parser.add_argument("--search-start", type=int, default=8192, help="first S of the search")
     parser.add_argument("--max-step-s", type=float, default=90.0, help="stop the search past this")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--features", action="store_true",
+                        help="each memory feature off, alone and all on, at every SP of --grid")
+    parser.add_argument("--tile-tokens", type=int, default=512, help="--features: tiled MLP tile")
+    parser.add_argument("--chunk-tokens", type=int, default=512, help="--features: loss chunk")
+    parser.add_argument("--memory-cap-mib", type=int, default=None,
+                        help="--features: also the longest S under this peak per rank, all "
+                        "features off and on")
+    parser.add_argument("--fit-seq-lens", type=int, nargs="+", default=[2048, 4096, 8192],
+                        help="--memory-cap-mib: the lengths the peak is fitted through")
     parser.set_defaults(func=_run_train)
 
 
+def _run_features(args) -> int:
+    from usp.bench import memory
+
+    grid = training.parse_grid(args.grid)
+    results = memory.measure_features(args, grid)
+    print(f"usp bench train --features: model {args.model}, S={args.seq_len}, {args.dtype}, "
+          f"{args.steps} steps (first is warm-up), synthetic tokens; activation offload needs "
+          "CUDA and is not measured here")
+    print(memory.format_features(results))
+    report = {"features": results}
+    if args.memory_cap_mib:
+        configurations = memory.features(args.tile_tokens, args.chunk_tokens)
+        found = [memory.longest_under_cap(args, 1, 1, name, configurations[name])
+                 for name in ("all off", "all on")]
+        print(memory.format_cap(found, args.memory_cap_mib))
+        report["memory_cap"] = found
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def _run_train(args) -> int:
+    if args.features:
+        return _run_features(args)
     results = [training.measure(args, r, u, args.seq_len, args.steps) for r, u in training.parse_grid(args.grid)]
     print(f"usp bench train: model {args.model}, total S={args.seq_len}, {args.dtype}, "
           f"{args.steps} steps (first is warm-up), synthetic tokens")

@@ -12,6 +12,7 @@ from pathlib import Path
 from usp.training import run_dir
 from usp.training.launcher import describe_failure, launch, resume_hint
 from usp.layout import LAYOUTS
+from usp.losses import LOSSES
 from usp.models.llama import CONFIGS
 from usp.training.setup import DEFAULT_CHECKPOINT_EVERY, TrainConfig
 
@@ -72,7 +73,26 @@ def add_arguments(parser) -> None:
     a("--dp", type=int, help="data-parallel degree (default -1: the rest of the world)")
     a("--layout", choices=LAYOUTS, help=f"token layout over sequence ranks (default {d.layout})")
     a("--kernel", help="local attention kernel: auto or a name of usp.attention.kernels.KERNELS")
-    a("--ac", choices=("none", "full", "selective"), help="activation checkpointing (default none)")
+    a("--ac", metavar="KINDS",
+      help="activation checkpointing: none, full (each block), selective (each MLP), or kinds "
+      "joined by commas: attention, mlp, block (default none)")
+    a("--tiled-mlp", type=int, metavar="TOKENS",
+      help="run each MLP over tiles of TOKENS tokens, recomputed in the backward (default 0: off)")
+    a("--loss", choices=LOSSES,
+      help="full logits, chunked (tp=1: the output projection and loss over token chunks, "
+      "recomputed in the backward) or vocab_parallel (tp>1: logits stay split over tp) "
+      "(default full)")
+    a("--loss-chunk-tokens", type=int,
+      help=f"tokens per chunk of --loss chunked (default {d.loss_chunk_tokens})")
+    a("--offload-activations", action="store_true",
+      help="CUDA: keep saved activations in pinned host memory until the backward")
+    a("--grad-accum", type=int, metavar="K",
+      help="micro-steps per optimizer step, the global batch split K ways; gradients synced in "
+      "the last (default 1)")
+    a("--eval-every", type=int, metavar="N",
+      help="held-out loss every N steps and at the last (default 0: off, nothing held out)")
+    a("--eval-batches", type=int, metavar="M",
+      help=f"global batches held out from the data for the eval loss (default {d.eval_batches})")
     a("--zero2", action="store_true", help="keep gathered params after forward (FSDP ZeRO-2)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", nargs="+", metavar="PATH",

@@ -197,7 +197,7 @@ class Llama(nn.Module):
         self.init_weights(seed=0)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                documents: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """``input_ids, position_ids [B, S] -> logits [B, S, vocab]`` (at least fp32).
 
         ``position_ids`` are the tokens' positions; with a sharded sequence they are this
@@ -206,8 +206,13 @@ class Llama(nn.Module):
 
         A model whose ``tok_embeddings`` is None takes hidden states ``[B, S, dim]`` instead of
         ids, and one whose ``norm`` and ``output`` are None returns them (a pipeline stage).
+        ``return_hidden``: the final norm's output ``[B, S, dim]`` instead of the logits, for a
+        loss that applies the output projection itself (``usp.losses``, chunked).
         """
-        return self.logits(self.hidden_states(input_ids, position_ids, documents))
+        hidden = self.hidden_states(input_ids, position_ids, documents)
+        if return_hidden:
+            return self.norm(hidden) if self.norm is not None else hidden
+        return self.logits(hidden)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       documents: torch.Tensor | None = None) -> torch.Tensor:

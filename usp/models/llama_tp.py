@@ -24,8 +24,11 @@ from torch.distributed.tensor.parallel import (
 )
 
 
-def tensor_parallel_plan(model: nn.Module) -> dict:
-    """Module path -> DTensor parallel style, for the parts of ``model`` present on this rank."""
+def tensor_parallel_plan(model: nn.Module, vocab_parallel: bool = False) -> dict:
+    """Module path -> DTensor parallel style, for the parts of ``model`` present on this rank.
+
+    ``vocab_parallel``: the output projection's result stays split over the vocabulary
+    (``[B, S, V / tp]`` on each tp rank, for ``usp.losses``' vocab-parallel loss)."""
     plan = {}
     if model.tok_embeddings is not None:
         # [B, S] ids replicated -> vocab-sharded lookup, reduce-scattered to [B, S/tp, dim]
@@ -33,8 +36,11 @@ def tensor_parallel_plan(model: nn.Module) -> dict:
     if model.norm is not None:
         plan["norm"] = SequenceParallel()
     if model.output is not None:
-        # [B, S/tp, dim] gathered, vocab-sharded projection gathered to full logits [B, S, V]
-        plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+        # [B, S/tp, dim] gathered, vocab-sharded projection gathered to full logits [B, S, V],
+        # or left split: [B, S, V/tp]
+        plan["output"] = ColwiseParallel(
+            input_layouts=Shard(1), output_layouts=Shard(-1) if vocab_parallel else Replicate()
+        )
     for name in model.layers:
         prefix = f"layers.{name}."
         plan.update({
@@ -60,9 +66,10 @@ def tensor_parallel_plan(model: nn.Module) -> dict:
     return plan
 
 
-def apply_llama_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+def apply_llama_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh,
+                                vocab_parallel: bool = False) -> None:
     """Apply :func:`tensor_parallel_plan` over ``tp_mesh``, in place."""
-    parallelize_module(model, tp_mesh, tensor_parallel_plan(model))
+    parallelize_module(model, tp_mesh, tensor_parallel_plan(model, vocab_parallel))
     if model.config.tie_embeddings and model.tok_embeddings is not None and model.output is not None:
         # the plan gave the embedding and the output a DTensor each (both Shard(0) over the
         # vocabulary): share one again so the tie and its summed gradient survive

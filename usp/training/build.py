@@ -138,12 +138,12 @@ def build_model(config, topology: Topology, device: torch.device,
     """
     model = skeleton(config)
     flops_per_token = model.flops_per_token(config.seq_len)
-    if dist.is_initialized():
-        model = parallelize(
-            model, topology, layout=config.layout, kernel=config.kernel,
-            activation_checkpointing=config.ac, fsdp=True,
-            reshard_after_forward=not config.zero2, param_dtype=None, reduce_dtype=None,
-        )
+    # also in one process: the memory features (checkpointing, tiled MLP, loss) apply there too
+    model = parallelize(
+        model, topology, layout=config.layout, kernel=config.kernel,
+        activation_checkpointing=config.ac, tiled_mlp=config.tiled_mlp, loss=config.loss,
+        fsdp=True, reshard_after_forward=not config.zero2, param_dtype=None, reduce_dtype=None,
+    )
     pretrained = config.hf_model if load_weights else None
     materialize(model, device, config.seed, pretrained)
     if not dist.is_initialized() or dist.get_rank() == 0:

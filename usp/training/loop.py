@@ -22,6 +22,7 @@ from usp.training import checkpoint, metrics, run_dir
 from usp.comm import agree, collective_device
 from usp.training.resume import choose_intact
 from usp.training.run_dir import RunLock
+from usp.training.evaluate import evaluate
 from usp.training.setup import TrainConfig, build_run, validate
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
     try:
         for step in range(start_step + 1, config.steps + 1):
             record = train_step(run, config, step)
+            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+                record["eval_loss"] = evaluate(run, config)
             record.update(metrics.mfu_fields(
                 record["tokens_per_s"], run.flops_per_token, world_size, peak
             ))
@@ -155,33 +158,30 @@ def _settings_on_record(config: TrainConfig) -> dict:
 
 def train_step(run, config: TrainConfig, step: int) -> dict:
     """One optimizer step on the next global batch; returns its metrics record (without MFU)."""
-    from usp.batch import shard_batch
-    from usp.training.data import documents_of_windows
-    from usp.loss import global_mean_cross_entropy
+    from usp.training.accumulate import rank_batch, split_micro_batches, train_micro_batches
 
     metrics.release_freed_memory(run.device)
     memory_before = metrics.current_memory_bytes(run.device)
     metrics.reset_peak_memory(run.device)
     start = time.perf_counter()
     tokens = run.batcher.next_batch()
-    documents = (documents_of_windows(tokens, run.end_of_document)
-                 if config.pack and not config.synthetic else None)
-    batch = shard_batch(tokens, run.topology, config.layout, documents=documents)
-    batch = {name: tensor.to(run.device) for name, tensor in batch.items()}
+    batch = rank_batch(run, config, tokens)
     lr = run.scheduler.get_last_lr()[0]
-    autocast = torch.autocast(run.device.type, torch.bfloat16, enabled=config.dtype == "bf16")
-    with metrics.SavedActivations() as saved:
-        if run.pipeline is not None:  # forward and backward of every micro-batch, stage by stage
-            with autocast:
-                loss = run.pipeline.step(
-                    batch["input_ids"], batch["position_ids"], batch["labels"],
-                    batch.get("documents"),
-                )
-        else:
-            with autocast:
-                logits = run.model(batch["input_ids"], batch["position_ids"], batch.get("documents"))
-            loss = global_mean_cross_entropy(logits, batch["labels"], run.topology)
-            loss.backward()
+    autocast_dtype = torch.bfloat16 if config.dtype == "bf16" else None
+    if run.pipeline is not None:  # forward and backward of every micro-batch, stage by stage
+        with metrics.SavedActivations() as saved, torch.autocast(
+                run.device.type, autocast_dtype, enabled=autocast_dtype is not None):
+            loss = run.pipeline.step(
+                batch["input_ids"], batch["position_ids"], batch["labels"],
+                batch.get("documents"),
+            )
+        saved_bytes = saved.bytes
+    else:  # --grad-accum micro-steps, gradients synced in the last
+        loss, saved_bytes = train_micro_batches(
+            run.model, split_micro_batches(batch, config.grad_accum), run.topology,
+            run.loss_head, autocast_dtype=autocast_dtype,
+            offload_device=run.device if config.offload_activations else None,
+        )
     grad_norm = run.clip_gradients(config.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
@@ -190,7 +190,7 @@ def train_step(run, config: TrainConfig, step: int) -> dict:
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     step_time = time.perf_counter() - start
-    memory = [memory_before, metrics.peak_memory_bytes(run.device), saved.bytes]
+    memory = [memory_before, metrics.peak_memory_bytes(run.device), saved_bytes]
     per_rank = _gather(torch.tensor(memory, dtype=torch.float64))
     tokens = config.global_batch * config.seq_len
     return {

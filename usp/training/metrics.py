@@ -93,10 +93,11 @@ class SavedActivations:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._count(tensor)
+        self.count(tensor)
         return tensor
 
-    def _count(self, tensor: torch.Tensor) -> None:
+    def count(self, tensor: torch.Tensor) -> None:
+        """Count ``tensor``'s storage (also for hooks that replace this one: activation offload)."""
         # DTensor and the collectives' async wrappers hold no storage themselves: count the
         # plain tensors inside them
         if is_traceable_wrapper_subclass(tensor):
@@ -104,7 +105,7 @@ class SavedActivations:
             for name in inner_names:
                 inner = getattr(tensor, name)
                 if isinstance(inner, torch.Tensor):  # flatten may also name a DeviceMesh
-                    self._count(inner)
+                    self.count(inner)
             return
         storage = tensor.untyped_storage()
         self._storages[storage.data_ptr()] = storage.nbytes()
@@ -234,6 +235,7 @@ def format_record(record: dict) -> str:
         f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | "
         f"{record['step_time_s'] * 1000:.0f} ms | " + (f"MFU {mfu} | " if mfu else "")
         + f"peak MiB per rank [{peaks}]"
+        + (f" | eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else "")
     )
 
 

@@ -19,11 +19,14 @@ import torch.distributed as dist
 from usp.training import run_dir
 from usp.attention.kernels import KERNELS
 from usp.layout import padded_length
+from usp.losses import DEFAULT_CHUNK_TOKENS, LossHead, check_loss
 from usp.pipeline import Pipeline, check_pipeline
+from usp.training.accumulate import check_step_options
 from usp.training.build import (
     build_model, model_metadata, tokenizer_metadata, training_tokens, validate_model,
 )
 from usp.training.data import EOT
+from usp.training.evaluate import HeldOut, held_out_split
 from usp.training.resume import ResumePlan, plan_resume
 from usp.topology import AXES, Topology
 
@@ -60,7 +63,14 @@ class TrainConfig:
     pp_schedule: str = "1f1b"
     layout: str = "stripe"  # balanced for dense causal and for packed documents alike
     kernel: str = "auto"
-    ac: str = "none"
+    ac: str = "none"  # a preset or checkpointing kinds (usp.memory.checkpointing)
+    tiled_mlp: int = 0  # tokens per tile of the MLP; 0: untiled
+    loss: str = "full"  # usp.losses.LOSSES
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    offload_activations: bool = False
+    grad_accum: int = 1  # micro-steps per optimizer step
+    eval_every: int = 0  # held-out loss every N steps; 0: no held-out split
+    eval_batches: int = 4  # global batches held out
     zero2: bool = False
     data: list[str] = field(default_factory=list)
     synthetic: bool = False
@@ -128,10 +138,12 @@ def validate(config: TrainConfig, world_size: int) -> None:
     if config.pp > 1:
         check_pipeline(config.pp, config.global_batch // dp, microbatches(config),
                        config.pp_schedule)
+    check_step_options(config, dp)
     # a shape-only topology (no process group) lets parallelize's own check run before launch
     sizes = {"pp": config.pp, "dp": dp, "ring": config.ring, "ulysses": config.ulysses,
              "tp": config.tp}
     shape_only = Topology(sizes, {axis: 0 for axis in AXES})
+    check_loss(config.loss, shape_only, config.loss_chunk_tokens)
     validate_model(config, shape_only)
     for path in config.data:
         if not Path(path).is_file():
@@ -203,6 +215,8 @@ class Run:
     resume_plan: ResumePlan | None
     pipeline: Pipeline | None = None  # pp > 1: this rank's stage runs through it
     end_of_document: int = EOT  # the token id that closes a packed document
+    loss_head: LossHead = LossHead()  # how the loss meets the output projection (usp.losses)
+    held_out: HeldOut | None = None  # --eval-every: the held-out batches
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip to a global norm over every rank's shards; returns the norm before clipping."""
@@ -248,9 +262,11 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
     model, flops_per_token = build_model(
         config, topology, device, load_weights=not (resume_plan and resume_plan.candidates)
     )
+    loss_head = LossHead(config.loss, config.loss_chunk_tokens)
     pipeline = None
     if topology.size("pp") > 1:
-        pipeline = Pipeline(model, topology, device, microbatches(config), config.pp_schedule)
+        pipeline = Pipeline(model, topology, device, microbatches(config), config.pp_schedule,
+                            loss_head)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms: decay would fight their scale
     optimizer = torch.optim.AdamW(
@@ -263,9 +279,14 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     tokens, end_of_document = _training_data(config)
+    held_out = None
+    if config.eval_every:
+        tokens, held_out = held_out_split(tokens, config.global_batch, config.seq_len,
+                                          config.eval_batches)
     batcher = TokenBatcher(tokens, config.global_batch, config.seq_len, config.seed)
     return Run(
         device=device, topology=topology, model=model, optimizer=optimizer, scheduler=scheduler,
         batcher=batcher, metadata=run_metadata(config, world_size), flops_per_token=flops_per_token,
         pipeline=pipeline, resume_plan=resume_plan, end_of_document=end_of_document,
+        loss_head=loss_head, held_out=held_out,
     )

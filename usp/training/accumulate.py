@@ -1,0 +1,127 @@
+"""Gradient accumulation: one optimizer step's batch as K micro-batches, each forward and backward.
+
+The loss stays the exact global mean over all K micro-batches: the label count of the whole
+batch is all-reduced once, and each micro-batch contributes its share (its sum over that count,
+``usp.losses.LossHead.share``), so the K backward passes add up to the gradient of the global
+mean and the K shares, summed over the ranks, to its value. FSDP2 reduce-scatters the gradients
+in the last backward only (``set_requires_gradient_sync``): the backward passes before it
+accumulate unsharded gradients on each rank, which costs one unsharded copy of the gradients and
+saves K - 1 reduce-scatters per step.
+
+Each micro-batch's forward runs under the step's autocast, the saved-activation count and, on
+CUDA, activation offload to host memory (``usp.memory.ActivationOffload``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from usp.loss import DATA_AXES, data_parallel_size, global_label_count
+from usp.losses import LossHead
+from usp.memory import ActivationOffload, check_offload
+from usp.parallel import check_memory_options
+from usp.topology import Topology
+from usp.training.metrics import SavedActivations
+
+
+def check_accumulation(global_batch: int, dp: int, grad_accum: int, pp: int) -> None:
+    """ValueError, naming the numbers, unless ``grad_accum`` micro-batches can split the batch."""
+    if grad_accum < 1:
+        raise ValueError(f"--grad-accum={grad_accum} must be >= 1")
+    if grad_accum > 1 and pp > 1:
+        raise ValueError(
+            f"--grad-accum={grad_accum} with pp={pp}: the pipeline already runs the batch as "
+            "micro-batches and accumulates their gradients; use --microbatches instead"
+        )
+    if global_batch % (dp * grad_accum) != 0:
+        raise ValueError(
+            f"--global-batch={global_batch} is not divisible by dp={dp} x --grad-accum="
+            f"{grad_accum} = {dp * grad_accum}: every micro-step takes the same number of rows "
+            f"on every dp rank; use a multiple of {dp * grad_accum}"
+        )
+
+
+def check_step_options(config, dp: int) -> None:
+    """``usp train``'s memory features, accumulation and held-out loss (a ``TrainConfig``):
+    ValueError, naming the numbers, for what cannot run (docs/training.md)."""
+    check_memory_options(config.ac, config.tiled_mlp)
+    if config.hf_config and config.loss != "full":
+        raise ValueError(f"--loss {config.loss} is offered for usp's Llama; a Hugging Face model "
+                         "computes its own logits: use --loss full")
+    if config.offload_activations:
+        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        check_offload(torch.device("cuda" if cuda else "cpu"))
+        if config.pp > 1:
+            raise ValueError("--offload-activations with pp > 1 is not offered yet: the "
+                             "pipeline's schedule runs the forward passes; use pp=1")
+    check_accumulation(config.global_batch, dp, config.grad_accum, config.pp)
+    if config.eval_every < 0 or config.eval_batches < 1:
+        raise ValueError(f"--eval-every={config.eval_every} must be >= 0 and --eval-batches="
+                         f"{config.eval_batches} >= 1")
+    if config.eval_every and config.pp > 1:
+        raise ValueError("--eval-every with pp > 1: the held-out loss runs the whole model on "
+                         "each rank's stage, which the pipeline does not offer yet; use pp=1")
+
+
+def split_micro_batches(batch: dict, count: int) -> list[dict]:
+    """This rank's batch (``usp.batch.shard_batch``'s) as ``count`` micro-batches of its rows;
+    a one-row ``documents`` that every row shares is shared by every micro-batch."""
+    rows = batch["input_ids"].shape[0]
+    if rows % count != 0:
+        raise ValueError(f"{rows} batch rows on this rank cannot split into {count} micro-batches")
+    size = rows // count
+    return [
+        {name: tensor[index * size:(index + 1) * size] if tensor.shape[0] == rows else tensor
+         for name, tensor in batch.items()}
+        for index in range(count)
+    ]
+
+
+def train_micro_batches(
+    model: nn.Module, micro_batches: list[dict], topology: Topology, head: LossHead, *,
+    autocast_dtype: torch.dtype | None = None, offload_device: torch.device | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Forward and backward of every micro-batch; gradients accumulate in the parameters.
+
+    Returns the global-mean loss over all micro-batches of all ranks (fp64, the same on every
+    rank) and the most bytes autograd saved for one micro-batch's backward on this rank.
+    ``offload_device``: keep saved activations in host memory (a CUDA device; ValueError else).
+    """
+    labels = torch.cat([micro["labels"] for micro in micro_batches])
+    count = global_label_count(labels, topology)
+    total = torch.zeros((), dtype=torch.float64, device=labels.device)
+    saved_bytes = 0
+    for index, micro in enumerate(micro_batches):
+        if isinstance(model, FSDPModule):  # reduce-scatter in the last backward only
+            model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+        counter = SavedActivations()
+        hooks = counter if offload_device is None else ActivationOffload(offload_device,
+                                                                         counter.count)
+        autocast = torch.autocast(labels.device.type, dtype=autocast_dtype,
+                                  enabled=autocast_dtype is not None)
+        with hooks, autocast:
+            output = model(micro["input_ids"], micro["position_ids"], micro.get("documents"),
+                           **head.model_kwargs())
+            share = head.share(output, micro["labels"], count, model, topology)
+        del output  # the graph keeps what the backward needs
+        share.backward()
+        total += share.detach().double()
+        saved_bytes = max(saved_bytes, counter.bytes)
+    if data_parallel_size(topology) > 1:
+        dist.all_reduce(total, group=topology.flat_mesh(*DATA_AXES).get_group())
+    return total, saved_bytes
+
+
+def rank_batch(run, config, tokens: torch.Tensor) -> dict:
+    """This rank's part of global ``tokens [B, S + 1]`` on the run's device: ids, labels,
+    positions and (packing on) the documents the run's end-of-document token closes."""
+    from usp.batch import shard_batch
+    from usp.training.data import documents_of_windows
+
+    documents = (documents_of_windows(tokens, run.end_of_document)
+                 if config.pack and not config.synthetic else None)
+    batch = shard_batch(tokens, run.topology, config.layout, documents=documents)
+    return {name: tensor.to(run.device) for name, tensor in batch.items()}
