@@ -21,7 +21,10 @@ from usp.training.hf_model import (
     validate_hf_config,
 )
 from usp.models.llama import Llama, get_config
-from usp.parallel import ACTIVATION_CHECKPOINTING, parallelize
+from usp.memory.checkpointing import PRESETS as CHECKPOINT_PRESETS
+from usp.parallel import parallelize
+
+ACTIVATION_CHECKPOINTING = tuple(CHECKPOINT_PRESETS)  # none, full, selective
 
 
 def _sizes(**degrees) -> Topology:
