@@ -8,7 +8,8 @@ One spawned world of 4 gloo ranks:
 - a Llama-3-8B-shaped model (bf16, all 32 layers) parallelised on meta holds exactly a quarter of
   the parameter bytes per rank under FSDP over 4 (16.06 GB / 4 = 4.015 GB), a quarter plus half
   of the norms (replicated over tp) under TP 2 x FSDP 2, half of a stage's with pp 2 x FSDP 2;
-- an 8B-width model with 2 layers (bf16) is materialised: each rank's parameter bytes are a
+- a model of Llama-3-8B's width (one layer, a 32K vocabulary: 0.49 B parameters, bf16) is
+  materialised: each rank's parameter bytes are a
   quarter of the model's, its resident memory grows by its shard and no more, and its values
   equal the single-process initialisation of the same parameters.
 """
@@ -94,8 +95,9 @@ def _meta_8b(degrees: dict) -> tuple[int, int]:
 
 
 def _materialised_8b_width() -> dict:
-    """2 layers of Llama-3-8B's width (1.5 B parameters, bf16) over ring 2 x ulysses 2."""
-    config = dataclasses.replace(EIGHT_B, n_layers=2)
+    """One layer of Llama-3-8B's width, 32K vocabulary (0.49 B parameters, bf16), over ring 2 x
+    ulysses 2 (kept small: four ranks share this machine's two cores and memory)."""
+    config = dataclasses.replace(EIGHT_B, n_layers=1, vocab_size=32768)
     with torch.device("meta"):
         model = Llama(config).to(torch.bfloat16)
     whole = parameter_bytes(model)
@@ -110,7 +112,7 @@ def _materialised_8b_width() -> dict:
     # those materialised, initialised as one process initialises the whole model
     with torch.device("meta"):
         single = Llama(config).to(torch.bfloat16)
-    names = ["layers.1.attention.wk.weight", "layers.0.attention.wo.weight", "norm.weight"]
+    names = ["layers.0.attention.wk.weight", "layers.0.attention.wo.weight", "norm.weight"]
     for name in names:
         single.get_submodule(name.rsplit(".", 1)[0]).to_empty(device=cpu)
     single.init_weights(SEED)
