@@ -38,17 +38,23 @@ def global_mean_cross_entropy(
 
     See the module docstring: the value is the global mean, the gradient this rank's share of it.
     """
+    return global_mean_of_sum(cross_entropy_sum(logits, labels, ignore_index), labels, topology,
+                              ignore_index)
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
+                      ignore_index: int = -100) -> torch.Tensor:
+    """This rank's sum of per-token cross-entropies. ``logits [B, S, V], labels [B, S]``."""
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree; "
             "expected logits [B, S, V] and labels [B, S]"
         )
-    # [B, S, V] -> [B*S, V]; fp32 so the log-softmax of bf16 logits does not lose the target's mass
-    local_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-        ignore_index=ignore_index, reduction="sum",
-    )
-    return global_mean_of_sum(local_sum, labels, topology, ignore_index)
+    # [B, S, V] -> [B*S, V]; at least fp32, so the log-softmax of bf16 logits keeps the
+    # target's mass
+    logits = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                           labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
 
 
 def global_mean_of_sum(
@@ -75,29 +81,6 @@ def global_label_count(
     if count.item() == 0:
         raise ValueError(f"every label of the global batch is ignore_index={ignore_index}")
     return count[0]
-
-
-def cross_entropy_share(
-    logits: torch.Tensor, labels: torch.Tensor, global_count: torch.Tensor,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """This part's share of the global mean: ``sum of its cross-entropies / global_count``.
-
-    For micro-batches (pipeline stages): the shares of every micro-batch of every rank add up to
-    the global mean, value and gradient alike, with ``global_count`` from
-    :func:`global_label_count` over the whole batch.
-    """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree; "
-            "expected logits [B, S, V] and labels [B, S]"
-        )
-    # [B, S, V] -> [B*S, V]; fp32 as in global_mean_cross_entropy
-    local_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-        ignore_index=ignore_index, reduction="sum",
-    )
-    return local_sum / global_count.to(local_sum.dtype)
 
 
 class _GlobalMean(torch.autograd.Function):

@@ -19,10 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from usp.loss import global_mean_of_sum
+from usp.loss import cross_entropy_sum, global_mean_of_sum
 from usp.losses.chunked import chunked_cross_entropy_sum
 from usp.losses.vocab_parallel import vocab_parallel_cross_entropy_sum
 from usp.topology import Topology
@@ -98,16 +97,12 @@ class LossHead:
                 output, labels, topology.group("tp"), topology.rank("tp") * output.shape[-1],
                 ignore_index,
             )
-        # [B, S, V] -> [B*S, V]; at least fp32, so the log-softmax of bf16 logits keeps the
-        # target's mass
-        logits = output.reshape(-1, output.shape[-1])
-        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
-                               labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+        return cross_entropy_sum(output, labels, ignore_index)
 
     def share(self, output: torch.Tensor, labels: torch.Tensor, global_count: torch.Tensor,
               model: nn.Module, topology: Topology) -> torch.Tensor:
-        """This part's share of the global mean (``usp.loss.cross_entropy_share``'s meaning):
-        its sum over ``global_count`` from ``usp.loss.global_label_count``."""
+        """This part's share of the global mean (a micro-batch's, in a pipeline or under gradient
+        accumulation): its sum over ``global_count`` from ``usp.loss.global_label_count``."""
         local_sum = self.local_sum(output, labels, model, topology)
         return local_sum / global_count.to(local_sum.dtype)
 
