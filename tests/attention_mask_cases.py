@@ -89,16 +89,18 @@ def check_mask_case(case: MaskCase, topology, seq_len: int) -> None:
 
 
 def run_mask_grid(rank: int, world_size: int, seq_len: int, kinds: list[str],
-                  low_precision: bool = True) -> list[str]:
-    """Every factorisation of the world x layouts x causal x kv heads x mask kinds (fp64), and
-    one layout of each in fp32 and bf16. Returns the failures."""
+                  low_precision: bool = True, kv_heads: tuple[int, ...] | None = None) -> list[str]:
+    """Every factorisation of the world x layouts x causal x kv heads (``kv_heads``, default
+    Hq, Hq/2 and 1) x mask kinds (fp64), and one layout of each in fp32 and bf16
+    (``low_precision``). Returns the failures."""
+    kv_heads = kv_heads or (HEADS, HEADS // 2, 1)
     failures = []
     for ring in (r for r in range(1, world_size + 1) if world_size % r == 0):
         ulysses = world_size // ring
         topology = usp.Topology.build(ring=ring, ulysses=ulysses)
         cases = [MaskCase(ring, ulysses, layout, causal, hkv, kind)
                  for layout, causal, hkv, kind in itertools.product(
-                     usp.LAYOUTS, (True, False), (HEADS, HEADS // 2, 1), kinds)]
+                     usp.LAYOUTS, (True, False), kv_heads, kinds)]
         if low_precision:
             cases += [MaskCase(ring, ulysses, "zigzag", True, HEADS // 2, kind, dtype)
                       for kind in kinds for dtype in ("fp32", "bf16")]
