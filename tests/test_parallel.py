@@ -81,24 +81,33 @@ def _one_step(topology: Topology, options: dict, tie: bool) -> tuple[float, dict
     documents = options.pop("documents", False)
     layout = options.get("layout", "zigzag")
     model = parallelize(_model(tie), topology, **options)
-    tokens, ignored = _global_batch()
-    if documents:
-        batch = shard_batch(tokens, topology, layout, documents=DOCUMENTS)
-        labels = batch["labels"]
-    else:
-        batch = shard_batch(tokens, topology, layout)
-        # the same global mask, read at this rank's rows and global positions
-        local_batch = BATCH // topology.size("dp")
-        rows = ignored.narrow(0, topology.rank("dp") * local_batch, local_batch)
-        labels = batch["labels"].masked_fill(rows.gather(1, batch["position_ids"]), -100)
+    batch, labels = _rank_batch(topology, layout, documents)
     logits = model(batch["input_ids"], batch["position_ids"], batch.get("documents"))
     loss = global_mean_cross_entropy(logits, labels, topology)
     loss.backward()
+    return loss.item(), _whole_grads(model)
+
+
+def _rank_batch(topology: Topology, layout: str, documents: bool) -> tuple[dict, torch.Tensor]:
+    """This rank's part of the global batch and its labels (the global label mask applied)."""
+    tokens, ignored = _global_batch()
+    if documents:
+        batch = shard_batch(tokens, topology, layout, documents=DOCUMENTS)
+        return batch, batch["labels"]
+    batch = shard_batch(tokens, topology, layout)
+    # the same global mask, read at this rank's rows and global positions
+    local_batch = BATCH // topology.size("dp")
+    rows = ignored.narrow(0, topology.rank("dp") * local_batch, local_batch)
+    return batch, batch["labels"].masked_fill(rows.gather(1, batch["position_ids"]), -100)
+
+
+def _whole_grads(model) -> dict:
+    """Every parameter's whole gradient (DTensor shards gathered), fp64, by name."""
     grads = {}
     for name, parameter in model.named_parameters():
         grad = parameter.grad
         grads[name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).double()
-    return loss.item(), grads
+    return grads
 
 
 def _assert_within(name: str, got, reference64, reference32, atol: float) -> None:

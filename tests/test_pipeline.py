@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
 from tests.distributed import collect_failures, run_on_ranks
 from tests.test_parallel import (
-    BATCH, CONFIG, DOCUMENTS, SEQ, _assert_within, _global_batch, _model, _reference,
+    BATCH, CONFIG, SEQ, _assert_within, _model, _rank_batch, _reference, _whole_grads,
 )
 from usp.batch import shard_batch
 from usp.loss import global_mean_cross_entropy
@@ -39,21 +38,9 @@ def _pipelined_step(topology: Topology, options: dict, pipeline: tuple, document
     microbatches, schedule = pipeline
     stage = parallelize(_model(tie=False, n_layers=topology.size("pp")), topology, **options)
     runner = Pipeline(stage, topology, torch.device("cpu"), microbatches, schedule)
-    tokens, ignored = _global_batch()
-    if documents:
-        batch = shard_batch(tokens, topology, layout, documents=DOCUMENTS)
-        labels = batch["labels"]
-    else:
-        batch = shard_batch(tokens, topology, layout)
-        local_batch = BATCH // topology.size("dp")
-        rows = ignored.narrow(0, topology.rank("dp") * local_batch, local_batch)
-        labels = batch["labels"].masked_fill(rows.gather(1, batch["position_ids"]), -100)
+    batch, labels = _rank_batch(topology, layout, documents)
     loss = runner.step(batch["input_ids"], batch["position_ids"], labels, batch.get("documents"))
-    grads = {}
-    for name, parameter in stage.named_parameters():
-        grad = parameter.grad
-        grads[name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).double()
-    return loss.item(), grads
+    return loss.item(), _whole_grads(stage)
 
 
 def _check(references: dict, case) -> None:
