@@ -30,6 +30,7 @@ class Case:
     n_kv_heads: int
     dtype: str
     placement: str = "head-first"
+    head_chunks: int = 1
 
 
 def global_tensors(case: Case, n_heads: int, seq_len: int, batch: int = 2, dim: int = 8, seed: int = 0):
@@ -71,7 +72,8 @@ def check_case(case: Case, topology, n_heads: int, seq_len: int, device: str = "
     dtype = DTYPES[case.dtype]
     shard = lambda t: usp.shard_sequence(t, topology, case.layout)  # noqa: E731
     leaves = [shard(t).to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v)]
-    out = usp.usp_attention(*leaves, topology, causal=case.causal, layout=case.layout)
+    out = usp.usp_attention(*leaves, topology, causal=case.causal, layout=case.layout,
+                            head_chunks=case.head_chunks)
     out.backward(shard(dout).to(device=device, dtype=dtype))
     got = (out, *(t.grad for t in leaves))
     if case.dtype == "fp64":
@@ -97,7 +99,8 @@ def run_grid(rank: int, world_size: int, sp_sizes: list[int], n_heads: int, seq_
              dtypes: list[str], placements: list[str], device: str = "cpu",
              head_dim: int = 8) -> list[str]:
     """Every (ring, ulysses) factorisation of each SP size (dp = world / sp) x layouts x causal x
-    kv heads x dtypes. Returns the failures (an empty list on success)."""
+    kv heads x dtypes, and with Ulysses, causal zigzag in head chunks x kv heads x dtypes.
+    Returns the failures (an empty list on success)."""
     torch.manual_seed(0)
     failures = []
     for sp, placement in itertools.product(sp_sizes, placements):
@@ -110,6 +113,10 @@ def run_grid(rank: int, world_size: int, sp_sizes: list[int], n_heads: int, seq_
                 for hkv in sorted({n_heads, n_heads // 2, 1}, reverse=True)
                 for dtype in dtypes
             ]
+            if ulysses > 1:  # Ulysses' overlapped head chunks: kv heads split, and shared
+                cases += [Case(ring, ulysses, "zigzag", True, hkv, dtype, placement, n_heads)
+                          for hkv in sorted({n_heads, n_heads // 2, 1}, reverse=True)
+                          for dtype in dtypes]
             dp = world_size // sp
             failures += [
                 f"rank {rank} dp={dp} {f}"

@@ -152,6 +152,17 @@ def exchange_all_to_all(send: Tensor, group: dist.ProcessGroup) -> Tensor:
     return recv
 
 
+def post_all_to_all(send: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, dist.Work]:
+    """:func:`exchange_all_to_all` posted, not waited for: ``(recv, work)``; ``recv`` holds the
+    received slices once ``work.wait()`` returns (on CUDA: once the stream that waited runs on)."""
+    world = dist.get_world_size(group)
+    recv = torch.empty_like(send)
+    record("all_to_all", nbytes(send) * (world - 1) // world)
+    with record_function("usp::all_to_all.exchange"):
+        work = dist.all_to_all_single(recv, send, group=group, async_op=True)
+    return recv, work
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, scatter_dim, gather_dim):

@@ -40,7 +40,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from usp.attention import usp_attention
-from usp.attention.ulysses import head_plan
+from usp.attention.heads import head_plan
 from usp.layout import check_layout
 from usp.loss import DATA_AXES, data_parallel_size
 from usp.losses import check_loss
@@ -72,7 +72,7 @@ def check_parallel_config(config: LlamaConfig, topology: Topology) -> None:
                 f"over the tp ranks; choose tp dividing {value}"
             )
     # heads split over tp first, then over ulysses: an uneven ulysses split runs on padded
-    # heads (exact; usp.attention.ulysses.head_plan), which costs their share of the work
+    # heads (exact; usp.attention.heads.head_plan), which costs their share of the work
     plan = head_plan(config.n_heads // tp, config.n_kv_heads // tp, ulysses)
     if plan.padded:
         logger.warning("%d query / %d kv heads per tp rank over ulysses=%d: %s (padding heads "

@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from usp.attention.kernels import Kernel, default_scale, resolve_kernel
 from usp.attention.ring import ring_attention_on_group
-from usp.attention.ulysses import HeadPlan, head_plan, ulysses_around
+from usp.attention.heads import HeadPlan, head_plan
+from usp.attention.ulysses import ulysses_around
 from usp.attention.usp import _check_collective_device, check_inputs
 from usp.comm import all_gather_stacked, exchange_all_to_all
 from usp.mask import NOT_A_TOKEN, AttentionMask

@@ -73,7 +73,7 @@ def _check_collective_device(q: Tensor, topology: Topology) -> None:
         )
 
 
-def _describe(q, k, v, mask, layout, softmax_scale, kernel) -> dict:
+def _describe(q, k, v, mask, layout, softmax_scale, kernel, head_chunks) -> dict:
     """What every rank of a sequence group must pass alike (agreed before the first collective)."""
     shape = lambda t: tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__  # noqa: E731
     return {
@@ -85,6 +85,7 @@ def _describe(q, k, v, mask, layout, softmax_scale, kernel) -> dict:
         "documents": mask.documents_digest() if isinstance(mask, AttentionMask) else None,
         "layout": layout, "softmax_scale": softmax_scale,
         "kernel": kernel.name if isinstance(kernel, Kernel) else kernel,
+        "head_chunks": head_chunks,
     }
 
 
@@ -109,6 +110,7 @@ def usp_attention(
     padding_mask: Tensor | None = None,
     seq_len: int | None = None,
     mask: AttentionMask | None = None,
+    head_chunks: int = 1,
 ) -> Tensor:
     """Attention over a sequence sharded on ring × ulysses ranks.
 
@@ -127,6 +129,10 @@ def usp_attention(
     - ``seq_len``: the real length when :func:`usp.shard_sequence` padded an uneven one;
     - or ``mask``, an :class:`usp.AttentionMask` built once (then none of the above).
 
+    ``head_chunks`` (Ulysses): each rank's heads run in up to this many chunks of whole kv
+    groups, every chunk's all-to-alls travelling while another chunk's attention computes
+    (:mod:`usp.attention.ulysses_overlap`); 1: one all-to-all each way. The result is the same.
+
     Before the first collective the ranks of the sequence group agree on the call (shapes,
     dtype, flags, mask): bad input on any rank, or ranks that disagree, raise the same
     ValueError on every rank. This costs one tiny all-gather the first time each call
@@ -139,9 +145,12 @@ def usp_attention(
                                cu_seqlens, padding_mask, seq_len)
         _check_collective_device(q, topology)
         chosen = resolve_kernel(kernel, q, bands=mask.window is not None)
+        if not isinstance(head_chunks, int) or head_chunks < 1:
+            raise ValueError(f"head_chunks={head_chunks!r} must be an integer >= 1")
     except ValueError as exc:
         error = str(exc)
-    topology.agree_on_call(_describe(q, k, v, mask, layout, softmax_scale, kernel), error)
+    topology.agree_on_call(_describe(q, k, v, mask, layout, softmax_scale, kernel, head_chunks),
+                           error)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     scale = default_scale(q.shape[-1], softmax_scale)
     ring_group = topology.ring_group if topology.ring_size > 1 else None
@@ -150,7 +159,7 @@ def usp_attention(
                    kernel=chosen)
     if topology.ulysses_size == 1:
         return ring(q, k, v)  # [B, S_R, Hq, D]
-    return ulysses_around(q, k, v, topology.ulysses_group, ring)
+    return ulysses_around(q, k, v, topology.ulysses_group, ring, chunks=head_chunks)
 
 
 def _attention_mask(q, topology, layout, mask, causal, window, documents, cu_seqlens,

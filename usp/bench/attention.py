@@ -71,6 +71,7 @@ class BenchConfig:
     ulysses: int
     layout: str
     mask: str = "dense"  # dense | packed | window
+    head_chunks: int = 1  # Ulysses' overlapped head chunks (usp_attention's head_chunks)
 
 
 @dataclass
@@ -98,10 +99,13 @@ class BenchResult:
 
 
 def configurations(nproc: int, modes: list[str], layouts: list[str],
-                   masks: tuple[str, ...] = ("dense",)) -> list[BenchConfig]:
-    """Every mode x layout that fits ``nproc`` ranks, each under every mask."""
-    return [BenchConfig(c.mode, c.ring, c.ulysses, c.layout, mask)
-            for c in _layouts_and_modes(nproc, modes, layouts) for mask in masks]
+                   masks: tuple[str, ...] = ("dense",),
+                   head_chunks: tuple[int, ...] = (1,)) -> list[BenchConfig]:
+    """Every mode x layout that fits ``nproc`` ranks, each under every mask (and, with Ulysses
+    in it, every head chunk count)."""
+    return [BenchConfig(c.mode, c.ring, c.ulysses, c.layout, mask, chunks)
+            for c in _layouts_and_modes(nproc, modes, layouts) for mask in masks
+            for chunks in (head_chunks if c.ulysses > 1 else (1,))]
 
 
 def _layouts_and_modes(nproc: int, modes: list[str], layouts: list[str]) -> list[BenchConfig]:
@@ -201,12 +205,13 @@ def _ceiling_tensors(tensors, rank: int, nproc: int):
             v[:, :, kv_heads].contiguous(), dout[:, :, heads].contiguous())
 
 
-def _config_call(topology: Topology, layout: str, shape: BenchShape, kernel, mask: str):
+def _config_call(topology: Topology, layout: str, shape: BenchShape, kernel, mask: str,
+                 head_chunks: int = 1):
     options = mask_options(shape, mask)
 
     def call(q, k, v):
         return usp_attention(q, k, v, topology, causal=shape.causal, layout=layout, kernel=kernel,
-                             **options)
+                             head_chunks=head_chunks, **options)
 
     return call
 
@@ -235,7 +240,7 @@ def _rank_main(rank, nproc, port, shape: BenchShape, configs, out_path, breakdow
             topology = Topology.build(ring=config.ring, ulysses=config.ulysses)
             local = [shard_sequence(t, topology, config.layout).contiguous() for t in tensors]
             prepared.append((_config_call(topology, config.layout, shape, clock.kernel,
-                                          config.mask), local))
+                                          config.mask, config.head_chunks), local))
         results = {"single": {mask: [] for mask in masks}, "ceiling": [],
                    "configs": [[] for _ in configs]}
         for _ in range(shape.rounds):

@@ -70,6 +70,9 @@ def register(subparsers) -> None:
     attention.add_argument("--modes", nargs="+", default=["ring", "ulysses", "usp"],
                            choices=["ring", "ulysses", "usp"])
     attention.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    attention.add_argument("--head-chunks", nargs="+", type=int, default=[1],
+                           help="cpu: Ulysses and USP also with their heads in these many "
+                           "overlapped chunks (usp_attention's head_chunks)")
     attention.set_defaults(func=_run_attention)
     register_train(kinds)
     register_decode(kinds)
@@ -115,7 +118,8 @@ def _run_attention(args) -> int:
         window=args.window,
     )
     masks = ("dense",) if args.mask is None else ("dense", args.mask)
-    configs = configurations(args.nproc, args.modes, args.layouts, masks)
+    configs = configurations(args.nproc, args.modes, args.layouts, masks,
+                             tuple(args.head_chunks))
     result = run_benchmark(shape, args.nproc, configs, args.breakdown)
     print(format_result(shape, args.nproc, result))
     if args.breakdown:

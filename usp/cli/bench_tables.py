@@ -47,7 +47,7 @@ def format_result(shape: BenchShape, nproc: int, result: BenchResult) -> str:
         if ceiling is not None and c.mask == "dense":
             versus_ceiling = f"{_ratio(ceiling.train_s / t.train_s):>9}"
         line = (
-            f"{c.mode:8} {c.ring:>4} {c.ulysses:>4} {'-' if c.mode == 'ulysses' else c.layout:10} "
+            f"{c.mode:8} {c.ring:>4} {c.ulysses:>4} {_layout_name(c):10} "
             f"{c.mask:7} {1e3 * t.forward_s:>9.1f} {1e3 * t.train_s:>11.1f} "
             f"{_efficiency(single[c.mask], t, nproc, 'forward_s'):>8} "
             f"{_efficiency(single[c.mask], t, nproc, 'train_s'):>8} {versus_ceiling} "
@@ -73,11 +73,17 @@ def format_breakdown(result: BenchResult) -> str:
              "little)", header, "-" * len(header)]
     for row in result.rows:
         c = row.config
-        name = (f"{c.mode} r{c.ring} u{c.ulysses} {'-' if c.mode == 'ulysses' else c.layout}"
+        name = (f"{c.mode} r{c.ring} u{c.ulysses} {_layout_name(c)}"
                 f" {c.mask}")
         for kind, spent in row.breakdown.items():
             lines.append(f"{name:28} {kind:8} " + " ".join(f"{spent[col]:>9.1f}" for col in COLUMNS))
     return "\n".join(lines)
+
+
+def _layout_name(c) -> str:
+    """The layout column: ``-`` for Ulysses, ``xN`` appended for N overlapped head chunks."""
+    name = "-" if c.mode == "ulysses" else c.layout
+    return name + (f" x{c.head_chunks}" if c.head_chunks > 1 else "")
 
 
 def _efficiency(single: Timing, measured: Timing, nproc: int, attribute: str) -> str:

@@ -23,7 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.utils.generic import TransformersKwargs
 
 from usp.attention import usp_attention
-from usp.attention.ulysses import head_plan
+from usp.attention.heads import head_plan
 from usp.comm import agree
 from usp.batch import IGNORE_INDEX, documents_from_positions, positions_in_documents, shard_batch
 from usp.integrations.hf_masks import ATTENTION_NAME, MaskRequest, usp_mask
