@@ -59,6 +59,8 @@ def _check_case(numbered_case) -> None:
 
     modelled = attention_traffic(BATCH, SEQ, q_heads, kv_heads, HEAD_DIM,
                                  torch.finfo(dtype).bits // 8, ring, ulysses)
+    assert dict(stats.calls) == modelled.calls(), (
+        f"recorded calls {dict(stats.calls)} != modelled {modelled.calls()}")
     assert dict(stats.bytes) == modelled.bytes(), (
         f"recorded {dict(stats.bytes)} != modelled {modelled.bytes()}"
     )

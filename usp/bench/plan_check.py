@@ -38,7 +38,8 @@ LAYOUTS = {
     "uly4": dict(ulysses=4), "ring2xuly2": dict(ring=2, ulysses=2),
     "tp2xring2": dict(tp=2, ring=2), "dp2xuly2": dict(dp=2, ulysses=2),
     "pp2xring2": dict(pp=2, ring=2), "pp2xtp2": dict(pp=2, tp=2),
-    "uly2": dict(ulysses=2), "ring2": dict(ring=2), "tp2": dict(tp=2),
+    "uly2": dict(ulysses=2), "ring2": dict(ring=2), "tp2": dict(tp=2), "pp2": dict(pp=2),
+    "dp2": dict(dp=2),
 }
 GRID_LAYOUTS = ("uly4", "ring2xuly2", "tp2xring2", "dp2xuly2", "pp2xring2", "pp2xtp2")
 

@@ -77,10 +77,16 @@ def _run_pick(args) -> int:
     from usp.plan.presets import cpu_cluster
 
     tolerance = args.tolerance if args.tolerance != 0.15 else 0.05
-    cluster = calibrate.calibrated(cpu_cluster(), calibrate.measure())
+    ranks = {plan_check.Row(args.models[0], args.seq_lens[0], layout, args.ac[0]).world_size
+             for layout in args.layouts}
+    if len(ranks) != 1:
+        raise ValueError(f"--layouts span world sizes {sorted(ranks)}; pick layouts of one size")
+    cluster = calibrate.calibrated(cpu_cluster(), calibrate.measure(ranks.pop()))
     print(f"calibrated: {cluster.peak_tflops * 1e3:.1f} GFLOPS GEMM, attention efficiency "
-          f"{cluster.attention_efficiency:.2f}, gloo {cluster.intra_bandwidth_gbs:.2f} GB/s, "
-          f"{cluster.intra_latency_us:.0f} us")
+          f"{cluster.attention_efficiency:.2f}, gloo {cluster.intra_bandwidth_gbs:.2f} GB/s and "
+          f"{cluster.intra_latency_us:.0f} us per rank with all sending, "
+          f"{cluster.sync_us:.0f} us more per collective between compute, "
+          f"{cluster.cores_per_node:g} cores")
     cases = []
     for model, seq_len in itertools.product(args.models, args.seq_lens):
         grid = [plan_check.Row(model, seq_len, layout, ac)

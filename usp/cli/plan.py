@@ -24,7 +24,8 @@ CLUSTER_FLAGS = {
     "gpus_per_node": int, "peak_tflops": float, "memory_gib": float,
     "intra_bandwidth_gbs": float, "inter_bandwidth_gbs": float, "intra_latency_us": float,
     "inter_latency_us": float, "hbm_bandwidth_gbs": float, "matmul_efficiency": float,
-    "attention_efficiency": float, "reserved_gib": float,
+    "attention_efficiency": float, "reserved_gib": float, "cores_per_node": float,
+    "sync_us": float,
 }
 
 
@@ -61,7 +62,7 @@ def _cluster(args) -> ClusterSpec:
             raise ValueError(
                 f"--calibrate measures this machine; use --cluster cpu, not {args.cluster!r}"
             )
-        cluster = calibration.calibrated(cluster, calibration.measure())
+        cluster = calibration.calibrated(cluster, calibration.measure(cluster.gpus_per_node))
     return cluster
 
 

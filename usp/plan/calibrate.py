@@ -1,8 +1,11 @@
 """Measure this machine: single-thread GEMM and attention throughput, gloo bandwidth and latency.
 
 The planner's CPU cluster is one node of single-thread gloo ranks (how the tests and examples of
-usp run here), so each throughput is measured on one thread, and the link between two ranks on
-127.0.0.1. Inter-node numbers cannot be measured from one machine; they keep the preset's values.
+usp run here), so each throughput is measured on one thread, and the link with as many ranks on
+127.0.0.1 as the plan has, all sending at once (four ranks on two cores move bytes slower than
+two). The cores the ranks share are counted too: with more ranks than cores the cost model
+slows each rank's compute and hides no transfer (``ClusterSpec.oversubscription``). Inter-node
+numbers cannot be measured from one machine; they keep the preset's values.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ class Measurements:
     attention_tflops: float  # causal forward + backward, counted as the cost model counts it
     bandwidth_gbs: float  # bytes one rank sends per second, P2P and all-to-all averaged
     latency_us: float
+    ranks: int = 2  # ranks the link was measured with, all sending at once
+    cores: int = 0  # CPU cores this process may run on (0: not counted)
+    sync_us: float = 0.0  # what a small exchange adds between stretches of compute, beyond latency
 
 
 def _best_seconds(fn, repeats: int) -> float:
@@ -60,18 +66,34 @@ def measure_attention_tflops(seq_len: int = 1024, heads: int = 4, head_dim: int 
     return flops / _best_seconds(step, repeats=3) / 1e12
 
 
-def _link_worker(rank: int, port: int, message_bytes: int, results) -> None:
-    """One of two ranks: time P2P exchanges and an all-to-all; rank 0 reports (GB/s, us)."""
+SYNC_COMPUTE_S = 0.005  # compute between two collectives when measuring sync_us
+
+
+def _mean_seconds_together(fn, repeats: int) -> float:
+    """Mean seconds of ``fn`` with every rank starting and ending together."""
+    fn()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    dist.barrier()
+    return (time.perf_counter() - start) / repeats
+
+
+def _link_worker(rank: int, world: int, port: int, message_bytes: int, results) -> None:
+    """One of ``world`` ranks: time a ring of P2P exchanges (each rank sends to the next and
+    receives from the previous, as ring attention does), an all-to-all of all ranks, and what a
+    small exchange adds between stretches of compute; rank 0 reports (GB/s, us, sync us)."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
-        peer = 1 - rank
+        after, before = (rank + 1) % world, (rank - 1) % world
         big = torch.empty(message_bytes // 4, dtype=torch.float32)
         big_in, small, small_in = torch.empty_like(big), torch.zeros(1), torch.zeros(1)
 
         def exchange(send: torch.Tensor, recv: torch.Tensor) -> None:
-            ops = [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, recv, peer)]
+            ops = [dist.P2POp(dist.isend, send, after), dist.P2POp(dist.irecv, recv, before)]
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
 
@@ -81,21 +103,40 @@ def _link_worker(rank: int, port: int, message_bytes: int, results) -> None:
         p2p_s = _best_seconds(lambda: exchange(big, big_in), repeats=5)
         a2a_s = _best_seconds(all_to_all, repeats=5)
         latency_s = _best_seconds(lambda: exchange(small, small_in), repeats=20)
+        # a step computes between collectives; where ranks share cores, an exchange then waits
+        # for its peers to be scheduled, which the bare latency above never sees
+        a = torch.randn(256, 256)
+        gemms = torch.tensor([max(1, round(SYNC_COMPUTE_S / _best_seconds(lambda: a @ a, 5)))])
+        dist.broadcast(gemms, 0)  # the same work on every rank
+
+        def compute() -> None:
+            for _ in range(int(gemms)):
+                a @ a
+
+        compute_s = _mean_seconds_together(compute, repeats=20)
+        synced_s = _mean_seconds_together(lambda: (compute(), exchange(small, small_in)), 20)
         if rank == 0:
-            # an all-to-all over 2 ranks sends half its input
-            bandwidth = (message_bytes / p2p_s + message_bytes / 2 / a2a_s) / 2 / 1e9
-            results.put((bandwidth, latency_s * 1e6))
+            # an all-to-all over G ranks sends (G-1)/G of its input
+            sent = message_bytes * (world - 1) / world
+            bandwidth = (message_bytes / p2p_s + sent / a2a_s) / 2 / 1e9
+            sync = max(0.0, synced_s - compute_s - latency_s)
+            results.put((bandwidth, latency_s * 1e6, sync * 1e6))
     finally:
         dist.destroy_process_group()
 
 
-def measure_gloo_link(message_bytes: int = 8 * 2**20) -> tuple[float, float]:
-    """(GB/s one rank sends, one-message latency in microseconds) between two gloo ranks."""
+def measure_gloo_link(message_bytes: int = 8 * 2**20,
+                      ranks: int = 2) -> tuple[float, float, float]:
+    """(GB/s one rank sends, one-message latency in microseconds, sync microseconds) among
+    ``ranks`` gloo ranks sending at once."""
+    if ranks < 2:
+        raise ValueError(f"the link needs at least 2 ranks, got {ranks}")
     port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    processes = [ctx.Process(target=_link_worker, args=(rank, port, message_bytes, results))
-                 for rank in range(2)]
+    processes = [ctx.Process(target=_link_worker,
+                             args=(rank, ranks, port, message_bytes, results))
+                 for rank in range(ranks)]
     for p in processes:
         p.start()
     for p in processes:
@@ -111,15 +152,25 @@ def measure_gloo_link(message_bytes: int = 8 * 2**20) -> tuple[float, float]:
     return results.get()
 
 
-def measure() -> Measurements:
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask), which its ranks share."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def measure(ranks: int = 2) -> Measurements:
+    """This machine, for a plan of ``ranks`` gloo ranks on it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one rank = one thread, as in usp's CPU worlds
     try:
         matmul, attention = measure_matmul_tflops(), measure_attention_tflops()
     finally:
         torch.set_num_threads(threads)
-    bandwidth, latency = measure_gloo_link()
-    found = Measurements(matmul, attention, bandwidth, latency)
+    bandwidth, latency, sync = measure_gloo_link(ranks=max(2, ranks))
+    found = Measurements(matmul, attention, bandwidth, latency, max(2, ranks), usable_cores(),
+                         sync)
     logger.info("calibrated: %s", found)
     return found
 
@@ -128,7 +179,7 @@ def calibrated(cluster: ClusterSpec, found: Measurements) -> ClusterSpec:
     """``cluster`` with this machine's measured compute and intra-node link.
 
     Peak becomes the measured GEMM rate (so matmul efficiency is 1) and attention efficiency the
-    measured attention rate relative to it.
+    measured attention rate relative to it; the cores the ranks share are counted.
     """
     return replace(
         cluster,
@@ -138,4 +189,6 @@ def calibrated(cluster: ClusterSpec, found: Measurements) -> ClusterSpec:
         attention_efficiency=min(1.0, found.attention_tflops / found.matmul_tflops),
         intra_bandwidth_gbs=found.bandwidth_gbs,
         intra_latency_us=found.latency_us,
+        cores_per_node=found.cores,
+        sync_us=found.sync_us,
     )

@@ -41,6 +41,7 @@ def transfer_seconds(kind: str, sent: float, calls: float, placement: GroupPlace
     An all-to-all sends a separate chunk to every peer, so its chunks to same-node peers ride
     NVLink while the rest cross the network at the same time. A ring collective or a ring of
     P2P sends moves in lock-step, as fast as its slowest hop: inter-node once it spans nodes.
+    Each call also pays the cluster's ``sync_us`` once (CPU ranks sharing cores).
     """
     if sent == 0 or placement.size == 1:
         return 0.0
@@ -54,7 +55,8 @@ def transfer_seconds(kind: str, sent: float, calls: float, placement: GroupPlace
         latency = cluster.inter_latency_us
     else:
         bandwidth_time, latency = sent / inter_bw, cluster.inter_latency_us
-    return bandwidth_time + calls * latency_steps(kind, placement.size) * latency * 1e-6
+    rounds = calls * latency_steps(kind, placement.size) * latency
+    return bandwidth_time + (rounds + calls * cluster.sync_us) * 1e-6
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,8 @@ class AttentionTraffic:
     def calls(self, recompute_forward: bool = False) -> dict[str, int]:
         forwards = 2 if recompute_forward else 1
         result = dict.fromkeys(KINDS, 0)
-        if self.ulysses > 1:
-            result["all_to_all"] = 4 * forwards + 4
+        if self.ulysses > 1:  # q, k and v travel packed: two all-to-alls each way per pass
+            result["all_to_all"] = 2 * forwards + 2
         if self.ring > 1:
             # k and v travel stacked as one message; so do the fp32 dk and dv
             result["p2p"] = (self.ring - 1) * forwards + (self.ring - 1) + self.ring

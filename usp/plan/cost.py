@@ -86,10 +86,14 @@ class _Ledger:
         return transfer_seconds(kind, sent, calls, placement, self.cluster)
 
 
-def _ring_pass(compute: float, hop: float, ring: int, tail: float = 0.0) -> float:
-    """Attention of one pass split into ``ring`` steps, each hiding the next block's transfer."""
+def _ring_pass(compute: float, hop: float, ring: int, tail: float = 0.0,
+               hides: bool = True) -> float:
+    """Attention of one pass split into ``ring`` steps, each hiding the next block's transfer
+    (``hides``; else each transfer adds to the compute)."""
     if ring == 1:
         return compute
+    if not hides:
+        return compute + (ring - 1) * hop + tail
     step = compute / ring
     return (ring - 1) * max(step, hop) + step + tail
 
@@ -108,7 +112,9 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
     attention_forwards = 2 if config.checkpointing in ("full", "attention") else 1
     mlp_forwards = 2 if config.checkpointing in ("full", "selective") else 1
     mlp_share = model.mlp_linear_params / (model.attention_linear_params + model.mlp_linear_params)
-    peak, hbm = cluster.peak_tflops * 1e12, cluster.hbm_bandwidth_gbs * 1e9
+    # oversubscribed CPU ranks share cores: slower compute, and transfers that hide nothing
+    shared, hides = cluster.oversubscription, cluster.oversubscription == 1
+    peak, hbm = cluster.peak_tflops * 1e12 / shared, cluster.hbm_bandwidth_gbs * 1e9 / shared
     matmul_rate = peak * cluster.matmul_efficiency
     attention_rate = peak * cluster.attention_efficiency
 
@@ -124,7 +130,7 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
 
     # --- sequence-parallel attention: the exact traffic of usp_attention ---
     traffic = attention_traffic(s.micro_batch, seq, s.q_heads, s.kv_heads, model.head_dim, e, R, U)
-    a2a = ledger.add("all_to_all", traffic.all_to_all_forward, 4, place["ulysses"],
+    a2a = ledger.add("all_to_all", traffic.all_to_all_forward, 2, place["ulysses"],
                      repeat=runs * (attention_forwards + 1))
     # The ring's bytes are booked per pass; its time is priced per hop (one message each).
     ledger.add("p2p", attention_forwards * traffic.p2p_forward + traffic.p2p_backward, 0,
@@ -132,8 +138,8 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
                repeat=runs)
     kv_hop = transfer_seconds("p2p", traffic.ring_kv_send, 1, place["ring"], cluster)
     grad_hop = transfer_seconds("p2p", traffic.ring_grad_send, 1, place["ring"], cluster)
-    ring_fwd = _ring_pass(attention_fwd, kv_hop, R)
-    ring_bwd = _ring_pass(attention_bwd, kv_hop + grad_hop, R, tail=grad_hop)
+    ring_fwd = _ring_pass(attention_fwd, kv_hop, R, hides=hides)
+    ring_bwd = _ring_pass(attention_bwd, kv_hop + grad_hop, R, tail=grad_hop, hides=hides)
     # Each ring step merges a block into fp32 accumulators: memory-bound passes over [S/R, H/U, D].
     out_elements = s.micro_batch * s.tokens * s.q_heads * model.head_dim
     merge_fwd = (R - 1) * out_elements * (2 * 4 + e) / hbm
@@ -150,7 +156,7 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
         # Backward re-gathers the sharded inputs of the two column-parallel GEMMs for their
         # weight gradients; Megatron overlaps that gather with the input-gradient GEMMs (half of
         # the linear backward). The other collectives carry data the next GEMM needs: blocking.
-        regather = max(0.0, 2 * gather - linear_bwd / 2)
+        regather = max(0.0, 2 * gather - (linear_bwd / 2 if hides else 0.0))
         tp_fwd, tp_bwd = 2 * gather + 2 * scatter, 2 * gather + 2 * scatter + regather
     elif t > 1:
         reduce = ledger.add("all_reduce", sent_bytes("all_reduce", activation, t), 1, place["tp"],
@@ -178,6 +184,8 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
                          + (attention_forwards - 1) * ((1 - mlp_share) * linear_fwd
                                                        + attention_fwd))
     window_bwd = max(0.0, recompute_compute + compute_bwd - busy_bwd)
+    if not hides:
+        window_fwd = window_bwd = 0.0
     fsdp, sync, regather = 0.0, 0.0, 0.0
     if config.zero == 3 and shard.size > 1:
         gathered = sent_bytes("all_gather", workload.bytes.param * layer_params, shard.size)
@@ -212,6 +220,7 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
     optimizer = (psi / (shard.size if config.zero >= 1 else 1)) * OPTIMIZER_BYTES_MOVED / hbm
     step_time = (m + p - 1) * stage_time + sync + regather + optimizer
 
+    # MFU against the node's cores: peak is already a rank's share of them
     model_flops = 3 * workload.global_batch * model_flops_per_sequence(workload)
     time = {
         "compute": runs * (compute_fwd + recompute_compute + compute_bwd) + m * head_time,

@@ -122,7 +122,11 @@ class ClusterSpec:
     ``matmul_efficiency`` and ``attention_efficiency`` are the fractions of ``peak_tflops`` that
     large GEMMs and the fused attention kernel (forward + backward) reach in practice.
     ``reserved_gib`` is memory the step can never use (runtime context, communicator buffers,
-    allocator fragmentation).
+    allocator fragmentation). ``cores_per_node`` (CPU clusters; 0: every rank has its own
+    accelerator) is the cores a node's ranks share: see :attr:`oversubscription`. ``sync_us``
+    (CPU clusters; 0 elsewhere) is what one collective call adds inside a step beyond its
+    latency: every peer must be running to take part, and ranks that share cores are not all
+    running at once.
     """
 
     name: str
@@ -138,10 +142,15 @@ class ClusterSpec:
     matmul_efficiency: float
     attention_efficiency: float
     reserved_gib: float
+    cores_per_node: float = 0.0
+    sync_us: float = 0.0
 
     def __post_init__(self) -> None:
         numeric = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
         reserved = numeric.pop("reserved_gib")
+        for name in ("cores_per_node", "sync_us"):
+            if numeric.pop(name) < 0:
+                raise ValueError(f"cluster {self.name!r}: {name}={getattr(self, name)} < 0")
         _check_positive(f"cluster {self.name!r}", **numeric)
         for name in ("matmul_efficiency", "attention_efficiency"):
             if getattr(self, name) > 1:
@@ -154,6 +163,16 @@ class ClusterSpec:
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def oversubscription(self) -> float:
+        """Ranks per core on a node, when above 1 (else 1): each rank then computes at
+        ``1 / oversubscription`` of its rate, and no transfer hides under compute — moving bytes
+        through gloo is work for the same cores, and a rank that waits gives its core to another
+        rank's compute rather than overlapping its own."""
+        if not self.cores_per_node:
+            return 1.0
+        return max(1.0, min(self.gpus_per_node, self.world_size) / self.cores_per_node)
 
     @property
     def usable_bytes(self) -> float:
