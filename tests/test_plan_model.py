@@ -178,3 +178,31 @@ def test_divisibility_rules_name_the_numbers():
     assert check_config(Workload(LLAMA, SEQ, 1), cluster, ParallelConfig(ring=2, ulysses=8)) == []
     three_kv = replace(LLAMA, name="odd-kv", q_heads=24, kv_heads=3)
     assert check_config(Workload(three_kv, SEQ, 1), _one_node(8), ParallelConfig(ulysses=8))
+
+
+def test_ranks_sharing_cores_compute_slower_and_hide_no_transfer():
+    workload = Workload(get_model("tiny"), 4096, 1)
+    config = ParallelConfig(ring=2, ulysses=2)
+    own = get_cluster("cpu", gpus_per_node=4)
+    shared = replace(own, cores_per_node=2)  # 4 ranks on 2 cores
+    enough = replace(own, cores_per_node=4)
+    assert shared.oversubscription == 2 and enough.oversubscription == own.oversubscription == 1
+    base, slow = estimate(workload, own, config), estimate(workload, shared, config)
+    assert estimate(workload, enough, config).step_time == base.step_time
+    assert slow.time["compute"] == pytest.approx(2 * base.time["compute"])
+    # the ring's transfers hid under attention; on shared cores every hop adds to it
+    assert base.time["ring_exposed"] < slow.time["ring_exposed"]
+    # MFU is against the node's cores, so the same work at half the rate has the same MFU
+    assert slow.mfu == pytest.approx(base.mfu * base.step_time / slow.step_time * 2)
+
+
+def test_sync_cost_is_paid_once_per_collective_call():
+    workload = Workload(get_model("tiny"), 2048, 1)
+    cluster = get_cluster("cpu", gpus_per_node=4)
+    synced = replace(cluster, sync_us=1000.0)
+    uly = ParallelConfig(ulysses=4, zero=0)
+    extra = (estimate(workload, synced, uly).time["all_to_all"]
+             - estimate(workload, cluster, uly).time["all_to_all"])
+    calls = attention_traffic(1, 2048, 8, 4, 16, 4, 1, 4).calls()["all_to_all"]
+    layers = get_model("tiny").layers
+    assert extra == pytest.approx(layers * calls * 1000e-6)

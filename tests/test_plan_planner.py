@@ -111,11 +111,12 @@ def test_hugging_face_config_matches_the_preset(tmp_path):
 
 def test_calibration_replaces_compute_and_link_numbers():
     found = Measurements(matmul_tflops=0.05, attention_tflops=0.04, bandwidth_gbs=1.5,
-                         latency_us=80)
+                         latency_us=80, ranks=4, cores=2, sync_us=900)
     cluster = calibrated(get_cluster("cpu"), found)
     assert cluster.peak_tflops == 0.05 and cluster.matmul_efficiency == 1.0
     assert cluster.attention_efficiency == pytest.approx(0.8)
     assert cluster.intra_bandwidth_gbs == 1.5 and cluster.intra_latency_us == 80
+    assert cluster.cores_per_node == 2 and cluster.sync_us == 900
 
 
 def _run(argv: list[str]) -> int:
