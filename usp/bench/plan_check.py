@@ -42,6 +42,15 @@ LAYOUTS = {
     "dp2": dict(dp=2),
 }
 GRID_LAYOUTS = ("uly4", "ring2xuly2", "tp2xring2", "dp2xuly2", "pp2xring2", "pp2xtp2")
+# ``--features``: each memory feature of usp train on a layout where it matters, as
+# (layout, ac, loss, tiled_mlp, grad_accum); the vocabulary-parallel loss needs tp
+FEATURES = (
+    ("uly4", "none", "chunked", 0, 1), ("tp2xring2", "none", "vocab_parallel", 0, 1),
+    ("pp2xtp2", "none", "vocab_parallel", 0, 1), ("ring2xuly2", "none", "full", 512, 1),
+    ("dp2xuly2", "attention", "full", 0, 1), ("uly4", "none", "full", 0, 2),
+)
+# usp train's loss names -> the planner's
+PLANNER_LOSS = {"full": "gathered", "chunked": "chunked", "vocab_parallel": "vocab-parallel"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,9 @@ class Row:
     layout: str
     ac: str = "none"
     micro_batch: int = 1
+    loss: str = "full"  # usp train --loss
+    tiled_mlp: int = 0  # usp train --tiled-mlp
+    grad_accum: int = 1  # usp train --grad-accum (pp 1 only)
 
     def degrees(self) -> dict[str, int]:
         degrees = dict(dp=1, tp=1, pp=1, ring=1, ulysses=1)
@@ -69,21 +81,27 @@ class Row:
     @property
     def global_batch(self) -> int:
         d = self.degrees()  # usp train: one micro-batch per pipeline stage
-        return d["dp"] * d["pp"] * self.micro_batch
+        return d["dp"] * d["pp"] * self.micro_batch * self.grad_accum
 
     def config(self) -> ParallelConfig:
         """The planner's configuration that ``usp train`` runs for this row."""
         d = self.degrees()
         fsdp = d["dp"] * d["ring"] * d["ulysses"] > 1
-        return ParallelConfig(**d, zero=3 if fsdp else 0, micro_batches=d["pp"],
-                              checkpointing=self.ac)
+        if self.grad_accum > 1 and d["pp"] > 1:
+            raise ValueError(f"{self.label()}: grad_accum > 1 is checked with pp 1 only")
+        return ParallelConfig(**d, zero=3 if fsdp else 0,
+                              micro_batches=d["pp"] * self.grad_accum, checkpointing=self.ac,
+                              loss=PLANNER_LOSS[self.loss], mlp_tile=self.tiled_mlp)
 
     def workload(self) -> Workload:
         return Workload(get_model(self.model), self.seq_len, self.global_batch,
                         precision="fp32")
 
     def label(self) -> str:
-        return f"{self.model} S={self.seq_len} {self.layout} ac={self.ac}"
+        features = "".join([f" loss={self.loss}" if self.loss != "full" else "",
+                            f" tile={self.tiled_mlp}" if self.tiled_mlp else "",
+                            f" accum={self.grad_accum}" if self.grad_accum > 1 else ""])
+        return f"{self.model} S={self.seq_len} {self.layout} ac={self.ac}{features}"
 
 
 @contextlib.contextmanager
@@ -112,7 +130,8 @@ def train_records(row: Row, steps: int) -> list[dict]:
             model=row.model, seq_len=row.seq_len, global_batch=row.global_batch, steps=steps,
             synthetic=True, out=out, progress=False, nproc=row.world_size, warmup=1,
             ckpt_every=0, ac=row.ac, dp=d["dp"], tp=d["tp"], pp=d["pp"], ring=d["ring"],
-            ulysses=d["ulysses"], device="cpu",
+            ulysses=d["ulysses"], device="cpu", loss=row.loss, tiled_mlp=row.tiled_mlp,
+            grad_accum=row.grad_accum,
         )
         validate(config, config.nproc)
         return launch_elastic(config)

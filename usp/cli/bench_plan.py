@@ -2,6 +2,7 @@
 
     usp bench plan                          # memory: predicted vs measured per-rank peak
     usp bench plan --grid full              # every model x length x layout x checkpointing
+    usp bench plan --features               # memory, each memory feature of usp train
     usp bench plan --pick                   # does the calibrated planner pick the fastest?
 """
 
@@ -36,11 +37,20 @@ def register_plan(bench_subparsers) -> None:
     parser.add_argument("--pick", action="store_true",
                         help="calibrate, predict each layout's step time, run them all, "
                         "compare the pick with the measured fastest (one case per model x length)")
+    parser.add_argument("--features", action="store_true",
+                        help="memory: instead of the layout grid, each memory feature of usp "
+                        "train (chunked and vocab-parallel loss, tiled MLP, attention "
+                        "checkpointing, gradient accumulation) on a layout, per model, the "
+                        "lengths taken in turn")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.set_defaults(func=run)
 
 
 def rows(args) -> list[plan_check.Row]:
+    if args.features:
+        lengths = itertools.cycle(args.seq_lens)
+        return [plan_check.Row(m, next(lengths), layout, ac, 1, loss, tile, accum)
+                for m in args.models for layout, ac, loss, tile, accum in plan_check.FEATURES]
     if args.grid == "full":
         return [plan_check.Row(m, s, layout, ac) for m, s, layout, ac in itertools.product(
             args.models, args.seq_lens, args.layouts, args.ac)]
