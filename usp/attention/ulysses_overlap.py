@@ -13,10 +13,12 @@ attention backward and the posting of its q/k/v gradients' exchange run before t
 each exchange travelling under the next chunk's backward. Every rank builds the same graph, so
 every rank posts the same collectives in the same order.
 
-The heads are independent, so each chunk is exactly the attention of its heads: the result is
-the one of :func:`usp.attention.ulysses.ulysses_around` bit for bit. When a rank holds a single
-kv head shared by several chunks (GQA with ``Hkv <= U``), that kv head travels once, with the
-first chunk, and the backward returns its gradient with the first chunk's.
+The heads are independent, so each chunk is exactly the attention of its heads, and the output
+is :func:`usp.attention.ulysses.ulysses_around`'s. When a rank holds a single kv head shared by
+several chunks (GQA with ``Hkv <= U``), that kv head travels once, with the first chunk, and the
+backward returns its gradient with the first chunk's, summed over the chunks in fp32 (so in 16-bit
+dtypes dk and dv round differently from one kernel over all the heads; the tests hold them to
+the same bound against fp64).
 """
 
 from __future__ import annotations
