@@ -155,8 +155,17 @@ def _world(rank: int, world_size: int, files: dict, out: str) -> dict:
                                 resume=f"{out}/llama/checkpoints/step_000002", **llama))
     qwen3 = train(TrainConfig(out=f"{out}/qwen3", hf_model=files["qwen3"], dp=2, ulysses=2,
                               pack=False, ckpt_every=0, **{**common, "steps": 1}))
+    # pipeline stages (pp 2 x ulysses 2, one decoder layer each): loaded from the files, and
+    # resumed from the ring 2 x ulysses 2 run's checkpoint
+    staged = {**llama, "ring": 1, "pp": 2}
+    stage_loaded = _loaded_equals_saved(files, "llama", {"pp": 2, "ulysses": 2})
+    piped = train(TrainConfig(out=f"{out}/llama-pp", ckpt_every=0, **staged))
+    piped_resumed = train(TrainConfig(out=f"{out}/llama-pp-resumed", ckpt_every=0,
+                                      resume=f"{out}/llama/checkpoints/step_000002", **staged))
     return {"loaded": loaded, "straight": [r["loss"] for r in straight],
-            "resumed": [r["loss"] for r in resumed], "qwen3": [r["loss"] for r in qwen3]}
+            "resumed": [r["loss"] for r in resumed], "qwen3": [r["loss"] for r in qwen3],
+            "stage_loaded": stage_loaded, "piped": [r["loss"] for r in piped],
+            "piped_resumed": [r["loss"] for r in piped_resumed]}
 
 
 def test_fine_tune_from_local_files_matches_transformers(files, tmp_path):
@@ -175,6 +184,13 @@ def test_fine_tune_from_local_files_matches_transformers(files, tmp_path):
         assert error <= bound, (name, losses[0], reference64, reference32)
     assert results[0]["resumed"] == results[0]["straight"][2:]
     assert all(r["straight"] == results[0]["straight"] for r in results)
+    straight = torch.tensor(results[0]["straight"], dtype=torch.float64)
+    for result in results:  # every stage holds its own layers, read from the files
+        assert not result["stage_loaded"]["differing"], result["stage_loaded"]["differing"]
+    piped = torch.tensor(results[0]["piped"], dtype=torch.float64)
+    resumed = torch.tensor(results[0]["piped_resumed"], dtype=torch.float64)
+    torch.testing.assert_close(piped, straight, rtol=1e-5, atol=0)
+    torch.testing.assert_close(resumed, straight[2:], rtol=1e-5, atol=0)
 
 
 def test_bf16_weights_load_into_fp32_parameters_in_one_process(files, tmp_path):

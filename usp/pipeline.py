@@ -85,6 +85,8 @@ class Pipeline:
 
     def __init__(self, stage_module: nn.Module, topology: Topology, device: torch.device,
                  microbatches: int, schedule: str = "1f1b", loss: LossHead = LossHead()) -> None:
+        """``stage_module``: ``usp.parallelize``'s stage of a model whose ``hidden_size`` (the
+        width of the residual stream stages exchange) and ``vocab_size`` it reads."""
         self.module = stage_module
         self.loss = loss  # how the last stage meets the output projection (usp.losses)
         self.topology = topology
@@ -112,15 +114,15 @@ class Pipeline:
         key = (batch, seq, dtype)
         if key not in self._schedules:
             check_pipeline(self.num_stages, batch, self.microbatches, self.schedule_name)
-            config = self.module.config
+            width, vocab = self.module.hidden_size, self.module.vocab_size
             micro = batch // self.microbatches
             tp = self.topology.size("tp")
-            # stage boundaries carry the residual stream: [B_mb, S_local / tp, dim]
+            # stage boundaries carry the residual stream: [B_mb, S_local / tp, hidden]
             # (requires_grad: a stage sends back the gradient of what it received)
-            hidden = torch.empty(micro, seq // tp, config.dim, dtype=dtype, device="meta",
+            hidden = torch.empty(micro, seq // tp, width, dtype=dtype, device="meta",
                                  requires_grad=True)
             ids = torch.empty(micro, seq, dtype=input_ids.dtype, device="meta")
-            size = self.loss.output_size(config.vocab_size, config.dim, tp)
+            size = self.loss.output_size(vocab, width, tp)
             logits = torch.empty(micro, seq, size, dtype=torch.float32, device="meta")
             stage = PipelineStage(
                 self.module, self.stage_index, self.num_stages, self.device,

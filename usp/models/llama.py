@@ -196,6 +196,15 @@ class Llama(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.init_weights(seed=0)
 
+    @property
+    def hidden_size(self) -> int:
+        """The residual stream's width (what pipeline stages exchange)."""
+        return self.config.dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 documents: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
         """``input_ids, position_ids [B, S] -> logits [B, S, vocab]`` (at least fp32).

@@ -6,8 +6,10 @@
   :class:`HFCausalLM`, whose ``forward(input_ids, position_ids) -> logits`` is the interface of
   ``usp.models.Llama``, so ``usp train`` runs either with the same loop.
 - :data:`HF_PLAN`: what ``usp.parallelize`` needs to know of these models: attention
-  (``"usp"`` on the topology through a :class:`USPContext`), the MLP at ``.mlp``. Tensor and
-  pipeline parallelism are not offered for them (ValueError).
+  (``"usp"`` on the topology through a :class:`USPContext`), the MLP at ``.mlp``, and the
+  pipeline stage (:func:`keep_hf_stage`: the stage's decoder layers keep their indices, the
+  others become pass-throughs without parameters). Tensor parallelism is not offered for them
+  (ValueError).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from usp.models import init
 from usp.training.data import BYTE_VOCAB_SIZE
 from usp.integrations.transformers import ATTENTION_NAME, USPContext, check_config
 from usp.parallel import ModelPlan
+from usp.pipeline import stage_layer_names
 from usp.topology import AXES, Topology
 
 logger = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ def validate_hf_config(
             f"{min_vocab_size} token ids of the training data; use vocab_size >= {min_vocab_size}"
         )
     check_config(config, topology)
+    check_stages(config, topology)
     return config
 
 
@@ -127,19 +131,33 @@ class HFCausalLM(nn.Module):
         return self.model.config
 
     @property
-    def layers(self) -> nn.ModuleList:
-        """The decoder layers (what ``usp.parallel.apply_fsdp`` shards one by one)."""
-        return self.model.base_model.layers
+    def layers(self) -> nn.ModuleDict:
+        """This rank's decoder layers by global index (what ``usp.parallel`` shards and
+        checkpoints one by one; a pipeline stage's pass-throughs left out)."""
+        return nn.ModuleDict({str(i): layer for i, layer in enumerate(self.model.base_model.layers)
+                              if not isinstance(layer, _OtherStage)})
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 documents: torch.Tensor | None = None) -> torch.Tensor:
-        if input_ids.shape != position_ids.shape:
+        """``input_ids [B, S]`` (or, on a pipeline stage after the first, the previous stage's
+        hidden states ``[B, S, hidden]``) -> logits (the hidden states before the last stage)."""
+        if input_ids.shape[:2] != position_ids.shape:
             raise ValueError(
                 f"input_ids {tuple(input_ids.shape)} and position_ids "
                 f"{tuple(position_ids.shape)} must have the same [B, S] shape"
             )
+        given = ({"inputs_embeds": input_ids} if input_ids.is_floating_point()
+                 else {"input_ids": input_ids})
         logits = self.model(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False,
+            **given, position_ids=position_ids, use_cache=False,
             usp_context=self.context, usp_documents=documents,
         ).logits
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -203,6 +221,46 @@ def build_hf_causal_lm(
 
 def _check(model: HFCausalLM, topology: Topology) -> None:
     check_config(model.config, topology)
+    check_stages(model.config, topology)
+
+
+def check_stages(config: PretrainedConfig, topology: Topology) -> None:
+    """Raise ValueError, naming the numbers, unless ``config`` can be cut into ``pp`` stages."""
+    pp, layers = topology.size("pp"), config.num_hidden_layers
+    if pp > 1 and layers < pp:
+        raise ValueError(f"num_hidden_layers={layers} < pp={pp}: every pipeline stage needs a layer")
+    if pp > 1 and getattr(config, "tie_word_embeddings", False):
+        raise ValueError(
+            "tie_word_embeddings with pp > 1: the embedding (first stage) and the output "
+            "projection (last stage) would live on different ranks; untie them or use pp=1"
+        )
+
+
+class _OtherStage(nn.Module):
+    """A decoder layer that another pipeline stage holds: the hidden states pass through."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def keep_hf_stage(model: HFCausalLM, topology: Topology) -> HFCausalLM:
+    """Cut ``model`` to this rank's pipeline stage, in place. The stage's decoder layers keep
+    their place (and so their names: checkpoints do not depend on pp); the others become
+    pass-throughs. The first stage keeps the embedding, the last the final norm and the output
+    projection; the stages between take the hidden states as ``inputs_embeds`` (an
+    architecture that scales its embeddings does so in the embedding module, on the first)."""
+    pp, stage = topology.size("pp"), topology.rank("pp")
+    base = model.model.base_model
+    keep = set(stage_layer_names(len(base.layers), pp, stage))
+    for index in range(len(base.layers)):
+        if str(index) not in keep:
+            base.layers[index] = _OtherStage()
+    if stage != 0:
+        base.embed_tokens = None
+    if stage != pp - 1:
+        base.norm = nn.Identity()
+        model.model.set_output_embeddings(nn.Identity())
+    return model
 
 
 def _use_attention(model: HFCausalLM, topology: Topology, layout: str, kernel: str) -> None:
@@ -220,5 +278,6 @@ def _mlp(layer: nn.Module) -> nn.Module:
 
 
 HF_PLAN = ModelPlan(
-    check=_check, use_attention=_use_attention, tensor_parallel=None, keep_stage=None, mlp=_mlp
+    check=_check, use_attention=_use_attention, tensor_parallel=None, keep_stage=keep_hf_stage,
+    mlp=_mlp
 )

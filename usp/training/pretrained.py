@@ -117,10 +117,10 @@ def read_headers(files: list[Path], weight_map: dict | None) -> dict[str, Stored
 
 
 def expected_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], set[str]]:
-    """The checkpoint names and global shapes of ``model``'s state (an HFCausalLM, built or
-    parallelised), and the names that only alias another tensor (a tied output projection)."""
+    """The checkpoint names and global shapes of ``model``'s state (a transformers model, built
+    or parallelised), and the names that only alias another tensor (a tied output projection)."""
     expected, aliases, seen = {}, set(), set()
-    for key, tensor in model.model.state_dict(keep_vars=True).items():
+    for key, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) in seen:
             aliases.add(key)
         else:
@@ -129,13 +129,23 @@ def expected_tensors(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], set[
     return expected, aliases
 
 
+def _whole(model: nn.Module) -> nn.Module:
+    """The whole transformers model ``model`` (an HFCausalLM, perhaps one pipeline stage of it)
+    is built from, as a skeleton on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model.config, dtype=model.model.dtype)
+
+
 def check_pretrained(directory: str, model: nn.Module) -> dict[str, StoredTensor]:
-    """Check that ``directory``'s safetensors hold exactly ``model``'s tensors and shapes."""
+    """Check that ``directory``'s safetensors hold exactly the tensors and shapes of the whole
+    model ``model`` belongs to; returns those ``model`` holds (a pipeline stage holds some)."""
     path = Path(directory)
     if not path.is_dir():
         raise ValueError(f"--hf-model {directory!r} is not a directory")
     stored = read_headers(*weight_files(path))
-    expected, aliases = expected_tensors(model)
+    expected, aliases = expected_tensors(_whole(model))
     ignored = {key for key in stored if key in aliases or key.endswith(COMPUTED_BUFFERS)}
     problems = []
     missing = sorted(set(expected) - set(stored))
@@ -151,7 +161,8 @@ def check_pretrained(directory: str, model: nn.Module) -> dict[str, StoredTensor
     if problems:
         raise ValueError(f"--hf-model {directory} does not fit the model its config.json "
                          "describes: " + "; ".join(problems))
-    return {key: stored[key] for key in expected}
+    held, _ = expected_tensors(model.model)
+    return {key: stored[key] for key in held}
 
 
 class _CheckedReader(HuggingFaceStorageReader):
