@@ -105,9 +105,9 @@ def stage_memory(workload: Workload, config: ParallelConfig, stage: int) -> dict
     optimizer and activations at the moment of the peak (docs/cost-model.md §4).
 
     Three moments compete: the first backward (every in-flight micro-batch's activations, model
-    states sharded), a later backward of a pipeline (FSDP does not reshard or reduce between the
-    micro-batches of a pipeline schedule, so the stage's parameters and gradients are whole) and
-    the optimizer step (all gradients, no activations).
+    states sharded), a later micro-batch's backward (FSDP does not reduce between micro-batches,
+    so the gradients are whole; a pipeline schedule does not reshard either, so its stage's
+    parameters are whole too) and the optimizer step (all gradients, no activations).
     """
     precision, s = workload.bytes, shapes(workload, config)
     states = model_states(workload, config, stage)
@@ -139,7 +139,9 @@ def stage_memory(workload: Workload, config: ParallelConfig, stage: int) -> dict
                 "optimizer": optimizer, "activations": first * per_micro_batch + transient}]
     if config.micro_batches > 1:
         whole = config.pp > 1  # pipeline schedules run FSDP without resharding or reducing
-        accumulated = precision.grad * psi if whole else states["gradients"]
+        # gradient accumulation defers FSDP's reduce-scatter to the last micro-batch
+        # (set_requires_gradient_sync): until then each GPU holds whole gradients
+        accumulated = precision.grad * psi if whole or fsdp else states["gradients"]
         moments.append({
             "parameters": precision.param * psi + (params if whole and fsdp else 0.0)
             if whole else params + gathered,
