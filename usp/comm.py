@@ -144,17 +144,16 @@ def _all_to_all(x: Tensor, group: dist.ProcessGroup, scatter_dim: int, gather_di
 
 def exchange_all_to_all(send: Tensor, group: dist.ProcessGroup) -> Tensor:
     """``send [G, ..]``: slice g goes to rank g; returns ``recv [G, ..]``, slice g from rank g."""
-    world = dist.get_world_size(group)
-    recv = torch.empty_like(send)
-    record("all_to_all", nbytes(send) * (world - 1) // world)
+    recv, work = post_all_to_all(send, group)
     with record_function("usp::all_to_all.exchange"):
-        dist.all_to_all_single(recv, send, group=group)
+        work.wait()
     return recv
 
 
 def post_all_to_all(send: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, dist.Work]:
-    """:func:`exchange_all_to_all` posted, not waited for: ``(recv, work)``; ``recv`` holds the
-    received slices once ``work.wait()`` returns (on CUDA: once the stream that waited runs on)."""
+    """:func:`exchange_all_to_all`, posted and not waited for: ``(recv, work)``; ``recv`` holds
+    the received slices once ``work.wait()`` returns (on CUDA: once the stream that waited runs
+    on)."""
     world = dist.get_world_size(group)
     recv = torch.empty_like(send)
     record("all_to_all", nbytes(send) * (world - 1) // world)
