@@ -76,33 +76,90 @@ def test_sdpa_adapters_match_torch_op_schemas_on_fake_cuda(name, heads, kv_heads
         assert forward[1].shape[2] == kv_heads
 
 
-@pytest.mark.parametrize("band,n_q,n_k,box,window,causal", [
-    # (usp band, block, the visible box the op runs on, flash's bottom-right window, causal flag)
-    (Band(-3, 0), 16, 16, (16, 16), (3, 0), False),       # a sliding window
-    (Band(None, -1), 16, 16, (15, 15), (-1, -1), True),   # stripe: strictly lower -> trimmed
-    (Band(None, 0), 8, 16, (8, 8), (-1, -1), True),       # top-left causal, keys beyond cut
-    (Band(None, 0), 16, 8, (16, 8), (-1, 8), False),      # top-left causal, more queries
-    (Band(2, 6), 16, 16, (14, 14), (0, 4), False),        # a band above the diagonal
-])
-def test_bands_reach_flash_as_bottom_right_windows_on_their_visible_box(band, n_q, n_k, box,
-                                                                        window, causal):
+def test_a_band_flash_runs_whole_binds_its_window_to_the_op_schema():
+    """A sliding window on a square block reaches torch's FlashAttention-2 op as one call whose
+    window keywords bind to the real schema (fake CUDA tensors)."""
     with FakeTensorMode(), RecordAttentionOps() as recorded:
-        q = torch.empty(1, n_q, 2, 64, device="cuda", dtype=torch.bfloat16)
-        k = torch.empty(1, n_k, 2, 64, device="cuda", dtype=torch.bfloat16)
-        out, lse = KERNELS["cuda_flash"].forward(q, k, k, band, 0.125)
-        assert out.shape == q.shape and lse.shape == (1, 2, n_q)
-    func, args, kwargs = recorded.calls[0]
-    assert (args[0].shape[1], args[1].shape[1]) == box
-    assert (kwargs["window_size_left"], kwargs["window_size_right"]) == window
-    assert args[8] is causal
-
-
-def test_kernels_without_windows_refuse_bands_and_auto_avoids_them():
-    with FakeTensorMode():
         q = torch.empty(1, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
-        with pytest.raises(ValueError, match="'cuda_efficient' runs full and causal blocks only"):
-            KERNELS["cuda_efficient"].forward(q, q, q, Band(-3, 0), 0.125)
-    assert KERNELS["cuda_flash"].bands and not KERNELS["cuda_cudnn"].bands
+        out, lse = KERNELS["cuda_flash"].forward(q, q, q, Band(-3, 0), 0.125)
+        assert out.shape == q.shape and lse.shape == (1, 2, 16)
+    (func, args, kwargs), = recorded.calls
+    assert (kwargs["window_size_left"], kwargs["window_size_right"]) == (3, 0)
+    assert args[8] is False  # is_causal
+
+
+class RecordCalls:
+    """Torch's FlashAttention-2 stand-ins, recording (rows, keys, causal, window) per forward."""
+
+    def __init__(self):
+        self.calls = []
+        self._flash_attention_backward = flash_attn_standins.aten_flash_backward
+
+    def _flash_attention_forward(self, *args, **kwargs):
+        self.calls.append((args[0].shape[1], args[1].shape[1], args[8],
+                           (kwargs["window_size_left"], kwargs["window_size_right"])))
+        return flash_attn_standins.aten_flash_forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("band,n_q,n_k,calls", [
+    # (usp band, block, the op calls it becomes: rows, keys, causal flag, bottom-right window)
+    (Band(-3, 0), 16, 16, [(16, 16, False, (3, 0))]),          # a sliding window: one call
+    (Band(None, -1), 16, 16, [(15, 15, True, (-1, -1))]),      # stripe: strictly lower -> trimmed
+    (Band(None, 0), 8, 16, [(8, 8, True, (-1, -1))]),          # top-left causal, keys beyond cut
+    (Band(2, 6), 16, 16, [(14, 14, False, (0, 4))]),           # a band above the diagonal
+    # top-left causal with more rows than keys: FlashAttention-2 turns the window (-1, 8) into
+    # full attention, so the rows run in chunks of 8: a causal square, then rows seeing all
+    (Band(None, 0), 16, 8, [(8, 8, True, (-1, -1)), (8, 8, False, (-1, -1))]),
+    # a lower band on 32 x 16: the right side would be -1 -> seqlen_k, short of the last key
+    (Band(-4, None), 32, 16, [(16, 16, False, (4, -1)), (4, 4, False, (0, -1))]),
+])
+def test_bands_reach_torch_flash_as_windows_that_mean_them(monkeypatch, band, n_q, n_k, calls):
+    from usp.attention.kernels import sdpa
+
+    recorder = RecordCalls()
+    monkeypatch.setattr(sdpa, "aten", recorder)
+    q, k, v, dout = _block_inputs(n_q, n_k)
+    out, lse = KERNELS["cuda_flash"].forward(q, k, v, band, 0.125)
+    assert recorder.calls == calls
+    _assert_matches_math(KERNELS["cuda_flash"], band, q, k, v, dout, out, lse)
+
+
+def _block_inputs(n_q, n_k, heads=4, kv_heads=2, head_dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda s, h: torch.randn(1, s, h, head_dim, generator=g, dtype=torch.float64)  # noqa: E731
+    return make(n_q, heads), make(n_k, kv_heads), make(n_k, kv_heads), make(n_q, heads)
+
+
+def _assert_matches_math(kernel, mask, q, k, v, dout, out=None, lse=None, scale=0.125):
+    if out is None:
+        out, lse = kernel.forward(q, k, v, mask, scale)
+    ref_out, ref_lse = math_forward(q, k, v, mask, scale)
+    # the ops' lse is fp32: parts merge with fp32 weights
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "rows that see no key differ"
+    torch.testing.assert_close(lse.double().masked_fill(empty, 0), ref_lse.masked_fill(empty, 0),
+                               atol=1e-5, rtol=0)  # the lse leaves as fp32
+    grads = kernel.backward(dout, q, k, v, out, lse, mask, scale)
+    ref_grads = math_backward(dout, q, k, v, ref_out, ref_lse, mask, scale)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["cuda_efficient", "cuda_cudnn"])
+@pytest.mark.parametrize("band,n_q,n_k", [
+    (Band(-3, 0), 16, 16), (Band(None, -1), 16, 16), (Band(None, 0), 16, 8),
+    (Band(2, 6), 16, 16), (Band(-4, None), 32, 16), (Band(-9, 2), 40, 24), (Band(0, None), 8, 8),
+])
+def test_kernels_without_windows_run_bands_as_full_and_causal_squares(monkeypatch, name, band,
+                                                                       n_q, n_k):
+    """Memory-efficient and cuDNN attention have no window: bands reach them as full blocks and
+    causal squares only (the stand-in refuses anything else), and the result is the band's."""
+    from usp.attention.kernels import sdpa
+
+    monkeypatch.setattr(sdpa, "aten", flash_attn_standins.ATEN_NO_WINDOW)
+    q, k, v, dout = _block_inputs(n_q, n_k)
+    _assert_matches_math(KERNELS[name], band, q, k, v, dout)
 
 
 def _inputs(heads=4, kv_heads=2, seq=24, head_dim=20, seed=0):
@@ -111,24 +168,47 @@ def _inputs(heads=4, kv_heads=2, seq=24, head_dim=20, seed=0):
     return make(heads), make(kv_heads), make(kv_heads), make(heads)
 
 
-@pytest.mark.parametrize("generation", sorted(flash_attn_standins.GENERATIONS))
-@pytest.mark.parametrize("causal", [True, False, Band(-5, 0), Band(None, -1), Band(-7, 3)])
-def test_flash_attn_adapter_calls_every_api_generation_by_name(monkeypatch, generation, causal):
-    forward, backward = flash_attn_standins.GENERATIONS[generation]
+def _install(monkeypatch, generation):
+    forward, backward, version_3 = flash_attn_standins.GENERATIONS[generation]
     interface = flash_attn_standins.module("standin", forward, backward)
-    kernel = FLASH_ATTN_3 if generation == "v3" else FLASH_ATTN
-    module_name = "flash_attn_interface" if generation == "v3" else "flash_attn.flash_attn_interface"
+    module_name = "flash_attn_interface" if version_3 else "flash_attn.flash_attn_interface"
     monkeypatch.setitem(sys.modules, module_name, interface)
-    q, k, v, dout = _inputs()
-    scale = default_scale(q.shape[-1], None)
-    out, lse = kernel.forward(q, k, v, causal, scale)
-    grads = kernel.backward(dout, q, k, v, out, lse, causal, scale)
-    ref_out, ref_lse = math_forward(q, k, v, causal, scale)
-    ref_grads = math_backward(dout, q, k, v, ref_out, ref_lse, causal, scale)
-    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=0)  # the lse leaves as fp32
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    return FLASH_ATTN_3 if version_3 else FLASH_ATTN
+
+
+@pytest.mark.parametrize("generation", sorted(flash_attn_standins.GENERATIONS))
+@pytest.mark.parametrize("mask,n_q,n_k", [
+    (True, 24, 24), (False, 24, 24), (Band(-5, 0), 24, 24), (Band(None, -1), 24, 24),
+    (Band(-7, 3), 24, 24), (Band(None, 0), 40, 16), (Band(-6, None), 40, 16),
+    (Band(-9, 2), 16, 40),
+])
+def test_flash_attn_adapter_calls_every_api_generation_by_meaning(monkeypatch, generation, mask,
+                                                                   n_q, n_k):
+    """Each release's calling convention and its own window rules: causal reaches the backward
+    of every FlashAttention-3 signature (``causal`` or ``is_causal``), and windows mean the band
+    on blocks with more rows than keys too."""
+    kernel = _install(monkeypatch, generation)
+    q, k, v, dout = _block_inputs(n_q, n_k, head_dim=20)
+    _assert_matches_math(kernel, mask, q, k, v, dout, scale=default_scale(20, None))
+
+
+def test_a_flash_attn_meaning_without_a_parameter_is_an_error_at_the_probe(monkeypatch):
+    """A release whose backward takes no causal flag under any known name must not run with the
+    flag dropped: the call raises, so the probe refuses the kernel and says why."""
+    def backward_without_causal(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale,
+                                window_size_left=-1, window_size_right=-1):
+        raise AssertionError("called with the causal flag dropped")
+
+    interface = flash_attn_standins.module("standin", flash_attn_standins.fa3_head_forward,
+                                           backward_without_causal)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", interface)
+    q, k, v, dout = _block_inputs(24, 24)
+    out, lse = FLASH_ATTN_3.forward(q, k, v, True, 0.125)
+    with pytest.raises(ValueError, match="has no parameter for 'causal'"):
+        FLASH_ATTN_3.backward(dout, q, k, v, out, lse, True, 0.125)
+    monkeypatch.setattr(registry, "_probes", {})
+    reason = registry.probe(FLASH_ATTN_3, torch.float64, torch.device("cpu"), 16)
+    assert reason is not None and "has no parameter for 'causal'" in reason
 
 
 def test_flash_attn_custom_op_signature_is_read_through_the_wrapped_function():

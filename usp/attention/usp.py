@@ -144,7 +144,7 @@ def usp_attention(
         mask = _attention_mask(q, topology, layout, mask, causal, window, documents,
                                cu_seqlens, padding_mask, seq_len)
         _check_collective_device(q, topology)
-        chosen = resolve_kernel(kernel, q, bands=mask.window is not None)
+        chosen = resolve_kernel(kernel, q)
         if not isinstance(head_chunks, int) or head_chunks < 1:
             raise ValueError(f"head_chunks={head_chunks!r} must be an integer >= 1")
     except ValueError as exc:

@@ -68,7 +68,7 @@ class _Forward:
             raise ValueError("packed documents are not supported in generation")
         self.cache.store(layer, k[:, :self.new_rows], v[:, :self.new_rows])
         if self.kernel is None:
-            self.kernel = resolve_kernel(self.kernel_name, q, bands=True)
+            self.kernel = resolve_kernel(self.kernel_name, q)
         if self.mode == "usp":
             return usp_attention(q, k, v, self.topology, causal=True, layout=self.cache.layout,
                                  seq_len=self.seq_len, kernel=self.kernel)

@@ -58,7 +58,7 @@ class GenerationContext(USPContext):
         # [B, H, T, D] -> [B, T, H, D]
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))
         if self._kernel is None:
-            self._kernel = resolve_kernel(self.kernel, query, bands=True)
+            self._kernel = resolve_kernel(self.kernel, query)
         if request.cached == 0:  # the prompt: this rank's shard through usp_attention
             length = query.shape[1]
             shards = [shard_sequence(t, self.topology, self.layout) for t in (query, key, value)]

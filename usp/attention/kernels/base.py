@@ -34,8 +34,11 @@ class Kernel:
 
     ``device_type`` is ``"cpu"``, ``"cuda"`` or ``"any"``. ``load`` raises ValueError when the
     kernel's optional package cannot be imported (checked lazily, when the kernel is asked for).
-    ``bands``: the kernel runs any :class:`Band`; without it, only ``False`` and ``True`` on square
-    blocks (the CUDA kernels whose ops have no window).
+    ``max_head_dim``: the largest head dim it runs (None: any).
+    ``bands``: the kernel runs any :class:`Band` (every kernel usp ships does: those whose ops
+    take no window cut bands into full and causal blocks). A kernel without it runs only
+    ``False`` and ``True`` on square blocks; :func:`usp.attention.kernels.resolve_kernel` wraps
+    it so that it runs any band the same way (:mod:`usp.attention.kernels.bands`).
     ``upcast_half_backward``: the ring runs this kernel's backward in fp32 for fp16/bf16 inputs,
     because its half-precision partial gradients lose too much when R of them are summed (the CPU
     flash kernel, measured); CUDA kernels keep their half-precision backward and the ring sums
@@ -50,6 +53,7 @@ class Kernel:
     load: Callable[[], None] | None = None
     upcast_half_backward: bool = False
     bands: bool = True
+    max_head_dim: int | None = None
 
     def check(self, q: Tensor) -> None:
         """Raise ValueError unless this kernel can run on tensors like ``q``."""
@@ -61,6 +65,11 @@ class Kernel:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             raise ValueError(
                 f"kernel {self.name!r} supports {names}, not {q.dtype}; use kernel='math' for it"
+            )
+        if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
+            raise ValueError(
+                f"kernel {self.name!r} supports head dims up to {self.max_head_dim}, got "
+                f"{q.shape[-1]}; use another kernel (kernel='auto' finds one)"
             )
         if self.load is not None:
             self.load()

@@ -1,6 +1,6 @@
 """The glue between usp's kernel contract (``base``) and the CUDA attention ops.
 
-The ops differ in four ways, and this module absorbs all of them so that each backend's adapter is
+The ops differ in five ways, and this module absorbs all of them so that each backend's adapter is
 only the op call itself, checkable against the op's schema line by line:
 
 - **head dim**: the fused kernels need it to be a multiple of 8. q, k, v (and dout, out) are
@@ -13,6 +13,10 @@ only the op call itself, checkable against the op's schema line by line:
   from their own adapter.
 - **no dummy tensors**: adapters pass ``None`` where the op means "no tensor". A defined but empty
   tensor selects another branch of the kernel (variable-length input, a bias, nested tensors).
+- **masks**: an op gets only what it applies exactly: full blocks, causal squares, and windows
+  where its own rewriting rules keep their meaning (:func:`flash2_runs`, :func:`flash3_runs`);
+  any other band is cut into such parts (:mod:`usp.attention.kernels.bands`). No row reaches an
+  op with no visible key (FlashAttention-2 would return lse = +inf for it).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from usp.attention.kernels.bands import Native, run_any_band
 from usp.attention.kernels.base import HALF, Kernel, expand_kv, reduce_kv_grad
-from usp.mask import Band, as_band, is_causal_square, shifted, visible_box
+from usp.mask import Band
 
 Tensor = torch.Tensor
 HEAD_DIM_MULTIPLE = 8
@@ -58,10 +63,40 @@ def normalise_lse(lse: Tensor, batch: int, heads: int, seq: int) -> Tensor:
 class OpMask:
     """A mask as the fused ops take it: a causal flag and a window ``(left, right)``, -1 for
     unbounded, both aligned bottom-right (query ``i`` of ``n_q`` sees key ``j`` of ``n_k`` iff
-    ``-left <= j - i - (n_k - n_q) <= right``)."""
+    ``-left <= j - i - (n_k - n_q) <= right``) — what the window *means*; each op's own rules
+    for rewriting it are in :func:`flash2_runs` and :func:`flash3_runs`."""
 
     causal: bool
     window: tuple[int, int] = (-1, -1)
+
+
+def window_of(band: Band, n_q: int, n_k: int) -> tuple[int, int]:
+    """The bottom-right window ``(left, right)`` that means ``band`` on an ``n_q x n_k`` block."""
+    shift = n_k - n_q  # usp's bands count from the top-left corner, the ops' from the bottom-right
+    return (-1 if band.lo is None else shift - band.lo, -1 if band.hi is None else band.hi - shift)
+
+
+def flash2_runs(band: Band, n_q: int, n_k: int) -> bool:
+    """True when FlashAttention-2 (torch's bundled copy and flash-attn 2.x) applies
+    :func:`window_of` ``band`` as meant on a trimmed ``n_q x n_k`` block.
+
+    Its forward first turns a side ``>= n_k`` into -1 (unbounded) — its backward does not — and
+    both then turn an unbounded side next to a bounded one into ``n_k``. The left side's ``n_k``
+    always reaches key 0, but the right side's ``n_k`` stops row ``i`` at key
+    ``i + 2 n_k - n_q``, short of the last key when ``n_q > n_k + 1``; and a right side ``>= n_k``
+    means different masks in the forward and the backward. Such blocks run in chunks of rows
+    (:func:`usp.attention.kernels.bands.split_band`).
+    """
+    left, right = window_of(band, n_q, n_k)
+    if left >= n_k or right >= n_k:
+        return False
+    return not (right < 0 <= left and n_q > n_k + 1)
+
+
+def flash3_runs(band: Band, n_q: int, n_k: int) -> bool:
+    """FlashAttention-3 turns a left side ``>= n_k - 1`` and a right side ``>= n_q - 1`` into
+    unbounded ones and an unbounded side into exactly those: every window means what it says."""
+    return True
 
 
 @dataclass(frozen=True)
@@ -70,107 +105,59 @@ class OpAdapter:
 
     ``forward(q, k, v, mask: OpMask, scale) -> (out, lse in the op's own shape)``;
     ``backward(dout, q, k, v, out, lse [B, H, S] fp32, mask: OpMask, scale) -> (dq, dk, dv)``.
-    ``windows``: the op takes a window (without it, only full and causal square blocks).
+    ``window_rule(band, n_q, n_k)``: True when the op runs that band as a window exactly
+    (:func:`flash2_runs`, :func:`flash3_runs`); None: the op has no window, and bands run as
+    full and causal blocks (:mod:`usp.attention.kernels.bands`).
     """
 
     forward: Callable
     backward: Callable
     native_gqa: bool
     max_head_dim: int | None = None
-    windows: bool = False
+    window_rule: Native | None = None
 
 
-def op_mask(name: str, adapter: OpAdapter, band: Band | None, n_q: int, n_k: int) -> OpMask:
-    """The op's causal flag and window for ``band`` on a block trimmed to what it sees (so both
-    window sides are >= 0; usp's bands count from the top-left corner, the ops' from the
-    bottom-right one)."""
-    if band is None:
-        return OpMask(False)
-    if is_causal_square(band, n_q, n_k):
-        return OpMask(True)
-    if not adapter.windows:
-        raise ValueError(
-            f"kernel {name!r} runs full and causal blocks only; this block needs a band (a "
-            "sliding window, document boundaries or the stripe layout's strictly lower blocks): "
-            "use kernel='cuda_flash', 'flash_attn' or 'auto'"
-        )
-    shift = n_k - n_q
-    return OpMask(False, (-1 if band.lo is None else shift - band.lo,
-                          -1 if band.hi is None else band.hi - shift))
-
-
-def _check_head_dim(name: str, adapter: OpAdapter, head_dim: int) -> None:
-    if adapter.max_head_dim is not None and head_dim > adapter.max_head_dim:
-        raise ValueError(
-            f"kernel {name!r} supports head dims up to {adapter.max_head_dim}, got {head_dim}; "
-            "use another kernel (kernel='cuda_efficient' or 'math')"
-        )
+def op_mask(mask: "bool | Band", n_q: int, n_k: int) -> OpMask:
+    """The op's causal flag and window for one part (:class:`~usp.attention.kernels.bands.Part`):
+    False (every key), True (a causal square) or a band the op runs natively."""
+    if isinstance(mask, bool):
+        return OpMask(mask)
+    return OpMask(False, window_of(mask, n_q, n_k))
 
 
 def cuda_kernel(name: str, dtypes: tuple[torch.dtype, ...], adapter: OpAdapter,
                 load: Callable[[], None] | None = None) -> Kernel:
-    """A :class:`Kernel` running ``adapter`` on CUDA tensors through the shared glue. A block
-    whose band hides whole rows or columns runs on its visible box; the rest stays output 0,
-    lse -inf and zero gradient."""
+    """A :class:`Kernel` running ``adapter`` on CUDA tensors through the shared glue. Any band
+    runs: the op gets only parts whose mask it applies exactly (:func:`split_band` with the op's
+    window rule); rows no part reaches keep output 0, lse -inf and zero gradient."""
 
-    def run_forward(q: Tensor, k: Tensor, v: Tensor, band: Band | None, scale: float):
+    def op_forward(q: Tensor, k: Tensor, v: Tensor, mask: "bool | Band", scale: float):
         batch, seq, heads, head_dim = q.shape
-        mask = op_mask(name, adapter, band, seq, k.shape[1])
+        call_mask = op_mask(mask, seq, k.shape[1])
         q, k, v = (pad_head_dim(t) for t in (q, k, v))
         if not adapter.native_gqa:
             k, v = expand_kv(k, heads), expand_kv(v, heads)
-        out, lse = adapter.forward(q, k, v, mask, scale)
+        out, lse = adapter.forward(q, k, v, call_mask, scale)
         return out.narrow(-1, 0, head_dim), normalise_lse(lse, batch, heads, seq)
 
-    def run_backward(dout, q, k, v, out, lse, band: Band | None, scale: float):
+    def op_backward(dout, q, k, v, out, lse, mask: "bool | Band", scale: float):
         head_dim, n_kv = q.shape[-1], k.shape[2]
-        mask = op_mask(name, adapter, band, q.shape[1], k.shape[1])
+        call_mask = op_mask(mask, q.shape[1], k.shape[1])
         dout, q, k, v, out = (pad_head_dim(t) for t in (dout, q, k, v, out))
         if not adapter.native_gqa:
             k, v = expand_kv(k, q.shape[2]), expand_kv(v, q.shape[2])
         # the fused backwards read dout and lse assuming contiguous rows
         dq, dk, dv = adapter.backward(contiguous(dout), q, k, v, out, contiguous(lse.float()),
-                                      mask, scale)
+                                      call_mask, scale)
         dq, dk, dv = (t.narrow(-1, 0, head_dim) for t in (dq, dk, dv))
         if not adapter.native_gqa:
             dk, dv = reduce_kv_grad(dk, n_kv), reduce_kv_grad(dv, n_kv)
         return dq, dk, dv
 
-    def forward(q: Tensor, k: Tensor, v: Tensor, mask: "bool | Band", scale: float):
-        _check_head_dim(name, adapter, q.shape[-1])
-        band = as_band(mask, q.shape[1], k.shape[1])
-        box = visible_box(band, q.shape[1], k.shape[1])
-        if box == (0, q.shape[1], 0, k.shape[1]):
-            return run_forward(q, k, v, band, scale)
-        if box is None:  # nothing visible: output 0, lse -inf
-            return (torch.zeros_like(q),
-                    torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"),
-                               device=q.device))
-        r0, r1, c0, c1 = box
-        out, lse = run_forward(q.narrow(1, r0, r1 - r0), k.narrow(1, c0, c1 - c0),
-                               v.narrow(1, c0, c1 - c0), shifted(band, r0, c0), scale)
-        rows = (r0, q.shape[1] - r1)  # padding back to every row: out 0, lse -inf
-        return (F.pad(out, (0, 0, 0, 0, *rows)),
-                F.pad(lse, rows, value=float("-inf")))
-
-    def backward(dout, q, k, v, out, lse, mask: "bool | Band", scale: float):
-        _check_head_dim(name, adapter, q.shape[-1])
-        band = as_band(mask, q.shape[1], k.shape[1])
-        box = visible_box(band, q.shape[1], k.shape[1])
-        if box == (0, q.shape[1], 0, k.shape[1]):
-            return run_backward(dout, q, k, v, out, lse, band, scale)
-        if box is None:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        r0, r1, c0, c1 = box
-        dq, dk, dv = run_backward(
-            dout.narrow(1, r0, r1 - r0), q.narrow(1, r0, r1 - r0), k.narrow(1, c0, c1 - c0),
-            v.narrow(1, c0, c1 - c0), out.narrow(1, r0, r1 - r0), lse.narrow(2, r0, r1 - r0),
-            shifted(band, r0, c0), scale)
-        rows, cols = (r0, q.shape[1] - r1), (c0, k.shape[1] - c1)
-        return (F.pad(dq, (0, 0, 0, 0, *rows)), F.pad(dk, (0, 0, 0, 0, *cols)),
-                F.pad(dv, (0, 0, 0, 0, *cols)))
-
-    return Kernel(name, "cuda", dtypes, forward, backward, load=load, bands=adapter.windows)
+    forward, backward = run_any_band(op_forward, op_backward, adapter.window_rule)
+    return Kernel(name, "cuda", dtypes, forward, backward, load=load,
+                  max_head_dim=adapter.max_head_dim)
 
 
-__all__ = ["HALF", "OpAdapter", "OpMask", "cuda_kernel", "normalise_lse", "pad_head_dim"]
+__all__ = ["HALF", "OpAdapter", "OpMask", "cuda_kernel", "flash2_runs", "flash3_runs",
+           "normalise_lse", "op_mask", "pad_head_dim", "window_of"]

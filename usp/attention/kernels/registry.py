@@ -1,14 +1,17 @@
 """Which kernel runs: the registry of named kernels, and ``auto``, which cannot crash a run.
 
 ``auto`` tries the candidates for the tensors' device in order of speed and takes the first whose
-**probe** passes: a tiny causal, non-causal and (for kernels that take them) band-masked
-forward+backward with GQA at the caller's dtype and head dim, compared with the math reference.
-When the call needs bands (sliding windows, documents, the stripe layout) only kernels that run
-them are candidates. A kernel that is missing (flash-attn not installed),
-does not load (an extension built for another torch), raises, or returns wrong numbers is skipped,
-and the choice is logged with the reason for every skip. Probes run once per (kernel, dtype,
-device, head dim) in a process. A kernel the caller names explicitly is probed too, and a failure
-is a ValueError saying why, at the first call rather than deep inside a ring step.
+**probe** passes: tiny forward+backward calls with GQA at the caller's dtype and head dim, compared
+with the math reference, over every kind of block a ring schedule hands a kernel — causal and full
+squares, blocks with more query rows than keys and fewer, causal cuts of non-square blocks (packed
+documents, padding, the stripe layout), lower and upper bands and sliding windows. Every kernel runs
+every band (kernels whose ops have no window get bands as full and causal parts,
+:mod:`usp.attention.kernels.bands`), so a kernel chosen for a call never refuses one of its pieces
+in the middle of a ring. A kernel that is missing (flash-attn not installed), does not load (an
+extension built for another torch), raises, or returns wrong numbers is skipped, and the choice is
+logged with the reason for every skip. Probes run once per (kernel, dtype, device, head dim) in a
+process. A kernel the caller names explicitly is probed too, and a failure is a ValueError saying
+why, at the first call rather than deep inside a ring step.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import logging
 
 import torch
 
+from usp.attention.kernels.bands import banded
 from usp.attention.kernels.base import Kernel, default_scale
-from usp.mask import Band
+from usp.mask import CAUSAL, Band
 from usp.attention.kernels.cpu import CPU_FLASH
 from usp.attention.kernels.flash_attn import FLASH_ATTN, FLASH_ATTN_3
 from usp.attention.kernels.reference import MATH, math_backward, math_forward
@@ -37,23 +41,31 @@ AUTO_ORDER = {
 # probe tolerance, relative to the reference's largest magnitude: a wrong kernel is off by O(1)
 PROBE_TOLERANCE = {torch.float64: 1e-8, torch.float32: 2e-3, torch.bfloat16: 6e-2,
                    torch.float16: 1e-2}
-PROBE_SHAPE = (1, 72, 4, 2)  # batch, sequence (not a multiple of 32 or 64), q heads, kv heads
-PROBE_BAND = Band(-9, 2)  # a window on both sides
+PROBE_HEADS = (1, 4, 2)  # batch, q heads, kv heads (GQA)
+# (query rows, keys, mask): lengths not multiples of 32 or 64; squares causal and full, a window
+# on both sides, causal cuts of non-square blocks both ways, an upper band (keys j >= i + 3, the
+# lower edge of a window) and a strictly lower band with rows past the keys
+PROBE_BLOCKS = (
+    (72, 72, True), (72, 72, False), (72, 72, Band(-9, 2)), (72, 40, CAUSAL), (40, 72, CAUSAL),
+    (72, 40, Band(3, None)), (56, 24, Band(-20, -1)),
+)
 _probes: dict[tuple, str | None] = {}
 _announced: set[tuple] = set()
 
 
 def _probe_failure(kernel: Kernel, dtype: torch.dtype, device: torch.device,
                    head_dim: int) -> str | None:
-    """None when ``kernel`` runs and is right on a tiny problem like the caller's, else why not."""
-    batch, seq, heads, kv_heads = PROBE_SHAPE
+    """None when ``kernel`` runs and is right on tiny problems like the caller's, else why not."""
+    kernel = banded(kernel)
+    batch, heads, kv_heads = PROBE_HEADS
     generator = torch.Generator().manual_seed(0)
-    make = lambda h: torch.randn(batch, seq, h, head_dim, generator=generator)  # noqa: E731
-    q, k, v, dout = make(heads), make(kv_heads), make(kv_heads), make(heads)
+    make = lambda s, h: torch.randn(batch, s, h, head_dim, generator=generator)  # noqa: E731
     scale = default_scale(head_dim, None)
     try:
         with torch.autocast(device.type, enabled=False), torch.no_grad():
-            for mask in (True, False) + ((PROBE_BAND,) if kernel.bands else ()):
+            for n_q, n_k, mask in PROBE_BLOCKS:
+                q, k, v, dout = make(n_q, heads), make(n_k, kv_heads), make(n_k, kv_heads), make(
+                    n_q, heads)
                 inputs = [t.to(device=device, dtype=dtype) for t in (q, k, v, dout)]
                 out, lse = kernel.forward(*inputs[:3], mask, scale)
                 grads = kernel.backward(inputs[3], *inputs[:3], out, lse, mask, scale)
@@ -64,10 +76,14 @@ def _probe_failure(kernel: Kernel, dtype: torch.dtype, device: torch.device,
                                           (out, lse, *grads), (ref_out, ref_lse, *ref_grads)):
                     if tuple(got.shape) != tuple(ref.shape):
                         return f"{name} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-                    error = (got.double() - ref).abs().max().item()
-                    bound = PROBE_TOLERANCE[dtype] * (1.0 + ref.abs().max().item())
+                    # rows that see no key: lse -inf in both (inf - inf is NaN, so compare apart)
+                    both_empty = torch.isneginf(ref) & torch.isneginf(got.double())
+                    error = (got.double() - ref).masked_fill(both_empty, 0).abs().max().item()
+                    bound = PROBE_TOLERANCE[dtype] * (1.0 + ref.masked_fill(
+                        torch.isinf(ref), 0).abs().max().item())
                     if not error <= bound:  # also catches NaN
-                        return f"{name} is off by {error:.3g} (> {bound:.3g}) with mask {mask}"
+                        return (f"{name} is off by {error:.3g} (> {bound:.3g}) on a {n_q} x {n_k} "
+                                f"block with mask {mask}")
     except Exception as exc:  # any failure of an optional kernel means: do not use it
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
@@ -96,14 +112,12 @@ def _is_fake(q: Tensor) -> bool:
     return q.device.type == "meta" or is_fake(q)
 
 
-def _auto(q: Tensor, bands: bool) -> Kernel:
+def _auto(q: Tensor) -> Kernel:
     order = AUTO_ORDER.get(q.device.type, ("math",))
     skipped = []
     for name in order:
         kernel = KERNELS[name]
         reason = _static_failure(kernel, q)
-        if reason is None and bands and not kernel.bands:
-            reason = "no band masks (windows, documents, stripe)"
         if reason is None and not _is_fake(q):
             reason = probe(kernel, q.dtype, q.device, q.shape[-1])
         if reason is None:
@@ -113,7 +127,7 @@ def _auto(q: Tensor, bands: bool) -> Kernel:
                 logger.info("kernel auto: %s for %s on %s, head dim %d%s", name, q.dtype,
                             q.device, q.shape[-1],
                             "".join(f"; skipped {n} ({why})" for n, why in skipped))
-            return kernel
+            return banded(kernel)
         skipped.append((name, reason))
     raise ValueError(
         f"no attention kernel works for {q.dtype} on {q.device} with head dim {q.shape[-1]}: "
@@ -121,30 +135,24 @@ def _auto(q: Tensor, bands: bool) -> Kernel:
     )
 
 
-def resolve_kernel(name: "str | Kernel", q: Tensor, bands: bool = False) -> Kernel:
+def resolve_kernel(name: "str | Kernel", q: Tensor) -> Kernel:
     """The kernel called ``name`` for tensors like ``q``; ``"auto"`` picks the best that works.
 
-    ``bands``: the call needs band masks. A :class:`Kernel` instance (your own kernel, or a
-    wrapped one) is checked against q's device and dtype and used as it is.
+    A :class:`Kernel` instance (your own kernel, or a wrapped one) is checked against q's device
+    and dtype and used as it is. The kernel returned runs every mask a ring hands it (a kernel
+    with ``bands=False`` comes back wrapped by :func:`usp.attention.kernels.bands.banded`).
     """
-    kernel = name if isinstance(name, Kernel) else KERNELS.get(name)
     if name == "auto":
-        return _auto(q, bands)
+        return _auto(q)
+    kernel = name if isinstance(name, Kernel) else KERNELS.get(name)
     if kernel is None:
         raise ValueError(f"unknown kernel {name!r}; choose 'auto' or one of {sorted(KERNELS)}")
     kernel.check(q)
-    if bands and not kernel.bands:
-        raise ValueError(
-            f"kernel {kernel.name!r} runs full and causal blocks only, and this call needs band "
-            "masks (a sliding window, documents, padding or the stripe layout); use kernel='auto'"
-        )
-    if isinstance(name, Kernel):
-        return kernel
-    if not _is_fake(q):
+    if not isinstance(name, Kernel) and not _is_fake(q):
         reason = probe(kernel, q.dtype, q.device, q.shape[-1])
         if reason is not None:
             raise ValueError(
                 f"kernel {name!r} fails on {q.dtype} with head dim {q.shape[-1]} on {q.device}: "
                 f"{reason}; use kernel='auto' to fall back to one that works"
             )
-    return kernel
+    return banded(kernel)

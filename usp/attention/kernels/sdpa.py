@@ -9,7 +9,8 @@ Each adapter is the op call and nothing else; the comment above it is the op's s
 - philox seed/offset: dropout is 0, so the kernels never read them; the backward gets zeros of the
   dtype its forward returns (the ring does not keep each block forward's values).
 - Masks arrive as the ops take them (``glue.OpMask``: a causal flag and a bottom-right aligned
-  window). Only FlashAttention-2 has a window; the other two run full and causal square blocks.
+  window). Only FlashAttention-2 has a window (under its own rewriting rules, ``glue.flash2_runs``);
+  the other two get full blocks and causal squares, the parts any band is cut into.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from usp.attention.kernels.glue import HALF, OpAdapter, OpMask, cuda_kernel
+from usp.attention.kernels.glue import HALF, OpAdapter, OpMask, cuda_kernel, flash2_runs
 
 Tensor = torch.Tensor
 aten = torch.ops.aten
@@ -114,7 +115,8 @@ def cudnn_backward(dout, q, k, v, out, lse, mask: OpMask, scale: float):
 
 CUDA_FLASH = cuda_kernel(
     "cuda_flash", HALF,
-    OpAdapter(flash_forward, flash_backward, native_gqa=True, max_head_dim=256, windows=True)
+    OpAdapter(flash_forward, flash_backward, native_gqa=True, max_head_dim=256,
+              window_rule=flash2_runs)
 )
 CUDA_EFFICIENT = cuda_kernel(
     "cuda_efficient", (torch.float32,) + HALF,
