@@ -55,13 +55,69 @@ def bad_inputs(rank: int, world_size: int) -> list[str]:
             lambda: attention(x(4, 4), x(4, 4), x(4, 4), topology,
                               documents=torch.tensor([0, 1, 0] + [2] * 13)), "contiguous run"),
     ]
+    messages += malformed_masks(topology)
     messages += rank_dependent_inputs(rank, topology, pure_ring)
     # after all of that, the ranks are still in step: a real call works
     q = torch.randn(1, 4, 4, 8)
     usp.usp_attention(q, q, q, topology, causal=True)
     check_from_mesh_and_module()
     check_strided_and_nan_inputs(pure_ring)
+    check_windows_beyond_the_sequence(topology)
     return messages
+
+
+def malformed_masks(topology) -> list[str]:
+    """Mask arguments of the wrong type, dtype, shape or range: a ValueError naming the argument,
+    never a truncation (5.9 -> 5), a rounding (2.7 -> 2) or a silent padding of a short mask."""
+    x = torch.zeros(1, 4, 4, 8)
+
+    def call(**mask):
+        return lambda: usp.usp_attention(x, x, x, topology, **mask)
+
+    return [
+        _expect_value_error(call(cu_seqlens=torch.tensor([0, 5.9, 16.0])), "cu_seqlens",
+                            "integers", "float32"),
+        _expect_value_error(call(cu_seqlens=[0, 5.9, 16]), "cu_seqlens", "integers"),
+        _expect_value_error(call(documents=torch.full((16,), 0.7)), "documents", "integers"),
+        _expect_value_error(call(documents="abc"), "documents", "'abc'"),
+        _expect_value_error(call(documents=torch.zeros(16, dtype=torch.int64, device="meta")),
+                            "documents", "meta"),
+        _expect_value_error(call(documents=torch.zeros(2, 2, 16, dtype=torch.int64)),
+                            "documents", "(2, 2, 16)"),
+        _expect_value_error(call(documents=torch.full((16,), -3)), "documents", "-3"),
+        _expect_value_error(call(window=(2.7, 0)), "window=(2.7, 0)", "int"),
+        _expect_value_error(call(window=(float("inf"), 0)), "window", "int"),
+        _expect_value_error(call(window=(True, 0)), "window", "int"),
+        _expect_value_error(call(window=3), "window=3", "pair"),
+        _expect_value_error(call(window=(-2, 0)), "window=(-2, 0)", ">= 0"),
+        _expect_value_error(call(padding_mask=torch.ones(1, 10, dtype=torch.bool)),
+                            "padding_mask covers 10 positions", "16"),
+        _expect_value_error(call(padding_mask=torch.tensor(True)), "padding_mask", "[B, S]"),
+        _expect_value_error(call(padding_mask=torch.full((1, 16), 0.5)), "padding_mask",
+                            "integers"),
+        _expect_value_error(call(padding_mask=torch.full((1, 16), 2)), "padding_mask", "1/0"),
+        _expect_value_error(call(causal="yes"), "causal='yes'"),
+        _expect_value_error(call(mask="causal"), "usp.AttentionMask"),
+    ]
+
+
+def check_windows_beyond_the_sequence(topology) -> None:
+    """Window sides near the integer limit mean every key: full attention, exactly."""
+    import sys
+
+    from tests.attention_cases import reference
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v, dout = (torch.randn(1, 16, 4, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    expected = reference(q, k, v, dout, causal=False)
+    shard = lambda t: usp.shard_sequence(t, topology, "zigzag")  # noqa: E731
+    for window in ((sys.maxsize, sys.maxsize), (-1, 2 ** 63 - 1), (2 ** 63 - 1, -1)):
+        leaves = [shard(t).requires_grad_() for t in (q, k, v)]
+        out = usp.usp_attention(*leaves, topology, window=window)
+        out.backward(shard(dout))
+        for got, want in zip((out, *(t.grad for t in leaves)), expected):
+            torch.testing.assert_close(got, shard(want), atol=1e-10, rtol=0,
+                                       msg=lambda m: f"window={window}: {m}")
 
 
 def rank_dependent_inputs(rank: int, topology, pure_ring) -> list[str]:
@@ -91,7 +147,33 @@ def rank_dependent_inputs(rank: int, topology, pure_ring) -> list[str]:
         _expect_value_error(
             lambda: attention(x(4), x(4), x(4), topology, softmax_scale=float("nan")),
             "softmax_scale=nan", "finite"),
-    ]
+        # an exception that is no ValueError, on one rank only, reaches every rank too
+        _expect_value_error(
+            lambda: attention(x(4), x(4), x(4), topology,
+                              softmax_scale="abc" if rank == 2 else None),
+            "TypeError", "rank 2"),
+    ] + late_disagreements(rank, topology)
+
+
+def late_disagreements(rank: int, topology) -> list[str]:
+    """Ranks that agreed on two calls before, then pass one each: the agreement runs every call,
+    so they get the same ValueError instead of entering different collectives."""
+    x = torch.zeros(1, 4, 4, 8)
+    first = rank == 0
+    calls = {
+        "documents": ({"cu_seqlens": torch.tensor([0, 5, 16])},
+                      {"cu_seqlens": torch.tensor([0, 9, 16])}),
+        "window": ({"window": (2, 0)}, {"window": (3, 0)}),
+        "causal": ({"causal": True}, {"causal": False}),
+    }
+    messages = []
+    for field, (one, other) in calls.items():
+        usp.usp_attention(x, x, x, topology, **one)  # both agreed, every rank alike
+        usp.usp_attention(x, x, x, topology, **other)
+        messages.append(_expect_value_error(
+            lambda: usp.usp_attention(x, x, x, topology, **(one if first else other)),
+            "disagree", field, "on ranks [0]", "on ranks [1, 2, 3]"))
+    return messages
 
 
 def check_strided_and_nan_inputs(pure_ring) -> None:

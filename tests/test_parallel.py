@@ -162,11 +162,38 @@ def _loss_curve(topology: Topology | None, steps: int) -> list[float]:
     return losses
 
 
+def _mask_builds_per_step(topology: Topology) -> int:
+    """How many times one forward+backward with packed documents builds the attention mask,
+    with 3 layers recomputed in the backward (full activation checkpointing)."""
+    from usp.mask import AttentionMask
+
+    builds = []
+    build = AttentionMask.build.__func__
+
+    def counted(cls, *args, **kwargs):
+        builds.append(1)
+        return build(cls, *args, **kwargs)
+
+    AttentionMask.build = classmethod(counted)
+    try:
+        model = parallelize(_model(False, n_layers=3), topology, layout="stripe",
+                            activation_checkpointing="full")
+        batch, labels = _rank_batch(topology, "stripe", documents=True)
+        logits = model(batch["input_ids"], batch["position_ids"], batch["documents"])
+        global_mean_cross_entropy(logits, labels, topology).backward()
+    finally:
+        AttentionMask.build = classmethod(build)
+    return len(builds)
+
+
 def _world(rank: int, world_size: int) -> dict:
     references = {(tie, documents): (_reference(tie, torch.float64, documents),
                                      _reference(tie, torch.float32, documents))
                   for tie in (False, True) for documents in (False, True)}
     failures = collect_failures(CASES, lambda case: _check_one_step(rank, references, case))
+    builds = _mask_builds_per_step(Topology.build(ring=2, ulysses=2))
+    if builds != 1:  # every layer and the recompute reuse the step's mask (no host sync each)
+        failures.append(f"the attention mask was built {builds} times in one step of 3 layers")
     reference_curve = torch.tensor(_loss_curve(None, 10))
     curve = torch.tensor(_loss_curve(Topology.build(ring=2, ulysses=2), 10))
     relative = ((curve - reference_curve).abs() / reference_curve.abs()).max().item()

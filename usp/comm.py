@@ -67,8 +67,10 @@ def nbytes(x: Tensor) -> int:
 
 
 def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """Where ``group``'s collectives take their tensors: the current CUDA device for NCCL, else CPU."""
-    if "nccl" in str(dist.get_backend(group)):
+    """Where ``group``'s collectives take their tensors: CPU where its backend takes them (gloo,
+    also beside NCCL as ``cuda:nccl,cpu:gloo``), else the current CUDA device (NCCL alone)."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "gloo" not in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -81,7 +83,9 @@ def agree(group: dist.ProcessGroup | None, description: dict, error: str | None)
     A rank that rejects its input alone would leave the others waiting in the next collective,
     and ranks that disagree on a flag compute a silently wrong result, so this runs before the
     first collective of a call. Cost: one all-gather of two int64 per rank; the descriptions and
-    messages themselves are gathered only when something is wrong, to say what and where.
+    messages themselves are gathered only when something is wrong, to say what and where. The
+    descriptions are compared by a digest of their ``repr``: give them values whose repr says
+    what they are (numbers, strings, tuples, digests of tensors), never tensors themselves.
     """
     if group is None or dist.get_world_size(group) == 1:
         if error is not None:

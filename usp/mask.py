@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from usp.mask_args import cumulative_lengths, document_ids, token_flags, window_sides
+
 Tensor = torch.Tensor
 NOT_A_TOKEN = -1
 
@@ -94,30 +96,13 @@ def is_causal_square(band: Band | None, n_q: int, n_k: int) -> bool:
 
 
 # ------------------------------------------------------------------------- the global sequence
-def documents_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
+def documents_from_cu_seqlens(cu_seqlens, seq_len: int) -> Tensor:
     """Document ids ``[S]`` from flash-attn's cumulative lengths ``[0, l0, l0 + l1, ..., total]``;
     positions past ``total`` are no token."""
-    cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).flatten().cpu()
-    if cu.numel() < 2 or cu[0] != 0 or bool((cu[1:] < cu[:-1]).any()) or cu[-1] > seq_len:
-        raise ValueError(
-            f"cu_seqlens must rise from 0 to at most the sequence length {seq_len}; got "
-            f"{cu.tolist()[:8]}{'...' if cu.numel() > 8 else ''}"
-        )
+    cu = cumulative_lengths(cu_seqlens, seq_len)
     lengths = cu[1:] - cu[:-1]
     ids = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
     return torch.cat([ids, torch.full((seq_len - ids.numel(),), NOT_A_TOKEN)])
-
-
-def _check_window(window) -> tuple[int, int] | None:
-    if window is None:
-        return None
-    try:
-        left, right = (int(w) for w in window)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"window={window!r} must be a pair (left, right) of ints") from exc
-    if left < -1 or right < -1:
-        raise ValueError(f"window={window!r}: each side must be >= 0, or -1 for unbounded")
-    return left, right
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,33 +123,46 @@ class AttentionMask:
     def build(cls, seq_len: int, *, causal: bool = False, window=None, documents=None,
               cu_seqlens=None, padding_mask=None, real_len: int | None = None) -> "AttentionMask":
         """From what a caller has: ``documents`` (an id per position, ``[S]`` or ``[B, S]``) or
-        flash-attn's ``cu_seqlens``; ``padding_mask`` ``[B, S]`` (True or 1 = a token, as Hugging
-        Face passes it); ``real_len``: the real length when the layout padded the sequence to
-        ``seq_len`` slots. Positions the inputs do not reach are no token."""
-        window = _check_window(window)
+        flash-attn's ``cu_seqlens``; ``padding_mask`` ``[S]`` or ``[B, S]`` (True or 1 = a token,
+        as Hugging Face passes it); ``real_len``: the real length when the layout padded the
+        sequence to ``seq_len`` slots (per-position arguments then cover ``real_len`` or
+        ``seq_len`` positions). Every argument is checked (:mod:`usp.mask_args`): a ValueError
+        names what is wrong; nothing is rounded or padded silently."""
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal={causal!r} must be True or False")
+        real_len = seq_len if real_len is None else real_len
+        lengths = (real_len, seq_len)
+        window = window_sides(window, real_len)
         if window is not None and causal:
             window = (window[0], 0)  # causal: nothing to the right
+        if window == (-1, -1) or (causal and window is not None and window[0] == -1):
+            window = None  # a window that reaches past both ends (or causal's own) is none
         if documents is not None and cu_seqlens is not None:
             raise ValueError("pass documents (an id per position) or cu_seqlens, not both")
         ids = None
         if cu_seqlens is not None:
-            ids = documents_from_cu_seqlens(cu_seqlens, real_len or seq_len)
+            ids = documents_from_cu_seqlens(cu_seqlens, real_len)[None]
         elif documents is not None:
-            ids = torch.as_tensor(documents).cpu().to(torch.int64)
-        if ids is not None:
-            ids = _to_length(ids.reshape(-1, ids.shape[-1]), seq_len, "documents")
+            ids = document_ids(documents, lengths)
         if padding_mask is not None:
-            padding = _to_length(torch.as_tensor(padding_mask).cpu().reshape(
-                -1, torch.as_tensor(padding_mask).shape[-1]).bool(), seq_len, "padding_mask",
-                fill=False)
-            ids = torch.zeros(padding.shape, dtype=torch.int64) if ids is None else ids
-            ids = torch.where(padding, ids.expand(padding.shape[0], -1), NOT_A_TOKEN)
-        if real_len is not None and real_len < seq_len:
+            padding = token_flags(padding_mask, lengths)
+            if ids is None:
+                ids = torch.zeros(padding.shape, dtype=torch.int64)
+            elif ids.shape[-1] != padding.shape[-1]:  # one covers the real length, one the slots
+                ids, padding = _to_length(ids, seq_len), _to_length(padding, seq_len, fill=False)
+            if 1 not in (ids.shape[0], padding.shape[0]) and ids.shape[0] != padding.shape[0]:
+                raise ValueError(f"documents have {ids.shape[0]} batch rows, padding_mask "
+                                 f"{padding.shape[0]}: give one row for all, or one per row")
+            rows = max(ids.shape[0], padding.shape[0])
+            ids = torch.where(padding.expand(rows, -1), ids.expand(rows, -1), NOT_A_TOKEN)
+        if ids is not None:
+            ids = _to_length(ids, seq_len)  # the slots the layout added are no token
+        if real_len < seq_len:
             ids = torch.zeros(1, seq_len, dtype=torch.int64) if ids is None else ids.clone()
             ids[:, real_len:] = NOT_A_TOKEN
         if ids is not None:
             _check_contiguous(ids)
-        return cls(seq_len, bool(causal), window, ids)
+        return cls(seq_len, causal, window, ids)
 
     # ---------------------------------------------------------------------- queries
     @property
@@ -228,10 +226,9 @@ class AttentionMask:
         return (keys[None, :] >= first[:, None]) & (keys[None, :] <= last[:, None])
 
 
-def _to_length(values: Tensor, seq_len: int, name: str, fill=NOT_A_TOKEN) -> Tensor:
-    """``[B, L]`` -> ``[B, seq_len]``: shorter rows are padded with ``fill`` (no token)."""
-    if values.shape[-1] > seq_len:
-        raise ValueError(f"{name} covers {values.shape[-1]} positions, the sequence has {seq_len}")
+def _to_length(values: Tensor, seq_len: int, fill=NOT_A_TOKEN) -> Tensor:
+    """``[B, L]`` -> ``[B, seq_len]`` (``L`` is the real length or ``seq_len``, checked by
+    :mod:`usp.mask_args`): the slots the layout added past the real length get ``fill``."""
     if values.shape[-1] == seq_len:
         return values
     pad = torch.full((values.shape[0], seq_len - values.shape[-1]), fill, dtype=values.dtype)

@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 
 AXES = ("pp", "dp", "ring", "ulysses", "tp")
 PLACEMENTS = ("head-first", "context-first")
-AGREED_CALLS_KEPT = 1024  # distinct call descriptions remembered per topology
 
 
 def _mesh_axis_order(placement: str) -> tuple[str, ...]:
@@ -55,7 +54,7 @@ class Topology:
     placement: str = "head-first"
     _groups: dict[str, dist.ProcessGroup] = field(default_factory=dict, repr=False)
     _flat_meshes: dict[tuple[str, ...], DeviceMesh] = field(default_factory=dict, repr=False)
-    _agreed_calls: set = field(default_factory=set, repr=False)
+    _control_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.sizes) - set(AXES))
@@ -224,23 +223,40 @@ class Topology:
     def world_size(self) -> int:
         return self.sizes["pp"] * self.sizes["dp"] * self.sequence_size * self.sizes["tp"]
 
-    def agree_on_call(self, description: dict, error: str | None) -> None:
+    def agree_on_call(self, description: dict, error: "BaseException | str | None") -> None:
         """Make the sequence group's ranks agree on one call (:func:`usp.comm.agree`): the same
-        ValueError on every rank if any rank has an ``error`` or the descriptions differ.
+        ValueError on every rank if any rank has an ``error`` (any exception its checks raised)
+        or the descriptions differ.
 
-        A description agreed once is remembered, so a training loop pays for one tiny all-gather
-        per distinct call (per shape change), not per step. Ranks see the same sequence of calls,
-        so their memories stay equal.
+        It runs on **every** call, before the call's first collective: ranks that agreed on a
+        description before may disagree on the next call (a different ``cu_seqlens`` on one
+        rank), and trusting a memory of it would send them into different collectives. The
+        cost is one all-gather of two int64 per rank over :attr:`control_group`, on the host.
         """
-        key = tuple(sorted(description.items()))
-        if key in self._agreed_calls:
-            if error is not None:  # every rank agreed on this call before: the input decides it
-                raise ValueError(error)
-            return
-        agree(self.sequence_group if self.sequence_size > 1 else None, description, error)
-        if len(self._agreed_calls) >= AGREED_CALLS_KEPT:
-            self._agreed_calls.clear()
-        self._agreed_calls.add(key)
+        message = None
+        if isinstance(error, ValueError):
+            message = str(error)
+        elif isinstance(error, BaseException):
+            message = f"{type(error).__name__}: {error}"
+        elif error is not None:
+            message = str(error)
+        try:
+            agree(self.control_group if self.sequence_size > 1 else None, description, message)
+        except ValueError as agreed:
+            raise agreed from (error if isinstance(error, BaseException) else None)
+
+    @property
+    def control_group(self) -> dist.ProcessGroup:
+        """The sequence group for agreements, on the host: the sequence group itself where its
+        backend takes CPU tensors (gloo), else a gloo group over the same ranks, created once
+        (so agreeing on a call never waits for the GPU's queue)."""
+        group = self.sequence_group
+        if "gloo" in str(dist.get_backend(group)):
+            return group
+        if self._control_group is None:
+            self._control_group = dist.new_group(dist.get_process_group_ranks(group),
+                                                 backend="gloo", use_local_synchronization=True)
+        return self._control_group
 
     def _check_axis(self, axis: str) -> None:
         if axis not in AXES:

@@ -15,6 +15,7 @@ so each rank's query heads must come with the kv heads they read:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -75,15 +76,38 @@ def head_plan(n_q_heads: int, n_kv_heads: int, ulysses: int) -> HeadPlan:
     return HeadPlan(ulysses, n_q_heads, n_kv_heads, q_slots, kv_slots)
 
 
+@lru_cache(maxsize=512)
+def index_on(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """``values`` as an int64 index tensor on ``device``, made once: an index built per call
+    copies from the host, which on a GPU waits for its queue."""
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _indices(slots: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``(source of each slot, 0 for padding; real slots' positions; their sources)``: integer
+    indices (indexing with booleans waits for the device too)."""
+    real = tuple(i for i, source in enumerate(slots) if source >= 0)
+    return (index_on(tuple(max(source, 0) for source in slots), device), index_on(real, device),
+            index_on(tuple(slots[i] for i in real), device))
+
+
+def real_heads(plan: HeadPlan, out: Tensor) -> Tensor:
+    """``[B, S, q slots, D]`` -> ``[B, S, Hq, D]``: the padding slots dropped."""
+    if not plan.padded:
+        return out
+    real = tuple(plan.q_slots.index(head) for head in range(plan.n_q_heads))
+    return out.index_select(2, index_on(real, out.device))
+
+
 def by_destination(x: Tensor, slots: tuple[int, ...], ulysses: int) -> Tensor:
     """``[B, S_U, H, D]`` -> ``[U, B, S_U, slots/U, D]``: the heads of each destination's slots
     (a view when the slots are the heads in order; zeros in padding slots)."""
     if slots == tuple(range(x.shape[2])):
         return x.unflatten(2, (ulysses, -1)).movedim(2, 0)
-    index = torch.tensor(slots, device=x.device)
-    picked = x.index_select(2, index.clamp(min=0))
-    if -1 in slots:
-        picked = picked * (index >= 0).to(x.dtype)[:, None]
+    sources, real, _ = _indices(slots, x.device)
+    picked = x.index_select(2, sources)
+    if real.numel() < len(slots):  # padding slots: zeros
+        picked = x.new_zeros(picked.shape).index_copy_(2, real, picked.index_select(2, real))
     return picked.unflatten(2, (ulysses, -1)).movedim(2, 0)
 
 
@@ -92,7 +116,6 @@ def to_sources(grad: Tensor, slots: tuple[int, ...], n_heads: int) -> Tensor:
     summed, padding slots dropped."""
     if slots == tuple(range(n_heads)):
         return grad
-    index = torch.tensor(slots, device=grad.device)
-    real = index >= 0
+    _, real, sources = _indices(slots, grad.device)
     out = grad.new_zeros(grad.shape[0], grad.shape[1], n_heads, grad.shape[3])
-    return out.index_add_(2, index[real], grad[:, :, real])
+    return out.index_add_(2, sources, grad.index_select(2, real))

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from usp.attention.kernels import Kernel, default_scale, resolve_kernel
 from usp.attention.ring import ring_attention_on_group
-from usp.attention.heads import HeadPlan, head_plan
+from usp.attention.heads import HeadPlan, by_destination, head_plan, index_on, real_heads
 from usp.attention.ulysses import ulysses_around
 from usp.attention.usp import _check_collective_device, check_inputs
 from usp.comm import all_gather_stacked, exchange_all_to_all
@@ -64,8 +64,8 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, text_q: Tensor, text_k: Ten
         _check_text(q, k, text_q, text_k, text_v)
         _check_collective_device(q, topology)
         chosen = resolve_kernel(kernel, q)
-    except ValueError as exc:
-        error = str(exc)
+    except Exception as exc:  # any failure before a collective reaches every rank, as one error
+        error = exc
     topology.agree_on_call(_describe(q, k, v, text_q, text_k, text_v, softmax_scale, kernel),
                            error)
     scale = default_scale(q.shape[-1], softmax_scale)
@@ -125,13 +125,7 @@ def joint_mask(seq_len: int, pads: int) -> AttentionMask:
 
 def _slot_heads(x: Tensor, slots: list[int]) -> Tensor:
     """``[B, S, H, D]`` -> ``[B, S, len(slots), D]``: head ``slots[i]`` in slot i, zeros for -1."""
-    if slots == list(range(x.shape[2])):
-        return x
-    index = torch.tensor(slots, device=x.device)
-    picked = x.index_select(2, index.clamp(min=0))
-    if -1 in slots:
-        picked = picked * (index >= 0).to(x.dtype)[:, None]
-    return picked
+    return by_destination(x, tuple(slots), 1)[0]
 
 
 def _pad_rows(x: Tensor, pad: int) -> Tensor:
@@ -151,13 +145,11 @@ def _assemble_text(piece: Tensor, topology: Topology, plan: HeadPlan, text_len: 
     # [R·U, B, T, h, D] -> [B, R, T, U·h, D]: sequence index r·U + u holds ring r, head group u
     whole = pieces.view(ring_size, ulysses, batch, slots, heads, dim).permute(2, 0, 3, 1, 4, 5)
     whole = whole.reshape(batch, ring_size * slots, ulysses * heads, dim)
-    if plan.padded:
-        real = [plan.q_slots.index(head) for head in range(plan.n_q_heads)]
-        whole = whole.index_select(2, torch.tensor(real, device=whole.device))
+    whole = real_heads(plan, whole)
     pads = ring_size * slots - text_len
     if pads:  # drop the pad row of ring ranks 0 .. pads-1: [B, R·T, Hq, D] -> [B, S_txt, Hq, D]
         keep = [r * slots + i for r in range(ring_size) for i in range(int(r < pads), slots)]
-        whole = whole.index_select(1, torch.tensor(keep, device=whole.device))
+        whole = whole.index_select(1, index_on(tuple(keep), whole.device))
     return whole
 
 

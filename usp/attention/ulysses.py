@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from usp.attention.heads import HeadPlan, by_destination, to_sources, head_plan
+from usp.attention.heads import HeadPlan, by_destination, head_plan, real_heads, to_sources
 from usp.attention.ulysses_overlap import chunk_count, ulysses_overlapped
 from usp.comm import all_to_all, exchange_all_to_all
 
@@ -94,7 +94,4 @@ def ulysses_around(
         q, k, v = _QKVToHeads.apply(q, k, v, group, plan)
         out = inner(q, k, v)  # [B, S, q/U, D]
         out = all_to_all(out, group, scatter_dim=1, gather_dim=2)  # -> [B, S_U, q slots, D]
-    if plan.padded:
-        real = [plan.q_slots.index(head) for head in range(plan.n_q_heads)]
-        out = out.index_select(2, torch.tensor(real, device=out.device))  # padding dropped
-    return out
+    return real_heads(plan, out)  # padding dropped

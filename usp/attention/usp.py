@@ -15,9 +15,10 @@ import torch.distributed as dist
 from torch import nn
 
 from usp.attention.kernels import Kernel, default_scale, resolve_kernel
+from usp.attention.call_mask import call_mask
 from usp.attention.ring import ring_attention_on_group
 from usp.attention.ulysses import ulysses_around
-from usp.layout import check_layout, check_sequence_length, padded_length
+from usp.layout import check_layout, check_sequence_length
 from usp.mask import AttentionMask
 from usp.schedule import schedule_for
 from usp.topology import Topology
@@ -134,21 +135,22 @@ def usp_attention(
     (:mod:`usp.attention.ulysses_overlap`); 1: one all-to-all each way. The result is the same.
 
     Before the first collective the ranks of the sequence group agree on the call (shapes,
-    dtype, flags, mask): bad input on any rank, or ranks that disagree, raise the same
-    ValueError on every rank. This costs one tiny all-gather the first time each call
-    description is seen.
+    dtype, flags, mask): bad input on any rank (any exception its checks raise), or ranks that
+    disagree, raise the same ValueError on every rank. This costs one tiny all-gather on the
+    host per call. The mask is built once per batch: pass the same ``documents`` /
+    ``cu_seqlens`` / ``padding_mask`` tensors to every layer (:mod:`usp.attention.call_mask`).
     """
     error, chosen = None, None
     try:
         check_inputs(q, k, v, topology, layout, softmax_scale)
-        mask = _attention_mask(q, topology, layout, mask, causal, window, documents,
-                               cu_seqlens, padding_mask, seq_len)
+        mask = call_mask(q, topology, layout, mask, causal, window, documents, cu_seqlens,
+                         padding_mask, seq_len)
         _check_collective_device(q, topology)
         chosen = resolve_kernel(kernel, q)
         if not isinstance(head_chunks, int) or head_chunks < 1:
             raise ValueError(f"head_chunks={head_chunks!r} must be an integer >= 1")
-    except ValueError as exc:
-        error = str(exc)
+    except Exception as exc:  # any failure before a collective reaches every rank, as one error
+        error = exc
     topology.agree_on_call(_describe(q, k, v, mask, layout, softmax_scale, kernel, head_chunks),
                            error)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -160,38 +162,6 @@ def usp_attention(
     if topology.ulysses_size == 1:
         return ring(q, k, v)  # [B, S_R, Hq, D]
     return ulysses_around(q, k, v, topology.ulysses_group, ring, chunks=head_chunks)
-
-
-def _attention_mask(q, topology, layout, mask, causal, window, documents, cu_seqlens,
-                    padding_mask, seq_len) -> AttentionMask:
-    """The call's mask over its ``S_local x ring x ulysses`` slots; ValueError when it cannot be."""
-    slots = q.shape[1] * topology.sequence_size
-    if mask is not None:
-        given = [name for name, value in (("causal", causal), ("window", window),
-                                          ("documents", documents), ("cu_seqlens", cu_seqlens),
-                                          ("padding_mask", padding_mask), ("seq_len", seq_len))
-                 if value not in (None, False)]
-        if given:
-            raise ValueError(f"pass mask= or {given}, not both (the mask holds them)")
-        if mask.seq_len != slots:
-            raise ValueError(f"the mask covers {mask.seq_len} slots, the shards hold {slots}")
-    else:
-        if seq_len is not None and padded_length(
-                seq_len, topology.ring_size, topology.ulysses_size, layout) != slots:
-            raise ValueError(
-                f"seq_len={seq_len} does not fit the {slots} slots of the shards "
-                f"({q.shape[1]} per rank): shard_sequence pads {seq_len} tokens to "
-                f"{padded_length(seq_len, topology.ring_size, topology.ulysses_size, layout)}"
-            )
-        mask = AttentionMask.build(slots, causal=causal, window=window, documents=documents,
-                                   cu_seqlens=cu_seqlens, padding_mask=padding_mask,
-                                   real_len=seq_len)
-    if mask.batch_rows not in (1, q.shape[0]):
-        raise ValueError(
-            f"the mask has {mask.batch_rows} batch rows of documents or padding, q has batch "
-            f"{q.shape[0]}: give one row for all, or one per batch row"
-        )
-    return mask
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, topology: Topology, **options) -> Tensor:

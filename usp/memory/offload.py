@@ -3,7 +3,8 @@
 Between a block's forward and its backward the saved activations are the bulk of a long
 sequence's GPU memory. :class:`ActivationOffload` copies each saved plain CUDA tensor to pinned
 host memory when it is saved and back to the GPU when the backward needs it, as
-``torch.autograd.graph.save_on_cpu(pin_memory=True)`` does, with two differences:
+``torch.autograd.graph.save_on_cpu(pin_memory=True)`` does — both copies queued on the current
+stream without the host waiting for them — with two differences:
 
 - parameters and their views stay where they are (a linear layer saves its weight, transposed;
   copying it out and back every step would move the whole model over PCIe for nothing);
@@ -59,7 +60,10 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
             return tensor
         host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout,
                            pin_memory=True)
-        host.copy_(tensor)  # synchronous: the device copy may be freed right after
+        # queued on the current stream, no wait for the host: the caching allocator hands the
+        # device tensor's memory only to work queued after this copy on the same stream, and
+        # the copy back in the backward is queued after it too
+        host.copy_(tensor, non_blocking=True)
         return tensor.device, host
 
     @staticmethod
