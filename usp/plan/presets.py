@@ -14,7 +14,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from usp.models.llama import CONFIGS as LLAMA_CONFIGS
+from usp.models.configs import CONFIGS as LLAMA_CONFIGS
 from usp.plan.specs import ClusterSpec, ModelSpec
 
 MODELS: dict[str, ModelSpec] = {
