@@ -12,9 +12,10 @@ from usp.plan.specs import GIB, ClusterSpec, Workload, parse_count
 
 DESCRIPTION = """\
 Rank every dp x tp x pp x ring x ulysses configuration (with ZeRO stage, placement,
-micro-batches and activation checkpointing) of a model, sequence length and batch on a cluster by
-a cost model of memory, communication and time, and explain the pick. See docs/planner.md and
-docs/cost-model.md.
+micro-batches and the memory features: activation checkpointing, chunked or vocab-parallel loss,
+tiled MLP) of a model, sequence length and batch on a cluster by a cost model of memory,
+communication and time, and explain the pick. A plan uses at most the memory per GPU minus
+--reserved-gib and --headroom. See docs/planner.md and docs/cost-model.md.
 
     usp plan --model llama3-8b --seq-len 208k --global-batch 1 --cluster a800x8 --nodes 2
     usp plan --list                                        # the model and cluster presets
@@ -36,6 +37,8 @@ CLUSTER_FLAGS = {
     "matmul_efficiency": (float, "fraction of the peak large GEMMs reach"),
     "attention_efficiency": (float, "fraction of the peak the attention kernel reaches"),
     "reserved_gib": (float, "GiB per GPU no step can use: CUDA context, communicator buffers"),
+    "headroom": (float, "fraction of the memory a plan leaves free beside --reserved-gib: the "
+                 "allocator's fragmentation, workspaces, what the model leaves out"),
     "cores_per_node": (float, "CPU clusters: cores a node's ranks share"),
     "sync_us": (float, "CPU clusters: what one collective call adds beyond its latency, us"),
 }
@@ -88,12 +91,15 @@ def _cluster(args) -> ClusterSpec:
     return cluster
 
 
+LOSS_COLUMN = {"gathered": "full", "vocab-parallel": "vocab-par", "chunked": "chunked"}
+
+
 def _row(rank: int, cost) -> list[str]:
     c = cost.config
     exposed = cost.step_time - cost.time["compute"] - cost.time["bubble"] - cost.time["optimizer"]
     return [str(rank), str(c.dp), f"{c.tp}{'-sp' if c.tp > 1 and c.tp_sequence_parallel else ''}",
             str(c.pp), str(c.ring), str(c.ulysses), str(c.zero), str(c.micro_batches),
-            c.checkpointing,
+            c.checkpointing, LOSS_COLUMN[c.loss], str(c.mlp_tile) if c.mlp_tile else "-",
             c.placement if c.ring > 1 and c.ulysses > 1 else "-",
             f"{cost.memory_total / GIB:.1f}", f"{cost.step_time:.3f}",
             f"{cost.tokens_per_second:,.0f}", f"{100 * cost.mfu:.1f}%", f"{exposed:.3f}"]
@@ -106,8 +112,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-HEADER = ["#", "dp", "tp", "pp", "ring", "uly", "zero", "mb", "ckpt", "placement", "mem GiB",
-          "step s", "tokens/s", "MFU", "exposed s"]
+HEADER = ["#", "dp", "tp", "pp", "ring", "uly", "zero", "mb", "ckpt", "loss", "mlp tile",
+          "placement", "mem GiB", "step s", "tokens/s", "MFU", "exposed s"]
 
 
 def _details(cost) -> list[str]:
@@ -126,6 +132,7 @@ def _as_json(cost) -> dict:
         "config": asdict(cost.config), "label": cost.config.label(), "fits": cost.fits,
         "step_time_s": cost.step_time, "tokens_per_s": cost.tokens_per_second, "mfu": cost.mfu,
         "memory_bytes": {**cost.memory, "total": cost.memory_total, "usable": cost.usable_memory},
+        "memory_features": list(cost.config.memory_features),
         "comm_bytes": [{"kind": kind, "link": link, "bytes": sent}
                        for (kind, link), sent in cost.comm_bytes.items()],
         "time_s": cost.time,
@@ -176,6 +183,7 @@ def run(args) -> int:
         return 0
     print(f"{workload.model.name}, {workload.seq_len:,} tokens x {workload.global_batch} on "
           f"{cluster.name} {cluster.nodes}x{cluster.gpus_per_node}: {_counts(result)}")
+    print(f"memory budget per GPU: {cluster.budget()}")
     print(_table(HEADER, [_row(i + 1, c) for i, c in enumerate(result.ranked[:args.top])]))
     print(f"\nbest: {best.config.label()}")
     print("\n".join(_details(best)))
@@ -202,5 +210,6 @@ def _run_one(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
     else:
         print(f"{config.label()} on {cluster.name} {cluster.nodes}x{cluster.gpus_per_node}"
               f"{'' if cost.fits else ' - DOES NOT FIT'}")
+        print(f"memory budget per GPU: {cluster.budget()}")
         print("\n".join(_details(cost)))
     return 0 if cost.fits else 1
