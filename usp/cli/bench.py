@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     attention.add_argument("--heads", type=int, default=None, help="default: 8 (cpu), 32 (cuda)")
     attention.add_argument("--kv-heads", type=int, default=None,
                            help="default: --heads (cpu), 8 (cuda)")
-    attention.add_argument("--head-dim", type=int, default=None, help="default: 64 (cpu), 128 (cuda)")
+    attention.add_argument("--head-dim", type=int, default=None,
+                           help="default: 64 (cpu), 128 (cuda)")
     attention.add_argument("--batch", type=int, default=1, help="sequences per call")
     attention.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp64"], default=None,
                            help="default: fp32 (cpu), bf16 (cuda)")
@@ -193,7 +194,8 @@ def _run_features(args) -> int:
 def _run_train(args) -> int:
     if args.features:
         return _run_features(args)
-    results = [training.measure(args, r, u, args.seq_len, args.steps) for r, u in training.parse_grid(args.grid)]
+    results = [training.measure(args, ring, ulysses, args.seq_len, args.steps)
+               for ring, ulysses in training.parse_grid(args.grid)]
     print(f"usp bench train: model {args.model}, total S={args.seq_len}, {args.dtype}, "
           f"{args.steps} steps (first is warm-up), synthetic tokens")
     print(training.format_grid(results))

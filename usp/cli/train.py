@@ -1,4 +1,5 @@
-"""``usp train``: the command line of the training job (usp.training.launcher and usp.training.loop do the work)."""
+"""``usp train``: the command line of the training job (``usp.training.launcher`` and
+``usp.training.loop`` do the work)."""
 
 from __future__ import annotations
 

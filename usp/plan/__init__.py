@@ -1,7 +1,8 @@
 """usp.plan: a cost model of 4-D parallelism with USP, and a planner that picks the configuration.
 
 >>> from usp.plan import Workload, get_cluster, get_model, plan
->>> best = plan(Workload(get_model("llama3-8b"), 208 * 1024, 1), get_cluster("a800x8", nodes=2)).best
+>>> workload = Workload(get_model("llama3-8b"), 208 * 1024, 1)
+>>> best = plan(workload, get_cluster("a800x8", nodes=2)).best
 >>> best.config.label(), best.mfu
 
 The command is ``usp plan``; docs/cost-model.md derives the model, docs/planner.md shows its use.

@@ -152,7 +152,7 @@ def _link(cost: StepCost, axis: str) -> str:
     return "inside one node" if cost.placements[axis].intra_node else "across nodes"
 
 
-def _feature_sentences(result: "Plan", best: StepCost) -> list[str]:
+def _feature_sentences(result: Plan, best: StepCost) -> list[str]:
     """What each memory feature of ``best`` saves and costs, against the same configuration
     without it."""
     c, usable = best.config, result.cluster.usable_bytes
