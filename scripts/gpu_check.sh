@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check: every `gpu`-marked test and the GPU attention benchmark at Llama-3-8B attention
-# shapes, with a report. Made for a session that is lent one GPU (about 5 minutes on an H200):
+# shapes, with a report, on a machine with one NVIDIA GPU (an estimated 5 minutes on an H200):
 #
-#   scripts/gpu_check.sh [REPORT_DIR]        # default: $OUT if set (the device tool), else gpu-report
+#   scripts/gpu_check.sh [REPORT_DIR]        # default: $OUT if set, else gpu-report
 #
-# It installs nothing from the network (the GPU machines have none): the checkout is put on
-# PYTHONPATH and the machine's own torch, pytest and hypothesis are used. flash-attn kernels run
-# only if the machine has flash-attn installed; otherwise the report says they were skipped.
+# It installs nothing and needs no network: the checkout is put on PYTHONPATH and the machine's
+# own torch, pytest and hypothesis are used. flash-attn kernels run only if the machine has
+# flash-attn installed; otherwise the report says they were skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 report_dir=${1:-${OUT:-gpu-report}}

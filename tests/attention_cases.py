@@ -1,6 +1,6 @@
 """Grid of attention cases run inside one spawned world; compared against single-process references.
 
-Tolerances (DESIGN.md): fp64 error <= 1e-10; fp32 / bf16 error vs an fp64 reference <= 2x the
+Tolerances (docs/testing.md): fp64 error <= 1e-10; fp32 / bf16 error vs an fp64 reference <= 2x the
 error of the single-process kernel of the same dtype vs that reference, plus a tiny atol.
 """
 

@@ -4,7 +4,7 @@ One spawned 4-rank world runs every case: ring 2 x ulysses 2, ring 4 and ulysses
 2 kv heads: fewer kv heads than Ulysses ranks), each layout, an even and an uneven prompt,
 pass-KV and pass-Q, a continuation against a cache, 32 greedy decode steps, and the misuses.
 Every case compares with the plain model run on the whole sequence in one process: fp64 to
-1e-10; fp32 within twice the fp32 single-process model's own error against fp64 (DESIGN.md).
+1e-10; fp32 within twice the fp32 single-process model's own error against fp64 (docs/testing.md).
 """
 
 from __future__ import annotations

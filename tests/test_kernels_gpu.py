@@ -4,7 +4,7 @@ Grid per kernel: {fp16, bf16, fp32 where supported} x {MHA 8/8, GQA 8/2, MQA 8/1
 {64, 128, 80} x causal or not (and, for kernels with windows, three bands: a sliding window, the
 stripe layout's strictly lower block, a window on both sides) x sequence length {256, 200} (a
 multiple of 128, and not). The bound
-is flash-attention's own rule (DESIGN.md): error vs fp64 <= 2 x the error of a plain PyTorch
+is flash-attention's own rule (docs/testing.md): error vs fp64 <= 2 x the error of a plain PyTorch
 attention computed in the same low precision, plus a tiny atol. Every failing case is reported.
 """
 

@@ -3,9 +3,9 @@
 One spawned world per world size (4 and 2 gloo ranks) runs a grid: chunked and vocab-parallel
 cross-entropy, the tiled MLP, checkpointing by layer kind, gradient accumulation (also through
 the pipeline's last stage) and the held-out loss, each compared with one process on the loss and
-every gradient. The model runs in fp64, so the bound is 1e-10 (DESIGN.md). The 2-rank world also
-runs ``usp train`` itself with every feature on against a single-process run with every feature
-off (fp32: 1e-5 relative, as tests/test_train.py).
+every gradient. The model runs in fp64, so the bound is 1e-10 (docs/testing.md). The 2-rank
+world also runs ``usp train`` itself with every feature on against a single-process run with
+every feature off (fp32: 1e-5 relative, as tests/test_train.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Spawned gloo ranks share ``cuda:0`` and stage their bytes through host memory
 (``tests/gpu_transport.py``); everything else is usp's real code path on CUDA tensors, compared
-with the single-GPU kernel and the fp64 reference (DESIGN.md tolerances). NCCL is not exercised.
+with the single-GPU kernel and the fp64 reference (docs/testing.md tolerances). NCCL is not
+exercised.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ One spawned world of 4 ranks runs every case: (ring 2 x ulysses 2), (dp 2 x ulys
 compared on the loss and every parameter's gradient after one step; then 10 AdamW steps on
 (ring 2 x ulysses 2) against the single-process loss curve.
 
-Tolerance (DESIGN.md): error vs the fp64 single-process reference <= 2 x the error of the fp32
+Tolerance (docs/testing.md): error vs the fp64 single-process reference <= 2 x the error of the fp32
 single-process model vs that reference, plus a tiny atol.
 """
 

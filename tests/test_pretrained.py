@@ -10,7 +10,7 @@ tiny Qwen3 with tied embeddings in one file. One spawned world of 4 gloo ranks t
   the tokenizer's EOS, the Qwen3 unpacked) and resumes the Llama from its step-2 checkpoint.
 
 Step 1's loss must equal the loss plain transformers computes in this process from the same files
-and the same batch (per document when packed), within DESIGN.md's rule: error vs the fp64
+and the same batch (per document when packed), within docs/testing.md's rule: error vs the fp64
 reference <= 2 x the fp32 reference's error + 1e-6. The resumed step 3 equals the straight one
 bit for bit. Bad inputs are refused by ``validate``, before any rank would start, with the file,
 the tensor or the numbers.

@@ -3,7 +3,7 @@
 One spawned 4-rank world runs every architecture x topology case, the refusals and the FSDP2
 training step. Each case compares logits (gathered), loss and every parameter's gradient (summed
 over ranks) with the eager model run on the whole seeded batch in one process. fp32 rule
-(DESIGN.md): the error against an fp64 eager reference is at most twice the fp32 eager model's
+(docs/testing.md): the error against an fp64 eager reference is at most twice the fp32 eager model's
 own error plus a tiny atol.
 """
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from usp.choices import LAYOUTS
 from usp.comm import all_gather_stacked
 from usp.topology import Topology
 
 Tensor = torch.Tensor
-LAYOUTS = ("contiguous", "zigzag", "stripe")
 
 
 def check_layout(layout: str) -> None:

@@ -15,31 +15,17 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
+from usp.bench.options import DecodeBench
 from usp.comm import CommStats
 from usp.infer import ShardedKVCache, choose_ring_pass, decode_step, prefill
 from usp.infer.launch import launch_ranks
 from usp.models.llama import Llama, get_config
 from usp.topology import AXES, Topology
-
-
-@dataclass
-class DecodeBench:
-    """What to measure (the CLI's flags)."""
-
-    nproc: int = 4
-    ring: int = 2
-    ulysses: int = 2
-    layout: str = "zigzag"
-    model: str = "tiny"
-    cache_lengths: tuple[int, ...] = (256, 1024, 4096)
-    steps: int = 8
-    crossover_total: int = 2048
-    crossover_new: tuple[int, ...] = (16, 128, 512, 1024, 2048)
 
 
 def run_decode_benchmark(bench: DecodeBench) -> dict:

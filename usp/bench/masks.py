@@ -8,8 +8,6 @@ import torch
 from usp.mask import AttentionMask
 from usp.schedule import RingSchedule
 
-MASKS = ("dense", "packed", "window")
-
 
 def long_tail_cu_seqlens(seq_len: int, seed: int = 0) -> torch.Tensor:
     """Packed documents with a long tail: one of half the sequence, the rest 1/64 to 1/16 of it

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch.multiprocessing as mp
 
+from usp.bench.options import PLAN_LAYOUTS as LAYOUTS
 from usp.plan.config import ParallelConfig
 from usp.plan.memory import memory_per_gpu, resting_memory
 from usp.plan.presets import get_model
@@ -32,16 +33,6 @@ from usp.plan.specs import Workload
 
 MIB = 2**20
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-# The layouts a row can name (degrees of dp, tp, pp, ring, ulysses); the check's grid is the
-# six over 4 ranks, the 2-rank ones serve the quick test
-LAYOUTS = {
-    "uly4": dict(ulysses=4), "ring2xuly2": dict(ring=2, ulysses=2),
-    "tp2xring2": dict(tp=2, ring=2), "dp2xuly2": dict(dp=2, ulysses=2),
-    "pp2xring2": dict(pp=2, ring=2), "pp2xtp2": dict(pp=2, tp=2),
-    "uly2": dict(ulysses=2), "ring2": dict(ring=2), "tp2": dict(tp=2), "pp2": dict(pp=2),
-    "dp2": dict(dp=2),
-}
-GRID_LAYOUTS = ("uly4", "ring2xuly2", "tp2xring2", "dp2xuly2", "pp2xring2", "pp2xtp2")
 # ``--features``: each memory feature of usp train on a layout where it matters, as
 # (layout, ac, loss, tiled_mlp, grad_accum); the vocabulary-parallel loss needs tp
 FEATURES = (

@@ -2,6 +2,11 @@
 
 Each subcommand is a module of this package exposing ``register(subparsers)``: argument parsing
 and printing live here and only here; the library modules they drive log, never print.
+
+Building the parser imports no torch: a subcommand's module reads its choices and defaults from
+torch-free modules (``usp.choices``, ``usp.models.configs``, ``usp.training.config``, ...) and
+imports what runs the command inside the function that runs it, so ``--help`` and argument
+errors answer at once (tests/test_cli_help.py).
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+
+from usp.cli.help import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,9 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     from usp.cli import train as train_cli
 
     parser = argparse.ArgumentParser(
-        prog="usp", description="Unified Sequence Parallelism: Ulysses x Ring attention"
+        prog="usp", description="Unified Sequence Parallelism: Ulysses x Ring attention",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at debug level and print a failed rank's whole traceback")
     subparsers = parser.add_subparsers(dest="command", required=True)
     bench_cli.register(subparsers)
     generate_cli.register(subparsers)

@@ -1,4 +1,18 @@
-"""``usp bench plan``: the planner against real ``usp train`` steps on this machine.
+"""``usp bench plan``: the planner against real ``usp train`` steps on this machine."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+from usp.bench.options import PLAN_GRID_LAYOUTS, PLAN_LAYOUTS
+from usp.cli.help import add_parser
+
+DESCRIPTION = """\
+The planner's predictions against real usp train runs on this machine (spawned gloo ranks): the
+per-rank peak memory of each model, length, layout and checkpointing, and whether the calibrated
+planner picks the layout that runs fastest. See docs/planner.md.
 
     usp bench plan                          # memory: predicted vs measured per-rank peak
     usp bench plan --grid full              # every model x length x layout x checkpointing
@@ -6,27 +20,21 @@
     usp bench plan --pick                   # does the calibrated planner pick the fastest?
 """
 
-from __future__ import annotations
-
-import argparse
-import itertools
-import json
-import time
-
-from usp.bench import plan_check, plan_pick
-
 
 def register_plan(bench_subparsers) -> None:
-    parser = bench_subparsers.add_parser(
-        "plan", help="the planner's memory and pick against real usp train runs",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_parser(
+        bench_subparsers, "plan", help="the planner's memory and pick against real usp train runs",
+        description=DESCRIPTION,
     )
-    parser.add_argument("--models", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 2048, 4096])
-    parser.add_argument("--layouts", nargs="+", default=list(plan_check.GRID_LAYOUTS),
-                        choices=list(plan_check.LAYOUTS))
+    parser.add_argument("--models", nargs="+", default=["tiny", "small"],
+                        help="presets of usp.models to run")
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 2048, 4096],
+                        help="sequence lengths, taken in turn (or all, with --grid full)")
+    parser.add_argument("--layouts", nargs="+", default=list(PLAN_GRID_LAYOUTS),
+                        choices=list(PLAN_LAYOUTS), help="the 4-D layouts to run")
     parser.add_argument("--ac", nargs="+", default=["none", "full"],
-                        choices=["none", "full", "selective"])
+                        choices=["none", "full", "selective"],
+                        help="activation checkpointing of the runs")
     parser.add_argument("--grid", choices=["cover", "full"], default="cover",
                         help="cover: every model, layout and --ac once, the lengths taken in "
                         "turn (each length, layout and --ac appears); full: the whole product")
@@ -46,7 +54,10 @@ def register_plan(bench_subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def rows(args) -> list[plan_check.Row]:
+def rows(args) -> list:
+    """The runs of the grid (``usp.bench.plan_check.Row``)."""
+    from usp.bench import plan_check
+
     if args.features:
         lengths = itertools.cycle(args.seq_lens)
         return [plan_check.Row(m, next(lengths), layout, ac, 1, loss, tile, accum)
@@ -62,6 +73,8 @@ def rows(args) -> list[plan_check.Row]:
 def run(args) -> int:
     if args.pick:
         return _run_pick(args)
+    from usp.bench import plan_check
+
     started = time.perf_counter()
     grid = rows(args)
     runtime = {}
@@ -83,6 +96,7 @@ def run(args) -> int:
 
 
 def _run_pick(args) -> int:
+    from usp.bench import plan_check, plan_pick
     from usp.plan import calibrate
     from usp.plan.presets import cpu_cluster
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 
-from usp.infer.attention import RING_PASSES
-from usp.infer.launch import DTYPES, GenerateConfig, launch_generation
-from usp.layout import LAYOUTS
-from usp.models.llama import CONFIGS
+from usp.choices import LAYOUTS, RING_PASSES
+from usp.cli.help import add_parser
+from usp.infer.config import DTYPES, GenerateConfig
+from usp.models.configs import CONFIGS
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "generate", help="generate text with a sharded KV cache on N ranks",
+    parser = add_parser(
+        subparsers, "generate", help="generate text with a sharded KV cache on N ranks",
         description=(
             "Prefill a prompt with sequence parallelism (ring x ulysses) into a KV cache sharded "
             "over --nproc gloo ranks, then decode greedily against it. The model is a preset "
@@ -22,20 +25,23 @@ def register(subparsers) -> None:
     )
     d = GenerateConfig(prompt_file="")
     a = parser.add_argument
-    a("--prompt-file", required=True, help="a UTF-8 text file: the prompt")
-    a("--max-new-tokens", type=int, default=d.max_new_tokens)
-    a("--model", choices=sorted(CONFIGS), default=d.model, help="preset Llama (random init)")
+    a("--prompt-file", required=True, help="a UTF-8 text file: the prompt (required)")
+    a("--max-new-tokens", type=int, default=d.max_new_tokens,
+      help="tokens to generate after the prompt")
+    a("--model", choices=sorted(CONFIGS), default=d.model,
+      help="preset Llama of usp.models, random init")
     a("--seed", type=int, default=d.seed, help="the preset's initialisation")
     a("--hf-model", metavar="DIR", default=None,
-      help="a local Hugging Face causal LM directory (config, weights, tokenizer) instead")
+      help="a local Hugging Face causal LM directory (config, weights, tokenizer) instead of "
+      "--model (default: none)")
     a("--nproc", type=int, default=d.nproc, help="ranks to launch (ring x ulysses)")
     a("--ring", type=int, default=None, help="ring degree (default: --nproc / --ulysses)")
     a("--ulysses", type=int, default=d.ulysses, help="Ulysses degree")
-    a("--layout", choices=LAYOUTS, default=d.layout)
+    a("--layout", choices=LAYOUTS, default=d.layout, help="token layout over the ranks")
     a("--ring-pass", choices=RING_PASSES, default=d.ring_pass,
-      help="ring of a prompt continuing a cache (auto: the smaller messages)")
+      help="ring of a prompt continuing a cache (auto: the one with the smaller messages)")
     a("--kernel", default=d.kernel, help="local attention kernel (auto or a kernel's name)")
-    a("--dtype", choices=sorted(DTYPES), default=d.dtype)
+    a("--dtype", choices=sorted(DTYPES), default=d.dtype, help="the model's precision")
     parser.set_defaults(func=run_cli)
 
 
@@ -47,6 +53,11 @@ def run_cli(args) -> int:
         ulysses=args.ulysses, layout=args.layout, ring_pass=args.ring_pass, kernel=args.kernel,
         dtype=args.dtype,
     )
+    config.validate()  # bad input answers before torch loads
+    logger.info("importing torch")
+    # torch loads here, not at import: `usp generate --help` stays instant
+    from usp.infer.launch import launch_generation
+
     result = launch_generation(config)
     print(summarize(result, config))
     return 0

@@ -1,55 +1,78 @@
-"""``usp plan``: pick the parallel configuration for a model, sequence length, batch and cluster.
-
-    usp plan --model llama3-8b --seq-len 208k --global-batch 1 --cluster a800x8 --nodes 2
-    usp plan --list                                   # the model and cluster presets
-    usp plan ... --config ring=2,ulysses=8,zero=3,ckpt=1   # cost one configuration in detail
-    usp plan --model tiny --seq-len 4k --cluster cpu --calibrate
-"""
+"""``usp plan``: pick the parallel configuration for a model, sequence length, batch and cluster."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict
 
-from usp.plan import calibrate as calibration
+from usp.cli.help import add_parser
 from usp.plan.config import ParallelConfig, check_config
-from usp.plan.cost import StepCost, estimate
-from usp.plan.planner import Plan, explain, plan
 from usp.plan.presets import CLUSTERS, MODELS, cpu_cluster, get_cluster, get_model
 from usp.plan.specs import GIB, ClusterSpec, Workload, parse_count
 
-# flag -> ClusterSpec field it overrides
+DESCRIPTION = """\
+Rank every dp x tp x pp x ring x ulysses configuration (with ZeRO stage, placement,
+micro-batches and the memory features: activation checkpointing, chunked or vocab-parallel loss,
+tiled MLP) of a model, sequence length and batch on a cluster by a cost model of memory,
+communication and time, and explain the pick. A plan uses at most the memory per GPU minus
+--reserved-gib and --headroom. See docs/planner.md and docs/cost-model.md.
+
+    usp plan --model llama3-8b --seq-len 208k --global-batch 1 --cluster a800x8 --nodes 2
+    usp plan --list                                        # the model and cluster presets
+    usp plan ... --fix ring=1                              # only pure-Ulysses configurations
+    usp plan ... --config ring=2,ulysses=8,zero=3,ckpt=on  # one configuration in detail
+    usp plan --model tiny --seq-len 4k --cluster cpu --calibrate
+"""
+
+# flag -> (ClusterSpec field it overrides, its type, what it is)
 CLUSTER_FLAGS = {
-    "gpus_per_node": int, "peak_tflops": float, "memory_gib": float,
-    "intra_bandwidth_gbs": float, "inter_bandwidth_gbs": float, "intra_latency_us": float,
-    "inter_latency_us": float, "hbm_bandwidth_gbs": float, "matmul_efficiency": float,
-    "attention_efficiency": float, "reserved_gib": float, "cores_per_node": float,
-    "sync_us": float,
+    "gpus_per_node": (int, "GPUs per node"),
+    "peak_tflops": (float, "peak dense bf16 TFLOPS per GPU"),
+    "memory_gib": (float, "memory per GPU, GiB"),
+    "intra_bandwidth_gbs": (float, "GB/s a GPU sends inside a node, one direction"),
+    "inter_bandwidth_gbs": (float, "GB/s a GPU sends across nodes, one direction"),
+    "intra_latency_us": (float, "latency of one message inside a node, us"),
+    "inter_latency_us": (float, "latency of one message across nodes, us"),
+    "hbm_bandwidth_gbs": (float, "device memory bandwidth, GB/s"),
+    "matmul_efficiency": (float, "fraction of the peak large GEMMs reach"),
+    "attention_efficiency": (float, "fraction of the peak the attention kernel reaches"),
+    "reserved_gib": (float, "GiB per GPU no step can use: CUDA context, communicator buffers"),
+    "headroom": (float, "fraction of the memory a plan leaves free beside --reserved-gib: the "
+                 "allocator's fragmentation, workspaces, what the model leaves out"),
+    "cores_per_node": (float, "CPU clusters: cores a node's ranks share"),
+    "sync_us": (float, "CPU clusters: what one collective call adds beyond its latency, us"),
 }
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "plan", help="choose dp/tp/pp/ring/ulysses/ZeRO for a model and cluster by a cost model",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_parser(
+        subparsers, "plan",
+        help="choose dp/tp/pp/ring/ulysses/ZeRO for a model and cluster by a cost model",
+        description=DESCRIPTION,
     )
-    parser.add_argument("--model", default="llama3-8b", help="preset name or a HF config.json")
-    parser.add_argument("--seq-len", default="32k", help="tokens per sequence: 8192, 208k, 1m")
+    parser.add_argument("--model", default="llama3-8b",
+                        help="a preset (see --list) or a Hugging Face config.json (or its folder)")
+    parser.add_argument("--seq-len", default="32k",
+                        help="tokens per sequence: 8192, 208k, 1m (k = 1024)")
     parser.add_argument("--global-batch", type=int, default=1, help="sequences per optimizer step")
-    parser.add_argument("--non-causal", action="store_true", help="full (bidirectional) attention")
+    parser.add_argument("--non-causal", action="store_true",
+                        help="full (bidirectional) attention (default: causal)")
     parser.add_argument("--cluster", default="a800x8", help="cluster preset (see --list)")
     parser.add_argument("--nodes", type=int, help="number of nodes (default: the preset's)")
-    for name, kind in CLUSTER_FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, help=f"override {name}")
+    for name, (kind, what) in CLUSTER_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind,
+                            help=f"{what} (default: the --cluster preset's)")
     parser.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
-    parser.add_argument("--fix", default="", help="only configurations with these fields, "
-                        "e.g. tp=1,pp=1 or ring=1")
+    parser.add_argument("--fix", default="",
+                        help="only configurations with these fields, e.g. tp=1,pp=1, ring=1 or "
+                        "loss=chunked (default: none fixed)")
     parser.add_argument("--config",
-                        help="cost one configuration, e.g. ring=2,ulysses=8,zero=3,ckpt=1")
+                        help="cost one configuration, e.g. ring=2,ulysses=8,zero=3,ckpt=full "
+                        "(default: rank them all)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--calibrate", action="store_true",
-                        help="measure this machine (GEMM, attention, gloo) and plan for it")
+                        help="with --cluster cpu: measure this machine (GEMM, attention, gloo) "
+                        "and plan for it")
     parser.add_argument("--list", action="store_true", help="list model and cluster presets")
     parser.set_defaults(func=run)
 
@@ -62,16 +85,21 @@ def _cluster(args) -> ClusterSpec:
             raise ValueError(
                 f"--calibrate measures this machine; use --cluster cpu, not {args.cluster!r}"
             )
+        from usp.plan import calibrate as calibration  # torch: it runs kernels and gloo ranks
+
         cluster = calibration.calibrated(cluster, calibration.measure(cluster.gpus_per_node))
     return cluster
 
 
-def _row(rank: int, cost: StepCost) -> list[str]:
+LOSS_COLUMN = {"gathered": "full", "vocab-parallel": "vocab-par", "chunked": "chunked"}
+
+
+def _row(rank: int, cost) -> list[str]:
     c = cost.config
     exposed = cost.step_time - cost.time["compute"] - cost.time["bubble"] - cost.time["optimizer"]
     return [str(rank), str(c.dp), f"{c.tp}{'-sp' if c.tp > 1 and c.tp_sequence_parallel else ''}",
             str(c.pp), str(c.ring), str(c.ulysses), str(c.zero), str(c.micro_batches),
-            c.checkpointing,
+            c.checkpointing, LOSS_COLUMN[c.loss], str(c.mlp_tile) if c.mlp_tile else "-",
             c.placement if c.ring > 1 and c.ulysses > 1 else "-",
             f"{cost.memory_total / GIB:.1f}", f"{cost.step_time:.3f}",
             f"{cost.tokens_per_second:,.0f}", f"{100 * cost.mfu:.1f}%", f"{exposed:.3f}"]
@@ -84,11 +112,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-HEADER = ["#", "dp", "tp", "pp", "ring", "uly", "zero", "mb", "ckpt", "placement", "mem GiB",
-          "step s", "tokens/s", "MFU", "exposed s"]
+HEADER = ["#", "dp", "tp", "pp", "ring", "uly", "zero", "mb", "ckpt", "loss", "mlp tile",
+          "placement", "mem GiB", "step s", "tokens/s", "MFU", "exposed s"]
 
 
-def _details(cost: StepCost) -> list[str]:
+def _details(cost) -> list[str]:
     memory = ", ".join(f"{k} {v / GIB:.2f}" for k, v in cost.memory.items())
     traffic = ", ".join(f"{kind} {link} {sent / 1e9:.2f}"
                         for (kind, link), sent in sorted(cost.comm_bytes.items()))
@@ -99,11 +127,12 @@ def _details(cost: StepCost) -> list[str]:
             f"  time (s): {times}; step {cost.step_time:.3f}, MFU {100 * cost.mfu:.1f}%"]
 
 
-def _as_json(cost: StepCost) -> dict:
+def _as_json(cost) -> dict:
     return {
         "config": asdict(cost.config), "label": cost.config.label(), "fits": cost.fits,
         "step_time_s": cost.step_time, "tokens_per_s": cost.tokens_per_second, "mfu": cost.mfu,
         "memory_bytes": {**cost.memory, "total": cost.memory_total, "usable": cost.usable_memory},
+        "memory_features": list(cost.config.memory_features),
         "comm_bytes": [{"kind": kind, "link": link, "bytes": sent}
                        for (kind, link), sent in cost.comm_bytes.items()],
         "time_s": cost.time,
@@ -135,6 +164,8 @@ def run(args) -> int:
         return 0
     if args.top < 1:
         raise ValueError(f"--top {args.top} must be at least 1")
+    from usp.plan.planner import explain, plan  # the cost model counts bytes as usp.comm does
+
     workload = Workload(get_model(args.model), parse_count(args.seq_len), args.global_batch,
                         causal=not args.non_causal)
     cluster = _cluster(args)
@@ -152,6 +183,7 @@ def run(args) -> int:
         return 0
     print(f"{workload.model.name}, {workload.seq_len:,} tokens x {workload.global_batch} on "
           f"{cluster.name} {cluster.nodes}x{cluster.gpus_per_node}: {_counts(result)}")
+    print(f"memory budget per GPU: {cluster.budget()}")
     print(_table(HEADER, [_row(i + 1, c) for i, c in enumerate(result.ranked[:args.top])]))
     print(f"\nbest: {best.config.label()}")
     print("\n".join(_details(best)))
@@ -160,7 +192,7 @@ def run(args) -> int:
     return 0
 
 
-def _counts(result: Plan) -> dict[str, int]:
+def _counts(result) -> dict[str, int]:
     return {"fit": len(result.ranked), "too_big": len(result.too_big),
             "invalid": len(result.invalid)}
 
@@ -170,11 +202,14 @@ def _run_one(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
     problems = check_config(workload, cluster, config)
     if problems:
         raise ValueError(f"{config.label()} is invalid: " + "; ".join(problems))
+    from usp.plan.cost import estimate
+
     cost = estimate(workload, cluster, config)
     if as_json:
         print(json.dumps(_as_json(cost), indent=2))
     else:
         print(f"{config.label()} on {cluster.name} {cluster.nodes}x{cluster.gpus_per_node}"
               f"{'' if cost.fits else ' - DOES NOT FIT'}")
+        print(f"memory budget per GPU: {cluster.budget()}")
         print("\n".join(_details(cost)))
     return 0 if cost.fits else 1

@@ -1,25 +1,28 @@
-"""``usp train``: the command line of the training job (usp.training.launcher and usp.training.loop do the work)."""
+"""``usp train``: the command line of the training job (``usp.training.launcher`` and
+``usp.training.loop`` do the work)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
+from usp.choices import LAYOUTS, LOSSES
+from usp.cli.help import add_parser
+from usp.models.configs import CONFIGS
 from usp.training import run_dir
-from usp.training.launcher import describe_failure, launch, resume_hint
-from usp.layout import LAYOUTS
-from usp.losses import LOSSES
-from usp.models.llama import CONFIGS
-from usp.training.setup import DEFAULT_CHECKPOINT_EVERY, TrainConfig
+from usp.training.config import DEFAULT_CHECKPOINT_EVERY, TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "train",
+    parser = add_parser(
+        subparsers, "train",
         help="train a Llama with sequence parallelism",
         description=(
             "Train a Llama-style model with sequence parallelism (ring x ulysses), FSDP2 and "
@@ -39,81 +42,103 @@ def add_arguments(parser) -> None:
     run can take the rest from its config.json; :class:`TrainConfig` holds the defaults."""
     d = TrainConfig()
     a = parser.add_argument
-    a("--nproc", type=int, help=f"ranks to launch on this machine (default {d.nproc})")
-    a("--device", choices=("auto", "cpu", "cuda"), help="gloo on cpu, nccl on cuda (default auto)")
-    a("--model", choices=sorted(CONFIGS), help=f"default {d.model}")
+    a("--nproc", type=int,
+      help=f"rank processes to launch on this machine (default {d.nproc}); ignored under an "
+      "external torchrun, whose world size counts")
+    a("--device", choices=("auto", "cpu", "cuda"),
+      help=f"gloo on cpu, nccl on cuda; auto picks cuda when present (default {d.device})")
+    a("--model", choices=sorted(CONFIGS),
+      help=f"Llama preset of usp.models, random init (default {d.model})")
     a("--hf-config", metavar="PATH_OR_PRESET",
       help="train a Hugging Face causal LM instead of --model: a config.json (or its directory) "
-      "or a preset (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma); random init")
+      "or a preset (tiny-llama, tiny-qwen2, tiny-qwen3, tiny-mistral, tiny-gemma); random init "
+      "(default: none, --model)")
     a("--hf-model", metavar="DIR",
       help="fine-tune a local Hugging Face model: DIR holds config.json and safetensors weights "
       "(model.safetensors, or shards with model.safetensors.index.json); each rank reads only "
-      "its shards")
+      "its shards (default: none)")
     a("--tokenizer", metavar="DIR",
       help="tokenize the training text with the local Hugging Face tokenizer in DIR (documents "
-      "end with its EOS); default: byte-level tokens")
+      "end with its EOS) (default: byte-level tokens)")
     a("--seq-len", type=int, help=f"global tokens per sample (default {d.seq_len})")
-    a("--global-batch", type=int, help=f"samples per step, all dp ranks (default {d.global_batch})")
+    a("--global-batch", type=int,
+      help=f"samples per step over all dp ranks (default {d.global_batch})")
     a("--steps", type=int, help=f"total optimizer steps of the run (default {d.steps})")
     a("--lr", type=float, help=f"peak learning rate of AdamW (default {d.lr})")
     a("--warmup", type=int, help=f"linear warm-up steps before the cosine (default {d.warmup})")
     a("--min-lr", type=float, help=f"learning rate at the end of the cosine (default {d.min_lr})")
-    a("--weight-decay", type=float, help=f"AdamW decay of matrices (default {d.weight_decay})")
-    a("--grad-clip", type=float, help=f"max global gradient norm, 0: off (default {d.grad_clip})")
-    a("--dtype", choices=("fp32", "bf16"), help="bf16 = autocast, fp32 params (default fp32)")
-    a("--seed", type=int, help=f"model init and data order (default {d.seed})")
-    a("--ring", type=int, help="ring-attention degree (default 1)")
-    a("--ulysses", type=int, help="Ulysses degree (default 1)")
-    a("--tp", type=int, help="tensor-parallel degree (default 1)")
-    a("--pp", type=int, help="pipeline stages (default 1)")
+    a("--weight-decay", type=float,
+      help=f"AdamW decay of matrices and embeddings (default {d.weight_decay})")
+    a("--grad-clip", type=float,
+      help=f"maximum global gradient norm, 0: off (default {d.grad_clip})")
+    a("--dtype", choices=("fp32", "bf16"),
+      help=f"bf16: forward under autocast, fp32 parameters and optimizer (default {d.dtype})")
+    a("--seed", type=int, help=f"model initialisation and data order (default {d.seed})")
+    a("--ring", type=int, help=f"ring-attention degree (default {d.ring})")
+    a("--ulysses", type=int, help=f"Ulysses degree (default {d.ulysses})")
+    a("--tp", type=int, help=f"tensor-parallel degree (default {d.tp})")
+    a("--pp", type=int, help=f"pipeline stages (default {d.pp})")
     a("--microbatches", type=int,
-      help="pipeline micro-batches per step (default: one per stage); the global batch must be "
-      "a multiple of dp x microbatches")
-    a("--pp-schedule", choices=("1f1b", "gpipe"), help="pipeline schedule (default 1f1b)")
-    a("--dp", type=int, help="data-parallel degree (default -1: the rest of the world)")
+      help=f"pipeline micro-batches per step; the global batch must be a multiple of dp x "
+      f"microbatches (default {d.microbatches}: one per stage)")
+    a("--pp-schedule", choices=("1f1b", "gpipe"),
+      help=f"pipeline schedule (default {d.pp_schedule})")
+    a("--dp", type=int, help=f"data-parallel degree (default {d.dp}: the rest of the world)")
     a("--layout", choices=LAYOUTS, help=f"token layout over sequence ranks (default {d.layout})")
-    a("--kernel", help="local attention kernel: auto or a name of usp.attention.kernels.KERNELS")
+    a("--kernel",
+      help=f"local attention kernel: auto or a name of usp.attention.kernels.KERNELS "
+      f"(default {d.kernel})")
     a("--ac", metavar="KINDS",
       help="activation checkpointing: none, full (each block), selective (each MLP), or kinds "
-      "joined by commas: attention, mlp, block (default none)")
+      f"joined by commas: attention, mlp, block (default {d.ac})")
     a("--tiled-mlp", type=int, metavar="TOKENS",
-      help="run each MLP over tiles of TOKENS tokens, recomputed in the backward (default 0: off)")
+      help="run each MLP over tiles of TOKENS tokens, recomputed in the backward "
+      f"(default {d.tiled_mlp}: off)")
     a("--loss", choices=LOSSES,
       help="full logits, chunked (tp=1: the output projection and loss over token chunks, "
       "recomputed in the backward) or vocab_parallel (tp>1: logits stay split over tp) "
-      "(default full)")
+      f"(default {d.loss})")
     a("--loss-chunk-tokens", type=int,
       help=f"tokens per chunk of --loss chunked (default {d.loss_chunk_tokens})")
     a("--offload-activations", action="store_true",
-      help="CUDA: keep saved activations in pinned host memory until the backward")
+      help="CUDA: keep saved activations in pinned host memory until the backward (default off)")
     a("--grad-accum", type=int, metavar="K",
       help="micro-steps per optimizer step, the global batch split K ways; gradients synced in "
-      "the last (default 1)")
+      f"the last (default {d.grad_accum})")
     a("--eval-every", type=int, metavar="N",
-      help="held-out loss every N steps and at the last (default 0: off, nothing held out)")
+      help=f"held-out loss every N steps and at the last (default {d.eval_every}: off, nothing "
+      "held out)")
     a("--eval-batches", type=int, metavar="M",
       help=f"global batches held out from the data for the eval loss (default {d.eval_batches})")
-    a("--zero2", action="store_true", help="keep gathered params after forward (FSDP ZeRO-2)")
+    a("--zero2", action="store_true",
+      help="FSDP keeps gathered parameters between forward and backward (ZeRO-2; default off)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", nargs="+", metavar="PATH",
-                        help="text files to train on (default: the Python stdlib's source)")
-    source.add_argument("--synthetic", action="store_true", help="random tokens (throughput runs)")
+                        help="text files to train on, one document each (default: the Python "
+                        "standard library's source)")
+    source.add_argument("--synthetic", action="store_true",
+                        help="seeded random tokens instead of text, for throughput runs "
+                        "(default off)")
     a("--no-pack", dest="pack", action="store_false",
-      help="let attention, labels and RoPE positions run across document boundaries (EOT); by "
-      "default each packed document is its own sequence")
-    a("--out", help="run directory (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ-TIME, new each run)")
+      help="let attention, labels and RoPE positions run across document boundaries (EOT) "
+      "(default: each packed document is its own sequence)")
+    a("--out",
+      help="run directory, new for each run (default runs/MODEL-rRING-uULYSSES-tTP-sSEQ-TIME)")
     a("--ckpt-every", type=int,
-      help=f"checkpoint every N steps and at the last (default {DEFAULT_CHECKPOINT_EVERY}; "
-      "0: never)")
+      help=f"checkpoint every N steps and at the last, 0: never (default "
+      f"{DEFAULT_CHECKPOINT_EVERY})")
     a("--resume", nargs="?", const="latest", metavar="RUN_DIR|CKPT",
       help="continue a run: its directory (settings come from its config.json, flags given again "
       "override them), one of its checkpoints, or with no value the newest run of this "
-      "configuration under runs/ (or --out's)")
-    a("--reference-metrics", metavar="JSONL", help="another run's curve for the plot")
+      "configuration under runs/ (or --out's) (default: a new run)")
+    a("--reference-metrics", metavar="JSONL",
+      help="another run's metrics.jsonl, drawn dashed beside this run's loss curve "
+      "(default: none)")
     a("--peak-tflops", type=float,
       help="per-device peak for MFU (default: a known GPU's datasheet value; none on CPU)")
     a("--no-progress", dest="progress", action="store_false",
-      help="no progress bar, no per-step lines")
+      help="no progress bar and no per-step lines; metrics.jsonl is still written (default: "
+      "progress shown)")
 
 
 def config_from_args(args) -> TrainConfig:
@@ -125,10 +150,15 @@ def config_from_args(args) -> TrainConfig:
 
 
 def run_cli(args) -> int:
+    config = config_from_args(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("importing torch and checking the settings")
+    # torch and the trainer load here, not at import: `usp train --help` stays instant
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    config = config_from_args(args)
+    from usp.training.launcher import describe_failure, launch, resume_hint
+
     try:
         records = launch(config)
     except ChildFailedError as exc:

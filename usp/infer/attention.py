@@ -29,12 +29,12 @@ import torch.distributed as dist
 from usp.attention.kernels import Kernel
 from usp.attention.merge import merge_into
 from usp.attention.ring import rotating_blocks
+from usp.choices import RING_PASSES
 from usp.comm import all_gather_stacked, exchange_all_to_all
 from usp.p2p import GroupRing, SelfRing
 from usp.schedule import Piece, pieces_of
 
 Tensor = torch.Tensor
-RING_PASSES = ("auto", "kv", "q")
 
 
 def choose_ring_pass(new_tokens: int, cached_tokens: int, n_heads: int, n_kv_heads: int, *,

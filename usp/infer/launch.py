@@ -11,56 +11,20 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from usp.infer.config import DTYPES, GenerateConfig
 from usp.infer.generate import generate
-from usp.layout import check_layout
 from usp.models.llama import Llama, get_config
 from usp.rendezvous import LOOPBACK, RENDEZVOUS_BACKEND, register_loopback_rendezvous
 from usp.topology import Topology
 from usp.training.data import EOT, decode, encode  # the byte-level tokenizer of usp train
 
 logger = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
-
-
-@dataclass
-class GenerateConfig:
-    """The settings of one ``usp generate`` run (the CLI's flags)."""
-
-    prompt_file: str
-    max_new_tokens: int = 32
-    model: str = "tiny"
-    seed: int = 0
-    hf_model: str | None = None
-    nproc: int = 1
-    ring: int = 1
-    ulysses: int = 1
-    layout: str = "zigzag"
-    ring_pass: str = "auto"
-    kernel: str = "auto"
-    dtype: str = "fp32"
-
-    def validate(self) -> None:
-        check_layout(self.layout)
-        if self.ring * self.ulysses != self.nproc:
-            raise ValueError(f"ring={self.ring} x ulysses={self.ulysses} = "
-                             f"{self.ring * self.ulysses} must equal --nproc {self.nproc}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
-        if not Path(self.prompt_file).is_file():
-            raise ValueError(f"prompt file {self.prompt_file!r} does not exist")
-        if self.hf_model is not None and not Path(self.hf_model, "config.json").is_file():
-            raise ValueError(f"--hf-model {self.hf_model!r} is not a directory with a "
-                             "config.json (a local Hugging Face model; nothing is downloaded)")
-        if self.hf_model is None:
-            get_config(self.model)
 
 
 def launch_generation(config: GenerateConfig) -> dict:
@@ -81,6 +45,8 @@ def launch_ranks(nproc: int, function, *args):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     register_loopback_rendezvous()
+    logger.info("starting %d ranks on %s (gloo): each imports torch, joins the process group "
+                "and builds the model", nproc, LOOPBACK)
     launch_config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc,
         run_id=f"usp-infer-{uuid.uuid4().hex[:8]}", rdzv_backend=RENDEZVOUS_BACKEND,
@@ -109,7 +75,7 @@ def _worker(function, args: tuple, log_level: int):
 def run_generation(config: GenerateConfig) -> dict:
     """Generate on this rank (every rank of the world calls it); the same result everywhere."""
     topology = Topology.build(ring=config.ring, ulysses=config.ulysses)
-    dtype = DTYPES[config.dtype]
+    dtype = getattr(torch, DTYPES[config.dtype])
     text = Path(config.prompt_file).read_text(encoding="utf-8")
     if config.hf_model is not None:
         from usp.infer.hf import hf_generate  # transformers is optional: loaded when asked for

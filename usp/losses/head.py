@@ -21,15 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from usp.choices import DEFAULT_CHUNK_TOKENS, LOSSES
 from usp.loss import cross_entropy_sum, global_mean_of_sum
 from usp.losses.chunked import chunked_cross_entropy_sum
 from usp.losses.vocab_parallel import vocab_parallel_cross_entropy_sum
 from usp.topology import Topology
-
-LOSSES = ("full", "chunked", "vocab_parallel")
-# 1024 tokens of fp32 logits over a 128k vocabulary are 0.5 GiB: small next to a long sequence's
-# activations, large enough for the projection to run as one efficient matmul
-DEFAULT_CHUNK_TOKENS = 1024
 
 
 def check_loss(loss: str, topology: Topology, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:

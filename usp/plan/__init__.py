@@ -1,32 +1,33 @@
 """usp.plan: a cost model of 4-D parallelism with USP, and a planner that picks the configuration.
 
 >>> from usp.plan import Workload, get_cluster, get_model, plan
->>> best = plan(Workload(get_model("llama3-8b"), 208 * 1024, 1), get_cluster("a800x8", nodes=2)).best
+>>> workload = Workload(get_model("llama3-8b"), 208 * 1024, 1)
+>>> best = plan(workload, get_cluster("a800x8", nodes=2)).best
 >>> best.config.label(), best.mfu
 
 The command is ``usp plan``; docs/cost-model.md derives the model, docs/planner.md shows its use.
+The exports are imported on first use (``usp.lazy``): the specs, presets and configurations are
+torch-free, so ``usp plan --help`` reads them without importing torch.
 """
 
-from usp.plan.collectives import attention_traffic
-from usp.plan.config import ParallelConfig, check_config
-from usp.plan.cost import StepCost, estimate
-from usp.plan.planner import Plan, explain, plan
-from usp.plan.presets import get_cluster, get_model
-from usp.plan.specs import ClusterSpec, ModelSpec, Workload, parse_count
+from usp.lazy import lazy_exports
 
-__all__ = [
-    "ClusterSpec",
-    "ModelSpec",
-    "ParallelConfig",
-    "Plan",
-    "StepCost",
-    "Workload",
-    "attention_traffic",
-    "check_config",
-    "estimate",
-    "explain",
-    "get_cluster",
-    "get_model",
-    "parse_count",
-    "plan",
-]
+_EXPORTS = {
+    "ClusterSpec": "usp.plan.specs",
+    "ModelSpec": "usp.plan.specs",
+    "ParallelConfig": "usp.plan.config",
+    "Plan": "usp.plan.planner",
+    "StepCost": "usp.plan.cost",
+    "Workload": "usp.plan.specs",
+    "attention_traffic": "usp.plan.collectives",
+    "check_config": "usp.plan.config",
+    "estimate": "usp.plan.cost",
+    "explain": "usp.plan.planner",
+    "get_cluster": "usp.plan.presets",
+    "get_model": "usp.plan.presets",
+    "parse_count": "usp.plan.specs",
+    "plan": "usp.plan.planner",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = sorted(_EXPORTS)

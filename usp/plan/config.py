@@ -29,9 +29,12 @@ SHARD_AXES = ("dp", "ring", "ulysses")
 CHECKPOINTING = ("none", "full", "selective", "attention")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 # How the loss meets the vocabulary: "gathered" = full-vocabulary fp32 logits on every TP rank
-# (usp.models.Llama's output today); "vocab-parallel" = each TP rank keeps V/tp columns;
-# "chunked" = logits made and consumed loss_chunk tokens at a time (recomputed in backward).
+# (usp train --loss full); "vocab-parallel" = each TP rank keeps V/tp columns (tp > 1);
+# "chunked" = logits made and consumed loss_chunk tokens at a time, recomputed in backward (tp 1).
 LOSSES = ("gathered", "vocab-parallel", "chunked")
+# usp train's names for the same losses and checkpointing kinds, accepted by --fix and --config
+LOSS_ALIASES = {"full": "gathered", "vocab_parallel": "vocab-parallel"}
+CHECKPOINTING_ALIASES = {"block": "full", "mlp": "selective"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,18 @@ class ParallelConfig:
     def size(self, axis: str) -> int:
         return getattr(self, axis)
 
+    @property
+    def memory_features(self) -> tuple[str, ...]:
+        """The memory features this configuration uses, each trading time for memory."""
+        features = []
+        if self.checkpointing != "none":
+            features.append(f"checkpointing {self.checkpointing}")
+        if self.loss != "gathered":
+            features.append(f"{self.loss} loss")
+        if self.mlp_tile:
+            features.append("tiled MLP")
+        return tuple(features)
+
     def label(self) -> str:
         tp_sp = "-sp" if self.tp > 1 and self.tp_sequence_parallel else ""
         parts = [f"dp{self.dp}", f"tp{self.tp}{tp_sp}", f"pp{self.pp}", f"ring{self.ring}",
@@ -103,7 +118,6 @@ class ParallelConfig:
             parts.append(f"mlp-tile{self.mlp_tile}")
         return " ".join(parts)
 
-
     @classmethod
     def parse(cls, text: str) -> "ParallelConfig":
         """``"ring=2,ulysses=8,zero=3,ckpt=full"``; unnamed fields keep their defaults."""
@@ -111,10 +125,12 @@ class ParallelConfig:
 
     @classmethod
     def parse_fields(cls, text: str) -> dict[str, object]:
-        """The fields named in ``text`` (keys: field names, or ckpt, mb, sp, r, u) with values."""
+        """The fields named in ``text`` (keys: field names, or the short and ``usp train`` names
+        of ``aliases`` below) with values; losses and checkpointing also by usp train's names."""
         aliases = {"ckpt": "checkpointing", "ac": "checkpointing", "mb": "micro_batches",
                    "sp": "tp_sequence_parallel", "u": "ulysses", "r": "ring",
-                   "schedule": "pp_schedule"}
+                   "schedule": "pp_schedule", "tile": "mlp_tile", "tiled_mlp": "mlp_tile",
+                   "loss_chunk_tokens": "loss_chunk"}
         known = {f.name for f in fields(cls)}
         values: dict[str, object] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
@@ -122,10 +138,12 @@ class ParallelConfig:
             key, raw = aliases.get(key.strip(), key.strip()), raw.strip()
             if not sep or key not in known:
                 raise ValueError(f"cannot read {item!r}; write key=value with keys {sorted(known)}")
-            if key in ("placement", "pp_schedule", "loss"):
+            if key in ("placement", "pp_schedule"):
                 values[key] = raw
-            elif key == "checkpointing" and raw in CHECKPOINTING:
-                values[key] = raw
+            elif key == "loss":
+                values[key] = LOSS_ALIASES.get(raw, raw)
+            elif key == "checkpointing" and (raw in CHECKPOINTING or raw in CHECKPOINTING_ALIASES):
+                values[key] = CHECKPOINTING_ALIASES.get(raw, raw)
             elif key in ("checkpointing", "tp_sequence_parallel"):
                 if raw.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
                     kinds = f", or one of {CHECKPOINTING}" if key == "checkpointing" else ""
@@ -188,6 +206,19 @@ def check_config(workload: Workload, cluster: ClusterSpec,
         problems.append(Violation(
             "vocab by tp", f"vocab={model.vocab} is not divisible by tp={config.tp} "
             "(the vocab-parallel loss splits it)"))
+    # what usp train refuses (usp.losses.check_loss, usp.parallel.check_memory_options)
+    if config.loss == "vocab-parallel" and config.tp == 1:
+        problems.append(Violation(
+            "loss by tp", "loss=vocab-parallel splits the vocabulary over tp, and tp=1 splits "
+            "nothing; use loss=chunked"))
+    if config.loss == "chunked" and config.tp > 1:
+        problems.append(Violation(
+            "loss by tp", f"loss=chunked runs the whole output projection on each rank, which "
+            f"tp={config.tp} splits; use loss=vocab-parallel"))
+    if config.mlp_tile and config.checkpointing == "selective":
+        problems.append(Violation(
+            "tiled MLP", f"mlp_tile={config.mlp_tile} with checkpointing=selective would "
+            "recompute the MLP twice; use checkpointing full or attention, or no tiled MLP"))
     if model.layers % config.pp:
         problems.append(Violation(
             "layers by pp", f"layers={model.layers} is not divisible by pp={config.pp}"))

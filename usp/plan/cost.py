@@ -111,6 +111,9 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
     # ("selective") or its attention (projections, the USP attention and its collectives)
     attention_forwards = 2 if config.checkpointing in ("full", "attention") else 1
     mlp_forwards = 2 if config.checkpointing in ("full", "selective") else 1
+    # a tiled MLP runs each tile's forward again in its backward (inside the TP region: no
+    # collective of its own), on top of any checkpoint's recompute
+    mlp_tile_forwards = 1 if config.mlp_tile else 0
     mlp_share = model.mlp_linear_params / (model.attention_linear_params + model.mlp_linear_params)
     # oversubscribed CPU ranks share cores: slower compute, and transfers that hide nothing
     shared, hides = cluster.oversubscription, cluster.oversubscription == 1
@@ -167,6 +170,7 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
     pass_bwd = linear_bwd + ring_bwd + merge_bwd + a2a + tp_bwd
     # what the recompute repeats: each region's linear work, the attention and its collectives
     recompute = ((mlp_forwards - 1) * (mlp_share * linear_fwd + tp_fwd / 2)
+                 + mlp_tile_forwards * mlp_share * linear_fwd
                  + (attention_forwards - 1) * ((1 - mlp_share) * linear_fwd + ring_fwd + merge_fwd
                                                + a2a + tp_fwd / 2))
     layer_time = pass_fwd + recompute + pass_bwd
@@ -180,7 +184,7 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
     busy_fwd = (R - 1) * kv_hop if same_link else 0.0
     busy_bwd = (R - 1) * (kv_hop + grad_hop) if same_link else 0.0
     window_fwd = max(0.0, compute_fwd - busy_fwd)
-    recompute_compute = ((mlp_forwards - 1) * mlp_share * linear_fwd
+    recompute_compute = ((mlp_forwards - 1 + mlp_tile_forwards) * mlp_share * linear_fwd
                          + (attention_forwards - 1) * ((1 - mlp_share) * linear_fwd
                                                        + attention_fwd))
     window_bwd = max(0.0, recompute_compute + compute_bwd - busy_bwd)
@@ -215,7 +219,11 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
         boundary = s.micro_batch * s.tokens_outside_attention * model.hidden * e
         boundary_time = sends * ledger.add("p2p", boundary, 1, place["pp"], repeat=sends * m)
 
-    head_time = 3 * (2 * s.micro_batch * s.tokens * model.hidden * model.vocab / t) / matmul_rate
+    # the output projection: forward and two backward GEMMs; the chunked loss recomputes the
+    # forward of each chunk in the backward (its logits are never kept)
+    head_passes = 4 if config.loss == "chunked" else 3
+    head_time = head_passes * (2 * s.micro_batch * s.tokens * model.hidden * model.vocab / t) \
+        / matmul_rate
     stage_time = s.layers * layer_time + fsdp + head_time + boundary_time
     optimizer = (psi / (shard.size if config.zero >= 1 else 1)) * OPTIMIZER_BYTES_MOVED / hbm
     step_time = (m + p - 1) * stage_time + sync + regather + optimizer

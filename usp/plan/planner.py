@@ -1,5 +1,11 @@
 """Enumerate every configuration, drop the invalid and the too big, rank the rest by step time.
 
+The search covers the degrees, ZeRO stage, TP sequence parallelism, placement and micro-batches,
+and the memory features ``usp train`` has: activation checkpointing of each kind, the chunked or
+vocabulary-parallel loss and the tiled MLP. Each feature trades time for memory and the cost
+model charges its recompute, so a configuration without it ranks first whenever it fits; among
+equal step times the one with fewer features wins.
+
 :func:`plan` returns a :class:`Plan`; :func:`explain` says in sentences why its best entry wins
 (each sentence computed from the cost model, none written in advance); :func:`no_fit_message`
 says which constraint bites, and by how much, when nothing can run.
@@ -16,7 +22,13 @@ from usp.plan.cost import StepCost, estimate
 from usp.plan.memory import model_states
 from usp.plan.specs import GIB, ClusterSpec, Workload
 
-KNOBS = ("sequence split", "placement", "tp", "pp", "zero", "checkpointing", "micro_batches")
+KNOBS = ("sequence split", "placement", "tp", "pp", "zero", "checkpointing", "micro_batches",
+         "loss", "mlp_tile")
+# The tiled MLP the search tries: 4096 tokens per tile keeps each tile's GEMMs large while its
+# intermediates (3 x ffn per token) stay a small part of a long sequence's activations
+SEARCHED_MLP_TILE = 4096
+# Fields the search does not vary: --fix sets them on every configuration instead of filtering
+SET_BY_FIX = ("pp_schedule", "loss_chunk", "mlp_tile")
 
 
 def _divisors(n: int) -> list[int]:
@@ -33,22 +45,33 @@ def _factorisations(n: int, parts: int):
             yield (first, *rest)
 
 
+def _memory_features(tp: int):
+    """(checkpointing, loss, mlp_tile) combinations usp train runs: the chunked loss needs tp 1,
+    the vocabulary-parallel one tp > 1, and a tiled MLP is not checkpointed again (selective)."""
+    losses = ("gathered", "chunked") if tp == 1 else ("gathered", "vocab-parallel")
+    for checkpointing, loss, tile in itertools.product(
+            ("none", "selective", "attention", "full"), losses, (0, SEARCHED_MLP_TILE)):
+        if not (tile and checkpointing == "selective"):
+            yield checkpointing, loss, tile
+
+
 def enumerate_configs(workload: Workload, cluster: ClusterSpec) -> list[ParallelConfig]:
-    """Every combination of degrees, ZeRO stage, TP-sp, placement, micro-batches, checkpointing."""
+    """Every combination of degrees, ZeRO stage, TP-sp, placement, micro-batches and memory
+    features (checkpointing, loss, tiled MLP)."""
     configs = []
     for pp, dp, tp, ring, ulysses in _factorisations(cluster.world_size, 5):
         per_replica = workload.global_batch // dp if workload.global_batch % dp == 0 else 1
-        for zero, tp_sp, placement, micro_batches, checkpointing in itertools.product(
+        for zero, tp_sp, placement, micro_batches, (checkpointing, loss, tile) in itertools.product(
             (0, 1, 2, 3) if dp * ring * ulysses > 1 else (0,),
             (True, False) if tp > 1 else (True,),
             ("head-first", "context-first") if ring > 1 and ulysses > 1 else ("head-first",),
             _divisors(per_replica),
-            ("none", "selective", "full"),
+            _memory_features(tp),
         ):
             configs.append(ParallelConfig(
                 dp=dp, tp=tp, pp=pp, ring=ring, ulysses=ulysses, zero=zero,
                 tp_sequence_parallel=tp_sp, micro_batches=micro_batches,
-                checkpointing=checkpointing, placement=placement,
+                checkpointing=checkpointing, placement=placement, loss=loss, mlp_tile=tile,
             ))
     return configs
 
@@ -68,8 +91,21 @@ class Plan:
         return self.ranked[0]
 
 
-def _matches(config: ParallelConfig, fixed: dict[str, object]) -> bool:
-    return all(getattr(config, key) == value for key, value in fixed.items())
+def _with_fixed(configs: list[ParallelConfig], fixed: dict[str, object]) -> list[ParallelConfig]:
+    """The configurations whose searched fields equal ``fixed``'s, with its other fields
+    (:data:`SET_BY_FIX`) set, each once."""
+    filters = {key: value for key, value in fixed.items() if key not in SET_BY_FIX}
+    settings = {key: value for key, value in fixed.items() if key in SET_BY_FIX}
+    chosen = [config for config in configs
+              if all(getattr(config, key) == value for key, value in filters.items())]
+    if settings:
+        chosen = [replace(config, **settings) for config in chosen]
+    return list(dict.fromkeys(chosen))
+
+
+def _rank_key(cost: StepCost) -> tuple:
+    """Fastest first; at equal times fewer memory features, then less memory."""
+    return (round(cost.step_time, 9), len(cost.config.memory_features), cost.memory_total)
 
 
 def plan(workload: Workload, cluster: ClusterSpec, fixed: dict[str, object] | None = None) -> Plan:
@@ -79,17 +115,16 @@ def plan(workload: Workload, cluster: ClusterSpec, fixed: dict[str, object] | No
     unknown = sorted(set(fixed) - names)
     if unknown:
         raise ValueError(f"cannot fix {unknown}: the configuration fields are {sorted(names)}")
+    ParallelConfig(**fixed)  # ValueError, naming it, for a value no configuration can take
     ranked, too_big, invalid = [], [], []
-    for config in enumerate_configs(workload, cluster):
-        if not _matches(config, fixed):
-            continue
+    for config in _with_fixed(enumerate_configs(workload, cluster), fixed):
         problems = check_config(workload, cluster, config)
         if problems:
             invalid.append((config, problems))
             continue
         cost = estimate(workload, cluster, config)
         (ranked if cost.fits else too_big).append(cost)
-    ranked.sort(key=lambda c: (c.step_time, c.memory_total))
+    ranked.sort(key=_rank_key)
     too_big.sort(key=lambda c: c.memory_total)
     return Plan(workload, cluster, ranked, too_big, invalid)
 
@@ -106,11 +141,38 @@ def _describe(config: ParallelConfig, knob: str) -> str:
         return f"ring {value[0]} x ulysses {value[1]}"
     if knob == "checkpointing":
         return f"checkpointing {value}"
+    if knob == "loss":
+        return f"the {value} loss"
+    if knob == "mlp_tile":
+        return f"a tiled MLP ({value} tokens)" if value else "no tiled MLP"
     return f"{knob} {value}"
 
 
 def _link(cost: StepCost, axis: str) -> str:
     return "inside one node" if cost.placements[axis].intra_node else "across nodes"
+
+
+def _feature_sentences(result: Plan, best: StepCost) -> list[str]:
+    """What each memory feature of ``best`` saves and costs, against the same configuration
+    without it."""
+    c, usable = best.config, result.cluster.usable_bytes
+    without = {}
+    if c.checkpointing != "none":
+        without[f"checkpointing {c.checkpointing}"] = replace(c, checkpointing="none")
+    if c.loss != "gathered":
+        without[f"the {c.loss} loss"] = replace(c, loss="gathered")
+    if c.mlp_tile:
+        without[f"the tiled MLP ({c.mlp_tile} tokens)"] = replace(c, mlp_tile=0)
+    sentences = []
+    for name, plain in without.items():
+        other = estimate(result.workload, result.cluster, plain)
+        saved = (other.memory_total - best.memory_total) / GIB
+        extra = best.step_time - other.step_time
+        verdict = (f"without it {other.memory_total / GIB:.1f} GiB > {usable / GIB:.1f} GiB "
+                   "budget" if not other.fits else "it fits without it too")
+        sentences.append(f"{name} saves {saved:.1f} GiB per GPU for {extra:.3f} s of recompute "
+                         f"({100 * extra / best.step_time:.1f}% of the step); {verdict}")
+    return sentences
 
 
 def _method_sentences(workload: Workload, best: StepCost) -> list[str]:
@@ -154,7 +216,7 @@ def _method_sentences(workload: Workload, best: StepCost) -> list[str]:
 def explain(result: Plan) -> list[str]:
     """Why the best configuration wins: what each of its methods costs, the best rival per knob."""
     best = result.best
-    sentences = _method_sentences(result.workload, best)
+    sentences = _method_sentences(result.workload, best) + _feature_sentences(result, best)
     usable = result.cluster.usable_bytes / GIB
     for knob in KNOBS:
         own = _knob_value(best.config, knob)
@@ -191,8 +253,7 @@ def no_fit_message(result: Plan) -> str:
         parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in smallest.memory.items())
         largest = max(smallest.memory, key=smallest.memory.get)
         return (
-            f"nothing fits in {usable:.1f} GiB per GPU ({result.cluster.memory_gib:g} GiB minus "
-            f"{result.cluster.reserved_gib:g} reserved): the smallest configuration "
+            f"nothing fits in {result.cluster.budget()} per GPU: the smallest configuration "
             f"({smallest.config.label()}) needs {smallest.memory_total / GIB:.1f} GiB ({parts}), "
             f"{(smallest.memory_total / GIB - usable):.1f} GiB too much; {largest} dominate - "
             + ("add GPUs or shorten the sequence" if largest == "activations"

@@ -14,7 +14,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from usp.models.llama import CONFIGS as LLAMA_CONFIGS
+from usp.models.configs import CONFIGS as LLAMA_CONFIGS
 from usp.plan.specs import ClusterSpec, ModelSpec
 
 MODELS: dict[str, ModelSpec] = {
@@ -68,7 +68,7 @@ CLUSTERS: dict[str, ClusterSpec] = {
 def cpu_cluster(ranks: int = 2) -> ClusterSpec:
     """This machine seen as one node of ``ranks`` single-thread gloo ranks.
 
-    The numbers are one fp32 core of the development machine (AMD EPYC), measured with
+    The numbers are one fp32 core of a 2-core AMD EPYC virtual machine, measured with
     ``usp plan --calibrate``: ~52 GFLOPS GEMM, ~45 GFLOPS for the CPU flash-attention kernel
     forward+backward, ~1 GB/s and ~150 us per message between two gloo ranks on 127.0.0.1.
     Calibrating measures them afresh.

@@ -121,8 +121,11 @@ class ClusterSpec:
 
     ``matmul_efficiency`` and ``attention_efficiency`` are the fractions of ``peak_tflops`` that
     large GEMMs and the fused attention kernel (forward + backward) reach in practice.
-    ``reserved_gib`` is memory the step can never use (runtime context, communicator buffers,
-    allocator fragmentation). ``cores_per_node`` (CPU clusters; 0: every rank has its own
+    ``reserved_gib`` is memory the step can never use (the CUDA context, communicator buffers).
+    ``headroom`` is the fraction of ``memory_gib`` a plan leaves free on top of that: the
+    caching allocator's fragmentation, kernel workspaces and what the memory model leaves out;
+    a configuration fits when its predicted peak is at most :attr:`usable_bytes`, memory minus
+    both. ``cores_per_node`` (CPU clusters; 0: every rank has its own
     accelerator) is the cores a node's ranks share: see :attr:`oversubscription`. ``sync_us``
     (CPU clusters; 0 elsewhere) is what one collective call adds inside a step beyond its
     latency: every peer must be running to take part, and ranks that share cores are not all
@@ -142,12 +145,13 @@ class ClusterSpec:
     matmul_efficiency: float
     attention_efficiency: float
     reserved_gib: float
+    headroom: float = 0.1
     cores_per_node: float = 0.0
     sync_us: float = 0.0
 
     def __post_init__(self) -> None:
         numeric = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
-        reserved = numeric.pop("reserved_gib")
+        reserved, headroom = numeric.pop("reserved_gib"), numeric.pop("headroom")
         for name in ("cores_per_node", "sync_us"):
             if numeric.pop(name) < 0:
                 raise ValueError(f"cluster {self.name!r}: {name}={getattr(self, name)} < 0")
@@ -158,6 +162,11 @@ class ClusterSpec:
         if not 0 <= reserved < self.memory_gib:
             raise ValueError(
                 f"cluster {self.name!r}: reserved_gib={reserved} must lie in [0, {self.memory_gib})"
+            )
+        if not 0 <= headroom < 1 or reserved + headroom * self.memory_gib >= self.memory_gib:
+            raise ValueError(
+                f"cluster {self.name!r}: headroom={headroom} must lie in [0, 1) and leave memory "
+                f"beside reserved_gib={reserved} of {self.memory_gib} GiB"
             )
 
     @property
@@ -175,8 +184,19 @@ class ClusterSpec:
         return max(1.0, min(self.gpus_per_node, self.world_size) / self.cores_per_node)
 
     @property
+    def headroom_gib(self) -> float:
+        return self.headroom * self.memory_gib
+
+    @property
     def usable_bytes(self) -> float:
-        return (self.memory_gib - self.reserved_gib) * GIB
+        """What a step may use: memory minus the reserved GiB and the headroom."""
+        return (self.memory_gib - self.reserved_gib - self.headroom_gib) * GIB
+
+    def budget(self) -> str:
+        """The usable memory in words: ``80 GiB - 4 reserved - 8.0 headroom (10%) = 68.0 GiB``."""
+        return (f"{self.memory_gib:g} GiB - {self.reserved_gib:g} reserved - "
+                f"{self.headroom_gib:.1f} headroom ({100 * self.headroom:g}%) = "
+                f"{self.usable_bytes / GIB:.1f} GiB")
 
 
 @dataclass(frozen=True)

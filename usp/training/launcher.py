@@ -51,7 +51,8 @@ def launch(config: TrainConfig) -> list[dict]:
     with RunLock(Path(config.out)):
         validate(config, world_size)  # again under the lock: nothing changed since the first look
         logger.info(
-            "launching %d ranks on %s (ring %d x ulysses %d x tp %d), run directory %s",
+            "launching %d ranks on %s (ring %d x ulysses %d x tp %d), run directory %s; each "
+            "rank imports torch and joins the process group before rank 0 reports again",
             config.nproc, LOOPBACK, config.ring, config.ulysses, config.tp, config.out,
         )
         return launch_elastic(config, run_dir_locked=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -19,72 +19,19 @@ import torch.distributed as dist
 from usp.training import run_dir
 from usp.attention.kernels import KERNELS
 from usp.layout import padded_length
-from usp.losses import DEFAULT_CHUNK_TOKENS, LossHead, check_loss
+from usp.losses import LossHead, check_loss
 from usp.pipeline import Pipeline, check_pipeline
 from usp.training.accumulate import check_step_options
 from usp.training.build import (
     build_model, model_metadata, tokenizer_metadata, training_tokens, validate_model,
 )
+from usp.training.config import DEFAULT_CHECKPOINT_EVERY, TrainConfig  # noqa: F401 (re-exported)
 from usp.training.data import EOT
 from usp.training.evaluate import HeldOut, held_out_split
 from usp.training.resume import ResumePlan, plan_resume
 from usp.topology import AXES, Topology
 
 SYNTHETIC_WINDOWS = 16  # synthetic data: this many windows per global-batch row, then repeat
-# Checkpoint every 50 steps and at the last: a crash loses at most 50 steps, and the README's
-# 30-step job still ends with one. 0 turns checkpoints off (benchmarks).
-DEFAULT_CHECKPOINT_EVERY = 50
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run; the CLI flags map one to one (``--seq-len`` -> ``seq_len``)."""
-
-    model: str = "tiny"
-    hf_config: str | None = None
-    hf_model: str | None = None  # a local Hugging Face directory: config.json + safetensors
-    tokenizer: str | None = None  # a local Hugging Face tokenizer directory; None: bytes
-    seq_len: int = 1024
-    global_batch: int = 1
-    steps: int = 20
-    lr: float = 3e-3
-    warmup: int = 5
-    min_lr: float = 3e-4
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    dtype: str = "fp32"
-    seed: int = 0
-    ring: int = 1
-    ulysses: int = 1
-    tp: int = 1
-    pp: int = 1
-    dp: int = -1
-    microbatches: int = 0  # pipeline micro-batches per step; 0: one per stage
-    pp_schedule: str = "1f1b"
-    layout: str = "stripe"  # balanced for dense causal and for packed documents alike
-    kernel: str = "auto"
-    ac: str = "none"  # a preset or checkpointing kinds (usp.memory.checkpointing)
-    tiled_mlp: int = 0  # tokens per tile of the MLP; 0: untiled
-    loss: str = "full"  # usp.losses.LOSSES
-    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-    offload_activations: bool = False
-    grad_accum: int = 1  # micro-steps per optimizer step
-    eval_every: int = 0  # held-out loss every N steps; 0: no held-out split
-    eval_batches: int = 4  # global batches held out
-    zero2: bool = False
-    data: list[str] = field(default_factory=list)
-    synthetic: bool = False
-    pack: bool = True
-    out: str = "runs/tiny"
-    ckpt_every: int = DEFAULT_CHECKPOINT_EVERY
-    resume: str | None = None
-    reference_metrics: str | None = None
-    peak_tflops: float | None = None
-    device: str = "auto"
-    nproc: int = 1
-    progress: bool = True
-
-
 def microbatches(config: TrainConfig) -> int:
     """Pipeline micro-batches per step: as given, or one per stage."""
     return config.microbatches or config.pp

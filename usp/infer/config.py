@@ -1,0 +1,49 @@
+"""The settings of one ``usp generate`` run, torch-free: the command's ``--help`` shows these
+defaults without importing torch; ``usp.infer.launch`` runs them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from usp.choices import LAYOUTS
+from usp.models.configs import get_config
+
+# --dtype -> the torch dtype's name (usp.infer.launch resolves it)
+DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16"}
+
+
+@dataclass
+class GenerateConfig:
+    """The settings of one ``usp generate`` run (the CLI's flags)."""
+
+    prompt_file: str
+    max_new_tokens: int = 32
+    model: str = "tiny"
+    seed: int = 0
+    hf_model: str | None = None
+    nproc: int = 1
+    ring: int = 1
+    ulysses: int = 1
+    layout: str = "zigzag"
+    ring_pass: str = "auto"
+    kernel: str = "auto"
+    dtype: str = "fp32"
+
+    def validate(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"--layout {self.layout!r}; choose one of {LAYOUTS}")
+        if self.ring * self.ulysses != self.nproc:
+            raise ValueError(f"ring={self.ring} x ulysses={self.ulysses} = "
+                             f"{self.ring * self.ulysses} must equal --nproc {self.nproc}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
+        if not Path(self.prompt_file).is_file():
+            raise ValueError(f"prompt file {self.prompt_file!r} does not exist")
+        if self.hf_model is not None and not Path(self.hf_model, "config.json").is_file():
+            raise ValueError(f"--hf-model {self.hf_model!r} is not a directory with a "
+                             "config.json (a local Hugging Face model; nothing is downloaded)")
+        if self.hf_model is None:
+            get_config(self.model)
