@@ -124,4 +124,7 @@ def rank_batch(run, config, tokens: torch.Tensor) -> dict:
     documents = (documents_of_windows(tokens, run.end_of_document)
                  if config.pack and not config.synthetic else None)
     batch = shard_batch(tokens, run.topology, config.layout, documents=documents)
-    return {name: tensor.to(run.device) for name, tensor in batch.items()}
+    # the documents only shape attention masks, which live on the host: moving them to the GPU
+    # would make every step's mask copy them back (a wait for the device)
+    return {name: tensor if name == "documents" else tensor.to(run.device)
+            for name, tensor in batch.items()}
