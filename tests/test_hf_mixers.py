@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.distributed import collect_failures, run_on_ranks
+from tests.distributed import run_on_ranks
 from usp import Topology
 from usp.cli import main as usp_main
 from usp.integrations.hf_mixers import find_sequence_mixers

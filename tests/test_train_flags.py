@@ -104,7 +104,7 @@ def test_a_busy_directory_names_the_run_that_holds_it(tmp_path, capsys, launches
     out = tmp_path / "run"
     _saved_run(out, seq_len=64)  # the other run has written its settings already
     with RunLock(out):  # held by "another run": this process, through another descriptor
-        assert cli.main(["train", *FLAGS, "--nproc", "2", "--out", str(out)]) == 2
+        assert cli.main(["train", *FLAGS, "--nproc", "2", "--ring", "2", "--out", str(out)]) == 2
     message = capsys.readouterr().err
     assert f"--out {out} is in use by another usp train run (pid {os.getpid()} on " in message
     assert "wait for it to finish or choose another --out" in message

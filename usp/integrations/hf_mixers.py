@@ -216,3 +216,27 @@ def refusal(mixers: list[SequenceMixer], ring: int, ulysses: int) -> str | None:
         f"exactly, so this model cannot run sequence-parallel (ring*ulysses > 1; here ring="
         f"{ring} x ulysses={ulysses}) yet: use ring=1 and ulysses=1 (data parallel only)"
     )
+
+
+def check_sequence_mixers(mixers: list[SequenceMixer] | nn.Module, topology) -> None:
+    """Raise ValueError naming the first layer that mixes tokens other than softmax attention
+    (:func:`find_sequence_mixers` of a model, or its findings) when ``topology`` splits the
+    sequence. Depends on the model only: every rank raises alike, before any collective."""
+    if isinstance(mixers, nn.Module):
+        mixers = find_sequence_mixers(mixers)
+    message = refusal(mixers, topology.size("ring"), topology.size("ulysses"))
+    if message is not None:
+        raise ValueError(message)
+
+
+class SplitRefusal:
+    """A forward pre-hook (``with_kwargs=True``) for a model with sequence mixers, prepared on an
+    unsplit sequence: refuses a ``usp_context`` that splits it before any layer runs."""
+
+    def __init__(self, mixers: list[SequenceMixer]) -> None:
+        self.mixers = mixers
+
+    def __call__(self, module: nn.Module, args, kwargs) -> None:
+        topology = getattr(kwargs.get("usp_context"), "topology", None)
+        if topology is not None:
+            check_sequence_mixers(self.mixers, topology)

@@ -28,7 +28,7 @@ from usp.comm import agree
 from usp.batch import IGNORE_INDEX, documents_from_positions, positions_in_documents, shard_batch
 from usp.integrations.hf_masks import ATTENTION_NAME, MaskRequest, usp_mask
 from usp.integrations.hf_mixers import (
-    SequenceMixer, config_sequence_mixers, find_sequence_mixers, refusal as mixer_refusal,
+    SplitRefusal, check_sequence_mixers, config_sequence_mixers, find_sequence_mixers,
 )
 from usp.layout import check_layout, sequence_positions, unshard_sequence
 from usp.mask import NOT_A_TOKEN, AttentionMask
@@ -85,7 +85,7 @@ class USPContext:
             previous.remove()
         if mixers:
             model._usp_sequence_mixer_check = model.register_forward_pre_hook(
-                _SplitRefusal(mixers), with_kwargs=True)
+                SplitRefusal(mixers), with_kwargs=True)
         return model
 
     def shard(
@@ -160,31 +160,6 @@ class USPContext:
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.topology,
             layout=self.layout, softmax_scale=scaling, kernel=self.kernel, mask=request.mask,
         )
-
-
-def check_sequence_mixers(mixers: list[SequenceMixer] | torch.nn.Module,
-                          topology: Topology) -> None:
-    """Raise ValueError naming the first layer that mixes tokens other than softmax attention
-    (:func:`usp.integrations.hf_mixers.find_sequence_mixers` of a model, or its findings) when
-    ``topology`` splits the sequence. Depends on the model only: every rank raises alike."""
-    if isinstance(mixers, torch.nn.Module):
-        mixers = find_sequence_mixers(mixers)
-    message = mixer_refusal(mixers, topology.size("ring"), topology.size("ulysses"))
-    if message is not None:
-        raise ValueError(message)
-
-
-class _SplitRefusal:
-    """A forward pre-hook of a prepared model with sequence mixers: refuses a ``usp_context``
-    that splits the sequence before any layer runs."""
-
-    def __init__(self, mixers: list[SequenceMixer]) -> None:
-        self.mixers = mixers
-
-    def __call__(self, module, args, kwargs) -> None:
-        context = kwargs.get("usp_context")
-        if isinstance(context, USPContext):
-            check_sequence_mixers(self.mixers, context.topology)
 
 
 def check_config(config, topology: Topology) -> None:

@@ -176,6 +176,17 @@ def text_file_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
     return documents
 
 
+def data_summary(documents: int | None, training: int, held_out: int, steps: int,
+                 global_batch: int, seq_len: int) -> str:
+    """How much data a run has and how often it sees it, for its log: documents (None:
+    synthetic tokens), tokens, and epochs = tokens the run will see / tokens it trains on."""
+    seen = steps * global_batch * seq_len
+    what = "synthetic tokens" if documents is None else f"{documents:,} documents"
+    held = f" (and {held_out:,} held out for the eval loss)" if held_out else ""
+    return (f"data: {what}, {training:,} tokens to train on{held}; {steps} steps x "
+            f"{global_batch} x {seq_len} tokens = {seen:,} tokens, {seen / training:.2f} epochs")
+
+
 def synthetic_tokens(num_tokens: int, vocab_size: int = 256, seed: int = 0) -> torch.Tensor:
     """``num_tokens`` uniformly random ids in ``[0, vocab_size)`` drawn from ``seed``."""
     generator = torch.Generator().manual_seed(seed)

@@ -26,7 +26,7 @@ from usp.training.accumulate import check_step_options
 from usp.training.build import (
     build_model, model_metadata, tokenizer_metadata, training_tokens, validate_model,
 )
-from usp.training.data import EOT, data_files
+from usp.training.data import EOT, data_files, data_summary
 from usp.training.evaluate import HeldOut, held_out_split
 from usp.training.resume import ResumePlan, check_init_source, plan_resume
 from usp.topology import AXES, Topology
@@ -276,18 +276,6 @@ def _training_data(config: TrainConfig):
     return (*training_tokens(config, documents), len(documents))
 
 
-def data_summary(config: TrainConfig, documents: int | None, training: int,
-                 held_out: int) -> str:
-    """How much data the run has and how often it sees it: documents, tokens, and epochs =
-    tokens the run will see / tokens it trains on."""
-    seen = config.steps * config.global_batch * config.seq_len
-    what = "synthetic tokens" if documents is None else f"{documents:,} documents"
-    held = f" (and {held_out:,} held out for the eval loss)" if held_out else ""
-    return (f"data: {what}, {training:,} tokens to train on{held}; {config.steps} steps x "
-            f"{config.global_batch} x {config.seq_len} tokens = {seen:,} tokens, "
-            f"{seen / training:.2f} epochs")
-
-
 def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run:
     from usp.training.data import TokenBatcher
 
@@ -329,5 +317,6 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
         batcher=batcher, metadata=run_metadata(config, world_size), flops_per_token=flops_per_token,
         pipeline=pipeline, resume_plan=resume_plan, end_of_document=end_of_document,
         loss_head=loss_head, held_out=held_out,
-        data_summary=data_summary(config, documents, batcher.tokens.numel(), held_tokens),
+        data_summary=data_summary(documents, batcher.tokens.numel(), held_tokens, config.steps,
+                                  config.global_batch, config.seq_len),
     )
