@@ -73,12 +73,13 @@ def _config(model_type: str):
 
 def _model(model_type: str, **options):
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(_config(model_type), **options)
+    return AutoModelForCausalLM.from_config(_config(model_type), trust_remote_code=False,
+                                            **options)
 
 
 def _meta_model(model_type: str):
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(_config(model_type))
+        return AutoModelForCausalLM.from_config(_config(model_type), trust_remote_code=False)
 
 
 def _refused(run, *needles: str) -> str | None:

@@ -74,7 +74,11 @@ def _kind_of_layer_type(layer_type: str) -> str | None:
         return CONVOLUTION
     if "recurrent" in name or "lstm" in name or "rwkv" in name:
         return RECURRENT
-    return STATE_SPACE  # mamba, ssm, hybrid (attention beside a Mamba mixer), anything else
+    if "mamba" in name or "ssm" in name:
+        return STATE_SPACE
+    if "hybrid" in name:
+        return "a hybrid layer (a state-space or convolution mixer beside attention)"
+    return "a layer that is neither softmax attention nor an MLP"  # unknown: refused, not guessed
 
 
 def config_layer_kinds(config) -> dict[int, tuple[str, str]]:

@@ -105,7 +105,8 @@ def validate_hf_config(
         )
     if topology.size("ring") * topology.size("ulysses") > 1:  # the modules, on meta: no storage
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME)
+            skeleton = AutoModelForCausalLM.from_config(
+                config, attn_implementation=ATTENTION_NAME, trust_remote_code=False)
         check_sequence_mixers(skeleton, topology)
     check_config(config, topology)
     check_stages(config, topology)
