@@ -245,4 +245,5 @@ def test_usp_generate_command_in_one_process(tmp_path, capsys):
                                   4)
     assert f"generated 4: {tokens[0].tolist()}" in printed
     assert "prefill:" in printed and "per-token decode latency:" in printed
+    assert printed.startswith("(untrained tiny model: random text; pass --hf-model DIR")
 

@@ -12,6 +12,7 @@ single-process model vs that reference, plus a tiny atol.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -186,7 +187,24 @@ def _mask_builds_per_step(topology: Topology) -> int:
     return len(builds)
 
 
+def _padding_warnings(topology: Topology) -> int:
+    """Warnings parallelize logs on this rank for heads Ulysses runs padded (6/3 over 2)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("usp.parallel")
+    log.addHandler(handler)
+    try:
+        with torch.device("meta"):
+            odd = Llama(dataclasses.replace(CONFIG, dim=36, n_heads=6, n_kv_heads=3))
+        parallelize(odd, topology)
+    finally:
+        log.removeHandler(handler)
+    return sum("heads run as" in record.getMessage() for record in records)
+
+
 def _world(rank: int, world_size: int) -> dict:
+    padding_warnings = _padding_warnings(Topology.build(ulysses=2, dp=2))
     references = {(tie, documents): (_reference(tie, torch.float64, documents),
                                      _reference(tie, torch.float32, documents))
                   for tie in (False, True) for documents in (False, True)}
@@ -199,7 +217,7 @@ def _world(rank: int, world_size: int) -> dict:
     relative = ((curve - reference_curve).abs() / reference_curve.abs()).max().item()
     if not relative <= 1e-4:
         failures.append(f"10-step loss curve: max relative difference {relative:.2e} > 1e-4")
-    return {"failures": failures, "curve_relative": relative,
+    return {"failures": failures, "curve_relative": relative, "padding_warnings": padding_warnings,
             "curve_decrease": (reference_curve[0] - reference_curve[-1]).item()}
 
 
@@ -209,6 +227,7 @@ def test_parallel_matches_single_process_model():
                 for line in result["failures"]]
     assert not failures, "\n".join(failures)
     assert results[0]["curve_decrease"] > 1.0  # the curve being compared does move
+    assert [r["padding_warnings"] for r in results] == [1, 0, 0, 0], "once, on the first rank"
 
 
 def _topology(**degrees) -> Topology:
@@ -217,11 +236,12 @@ def _topology(**degrees) -> Topology:
 
 
 def test_bad_parallel_configs_name_the_numbers(caplog):
-    # heads ulysses cannot split evenly run on padded heads, with a warning about the cost
-    check_parallel_config(CONFIG, _topology(tp=2, ulysses=8))
+    # heads ulysses cannot split evenly run on padded heads: a note about the cost, which
+    # parallelize logs (once, on the first rank), never the check itself (run again per rank)
+    assert check_parallel_config(CONFIG, _topology(tp=2, ulysses=8)) is not None
     odd_heads = dataclasses.replace(CONFIG, dim=36, n_heads=6, n_kv_heads=3)
-    check_parallel_config(odd_heads, _topology(ulysses=2))
-    assert "6/3 heads run as 8/4" in caplog.text
+    assert "6/3 heads run as 8/4" in check_parallel_config(odd_heads, _topology(ulysses=2))
+    assert caplog.text == ""
     with pytest.raises(ValueError, match="n_kv_heads=4 is not divisible by tp=8"):
         check_parallel_config(CONFIG, _topology(tp=8))
     with pytest.raises(ValueError, match="vocab_size=257 is not divisible by tp=2"):

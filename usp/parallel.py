@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -52,8 +53,13 @@ from usp.topology import Topology
 
 logger = logging.getLogger(__name__)
 
-def check_parallel_config(config: LlamaConfig, topology: Topology) -> None:
-    """Raise ValueError, naming the numbers, unless pp, tp and ulysses can split the model."""
+
+def check_parallel_config(config: LlamaConfig, topology: Topology) -> str | None:
+    """Raise ValueError, naming the numbers, unless pp, tp and ulysses can split the model.
+
+    Returns a note when Ulysses runs on padded heads (exact, but they cost their share of the
+    work); :func:`parallelize` logs it once, on the first rank, so validating again (before
+    launch, on every rank) repeats nothing."""
     tp, ulysses, pp = topology.size("tp"), topology.size("ulysses"), topology.size("pp")
     if config.n_layers < pp:
         raise ValueError(f"n_layers={config.n_layers} < pp={pp}: every pipeline stage needs a layer")
@@ -74,10 +80,10 @@ def check_parallel_config(config: LlamaConfig, topology: Topology) -> None:
     # heads split over tp first, then over ulysses: an uneven ulysses split runs on padded
     # heads (exact; usp.attention.heads.head_plan), which costs their share of the work
     plan = head_plan(config.n_heads // tp, config.n_kv_heads // tp, ulysses)
-    if plan.padded:
-        logger.warning("%d query / %d kv heads per tp rank over ulysses=%d: %s (padding heads "
-                       "cost their share of compute)", config.n_heads // tp,
-                       config.n_kv_heads // tp, ulysses, plan.describe())
+    if not plan.padded:
+        return None
+    return (f"{config.n_heads // tp} query / {config.n_kv_heads // tp} kv heads per tp rank over "
+            f"ulysses={ulysses}: {plan.describe()} (padding heads cost their share of compute)")
 
 
 def check_parallel_options(
@@ -121,7 +127,8 @@ def check_memory_options(activation_checkpointing: str, tiled_mlp: int) -> None:
 class ModelPlan:
     """What :func:`parallelize` must know of a model family."""
 
-    check: Callable[[nn.Module, Topology], None]  # ValueError for what it cannot split
+    # ValueError for what it cannot split; returns a note worth a warning, or None
+    check: Callable[[nn.Module, Topology], str | None]
     use_attention: Callable[[nn.Module, Topology, str, str], None]  # (model, topology, layout, kernel)
     # (model, tp mesh, vocab-parallel output); None: no TP
     tensor_parallel: Callable[[nn.Module, object, bool], None] | None
@@ -194,7 +201,9 @@ def parallelize(
     check_layout(layout)
     name = type(model).__name__  # (FSDP2 changes the class)
     plan = model_plan(model)
-    plan.check(model, topology)
+    note = plan.check(model, topology)
+    if note is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        logger.warning("%s", note)  # the same on every rank: said once
     use_fsdp = check_parallel_options(
         topology, activation_checkpointing, fsdp, param_dtype, reduce_dtype, tiled_mlp
     )

@@ -69,7 +69,10 @@ def summarize(result: dict, config: GenerateConfig) -> str:
                f"{1e3 * min(steps):.2f}-{1e3 * max(steps):.2f} ms range over {len(steps)} steps"
                if steps else "no decode step (one new token)")
     model = config.hf_model or f"{config.model} (random init, seed {config.seed})"
+    untrained = [] if config.hf_model else [
+        f"(untrained {config.model} model: random text; pass --hf-model DIR for a trained one)"]
     return "\n".join([
+        *untrained,
         result["text"],
         "",
         f"model {model}; ring {config.ring} x ulysses {config.ulysses}, layout {config.layout}",

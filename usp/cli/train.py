@@ -62,7 +62,8 @@ def add_arguments(parser) -> None:
       "end with its EOS) (default: byte-level tokens)")
     a("--seq-len", type=int, help=f"global tokens per sample (default {d.seq_len})")
     a("--global-batch", type=int,
-      help=f"samples per step over all dp ranks (default {d.global_batch})")
+      help="samples per step over all dp ranks (default: dp x microbatches x grad-accum, one "
+      "row per micro-batch)")
     a("--steps", type=int, help=f"total optimizer steps of the run (default {d.steps})")
     a("--lr", type=float, help=f"peak learning rate of AdamW (default {d.lr})")
     a("--warmup", type=int, help=f"linear warm-up steps before the cosine (default {d.warmup})")
@@ -131,6 +132,10 @@ def add_arguments(parser) -> None:
       help="continue a run: its directory (settings come from its config.json, flags given again "
       "override them), one of its checkpoints, or with no value the newest run of this "
       "configuration under runs/ (or --out's) (default: a new run)")
+    a("--init-from", metavar="RUN_DIR|CKPT",
+      help="start a new run from the model weights of a run's newest checkpoint (or the one "
+      "given), on any layout, with a fresh optimizer, schedule and step count (to train longer "
+      "than a run's --steps); the model flags default to that run's (default: none)")
     a("--reference-metrics", metavar="JSONL",
       help="another run's metrics.jsonl, drawn dashed beside this run's loss curve "
       "(default: none)")
@@ -170,8 +175,14 @@ def run_cli(args) -> int:
               f"{resume_hint(Path(config.out))}", file=sys.stderr)
         return 128 + int(exc.sigval)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(summarize(records, config) if records else "nothing to train: already at --steps")
+        print(summarize(records, config) if records else (
+            f"nothing to train: {config.out} has finished its {config.steps} steps; to train "
+            f"longer, start a new run from its weights: usp train --init-from {config.out} "
+            "--steps N"))
     return 0
+
+
+LOSS_MEAN_STEPS = 10  # the summary's mean loss is over this many last steps
 
 
 def summarize(records: list[dict], config: TrainConfig) -> str:
@@ -186,9 +197,13 @@ def summarize(records: list[dict], config: TrainConfig) -> str:
         mfu = ""  # no stated peak (CPU, or a GPU without a datasheet entry): no MFU
     peak = max(max(r["peak_memory_bytes"]) for r in records)
     out = Path(config.out)
+    # one step's loss is one batch's: the mean of the last steps says where the run stands
+    last = records[-LOSS_MEAN_STEPS:]
+    mean = sum(r["loss"] for r in last) / len(last)
     lines = [
         f"trained steps {records[0]['step']}-{records[-1]['step']}: loss "
-        f"{records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}, {tokens_per_s:.0f} tok/s, "
+        f"{records[0]['loss']:.4f} -> {records[-1]['loss']:.4f} (last step; mean of the last "
+        f"{len(last)} steps {mean:.4f}), {tokens_per_s:.0f} tok/s, "
         f"{step_time:.2f} s/step{mfu}, peak memory per rank {peak / 2**30:.2f} GiB",
         f"metrics:     {out / 'metrics.jsonl'}",
         f"plot:        {out / 'loss.png'}",

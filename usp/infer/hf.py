@@ -31,7 +31,7 @@ from usp.attention.kernels import default_scale, resolve_kernel
 from usp.infer.attention import decode_attention
 from usp.infer.cache import ShardedKVCache
 from usp.integrations.hf_masks import MaskRequest
-from usp.integrations.transformers import USPContext, check_config
+from usp.integrations.transformers import USPContext, check_config, check_sequence_mixers
 from usp.layout import shard_positions, shard_sequence, unshard_sequence
 from usp.topology import Topology
 
@@ -186,6 +186,7 @@ def hf_generate(model_dir: str, text: str, topology: Topology, *, layout: str,
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="usp",
                                                  dtype=dtype).eval()
+    check_sequence_mixers(model, topology)  # before any layer runs, on every rank alike
     ids = tokenizer(text, return_tensors="pt").input_ids
     cache = USPCache(model.config, topology, layout, max_tokens=ids.shape[1] + max_new_tokens,
                      dtype=dtype, kernel=kernel)

@@ -31,6 +31,8 @@ from transformers.masking_utils import (
     sliding_window_overlay,
 )
 
+from usp.integrations.hf_mixers import config_sequence_mixers
+
 ATTENTION_NAME = "usp"
 # tested with 5.4.0, 5.5.4, 5.16.1 and 5.23.0; 5.3 and earlier call mask functions differently
 MIN_TRANSFORMERS = "5.4"
@@ -61,6 +63,7 @@ class MaskRequest:
     cached: int = 0
     agreed: bool = False
     mask: object = field(default=None, repr=False)
+    sequence_mixers: tuple = ()  # the config's layers that are not softmax attention
 
 
 def _closure_values(function) -> dict:
@@ -122,6 +125,16 @@ def usp_mask(
     **backend_options,  # dtype, device, use_vmap, allow_*_skip: for backends that build tensors
 ) -> MaskRequest:
     """transformers' mask hook for ``"usp"``; the arguments are those of ``sdpa_mask``."""
+    request = _request(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                       config)
+    # a model used without USPContext.prepare: its layer types travel to the attention, which
+    # refuses them when the sequence is split (prepare refuses before any layer runs)
+    request.sequence_mixers = tuple(config_sequence_mixers(config)) if config is not None else ()
+    return request
+
+
+def _request(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+             config) -> MaskRequest:
     name = type(config).__name__ if config is not None else "the model"
     components = mask_components(mask_function)
     causal = bool(components and components["causal"] is not False)

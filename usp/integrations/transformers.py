@@ -27,6 +27,9 @@ from usp.attention.heads import head_plan
 from usp.comm import agree
 from usp.batch import IGNORE_INDEX, documents_from_positions, positions_in_documents, shard_batch
 from usp.integrations.hf_masks import ATTENTION_NAME, MaskRequest, usp_mask
+from usp.integrations.hf_mixers import (
+    SplitRefusal, check_sequence_mixers, config_sequence_mixers, find_sequence_mixers,
+)
 from usp.layout import check_layout, sequence_positions, unshard_sequence
 from usp.mask import NOT_A_TOKEN, AttentionMask
 from usp.loss import DATA_AXES, data_parallel_size, global_mean_cross_entropy
@@ -37,7 +40,8 @@ from usp.topology import Topology
 SEQUENCE_DEPENDENT_ROPE = ("dynamic", "longrope")
 # forward kwargs that reach the attention function and change nothing in it (transformers'
 # packing kwargs describe the same documents as usp_documents or position_ids)
-IGNORED_OPTIONS = ("use_cache", "cu_seq_lens_k", "max_length_q", "max_length_k")
+IGNORED_OPTIONS = ("use_cache", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                   "output_router_logits")
 
 
 class USPContext:
@@ -63,10 +67,25 @@ class USPContext:
         return f"USPContext({self.topology}, layout={self.layout!r}, kernel={self.kernel!r})"
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Check ``model``'s config and switch it to ``attn_implementation="usp"`` (in place)."""
+        """Check ``model`` and switch it to ``attn_implementation="usp"`` (in place).
+
+        Refuses (ValueError, the same on every rank, before any forward) a model with a layer
+        that mixes tokens other than softmax attention (Mamba, gated delta rule, a convolution
+        over tokens ...: :mod:`usp.integrations.hf_mixers`) when this context splits the
+        sequence. Such a model prepared on ring = ulysses = 1 keeps a check on its forward:
+        called with a ``usp_context`` that splits the sequence, it raises before any layer runs.
+        """
+        mixers = find_sequence_mixers(model)
+        check_sequence_mixers(mixers, self.topology)
         check_config(model.config, self.topology)
         if model.config._attn_implementation != ATTENTION_NAME:
             model.set_attn_implementation(ATTENTION_NAME)
+        previous = getattr(model, "_usp_sequence_mixer_check", None)
+        if previous is not None:
+            previous.remove()
+        if mixers:
+            model._usp_sequence_mixer_check = model.register_forward_pre_hook(
+                SplitRefusal(mixers), with_kwargs=True)
         return model
 
     def shard(
@@ -147,11 +166,15 @@ def check_config(config, topology: Topology) -> None:
     """Raise ValueError for model settings that usp cannot run exactly on ``topology``.
 
     :meth:`USPContext.prepare` calls it to fail before the first forward; the mask and attention
-    functions refuse the same settings (and anything else) at run time in any case.
+    functions refuse the same settings (and anything else) at run time in any case. Layers that
+    mix tokens other than softmax attention are found here from the config's layer types alone;
+    :func:`check_sequence_mixers` looks at the model's modules too.
     """
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_plan(heads, kv_heads, topology.size("ulysses"))
+    check_sequence_mixers(config_sequence_mixers(config), topology)
+    heads = getattr(config, "num_attention_heads", None)
+    if heads:  # a model without softmax attention has no heads to split
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_plan(heads, kv_heads, topology.size("ulysses"))
     check_rope(config)
     chunk = getattr(config, "attention_chunk_size", None)
     if chunk is not None:
@@ -201,6 +224,9 @@ def usp_attention_forward(
             f'attn_implementation="{ATTENTION_NAME}" needs the forward kwarg usp_context='
             "USPContext(topology, layout); got " + repr(usp_context)
         )
+    if isinstance(attention_mask, MaskRequest):  # a model never prepared: its config's layer
+        # types are the last check (the same on every rank: no agreement needed)
+        check_sequence_mixers(list(attention_mask.sequence_mixers), usp_context.topology)
     if dropout:
         raise ValueError(
             f"attention dropout {dropout} is not supported by usp; set the config's "

@@ -115,6 +115,22 @@ def parameter_bytes(model: nn.Module) -> int:
     return total
 
 
+def count_text(count: int) -> str:
+    """``1234567`` -> ``"1.2M"``: a parameter count as people write it."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.1f}{suffix}"
+    return str(count)
+
+
+def bytes_text(size: int) -> str:
+    """Bytes in the largest binary unit that keeps a number of at least 1."""
+    for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if size >= scale:
+            return f"{size / scale:.1f} {suffix}"
+    return f"{size} bytes"
+
+
 def materialize(model: nn.Module, device: torch.device, seed: int,
                 pretrained: str | None = None) -> nn.Module:
     """Allocate this rank's shards of a meta-device model on ``device`` and initialise them from
@@ -138,6 +154,7 @@ def build_model(config, topology: Topology, device: torch.device,
     """
     model = skeleton(config)
     flops_per_token = model.flops_per_token(config.seq_len)
+    parameters = model.num_params()  # the whole model's, before any cut or shard
     # also in one process: the memory features (checkpointing, tiled MLP, loss) apply there too
     model = parallelize(
         model, topology, layout=config.layout, kernel=config.kernel,
@@ -147,8 +164,8 @@ def build_model(config, topology: Topology, device: torch.device,
     pretrained = config.hf_model if load_weights else None
     materialize(model, device, config.seed, pretrained)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        logger.info("model %s: %.3f GiB of parameters on rank 0 (%s)", hf_source(config)
-                    or config.model, parameter_bytes(model) / 2**30,
+        logger.info("model %s: %s parameters, %s (%s held by rank 0)",
+                    hf_source(config) or config.model, count_text(parameters),
                     f"read from {pretrained}" if pretrained else f"initialised from seed "
-                    f"{config.seed}")
+                    f"{config.seed}", bytes_text(parameter_bytes(model)))
     return model, flops_per_token

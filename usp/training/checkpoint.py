@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+)
 
 from usp.training import integrity
 
@@ -142,8 +144,10 @@ def check_compatible(path: Path, saved: dict, current: dict) -> None:
     ]
     if problems:
         steps_note = (
-            " (--steps is fixed for a run: the learning-rate schedule spans it, so a changed "
-            "horizon would splice two schedules; train longer in a new run)"
+            " (--steps is fixed for a run: the learning-rate schedule spans it and the "
+            "optimizer's moments were shaped by it, so a changed horizon would splice two "
+            f"schedules; to train longer, start a new run from this one's weights with a fresh "
+            f"optimizer and schedule: usp train --init-from {path} --steps N)"
             if any(p.startswith("steps=") for p in problems) else ""
         )
         raise ValueError(
@@ -229,6 +233,30 @@ def load_checkpoint(
     saved = read_metadata(path)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
+    trainer_state = _read(path, state, with_trainer=True)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    _restore_rng(path, saved, seed, trainer_state["step"])
+    if _rank() == 0:
+        logger.info("resumed from %s at step %d", path, trainer_state["step"])
+    return trainer_state
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> int:
+    """Load only the model's weights from a checkpoint, in place (any layout: DCP reshards, as
+    for a resume); the optimizer, schedule and RNG are left alone. Returns the checkpoint's
+    step. ``path`` has been verified against its manifest, like :func:`load_checkpoint`'s."""
+    path = Path(path)
+    state = {"model": get_model_state_dict(model)}
+    _read(path, state, with_trainer=False)
+    set_model_state_dict(model, state["model"])
+    return read_metadata(path)["step"]
+
+
+def _read(path: Path, state: dict, with_trainer: bool) -> dict | None:
+    """Fill ``state``'s tensors from the checkpoint through loaders that cannot run code; return
+    its trainer state when asked. Any failure is a ValueError naming the checkpoint."""
     try:
         reader = integrity.SafeFileSystemReader(path)
         # read the index once here: DCP would catch a refusal and try other files, blurring it
@@ -236,7 +264,7 @@ def load_checkpoint(
         with _single_process_quiet():
             dcp.load(state, storage_reader=reader, planner=integrity.SafeLoadPlanner(),
                      no_dist=not _distributed())
-        trainer_state = torch.load(path / TRAINER, weights_only=True)
+        return torch.load(path / TRAINER, weights_only=True) if with_trainer else None
     # DCP raises several types for torn or foreign files; CheckpointException is a BaseException
     except (Exception, dcp.CheckpointException) as exc:
         causes = exc.failures.values() if isinstance(exc, dcp.CheckpointException) else [(exc,)]
@@ -245,13 +273,6 @@ def load_checkpoint(
             raise ValueError(f"checkpoint {path} was refused, nothing was loaded: {unsafe[0]}") \
                 from exc
         raise ValueError(f"checkpoint {path} is unreadable: {_causes(exc)}") from exc
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-    )
-    _restore_rng(path, saved, seed, trainer_state["step"])
-    if _rank() == 0:
-        logger.info("resumed from %s at step %d", path, trainer_state["step"])
-    return trainer_state
 
 
 def _causes(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ class TrainConfig:
     hf_model: str | None = None  # a local Hugging Face directory: config.json + safetensors
     tokenizer: str | None = None  # a local Hugging Face tokenizer directory; None: bytes
     seq_len: int = 1024
-    global_batch: int = 1
+    global_batch: int = 0  # 0: one row per micro-batch of each dp rank (with_default_batch)
     steps: int = 20
     lr: float = 3e-3
     warmup: int = 5
@@ -56,6 +56,7 @@ class TrainConfig:
     out: str = "runs/tiny"
     ckpt_every: int = DEFAULT_CHECKPOINT_EVERY
     resume: str | None = None
+    init_from: str | None = None  # a run or checkpoint whose weights start this new run
     reference_metrics: str | None = None
     peak_tflops: float | None = None
     device: str = "auto"

@@ -5,7 +5,8 @@ Tokens are the UTF-8 bytes of the text (ids 0-255) with documents joined by an e
 
 - :func:`stdlib_documents`: the ``.py`` files of this Python's standard library, a corpus every
   machine with Python has (the default);
-- :func:`text_file_documents`: the user's own text files, one document each;
+- :func:`text_file_documents`: the user's own text files (or folders of them), one document
+  each; structured data (JSONL, Parquet, Arrow, CSV ...) is refused, never read as text;
 - :func:`synthetic_tokens`: seeded uniformly random tokens (throughput runs; nothing to learn).
 
 Documents are packed back to back into fixed windows. :func:`documents_of_windows` tells each
@@ -17,7 +18,9 @@ window's tokens their document (an ``EOT`` closes the document it ends), so with
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,22 +79,112 @@ def stdlib_documents(max_bytes: int = DEFAULT_STDLIB_BYTES) -> list[str]:
     return documents
 
 
-def text_file_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """One document per text file; a missing or unreadable path raises ValueError naming it."""
+# structured data, which a later version reads through `datasets`; today it would be trained on
+# as its raw JSON/CSV text (or bytes), one document per file
+STRUCTURED_SUFFIXES = {".jsonl": "a JSON Lines file", ".ndjson": "a JSON Lines file",
+                       ".json": "a JSON file", ".parquet": "a Parquet file",
+                       ".arrow": "an Arrow file", ".feather": "an Arrow file",
+                       ".csv": "a CSV file", ".tsv": "a TSV file"}
+DATASETS_FOLDER_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+ACCEPTED = ("usp train reads plain text today: text files, or folders of them (each file one "
+            "document); structured data (JSONL, JSON, Parquet, Arrow, CSV, datasets folders) is "
+            "not read yet: write its text field to .txt files")
+SNIFF_BYTES = 8192
+
+
+def _structured_kind(path: Path, head: bytes) -> str | None:
+    """What structured format a file is, by its extension or its first bytes; None for text."""
+    kind = STRUCTURED_SUFFIXES.get(path.suffix.lower())
+    if kind is not None:
+        return kind
+    if head.startswith(b"PAR1"):
+        return "a Parquet file (by its first bytes)"
+    if head.startswith(b"ARROW1"):
+        return "an Arrow file (by its first bytes)"
+    first_line = head.split(b"\n", 1)[0].strip()
+    if first_line.startswith(b"{") and first_line.endswith(b"}"):
+        try:
+            if isinstance(json.loads(first_line), dict):
+                return "JSON Lines (its first line is a JSON object)"
+        except ValueError:
+            pass
+    if re.match(rb"\s*[\[{]\s*\"", head):
+        return "JSON (it starts like a JSON object or array)"
+    return None
+
+
+def _check_text_file(path: Path) -> None:
+    """ValueError unless ``path`` is a readable file of text (not structured, not binary)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(SNIFF_BYTES)
+    except OSError as exc:
+        raise ValueError(f"data path {str(path)!r} cannot be read: {exc}") from exc
+    kind = _structured_kind(path, head)
+    if kind is not None:
+        raise ValueError(f"data file {str(path)!r} is {kind}; {ACCEPTED}")
+    if b"\x00" in head:
+        raise ValueError(f"data file {str(path)!r} is binary (it holds NUL bytes), not text; "
+                         f"{ACCEPTED}")
+
+
+def data_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The text files ``--data`` names: each file given, and every regular file under each
+    folder given (recursively, in sorted path order; hidden names, starting with ".", skipped).
+    ValueError, naming the path, for anything missing, structured, binary or empty."""
     if not paths:
-        raise ValueError("no data paths given; pass one or more text files")
-    documents = []
-    for path in paths:
-        path = Path(path)
+        raise ValueError("no data paths given; pass one or more text files or folders")
+    files = []
+    for path in map(Path, paths):
         if not path.exists():
             raise ValueError(f"data path {str(path)!r} does not exist")
-        if not path.is_file():
-            raise ValueError(f"data path {str(path)!r} is not a file; pass the text files in it")
+        if path.is_dir():
+            marker = next((name for name in DATASETS_FOLDER_FILES if (path / name).is_file()),
+                          None)
+            if marker is not None:
+                raise ValueError(f"data folder {str(path)!r} is a `datasets` folder (it holds "
+                                 f"{marker}: datasets.save_to_disk); {ACCEPTED}")
+            found = sorted(
+                (p for p in path.rglob("*") if p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                key=lambda p: p.relative_to(path).as_posix())
+            if not found:
+                raise ValueError(f"data folder {str(path)!r} holds no files; {ACCEPTED}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"data path {str(path)!r} is neither a file nor a folder")
+    for file in files:
+        _check_text_file(file)
+    return files
+
+
+def text_file_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """One document per text file (folders: every file in them, :func:`data_files`); a
+    missing, structured, binary or unreadable path raises ValueError naming it."""
+    documents = []
+    for path in data_files(paths):
         try:
-            documents.append(path.read_bytes().decode("utf-8", errors="replace"))
+            data = path.read_bytes()
         except OSError as exc:
             raise ValueError(f"data path {str(path)!r} cannot be read: {exc}") from exc
+        if b"\x00" in data:
+            raise ValueError(f"data file {str(path)!r} is binary (it holds NUL bytes), not "
+                             f"text; {ACCEPTED}")
+        documents.append(data.decode("utf-8", errors="replace"))
     return documents
+
+
+def data_summary(documents: int | None, training: int, held_out: int, steps: int,
+                 global_batch: int, seq_len: int) -> str:
+    """How much data a run has and how often it sees it, for its log: documents (None:
+    synthetic tokens), tokens, and epochs = tokens the run will see / tokens it trains on."""
+    seen = steps * global_batch * seq_len
+    what = "synthetic tokens" if documents is None else f"{documents:,} documents"
+    held = f" (and {held_out:,} held out for the eval loss)" if held_out else ""
+    return (f"data: {what}, {training:,} tokens to train on{held}; {steps} steps x "
+            f"{global_batch} x {seq_len} tokens = {seen:,} tokens, {seen / training:.2f} epochs")
 
 
 def synthetic_tokens(num_tokens: int, vocab_size: int = 256, seed: int = 0) -> torch.Tensor:

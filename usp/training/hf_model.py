@@ -24,7 +24,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from usp.models import init
 from usp.training.data import BYTE_VOCAB_SIZE
-from usp.integrations.transformers import ATTENTION_NAME, USPContext, check_config
+from usp.integrations.transformers import (
+    ATTENTION_NAME, USPContext, check_config, check_sequence_mixers,
+)
 from usp.parallel import ModelPlan
 from usp.pipeline import stage_layer_names
 from usp.topology import AXES, Topology
@@ -60,7 +62,7 @@ def load_hf_config(path_or_preset: str) -> PretrainedConfig:
             "nor a config.json file or a directory holding one"
         )
     try:
-        values = json.loads(path.read_text())
+        values = _special_floats(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read the Hugging Face config {str(path)!r}: {exc}") from exc
     if not isinstance(values, dict) or "model_type" not in values:
@@ -72,6 +74,18 @@ def load_hf_config(path_or_preset: str) -> PretrainedConfig:
         raise ValueError(
             f"{str(path)!r}: transformers does not know model_type={model_type!r}"
         ) from exc
+
+
+def _special_floats(value):
+    """JSON values with transformers' encoding of infinities and NaN (``{"__float__":
+    "Infinity"}``, as in Mamba-2's ``time_step_limit``) decoded to floats."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in ("Infinity", "-Infinity", "NaN"):
+            return float(value["__float__"].lower().replace("infinity", "inf"))
+        return {key: _special_floats(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_special_floats(item) for item in value]
+    return value
 
 
 def validate_hf_config(
@@ -89,6 +103,11 @@ def validate_hf_config(
             f"{type(config).__name__}.vocab_size={config.vocab_size} is smaller than the "
             f"{min_vocab_size} token ids of the training data; use vocab_size >= {min_vocab_size}"
         )
+    if topology.size("ring") * topology.size("ulysses") > 1:  # the modules, on meta: no storage
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(
+                config, attn_implementation=ATTENTION_NAME, trust_remote_code=False)
+        check_sequence_mixers(skeleton, topology)
     check_config(config, topology)
     check_stages(config, topology)
     return config
@@ -194,8 +213,8 @@ class HFCausalLM(nn.Module):
         matmul_params = self.num_params()
         if self.model.get_output_embeddings().weight is not embedding:
             matmul_params -= embedding.numel()
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        heads = getattr(config, "num_attention_heads", None) or 0  # none: no softmax attention
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // max(heads, 1)
         attention = 6 * config.num_hidden_layers * heads * head_dim * seq_len
         return 6.0 * matmul_params + attention
 
@@ -220,6 +239,7 @@ def build_hf_causal_lm(
 
 
 def _check(model: HFCausalLM, topology: Topology) -> None:
+    check_sequence_mixers(model.model, topology)
     check_config(model.config, topology)
     check_stages(model.config, topology)
 

@@ -26,8 +26,9 @@ import torch
 
 from usp.rendezvous import LOOPBACK, RENDEZVOUS_BACKEND, register_loopback_rendezvous
 from usp.training import checkpoint
-from usp.training.run_dir import RunLock
-from usp.training.setup import TrainConfig, validate
+from usp.training.resume import finished_checkpoint
+from usp.training.run_dir import RunLock, check_not_in_use
+from usp.training.setup import TrainConfig, run_metadata, validate, with_default_batch
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,13 @@ def launch(config: TrainConfig) -> list[dict]:
     from usp.training.loop import train
 
     world_size = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else config.nproc
+    config = with_default_batch(config, world_size)
+    if not _under_torchrun():  # a directory another run holds is said so before anything else
+        check_not_in_use(Path(config.out))
     validate(config, world_size)
+    if config.resume is not None and finished_checkpoint(
+            Path(config.out), config.resume, run_metadata(config, world_size), config.steps):
+        return []  # the run is at its last step: nothing to start
     if _under_torchrun():
         return _result(_worker(config, run_dir_locked=False, log_level=_log_level()))
     if config.nproc == 1:

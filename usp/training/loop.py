@@ -20,10 +20,10 @@ import torch.distributed as dist
 
 from usp.training import checkpoint, metrics, run_dir
 from usp.comm import agree, collective_device
-from usp.training.resume import choose_intact
+from usp.training.resume import choose_intact, init_source, verify_on_every_rank
 from usp.training.run_dir import RunLock
 from usp.training.evaluate import evaluate
-from usp.training.setup import TrainConfig, build_run, validate
+from usp.training.setup import TrainConfig, build_run, validate, with_default_batch
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def train(config: TrainConfig, *, run_dir_locked: bool = False) -> list[dict]:
         if dist.get_rank() == 0:
             logger.info("process group ready: %d ranks (%s)", dist.get_world_size(),
                         dist.get_backend())
+    config = with_default_batch(config, dist.get_world_size() if dist.is_initialized() else 1)
     try:
         lock = _validate_on_every_rank(config, run_dir_locked)
         try:
@@ -74,6 +75,8 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
         logger.info("building %s and loading its data",
                     config.hf_model or config.hf_config or config.model)
     run = build_run(config, device, world_size)
+    if rank == 0:
+        logger.info("%s", run.data_summary)
     metrics_path = out / "metrics.jsonl"
     start_step = 0
     if run.resume_plan is not None:
@@ -88,6 +91,13 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
             start_step = state["step"]
         if rank == 0:
             _truncate_metrics(metrics_path, start_step)
+    if start_step == 0 and config.init_from is not None:  # a new run: only the weights
+        source = init_source(config.init_from)
+        verify_on_every_rank(source)
+        source_step = checkpoint.load_model_weights(source, run.model)
+        if rank == 0:
+            logger.info("model weights from %s (step %d of its run); the optimizer, learning-rate "
+                        "schedule and step count start fresh", source, source_step)
     if rank == 0:  # what a later --resume reads back (after the resume itself succeeded)
         run_dir.write_settings(out, _settings_on_record(config))
     peak = metrics.peak_tflops(device, config.dtype, config.peak_tflops)
@@ -132,6 +142,8 @@ def _validate_on_every_rank(config: TrainConfig, run_dir_locked: bool) -> RunLoc
     rank = dist.get_rank() if dist.is_initialized() else 0
     lock, error = None, None
     try:
+        if rank == 0 and not run_dir_locked:  # a busy directory is said so first
+            run_dir.check_not_in_use(Path(config.out))
         validate(config, world_size)
         if rank == 0 and not run_dir_locked:
             lock = RunLock(Path(config.out)).acquire()
@@ -151,6 +163,8 @@ def _settings_on_record(config: TrainConfig) -> dict:
     """config.json: the settings, with paths made absolute so a resume from elsewhere finds them."""
     settings = dataclasses.asdict(config)
     settings["data"] = [str(Path(p).resolve()) for p in config.data]
+    if config.init_from:
+        settings["init_from"] = str(Path(config.init_from).resolve())
     if config.reference_metrics:
         settings["reference_metrics"] = str(Path(config.reference_metrics).resolve())
     return settings

@@ -64,6 +64,19 @@ def plan_resume(out: Path, resume: str, current: dict) -> ResumePlan:
     return ResumePlan(candidates, notes)
 
 
+def finished_checkpoint(out: Path, resume: str, current: dict, steps: int) -> Path | None:
+    """The intact checkpoint at step ``steps`` that ``--resume`` would load (the run has nothing
+    left to train: said before any rank starts), or None. A newest checkpoint that fails its
+    checksums is left to the ranks, which fall back to an older one and train from there."""
+    plan = plan_resume(out, resume, current)
+    if not plan.candidates:
+        return None
+    newest = plan.candidates[0]
+    if checkpoint.read_metadata(newest)["step"] < steps or integrity.verify(newest):
+        return None
+    return newest
+
+
 def _explicit(out: Path, path: Path, current: dict) -> ResumePlan:
     if not path.is_dir():
         raise ValueError(f"--resume {path}: no such checkpoint directory")
@@ -118,6 +131,55 @@ def _pointer_notes(root: Path, steps: list[int]) -> list[str]:
                 f"this run; {fallback}"]
     return [f"checkpoint pointer {pointer} names {name}, but {newest} is newer and complete; "
             f"{fallback}"]
+
+
+# ---------------------------------------------------------------------------- --init-from
+def init_source(init_from: str) -> Path:
+    """The checkpoint ``--init-from`` names: that checkpoint directory, or a run directory's
+    newest complete checkpoint."""
+    path = Path(init_from)
+    if (path / checkpoint.META).is_file():
+        return path
+    steps = checkpoint.steps_saved(path / "checkpoints")
+    if not steps:
+        raise ValueError(
+            f"--init-from {path}: neither a checkpoint directory (no {checkpoint.META}) nor a run "
+            "directory with a complete checkpoint under checkpoints/"
+        )
+    return checkpoint.step_dir(path / "checkpoints", steps[-1])
+
+
+def check_init_source(init_from: str, current: dict) -> Path:
+    """The checkpoint a new run takes its weights from, checked before any rank starts: whole
+    (files listed, sizes), of this format, and of the same model (config and tokenizer: the
+    weights' shapes and what their ids mean). ValueError naming what differs."""
+    path = init_source(init_from)
+    saved = checkpoint.read_metadata(path)
+    problems = integrity.check_listing(path)
+    if problems:
+        raise ValueError(f"--init-from: checkpoint {path} is corrupt: " + "; ".join(problems))
+    differences = [
+        f"model.{key}={saved['model'].get(key)!r} in the checkpoint but {value!r} now"
+        for key, value in current["model"].items() if saved["model"].get(key) != value
+    ]
+    if saved["run"].get("tokenizer") != current["run"]["tokenizer"]:
+        differences.append(f"tokenizer {saved['run'].get('tokenizer')!r} in the checkpoint but "
+                           f"{current['run']['tokenizer']!r} now")
+    if differences:
+        raise ValueError(
+            f"--init-from {path}: this run's model is not the checkpoint's: "
+            + "; ".join(differences) + " (leave out --model, --hf-config, --hf-model and "
+            "--tokenizer to take them from the source run, or give the ones it used)"
+        )
+    return path
+
+
+def verify_on_every_rank(path: Path) -> None:
+    """ValueError naming the file unless ``path`` matches its manifest (a collective: each rank
+    hashes its share of the files and all agree)."""
+    problems = _problems(path)
+    if problems:
+        raise ValueError(f"checkpoint {path} is corrupt, nothing was loaded: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------- on the ranks

@@ -27,6 +27,12 @@ RUNS = Path("runs")
 NOT_INHERITED = ("out", "resume")
 # A flag given on resume replaces the saved setting that excludes it (then validation compares).
 REPLACES = {"data": ("synthetic", False), "synthetic": ("data", []), "model": ("hf_config", None)}
+# The layout's degrees go together: a resume that gives any of them takes the others not from
+# the run's config.json but from their defaults, so "--resume RUN --ulysses 4" on a ring 2 run
+# means ulysses 4 (ring 1), not ring 2 x ulysses 4.
+LAYOUT_DEGREES = ("ring", "ulysses", "tp", "pp", "dp", "microbatches")
+# What the model is: a run started --init-from another takes them from that run unless given.
+MODEL_SETTINGS = ("model", "hf_config", "hf_model", "tokenizer")
 
 
 def run_prefix(model: str, hf_config: str | None, ring: int, ulysses: int, tp: int,
@@ -74,6 +80,13 @@ def resolve_settings(given: dict, defaults: dict) -> dict:
     line): a fresh run takes ``defaults`` below them; a resumed run takes its saved config.json
     below them (``validate`` then refuses the ones a checkpoint cannot change)."""
     resume = given.get("resume")
+    if resume is not None and given.get("init_from") is not None:
+        raise ValueError(
+            f"--init-from {given['init_from']} starts a new run from a checkpoint's weights and "
+            f"--resume {resume} continues a run; pass one of them"
+        )
+    if given.get("init_from") is not None and not any(k in given for k in MODEL_SETTINGS):
+        given = {**_source_model(Path(given["init_from"]), defaults), **given}
     if resume is None:
         settings = {**defaults, **given}
         if settings.get("out") is None:
@@ -85,8 +98,20 @@ def resolve_settings(given: dict, defaults: dict) -> dict:
     for flag, (other, cleared) in REPLACES.items():
         if flag in given and other not in given:
             saved[other] = cleared
+    if any(degree in given for degree in LAYOUT_DEGREES):
+        saved = {k: v for k, v in saved.items() if k not in LAYOUT_DEGREES}
     return {**defaults, **saved, **given, "out": str(out),
             "resume": "latest" if resume == "latest" or out == Path(resume) else resume}
+
+
+def _source_model(init_from: Path, defaults: dict) -> dict:
+    """The model settings of the run ``--init-from`` names (a run directory or one of its
+    checkpoints), from its config.json; {} when there is none to read."""
+    for run in (init_from, init_from.parent.parent):
+        if (run / CONFIG).is_file():
+            saved = read_settings(run)
+            return {k: saved[k] for k in MODEL_SETTINGS if k in saved and k in defaults}
+    return {}
 
 
 def _prefix(settings: dict) -> str:
@@ -150,6 +175,33 @@ def check_writable(out: Path) -> None:
                          "(or a read-only file system)")
 
 
+def _in_use(out: Path, holder: str) -> ValueError:
+    return ValueError(
+        f"--out {out} is in use by another usp train run ({holder or 'unknown'}); wait for it "
+        "to finish or choose another --out (nothing was written)"
+    )
+
+
+def check_not_in_use(out: Path) -> None:
+    """Refuse an ``--out`` whose lock another process holds, naming it (pid, host, start), before
+    anything else is said about the directory: a run in progress has written its config.json
+    and checkpoints, but it is not "a previous run" to resume. Call it only where this process
+    does not hold the lock itself."""
+    path = Path(out) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file (or an unreadable one: taking the lock reports it)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(Path(out), os.read(fd, 4096).decode(errors="replace").strip()) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """An exclusive lock on a run directory for as long as this process trains in it."""
 
@@ -167,12 +219,9 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            holder = os.read(fd, 4096).decode(errors="replace").strip()
             os.close(fd)
-            raise ValueError(
-                f"--out {self.out} is in use by another usp train run ({holder}); wait for it "
-                "to finish or choose another --out (nothing was written)"
-            ) from None
+            raise _in_use(self.out, holder) from None
         os.ftruncate(fd, 0)
         holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}"
         os.write(fd, holder.encode())

@@ -7,6 +7,7 @@ before starting any rank and every rank runs it again: bad input fails the same 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -26,20 +27,40 @@ from usp.training.build import (
     build_model, model_metadata, tokenizer_metadata, training_tokens, validate_model,
 )
 from usp.training.config import DEFAULT_CHECKPOINT_EVERY, TrainConfig  # noqa: F401 (re-exported)
-from usp.training.data import EOT
+from usp.training.data import EOT, data_files, data_summary
 from usp.training.evaluate import HeldOut, held_out_split
-from usp.training.resume import ResumePlan, plan_resume
+from usp.training.resume import ResumePlan, check_init_source, plan_resume
 from usp.topology import AXES, Topology
 
 SYNTHETIC_WINDOWS = 16  # synthetic data: this many windows per global-batch row, then repeat
+
+
 def microbatches(config: TrainConfig) -> int:
     """Pipeline micro-batches per step: as given, or one per stage."""
     return config.microbatches or config.pp
 
 
+def data_parallel_degree(config: TrainConfig, world_size: int) -> int:
+    """dp as given, or (``--dp -1``) the ranks left over by pp x ring x ulysses x tp."""
+    inner = config.pp * config.ring * config.ulysses * config.tp
+    return config.dp if config.dp != -1 else max(1, world_size // max(1, inner))
+
+
+def with_default_batch(config: TrainConfig, world_size: int) -> TrainConfig:
+    """``config`` with ``--global-batch`` given a value when it was not (0): the smallest batch
+    every layout can split, one row per micro-batch (pipeline micro-batches, or gradient
+    accumulation steps) of each dp rank: ``dp x microbatches x grad_accum``. A given value is
+    kept (and validated); the value recorded in config.json is the one trained."""
+    if config.global_batch != 0:
+        return config
+    rows = data_parallel_degree(config, world_size) * microbatches(config) * config.grad_accum
+    return dataclasses.replace(config, global_batch=rows)
+
+
 # ---------------------------------------------------------------------------- validation
 def validate(config: TrainConfig, world_size: int) -> None:
     """Raise ValueError naming the numbers and the fix for any input that cannot train."""
+    config = with_default_batch(config, world_size)
     for name in ("seq_len", "global_batch", "steps", "nproc"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(config, name)} must be >= 1")
@@ -68,7 +89,7 @@ def validate(config: TrainConfig, world_size: int) -> None:
             f"dp={dp} x pp x ring x ulysses x tp = {dp * inner} != {world_size} ranks; "
             "pass --dp -1"
         )
-    if config.global_batch % dp != 0:
+    if config.global_batch % dp != 0:  # only a given --global-batch: the default divides
         raise ValueError(
             f"--global-batch={config.global_batch} is not divisible by dp={dp}; use a multiple "
             f"of {dp}, or more sequence parallelism (ring, ulysses) and a smaller dp"
@@ -92,9 +113,8 @@ def validate(config: TrainConfig, world_size: int) -> None:
     shape_only = Topology(sizes, {axis: 0 for axis in AXES})
     check_loss(config.loss, shape_only, config.loss_chunk_tokens)
     validate_model(config, shape_only)
-    for path in config.data:
-        if not Path(path).is_file():
-            raise ValueError(f"data path {path!r} does not exist or is not a file")
+    if config.data:
+        data_files(config.data)  # text files or folders of them; structured data is refused
     if config.reference_metrics and not Path(config.reference_metrics).is_file():
         raise ValueError(f"--reference-metrics {config.reference_metrics!r} does not exist")
     _validate_output(config, world_size)
@@ -106,10 +126,13 @@ def _validate_output(config: TrainConfig, world_size: int) -> None:
         run_dir.check_fresh(Path(config.out))
     else:
         plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
+    if config.init_from is not None:
+        check_init_source(config.init_from, run_metadata(config, world_size))
 
 
 def run_metadata(config: TrainConfig, world_size: int) -> dict:
     """What a checkpoint records about its run, JSON-normalised as ``check_compatible`` reads it."""
+    config = with_default_batch(config, world_size)
     data = [str(Path(p).resolve()) for p in config.data] or "stdlib"
     if config.synthetic:
         data = "synthetic"
@@ -130,6 +153,7 @@ def run_metadata(config: TrainConfig, world_size: int) -> dict:
             "pack": config.pack and not config.synthetic,
             "tokenizer": tokenizer_metadata(config),
             "pretrained": str(Path(config.hf_model).resolve()) if config.hf_model else None,
+            "init_from": str(Path(config.init_from).resolve()) if config.init_from else None,
             "world_size": world_size,
             "degrees": {"pp": config.pp, "ring": config.ring, "ulysses": config.ulysses,
                         "tp": config.tp},
@@ -164,6 +188,7 @@ class Run:
     end_of_document: int = EOT  # the token id that closes a packed document
     loss_head: LossHead = LossHead()  # how the loss meets the output projection (usp.losses)
     held_out: HeldOut | None = None  # --eval-every: the held-out batches
+    data_summary: str = ""  # documents, tokens and epochs, for the log
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip to a global norm over every rank's shards; returns the norm before clipping."""
@@ -188,13 +213,15 @@ class Run:
 
 
 def _training_data(config: TrainConfig):
+    """(documents or tokens, the id that ends a document, the number of documents: None for
+    synthetic tokens)."""
     from usp.training.data import stdlib_documents, synthetic_tokens, text_file_documents
 
     if config.synthetic:
         num_tokens = config.global_batch * SYNTHETIC_WINDOWS * config.seq_len + 1
-        return synthetic_tokens(num_tokens, seed=config.seed), EOT
+        return synthetic_tokens(num_tokens, seed=config.seed), EOT, None
     documents = text_file_documents(config.data) if config.data else stdlib_documents()
-    return training_tokens(config, documents)
+    return (*training_tokens(config, documents), len(documents))
 
 
 def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run:
@@ -205,9 +232,10 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
     resume_plan = (plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
                    if config.resume else None)
     # built on the meta device and materialised shard by shard; a checkpoint to resume from
-    # replaces --hf-model's weights, so they are not read
+    # (or --init-from's) replaces --hf-model's weights, so they are not read
     model, flops_per_token = build_model(
         config, topology, device, load_weights=not (resume_plan and resume_plan.candidates)
+        and config.init_from is None,
     )
     loss_head = LossHead(config.loss, config.loss_chunk_tokens)
     pipeline = None
@@ -225,15 +253,18 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
         lr_at_step, warmup=config.warmup, total=config.steps, min_ratio=config.min_lr / config.lr
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    tokens, end_of_document = _training_data(config)
+    tokens, end_of_document, documents = _training_data(config)
     held_out = None
     if config.eval_every:
         tokens, held_out = held_out_split(tokens, config.global_batch, config.seq_len,
                                           config.eval_batches)
     batcher = TokenBatcher(tokens, config.global_batch, config.seq_len, config.seed)
+    held_tokens = held_out.tokens.numel() if held_out is not None else 0
     return Run(
         device=device, topology=topology, model=model, optimizer=optimizer, scheduler=scheduler,
         batcher=batcher, metadata=run_metadata(config, world_size), flops_per_token=flops_per_token,
         pipeline=pipeline, resume_plan=resume_plan, end_of_document=end_of_document,
         loss_head=loss_head, held_out=held_out,
+        data_summary=data_summary(documents, batcher.tokens.numel(), held_tokens, config.steps,
+                                  config.global_batch, config.seq_len),
     )
