@@ -62,8 +62,8 @@ def add_arguments(parser) -> None:
       "end with its EOS) (default: byte-level tokens)")
     a("--seq-len", type=int, help=f"global tokens per sample (default {d.seq_len})")
     a("--global-batch", type=int,
-      help="samples per step over all dp ranks (default: dp x microbatches x grad-accum, one "
-      "row per micro-batch)")
+      help=f"samples per step over all dp ranks (default {d.global_batch}: dp x microbatches x "
+      "grad-accum, one row per micro-batch)")
     a("--steps", type=int, help=f"total optimizer steps of the run (default {d.steps})")
     a("--lr", type=float, help=f"peak learning rate of AdamW (default {d.lr})")
     a("--warmup", type=int, help=f"linear warm-up steps before the cosine (default {d.warmup})")
