@@ -39,9 +39,9 @@ from usp.bench.kernel_clock import KernelClock
 from usp.comm import free_port
 from usp.bench.masks import mask_options
 from usp.layout import LAYOUTS, check_sequence_length, shard_sequence
+from usp.precision import torch_dtype
 from usp.topology import Topology
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def check_benchmark(shape: BenchShape, nproc: int, configs: list[BenchConfig]) -
 
 def global_inputs(shape: BenchShape):
     g = torch.Generator().manual_seed(0)
-    dtype = DTYPES[shape.dtype]
+    dtype = torch_dtype(shape.dtype)
     make = lambda heads: torch.randn(  # noqa: E731
         shape.batch, shape.seq_len, heads, shape.head_dim, generator=g).to(dtype)
     return make(shape.heads), make(shape.kv_heads), make(shape.kv_heads), make(shape.heads)

@@ -26,10 +26,9 @@ from usp.attention.ring import ring_attention_on_group
 from usp.bench.kernel_clock import BACKWARD_FLOPS_FACTOR, KernelClock, attention_flops
 from usp.mask import AttentionMask
 from usp.p2p import LoopbackRing
+from usp.precision import datasheet_peak, torch_dtype
 from usp.schedule import RingSchedule
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DATASHEET_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16
 
 
 @dataclass(frozen=True)
@@ -70,15 +69,15 @@ def matmul_tflops(dtype: torch.dtype, device: str) -> float:
     return 2.0 * n**3 / _seconds(lambda: torch.mm(a, b), 10, 3, device) / 1e12
 
 
-def datasheet_peak(device: str) -> float | None:
+def device_peak(device: str, precision: str) -> float | None:
+    """The dense datasheet peak of this CUDA device in ``precision`` (None off CUDA)."""
     if device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in DATASHEET_PEAK_TFLOPS.items() if key in name), None)
+    return datasheet_peak(torch.cuda.get_device_name(), precision)
 
 
 def _inputs(shape: DeviceShape, tokens: int, requires_grad: bool):
-    dtype = DTYPES[shape.dtype]
+    dtype = torch_dtype(shape.dtype)
     make = lambda h: torch.randn(shape.batch, tokens, h, shape.head_dim,  # noqa: E731
                                  device=shape.device, dtype=dtype, requires_grad=requires_grad)
     return make(shape.heads), make(shape.kv_heads), make(shape.kv_heads), make(shape.heads)
@@ -138,7 +137,7 @@ def ring_rank(kernel, shape: DeviceShape, tokens: int) -> dict:
 
 def candidate_kernels(shape: DeviceShape, names: list[str] | None) -> tuple[list, list]:
     """(kernels that pass their probe, [(name, why not)] for the others)."""
-    dtype = DTYPES[shape.dtype]
+    dtype = torch_dtype(shape.dtype)
     device = torch.device(shape.device, torch.cuda.current_device() if shape.device == "cuda" else None)
     chosen, skipped = [], []
     for name in names or [n for n in AUTO_ORDER[shape.device] if n != "math"]:
@@ -165,8 +164,8 @@ def run_device_benchmark(shape: DeviceShape, tokens_per_rank: list[int],
     device_name = torch.cuda.get_device_name() if shape.device == "cuda" else "cpu"
     report = {
         "device": device_name, "torch": torch.__version__,
-        "shape": shape.__dict__, "datasheet_peak_tflops": datasheet_peak(shape.device),
-        "matmul_tflops": matmul_tflops(DTYPES[shape.dtype], shape.device), "skipped": skipped,
+        "shape": shape.__dict__, "datasheet_peak_tflops": device_peak(shape.device, shape.dtype),
+        "matmul_tflops": matmul_tflops(torch_dtype(shape.dtype), shape.device), "skipped": skipped,
         "rows": [],
     }
     for kernel in kernels:

@@ -72,8 +72,10 @@ def add_arguments(parser) -> None:
       help=f"AdamW decay of matrices and embeddings (default {d.weight_decay})")
     a("--grad-clip", type=float,
       help=f"maximum global gradient norm, 0: off (default {d.grad_clip})")
-    a("--dtype", choices=("fp32", "bf16"),
-      help=f"bf16: forward under autocast, fp32 parameters and optimizer (default {d.dtype})")
+    a("--dtype", choices=("auto", "fp32", "bf16"),
+      help=f"auto: bf16 on CUDA, fp32 on CPU. bf16: the forward under autocast; fp32 master "
+      "weights and optimizer, and on CUDA FSDP2 gathers bf16 parameters and reduces gradients "
+      f"in fp32. fp32 on CUDA runs its matmuls as TF32 (default {d.dtype})")
     a("--seed", type=int, help=f"model initialisation and data order (default {d.seed})")
     a("--ring", type=int, help=f"ring-attention degree (default {d.ring})")
     a("--ulysses", type=int, help=f"Ulysses degree (default {d.ulysses})")

@@ -8,9 +8,7 @@ from pathlib import Path
 
 from usp.choices import LAYOUTS
 from usp.models.configs import get_config
-
-# --dtype -> the torch dtype's name (usp.infer.launch resolves it)
-DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16"}
+from usp.precision import DTYPES  # --dtype's choices (usp.infer.launch resolves them)
 
 
 @dataclass

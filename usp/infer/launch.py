@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from usp.infer.config import DTYPES, GenerateConfig
+from usp.infer.config import GenerateConfig
+from usp.precision import torch_dtype
 from usp.infer.generate import generate
 from usp.models.llama import Llama, get_config
 from usp.rendezvous import LOOPBACK, RENDEZVOUS_BACKEND, register_loopback_rendezvous
@@ -75,7 +76,7 @@ def _worker(function, args: tuple, log_level: int):
 def run_generation(config: GenerateConfig) -> dict:
     """Generate on this rank (every rank of the world calls it); the same result everywhere."""
     topology = Topology.build(ring=config.ring, ulysses=config.ulysses)
-    dtype = getattr(torch, DTYPES[config.dtype])
+    dtype = torch_dtype(config.dtype)
     text = Path(config.prompt_file).read_text(encoding="utf-8")
     if config.hf_model is not None:
         from usp.infer.hf import hf_generate  # transformers is optional: loaded when asked for

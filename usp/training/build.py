@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from usp.loss import data_parallel_size
 from usp.models import init
 from usp.models.llama import Llama, get_config
 from usp.parallel import check_parallel_config, parallelize
@@ -146,6 +147,15 @@ def materialize(model: nn.Module, device: torch.device, seed: int,
     return model
 
 
+def fsdp_precision(config, device: torch.device, topology: Topology):
+    """FSDP2's ``(param_dtype, reduce_dtype)``: for bf16 on CUDA it keeps fp32 master weights
+    (and the optimizer's state), gathers bf16 copies to compute with and reduces gradients in
+    fp32; otherwise (fp32, a CPU, or nothing to shard) ``(None, None)`` and autocast alone casts."""
+    if config.dtype == "bf16" and device.type == "cuda" and data_parallel_size(topology) > 1:
+        return torch.bfloat16, torch.float32
+    return None, None
+
+
 def build_model(config, topology: Topology, device: torch.device,
                 load_weights: bool = True) -> tuple[nn.Module, float]:
     """The run's model, parallelised and materialised; and its training FLOPs per token.
@@ -155,11 +165,13 @@ def build_model(config, topology: Topology, device: torch.device,
     model = skeleton(config)
     flops_per_token = model.flops_per_token(config.seq_len)
     parameters = model.num_params()  # the whole model's, before any cut or shard
+    param_dtype, reduce_dtype = fsdp_precision(config, device, topology)
     # also in one process: the memory features (checkpointing, tiled MLP, loss) apply there too
     model = parallelize(
         model, topology, layout=config.layout, kernel=config.kernel,
         activation_checkpointing=config.ac, tiled_mlp=config.tiled_mlp, loss=config.loss,
-        fsdp=True, reshard_after_forward=not config.zero2, param_dtype=None, reduce_dtype=None,
+        fsdp=True, reshard_after_forward=not config.zero2, param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
     )
     pretrained = config.hf_model if load_weights else None
     materialize(model, device, config.seed, pretrained)

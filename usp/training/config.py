@@ -30,7 +30,7 @@ class TrainConfig:
     min_lr: float = 3e-4
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    dtype: str = "fp32"
+    dtype: str = "auto"  # bf16 on CUDA, fp32 on CPU (usp.training.setup.with_device_dtype)
     seed: int = 0
     ring: int = 1
     ulysses: int = 1

@@ -23,7 +23,8 @@ from usp.comm import agree, collective_device
 from usp.training.resume import choose_intact, init_source, verify_on_every_rank
 from usp.training.run_dir import RunLock
 from usp.training.evaluate import evaluate
-from usp.training.setup import TrainConfig, build_run, validate, with_default_batch
+from usp.training.setup import (TrainConfig, build_run, validate, with_default_batch,
+                                with_device_dtype)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ def _device(config: TrainConfig) -> torch.device:
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+        # fp32 matmuls on tensor cores (TF32): what MFU of an fp32 run is stated against
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
         return device
     return torch.device("cpu")
 
@@ -55,6 +59,7 @@ def train(config: TrainConfig, *, run_dir_locked: bool = False) -> list[dict]:
             logger.info("process group ready: %d ranks (%s)", dist.get_world_size(),
                         dist.get_backend())
     config = with_default_batch(config, dist.get_world_size() if dist.is_initialized() else 1)
+    config = with_device_dtype(config, device)
     try:
         lock = _validate_on_every_rank(config, run_dir_locked)
         try:

@@ -19,18 +19,13 @@ import resource
 from pathlib import Path
 
 import torch
+
+from usp.precision import datasheet_peak, effective_precision
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 logger = logging.getLogger(__name__)
 
 # Dense peak TFLOP/s of common accelerators (bf16 tensor cores; fp32 is the TF32 rate).
-CUDA_PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp32": 494.0},
-    "H100": {"bf16": 989.0, "fp32": 494.0},
-    "A100": {"bf16": 312.0, "fp32": 156.0},
-    "L40S": {"bf16": 362.0, "fp32": 181.0},
-    "A10": {"bf16": 125.0, "fp32": 62.5},
-}
 
 
 # ---------------------------------------------------------------------------- memory
@@ -125,17 +120,14 @@ class SavedActivations:
 # ---------------------------------------------------------------------------- MFU
 def peak_tflops(device: torch.device, dtype_name: str, given: float | None) -> float | None:
     """The per-device peak MFU is stated against: ``--peak-tflops``, else a known GPU's
-    datasheet value, else None (no MFU: a CPU has no peak worth stating, and a matmul timed at
+    datasheet value in the precision its matmuls use (``usp.precision``), else None (no MFU: a CPU has no peak worth stating, and a matmul timed at
     start-up is not one: it read 206-348 % MFU on a shared CPU)."""
     if given is not None:
         return given
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, table in CUDA_PEAK_TFLOPS.items():
-        if key in name:
-            return table[dtype_name]
-    return None
+    precision = effective_precision(dtype_name, torch.backends.cuda.matmul.allow_tf32)
+    return datasheet_peak(torch.cuda.get_device_name(device), precision)
 
 
 def model_flops_utilization(

@@ -57,6 +57,14 @@ def with_default_batch(config: TrainConfig, world_size: int) -> TrainConfig:
     return dataclasses.replace(config, global_batch=rows)
 
 
+def with_device_dtype(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """``config`` with ``--dtype auto`` resolved for ``device``: bf16 on CUDA (what its tensor
+    cores are for), fp32 on a CPU. The value recorded in config.json is the one trained."""
+    if config.dtype != "auto":
+        return config
+    return dataclasses.replace(config, dtype="bf16" if device.type == "cuda" else "fp32")
+
+
 # ---------------------------------------------------------------------------- validation
 def validate(config: TrainConfig, world_size: int) -> None:
     """Raise ValueError naming the numbers and the fix for any input that cannot train."""
