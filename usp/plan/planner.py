@@ -28,7 +28,7 @@ KNOBS = ("sequence split", "placement", "tp", "pp", "zero", "checkpointing", "mi
 # intermediates (3 x ffn per token) stay a small part of a long sequence's activations
 SEARCHED_MLP_TILE = 4096
 # Fields the search does not vary: --fix sets them on every configuration instead of filtering
-SET_BY_FIX = ("pp_schedule", "loss_chunk", "mlp_tile")
+SET_BY_FIX = ("pp_schedule", "loss_chunk", "mlp_tile", "layout")
 
 
 def _divisors(n: int) -> list[int]:
