@@ -33,6 +33,33 @@ FP32_BYTES = 4
 
 
 @dataclass(frozen=True)
+class RingImplementation:
+    """What a ring implementation does per step besides its kernel: the bytes its merges move
+    (in fp32 words per element, plus one read of the block in the input dtype) and how many
+    device operations the host launches."""
+
+    name: str
+    merge_forward_words: int  # per query element of the rank's block
+    merge_backward_q_words: int  # dq accumulation, per query element
+    merge_backward_kv_words: int  # dk and dv accumulation and hand-over, per k (and v) element
+    merges_forward: str  # "every step", or "after the first" (the first block is only cast)
+    operations: tuple[int, int]  # launched per ring step, forward and backward
+    call_operations: int  # launched by one call without a ring (kernel, all-to-alls, packing)
+
+
+# usp.attention.ring as it runs: merge_into's eager elementwise kernels. Forward, per element:
+# out *= w (read and write fp32), the block cast to fp32 (read e, write 4), times its weight
+# (read and write 4), added to out (read 8, write 4): 8 words + e. Backward: dq += block (read
+# 4 + e, write 4); per k and v element the buffer reset (write 4), += block (read 4 + e, write
+# 4) and += the incoming partial (read 8, write 4). About a dozen launches per forward step
+# (the kernel, merge_into's elementwise operations, the exchange), ten backward.
+USP_RING = RingImplementation("usp", 8, 2, 6, "every step", (15, 10), 8)
+# A merge fused into one kernel (ring-flash-attention's and YunChang's TorchScript
+# update_out_and_lse, TransformerEngine's CUDA kernels): read out and the block, write out.
+FUSED_RING = RingImplementation("fused", 2, 2, 4, "after the first", (5, 6), 6)
+
+
+@dataclass(frozen=True)
 class AttentionShape:
     """The attention one GPU runs: ``[batch, seq_len, heads, head_dim]`` over the whole sequence
     (before any split), ``q_heads``/``kv_heads`` as this GPU sees them (after a TP split)."""
@@ -95,25 +122,30 @@ def keys_per_row(shape: AttentionShape, ring: int, layout: str) -> float:
 
 
 def _ring_pass(step_compute: float, hop: float, ring: int, first_step: float, tail: float,
-               hides: bool) -> float:
+               hides: bool, issue: float = 0.0) -> float:
     """``ring`` steps: the first computes ``first_step`` on the local block, each later step
-    ``step_compute`` while the next block travels (``hides``; else after it), then ``tail``."""
+    ``step_compute`` while the next block travels (``hides``; else after it), then ``tail``.
+    A step lasts at least ``issue``, the host's time to launch its operations: the device runs
+    ahead of the host only while its work per step is longer."""
     if ring == 1:
-        return first_step
+        return max(first_step, issue)
     if not hides:
         return first_step + (ring - 1) * (step_compute + hop) + tail
-    return max(first_step, hop) + (ring - 2) * max(step_compute, hop) + step_compute + tail
+    return (max(first_step, hop, issue) + (ring - 2) * max(step_compute, hop, issue)
+            + max(step_compute, issue) + tail)
 
 
 def attention_time(shape: AttentionShape, traffic: AttentionTraffic, cluster: ClusterSpec,
                    ulysses: GroupPlacement, ring: GroupPlacement, layout: str = "zigzag",
-                   rate_share: float = 1.0, hides: bool = True) -> AttentionTime:
+                   rate_share: float = 1.0, hides: bool = True,
+                   implementation: RingImplementation = USP_RING) -> AttentionTime:
     """Seconds of one ``usp_attention`` call of ``shape`` on one GPU of a ring x Ulysses grid.
 
     ``traffic`` is the call's exact per-rank traffic (:func:`usp.plan.collectives.
     attention_traffic`); ``rate_share`` the share of the GPU's compute and memory bandwidth a
     rank gets (below 1 on oversubscribed CPU nodes); ``hides`` whether a transfer runs under
-    compute at all.
+    compute at all; ``implementation`` what the ring does per step besides its kernel (usp's, or
+    another library's for published comparisons).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; choose one of {LAYOUTS}")
@@ -136,14 +168,23 @@ def attention_time(shape: AttentionShape, traffic: AttentionTraffic, cluster: Cl
         step_fwd, step_bwd = 2 * forward / R, 2 * backward / R
     else:
         step_fwd, step_bwd = forward / R, backward / R
-    ring_fwd = _ring_pass(step_fwd, kv_hop, R, forward / R, 0.0, hides)
-    ring_bwd = _ring_pass(step_bwd, kv_hop + grad_hop, R, backward / R, grad_hop, hides)
+    launch, ops = cluster.launch_us * 1e-6, implementation
+    issue_fwd, issue_bwd = ((ops.operations[0] * launch, ops.operations[1] * launch) if R > 1
+                            else (ops.call_operations * launch,) * 2)
+    ring_fwd = _ring_pass(step_fwd, kv_hop, R, forward / R, 0.0, hides, issue_fwd)
+    ring_bwd = _ring_pass(step_bwd, kv_hop + grad_hop, R, backward / R, grad_hop, hides,
+                          issue_bwd)
 
-    # Each later ring step folds its block into fp32 accumulators: a memory-bound pass over this
-    # rank's queries after the all-to-all, [b, S/R, H/U, D].
+    # Each ring step folds its block into fp32 accumulators: memory-bound passes over this
+    # rank's queries after the all-to-all, [b, S/R, H/U, D] (and, backward, its k/v block).
+    e = shape.element_bytes
     out_elements = shape.batch * (shape.seq_len // R) * q_heads * shape.head_dim
-    merge_fwd = (R - 1) * out_elements * (2 * FP32_BYTES + shape.element_bytes) / hbm
-    merge_bwd = (R - 1) * (out_elements * 2 * FP32_BYTES + 2 * traffic.ring_grad_send) / hbm
+    kv_elements = traffic.ring_kv_send / (2 * e) if R > 1 else 0.0  # one of k, v in one block
+    merges = (R if ops.merges_forward == "every step" else R - 1) if R > 1 else 0
+    merge_fwd = merges * out_elements * (ops.merge_forward_words * FP32_BYTES + e) / hbm
+    merge_bwd = (R - 1) * (out_elements * (ops.merge_backward_q_words * FP32_BYTES + e)
+                           + 2 * kv_elements * (ops.merge_backward_kv_words * FP32_BYTES + e)
+                           ) / hbm
     all_to_all = (transfer_seconds("all_to_all", traffic.all_to_all_forward, 2, ulysses, cluster)
                   if U > 1 else 0.0)
     return AttentionTime(

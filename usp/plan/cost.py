@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from usp.plan.attention_time import AttentionShape, attention_time
+from usp.plan.attention_time import USP_RING, AttentionShape, RingImplementation, attention_time
 from usp.plan.collectives import KINDS, attention_traffic, sent_bytes, transfer_seconds
 from usp.plan.config import SHARD_AXES, GroupPlacement, ParallelConfig, group_placement
 from usp.plan.memory import layer_params_per_gpu, memory_per_gpu, shapes, stage_params
@@ -86,8 +86,10 @@ class _Ledger:
         return transfer_seconds(kind, sent, calls, placement, self.cluster)
 
 
-def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -> StepCost:
-    """Predict memory, traffic and time of one step; ``config`` must pass ``check_config``."""
+def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
+             ring_implementation: RingImplementation = USP_RING) -> StepCost:
+    """Predict memory, traffic and time of one step; ``config`` must pass ``check_config``.
+    ``ring_implementation``: what the ring does besides its kernel (usp's own by default)."""
     model, e, s = workload.model, workload.element_bytes, shapes(workload, config)
     R, U, t, p, m = config.ring, config.ulysses, config.tp, config.pp, config.micro_batches
     place = {axis: group_placement(config, cluster.gpus_per_node, (axis,))
@@ -126,7 +128,7 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
         AttentionShape(s.micro_batch, seq, s.q_heads, s.kv_heads, model.head_dim, e,
                        workload.causal),
         traffic, cluster, place["ulysses"], place["ring"], config.layout,
-        rate_share=1 / shared, hides=hides)
+        rate_share=1 / shared, hides=hides, implementation=ring_implementation)
     attention_fwd, attention_bwd = attention.compute_forward, attention.compute_backward
     compute_fwd, compute_bwd = linear_fwd + attention_fwd, linear_bwd + attention_bwd
     a2a, kv_hop, grad_hop = attention.all_to_all, attention.kv_hop, attention.grad_hop
@@ -194,8 +196,12 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
                          repeat=reductions)
         sync = reductions * max(0.0, one - s.layers * window_bwd)
         if config.zero >= 1:
+            # The updated parameters are gathered layer by layer ahead of the next forward
+            # (Megatron-LM's --overlap-param-gather, DeepSpeed's ZeRO-1/2): only the first
+            # layer's share waits, and what the forward's compute cannot cover.
             updated = sent_bytes("all_gather", workload.bytes.param * psi, shard.size)
-            regather = ledger.add("all_gather", updated, 1, shard, repeat=1)
+            whole = ledger.add("all_gather", updated, 1, shard, repeat=1)
+            regather = whole / s.layers + max(0.0, whole - s.layers * window_fwd)
 
     # --- pipeline: activations forward and their gradients backward cross each boundary ---
     boundary_time = 0.0
@@ -240,3 +246,27 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
         mfu=model_flops / (step_time * cluster.world_size * peak),
         placements=place,
     )
+
+
+def forward_time(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
+                 ring_implementation: RingImplementation = USP_RING) -> float:
+    """Seconds of one forward of the whole model without a backward (a prefill, one diffusion
+    step), sequence-parallel only: each rank runs the linear layers of its ``S/(R*U)`` tokens and
+    one ``usp_attention`` forward per layer (no loss, no optimizer)."""
+    if config.tp > 1 or config.pp > 1:
+        raise ValueError(f"forward_time models sequence-parallel layouts only, not "
+                         f"{config.label()}")
+    model, e, s = workload.model, workload.element_bytes, shapes(workload, config)
+    place = {axis: group_placement(config, cluster.gpus_per_node, (axis,))
+             for axis in ("ring", "ulysses")}
+    linear = (2 * s.micro_batch * s.tokens * (model.attention_linear_params
+                                              + model.mlp_linear_params)
+              / (cluster.peak_tflops * 1e12 * cluster.matmul_efficiency))
+    traffic = attention_traffic(s.micro_batch, workload.seq_len, s.q_heads, s.kv_heads,
+                                model.head_dim, e, config.ring, config.ulysses)
+    attention = attention_time(
+        AttentionShape(s.micro_batch, workload.seq_len, s.q_heads, s.kv_heads, model.head_dim,
+                       e, workload.causal),
+        traffic, cluster, place["ulysses"], place["ring"], config.layout,
+        implementation=ring_implementation)
+    return config.micro_batches * s.layers * (linear + attention.forward)
