@@ -174,3 +174,45 @@ def picks(cases: list[Case]) -> tuple[int, int]:
     for case in cases:
         right += all(c.predicted_gap > 1 - TIE_BAND for c in compare(case))
     return right, len(cases)
+
+
+def _rate(case: Case, seconds: float) -> str:
+    return f"{1 / seconds:,.3g}/s" if case.higher_is_better else f"{seconds:.3g} s"
+
+
+def markdown(cases: list[Case], sources: dict[str, Source]) -> str:
+    """docs/planner.md's tables: per source, every configuration against the published fastest
+    of its case (published number, published and predicted gap, ranked, gap within 2x)."""
+    lines, everything = [], []
+    for key, source in sources.items():
+        own = [case for case in cases if case.source == key]
+        lines += [f"#### {source.title}", "", f"- where: {source.location}",
+                  f"- hardware: {source.hardware}", f"- {source.notes}", "",
+                  "| case | configuration | published | gap pub. | gap pred. | ranked "
+                  "| pred./pub. gap | share of the slowdown predicted |",
+                  "|---|---|---|---|---|---|---|---|"]
+        comparisons = []
+        for case in own:
+            rows = compare(case)
+            comparisons += rows
+            best = rows[0].best
+            lines.append(f"| {case.name} | {best.label} (fastest) | {best.value:g} | 1 | 1 | "
+                         "| | |")
+            for c in rows:
+                excess = "noise" if c.excess_ratio is None else f"{c.excess_ratio:.2f}"
+                lines.append(f"| | {c.other.label} | {c.other.value:g} | {c.published_gap:.3f} "
+                             f"| {c.predicted_gap:.3f} | {'yes' if c.ranked else '**no**'} | "
+                             f"{c.gap_ratio:.2f} | {excess} |")
+        everything += comparisons
+        lines += ["", summary_line(comparisons, own), ""]
+    lines.append("**All sources:** " + summary_line(everything, cases))
+    return "\n".join(lines)
+
+
+def summary_line(comparisons: list[Comparison], cases: list[Case]) -> str:
+    counts, (right, total) = summary(comparisons), picks(cases)
+    return (f"{counts['ranked']} of {counts['comparisons']} comparisons ranked as published; "
+            f"{counts['within_2x']} of {counts['comparisons']} gaps within 2x (ratio of ratios); "
+            f"{counts['excess_within_2x']} of {counts['real_gaps']} slowdowns above the noise "
+            f"predicted to within 2x of their size; the published fastest is the model's pick "
+            f"(within {100 * TIE_BAND:g} %) in {right} of {total} cases.")
