@@ -58,7 +58,8 @@ class Case:
     higher_is_better: bool  # rates, not times
     shape: AttentionShape | None = None  # attention cases
     workload: Workload | None = None  # training and forward cases
-    # the source's ring: every source here fuses its merge into one kernel
+    # the source's ring: YunChang's and ring-flash-attention's merge is one TorchScript
+    # function, priced as one fused kernel (assumed for Megatron-LM's TransformerEngine too)
     implementation: RingImplementation = FUSED_RING
 
     def __post_init__(self) -> None:

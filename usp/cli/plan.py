@@ -100,8 +100,9 @@ LOSS_COLUMN = {"gathered": "full", "vocab-parallel": "vocab-par", "chunked": "ch
 def _row(rank: int, cost, tied: bool) -> list[str]:
     c = cost.config
     exposed = cost.step_time - cost.time["compute"] - cost.time["bubble"] - cost.time["optimizer"]
-    return [f"{rank}{'=' if tied else ''}", str(c.dp), f"{c.tp}{'-sp' if c.tp > 1 and c.tp_sequence_parallel else ''}",
-            str(c.pp), str(c.ring), str(c.ulysses), str(c.zero), str(c.micro_batches),
+    tp = f"{c.tp}{'-sp' if c.tp > 1 and c.tp_sequence_parallel else ''}"
+    return [f"{rank}{'=' if tied else ''}", str(c.dp), tp, str(c.pp), str(c.ring),
+            str(c.ulysses), str(c.zero), str(c.micro_batches),
             c.checkpointing, LOSS_COLUMN[c.loss], str(c.mlp_tile) if c.mlp_tile else "-",
             c.placement if c.ring > 1 and c.ulysses > 1 else "-",
             f"{cost.memory_total / GIB:.1f}", f"{cost.step_time:.3f}",

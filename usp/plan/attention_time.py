@@ -55,7 +55,8 @@ class RingImplementation:
 # (the kernel, merge_into's elementwise operations, the exchange), ten backward.
 USP_RING = RingImplementation("usp", 8, 2, 6, "every step", (15, 10), 8)
 # A merge fused into one kernel (ring-flash-attention's and YunChang's TorchScript
-# update_out_and_lse, TransformerEngine's CUDA kernels): read out and the block, write out.
+# update_out_and_lse; assumed for TransformerEngine's context parallelism): read out and the
+# block, write out.
 FUSED_RING = RingImplementation("fused", 2, 2, 4, "after the first", (5, 6), 6)
 
 
