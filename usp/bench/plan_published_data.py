@@ -34,7 +34,8 @@ SOURCES = {source.key: source for source in (
            "feifeibear/long-context-attention: media/benchmark_results.png (commit b93c30e, "
            "2024-04-18), media/pcie_machine.jpg (commit 065086d, 2024-05-08); scripts "
            "benchmark/benchmark_longctx_qkvpacked.py and benchmark_longctx.py at b93c30e",
-           "8xA100-SXM4-80GB NVLink; 4xA100 PCIe; 8xL20 PCIe",
+           "8xA100-SXM4-80GB NVLink; 4xA100 over PCIe (titled '4xA100-SXM4-80GB PCIe', "
+           "modelled as the a100pcie preset); 8xL20 PCIe",
            "Attention forward only, causal, bf16, iterations/s; qkvpack columns (q, k, v in one "
            "all-to-all, as usp sends them), no_packed where the table has no qkvpack number."),
     Source("ring-flash-attention", "ring-flash-attention README, batch API table",
