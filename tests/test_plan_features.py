@@ -95,7 +95,7 @@ SAMPLE_VALUES = {
     "dp": 1, "tp": 1, "pp": 1, "ring": 2, "ulysses": 8, "zero": 3,
     "tp_sequence_parallel": True, "micro_batches": 1, "checkpointing": "full",
     "placement": "head-first", "pp_schedule": "gpipe", "loss": "chunked", "loss_chunk": 2048,
-    "mlp_tile": 2048,
+    "mlp_tile": 2048, "layout": "stripe",
 }
 
 

@@ -40,6 +40,9 @@ CLUSTER_FLAGS = {
     "headroom": (float, "fraction of the memory a plan leaves free beside --reserved-gib: the "
                  "allocator's fragmentation, workspaces, what the model leaves out"),
     "cores_per_node": (float, "CPU clusters: cores a node's ranks share"),
+    "attention_overhead_keys": (float, "fixed work per query row of one attention kernel call, "
+                                "in keys (rows meeting this many keys run at half rate)"),
+    "launch_us": (float, "host time to launch one device operation, us"),
     "sync_us": (float, "CPU clusters: what one collective call adds beyond its latency, us"),
 }
 
@@ -94,11 +97,12 @@ def _cluster(args) -> ClusterSpec:
 LOSS_COLUMN = {"gathered": "full", "vocab-parallel": "vocab-par", "chunked": "chunked"}
 
 
-def _row(rank: int, cost) -> list[str]:
+def _row(rank: int, cost, tied: bool) -> list[str]:
     c = cost.config
     exposed = cost.step_time - cost.time["compute"] - cost.time["bubble"] - cost.time["optimizer"]
-    return [str(rank), str(c.dp), f"{c.tp}{'-sp' if c.tp > 1 and c.tp_sequence_parallel else ''}",
-            str(c.pp), str(c.ring), str(c.ulysses), str(c.zero), str(c.micro_batches),
+    tp = f"{c.tp}{'-sp' if c.tp > 1 and c.tp_sequence_parallel else ''}"
+    return [f"{rank}{'=' if tied else ''}", str(c.dp), tp, str(c.pp), str(c.ring),
+            str(c.ulysses), str(c.zero), str(c.micro_batches),
             c.checkpointing, LOSS_COLUMN[c.loss], str(c.mlp_tile) if c.mlp_tile else "-",
             c.placement if c.ring > 1 and c.ulysses > 1 else "-",
             f"{cost.memory_total / GIB:.1f}", f"{cost.step_time:.3f}",
@@ -164,7 +168,7 @@ def run(args) -> int:
         return 0
     if args.top < 1:
         raise ValueError(f"--top {args.top} must be at least 1")
-    from usp.plan.planner import explain, plan  # the cost model counts bytes as usp.comm does
+    from usp.plan.planner import TIE_BAND, explain, plan  # the cost model imports usp.comm
 
     workload = Workload(get_model(args.model), parse_count(args.seq_len), args.global_batch,
                         causal=not args.non_causal)
@@ -178,13 +182,18 @@ def run(args) -> int:
                          "global_batch": workload.global_batch, "causal": workload.causal}
         print(json.dumps({"workload": workload_json, "cluster": asdict(cluster),
                           "best": _as_json(best), "reasons": reasons,
+                          "tie_band": TIE_BAND, "tied": result.tied,
                           "top": [_as_json(c) for c in result.ranked[:args.top]],
                           "counted": _counts(result)}, indent=2))
         return 0
     print(f"{workload.model.name}, {workload.seq_len:,} tokens x {workload.global_batch} on "
           f"{cluster.name} {cluster.nodes}x{cluster.gpus_per_node}: {_counts(result)}")
     print(f"memory budget per GPU: {cluster.budget()}")
-    print(_table(HEADER, [_row(i + 1, c) for i, c in enumerate(result.ranked[:args.top])]))
+    print(_table(HEADER, [_row(i + 1, c, i < result.tied and result.tied > 1)
+                          for i, c in enumerate(result.ranked[:args.top])]))
+    if result.tied > 1:
+        print(f"(= marks the {result.tied} configurations predicted within {100 * TIE_BAND:g}% of "
+              "the fastest: a tie, ordered by memory features, then memory; see why)")
     print(f"\nbest: {best.config.label()}")
     print("\n".join(_details(best)))
     print("why:")

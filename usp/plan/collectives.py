@@ -28,8 +28,10 @@ def sent_bytes(kind: str, tensor_bytes: float, group_size: int) -> float:
 
 
 def latency_steps(kind: str, group_size: int) -> int:
-    """Message rounds of the algorithm: pairwise all-to-all and ring collectives take G-1."""
-    if kind == "p2p":
+    """Message rounds of the algorithm: ring collectives take G-1 (all-reduce twice that); an
+    all-to-all posts its G-1 messages at once (NCCL groups the sends), so it pays one round, as a
+    point-to-point send does."""
+    if kind in ("p2p", "all_to_all"):
         return 1
     return (2 if kind == "all_reduce" else 1) * (group_size - 1)
 

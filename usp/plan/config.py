@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
+from usp.choices import LAYOUTS
 from usp.plan.specs import ClusterSpec, ModelSpec, Workload
 
 MESH_ORDER = {
@@ -55,12 +56,16 @@ class ParallelConfig:
     loss: str = "gathered"
     loss_chunk: int = 1024  # tokens per chunk of the "chunked" loss
     mlp_tile: int = 0  # tiled MLP: tokens per tile, recomputed in backward (0: not tiled)
+    # token layout over the ring (usp.layout): zigzag and stripe balance causal work and cost
+    # the same; contiguous leaves the ring's last rank the most work
+    layout: str = "zigzag"
 
     def __post_init__(self) -> None:
         if isinstance(self.checkpointing, bool):
             object.__setattr__(self, "checkpointing", "full" if self.checkpointing else "none")
         for name, allowed in (("checkpointing", CHECKPOINTING),
-                              ("pp_schedule", PIPELINE_SCHEDULES), ("loss", LOSSES)):
+                              ("pp_schedule", PIPELINE_SCHEDULES), ("loss", LOSSES),
+                              ("layout", LAYOUTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
         if not (isinstance(self.mlp_tile, int) and self.mlp_tile >= 0):
@@ -111,6 +116,8 @@ class ParallelConfig:
             parts.append(self.placement)
         if self.pp > 1 and self.pp_schedule != "1f1b":
             parts.append(self.pp_schedule)
+        if self.ring > 1 and self.layout != "zigzag":
+            parts.append(self.layout)
         if self.loss != "gathered":
             parts.append(f"loss-{self.loss}" + (f"{self.loss_chunk}" if self.loss == "chunked"
                                                 else ""))
@@ -138,7 +145,7 @@ class ParallelConfig:
             key, raw = aliases.get(key.strip(), key.strip()), raw.strip()
             if not sep or key not in known:
                 raise ValueError(f"cannot read {item!r}; write key=value with keys {sorted(known)}")
-            if key in ("placement", "pp_schedule"):
+            if key in ("placement", "pp_schedule", "layout"):
                 values[key] = raw
             elif key == "loss":
                 values[key] = LOSS_ALIASES.get(raw, raw)
@@ -233,13 +240,14 @@ def check_config(workload: Workload, cluster: ClusterSpec,
             f"batch per replica {per_replica} is not divisible into {config.micro_batches} "
             f"micro-batches"
         ))
-    # zigzag (the balanced causal layout) cuts the sequence into 2*ring chunks, each ring block
-    # into ulysses pieces; TP-sp splits each rank's tokens again over tp.
+    # zigzag cuts the sequence into 2*ring chunks (usp.layout), each ring block into ulysses
+    # pieces; TP-sp splits each rank's tokens again over tp.
     tp_split = config.tp if config.tp > 1 and config.tp_sequence_parallel else 1
-    needed = math.lcm(config.sequence_size * tp_split, 2 * config.ring if config.ring > 1 else 1)
+    zigzag = config.ring > 1 and config.layout == "zigzag"
+    needed = math.lcm(config.sequence_size * tp_split, 2 * config.ring if zigzag else 1)
     if workload.seq_len % needed:
         factors = "ring*ulysses" + ("*tp" if tp_split > 1 else "")
-        if config.ring > 1:
+        if zigzag:
             factors += ", and 2*ring for zigzag"
         problems.append(Violation(
             "sequence split",

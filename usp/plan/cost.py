@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from usp.plan.attention_time import USP_RING, AttentionShape, RingImplementation, attention_time
 from usp.plan.collectives import KINDS, attention_traffic, sent_bytes, transfer_seconds
 from usp.plan.config import SHARD_AXES, GroupPlacement, ParallelConfig, group_placement
 from usp.plan.memory import layer_params_per_gpu, memory_per_gpu, shapes, stage_params
 from usp.plan.specs import ClusterSpec, Workload
 
-ATTENTION_BACKWARD_FACTOR = 2.5  # flash backward: 5 matmuls (P recomputed) vs 2 forward
 # AdamW reads master, grad, m, v (14 B per parameter) and writes master, m, v, bf16 copy (14 B)
 OPTIMIZER_BYTES_MOVED = 28
 
@@ -86,20 +86,10 @@ class _Ledger:
         return transfer_seconds(kind, sent, calls, placement, self.cluster)
 
 
-def _ring_pass(compute: float, hop: float, ring: int, tail: float = 0.0,
-               hides: bool = True) -> float:
-    """Attention of one pass split into ``ring`` steps, each hiding the next block's transfer
-    (``hides``; else each transfer adds to the compute)."""
-    if ring == 1:
-        return compute
-    if not hides:
-        return compute + (ring - 1) * hop + tail
-    step = compute / ring
-    return (ring - 1) * max(step, hop) + step + tail
-
-
-def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -> StepCost:
-    """Predict memory, traffic and time of one step; ``config`` must pass ``check_config``."""
+def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
+             ring_implementation: RingImplementation = USP_RING) -> StepCost:
+    """Predict memory, traffic and time of one step; ``config`` must pass ``check_config``.
+    ``ring_implementation``: what the ring does besides its kernel (usp's own by default)."""
     model, e, s = workload.model, workload.element_bytes, shapes(workload, config)
     R, U, t, p, m = config.ring, config.ulysses, config.tp, config.pp, config.micro_batches
     place = {axis: group_placement(config, cluster.gpus_per_node, (axis,))
@@ -119,34 +109,31 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
     shared, hides = cluster.oversubscription, cluster.oversubscription == 1
     peak, hbm = cluster.peak_tflops * 1e12 / shared, cluster.hbm_bandwidth_gbs * 1e9 / shared
     matmul_rate = peak * cluster.matmul_efficiency
-    attention_rate = peak * cluster.attention_efficiency
 
     # --- compute of one layer for one micro-batch on one GPU ---
     linear_flops = 2 * s.micro_batch * s.tokens * (model.attention_linear_params
                                                    + model.mlp_linear_params) / t
     seq = workload.seq_len
-    pairs = seq * (seq + 1) / 2 if workload.causal else seq * seq
-    attention_flops = 4 * s.micro_batch * s.q_heads * model.head_dim * pairs / (R * U)
-    linear_fwd, attention_fwd = linear_flops / matmul_rate, attention_flops / attention_rate
-    linear_bwd, attention_bwd = 2 * linear_fwd, ATTENTION_BACKWARD_FACTOR * attention_fwd
-    compute_fwd, compute_bwd = linear_fwd + attention_fwd, linear_bwd + attention_bwd
+    linear_fwd = linear_flops / matmul_rate
+    linear_bwd = 2 * linear_fwd
 
-    # --- sequence-parallel attention: the exact traffic of usp_attention ---
+    # --- sequence-parallel attention: the exact traffic of usp_attention, its time ---
     traffic = attention_traffic(s.micro_batch, seq, s.q_heads, s.kv_heads, model.head_dim, e, R, U)
-    a2a = ledger.add("all_to_all", traffic.all_to_all_forward, 2, place["ulysses"],
-                     repeat=runs * (attention_forwards + 1))
+    ledger.add("all_to_all", traffic.all_to_all_forward, 2, place["ulysses"],
+               repeat=runs * (attention_forwards + 1))
     # The ring's bytes are booked per pass; its time is priced per hop (one message each).
     ledger.add("p2p", attention_forwards * traffic.p2p_forward + traffic.p2p_backward, 0,
-               place["ring"],
-               repeat=runs)
-    kv_hop = transfer_seconds("p2p", traffic.ring_kv_send, 1, place["ring"], cluster)
-    grad_hop = transfer_seconds("p2p", traffic.ring_grad_send, 1, place["ring"], cluster)
-    ring_fwd = _ring_pass(attention_fwd, kv_hop, R, hides=hides)
-    ring_bwd = _ring_pass(attention_bwd, kv_hop + grad_hop, R, tail=grad_hop, hides=hides)
-    # Each ring step merges a block into fp32 accumulators: memory-bound passes over [S/R, H/U, D].
-    out_elements = s.micro_batch * s.tokens * s.q_heads * model.head_dim
-    merge_fwd = (R - 1) * out_elements * (2 * 4 + e) / hbm
-    merge_bwd = (R - 1) * (out_elements * 2 * 4 + 2 * traffic.ring_grad_send) / hbm
+               place["ring"], repeat=runs)
+    attention = attention_time(
+        AttentionShape(s.micro_batch, seq, s.q_heads, s.kv_heads, model.head_dim, e,
+                       workload.causal),
+        traffic, cluster, place["ulysses"], place["ring"], config.layout,
+        rate_share=1 / shared, hides=hides, implementation=ring_implementation)
+    attention_fwd, attention_bwd = attention.compute_forward, attention.compute_backward
+    compute_fwd, compute_bwd = linear_fwd + attention_fwd, linear_bwd + attention_bwd
+    a2a, kv_hop, grad_hop = attention.all_to_all, attention.kv_hop, attention.grad_hop
+    ring_fwd, ring_bwd = attention.ring_forward, attention.ring_backward
+    merge_fwd, merge_bwd = attention.merge_forward, attention.merge_backward
 
     # --- tensor parallelism (Megatron), with or without its sequence parallelism ---
     activation = s.micro_batch * s.tokens * model.hidden * e  # one [b, s, h] tensor
@@ -209,8 +196,12 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
                          repeat=reductions)
         sync = reductions * max(0.0, one - s.layers * window_bwd)
         if config.zero >= 1:
+            # The updated parameters are gathered layer by layer ahead of the next forward
+            # (Megatron-LM's --overlap-param-gather, DeepSpeed's ZeRO-1/2): only the first
+            # layer's share waits, and what the forward's compute cannot cover.
             updated = sent_bytes("all_gather", workload.bytes.param * psi, shard.size)
-            regather = ledger.add("all_gather", updated, 1, shard, repeat=1)
+            whole = ledger.add("all_gather", updated, 1, shard, repeat=1)
+            regather = whole / s.layers + max(0.0, whole - s.layers * window_fwd)
 
     # --- pipeline: activations forward and their gradients backward cross each boundary ---
     boundary_time = 0.0
@@ -255,3 +246,27 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig) -
         mfu=model_flops / (step_time * cluster.world_size * peak),
         placements=place,
     )
+
+
+def forward_time(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
+                 ring_implementation: RingImplementation = USP_RING) -> float:
+    """Seconds of one forward of the whole model without a backward (a prefill, one diffusion
+    step), sequence-parallel only: each rank runs the linear layers of its ``S/(R*U)`` tokens and
+    one ``usp_attention`` forward per layer (no loss, no optimizer)."""
+    if config.tp > 1 or config.pp > 1:
+        raise ValueError(f"forward_time models sequence-parallel layouts only, not "
+                         f"{config.label()}")
+    model, e, s = workload.model, workload.element_bytes, shapes(workload, config)
+    place = {axis: group_placement(config, cluster.gpus_per_node, (axis,))
+             for axis in ("ring", "ulysses")}
+    linear = (2 * s.micro_batch * s.tokens * (model.attention_linear_params
+                                              + model.mlp_linear_params)
+              / (cluster.peak_tflops * 1e12 * cluster.matmul_efficiency))
+    traffic = attention_traffic(s.micro_batch, workload.seq_len, s.q_heads, s.kv_heads,
+                                model.head_dim, e, config.ring, config.ulysses)
+    attention = attention_time(
+        AttentionShape(s.micro_batch, workload.seq_len, s.q_heads, s.kv_heads, model.head_dim,
+                       e, workload.causal),
+        traffic, cluster, place["ulysses"], place["ring"], config.layout,
+        implementation=ring_implementation)
+    return config.micro_batches * s.layers * (linear + attention.forward)

@@ -27,8 +27,14 @@ KNOBS = ("sequence split", "placement", "tp", "pp", "zero", "checkpointing", "mi
 # The tiled MLP the search tries: 4096 tokens per tile keeps each tile's GEMMs large while its
 # intermediates (3 x ffn per token) stay a small part of a long sequence's activations
 SEARCHED_MLP_TILE = 4096
+# The model's uncertainty on step times: configurations predicted within this fraction of the
+# fastest tie (docs/planner.md, "Against published measurements", is where it was measured).
+TIE_BAND = 0.03
+# The memory model's accuracy against measured peaks (docs/planner.md, "Predicted vs measured
+# memory": within 8 %): memories closer than this do not separate a tie either.
+MEMORY_BAND = 0.10
 # Fields the search does not vary: --fix sets them on every configuration instead of filtering
-SET_BY_FIX = ("pp_schedule", "loss_chunk", "mlp_tile")
+SET_BY_FIX = ("pp_schedule", "loss_chunk", "mlp_tile", "layout")
 
 
 def _divisors(n: int) -> list[int]:
@@ -80,15 +86,22 @@ def enumerate_configs(workload: Workload, cluster: ClusterSpec) -> list[Parallel
 class Plan:
     workload: Workload
     cluster: ClusterSpec
-    ranked: list[StepCost]  # fit in memory, fastest first
+    ranked: list[StepCost]  # fit in memory: the tie (below) first, then fastest first
     too_big: list[StepCost]  # valid but over the memory budget, smallest first
     invalid: list[tuple[ParallelConfig, list[Violation]]]  # with the rules each breaks
+    tied: int = 1  # how many of ranked's first entries the model cannot separate in time
 
     @property
     def best(self) -> StepCost:
         if not self.ranked:
             raise ValueError(no_fit_message(self))
         return self.ranked[0]
+
+    @property
+    def ties(self) -> list[StepCost]:
+        """The configurations predicted within :data:`TIE_BAND` of the fastest: the best is
+        the one of them with the fewest memory features, then the least memory."""
+        return self.ranked[:self.tied]
 
 
 def _with_fixed(configs: list[ParallelConfig], fixed: dict[str, object]) -> list[ParallelConfig]:
@@ -108,6 +121,32 @@ def _rank_key(cost: StepCost) -> tuple:
     return (round(cost.step_time, 9), len(cost.config.memory_features), cost.memory_total)
 
 
+def rank(costs: list[StepCost]) -> tuple[list[StepCost], int]:
+    """Order fitting configurations: those within :data:`TIE_BAND` of the fastest first, then
+    the rest, fastest first. Returns the order and the tie's size.
+
+    The model cannot order the tie by time, so it orders it by what it can tell: fewer memory
+    features (less recompute and less to go wrong); then memory, when one needs more than
+    :data:`MEMORY_BAND` above the least (closer than that the memory model cannot separate
+    them either); then the predicted time.
+    """
+    ordered = sorted(costs, key=_rank_key)
+    if not ordered:
+        return ordered, 0
+    limit = ordered[0].step_time * (1 + TIE_BAND)
+    tied = [cost for cost in ordered if cost.step_time <= limit]
+    fewest = min(len(cost.config.memory_features) for cost in tied)
+    least = min(cost.memory_total for cost in tied
+                if len(cost.config.memory_features) == fewest)
+
+    def tie_key(cost: StepCost) -> tuple:
+        features = len(cost.config.memory_features)
+        roomy = features == fewest and cost.memory_total <= least * (1 + MEMORY_BAND)
+        return (features, not roomy, _rank_key(cost))
+
+    return sorted(tied, key=tie_key) + ordered[len(tied):], len(tied)
+
+
 def plan(workload: Workload, cluster: ClusterSpec, fixed: dict[str, object] | None = None) -> Plan:
     """Rank all configurations (optionally only those whose fields equal ``fixed``)."""
     fixed = fixed or {}
@@ -124,9 +163,9 @@ def plan(workload: Workload, cluster: ClusterSpec, fixed: dict[str, object] | No
             continue
         cost = estimate(workload, cluster, config)
         (ranked if cost.fits else too_big).append(cost)
-    ranked.sort(key=_rank_key)
+    ranked, tied = rank(ranked)
     too_big.sort(key=lambda c: c.memory_total)
-    return Plan(workload, cluster, ranked, too_big, invalid)
+    return Plan(workload, cluster, ranked, too_big, invalid, tied)
 
 
 def _knob_value(config: ParallelConfig, knob: str) -> object:
@@ -213,21 +252,47 @@ def _method_sentences(workload: Workload, best: StepCost) -> list[str]:
     return sentences
 
 
+def _tie_sentences(result: Plan) -> list[str]:
+    """How many configurations tie with the pick, and why the pick is the one named."""
+    if result.tied < 2:
+        return []
+    best, ties = result.best, result.ties
+    fastest = min(ties, key=_rank_key)
+    sentence = (f"{result.tied} configurations are predicted within {100 * TIE_BAND:g}% of the "
+                f"fastest (the model's uncertainty): they tie")
+    if fastest is best:
+        return [sentence + "; the pick is also the fastest of them"]
+    reasons = []
+    if len(best.config.memory_features) < len(fastest.config.memory_features):
+        reasons.append(f"{len(best.config.memory_features)} memory features against "
+                       f"{len(fastest.config.memory_features)}")
+    if best.memory_total < fastest.memory_total / (1 + MEMORY_BAND):
+        reasons.append(f"{best.memory_total / GIB:.1f} GiB per GPU against "
+                       f"{fastest.memory_total / GIB:.1f}")
+    ahead = 100 * (best.step_time / fastest.step_time - 1)
+    return [sentence + f"; picked for {' and '.join(reasons) or 'its rank'} over the fastest "
+            f"({fastest.config.label()}), predicted {ahead:.1f}% faster"]
+
+
 def explain(result: Plan) -> list[str]:
     """Why the best configuration wins: what each of its methods costs, the best rival per knob."""
     best = result.best
-    sentences = _method_sentences(result.workload, best) + _feature_sentences(result, best)
+    sentences = _tie_sentences(result) + _method_sentences(result.workload, best)
+    sentences += _feature_sentences(result, best)
     usable = result.cluster.usable_bytes / GIB
     for knob in KNOBS:
         own = _knob_value(best.config, knob)
         rivals = [c for c in result.ranked if _knob_value(c.config, knob) != own]
         if rivals:
-            rival = rivals[0]
+            rival = min(rivals, key=_rank_key)  # the fastest that differs in this knob
             gaps = {k: rival.time[k] - best.time[k] for k in best.time}
             main = max(gaps, key=gaps.get)
             slower = 100 * (rival.step_time / best.step_time - 1)
             verdict = "as fast (within 0.05%)"
-            if slower >= 0.05:
+            if abs(slower) < 100 * TIE_BAND and abs(slower) >= 0.05:
+                verdict = (f"{abs(slower):.1f}% {'slower' if slower > 0 else 'faster'}: a tie "
+                           f"(within the model's {100 * TIE_BAND:g}% uncertainty)")
+            elif slower >= 0.05:
                 verdict = (f"{slower:.1f}% slower, mostly {main.replace('_', ' ')} "
                            f"(+{gaps[main]:.3f} s)")
             sentences.append(

@@ -36,9 +36,20 @@ MODELS: dict[str, ModelSpec] = {
 for _name in ("tiny", "small"):
     MODELS[_name] = ModelSpec.from_llama_config(_name, LLAMA_CONFIGS[_name])
 
+# FlashAttention-2 forward + backward on an A100 (the kernel's published benchmark,
+# Dao-AILab/flash-attention assets/flash2_a100_fwd_bwd_benchmark.png) runs at 99, 133, 155, 173,
+# 182, 189 TFLOPS for causal sequences of 512 ... 16k at head dim 128, and 187, 196, 201, 203 for
+# 2k ... 16k without the mask: k/(k + 256) of its long-call rate, k the keys a row meets (S/2
+# causal, S full), within 3 % of each bar. 256 keys (two 128-key tiles) is each row's fixed work.
+ATTENTION_OVERHEAD_KEYS = 256.0
+# Host time to launch one GPU operation from eager PyTorch: "usually between 5-20 microseconds"
+# (HolisticTraceAnalysis, docs/source/features/cuda_kernel_launch_stats.rst).
+LAUNCH_US = 10.0
+_GPU = dict(attention_overhead_keys=ATTENTION_OVERHEAD_KEYS, launch_us=LAUNCH_US)
+
 # Keyword arguments shared by the 8-GPU NVLink boxes.
 _NVLINK_BOX = dict(nodes=1, gpus_per_node=8, intra_latency_us=10.0, inter_latency_us=20.0,
-                   reserved_gib=4.0)
+                   reserved_gib=4.0, **_GPU)
 
 CLUSTERS: dict[str, ClusterSpec] = {
     spec.name: spec
@@ -56,11 +67,22 @@ CLUSTERS: dict[str, ClusterSpec] = {
         ClusterSpec("h100x8", peak_tflops=989.0, memory_gib=80.0, intra_bandwidth_gbs=450.0,
                     inter_bandwidth_gbs=50.0, hbm_bandwidth_gbs=3350.0, matmul_efficiency=0.70,
                     attention_efficiency=0.50, **_NVLINK_BOX),
+        # H800-SXM5-80GB: the export H100, NVLink capped at 400 GB/s both ways; 8 x 400 Gb/s
+        # NDR InfiniBand per node.
+        ClusterSpec("h800x8", peak_tflops=989.0, memory_gib=80.0, intra_bandwidth_gbs=200.0,
+                    inter_bandwidth_gbs=50.0, hbm_bandwidth_gbs=3350.0, matmul_efficiency=0.70,
+                    attention_efficiency=0.50, **_NVLINK_BOX),
         # L20 48 GB, PCIe Gen4 x16 only (no NVLink); 2 x 100 Gb/s RoCE per node.
         ClusterSpec("l20x8", nodes=1, gpus_per_node=8, peak_tflops=119.5, memory_gib=48.0,
                     intra_bandwidth_gbs=25.0, inter_bandwidth_gbs=3.125, intra_latency_us=15.0,
                     inter_latency_us=30.0, hbm_bandwidth_gbs=864.0, matmul_efficiency=0.70,
-                    attention_efficiency=0.55, reserved_gib=3.0),
+                    attention_efficiency=0.55, reserved_gib=3.0, **_GPU),
+        # A100 80GB PCIe (no NVLink bridge): PCIe Gen4 x16, 1935 GB/s HBM2e; 2 x 100 Gb/s per
+        # node, as the L20 box.
+        ClusterSpec("a100pcie", nodes=1, gpus_per_node=8, peak_tflops=312.0, memory_gib=80.0,
+                    intra_bandwidth_gbs=25.0, inter_bandwidth_gbs=3.125, intra_latency_us=15.0,
+                    inter_latency_us=30.0, hbm_bandwidth_gbs=1935.0, matmul_efficiency=0.75,
+                    attention_efficiency=0.60, reserved_gib=4.0, **_GPU),
     )
 }
 

@@ -129,7 +129,14 @@ class ClusterSpec:
     accelerator) is the cores a node's ranks share: see :attr:`oversubscription`. ``sync_us``
     (CPU clusters; 0 elsewhere) is what one collective call adds inside a step beyond its
     latency: every peer must be running to take part, and ranks that share cores are not all
-    running at once.
+    running at once. ``attention_overhead_keys`` is the fixed work of each query row in one
+    attention kernel call (loading its tile, the softmax epilogue, writing the output), counted
+    in keys: a call whose rows meet ``k`` keys on average runs at ``k / (k + this)`` of the rate
+    ``attention_efficiency`` gives long calls (0: every call runs at that rate). ``launch_us``
+    is the host's time to launch one device operation from eager PyTorch: a stretch of work
+    made of many short operations (a ring step of a short block) lasts at least that many
+    launches (0: the host is never the bottleneck; CPU ranks pay their dispatch in their
+    compute).
     """
 
     name: str
@@ -148,11 +155,13 @@ class ClusterSpec:
     headroom: float = 0.1
     cores_per_node: float = 0.0
     sync_us: float = 0.0
+    attention_overhead_keys: float = 0.0
+    launch_us: float = 0.0
 
     def __post_init__(self) -> None:
         numeric = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
         reserved, headroom = numeric.pop("reserved_gib"), numeric.pop("headroom")
-        for name in ("cores_per_node", "sync_us"):
+        for name in ("cores_per_node", "sync_us", "attention_overhead_keys", "launch_us"):
             if numeric.pop(name) < 0:
                 raise ValueError(f"cluster {self.name!r}: {name}={getattr(self, name)} < 0")
         _check_positive(f"cluster {self.name!r}", **numeric)
