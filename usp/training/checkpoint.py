@@ -19,11 +19,16 @@ a convenience for people and is only consulted for a warning. A stale ``.tmp`` d
 ever a partial save and is cleared by the next save of that step. A complete checkpoint is never
 overwritten or deleted; one found corrupt when resuming is renamed ``step_000005.corrupt``
 (``usp.training.resume``).
+
+Nothing is written or read through a link (``usp.training.safe_files``): ``ROOT``, the ``step_*``
+directories and their files must be real directories and regular files (:func:`check_root`, before
+anything starts), and the step and state a checkpoint records are checked before they are used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -36,7 +41,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from usp.training import integrity
+from usp.training import integrity, safe_files
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ RUN_FIELDS_THAT_MUST_MATCH = (
     "seq_len", "global_batch", "data", "seed", "steps", "lr", "min_lr", "warmup", "weight_decay",
     "pack", "tokenizer",
 )
+META_LIMIT = 64 << 20  # bytes: a meta.json holds a model config, a few KiB
+STATE_LIMIT = 64 << 20  # bytes: trainer.pt and rng_rank*.pt hold a few small tensors
 
 
 def _distributed() -> bool:
@@ -92,20 +99,38 @@ def step_dir(root: Path, step: int) -> Path:
 
 def steps_saved(root: Path, after: int = -1) -> list[int]:
     """Steps of the complete checkpoints under ``root`` later than ``after`` (``.tmp`` and
-    ``.corrupt`` excluded: only a finished save is renamed to ``step_NNNNNN``)."""
+    ``.corrupt`` excluded: only a finished save is renamed to ``step_NNNNNN``; a link is no
+    checkpoint: :func:`check_root` refuses it)."""
     root = Path(root)
-    if not root.is_dir():
+    if not root.is_dir() or root.is_symlink():
         return []
-    suffixes = [p.name[len("step_"):] for p in root.glob("step_*") if p.is_dir()]
+    suffixes = [p.name[len("step_"):] for p in root.glob("step_*")
+                if p.is_dir() and not p.is_symlink()]
     steps = [int(suffix) for suffix in suffixes if suffix.isdigit()]
     return sorted(s for s in steps if s > after)
+
+
+def check_root(root: Path) -> None:
+    """Refuse a checkpoints directory whose ``latest`` (or its ``.tmp``) is not a regular file,
+    or whose ``step_*`` entries are not real directories (a link would make a resume read, or a
+    save write, somewhere else)."""
+    root = Path(root)
+    safe_files.check_directory_or_absent(root)
+    if not root.is_dir():
+        return
+    for name in (LATEST, LATEST + ".tmp"):
+        safe_files.check_file_or_absent(root / name)
+    for entry in sorted(root.glob("step_*")):
+        safe_files.check_directory_or_absent(entry)
 
 
 def read_metadata(path: Path) -> dict:
     """meta.json of a checkpoint; a clear ValueError when it is missing or unreadable."""
     meta_path = Path(path) / META
     try:
-        metadata = json.loads(meta_path.read_text())
+        metadata = json.loads(safe_files.read_text(meta_path, META_LIMIT))
+    except safe_files.UnsafePathError as exc:
+        raise ValueError(f"checkpoint {path} was refused, nothing was loaded: {exc}") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(
             f"checkpoint {path} is unreadable ({meta_path}: {exc}); pass --resume with a "
@@ -122,7 +147,19 @@ def read_metadata(path: Path) -> dict:
             f"checkpoint {path} has format {metadata['format']!r}, this usp reads "
             f"format {FORMAT_VERSION} (checksummed)"
         )
+    step, run = metadata["step"], metadata["run"]
+    if not _is_count(step) or not isinstance(run, dict) or not _is_count(run.get("steps")) \
+            or step > run["steps"] or not isinstance(metadata["model"], dict):
+        raise ValueError(
+            f"checkpoint {path} is unreadable: {meta_path} records step {step!r} of a run of "
+            f"{run.get('steps') if isinstance(run, dict) else None!r} steps (a step is a whole "
+            "number from 0 to the run's steps)"
+        )
     return metadata
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def check_compatible(path: Path, saved: dict, current: dict) -> None:
@@ -168,9 +205,9 @@ def save_checkpoint(
         raise ValueError(f"checkpoint {final} exists already; refusing to overwrite it")
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # a save of this step that crashed: incomplete by construction
-            shutil.rmtree(tmp)
+        safe_files.make_directory(root)
+        _remove_partial_save(tmp)
+        os.mkdir(tmp)  # fresh and ours: the files below are created in it
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
@@ -181,17 +218,38 @@ def save_checkpoint(
             )
     except dcp.CheckpointException as exc:  # a BaseException: make it an error that reports
         raise OSError(f"saving checkpoint {final} failed: {_causes(exc)}") from exc
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
+    _save_new(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
     if _rank() == 0:
-        torch.save(trainer_state, tmp / TRAINER)
+        _save_new(trainer_state, tmp / TRAINER)
         meta = {"format": FORMAT_VERSION, "step": step, **metadata}
-        (tmp / META).write_text(json.dumps(meta, indent=2))
+        safe_files.write_new(tmp / META, json.dumps(meta, indent=2).encode())
     _barrier()
     _write_manifest(tmp)
     _publish(tmp, final)
     if _rank() == 0:
         logger.info("saved checkpoint %s", final)
     return final
+
+
+def _remove_partial_save(tmp: Path) -> None:
+    """A ``step_N.tmp`` left by a save of this step that crashed (incomplete by construction):
+    a real directory is removed with its files, a link only as a link (never what it names)."""
+    if os.path.islink(tmp) or os.path.isfile(tmp):
+        os.unlink(tmp)
+    elif os.path.lexists(tmp):
+        safe_files.check_directory_or_absent(tmp)
+        shutil.rmtree(tmp)
+
+
+def _save_new(value, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    safe_files.write_new(path, buffer.getvalue())
+
+
+def _load_small(path: Path):
+    """One of our own small files (trainer.pt, rng_rank*.pt): weights-only, not through a link."""
+    return torch.load(io.BytesIO(safe_files.read_bytes(path, STATE_LIMIT)), weights_only=True)
 
 
 def _write_manifest(tmp: Path) -> None:
@@ -210,9 +268,7 @@ def _publish(tmp: Path, final: Path) -> None:
     pointer (each step atomic), and the others wait for it."""
     if _rank() == 0:
         os.rename(tmp, final)
-        pointer_tmp = final.parent / (LATEST + ".tmp")
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, final.parent / LATEST)
+        safe_files.replace(final.parent / LATEST, (final.name + "\n").encode())
     _barrier()
 
 
@@ -227,6 +283,7 @@ def load_checkpoint(
     """
     path = Path(path)
     saved = read_metadata(path)
+    trainer_state = read_trainer_state(path, saved)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     try:
@@ -236,7 +293,6 @@ def load_checkpoint(
         with _single_process_quiet():
             dcp.load(state, storage_reader=reader, planner=integrity.SafeLoadPlanner(),
                      no_dist=not _distributed())
-        trainer_state = torch.load(path / TRAINER, weights_only=True)
     # DCP raises several types for torn or foreign files; CheckpointException is a BaseException
     except (Exception, dcp.CheckpointException) as exc:
         causes = exc.failures.values() if isinstance(exc, dcp.CheckpointException) else [(exc,)]
@@ -252,6 +308,36 @@ def load_checkpoint(
     if _rank() == 0:
         logger.info("resumed from %s at step %d", path, trainer_state["step"])
     return trainer_state
+
+
+def read_trainer_state(path: Path, saved: dict) -> dict:
+    """``trainer.pt``, checked before anything is loaded: a step from 0 to the run's steps that
+    agrees with ``meta.json`` and the scheduler, and a data position of whole numbers. (A step
+    of -3 would have made the resume drop every record of ``metrics.jsonl``.)"""
+    file = Path(path) / TRAINER
+    try:
+        state = _load_small(file)
+    except safe_files.UnsafePathError as exc:
+        raise ValueError(f"checkpoint {path} was refused, nothing was loaded: {exc}") from None
+    except Exception as exc:  # torch.load raises many types for a torn or foreign file
+        raise ValueError(f"checkpoint {path} is unreadable: {file}: {exc}") from exc
+    step, steps = (state.get("step") if isinstance(state, dict) else None), saved["run"]["steps"]
+    problem = None
+    if not isinstance(state, dict) or not {"step", "scheduler", "data"} <= state.keys():
+        problem = "it holds no step, scheduler and data state"
+    elif not _is_count(step) or step > steps:
+        problem = f"step {step!r} is not a step of this run (0 to --steps={steps})"
+    elif step != saved["step"]:
+        problem = f"step {step} but {META} says {saved['step']}"
+    elif not isinstance(state["scheduler"], dict) or state["scheduler"].get("last_epoch") != step:
+        problem = f"step {step} but its learning-rate schedule is at another step"
+    elif not isinstance(state["data"], dict) or not all(
+            _is_count(state["data"].get(key)) for key in ("epoch", "index", "seq_len",
+                                                          "num_tokens")):
+        problem = "its data position is not made of whole numbers (epoch, index, ...)"
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} was refused, nothing was loaded: {file}: {problem}")
+    return state
 
 
 def _causes(exc: BaseException) -> str:
@@ -274,7 +360,7 @@ def _restore_rng(path: Path, saved: dict, seed: int, step: int) -> None:
     streams belong to ranks that no longer exist, so every rank reseeds from (seed, step, rank)."""
     rng_path = path / f"rng_rank{_rank():05d}.pt"
     if saved["run"]["world_size"] == _world_size() and rng_path.exists():
-        state = torch.load(rng_path, weights_only=True)
+        state = _load_small(rng_path)
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from usp.training import checkpoint, integrity
+from usp.training import checkpoint, integrity, safe_files
 from usp.training.run_dir import CONFIG
 
 logger = logging.getLogger(__name__)
 
 CORRUPT_SUFFIX = ".corrupt"
+POINTER_LIMIT = 4096  # bytes: latest holds a directory name
 
 
 @dataclass
@@ -39,18 +40,19 @@ class ResumePlan:
 def plan_resume(out: Path, resume: str, current: dict) -> ResumePlan:
     """The checkpoints ``--resume`` may load into the run in ``out``; ValueError if none may."""
     out = Path(out)
+    checkpoint.check_root(out / "checkpoints")
     if resume != "latest":
         return _explicit(out, Path(resume), current)
     root = out / "checkpoints"
     steps = checkpoint.steps_saved(root)
     notes = _pointer_notes(root, steps)
     if not steps:
-        if (root / checkpoint.LATEST).exists():
+        if os.path.lexists(root / checkpoint.LATEST):
             raise ValueError(
                 f"--resume: {root} has no complete checkpoint left ({notes[0]}); pass --resume "
                 "with a checkpoint directory of this run, or start a new run"
             )
-        if not (out / CONFIG).is_file():
+        if not os.path.lexists(out / CONFIG):
             raise ValueError(
                 f"--resume: {out} is not a run directory (it has no {CONFIG} and no checkpoint); "
                 "train without --resume, or pass the run directory to resume"
@@ -65,6 +67,7 @@ def plan_resume(out: Path, resume: str, current: dict) -> ResumePlan:
 
 
 def _explicit(out: Path, path: Path, current: dict) -> ResumePlan:
+    safe_files.check_directory_or_absent(path)
     if not path.is_dir():
         raise ValueError(f"--resume {path}: no such checkpoint directory")
     saved = checkpoint.read_metadata(path)
@@ -104,11 +107,11 @@ def _pointer_notes(root: Path, steps: list[int]) -> list[str]:
     pointer = root / checkpoint.LATEST
     newest = checkpoint.step_dir(root, steps[-1]).name if steps else None
     fallback = f"resuming from {newest}, the newest checkpoint" if newest else "no checkpoint"
-    if not pointer.exists():
+    if not os.path.lexists(pointer):
         return [f"checkpoint pointer {pointer} is missing; {fallback}"] if steps else []
-    try:
-        name = pointer.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
+    try:  # never through a link: check_root refused one already
+        name = safe_files.read_text(pointer, POINTER_LIMIT).strip()
+    except (OSError, ValueError) as exc:
         return [f"checkpoint pointer {pointer} is unreadable ({exc}); {fallback}"]
     if name == newest:
         return []
@@ -193,7 +196,7 @@ def _older_hint(path: Path) -> str:
 
 def _free_name(path: Path) -> Path:
     candidate, n = path, 1
-    while candidate.exists():
+    while os.path.lexists(candidate):
         n += 1
         candidate = path.with_name(f"{path.name}{n}")
     return candidate

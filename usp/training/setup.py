@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,7 @@ from usp.training.build import (
 )
 from usp.training.data import EOT
 from usp.training.evaluate import HeldOut, held_out_split
+from usp.training.metrics import read_metrics
 from usp.training.resume import ResumePlan, plan_resume
 from usp.topology import AXES, Topology
 
@@ -148,17 +150,23 @@ def validate(config: TrainConfig, world_size: int) -> None:
     for path in config.data:
         if not Path(path).is_file():
             raise ValueError(f"data path {path!r} does not exist or is not a file")
-    if config.reference_metrics and not Path(config.reference_metrics).is_file():
-        raise ValueError(f"--reference-metrics {config.reference_metrics!r} does not exist")
+    if config.reference_metrics:
+        if not Path(config.reference_metrics).is_file():
+            raise ValueError(f"--reference-metrics {config.reference_metrics!r} does not exist")
+        read_metrics(config.reference_metrics)  # its records, before a run that ends drawing them
     _validate_output(config, world_size)
 
 
 def _validate_output(config: TrainConfig, world_size: int) -> None:
+    run_dir.check_run_directory(Path(config.out))
     run_dir.check_writable(Path(config.out))
     if config.resume is None:
         run_dir.check_fresh(Path(config.out))
-    else:
-        plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
+        return
+    plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
+    metrics_path = Path(config.out) / run_dir.METRICS
+    if os.path.lexists(metrics_path):  # a resume rewrites it: its records must be readable
+        read_metrics(metrics_path, follow_links=False)
 
 
 def run_metadata(config: TrainConfig, world_size: int) -> dict:
