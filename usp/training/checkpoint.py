@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from usp.training import integrity, safe_files
+from usp.training import fingerprint, integrity, safe_files
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,9 @@ def check_compatible(path: Path, saved: dict, current: dict) -> None:
         for key in RUN_FIELDS_THAT_MUST_MATCH
         if saved["run"].get(key) != current["run"][key]
     ]
+    # a checkpoint saved before inputs were fingerprinted has no record to compare
+    if not problems and isinstance(saved["run"].get("inputs"), dict):
+        _check_inputs(path, saved["run"]["inputs"], current["run"]["inputs"])
     if problems:
         steps_note = (
             " (--steps is fixed for a run: the learning-rate schedule spans it, so a changed "
@@ -186,6 +189,23 @@ def check_compatible(path: Path, saved: dict, current: dict) -> None:
         raise ValueError(
             f"checkpoint {path} does not match this run: " + "; ".join(problems) + steps_note
             + ". Resume with the checkpoint's settings, or start a new run in another --out"
+        )
+
+
+def _check_inputs(path: Path, saved: dict, current: dict) -> None:
+    """Refuse to resume on data or a tokenizer whose content changed since the save."""
+    changed = []
+    for kind, what in (("data", "data file"), ("tokenizer", "tokenizer file")):
+        try:
+            changed += fingerprint.changes(saved.get(kind) or [], current[kind], what)
+        except (KeyError, TypeError, AttributeError):
+            raise ValueError(f"checkpoint {path} is unreadable: the {kind} fingerprints of its "
+                             f"{META} are malformed") from None
+    if changed:
+        raise ValueError(
+            f"checkpoint {path} cannot continue on these inputs: " + "; ".join(changed)
+            + ". Resuming would train on other tokens than the run did; restore the files as "
+            "they were, or start a new run in another --out"
         )
 
 

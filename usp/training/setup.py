@@ -28,6 +28,7 @@ from usp.training.build import (
 )
 from usp.training.data import EOT
 from usp.training.evaluate import HeldOut, held_out_split
+from usp.training.fingerprint import data_fingerprint, tokenizer_fingerprint
 from usp.training.metrics import read_metrics
 from usp.training.resume import ResumePlan, plan_resume
 from usp.topology import AXES, Topology
@@ -190,6 +191,11 @@ def run_metadata(config: TrainConfig, world_size: int) -> dict:
             "weight_decay": config.weight_decay,
             "pack": config.pack and not config.synthetic,
             "tokenizer": tokenizer_metadata(config),
+            # content fingerprints: a resume refuses data or a tokenizer edited in place
+            "inputs": {
+                "data": data_fingerprint(config.data, config.synthetic),
+                "tokenizer": tokenizer_fingerprint(config.tokenizer) if config.tokenizer else [],
+            },
             "pretrained": str(Path(config.hf_model).resolve()) if config.hf_model else None,
             "world_size": world_size,
             "degrees": {"pp": config.pp, "ring": config.ring, "ulysses": config.ulysses,
