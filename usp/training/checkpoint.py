@@ -41,24 +41,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from usp.training import fingerprint, integrity, safe_files
+from usp.training import integrity, safe_files
+from usp.training.checkpoint_record import (
+    FORMAT_VERSION, META, TRAINER, load_small, read_metadata, read_trainer_state,
+)
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: manifest.json with SHA-256 of every file
 LATEST = "latest"
-META = "meta.json"
-TRAINER = "trainer.pt"
-# Fields of meta.json's "run" that must match on resume for training to continue exactly. The
-# schedule's fields are among them: the LR of every step is a function of (step, steps, lr,
-# min_lr, warmup), and AdamW's param_groups (lr, weight_decay) come back from the checkpoint.
-RUN_FIELDS_THAT_MUST_MATCH = (
-    "seq_len", "global_batch", "data", "seed", "steps", "lr", "min_lr", "warmup", "weight_decay",
-    "pack", "tokenizer",
-)
-META_LIMIT = 64 << 20  # bytes: a meta.json holds a model config, a few KiB
-STATE_LIMIT = 64 << 20  # bytes: trainer.pt and rng_rank*.pt hold a few small tensors
-
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -124,91 +114,6 @@ def check_root(root: Path) -> None:
         safe_files.check_directory_or_absent(entry)
 
 
-def read_metadata(path: Path) -> dict:
-    """meta.json of a checkpoint; a clear ValueError when it is missing or unreadable."""
-    meta_path = Path(path) / META
-    try:
-        metadata = json.loads(safe_files.read_text(meta_path, META_LIMIT))
-    except safe_files.UnsafePathError as exc:
-        raise ValueError(f"checkpoint {path} was refused, nothing was loaded: {exc}") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(
-            f"checkpoint {path} is unreadable ({meta_path}: {exc}); pass --resume with a "
-            f"complete checkpoint directory (one with {META}, {TRAINER} and .distcp files)"
-        ) from exc
-    required = {"format", "step", "model", "run"}
-    if not isinstance(metadata, dict) or not required <= metadata.keys():
-        raise ValueError(
-            f"checkpoint {path} is unreadable: {meta_path} is not a usp checkpoint record "
-            f"(it needs the keys {sorted(required)})"
-        )
-    if metadata["format"] != FORMAT_VERSION:
-        raise ValueError(
-            f"checkpoint {path} has format {metadata['format']!r}, this usp reads "
-            f"format {FORMAT_VERSION} (checksummed)"
-        )
-    step, run = metadata["step"], metadata["run"]
-    if not _is_count(step) or not isinstance(run, dict) or not _is_count(run.get("steps")) \
-            or step > run["steps"] or not isinstance(metadata["model"], dict):
-        raise ValueError(
-            f"checkpoint {path} is unreadable: {meta_path} records step {step!r} of a run of "
-            f"{run.get('steps') if isinstance(run, dict) else None!r} steps (a step is a whole "
-            "number from 0 to the run's steps)"
-        )
-    return metadata
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def check_compatible(path: Path, saved: dict, current: dict) -> None:
-    """Refuse to resume a checkpoint written for another model or another run shape.
-
-    The parallel layout (ring, ulysses, tp, dp) may differ: DCP reshards on load.
-    """
-    problems = [
-        f"model.{key}={saved['model'].get(key)!r} in the checkpoint but {value!r} now"
-        for key, value in current["model"].items()
-        if saved["model"].get(key) != value
-    ]
-    problems += [
-        f"{key}={saved['run'].get(key)!r} in the checkpoint but {current['run'][key]!r} now"
-        for key in RUN_FIELDS_THAT_MUST_MATCH
-        if saved["run"].get(key) != current["run"][key]
-    ]
-    # a checkpoint saved before inputs were fingerprinted has no record to compare
-    if not problems and isinstance(saved["run"].get("inputs"), dict):
-        _check_inputs(path, saved["run"]["inputs"], current["run"]["inputs"])
-    if problems:
-        steps_note = (
-            " (--steps is fixed for a run: the learning-rate schedule spans it, so a changed "
-            "horizon would splice two schedules; train longer in a new run)"
-            if any(p.startswith("steps=") for p in problems) else ""
-        )
-        raise ValueError(
-            f"checkpoint {path} does not match this run: " + "; ".join(problems) + steps_note
-            + ". Resume with the checkpoint's settings, or start a new run in another --out"
-        )
-
-
-def _check_inputs(path: Path, saved: dict, current: dict) -> None:
-    """Refuse to resume on data or a tokenizer whose content changed since the save."""
-    changed = []
-    for kind, what in (("data", "data file"), ("tokenizer", "tokenizer file")):
-        try:
-            changed += fingerprint.changes(saved.get(kind) or [], current[kind], what)
-        except (KeyError, TypeError, AttributeError):
-            raise ValueError(f"checkpoint {path} is unreadable: the {kind} fingerprints of its "
-                             f"{META} are malformed") from None
-    if changed:
-        raise ValueError(
-            f"checkpoint {path} cannot continue on these inputs: " + "; ".join(changed)
-            + ". Resuming would train on other tokens than the run did; restore the files as "
-            "they were, or start a new run in another --out"
-        )
-
-
 # ---------------------------------------------------------------------------- saving
 def save_checkpoint(
     root: Path,
@@ -265,11 +170,6 @@ def _save_new(value, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(value, buffer)
     safe_files.write_new(path, buffer.getvalue())
-
-
-def _load_small(path: Path):
-    """One of our own small files (trainer.pt, rng_rank*.pt): weights-only, not through a link."""
-    return torch.load(io.BytesIO(safe_files.read_bytes(path, STATE_LIMIT)), weights_only=True)
 
 
 def _write_manifest(tmp: Path) -> None:
@@ -330,36 +230,6 @@ def load_checkpoint(
     return trainer_state
 
 
-def read_trainer_state(path: Path, saved: dict) -> dict:
-    """``trainer.pt``, checked before anything is loaded: a step from 0 to the run's steps that
-    agrees with ``meta.json`` and the scheduler, and a data position of whole numbers. (A step
-    of -3 would have made the resume drop every record of ``metrics.jsonl``.)"""
-    file = Path(path) / TRAINER
-    try:
-        state = _load_small(file)
-    except safe_files.UnsafePathError as exc:
-        raise ValueError(f"checkpoint {path} was refused, nothing was loaded: {exc}") from None
-    except Exception as exc:  # torch.load raises many types for a torn or foreign file
-        raise ValueError(f"checkpoint {path} is unreadable: {file}: {exc}") from exc
-    step, steps = (state.get("step") if isinstance(state, dict) else None), saved["run"]["steps"]
-    problem = None
-    if not isinstance(state, dict) or not {"step", "scheduler", "data"} <= state.keys():
-        problem = "it holds no step, scheduler and data state"
-    elif not _is_count(step) or step > steps:
-        problem = f"step {step!r} is not a step of this run (0 to --steps={steps})"
-    elif step != saved["step"]:
-        problem = f"step {step} but {META} says {saved['step']}"
-    elif not isinstance(state["scheduler"], dict) or state["scheduler"].get("last_epoch") != step:
-        problem = f"step {step} but its learning-rate schedule is at another step"
-    elif not isinstance(state["data"], dict) or not all(
-            _is_count(state["data"].get(key)) for key in ("epoch", "index", "seq_len",
-                                                          "num_tokens")):
-        problem = "its data position is not made of whole numbers (epoch, index, ...)"
-    if problem is not None:
-        raise ValueError(f"checkpoint {path} was refused, nothing was loaded: {file}: {problem}")
-    return state
-
-
 def _causes(exc: BaseException) -> str:
     """The exceptions behind a DCP failure (each rank's), without its traceback dump."""
     if isinstance(exc, dcp.CheckpointException):
@@ -380,7 +250,7 @@ def _restore_rng(path: Path, saved: dict, seed: int, step: int) -> None:
     streams belong to ranks that no longer exist, so every rank reseeds from (seed, step, rank)."""
     rng_path = path / f"rng_rank{_rank():05d}.pt"
     if saved["run"]["world_size"] == _world_size() and rng_path.exists():
-        state = _load_small(rng_path)
+        state = load_small(rng_path)
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from usp.training import checkpoint, integrity, safe_files
+from usp.training import checkpoint, checkpoint_record, integrity, safe_files
 from usp.training.run_dir import CONFIG
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ def plan_resume(out: Path, resume: str, current: dict) -> ResumePlan:
         return ResumePlan([], [f"{out} has no checkpoint: training it again from step 1"])
     candidates = [checkpoint.step_dir(root, step) for step in reversed(steps)]
     newest_readable = _first_readable(candidates)
-    checkpoint.check_compatible(
-        newest_readable, checkpoint.read_metadata(newest_readable), current
+    checkpoint_record.check_compatible(
+        newest_readable, checkpoint_record.read_metadata(newest_readable), current
     )
     return ResumePlan(candidates, notes)
 
@@ -70,13 +70,13 @@ def _explicit(out: Path, path: Path, current: dict) -> ResumePlan:
     safe_files.check_directory_or_absent(path)
     if not path.is_dir():
         raise ValueError(f"--resume {path}: no such checkpoint directory")
-    saved = checkpoint.read_metadata(path)
+    saved = checkpoint_record.read_metadata(path)
     problems = integrity.check_listing(path)
     if problems:
         raise ValueError(
             f"checkpoint {path} is corrupt, nothing was loaded: " + "; ".join(problems)
         )
-    checkpoint.check_compatible(path, saved, current)
+    checkpoint_record.check_compatible(path, saved, current)
     later = checkpoint.steps_saved(out / "checkpoints", after=saved["step"])
     if later:
         raise ValueError(
@@ -92,7 +92,7 @@ def _first_readable(candidates: list[Path]) -> Path:
     problems = []
     for path in candidates:
         try:
-            checkpoint.read_metadata(path)
+            checkpoint_record.read_metadata(path)
             listing = integrity.check_listing(path)
         except ValueError as exc:
             listing = [str(exc)]
@@ -145,7 +145,7 @@ def _problems(path: Path) -> list[str]:
     try:
         problems = integrity.verify(path, (_rank(), _world_size()))
         if not problems:
-            checkpoint.read_metadata(path)  # hashed, but perhaps not a usp checkpoint record
+            checkpoint_record.read_metadata(path)  # hashed, but perhaps not a usp checkpoint record
     except ValueError as exc:
         problems = [str(exc)]
     return sorted({p for rank_problems in _all_gather(problems) for p in rank_problems})
@@ -171,7 +171,7 @@ def choose_intact(candidates: list[Path], current: dict) -> Path:
             + " | ".join(f"{p}: {'; '.join(problems)}" for p, problems in corrupt)
         )
     # a mismatch is the user's settings, not corruption: refused, never moved aside
-    checkpoint.check_compatible(path, checkpoint.read_metadata(path), current)
+    checkpoint_record.check_compatible(path, checkpoint_record.read_metadata(path), current)
     if _rank() == 0:
         for bad, problems in corrupt:
             moved = _free_name(bad.with_name(bad.name + CORRUPT_SUFFIX))
