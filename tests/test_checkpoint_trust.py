@@ -171,7 +171,7 @@ def test_a_broken_latest_pointer_falls_back_to_the_newest_checkpoint(run, tmp_pa
 
 
 # ------------------------------------------------------------------------------ the index's paths
-def _plant_storage(directory: Path, change) -> None:
+def plant_storage(directory: Path, change) -> None:
     """Rewrite ``.metadata`` with ``change(storage_info)`` applied to every storage entry (as a
     hostile checkpoint could: the index is data), and the manifest to match."""
     with warnings.catch_warnings():
@@ -213,9 +213,9 @@ def test_an_index_entry_outside_the_checkpoint_is_refused_before_reading(run, tm
     name = {"outside": "../../../outside/__0_0.distcp", "missing": "../../../nowhere/__0_0.distcp",
             "fifo": "../../../outside/fifo", "past the end": "__0_0.distcp"}[planted]
     if planted == "past the end":
-        _plant_storage(directory, lambda info: dataclasses.replace(info, offset=info.offset + 10**9))
+        plant_storage(directory, lambda info: dataclasses.replace(info, offset=info.offset + 10**9))
     else:
-        _plant_storage(directory, lambda info: dataclasses.replace(info, relative_path=name))
+        plant_storage(directory, lambda info: dataclasses.replace(info, relative_path=name))
     metrics_before = (copy / "metrics.jsonl").read_bytes()
     guard = unblock_after(outside / "fifo", 60) if planted == "fifo" else None
     try:

@@ -11,17 +11,23 @@ One chain of ``usp train`` runs (2 gloo ranks, ring 2, a micro model, 12 steps, 
 4. ``--resume RUN`` on a full disk (a 32 MiB tmpfs, filled before the save of step 9; skipped
    where tmpfs cannot be mounted);
 5. 64 random bytes in the middle of a shard of the newest checkpoint (6), then ``--resume RUN``:
-   it falls back to checkpoint 3 and trains to the end.
+   it falls back to checkpoint 3 and trains to the end;
+6. on a copy of the finished run, the index of checkpoint 12 names a FIFO outside the checkpoint
+   (its manifest rewritten to match): ``--resume`` is refused, naming the entry, and nothing
+   waits on the FIFO.
 
 Faults are injected by ``fault_main.py`` (written below), the ``usp`` command with patches applied
 at import: multiprocessing's spawn re-imports the main script in every rank, so they reach the
-ranks too. Each run that fails must end in < 60 s with a clear message.
+ranks too. Each run that fails must end with a clear message; a guard kills it (the launcher and
+every rank) if it has not ended after 60 s, and the test fails.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +37,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.test_checkpoint_trust import flip_64_bytes
+from tests.test_checkpoint_trust import flip_64_bytes, plant_storage
 from usp.training.metrics import read_metrics
 from usp.models.llama import CONFIGS, LlamaConfig
 
@@ -42,7 +48,8 @@ RUN_FLAGS = [
     "2", "--steps", "12", "--warmup", "2", "--ckpt-every", "3", "--synthetic", "--seed", "3",
     "--no-progress",
 ]
-FAIL_WITHIN_S = 60
+FAIL_WITHIN_S = 60  # a failing run that has not ended by then is killed: a hang
+TRAIN_WITHIN_S = 240
 
 FAULT_MAIN = '''
 import os, signal, sys, time
@@ -122,16 +129,28 @@ def _start(root: Path, args: list[str], fault: str = "") -> subprocess.Popen:
     return process
 
 
-def _finish(process: subprocess.Popen, started: float) -> dict:
-    process.wait(timeout=240)
-    return {"rc": process.returncode, "seconds": time.monotonic() - started,
+def _finish(process: subprocess.Popen, started: float, within: float = TRAIN_WITHIN_S) -> dict:
+    """Wait for the run; one that has not ended ``within`` seconds is killed with its ranks and
+    reported as hung."""
+    hung = False
+    try:
+        process.wait(timeout=max(1.0, within - (time.monotonic() - started)))
+    except subprocess.TimeoutExpired:
+        hung = True
+        for pid in _tree(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait()
+    return {"rc": process.returncode, "hung": hung, "seconds": time.monotonic() - started,
             "out": Path(f"{process.logs}.out").read_text(),
             "err": Path(f"{process.logs}.err").read_text()}
 
 
-def _run(root: Path, args: list[str], fault: str = "") -> dict:
+def _run(root: Path, args: list[str], fault: str = "", within: float = TRAIN_WITHIN_S) -> dict:
     started = time.monotonic()
-    return _finish(_start(root, args, fault), started)
+    return _finish(_start(root, args, fault), started, within)
 
 
 def _tree(pid: int) -> set[int]:
@@ -218,7 +237,7 @@ def chain(tmp_path_factory):
             for step in (9, 12):
                 shutil.rmtree(faulty / f"checkpoints/step_{step:06d}")
             return None
-        run = _run(root, ["--resume", str(faulty)], "disk-full-before-saving-9")
+        run = _run(root, ["--resume", str(faulty)], "disk-full-before-saving-9", FAIL_WITHIN_S)
         run.update(latest=_latest(faulty), step6=_verify(faulty / "checkpoints/step_000006"))
         (disk / "filler").unlink()
         return run
@@ -229,18 +248,31 @@ def chain(tmp_path_factory):
         shutil.copytree(faulty, root / "faulty", symlinks=True)  # off the tmpfs, for the tests
         return run
 
+    def planted_index():
+        planted = root / "planted"
+        shutil.copytree(root / "faulty", planted, symlinks=True)
+        os.mkfifo(planted / "fifo")
+        plant_storage(planted / "checkpoints/step_000012",
+                      lambda info: dataclasses.replace(info, relative_path="../../fifo"))
+        metrics = (planted / "metrics.jsonl").read_bytes()
+        run = _run(root, ["--resume", str(planted)], within=FAIL_WITHIN_S)
+        return {**run, "run": planted, "step9": _verify(planted / "checkpoints/step_000009"),
+                "metrics_kept": (planted / "metrics.jsonl").read_bytes() == metrics}
+
     stages = {
         "pair": lambda: _pair(root, root / "straight"),
         "killed": lambda: {**_run(root, [*RUN_FLAGS, "--out", str(faulty)],
-                                  "kill-rank-1-in-step-5"),
+                                  "kill-rank-1-in-step-5", FAIL_WITHIN_S),
                            "latest": _latest(faulty),
                            "step3": _verify(faulty / "checkpoints/step_000003")},
-        "sigterm": lambda: {**_run(root, ["--resume", str(faulty)], "sigterm-while-saving-6"),
+        "sigterm": lambda: {**_run(root, ["--resume", str(faulty)], "sigterm-while-saving-6",
+                                   FAIL_WITHIN_S),
                             "latest": _latest(faulty),
                             "step3": _verify(faulty / "checkpoints/step_000003"),
                             "tmp": (faulty / "checkpoints/step_000006.tmp").is_dir()},
         "disk_full": full_disk,
         "corrupt_resume": corrupt_then_resume,
+        "planted_index": planted_index,
     }
     try:
         for name, stage in stages.items():
@@ -285,7 +317,6 @@ def test_two_runs_into_one_directory_one_is_refused_at_once(chain):
     message = refused[0]["err"]
     assert refused[0]["rc"] == 2, message[-2000:]
     assert "is in use by another usp train run" in message or "holds a previous run" in message
-    assert refused[0]["seconds"] < 30
     steps = [r["step"] for r in read_metrics(chain["root"] / "straight/metrics.jsonl")]
     assert steps == list(range(1, 13)), "two runs interleaved metrics.jsonl"
 
@@ -313,7 +344,7 @@ def test_progress_is_logged_once_from_the_start(chain):
 
 def test_a_killed_rank_ends_the_run_with_a_message_and_checkpoint_3_intact(chain):
     killed = _stage(chain, "killed")
-    assert killed["rc"] == 1 and killed["seconds"] < FAIL_WITHIN_S, killed["err"][-2000:]
+    assert not killed["hung"] and killed["rc"] == 1, killed["err"][-2000:]
     assert "rank 1: killed by SIGKILL" in killed["err"]
     assert "the last complete checkpoint is" in killed["err"] and "step 3" in killed["err"]
     assert killed["latest"] == "step_000003" and killed["step3"] == [], killed["step3"]
@@ -321,7 +352,7 @@ def test_a_killed_rank_ends_the_run_with_a_message_and_checkpoint_3_intact(chain
 
 def test_sigterm_during_a_save_publishes_nothing(chain):
     stopped = _stage(chain, "sigterm")
-    assert stopped["rc"] == 128 + 15 and stopped["seconds"] < FAIL_WITHIN_S, stopped["err"][-2000:]
+    assert not stopped["hung"] and stopped["rc"] == 128 + 15, stopped["err"][-2000:]
     assert "stopped by SIGTERM" in stopped["err"] and "step 3" in stopped["err"]
     assert stopped["latest"] == "step_000003" and stopped["step3"] == [], stopped["step3"]
     assert stopped["tmp"], "the interrupted save should have left step_000006.tmp"
@@ -331,7 +362,7 @@ def test_a_full_disk_ends_the_run_with_a_message_and_checkpoint_6_intact(chain):
     if not chain["on_tmpfs"]:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     full = _stage(chain, "disk_full")
-    assert full["rc"] == 1 and full["seconds"] < FAIL_WITHIN_S, full["err"][-2000:]
+    assert not full["hung"] and full["rc"] == 1, full["err"][-2000:]
     assert "No space left on device" in full["err"]
     assert "step 6" in full["err"]
     assert full["latest"] == "step_000006"
@@ -354,3 +385,14 @@ def test_a_corrupt_shard_falls_back_and_the_run_matches_the_uninterrupted_one(ch
     assert reference.keys() == candidate.keys() and any(k.startswith("optim.") for k in reference)
     for key, tensor in reference.items():
         assert torch.equal(tensor, candidate[key]), key
+
+
+def test_an_index_naming_a_fifo_outside_is_refused_without_waiting(chain):
+    planted = _stage(chain, "planted_index")
+    assert not planted["hung"], "the resume waited on the planted FIFO"
+    assert planted["rc"] == 2, planted["err"][-3000:]
+    checkpoint = planted["run"] / "checkpoints/step_000012"
+    assert f"checkpoint {checkpoint} was refused, nothing was loaded: " in planted["err"]
+    assert "names '../../fifo', which is no file name of the checkpoint's own folder" \
+        in planted["err"]
+    assert planted["step9"] == [] and planted["metrics_kept"]

@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 from tests.test_pretrained import SENTENCES, _save_model, _save_tokenizer
 from usp import cli
 from usp.models.llama import CONFIGS, LlamaConfig
-from usp.training import model_size
 from usp.training.loop import train
 from usp.training.setup import TrainConfig, validate
 
@@ -122,17 +121,28 @@ def _plant_model_code(directory: Path, marker: Path) -> None:
         (directory / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
 
 
+def _answering_yes(monkeypatch, capsys, marker: Path, *arguments) -> str:
+    """Run the command with "y" waiting on stdin (transformers asks before running a folder's
+    code); the module must not have run, and the refusal is one line."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 4))
+    try:
+        rc, error = _main(capsys, *arguments)
+    except Exception as exc:  # transformers' own failure, after the folder's code ran
+        rc, error = None, repr(exc)
+    assert not marker.exists(), "a module of the folder ran"
+    assert rc == 2 and error.count("\n") == 1, error[-3000:]
+    return error
+
+
 def test_a_tokenizer_asking_for_custom_code_is_refused_without_a_prompt(files, tmp_path,
                                                                         capsys, monkeypatch):
     marker = tmp_path / "marker"
     tokenizer = tmp_path / "tokenizer"
-    shutil.copytree(files["tokenizer"], tokenizer)
+    shutil.copytree(files["model"], tokenizer)  # a tokenizer saved with its model's config
     _plant_tokenizer_code(tokenizer, marker)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 4))  # a user who answers yes
-    error = _one_line_refusal(capsys, "train", *FLAGS, "--seq-len", "24", "--steps", "1",
-                              "--tokenizer", tokenizer, "--data", *files["data"],
-                              "--out", tmp_path / "run")
-    assert not marker.exists(), "a module of the tokenizer folder ran"
+    error = _answering_yes(monkeypatch, capsys, marker, "train", *FLAGS, "--seq-len", "24",
+                           "--steps", "1", "--tokenizer", tokenizer, "--data", *files["data"],
+                           "--out", tmp_path / "run")
     assert f"{tokenizer / 'tokenizer_config.json'} asks for custom code" in error
 
 
@@ -143,10 +153,8 @@ def test_a_model_folder_asking_for_custom_code_is_refused_by_generate(planted, f
     model = tmp_path / "model"
     shutil.copytree(files["model"], model)
     (_plant_tokenizer_code if planted == "tokenizer" else _plant_model_code)(model, marker)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 4))
-    error = _one_line_refusal(capsys, "generate", "--prompt-file", files["prompt"],
-                              "--hf-model", model, "--max-new-tokens", "1")
-    assert not marker.exists(), "a module of the model folder ran"
+    error = _answering_yes(monkeypatch, capsys, marker, "generate", "--prompt-file",
+                           files["prompt"], "--hf-model", model, "--max-new-tokens", "1")
     planted_file = "tokenizer_config.json" if planted == "tokenizer" else "config.json"
     assert f"{model / planted_file} asks for custom code" in error
 
@@ -180,7 +188,8 @@ SIZES = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_s
 ])
 def test_config_sizes_are_checked_before_anything_is_built(change, message, tmp_path,
                                                            monkeypatch):
-    monkeypatch.setattr(model_size, "host_memory_bytes", lambda: 16 * 2**30)
+    # a machine of 16 GiB, wherever the test runs
+    monkeypatch.setattr("usp.training.model_size.host_memory_bytes", lambda: 16 * 2**30)
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**SIZES, **change}))
     config = TrainConfig(hf_config=str(path), seq_len=64, synthetic=True,
