@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -295,14 +296,12 @@ def test_folders_given_to_the_wrong_flag_are_named_for_what_they_are(files, run_
 def test_loaders_never_trust_remote_code():
     """Every transformers loader usp calls says trust_remote_code=False (the refusals above
     catch the folders; this keeps a later loader from forgetting the flag)."""
-    import re
-
     root = Path(__file__).resolve().parents[1] / "usp"
     calls = 0
     for path in root.rglob("*.py"):
         text = path.read_text()
-        for match in re.finditer(r"(AutoTokenizer|AutoModel\w*|AutoConfig)\.from_(pretrained|config)\(",
-                                 text):
+        loaders = r"(AutoTokenizer|AutoModel\w*|AutoConfig)\.from_(pretrained|config)\("
+        for match in re.finditer(loaders, text):
             calls += 1
             depth, end = 0, match.end() - 1
             for end in range(match.end() - 1, len(text)):

@@ -59,7 +59,8 @@ class GenerateConfig:
         try:
             text = Path(self.prompt_file).read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
-            raise ValueError(f"prompt file {self.prompt_file!r} is not UTF-8 text ({exc})") from None
+            raise ValueError(f"prompt file {self.prompt_file!r} is not UTF-8 text "
+                             f"({exc})") from None
         if not text:
             raise ValueError(f"the prompt is empty: {self.prompt_file!r} holds no text")
         if self.hf_model is not None:

@@ -251,7 +251,13 @@ def _restore_rng(path: Path, saved: dict, seed: int, step: int) -> None:
     rng_path = path / f"rng_rank{_rank():05d}.pt"
     if saved["run"]["world_size"] == _world_size() and rng_path.exists():
         state = load_small(rng_path)
-        torch.set_rng_state(state["torch"])
+        generator = state.get("torch") if isinstance(state, dict) else None
+        current = torch.get_rng_state()
+        if not isinstance(generator, torch.Tensor) or generator.dtype != current.dtype \
+                or generator.shape != current.shape:
+            raise ValueError(f"checkpoint {path} is unreadable: {rng_path} holds no CPU "
+                             "generator state")
+        torch.set_rng_state(generator)
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
         return

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from usp.training import safe_files
@@ -78,7 +78,8 @@ def describe_files(directory: Path, names: list[str]) -> dict[str, dict]:
 
 def write_manifest(directory: Path, files: dict[str, dict]) -> None:
     manifest = {"algorithm": "sha256", "files": dict(sorted(files.items()))}
-    safe_files.write_new(Path(directory) / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    text = json.dumps(manifest, indent=1) + "\n"
+    safe_files.write_new(Path(directory) / MANIFEST, text.encode())
 
 
 def read_manifest(directory: Path) -> dict[str, dict]:
@@ -206,14 +207,12 @@ def load_dcp_metadata(stream) -> Metadata:
 def check_storage(directory: Path, metadata: Metadata, index_path: Path) -> None:
     """Refuse an index whose entries read anything but byte ranges of the regular files that
     the manifest lists in ``directory`` (DCP would open any path it names: ``../../x``, a FIFO)."""
-    import torch.distributed.checkpoint.filesystem as dcp_filesystem
-
     listed = read_manifest(directory)
     sizes: dict[str, int] = {}
     for index, info in (metadata.storage_data or {}).items():
         entry = f"{index_path} entry {getattr(index, 'fqn', index)!r}"
         name = getattr(info, "relative_path", None)
-        if not isinstance(info, dcp_filesystem._StorageInfo) or not is_plain_name(name):
+        if not isinstance(info, _StorageInfo) or not is_plain_name(name):
             shown = name[:200] if isinstance(name, str) else name
             raise UnsafeCheckpointError(
                 f"{entry} names {shown!r}, which is no file name of the checkpoint's own folder "
@@ -222,14 +221,14 @@ def check_storage(directory: Path, metadata: Metadata, index_path: Path) -> None
             raise UnsafeCheckpointError(f"{entry} names {name!r}, which {MANIFEST} does not list")
         if name not in sizes:
             try:
-                mode = os.lstat(directory / name)
+                status = os.lstat(directory / name)
             except FileNotFoundError:
                 raise UnsafeCheckpointError(f"{entry} names {name!r}, which is missing") from None
-            if not stat.S_ISREG(mode.st_mode):
+            if not stat.S_ISREG(status.st_mode):
                 what = safe_files.describe(directory / name)
                 raise UnsafeCheckpointError(f"{entry} names {name!r}, which is {what}, not a "
                                             "regular file")
-            sizes[name] = mode.st_size
+            sizes[name] = status.st_size
         offset, length = info.offset, info.length
         if not all(isinstance(n, int) and n >= 0 for n in (offset, length)) \
                 or offset + length > sizes[name]:
@@ -267,9 +266,10 @@ class SafeFileSystemReader(FileSystemReader):
         try:
             with self.fs.create_stream(path, "rb") as stream:
                 metadata = load_dcp_metadata(stream)
-        except (UnsafeCheckpointError, safe_files.UnsafePathError) as exc:
-            raise UnsafeCheckpointError(f"{path} {exc}" if isinstance(
-                exc, UnsafeCheckpointError) else str(exc)) from None
+        except UnsafeCheckpointError as exc:
+            raise UnsafeCheckpointError(f"{path} {exc}") from None
+        except safe_files.UnsafePathError as exc:  # a link or a FIFO in place of the index
+            raise UnsafeCheckpointError(str(exc)) from None
         try:
             check_storage(Path(self.path), metadata, Path(path))
         except ValueError as exc:  # an unreadable manifest as well
