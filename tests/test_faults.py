@@ -19,7 +19,7 @@ One chain of ``usp train`` runs (2 gloo ranks, ring 2, a micro model, 12 steps, 
 Faults are injected by ``fault_main.py`` (written below), the ``usp`` command with patches applied
 at import: multiprocessing's spawn re-imports the main script in every rank, so they reach the
 ranks too. Each run that fails must end with a clear message; a guard kills it (the launcher and
-every rank) if it has not ended after 60 s, and the test fails.
+every rank) if it has not ended 60 s after its fault fired, and the test fails.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ RUN_FLAGS = [
     "2", "--steps", "12", "--warmup", "2", "--ckpt-every", "3", "--synthetic", "--seed", "3",
     "--no-progress",
 ]
-FAIL_WITHIN_S = 60  # a failing run that has not ended by then is killed: a hang
-TRAIN_WITHIN_S = 240
+FAIL_WITHIN_S = 60  # seconds from a fault to the end of its run; later, it is killed: a hang
+TRAIN_WITHIN_S = 300  # seconds for a whole run (a guard against a hang before any fault)
 
 FAULT_MAIN = '''
 import os, signal, sys, time
@@ -65,11 +65,16 @@ def rank():  # set by the launcher in each rank after this module is imported
     return os.environ.get("RANK")
 
 
+def fired():  # the test's guard counts from here
+    open(os.environ["USP_FAULT_MARK"], "a").close()
+
+
 if FAULT == "kill-rank-1-in-step-5":
     train_step = usp.training.loop.train_step
 
     def killing_train_step(run, config, step):
         if step == 5 and rank() == "1":
+            fired()
             os.kill(os.getpid(), signal.SIGKILL)
         return train_step(run, config, step)
 
@@ -80,6 +85,7 @@ if FAULT == "sigterm-while-saving-6":
 
     def interrupted_publish(tmp, final):  # every shard is written, nothing published yet
         if final.name == "step_000006" and rank() == "0":
+            fired()
             os.kill(os.getppid(), signal.SIGTERM)  # the launcher, as a scheduler would
             time.sleep(60)
         return publish(tmp, final)
@@ -91,6 +97,7 @@ if FAULT == "disk-full-before-saving-9":
 
     def save_on_a_full_disk(root, step, *args):
         if step == 9 and rank() == "0":
+            fired()
             filler = os.path.join(os.path.dirname(os.path.dirname(root)), "filler")
             with open(filler, "wb", buffering=0) as f:
                 for size in (1 << 20, 4096, 1):
@@ -102,6 +109,15 @@ if FAULT == "disk-full-before-saving-9":
         return save(root, step, *args)
 
     usp.training.checkpoint.save_checkpoint = save_on_a_full_disk
+
+if FAULT == "planted-index":  # the fault is in the files: the guard counts from the load
+    load = usp.training.checkpoint.load_checkpoint
+
+    def marked_load(*args):
+        fired()
+        return load(*args)
+
+    usp.training.checkpoint.load_checkpoint = marked_load
 
 if __name__ == "__main__":
     from usp.cli import main
@@ -116,10 +132,11 @@ def micro_model(monkeypatch):
 
 def _start(root: Path, args: list[str], fault: str = "") -> subprocess.Popen:
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "USP_FAULT": fault}
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
-    name = f"{len(list(logs.iterdir())) // 2:02d}-{fault or 'run'}"
+    name = f"{len(list(logs.glob('*.out'))):02d}-{fault or 'run'}"
+    env = {**os.environ, "PYTHONPATH": path, "USP_FAULT": fault,
+           "USP_FAULT_MARK": str(logs / f"{name}.fired")}
     with open(logs / f"{name}.out", "w") as stdout, open(logs / f"{name}.err", "w") as stderr:
         process = subprocess.Popen(
             [sys.executable, str(root / "fault_main.py"), "train", *args], cwd=root, env=env,
@@ -129,28 +146,34 @@ def _start(root: Path, args: list[str], fault: str = "") -> subprocess.Popen:
     return process
 
 
-def _finish(process: subprocess.Popen, started: float, within: float = TRAIN_WITHIN_S) -> dict:
-    """Wait for the run; one that has not ended ``within`` seconds is killed with its ranks and
-    reported as hung."""
+def _finish(process: subprocess.Popen, started: float) -> dict:
+    """Wait for the run. A guard against hangs, not a timing: a run still going
+    ``FAIL_WITHIN_S`` after its fault fired (or ``TRAIN_WITHIN_S`` after it started) is killed
+    with its ranks and reported as hung."""
+    mark = Path(f"{process.logs}.fired")
     hung = False
-    try:
-        process.wait(timeout=max(1.0, within - (time.monotonic() - started)))
-    except subprocess.TimeoutExpired:
-        hung = True
-        for pid in _tree(process.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        process.wait()
-    return {"rc": process.returncode, "hung": hung, "seconds": time.monotonic() - started,
+    while process.poll() is None:
+        now = time.monotonic()
+        fired_for = time.time() - mark.stat().st_mtime if mark.exists() else 0.0
+        if fired_for > FAIL_WITHIN_S or now - started > TRAIN_WITHIN_S:
+            hung = True
+            for pid in _tree(process.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.wait()
+            break
+        time.sleep(0.2)
+    return {"rc": process.returncode, "hung": hung, "fired": mark.exists(),
+            "seconds": time.monotonic() - started,
             "out": Path(f"{process.logs}.out").read_text(),
             "err": Path(f"{process.logs}.err").read_text()}
 
 
-def _run(root: Path, args: list[str], fault: str = "", within: float = TRAIN_WITHIN_S) -> dict:
+def _run(root: Path, args: list[str], fault: str = "") -> dict:
     started = time.monotonic()
-    return _finish(_start(root, args, fault), started, within)
+    return _finish(_start(root, args, fault), started)
 
 
 def _tree(pid: int) -> set[int]:
@@ -237,7 +260,7 @@ def chain(tmp_path_factory):
             for step in (9, 12):
                 shutil.rmtree(faulty / f"checkpoints/step_{step:06d}")
             return None
-        run = _run(root, ["--resume", str(faulty)], "disk-full-before-saving-9", FAIL_WITHIN_S)
+        run = _run(root, ["--resume", str(faulty)], "disk-full-before-saving-9")
         run.update(latest=_latest(faulty), step6=_verify(faulty / "checkpoints/step_000006"))
         (disk / "filler").unlink()
         return run
@@ -255,18 +278,17 @@ def chain(tmp_path_factory):
         plant_storage(planted / "checkpoints/step_000012",
                       lambda info: dataclasses.replace(info, relative_path="../../fifo"))
         metrics = (planted / "metrics.jsonl").read_bytes()
-        run = _run(root, ["--resume", str(planted)], within=FAIL_WITHIN_S)
+        run = _run(root, ["--resume", str(planted)], "planted-index")
         return {**run, "run": planted, "step9": _verify(planted / "checkpoints/step_000009"),
                 "metrics_kept": (planted / "metrics.jsonl").read_bytes() == metrics}
 
     stages = {
         "pair": lambda: _pair(root, root / "straight"),
         "killed": lambda: {**_run(root, [*RUN_FLAGS, "--out", str(faulty)],
-                                  "kill-rank-1-in-step-5", FAIL_WITHIN_S),
+                                  "kill-rank-1-in-step-5"),
                            "latest": _latest(faulty),
                            "step3": _verify(faulty / "checkpoints/step_000003")},
-        "sigterm": lambda: {**_run(root, ["--resume", str(faulty)], "sigterm-while-saving-6",
-                                   FAIL_WITHIN_S),
+        "sigterm": lambda: {**_run(root, ["--resume", str(faulty)], "sigterm-while-saving-6"),
                             "latest": _latest(faulty),
                             "step3": _verify(faulty / "checkpoints/step_000003"),
                             "tmp": (faulty / "checkpoints/step_000006.tmp").is_dir()},
@@ -344,7 +366,7 @@ def test_progress_is_logged_once_from_the_start(chain):
 
 def test_a_killed_rank_ends_the_run_with_a_message_and_checkpoint_3_intact(chain):
     killed = _stage(chain, "killed")
-    assert not killed["hung"] and killed["rc"] == 1, killed["err"][-2000:]
+    assert killed["fired"] and not killed["hung"] and killed["rc"] == 1, killed["err"][-2000:]
     assert "rank 1: killed by SIGKILL" in killed["err"]
     assert "the last complete checkpoint is" in killed["err"] and "step 3" in killed["err"]
     assert killed["latest"] == "step_000003" and killed["step3"] == [], killed["step3"]
@@ -352,7 +374,8 @@ def test_a_killed_rank_ends_the_run_with_a_message_and_checkpoint_3_intact(chain
 
 def test_sigterm_during_a_save_publishes_nothing(chain):
     stopped = _stage(chain, "sigterm")
-    assert not stopped["hung"] and stopped["rc"] == 128 + 15, stopped["err"][-2000:]
+    assert stopped["fired"] and not stopped["hung"], stopped["err"][-2000:]
+    assert stopped["rc"] == 128 + 15, stopped["err"][-2000:]
     assert "stopped by SIGTERM" in stopped["err"] and "step 3" in stopped["err"]
     assert stopped["latest"] == "step_000003" and stopped["step3"] == [], stopped["step3"]
     assert stopped["tmp"], "the interrupted save should have left step_000006.tmp"
@@ -362,7 +385,7 @@ def test_a_full_disk_ends_the_run_with_a_message_and_checkpoint_6_intact(chain):
     if not chain["on_tmpfs"]:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     full = _stage(chain, "disk_full")
-    assert not full["hung"] and full["rc"] == 1, full["err"][-2000:]
+    assert full["fired"] and not full["hung"] and full["rc"] == 1, full["err"][-2000:]
     assert "No space left on device" in full["err"]
     assert "step 6" in full["err"]
     assert full["latest"] == "step_000006"
@@ -389,7 +412,7 @@ def test_a_corrupt_shard_falls_back_and_the_run_matches_the_uninterrupted_one(ch
 
 def test_an_index_naming_a_fifo_outside_is_refused_without_waiting(chain):
     planted = _stage(chain, "planted_index")
-    assert not planted["hung"], "the resume waited on the planted FIFO"
+    assert planted["fired"] and not planted["hung"], "the resume waited on the planted FIFO"
     assert planted["rc"] == 2, planted["err"][-3000:]
     checkpoint = planted["run"] / "checkpoints/step_000012"
     assert f"checkpoint {checkpoint} was refused, nothing was loaded: " in planted["err"]

@@ -126,7 +126,7 @@ def save_checkpoint(
     """Save atomically on every rank (a collective); returns the final directory."""
     root = Path(root)
     final = step_dir(root, step)
-    if final.exists():
+    if os.path.lexists(final):
         raise ValueError(f"checkpoint {final} exists already; refusing to overwrite it")
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:

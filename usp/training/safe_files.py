@@ -42,7 +42,7 @@ def describe(path: Path) -> str | None:
     FIFO (named pipe)"``...; None for a regular file or no entry at all."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no entry (or a file where a folder is)
         return None
     if stat.S_ISLNK(mode):
         return f"a symbolic link to {os.readlink(path)!r}"
@@ -74,7 +74,7 @@ def check_directory_or_absent(path: Path) -> None:
     """Refuse a name that exists and is not a real directory (a link to one included)."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     if stat.S_ISDIR(mode):
         return
