@@ -201,6 +201,21 @@ def test_config_sizes_are_checked_before_anything_is_built(change, message, tmp_
         assert "this machine need" in str(refused.value) and "it has 16.0 GiB" in str(refused.value)
 
 
+def test_on_cuda_the_training_state_per_rank_meets_one_gpu(monkeypatch):
+    """The CUDA branch without a GPU: a device of 80 GiB, 16 bytes a parameter over the ranks."""
+    from types import SimpleNamespace
+
+    from usp.training.model_size import check_training_memory
+
+    monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
+    monkeypatch.setattr("torch.cuda.get_device_properties",
+                        lambda index: SimpleNamespace(total_memory=80 * 2**30))
+    check_training_memory("8b", 8 * 10**9, 2, cuda=True)  # 64 GB a rank: fits
+    with pytest.raises(ValueError, match=r"119.2 GiB in all, 119.2 GiB on each of 1 rank\(s\), "
+                                         r"before any activation; a GPU here has 80.0 GiB"):
+        check_training_memory("8b", 8 * 10**9, 1, cuda=True)
+
+
 def test_generate_checks_the_memory_before_loading(files, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(files["model"], model)
