@@ -130,6 +130,7 @@ def save_checkpoint(
         raise ValueError(f"checkpoint {final} exists already; refusing to overwrite it")
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
+        root.parent.mkdir(parents=True, exist_ok=True)  # the run directory: the user's path
         safe_files.make_directory(root)
         _remove_partial_save(tmp)
         os.mkdir(tmp)  # fresh and ours: the files below are created in it

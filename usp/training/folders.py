@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from usp.training import safe_files
+from usp.training.run_dir import CHECKPOINTS, METRICS
 
 CONFIG = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -45,6 +46,7 @@ def folder_kind(path: Path) -> str | None:
     path = Path(path)
     if not path.is_dir():
         return None
+    # a checkpoint's record and manifest (usp.training.checkpoint_record, .integrity)
     if (path / "meta.json").is_file() and (path / "manifest.json").is_file():
         return "a usp checkpoint"
     if (path / CONFIG).is_file():
@@ -57,7 +59,7 @@ def folder_kind(path: Path) -> str | None:
             return "a Hugging Face model folder"
         if isinstance(values, dict) and RUN_SETTINGS_KEYS <= values.keys():
             return "a usp run directory"
-    if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+    if (path / CHECKPOINTS).is_dir() or (path / METRICS).is_file():
         return "a usp run directory"
     if any((path / name).is_file() for name in TOKENIZER_MARKERS):
         return "a Hugging Face tokenizer folder"

@@ -97,8 +97,8 @@ def open_regular(path: Path, flags: int, mode: int = 0o644, follow_links: bool =
         if exc.errno == errno.ELOOP and not follow_links:
             raise refusal(path, describe(path) or "a symbolic link") from None
         if exc.errno in (errno.EISDIR, errno.ENXIO):  # a directory, or a FIFO nobody reads
-            mode = (os.stat if follow_links else os.lstat)(path).st_mode
-            raise refusal(path, _kind(mode) or "not a regular file") from None
+            found = (os.stat if follow_links else os.lstat)(path).st_mode
+            raise refusal(path, _kind(found) or "not a regular file") from None
         raise
     kind = _kind(os.fstat(fd).st_mode)
     if kind is not None:
@@ -115,8 +115,8 @@ def read_bytes(path: Path, limit: int | None = None, follow_links: bool = False)
     with os.fdopen(fd, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         if limit is not None and size > limit:
-            raise UnsafePathError(f"{path} holds {size} bytes, more than the {limit} such a file "
-                                  "ever holds; it is not one usp wrote")
+            raise UnsafePathError(f"{path} holds {size} bytes, more than such a file ever holds "
+                                  f"({limit}); it was not read")
         return file.read()
 
 
