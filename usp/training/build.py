@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from usp.loss import data_parallel_size
 from usp.models import init
 from usp.models.llama import Llama, get_config
 from usp.parallel import check_parallel_config, parallelize
-from usp.topology import Topology
+from usp.topology import AXES, Topology
 from usp.training.data import BYTE_VOCAB_SIZE, EOT
 
 logger = logging.getLogger(__name__)
@@ -35,29 +36,36 @@ def hf_source(config) -> str | None:
 # ---------------------------------------------------------------------------- validation
 def validate_model(config, topology: Topology) -> None:
     """Raise ValueError, with the numbers, unless the model, its weights and the tokenizer fit
-    ``topology`` (sizes only) and each other. Pure: reads files, never tensor data."""
+    ``topology`` (sizes only), each other and this machine's memory. Pure: reads files, never
+    tensor data; the model's sizes are checked before anything is built."""
+    from usp.training import model_size
+
     if config.hf_model and config.hf_config:
         raise ValueError("--hf-model DIR reads its config from DIR/config.json; drop --hf-config")
-    tokenizer = None
-    if config.tokenizer:
-        from usp.training.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(config.tokenizer)
     source = hf_source(config)
     if source is None:
         llama = get_config(config.model)
         check_parallel_config(llama, topology)
         vocab_size, model_name = llama.vocab_size, config.model
+        parameters = model_size.llama_parameters(llama)
     else:
         from usp.training.hf_model import load_hf_config, validate_hf_config
 
-        vocab_size, model_name = load_hf_config(source).vocab_size, source
-    if tokenizer is not None:
-        from usp.training.tokenizer import check_vocab
+        hf_config = load_hf_config(source, "--hf-model" if config.hf_model else "--hf-config")
+        vocab_size, model_name = hf_config.vocab_size, source
+        parameters = model_size.parameter_estimate(hf_config)
+    world_size = math.prod(topology.size(axis) for axis in AXES)
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    model_size.check_training_memory(model_name, parameters, world_size, cuda)
+    ids = BYTE_VOCAB_SIZE
+    if config.tokenizer:
+        from usp.training.tokenizer import check_vocab, largest_id, load_tokenizer
 
+        tokenizer = load_tokenizer(config.tokenizer)
         check_vocab(tokenizer, config.tokenizer, vocab_size, model_name)
+        ids = largest_id(tokenizer) + 1
     if source is not None:
-        validate_hf_config(source, topology, len(tokenizer) if tokenizer else BYTE_VOCAB_SIZE)
+        validate_hf_config(source, topology, ids)
     if config.hf_model:
         from usp.training.pretrained import check_pretrained
 

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from usp.models import init
+from usp.training import folders, model_size
 from usp.training.data import BYTE_VOCAB_SIZE
 from usp.integrations.transformers import (
     ATTENTION_NAME, USPContext, check_config, check_sequence_mixers,
@@ -48,32 +49,36 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def load_hf_config(path_or_preset: str) -> PretrainedConfig:
-    """A preset name, a ``config.json`` or a directory holding one; never downloads."""
+def load_hf_config(path_or_preset: str, flag: str = "--hf-config") -> PretrainedConfig:
+    """A preset name, a ``config.json`` or a model folder holding one; never downloads, never
+    runs code from the folder, and refuses sizes that are not positive whole numbers
+    (``usp.training.folders``, ``usp.training.model_size``)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     if path_or_preset in PRESETS:
         values = dict(PRESETS[path_or_preset])
         return AutoConfig.for_model(values.pop("model_type"), **values)
     path = Path(path_or_preset)
     if path.is_dir():
-        path = path / "config.json"
+        path = folders.expect_model_folder(path, flag)
     if not path.is_file():
         raise ValueError(
-            f"--hf-config {path_or_preset!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+            f"{flag} {path_or_preset!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
             "nor a config.json file or a directory holding one"
         )
-    try:
-        values = _special_floats(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read the Hugging Face config {str(path)!r}: {exc}") from exc
+    values = _special_floats(folders.read_json(path, flag))
     if not isinstance(values, dict) or "model_type" not in values:
         raise ValueError(f"{str(path)!r} has no \"model_type\"; it is no transformers config.json")
+    folders.refuse_custom_code(values, path, flag, CONFIG_MAPPING)
     model_type = values.pop("model_type")
+    model_size.check_config_values(values, CONFIG_MAPPING[model_type], path)
     try:
-        return AutoConfig.for_model(model_type, **values)
-    except (KeyError, ValueError) as exc:
-        raise ValueError(
-            f"{str(path)!r}: transformers does not know model_type={model_type!r}"
-        ) from exc
+        config = AutoConfig.for_model(model_type, **values)
+    except Exception as exc:  # transformers' strict dataclasses raise their own types
+        reason = str(exc).strip().splitlines()[-1].strip()
+        raise ValueError(f"{str(path)!r} is not a valid {model_type} config: {reason}") from None
+    model_size.check_config(config, path)
+    return config
 
 
 def _special_floats(value):
@@ -229,7 +234,7 @@ def build_hf_causal_lm(
     config = load_hf_config(path_or_preset)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, attn_implementation=ATTENTION_NAME, dtype=dtype
+            config, attn_implementation=ATTENTION_NAME, dtype=dtype, trust_remote_code=False
         )
     wrapped = HFCausalLM(model, USPContext(trivial_topology()))
     if torch.device(device).type != "meta":

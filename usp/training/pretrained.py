@@ -12,7 +12,8 @@ weights beside it: ``model.safetensors``, or the shards ``model.safetensors.inde
   model. Values are converted to the parameters' dtype.
 
 Untrusted input: only safetensors are read (a JSON header and raw numbers; nothing is unpickled).
-A directory holding pickle weights (``pytorch_model.bin``) and no safetensors is refused.
+A directory holding pickle weights (``pytorch_model.bin``) and no safetensors is refused, and so are
+weights holding NaN or infinity (each rank checks its shards after reading them, and all agree).
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def _whole(model: nn.Module) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model.config, dtype=model.model.dtype)
+        return AutoModelForCausalLM.from_config(model.config, dtype=model.model.dtype,
+                                                trust_remote_code=False)
 
 
 def check_pretrained(directory: str, model: nn.Module) -> dict[str, StoredTensor]:
@@ -207,5 +209,23 @@ def load_pretrained(model: nn.Module, directory: str) -> None:
                   else [(exc,)])
         text = "; ".join(sorted({f"{type(c[0]).__name__}: {c[0]}" for c in causes}))
         raise ValueError(f"--hf-model {directory}: reading the weights failed: {text}") from exc
+    _check_finite(wanted, stored, directory)
     set_model_state_dict(model, {PREFIX + key: tensor for key, tensor in wanted.items()},
                          options=StateDictOptions(strict=False))
+
+
+def _check_finite(tensors: dict, stored: dict[str, StoredTensor], directory: str) -> None:
+    """Refuse weights holding NaN or infinity (training would only say "lower --lr" after its
+    first step): each rank checks its own shards, and every rank raises the same error."""
+    from usp.comm import agree
+
+    error = None
+    for key, tensor in tensors.items():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        bad = int((~torch.isfinite(local)).sum())
+        if bad:
+            error = (f"--hf-model {directory}: tensor {key!r} in {stored[key].file.name} holds "
+                     f"{bad} NaN or infinite values (in this rank's shard of "
+                     f"{local.numel()}); fix or replace the weights")
+            break
+    agree(dist.group.WORLD if dist.is_initialized() else None, {}, error)
