@@ -29,7 +29,7 @@ import usp
 from usp.attention.kernels import resolve_kernel
 from usp.check.cases import MASKS, CheckCase, draw_cases
 from usp.check.reference import (GRADIENTS, bounds, dense_attention, dense_visible,
-                                 kernel_bounds, max_error)
+                                 kernel_bounds, magnitudes, max_error)
 from usp.check.report import CheckReport, merge_rows
 from usp.topology import Topology
 
@@ -129,12 +129,13 @@ def run_case(case: CheckCase, topology: Topology, single_device: Topology, devic
         tensors = [make(case.heads), make(case.kv_heads), make(case.kv_heads), make(case.heads)]
         visible = dense_visible(case.token_ids().to(device), case.causal, case.window)
         expected = dense_attention(*tensors, visible)
+        sizes = magnitudes(*tensors, expected[0], visible)
     except Exception as exc:  # reported as the case's failure; the ranks agree below
         problem = f"the reference failed: {type(exc).__name__}: {exc}"
     problems = [p for p in _all_gather(problem) if p is not None]
     if problems:
         return [{"problem": problems[0]} for _ in dtype_names]
-    return [_run_dtype(case, topology, single_device, tensors, visible, expected,
+    return [_run_dtype(case, topology, single_device, tensors, visible, expected, sizes,
                        DTYPES[name], kernel) for name in dtype_names]
 
 
@@ -147,7 +148,8 @@ def _attention(q, k, v, dout, topology, layout, case: CheckCase, kernel: str):
     return [out.detach(), *(t.grad for t in leaves)]
 
 
-def _run_dtype(case, topology, single_device, tensors, visible, expected, dtype, kernel) -> dict:
+def _run_dtype(case, topology, single_device, tensors, visible, expected, sizes, dtype,
+               kernel) -> dict:
     """``{"kernel", "usp": [(error, bound)] * 4, "single": [(error, bound)] * 4}`` for out, dq,
     dk, dv, or ``{"problem": why}``."""
     shard = lambda t: usp.shard_sequence(t, topology, case.layout)  # noqa: E731
@@ -164,16 +166,16 @@ def _run_dtype(case, topology, single_device, tensors, visible, expected, dtype,
         # the same choice usp_attention makes for these tensors (a window needs band kernels)
         chosen = resolve_kernel(kernel, local[0], bands=case.window is not None).name
         if dtype == torch.float64:
-            return {"kernel": chosen,
-                    "usp": list(zip(usp_errors, bounds(dtype, usp_errors, usp_errors))),
-                    "single": None}
+            fp64_bounds = bounds(dtype, usp_errors, usp_errors, sizes)
+            return {"kernel": chosen, "usp": list(zip(usp_errors, fp64_bounds)), "single": None}
         low = [t.to(dtype) for t in tensors]
         textbook = dense_attention(*low, visible)
         textbook_errors = [max_error(t, e) for t, e in zip(textbook, expected)]
         single = _attention(*low, single_device, "contiguous", case, kernel)
         single_errors = [max_error(s, e) for s, e in zip(single, expected)]
-        return {"kernel": chosen,
-                "usp": list(zip(usp_errors, bounds(dtype, single_errors, textbook_errors))),
-                "single": list(zip(single_errors, kernel_bounds(dtype, textbook_errors)))}
+        usp_bounds = bounds(dtype, single_errors, textbook_errors, sizes)
+        single_bounds = kernel_bounds(dtype, textbook_errors, sizes)
+        return {"kernel": chosen, "usp": list(zip(usp_errors, usp_bounds)),
+                "single": list(zip(single_errors, single_bounds))}
     except Exception as exc:
         return {"problem": f"the comparison failed: {type(exc).__name__}: {exc}"}
