@@ -67,26 +67,29 @@ def merge_rows(case: CheckCase, dtype_names: tuple[str, ...],
                     if "problem" in result]
         if problems:
             rows.append({**row, "ok": False, "kernel": "-", "problem": problems[0],
-                         "forward": None, "backward": None})
+                         "forward": None, "backward": None, "single_device": None})
             continue
         kernels = sorted({result["kernel"] for _, result in results})
         forward = _worst([(rank, r["usp"][:1]) for rank, r in results], NAMES[:1])
         backward = _worst([(rank, r["usp"][1:]) for rank, r in results], NAMES[1:])
+        single = None
+        if results[0][1]["single"] is not None:
+            single = _worst([(rank, r["single"]) for rank, r in results], NAMES)
         problem = None
         for error, bound, name, rank in (forward, backward):
             if not error <= bound:
                 problem = f"{name} error {error:.3g} > bound {bound:.3g} on rank {rank}"
                 break
-        if problem is None and results[0][1]["single"] is not None:
-            error, bound, name, rank = _worst([(rank, r["single"]) for rank, r in results],
-                                              NAMES)
-            if not error <= bound:
-                problem = (f"the single-device {name} error {error:.3g} > {bound:.3g} (a "
-                           f"multiple of the textbook attention's in {dtype}) on rank {rank}: "
-                           "the kernel or mask is wrong even on one device")
+        if problem is None and single is not None and not single[0] <= single[1]:
+            error, bound, name, rank = single
+            problem = (f"the single-device {name} error {error:.3g} > {bound:.3g} (a multiple of "
+                       f"the textbook attention's in {dtype}) on rank {rank}: the kernel or "
+                       "mask is wrong even on one device")
         rows.append({**row, "ok": problem is None, "kernel": "/".join(kernels),
                      "problem": problem,
                      "forward": {"error": forward[0], "bound": forward[1]},
                      "backward": {"error": backward[0], "bound": backward[1],
-                                  "worst": backward[2]}})
+                                  "worst": backward[2]},
+                     "single_device": None if single is None else {
+                         "error": single[0], "bound": single[1], "worst": single[2]}})
     return rows

@@ -129,7 +129,7 @@ def run_case(case: CheckCase, topology: Topology, single_device: Topology, devic
         tensors = [make(case.heads), make(case.kv_heads), make(case.kv_heads), make(case.heads)]
         visible = dense_visible(case.token_ids().to(device), case.causal, case.window)
         expected = dense_attention(*tensors, visible)
-        sizes = magnitudes(*tensors, expected[0], visible)
+        sizes = magnitudes(*tensors, expected[0], visible)  # (per tensor, lse)
     except Exception as exc:  # reported as the case's failure; the ranks agree below
         problem = f"the reference failed: {type(exc).__name__}: {exc}"
     problems = [p for p in _all_gather(problem) if p is not None]
@@ -166,15 +166,15 @@ def _run_dtype(case, topology, single_device, tensors, visible, expected, sizes,
         # the same choice usp_attention makes for these tensors (a window needs band kernels)
         chosen = resolve_kernel(kernel, local[0], bands=case.window is not None).name
         if dtype == torch.float64:
-            fp64_bounds = bounds(dtype, usp_errors, usp_errors, sizes)
+            fp64_bounds = bounds(dtype, usp_errors, usp_errors, *sizes)
             return {"kernel": chosen, "usp": list(zip(usp_errors, fp64_bounds)), "single": None}
         low = [t.to(dtype) for t in tensors]
         textbook = dense_attention(*low, visible)
         textbook_errors = [max_error(t, e) for t, e in zip(textbook, expected)]
         single = _attention(*low, single_device, "contiguous", case, kernel)
         single_errors = [max_error(s, e) for s, e in zip(single, expected)]
-        usp_bounds = bounds(dtype, single_errors, textbook_errors, sizes)
-        single_bounds = kernel_bounds(dtype, textbook_errors, sizes)
+        usp_bounds = bounds(dtype, single_errors, textbook_errors, *sizes)
+        single_bounds = kernel_bounds(dtype, textbook_errors, *sizes)
         return {"kernel": chosen, "usp": list(zip(usp_errors, usp_bounds)),
                 "single": list(zip(single_errors, single_bounds))}
     except Exception as exc:
