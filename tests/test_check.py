@@ -23,7 +23,7 @@ import usp.mask
 import usp.schedule
 from usp import cli
 from usp.check import MASKS, CheckSettings, draw_cases, run_check
-from usp.check.cases import HEAD_PATTERNS, factorisations
+from usp.check.cases import factorisations
 from usp.check.reference import dense_visible
 from usp.layout import LAYOUTS
 from usp.mask import AttentionMask
@@ -46,8 +46,9 @@ def test_the_cases_are_seeded_and_cover_every_feature_early():
     assert any(c.kv_heads < c.ulysses for c in cases)  # kv heads replicated over Ulysses
     assert any(c.heads % c.ulysses for c in cases)  # heads padded for Ulysses
     assert any(c.kv_heads == 1 < c.heads for c in cases)  # MQA
+    assert any(1 < c.kv_heads < c.heads for c in cases)  # GQA
     assert any(c.documents and len(c.documents) > 1 for c in cases)  # documents per batch row
-    assert len(HEAD_PATTERNS) == 4 and {True, False} == {c.causal for c in cases[:2]}
+    assert {c.causal for c in cases[:2]} == {True, False}
 
 
 def test_the_reference_mask_agrees_with_usp_mask_on_every_drawn_case():
@@ -109,6 +110,31 @@ def test_the_check_fails_and_names_exactly_the_cases_a_broken_ring_gets_wrong():
                for row in report.failures), [row["problem"] for row in report.failures]
 
 
+def _reference_fails_once_on_rank_1(rank, world_size, settings):
+    """The first reference computed on rank 1 raises; the other rank must not wait for it."""
+    import usp.check.runner as runner
+
+    if rank == 1:
+        original, calls = runner.dense_attention, []
+
+        def failing_once(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("out of memory (on purpose)")
+            return original(*args)
+
+        runner.dense_attention = failing_once
+    return run_check(settings)
+
+
+def test_a_reference_failing_on_one_rank_fails_its_case_on_every_rank_without_a_hang():
+    settings = CheckSettings(seconds=600, max_cases=3, seed=5, dtypes=("fp32",))  # sp 2 first
+    reports = run_on_ranks(_reference_fails_once_on_rank_1, 2, settings, timeout_s=240)
+    for report in reports:  # the same verdict everywhere
+        assert [row["ok"] for row in report.rows] == [False, True, True], report.rows
+        assert "the reference failed: RuntimeError: out of memory" in report.rows[0]["problem"]
+
+
 def test_a_dropped_window_fails_even_on_one_device_with_the_case_named(monkeypatch, capsys):
     def no_window(window):
         return None
@@ -142,3 +168,5 @@ def test_bad_values_are_one_line_errors(capsys):
     assert "masks ['diagonal']: choose from" in capsys.readouterr().err
     assert cli.main(["check", "--nproc", "0", "--device", "cpu"]) == 2
     assert "--nproc 0 must be at least 1" in capsys.readouterr().err
+    assert cli.main(["check", "--nproc", "2", "--kernel", "fastest"]) == 2
+    assert "kernel 'fastest': choose auto or one of" in capsys.readouterr().err

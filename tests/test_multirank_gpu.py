@@ -59,7 +59,7 @@ def cuda_masked_check(rank, world_size, seed):
     """``usp check``'s cases with packed documents and sliding windows, on CUDA tensors."""
     torch.cuda.set_device(0)
     with host_staged_collectives():
-        return run_check(CheckSettings(device="cuda", seconds=45, max_cases=15, seed=seed,
+        return run_check(CheckSettings(device="cuda", seconds=30, max_cases=12, seed=seed,
                                        masks=MASKED))
 
 

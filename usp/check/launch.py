@@ -9,6 +9,7 @@ no launcher: the check runs in this process (a grid of one rank: the kernels and
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
@@ -70,6 +71,9 @@ def check_in_world(settings: CheckSettings) -> CheckReport:
     """One rank of an externally launched world: its GPU, the process group, the check."""
     if settings.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if int(os.environ["RANK"]) != 0:  # one voice: the other ranks speak of warnings only
+        root = logging.getLogger()
+        root.setLevel(max(root.getEffectiveLevel(), logging.WARNING))
     created = False
     if not dist.is_initialized() and int(os.environ["WORLD_SIZE"]) > 1:
         dist.init_process_group("nccl" if settings.device == "cuda" else "gloo",

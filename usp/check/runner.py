@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import usp
-from usp.attention.kernels import resolve_kernel
+from usp.attention.kernels import KERNELS, resolve_kernel
 from usp.check.cases import MASKS, CheckCase, draw_cases
 from usp.check.reference import (GRADIENTS, bounds, dense_attention, dense_visible,
                                  kernel_bounds, magnitudes, max_error)
@@ -69,6 +69,8 @@ class CheckSettings:
         unknown = sorted(set(self.masks) - set(MASKS))
         if unknown or not self.masks:
             raise ValueError(f"masks {unknown or list(self.masks)}: choose from {list(MASKS)}")
+        if self.kernel != "auto" and self.kernel not in KERNELS:
+            raise ValueError(f"kernel {self.kernel!r}: choose auto or one of {sorted(KERNELS)}")
         if not self.seconds > 0:
             raise ValueError(f"the time budget {self.seconds} s must be positive")
         if self.max_cases < 1:
