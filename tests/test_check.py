@@ -1,10 +1,11 @@
 """`usp check`: its cases, its reference, and that it fails when the attention is wrong.
 
 The command runs once end to end (four gloo ranks through the elastic launcher, as a user runs
-it). The rest drive the library's entry point: on four spawned ranks with a ring step made to
-drop work (only the multi-rank path is wrong: exactly the ring cases must fail), and in one
-process with sliding windows dropped from every mask (the single-device path is wrong too: the
-check's own reference must catch it).
+it). The rest drive the library's entry point: in one world of four spawned ranks, a reference
+that raises on one rank (every rank must fail that case and go on) and a ring step made to drop
+work (only the multi-rank path is wrong: exactly the ring cases must fail); and in one process
+with sliding windows dropped from every mask (the single-device path is wrong too: the check's
+own reference must catch it).
 """
 
 from __future__ import annotations
@@ -85,8 +86,24 @@ def test_usp_check_on_four_ranks_prints_the_table_and_verdict(tmp_path):
     assert {(row["ring"], row["ulysses"]) for row in rows} == set(factorisations(4))
 
 
-def _ring_drops_its_last_piece(rank, world_size, settings):
-    """Drop the last piece of every multi-rank ring schedule, then run the check."""
+def _two_faults(rank, world_size):
+    """In one world: the first reference on rank 1 raises (the others must not wait for it);
+    then the last piece of every multi-rank ring schedule is dropped."""
+    import usp.check.runner as runner
+
+    original, calls = runner.dense_attention, []
+
+    def failing_once(*args):
+        calls.append(1)
+        if rank == 1 and len(calls) == 1:
+            raise RuntimeError("out of memory (on purpose)")
+        return original(*args)
+
+    runner.dense_attention = failing_once
+    failed_reference = run_check(CheckSettings(seconds=600, max_cases=3, seed=2,
+                                               dtypes=("fp32",)))
+    runner.dense_attention = original
+
     pieces = usp.schedule.RingSchedule.pieces
 
     def fewer_pieces(self, ring_rank, source):
@@ -94,12 +111,25 @@ def _ring_drops_its_last_piece(rank, world_size, settings):
         return found[:-1] if self.ring_size > 1 else found
 
     usp.schedule.RingSchedule.pieces = fewer_pieces
-    return run_check(settings)
+    broken_ring = run_check(CheckSettings(seconds=600, max_cases=6, seed=2,
+                                          dtypes=("fp32", "bf16")))
+    return failed_reference, broken_ring
 
 
-def test_the_check_fails_and_names_exactly_the_cases_a_broken_ring_gets_wrong():
-    settings = CheckSettings(seconds=600, max_cases=8, seed=2, dtypes=("fp32", "bf16"))
-    report = run_on_ranks(_ring_drops_its_last_piece, 4, settings, timeout_s=300)[0]
+@pytest.fixture(scope="module")
+def two_faults():
+    return run_on_ranks(_two_faults, 4, timeout_s=300)
+
+
+def test_a_reference_failing_on_one_rank_fails_its_case_on_every_rank_without_a_hang(two_faults):
+    for report, _ in two_faults:  # the same verdict on every rank
+        assert report.rows[0]["ring"] == 4  # a collective case: the ranks had to agree
+        assert [row["ok"] for row in report.rows] == [False, True, True], report.rows
+        assert "the reference failed: RuntimeError: out of memory" in report.rows[0]["problem"]
+
+
+def test_the_check_fails_and_names_exactly_the_cases_a_broken_ring_gets_wrong(two_faults):
+    report = two_faults[0][1]
     failing = {row["index"] for row in report.failures}
     ring_cases = {row["index"] for row in report.rows if row["ring"] > 1}
     assert ring_cases and len(ring_cases) < report.cases
@@ -108,31 +138,6 @@ def test_the_check_fails_and_names_exactly_the_cases_a_broken_ring_gets_wrong():
     assert len(report.failures) == 2 * len(ring_cases)
     assert all(re.match(r"(out|dq|dk|dv) error .* > bound", row["problem"])
                for row in report.failures), [row["problem"] for row in report.failures]
-
-
-def _reference_fails_once_on_rank_1(rank, world_size, settings):
-    """The first reference computed on rank 1 raises; the other rank must not wait for it."""
-    import usp.check.runner as runner
-
-    if rank == 1:
-        original, calls = runner.dense_attention, []
-
-        def failing_once(*args):
-            calls.append(1)
-            if len(calls) == 1:
-                raise RuntimeError("out of memory (on purpose)")
-            return original(*args)
-
-        runner.dense_attention = failing_once
-    return run_check(settings)
-
-
-def test_a_reference_failing_on_one_rank_fails_its_case_on_every_rank_without_a_hang():
-    settings = CheckSettings(seconds=600, max_cases=3, seed=5, dtypes=("fp32",))  # sp 2 first
-    reports = run_on_ranks(_reference_fails_once_on_rank_1, 2, settings, timeout_s=240)
-    for report in reports:  # the same verdict everywhere
-        assert [row["ok"] for row in report.rows] == [False, True, True], report.rows
-        assert "the reference failed: RuntimeError: out of memory" in report.rows[0]["problem"]
 
 
 def test_a_dropped_window_fails_even_on_one_device_with_the_case_named(monkeypatch, capsys):
