@@ -40,9 +40,10 @@ def _generation_rank(settings: dict) -> dict:
     return run_generation(GenerateConfig(**settings))
 
 
-def launch_ranks(nproc: int, function, *args):
-    """Run ``function(*args)`` on ``nproc`` fresh gloo ranks of this machine (module-level
-    ``function``, picklable ``args``); returns rank 0's result."""
+def launch_ranks(nproc: int, function, *args, backend: str = "gloo"):
+    """Run ``function(*args)`` on ``nproc`` fresh ranks of this machine (module-level
+    ``function``, picklable ``args``); returns rank 0's result. ``backend="nccl"``: one GPU per
+    rank, ``cuda:LOCAL_RANK``, made current before the process group starts."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     register_loopback_rendezvous()
@@ -54,11 +55,12 @@ def launch_ranks(nproc: int, function, *args):
         rdzv_endpoint=f"{LOOPBACK}:0", local_addr=LOOPBACK, max_restarts=0,
         start_method="spawn",
     )
-    results = elastic_launch(launch_config, _worker)(function, args, logging.getLogger().level)
+    results = elastic_launch(launch_config, _worker)(function, args, logging.getLogger().level,
+                                                     backend)
     return results[0]
 
 
-def _worker(function, args: tuple, log_level: int):
+def _worker(function, args: tuple, log_level: int, backend: str = "gloo"):
     """One rank: network, threads, logging, the process group, then ``function(*args)``."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -66,7 +68,9 @@ def _worker(function, args: tuple, log_level: int):
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
     logging.getLogger().setLevel(log_level if rank == 0 else max(log_level, logging.WARNING))
-    dist.init_process_group("gloo")
+    if backend == "nccl":  # NCCL talks from the current device: set it before the group
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
     try:
         return function(*args)
     finally:
