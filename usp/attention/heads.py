@@ -117,5 +117,7 @@ def to_sources(grad: Tensor, slots: tuple[int, ...], n_heads: int) -> Tensor:
     if slots == tuple(range(n_heads)):
         return grad
     _, real, sources = _indices(slots, grad.device)
-    out = grad.new_zeros(grad.shape[0], grad.shape[1], n_heads, grad.shape[3])
-    return out.index_add_(2, sources, grad.index_select(2, real))
+    # replicas of a kv head sum in fp32 (fp64 stays), then round once
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    out = grad.new_zeros(grad.shape[0], grad.shape[1], n_heads, grad.shape[3], dtype=acc)
+    return out.index_add_(2, sources, grad.index_select(2, real).to(acc)).to(grad.dtype)
