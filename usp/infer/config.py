@@ -40,8 +40,17 @@ class GenerateConfig:
             raise ValueError(f"--dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
         if not Path(self.prompt_file).is_file():
             raise ValueError(f"prompt file {self.prompt_file!r} does not exist")
-        if self.hf_model is not None and not Path(self.hf_model, "config.json").is_file():
-            raise ValueError(f"--hf-model {self.hf_model!r} is not a directory with a "
-                             "config.json (a local Hugging Face model; nothing is downloaded)")
-        if self.hf_model is None:
+        try:
+            text = Path(self.prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"prompt file {self.prompt_file!r} is not UTF-8 text "
+                             f"({exc})") from None
+        if not text:
+            raise ValueError(f"the prompt is empty: {self.prompt_file!r} holds no text")
+        if self.hf_model is not None:
+            from usp.infer.hf import check_hf_generation  # transformers: loaded when asked for
+            from usp.precision import torch_dtype
+
+            check_hf_generation(self.hf_model, text, self.nproc, torch_dtype(self.dtype))
+        else:
             get_config(self.model)
