@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from usp.choices import PLACEMENTS
 from usp.comm import agree
 
 logger = logging.getLogger(__name__)
 
 AXES = ("pp", "dp", "ring", "ulysses", "tp")
-PLACEMENTS = ("head-first", "context-first")
 
 
 def _mesh_axis_order(placement: str) -> tuple[str, ...]:

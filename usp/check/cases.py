@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
+from usp.choices import PLACEMENTS
 from usp.layout import LAYOUTS, padded_length
 
 NOT_A_TOKEN = -1
 MASKS = ("none", "documents", "window", "documents+window", "padding", "padding+window",
          "documents+padding")
 HEAD_PATTERNS = ("mha", "gqa", "mqa", "few-kv")  # few-kv: fewer kv heads than Ulysses ranks
-PLACEMENTS = ("head-first", "context-first")
 
 
 @dataclass(frozen=True)

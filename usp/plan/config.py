@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
-from usp.choices import LAYOUTS
+from usp.choices import LAYOUTS, PIPELINE_SCHEDULES
 from usp.plan.specs import ClusterSpec, ModelSpec, Workload
 
 MESH_ORDER = {
@@ -28,7 +28,6 @@ SHARD_AXES = ("dp", "ring", "ulysses")
 # "full" each whole block (keeping its input), "selective" each block's MLP, "attention" each
 # block's attention (projections, RoPE, the USP attention with its collectives).
 CHECKPOINTING = ("none", "full", "selective", "attention")
-PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 # How the loss meets the vocabulary: "gathered" = full-vocabulary fp32 logits on every TP rank
 # (usp train --loss full); "vocab-parallel" = each TP rank keeps V/tp columns (tp > 1);
 # "chunked" = logits made and consumed loss_chunk tokens at a time, recomputed in backward (tp 1).
