@@ -111,14 +111,9 @@ if FAULT == "disk-full-before-saving-9":
 
     usp.training.checkpoint.save_checkpoint = save_on_a_full_disk
 
-if FAULT == "planted-index":  # the fault is in the files: the guard counts from the load
-    load = usp.training.checkpoint.load_checkpoint
-
-    def marked_load(*args):
+if FAULT == "planted-index":  # the fault is in the files: the guard counts from the start
+    if rank() is None:  # the launcher (a finished run is answered there, its index checked)
         fired()
-        return load(*args)
-
-    usp.training.checkpoint.load_checkpoint = marked_load
 
 if __name__ == "__main__":
     from usp.cli import main

@@ -7,12 +7,15 @@ import os
 import sys
 from pathlib import Path
 
-DTYPE_CHOICES = ("fp64", "fp32", "bf16", "fp16")
+from usp.cli.help import add_parser
+from usp.precision import DTYPES
+
+DTYPE_CHOICES = tuple(DTYPES)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "check",
+    parser = add_parser(
+        subparsers, "check",
         help="a correctness self-test of sequence-parallel attention on this machine or cluster",
         description=(
             "Run seeded random attention cases (every ring x ulysses factorisation of the world, "
@@ -28,13 +31,13 @@ def register(subparsers) -> None:
       help="ranks to launch on this machine (default: every GPU on cuda, 4 on cpu; ignored "
       "under torchrun)")
     a("--time", type=float, default=120.0, metavar="SECONDS",
-      help="time budget: new cases start while it lasts (default 120)")
+      help="time budget: new cases start while it lasts (default 120.0)")
     a("--cases", type=int, default=None, metavar="N", help="at most N cases (default: no limit)")
     a("--seed", type=int, default=0, help="seed of the cases and their tensors (default 0)")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"),
       help="gloo on cpu, NCCL on cuda (default auto: cuda when a GPU is visible)")
     a("--dtypes", nargs="+", choices=DTYPE_CHOICES, default=None,
-      help="default: fp32 bf16 on cpu; fp32 bf16 fp16 on cuda")
+      help="precisions of the cases (default: fp32 bf16 on cpu; fp32 bf16 fp16 on cuda)")
     a("--kernel", default="auto",
       help="attention kernel (default auto: the choice a real run makes)")
     a("--masks", nargs="+", default=None, metavar="KIND",

@@ -76,6 +76,10 @@ def finished_checkpoint(out: Path, resume: str, current: dict, steps: int) -> Pa
     newest = plan.candidates[0]
     if checkpoint.read_metadata(newest)["step"] < steps or integrity.verify(newest):
         return None
+    try:  # its index is checked as a load would check it: a planted one is no finished run
+        integrity.SafeFileSystemReader(newest).read_metadata()
+    except integrity.UnsafeCheckpointError as exc:
+        raise ValueError(f"checkpoint {newest} was refused, nothing was loaded: {exc}") from None
     return newest
 
 
