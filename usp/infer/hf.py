@@ -53,7 +53,7 @@ class GenerationContext(USPContext):
 
     def attention(self, module, query: Tensor, key: Tensor, value: Tensor, request,
                   refusal: str | None, *, scaling: float | None, position_ids, documents,
-                  cu_seqlens) -> Tensor:
+                  cu_seqlens, sinks: Tensor | None = None) -> Tensor:
         """query [B, Hq, T, D], key/value [B, Hkv, T, D] (the T new tokens, the same on every
         rank) -> [B, T, Hq, D], the same on every rank."""
         if not isinstance(request, MaskRequest) or not request.agreed:
@@ -67,12 +67,13 @@ class GenerationContext(USPContext):
             length = query.shape[1]
             shards = [shard_sequence(t, self.topology, self.layout) for t in (query, key, value)]
             out = usp_attention(*shards, self.topology, causal=True, layout=self.layout,
-                                seq_len=length, softmax_scale=scaling, kernel=self._kernel)
+                                seq_len=length, softmax_scale=scaling, kernel=self._kernel,
+                                sinks=sinks)
             return unshard_sequence(out, self.topology, self.layout, seq_len=length)
         keys, values = self.sharded.layer(module.layer_idx)
         group = self.topology.sequence_group if self.topology.sequence_size > 1 else None
         scale = default_scale(query.shape[-1], scaling)
-        return decode_attention(query, keys, values, group, scale, self._kernel)
+        return decode_attention(query, keys, values, group, scale, self._kernel, sinks)
 
 
 def _generation_refusal(request, query: Tensor, documents, cu_seqlens) -> str | None:
