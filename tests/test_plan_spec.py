@@ -109,6 +109,13 @@ def test_every_searched_configuration_is_runnable_and_a_spec_round_trip():
     assert {(2, "1f1b"), (3, "1f1b"), (0, "1f1b"), (2, "gpipe")} <= searched
 
 
+def test_fixing_what_usp_train_cannot_run_says_why():
+    workload = Workload(get_model("tiny"), 1024, 1, dtype="fp32")
+    for fixed in ({"zero": 1}, {"tp": 2, "tp_sequence_parallel": False}):
+        with pytest.raises(ValueError, match="offers what usp train runs: zero 2 or 3"):
+            plan(workload, CPU4, fixed).best
+
+
 def test_a_spec_survives_toml(tmp_path):
     config = ParallelConfig(dp=2, tp=2, pp=2, microbatches=4, zero=2, ac="attention",
                             loss="vocab_parallel", tiled_mlp=512, layout="stripe")

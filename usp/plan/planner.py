@@ -340,7 +340,9 @@ def no_fit_message(result: Plan) -> str:
                else "add GPUs or use a smaller model")
         )
     if not result.invalid:
-        return "no configuration matches the fixed fields; relax --fix"
+        return ("no configuration matches the fixed fields; relax --fix (the search offers "
+                "what usp train runs: zero 2 or 3 when dp x ring x ulysses > 1, else 0, and "
+                "tensor parallelism with tp_sequence_parallel=true)")
     # The binding rules: those that alone reject a configuration (lifting one would admit some).
     sole = Counter(problems[0].rule for _, problems in result.invalid if len(problems) == 1)
     counted = sole or Counter(p.rule for _, problems in result.invalid for p in problems)
