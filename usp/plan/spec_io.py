@@ -25,7 +25,6 @@ from usp.spec import SECTION_OF, RunSpec
 # The fields a configuration and a run spec share, under the same names. The one left out,
 # tp_sequence_parallel, is always on in usp train (its tensor parallelism is Megatron-SP).
 SHARED = tuple(f.name for f in dataclasses.fields(ParallelConfig) if f.name in SECTION_OF)
-DEGREES = ("pp", "ring", "ulysses", "tp")  # with dp, the mesh; dp = -1 takes the rest
 
 
 def default_dtype(cluster: ClusterSpec) -> str:
@@ -73,9 +72,9 @@ def to_run_spec(config: ParallelConfig, workload: Workload, cluster: ClusterSpec
 def _world_dp(spec: RunSpec, cluster: ClusterSpec) -> int:
     """The spec's dp, or (dp = -1) the ranks of ``cluster`` the other degrees leave."""
     parallel = spec.parallel
-    inner = parallel.pp * parallel.ring * parallel.ulysses * parallel.tp
     if parallel.dp != -1:
         return parallel.dp
+    inner = parallel.pp * parallel.ring * parallel.ulysses * parallel.tp
     if cluster.world_size % inner:
         raise ValueError(f"pp x ring x ulysses x tp = {inner} does not divide the "
                          f"{cluster.world_size} GPUs of {cluster.name}; dp = -1 cannot fill it")
@@ -98,11 +97,11 @@ def planned_model(spec: RunSpec):
 
 def from_run_spec(spec: RunSpec, cluster: ClusterSpec) -> tuple[ParallelConfig, Workload]:
     """The configuration and workload ``spec`` runs on ``cluster``, as usp train reads it."""
-    parallel = spec.parallel
+    parallel, flat = spec.parallel, spec.flat()
     dp = _world_dp(spec, cluster)
-    pipeline = parallel.pp > 1
-    microbatches = (parallel.microbatches or parallel.pp) if pipeline else 1
-    settings = {name: spec.flat()[name] for name in SHARED}
+    # 0 is one per stage; without a pipeline the micro-batches are grad_accum's
+    microbatches = (parallel.microbatches or parallel.pp) if parallel.pp > 1 else 1
+    settings = {name: flat[name] for name in SHARED}
     settings.update(dp=dp, microbatches=microbatches)
     if dp * parallel.ring * parallel.ulysses == 1:
         settings["zero"] = 0  # nothing is sharded
