@@ -6,7 +6,14 @@ the modules that implement them (``usp.layout``, ``usp.topology``, ``usp.pipelin
 """
 
 LAYOUTS = ("contiguous", "zigzag", "stripe")  # usp.layout
-PLACEMENTS = ("head-first", "context-first")  # usp.topology: which sequence axis is innermost
+# usp.topology and the planner: the mesh axes of each placement, outermost first (ranks are laid
+# row-major, so the last axes hold adjacent ranks, a node's fast links). "head-first" puts Ulysses
+# inside the ring's rows (its all-to-all stays in a node), "context-first" the ring.
+MESH_ORDERS = {
+    "head-first": ("pp", "dp", "ring", "ulysses", "tp"),
+    "context-first": ("pp", "dp", "ulysses", "ring", "tp"),
+}
+PLACEMENTS = tuple(MESH_ORDERS)
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # usp.pipeline
 LOSSES = ("full", "chunked", "vocab_parallel")  # usp.losses.head
 # 1024 tokens of fp32 logits over a 128k vocabulary are 0.5 GiB: small next to a long sequence's

@@ -54,8 +54,9 @@ class Parallel:
     pp_schedule: str = setting("1f1b", "pipeline schedule", choices=PIPELINE_SCHEDULES)
     kernel: str = setting("auto", "local attention kernel: auto or a name of "
                           "usp.attention.kernels.KERNELS")
-    zero2: bool = setting(False, "FSDP keeps gathered parameters between forward and backward "
-                          "(ZeRO-2)")
+    zero: int = setting(3, "ZeRO stage of FSDP over dp x ring x ulysses: 3 reshards each "
+                        "block's parameters after its forward, 2 keeps them gathered until its "
+                        "backward (ignored when that product is 1)", choices=(2, 3))
 
 
 @dataclass
