@@ -40,7 +40,7 @@ from usp import Topology, unshard_sequence
 from usp.batch import IGNORE_INDEX, shard_batch
 from usp.integrations.hf_masks import mask_components
 from usp.parallel import parallelize
-from usp.training.hf_model import build_hf_causal_lm, trivial_topology
+from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topology
 from usp.integrations.transformers import USPContext
 from usp.loss import global_mean_cross_entropy
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from usp.choices import LAYOUTS
-from usp.models.configs import get_config
+from usp.models.family import ModelSettings
+from usp.models.registry import family_of  # torch-free until a family is asked
 from usp.precision import DTYPES  # --dtype's choices (usp.infer.launch resolves them)
 
 
@@ -47,10 +48,9 @@ class GenerateConfig:
                              f"({exc})") from None
         if not text:
             raise ValueError(f"the prompt is empty: {self.prompt_file!r} holds no text")
-        if self.hf_model is not None:
-            from usp.infer.hf import check_hf_generation  # transformers: loaded when asked for
-            from usp.precision import torch_dtype
+        settings = self.model_settings()
+        family_of(settings).inference.check(settings, text, self.nproc, self.dtype)
 
-            check_hf_generation(self.hf_model, text, self.nproc, torch_dtype(self.dtype))
-        else:
-            get_config(self.model)
+    def model_settings(self) -> ModelSettings:
+        """The model section of these settings (``usp.models.registry.family_of`` reads it)."""
+        return ModelSettings(model=self.model, hf_model=self.hf_model)

@@ -15,19 +15,13 @@ its layout shard of the prompt and its share of the decoded tokens. The attentio
   layer, the same merge on every rank (:func:`usp.infer.attention.decode_attention`).
 
 Refused with a ValueError: padding in the batch, sliding windows, a prompt that continues a
-non-empty cache, beam search and the other cache reorderings. ``usp generate --hf-model``'s folder
-and prompt are checked before any rank starts (:func:`check_hf_generation`), and loaded without
-running code from the folder (``trust_remote_code=False``, safetensors only).
+non-empty cache, beam search and the other cache reorderings. ``usp generate --hf-model`` runs
+this through the Hugging Face family's adapter (``usp.infer.hf_generation``).
 """
 
 from __future__ import annotations
 
-import math
-import time
-from pathlib import Path
-
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from usp.attention import usp_attention
@@ -35,7 +29,7 @@ from usp.attention.kernels import default_scale, resolve_kernel
 from usp.infer.attention import decode_attention
 from usp.infer.cache import ShardedKVCache
 from usp.integrations.hf_masks import MaskRequest
-from usp.integrations.transformers import USPContext, check_config, check_sequence_mixers
+from usp.integrations.transformers import USPContext, check_config
 from usp.layout import shard_positions, shard_sequence, unshard_sequence
 from usp.topology import Topology
 
@@ -168,78 +162,3 @@ class USPCache(Cache):
             keys, values = (shard_sequence(t, topology, sharded.layout) for t in (keys, values))
         rows = sharded.pending_rows
         sharded.store(layer, keys[:, :rows], values[:, :rows])
-
-
-class _Clock:
-    """A ``generate`` streamer that only notes when each batch of tokens arrives: the prompt
-    first, then every new token."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        """Nothing to flush."""
-
-
-def check_hf_generation(model_dir: str, text: str, ranks: int, dtype: torch.dtype) -> None:
-    """``usp generate --hf-model DIR``'s input, checked in the launching process before any rank
-    starts: DIR is a Hugging Face model folder (not a usp run or checkpoint) whose config, weights
-    and tokenizer need no custom code; the sizes are positive and ``ranks`` whole copies of the
-    model fit this machine's memory; every weight is finite; the prompt has tokens, and the
-    tokenizer's ids fit the model's vocabulary."""
-    from safetensors import safe_open
-
-    from usp.training import model_size
-    from usp.training.hf_model import build_hf_causal_lm, load_hf_config
-    from usp.training.pretrained import check_pretrained, read_headers, weight_files
-    from usp.training.tokenizer import check_vocab, load_tokenizer
-
-    flag = "--hf-model"
-    config = load_hf_config(model_dir, flag)
-    stored = read_headers(*weight_files(Path(model_dir)))
-    # transformers builds the model the config describes, then reads the files into it
-    parameters = max(model_size.parameter_estimate(config),
-                     sum(math.prod(item.shape) for item in stored.values()))
-    bytes_per_parameter = torch.empty((), dtype=dtype).element_size()
-    model_size.check_inference_memory(model_dir, parameters, bytes_per_parameter, ranks)
-    check_pretrained(model_dir, build_hf_causal_lm(model_dir, device="meta"))
-    for key, item in stored.items():  # one tensor at a time
-        with safe_open(str(item.file), framework="pt") as handle:
-            bad = int((~torch.isfinite(handle.get_tensor(key))).sum())
-        if bad:
-            raise ValueError(f"{flag} {model_dir}: tensor {key!r} in {item.file.name} holds {bad} "
-                             "NaN or infinite values; fix or replace the weights")
-    tokenizer = load_tokenizer(model_dir, flag, need_eos=False)
-    check_vocab(tokenizer, model_dir, config.vocab_size, model_dir, flag)
-    if not tokenizer(text).input_ids:
-        raise ValueError(f"the prompt is empty: the tokenizer of {model_dir} turns it into no "
-                         "tokens")
-
-
-def hf_generate(model_dir: str, text: str, topology: Topology, *, layout: str,
-                max_new_tokens: int, dtype: torch.dtype, kernel: str = "auto") -> dict:
-    """Greedy generation with a local Hugging Face model directory (its weights and tokenizer)
-    over ``topology``: ``usp generate --hf-model``'s work on one rank. The folder was checked by
-    :func:`check_hf_generation`; it is read from disk only, with no code from it."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True,
-                                              trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, attn_implementation="usp", dtype=dtype, local_files_only=True,
-        trust_remote_code=False, use_safetensors=True).eval()
-    check_sequence_mixers(model, topology)  # before any layer runs, on every rank alike
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    cache = USPCache(model.config, topology, layout, max_tokens=ids.shape[1] + max_new_tokens,
-                     dtype=dtype, kernel=kernel)
-    clock = _Clock()
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         past_key_values=cache, usp_context=cache.context, streamer=clock,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    tokens = out[0, ids.shape[1]:].tolist()
-    # the prompt arrives at the start, each token when it is chosen
-    steps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]
-    return {"prompt_tokens": ids.shape[1], "tokens": tokens,
-            "text": tokenizer.decode(tokens), "prefill_seconds": clock.times[1] - clock.times[0],
-            "token_seconds": steps}

@@ -2,8 +2,10 @@
 
 Ranks start like ``usp train``'s: torchrun's elastic launcher on the training launcher's
 loopback-only rendezvous (nothing listens beyond 127.0.0.1), ``GLOO_SOCKET_IFNAME=lo``, the
-machine's cores shared out. Each rank builds the same model (a preset Llama from a seed, or a
-local Hugging Face model directory), shards the prompt and generates; rank 0's result comes back.
+machine's cores shared out. Each rank hands the settings to its model family's inference
+adapter (``usp.models.family.InferenceAdapter``: a preset Llama from a seed, a local Hugging
+Face model directory, ...), which builds the same model, shards the prompt and generates; rank
+0's result comes back.
 """
 
 from __future__ import annotations
@@ -18,12 +20,9 @@ import torch
 import torch.distributed as dist
 
 from usp.infer.config import GenerateConfig
-from usp.precision import torch_dtype
-from usp.infer.generate import generate
-from usp.models.llama import Llama, get_config
+from usp.models.registry import family_of
 from usp.rendezvous import LOOPBACK, RENDEZVOUS_BACKEND, register_loopback_rendezvous
 from usp.topology import Topology
-from usp.training.data import EOT, decode, encode  # the byte-level tokenizer of usp train
 
 logger = logging.getLogger(__name__)
 
@@ -80,34 +79,9 @@ def _worker(function, args: tuple, log_level: int, backend: str = "gloo"):
 def run_generation(config: GenerateConfig) -> dict:
     """Generate on this rank (every rank of the world calls it); the same result everywhere."""
     topology = Topology.build(ring=config.ring, ulysses=config.ulysses)
-    dtype = torch_dtype(config.dtype)
     text = Path(config.prompt_file).read_text(encoding="utf-8")
-    if config.hf_model is not None:
-        from usp.infer.hf import hf_generate  # transformers is optional: loaded when asked for
-
-        return hf_generate(config.hf_model, text, topology, layout=config.layout,
-                           max_new_tokens=config.max_new_tokens, dtype=dtype,
-                           kernel=config.kernel)
-    model = Llama(get_config(config.model))
-    model.init_weights(seed=config.seed)
-    model = model.to(dtype).eval()
-    prompt = torch.tensor([encode(text)], dtype=torch.long)
-    if prompt.shape[1] == 0:
-        raise ValueError(f"the prompt file {config.prompt_file!r} is empty")
-    result = generate(model, prompt, topology, max_new_tokens=config.max_new_tokens,
-                      layout=config.layout, ring_pass=config.ring_pass, kernel=config.kernel)
-    tokens = result.tokens[0].tolist()
-    return {"prompt_tokens": prompt.shape[1], "tokens": tokens, "text": byte_text(tokens),
-            "prefill_seconds": result.prefill_seconds, "token_seconds": result.token_seconds}
-
-
-def byte_text(tokens: list[int]) -> str:
-    """Text of byte-level ids; ids past the byte vocabulary (a random model's) show as ``<id>``."""
-    pieces, run = [], []
-    for token in tokens:
-        if 0 <= token <= EOT:
-            run.append(token)
-        else:
-            pieces += [decode(run), f"<{token}>"]
-            run = []
-    return "".join(pieces + [decode(run)])
+    settings = config.model_settings()
+    return family_of(settings).inference.generate(
+        settings, text, topology, seed=config.seed, layout=config.layout,
+        ring_pass=config.ring_pass, kernel=config.kernel, dtype=config.dtype,
+        max_new_tokens=config.max_new_tokens)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from usp.training import fingerprint, safe_files
-from usp.training.build import model_metadata, tokenizer_metadata
+from usp.training.build import model_metadata, pretrained_source, tokenizer_metadata
 
 FORMAT_VERSION = 2  # 2: manifest.json with SHA-256 of every file
 META = "meta.json"
@@ -44,6 +44,7 @@ def run_metadata(config, world_size: int) -> dict:
     if config.synthetic:
         data = "synthetic"
     model_name, model = model_metadata(config)
+    pretrained = pretrained_source(config)
     metadata = {
         "model_name": model_name,
         "model": model,
@@ -65,7 +66,7 @@ def run_metadata(config, world_size: int) -> dict:
                 "tokenizer": (fingerprint.tokenizer_fingerprint(config.tokenizer)
                               if config.tokenizer else []),
             },
-            "pretrained": str(Path(config.hf_model).resolve()) if config.hf_model else None,
+            "pretrained": str(Path(pretrained).resolve()) if pretrained else None,
             "init_from": str(Path(config.init_from).resolve()) if config.init_from else None,
             "world_size": world_size,
             "degrees": {"pp": config.pp, "ring": config.ring, "ulysses": config.ulysses,

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from usp.training import checkpoint, metrics, run_dir, safe_files
 from usp.comm import agree, collective_device
 from usp.training.resume import choose_intact, init_source, verify_on_every_rank
+from usp.training.build import model_name
 from usp.training.run_dir import RunLock
 from usp.training.evaluate import evaluate
 from usp.training.setup import (TrainConfig, build_run, validate, with_default_batch,
@@ -77,8 +78,7 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = Path(config.out)
     if rank == 0:
-        logger.info("building %s and loading its data",
-                    config.hf_model or config.hf_config or config.model)
+        logger.info("building %s and loading its data", model_name(config))
     run = build_run(config, device, world_size)
     if rank == 0:
         logger.info("%s", run.data_summary)

@@ -9,8 +9,8 @@ built, even on the meta device):
   its config class maps it to) is a positive integer; :func:`check_config` checks the built
   config again (with its defaults) and wants a number wherever its class has a float;
 - :func:`parameter_estimate`: the parameters the shapes imply, counted from the config alone
-  (embeddings, attention and two MLP matrices per layer: a lower bound, since gated MLPs have
-  three and other parts are not counted);
+  (embeddings, attention and two MLP matrices per layer, ``usp.models.counts``: a lower bound,
+  since gated MLPs have three and other parts are not counted);
 - :func:`check_training_memory` / :func:`check_inference_memory`: those parameters times the
   bytes a run keeps of each, against the memory of the device or of this machine, refused with
   the numbers when they cannot fit.
@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from usp.models.counts import parameter_count
 
 # the sizes of a decoder config; None is allowed where transformers derives a default
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -75,14 +77,6 @@ def _check_numbers(values: dict, defaults: dict, path, prefix: str) -> None:
             raise ValueError(f"{path}: {prefix}{key}={value!r}; it is a number")
 
 
-def parameter_count(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
-                    head_dim: int, ffn: int, mlp_matrices: int, tied: bool) -> int:
-    """Parameters of the matrices of a decoder: embeddings (one table if tied), per layer the
-    q, k, v, o projections and ``mlp_matrices`` MLP matrices (norms left out)."""
-    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    return vocab * hidden * (1 if tied else 2) + layers * (attention + mlp_matrices * hidden * ffn)
-
-
 def parameter_estimate(config) -> int:
     """A lower bound of the parameters of a transformers decoder config (two MLP matrices)."""
     heads = config.num_attention_heads
@@ -93,13 +87,6 @@ def parameter_estimate(config) -> int:
         getattr(config, "intermediate_size", None) or 0, 2,
         bool(getattr(config, "tie_word_embeddings", False)),
     )
-
-
-def llama_parameters(config) -> int:
-    """The parameters of ``usp.models.Llama`` (its gated MLP has three matrices)."""
-    return parameter_count(config.vocab_size, config.dim, config.n_layers, config.n_heads,
-                           config.n_kv_heads, config.head_dim, config.ffn_dim, 3,
-                           config.tie_embeddings)
 
 
 def host_memory_bytes() -> int:

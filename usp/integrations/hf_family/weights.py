@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-PREFIX = "model."  # usp.training.hf_model.HFCausalLM keeps the transformers model as .model
+PREFIX = "model."  # usp.integrations.hf_family.model.HFCausalLM keeps the transformers model as .model
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # buffers that transformers computes (never persistent), found in some older checkpoints
 COMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
@@ -189,6 +189,13 @@ class _CheckedReader(HuggingFaceStorageReader):
         metadata = Metadata(state_dict_metadata=tensors, storage_data=storage)
         metadata.storage_meta = StorageMeta(load_id=self.load_id)
         return metadata
+
+
+def load_weights(model: nn.Module, directory: str) -> None:
+    """A materialised ``HFCausalLM``'s computed buffers (RoPE tables) and then every parameter
+    from ``directory``, each rank its own shards (the family's ``Weights.load``)."""
+    model.init_weights(0, parameters=False)  # computed buffers only: the seed draws nothing
+    load_pretrained(model, directory)
 
 
 def load_pretrained(model: nn.Module, directory: str) -> None:
