@@ -16,7 +16,7 @@ from usp.spec import SECTIONS, TOP_LEVEL, RunSpec, field_types
 
 def _choices(metadata: dict):
     if metadata.get("choices_from") == "models":
-        from usp.models.configs import CONFIGS  # torch-free: the presets' names
+        from usp.models.llama.presets import CONFIGS  # torch-free: the presets' names
 
         return sorted(CONFIGS)
     return metadata.get("choices")

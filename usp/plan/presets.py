@@ -14,10 +14,10 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from usp.models.configs import CONFIGS as LLAMA_CONFIGS
+from usp.models.llama.presets import CONFIGS as LLAMA_CONFIGS
 from usp.plan.specs import ClusterSpec, ModelSpec
 
-# The models usp train builds (usp.models.configs: "tiny" and "small" run on CPU, llama3-1b and
+# The models usp train builds (usp.models.llama.presets: "tiny" and "small" run on CPU, llama3-1b and
 # llama3-8b at their published shapes): a plan of one of these can be written as a run spec.
 MODELS: dict[str, ModelSpec] = {name: ModelSpec.from_llama_config(name, config)
                                 for name, config in LLAMA_CONFIGS.items()}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from usp.models.configs import CONFIGS
+from usp.models.llama.presets import CONFIGS
 from usp.plan.config import ParallelConfig, check_config
 from usp.plan.presets import get_model
 from usp.plan.specs import GIB, ClusterSpec, Workload
