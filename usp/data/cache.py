@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 # raise when what a given (data, tokenizer, rendering) becomes changes: old stores then miss
 ENCODING_VERSION = 1
+BUILD_RECORD = ("seconds", "tokens_per_s", "processes", "finished")
 
 
 @dataclass
@@ -46,7 +48,8 @@ class Prepared:
     """A run's tokens: the open store and what its log says of them."""
 
     store: TokenStore
-    cache_hit: bool
+    cache_hit: bool  # the store was there before this preparation began
+    built_alongside: bool  # another process built it while this one waited (ranks of a run)
     documents: int
     tokens: int
     loss_tokens: int
@@ -57,11 +60,16 @@ class Prepared:
 
     def summary(self) -> str:
         """One line for the log: counts, throughput and whether the cache was hit."""
-        how = (f"cache hit, {self.store.name} (tokenized earlier at {self.tokens_per_s:,.0f} "
-               "tokens/s)" if self.cache_hit else
-               f"tokenized in {self.seconds:.1f} s, {self.tokens_per_s:,.0f} tokens/s with "
-               f"{self.processes} process{'es' if self.processes > 1 else ''}, cached in "
-               f"{self.store.name}")
+        tokenized = (f"tokenized in {self.seconds:.1f} s, {self.tokens_per_s:,.0f} tokens/s with "
+                     f"{self.processes} process{'es' if self.processes > 1 else ''}")
+        if self.cache_hit:
+            how = (f"cache hit, {self.store.name} (tokenized earlier at {self.tokens_per_s:,.0f} "
+                   "tokens/s)")
+        elif self.built_alongside:
+            how = f"{tokenized} by another process while this one waited, cached in " \
+                  f"{self.store.name}"
+        else:
+            how = f"{tokenized}, cached in {self.store.name}"
         return (f"{self.documents:,} documents, {self.tokens:,} tokens, {self.loss_tokens:,} "
                 f"loss tokens, {self.skipped:,} skipped; {how}")
 
@@ -108,9 +116,14 @@ def _open_existing(directory: Path, key: str) -> TokenStore | None:
         return None
     try:
         store = TokenStore.open(directory)
-        if store.manifest.get("key") != key:
+        manifest, build = store.manifest, store.manifest.get("build")
+        if manifest.get("key") != key:
             raise CorruptStore(f"{directory}/manifest.json records another key "
-                               f"({store.manifest.get('key')!r})")
+                               f"({manifest.get('key')!r})")
+        if not (isinstance(manifest.get("skipped"), int) and isinstance(build, dict) and all(
+                isinstance(build.get(name), (int, float)) for name in BUILD_RECORD)):
+            raise CorruptStore(f"{directory}/manifest.json has no build record "
+                               f"({', '.join(BUILD_RECORD)}) or skipped count")
         return store
     except (CorruptStore, OSError) as exc:
         logger.warning("token cache %s is damaged and is rebuilt: %s", directory, exc)
@@ -120,9 +133,10 @@ def _open_existing(directory: Path, key: str) -> TokenStore | None:
         return None
 
 
-def _prepared(store: TokenStore, cache_hit: bool) -> Prepared:
+def _prepared(store: TokenStore, cache_hit: bool, built_alongside: bool = False) -> Prepared:
     manifest, build = store.manifest, store.manifest["build"]
-    return Prepared(store=store, cache_hit=cache_hit, documents=manifest["documents"],
+    return Prepared(store=store, cache_hit=cache_hit, built_alongside=built_alongside,
+                    documents=manifest["documents"],
                     tokens=manifest["tokens"], loss_tokens=manifest["loss_tokens"],
                     skipped=manifest["skipped"], seconds=build["seconds"],
                     tokens_per_s=build["tokens_per_s"], processes=build["processes"])
@@ -146,10 +160,12 @@ def prepare(spec: DataSpec) -> Prepared:
     except OSError as exc:
         raise ValueError(f"--data-cache {str(cache)!r} cannot be created: {exc}") from exc
     directory = cache / key
+    started = time.time()
     with _KeyLock(cache / f"{key}.lock"):
         store = _open_existing(directory, key)
-        if store is not None:
-            return _prepared(store, cache_hit=True)
+        if store is not None:  # built before this call began, or while it waited for the lock
+            alongside = store.manifest["build"]["finished"] >= started
+            return _prepared(store, cache_hit=not alongside, built_alongside=alongside)
         building = cache / f".building-{key}-{uuid.uuid4().hex[:8]}"
         tokenize_into(building, spec, sources, tokenizer, {"key": key, "key_material": material})
         os.rename(building, directory)  # complete or absent: a reader never sees half a store

@@ -111,7 +111,7 @@ def tokenize_into(directory: Path, spec: DataSpec, sources: list[Source], tokeni
             raise ValueError(f"the data holds no documents to train on{because}: "
                              f"{', '.join(s.describe() for s in sources)}")
         build = {"seconds": round(seconds, 3), "tokens_per_s": writer.tokens / max(seconds, 1e-9),
-                 "processes": used, "records": records}
+                 "processes": used, "records": records, "finished": time.time()}
         return writer.finish(skipped=skipped, build=build, **manifest_extra)
     except BaseException:
         writer.discard()

@@ -22,7 +22,7 @@ from usp.models import init
 from usp.models.llama import Llama, get_config
 from usp.parallel import check_parallel_config, parallelize
 from usp.topology import Topology
-from usp.training.data import BYTE_VOCAB_SIZE, EOT
+from usp.training.data import BYTE_VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +81,6 @@ def tokenizer_metadata(config) -> dict | None:
     from usp.training.tokenizer import load_tokenizer, tokenizer_record
 
     return tokenizer_record(load_tokenizer(config.tokenizer))
-
-
-def training_tokens(config, documents):
-    """The documents as the batcher takes them: text (byte-level) or a token stream, and the id
-    that ends a document."""
-    if not config.tokenizer:
-        return documents, EOT
-    from usp.training.tokenizer import load_tokenizer, tokenize_documents
-
-    tokenizer = load_tokenizer(config.tokenizer)
-    return tokenize_documents(tokenizer, documents), tokenizer.eos_token_id
 
 
 # ---------------------------------------------------------------------------- building
