@@ -89,9 +89,9 @@ def tokenize_into(directory: Path, spec: DataSpec, sources: list[Source], tokeni
             for number, source in enumerate(sources):
                 dataset = _stdlib_records() if source.kind == "stdlib" else load_records(
                     source, scratch)
-                check_field(source, dataset.column_names, spec)
                 if len(dataset) == 0:
                     continue
+                check_field(source, dataset.column_names, spec)
                 workers = processes(spec.num_proc, len(dataset))
                 used = max(used, workers)
                 mapped = dataset.map(

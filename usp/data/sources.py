@@ -181,6 +181,8 @@ def load_records(source: Source, scratch: Path):
 
     if source.kind == "text":
         return datasets.Dataset.from_dict({"path": [str(f) for f in source.files]})
+    if source.kind == "json" and not _has_content(source.path):
+        return datasets.Dataset.from_dict({})  # an empty file holds no records
     try:
         if source.kind == "json":
             return datasets.Dataset.from_json(str(source.path), cache_dir=str(scratch))
@@ -189,9 +191,7 @@ def load_records(source: Source, scratch: Path):
         if source.kind == "arrow":
             return _arrow_file(source.path)
         return datasets.load_from_disk(str(source.path))
-    except ValueError:
-        raise
-    except Exception as exc:  # pyarrow and datasets raise many types for a malformed file
+    except Exception as exc:  # pyarrow and datasets raise many types (some ValueErrors)
         if source.kind == "json":
             located = json_lines_problem(source.path)
             if located is not None:
@@ -199,6 +199,14 @@ def load_records(source: Source, scratch: Path):
         cause = exc.__cause__ or exc
         raise ValueError(f"data file {str(source.path)!r} cannot be read as "
                          f"{source.kind}: {type(cause).__name__}: {cause}") from exc
+
+
+def _has_content(path: Path) -> bool:
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
 
 
 def _arrow_file(path: Path):

@@ -145,13 +145,14 @@ class _MemoryArray:
 class TokenStore:
     """Read access to a store's windows: tokens, loss mask and document ids of ``[start, stop)``.
 
-    ``name`` says where it is in messages. Build one with :meth:`open` (a folder) or
-    :meth:`in_memory` (arrays: synthetic tokens, a tensor stream).
+    ``name`` says where it is in messages (``directory``: the folder, for a store on disk).
+    Build one with :meth:`open` (a folder) or :meth:`in_memory` (arrays: synthetic tokens, a
+    tensor stream).
     """
 
     def __init__(self, tokens, offsets: np.ndarray, mask, max_token_id: int, name: str,
-                 manifest: dict | None = None) -> None:
-        self._tokens, self._mask, self.offsets = tokens, mask, offsets
+                 manifest: dict | None = None, directory: Path | None = None) -> None:
+        self._tokens, self._mask, self.offsets, self.directory = tokens, mask, offsets, directory
         self.max_token_id, self.name, self.manifest = max_token_id, name, manifest or {}
         self.num_tokens, self.num_documents = int(offsets[-1]), len(offsets) - 1
 
@@ -174,7 +175,8 @@ class TokenStore:
         offsets = np.memmap(directory / OFFSETS, dtype=np.int64, mode="r")
         tokens = _FileArray(directory / TOKENS, DTYPES[manifest["dtype"]])
         mask = _FileArray(directory / MASK, np.uint8) if manifest["has_mask"] else None
-        return cls(tokens, offsets, mask, manifest["max_token_id"], str(directory), manifest)
+        return cls(tokens, offsets, mask, manifest["max_token_id"], str(directory), manifest,
+                   directory)
 
     @property
     def has_mask(self) -> bool:
