@@ -60,16 +60,16 @@ class Prepared:
 
     def summary(self) -> str:
         """One line for the log: counts, throughput and whether the cache was hit."""
-        tokenized = (f"tokenized in {self.seconds:.1f} s, {self.tokens_per_s:,.0f} tokens/s with "
+        tokenized = (f"{self.seconds:.1f} s, {self.tokens_per_s:,.0f} tokens/s with "
                      f"{self.processes} process{'es' if self.processes > 1 else ''}")
         if self.cache_hit:
             how = (f"cache hit, {self.store.name} (tokenized earlier at {self.tokens_per_s:,.0f} "
                    "tokens/s)")
         elif self.built_alongside:
-            how = f"{tokenized} by another process while this one waited, cached in " \
-                  f"{self.store.name}"
+            how = (f"tokenized just now by another process while this one waited ({tokenized}), "
+                   f"cached in {self.store.name}")
         else:
-            how = f"{tokenized}, cached in {self.store.name}"
+            how = f"tokenized in {tokenized}, cached in {self.store.name}"
         return (f"{self.documents:,} documents, {self.tokens:,} tokens, {self.loss_tokens:,} "
                 f"loss tokens, {self.skipped:,} skipped; {how}")
 

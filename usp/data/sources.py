@@ -233,7 +233,7 @@ def json_lines_problem(path: Path) -> str | None:
                 if not line.strip():
                     continue
                 try:
-                    value = json.loads(line)
+                    value = json.loads(line.rstrip("\r\n"))
                 except ValueError as exc:
                     if number == 1 and line.lstrip().startswith("["):
                         return None  # a JSON array file, not JSON Lines
