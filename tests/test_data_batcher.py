@@ -158,9 +158,10 @@ def test_host_memory_stays_flat_when_the_corpus_grows_tenfold(tmp_path):
     with the corpus (a loose sanity bound; the numbers are printed for the docs)."""
     results = {}
     for tokens in (4_000_000, 40_000_000):
-        _write_store(tmp_path / f"store{tokens}", tokens)
-        run = subprocess.run([sys.executable, "-c", _READ_THROUGH, str(tmp_path / f"store{tokens}")],
-                             capture_output=True, text=True, timeout=600, cwd=ROOT,
+        store = tmp_path / f"store{tokens}"
+        _write_store(store, tokens)
+        run = subprocess.run([sys.executable, "-c", _READ_THROUGH, str(store)], capture_output=True,
+                             text=True, timeout=600, cwd=ROOT,
                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
         assert run.returncode == 0, run.stderr
         results[tokens] = json.loads(run.stdout.strip().splitlines()[-1])

@@ -67,8 +67,8 @@ def test_parquet_and_saved_conversations_match_json_lines(tmp_path):
 def test_keys_arrow_fills_with_none_are_not_seen_by_the_template(tmp_path):
     """Arrow gives every message every key of any message (None where absent); a template
     that tests ``is defined`` must see only the keys a message had."""
-    template = GENERATION_TEMPLATE.replace("{{ m['role'] }} ",
-                                           "{{ m['role'] }} {% if m.name is defined %}one {% endif %}")
+    named_marker = "{{ m['role'] }} {% if m.name is defined %}one {% endif %}"
+    template = GENERATION_TEMPLATE.replace("{{ m['role'] }} ", named_marker)
     tokenizer = save_tokenizer(tmp_path / "tok", template)
     named = [{"role": "user", "content": "hello", "name": "two"},
              {"role": "assistant", "content": "yes"}]

@@ -11,7 +11,8 @@ from tests.data_helpers import (save_to_disk, save_tokenizer, write_arrow_file,
 from usp.data import DataSpec, find_sources, prepare
 from usp.training.data import document_tokens, stdlib_documents
 
-DOCUMENTS = ["hello world", "how are you\nfine thanks", "", "déjà vu — 東京\r\n", "one two three"]
+DOCUMENTS = ["hello world", "how are you\nfine thanks", "", "déjà vu — 東京\r\n",
+             "one two three"]
 
 
 def _tokens(prepared) -> tuple[np.ndarray, np.ndarray]:

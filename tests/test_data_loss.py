@@ -47,7 +47,10 @@ CASES = [
 def _conversations(count: int) -> list[list[dict]]:
     """Seeded conversations of 1 or 2 exchanges of 1 to 5 words, some with a system message."""
     chooser = random.Random(SEED)
-    words = lambda: " ".join(chooser.choice(WORDS) for _ in range(chooser.randint(1, 5)))  # noqa: E731
+
+    def words() -> str:
+        return " ".join(chooser.choice(WORDS) for _ in range(chooser.randint(1, 5)))
+
     conversations = []
     for _ in range(count):
         messages = [{"role": "system", "content": words()}] if chooser.random() < 0.3 else []

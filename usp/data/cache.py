@@ -159,9 +159,12 @@ def prepare(spec: DataSpec) -> Prepared:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"--data-cache {str(cache)!r} cannot be created: {exc}") from exc
-    directory = cache / key
-    started = time.time()
-    with _KeyLock(cache / f"{key}.lock"):
+    directory, started = cache / key, time.time()
+    try:
+        lock = _KeyLock(cache / f"{key}.lock").__enter__()
+    except OSError as exc:
+        raise ValueError(f"--data-cache {str(cache)!r} is not writable: {exc}") from exc
+    with lock:
         store = _open_existing(directory, key)
         if store is not None:  # built before this call began, or while it waited for the lock
             alongside = store.manifest["build"]["finished"] >= started

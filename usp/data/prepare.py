@@ -10,21 +10,17 @@ deleted; nothing holds the whole corpus in memory.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
-
 from usp.data.encode import Encoder, check_field, vocabulary_size
 from usp.data.sources import Source, load_records, quiet_datasets
 from usp.data.spec import DataSpec
 from usp.data.store import StoreWriter
 
-logger = logging.getLogger(__name__)
 
 RECORDS_PER_PROCESS = 1000  # fewer records than this per process: starting one costs more
 MAP_BATCH = 256  # records per call of the encoder

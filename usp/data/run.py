@@ -48,6 +48,8 @@ def prepare_on_every_rank(spec: DataSpec) -> Prepared:
         prepared = prepare(spec)
     except ValueError as exc:
         error = str(exc)
+    except OSError as exc:  # a full disk while writing the cache: every rank stops, saying why
+        error = f"preparing the data failed: {type(exc).__name__}: {exc}"
     agree(dist.group.WORLD if dist.is_initialized() else None, {}, error)
     if not dist.is_initialized() or dist.get_rank() == 0:
         logger.info("tokens: %s", prepared.summary())

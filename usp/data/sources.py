@@ -142,7 +142,8 @@ def find_sources(paths: Sequence[str | os.PathLike]) -> list[Source]:
                 splits = sorted(p.name for p in path.iterdir() if p.is_dir())
                 raise ValueError(
                     f"data folder {str(path)!r} is a datasets.DatasetDict with splits "
-                    f"{', '.join(splits)}; pass the split to train on, e.g. {str(path / 'train')!r}")
+                    f"{', '.join(splits)}; pass the split to train on, e.g. "
+                    f"{str(path / 'train')!r}")
             files = _folder_files(path)
         elif path.is_file():
             files = [path]
