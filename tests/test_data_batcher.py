@@ -102,8 +102,8 @@ def test_the_state_resumes_at_the_next_unseen_window(tmp_path):
         for name in ("tokens", "targets", "documents"):
             assert torch.equal(getattr(got, name), getattr(expected, name))
     all_tokens = PackedBatcher(store, 3, 12, seed=7, render={**spec.render(), "loss_on": "all"})
-    with pytest.raises(ValueError, match="resume with the same --text-field, --chat-field and "
-                                         "--loss-on"):
+    with pytest.raises(ValueError, match="resume with the same --text-field, --chat-field, "
+                                         "--loss-on and chat template"):
         all_tokens.load_state_dict(state)
     with pytest.raises(ValueError, match="num_tokens=.* but this run has num_tokens=40"):
         PackedBatcher(TokenStore.in_memory(np.arange(40)), 3, 12, seed=7).load_state_dict(state)

@@ -47,7 +47,9 @@ def test_a_chat_run_reports_its_tokens_and_resumes_at_the_next_unseen_sample(
     state = torch.load(tmp_path / "straight/checkpoints/step_000002/trainer.pt",
                        weights_only=True)["data"]
     assert (state["epoch"], state["index"]) == (0, 2)  # the next unseen window: the third
-    assert state["render"] == {"kind": "chat", "field": "messages", "loss_on": "assistant"}
+    assert {key: state["render"][key] for key in ("kind", "field", "loss_on")} == \
+        {"kind": "chat", "field": "messages", "loss_on": "assistant"}
+    assert len(state["render"]["chat_template_sha256"]) == 64
 
     caplog.clear()
     original = usp.training.loop.train_step

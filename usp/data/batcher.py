@@ -124,7 +124,7 @@ class PackedBatcher:
         if saved_render is not None and self.render is not None and saved_render != self.render:
             raise ValueError(f"data state was saved reading the data as {saved_render} but this "
                              f"run reads it as {self.render}; resume with the same --text-field, "
-                             "--chat-field and --loss-on")
+                             "--chat-field, --loss-on and chat template")
         if not 0 <= state["index"] <= self.num_windows:
             raise ValueError(f"data state index {state['index']} is outside 0..{self.num_windows}")
         self.epoch, self.index = state["epoch"], state["index"]

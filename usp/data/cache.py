@@ -57,6 +57,7 @@ class Prepared:
     seconds: float  # tokenizing, in the build that made the store
     tokens_per_s: float
     processes: int
+    render: dict  # how records became tokens (spec.render(), and the chat template's SHA-256)
 
     def summary(self) -> str:
         """One line for the log: counts, throughput and whether the cache was hit."""
@@ -78,17 +79,12 @@ def _sources(spec: DataSpec) -> list[Source]:
     return find_sources(spec.paths) if spec.paths else [STDLIB]
 
 
-def _data_fingerprint(sources: list[Source]) -> list[dict]:
-    from usp.training.fingerprint import data_fingerprint, file_fingerprint
-
-    if sources == [STDLIB]:
-        return data_fingerprint([], synthetic=False)
-    return [file_fingerprint(file) for source in sources for file in source.files]
-
-
-def cache_key(spec: DataSpec, sources: list[Source], tokenizer) -> tuple[str, dict]:
+def cache_key(spec: DataSpec, tokenizer) -> tuple[str, dict]:
     """``(key, what it is made of)``: see the module docstring."""
-    material = {"encoding_version": ENCODING_VERSION, "data": _data_fingerprint(sources),
+    from usp.training.fingerprint import data_fingerprint
+
+    material = {"encoding_version": ENCODING_VERSION,
+                "data": data_fingerprint(list(spec.paths), synthetic=False),
                 "tokenizer": tokenizer_identity(tokenizer, spec), "render": spec.render()}
     canonical = json.dumps(material, sort_keys=True).encode()
     return hashlib.blake2b(canonical, digest_size=16).hexdigest(), material
@@ -133,9 +129,11 @@ def _open_existing(directory: Path, key: str) -> TokenStore | None:
         return None
 
 
-def _prepared(store: TokenStore, cache_hit: bool, built_alongside: bool = False) -> Prepared:
+def _prepared(store: TokenStore, render: dict, cache_hit: bool,
+              built_alongside: bool = False) -> Prepared:
     manifest, build = store.manifest, store.manifest["build"]
-    return Prepared(store=store, cache_hit=cache_hit, built_alongside=built_alongside,
+    return Prepared(store=store, render=render, cache_hit=cache_hit,
+                    built_alongside=built_alongside,
                     documents=manifest["documents"],
                     tokens=manifest["tokens"], loss_tokens=manifest["loss_tokens"],
                     skipped=manifest["skipped"], seconds=build["seconds"],
@@ -153,7 +151,10 @@ def prepare(spec: DataSpec) -> Prepared:
     check_spec(spec)
     sources = _sources(spec)
     tokenizer = load_tokenizer(spec)
-    key, material = cache_key(spec, sources, tokenizer)
+    key, material = cache_key(spec, tokenizer)
+    render = dict(spec.render())
+    if "chat_template_sha256" in material["tokenizer"]:  # a resume must render the same way
+        render["chat_template_sha256"] = material["tokenizer"]["chat_template_sha256"]
     cache = spec.cache_dir
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -168,8 +169,8 @@ def prepare(spec: DataSpec) -> Prepared:
         store = _open_existing(directory, key)
         if store is not None:  # built before this call began, or while it waited for the lock
             alongside = store.manifest["build"]["finished"] >= started
-            return _prepared(store, cache_hit=not alongside, built_alongside=alongside)
+            return _prepared(store, render, cache_hit=not alongside, built_alongside=alongside)
         building = cache / f".building-{key}-{uuid.uuid4().hex[:8]}"
         tokenize_into(building, spec, sources, tokenizer, {"key": key, "key_material": material})
         os.rename(building, directory)  # complete or absent: a reader never sees half a store
-        return _prepared(TokenStore.open(directory), cache_hit=False)
+        return _prepared(TokenStore.open(directory), render, cache_hit=False)

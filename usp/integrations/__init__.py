@@ -2,6 +2,8 @@
 
 - :mod:`usp.integrations.transformers`: ``attn_implementation="usp"`` for Hugging Face models
   (its mask function lives in :mod:`usp.integrations.hf_masks`).
+- :mod:`usp.integrations.hf_family`: the Hugging Face model family (``docs/models.md``): what
+  ``usp train`` and ``usp generate`` build, parallelise and load for a transformers model.
 
 Importing this package imports none of them (and no third-party library).
 """

@@ -89,13 +89,15 @@ def _stdlib_fingerprint() -> dict:
 
 
 def data_fingerprint(data: list[str], synthetic: bool) -> list[dict]:
-    """The fingerprints of a run's data: one per ``--data`` file, one for the standard library,
-    none for synthetic tokens (a function of the seed)."""
+    """The fingerprints of a run's data: one per file ``--data`` names (a folder's files each),
+    one for the standard library, none for synthetic tokens (a function of the seed)."""
     if synthetic:
         return []
     if not data:
         return [dict(_stdlib_fingerprint())]
-    return [file_fingerprint(Path(path)) for path in data]
+    from usp.data.sources import find_sources  # folders: every file in them
+
+    return [file_fingerprint(file) for source in find_sources(data) for file in source.files]
 
 
 def tokenizer_fingerprint(directory: str) -> list[dict]:
