@@ -1,4 +1,6 @@
-"""Byte tokens, the resumable batcher, and shard_batch's labels against the global sequence."""
+"""Byte tokens, the resumable batcher, and shard_batch's labels against the global sequence.
+
+Reading the user's files (every format, folders, refusals) is tested in tests/test_data_*.py."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from usp.training.data import (
     encode,
     stdlib_documents,
     synthetic_tokens,
-    text_file_documents,
 )
 from usp.batch import IGNORE_INDEX, shard_batch
 from usp.layout import shard_sequence
@@ -142,62 +143,3 @@ def test_stdlib_corpus_is_deterministic_and_capped():
     sizes = [len(d.encode("utf-8")) for d in documents]
     assert sum(sizes[:-1]) < 200_000 <= sum(sizes)
     assert any("def " in d for d in documents)
-
-
-def test_text_files_and_missing_paths(tmp_path):
-    path = tmp_path / "a.txt"
-    path.write_text("hello")
-    assert text_file_documents([path]) == ["hello"]
-    with pytest.raises(ValueError, match="nope.txt"):
-        text_file_documents([path, tmp_path / "nope.txt"])
-    with pytest.raises(ValueError, match="no data paths"):
-        text_file_documents([])
-
-
-def test_a_folder_is_every_text_file_in_it_in_sorted_order(tmp_path):
-    corpus = tmp_path / "corpus"
-    (corpus / "b" / "deeper").mkdir(parents=True)
-    (corpus / "z.txt").write_text("last")
-    (corpus / "b" / "deeper" / "two.md").write_text("second")
-    (corpus / "b" / "a.py").write_text("first")
-    (corpus / ".git").mkdir()  # hidden: not data
-    (corpus / ".git" / "index").write_bytes(b"\x00\x01binary")
-    assert text_file_documents([corpus]) == ["first", "second", "last"]
-    (corpus / "b" / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
-    with pytest.raises(ValueError, match=r"image.png' is binary \(it holds NUL bytes\)"):
-        text_file_documents([corpus])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no files"):
-        text_file_documents([tmp_path / "empty"])
-
-
-@pytest.mark.parametrize("name, content, kind", [
-    ("train.jsonl", '{"text": "hello"}\n{"text": "world"}\n', "a JSON Lines file"),
-    ("train.json", '[{"text": "hello"}]', "a JSON file"),
-    ("train.csv", "text\nhello\n", "a CSV file"),
-    ("train.tsv", "text\thello\n", "a TSV file"),
-    ("train.parquet", "PAR1....", "a Parquet file"),
-    ("train.arrow", "ARROW1..", "an Arrow file"),
-    ("records.txt", '{"text": "hello"}\n', "JSON Lines (its first line is a JSON object)"),
-    ("table.bin", "PAR1\x00\x00", "a Parquet file (by its first bytes)"),
-    ("pretty.txt", '{\n  "text": "hello"\n}\n', "JSON (it starts like a JSON object"),
-])
-def test_structured_data_is_refused_not_read_as_text(tmp_path, name, content, kind):
-    path = tmp_path / name
-    path.write_text(content)
-    with pytest.raises(ValueError) as refused:
-        text_file_documents([path])
-    assert f"data file '{path}' is {kind}" in str(refused.value)
-    assert "usp train reads plain text today: text files, or folders of them" in str(refused.value)
-    # a folder holding one is refused too, and so is a datasets.save_to_disk folder
-    folder = tmp_path / "folder"
-    folder.mkdir()
-    path.rename(folder / name)
-    with pytest.raises(ValueError, match=name):
-        text_file_documents([folder])
-    saved = tmp_path / "saved"
-    saved.mkdir()
-    (saved / "dataset_info.json").write_text("{}")
-    (saved / "data-00000-of-00001.arrow").write_bytes(b"\xff\xff\xff\xff")
-    with pytest.raises(ValueError, match="is a `datasets` folder"):
-        text_file_documents([saved])

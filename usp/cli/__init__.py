@@ -1,4 +1,5 @@
-"""The ``usp`` command: ``usp bench``, ``usp check``, ``usp generate``, ``usp plan``, ``usp train``.
+"""The ``usp`` command: ``usp bench``, ``usp check``, ``usp data``, ``usp generate``, ``usp plan``,
+``usp train``.
 
 Each subcommand is a module of this package exposing ``register(subparsers)``: argument parsing
 and printing live here and only here; the library modules they drive log, never print.
@@ -21,6 +22,7 @@ from usp.cli.help import HelpFormatter
 def build_parser() -> argparse.ArgumentParser:
     from usp.cli import bench as bench_cli
     from usp.cli import check as check_cli
+    from usp.cli import data as data_cli
     from usp.cli import generate as generate_cli
     from usp.cli import plan as plan_cli
     from usp.cli import train as train_cli
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     bench_cli.register(subparsers)
     check_cli.register(subparsers)
+    data_cli.register(subparsers)
     generate_cli.register(subparsers)
     plan_cli.register(subparsers)
     train_cli.register(subparsers)

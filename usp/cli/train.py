@@ -13,6 +13,7 @@ from pathlib import Path
 
 from usp.choices import LAYOUTS, LOSSES
 from usp.cli.help import add_parser
+from usp.data.spec import LOSS_ON, default_cache_dir
 from usp.models.llama.presets import CONFIGS
 from usp.training import run_dir
 from usp.training.config import DEFAULT_CHECKPOINT_EVERY, TrainConfig
@@ -117,11 +118,23 @@ def add_arguments(parser) -> None:
       help="FSDP keeps gathered parameters between forward and backward (ZeRO-2; default off)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", nargs="+", metavar="PATH",
-                        help="text files to train on, one document each (default: the Python "
-                        "standard library's source)")
+                        help="local files or folders to train on: text files (one document "
+                        "each), JSON Lines, JSON, Parquet, Arrow, datasets.save_to_disk folders "
+                        "(default: the Python standard library's source)")
     source.add_argument("--synthetic", action="store_true",
                         help="seeded random tokens instead of text, for throughput runs "
                         "(default off)")
+    a("--text-field", metavar="NAME",
+      help=f"the field of each record that holds its text (default {d.text_field})")
+    a("--chat-field", metavar="NAME",
+      help="read each record's NAME field as a conversation (a list of role/content messages) "
+      "rendered with the tokenizer's chat template (default: none, records are text)")
+    a("--loss-on", choices=LOSS_ON,
+      help="with --chat-field, which tokens carry the loss: the assistant's or all "
+      "(default: assistant for conversations; text trains on every token)")
+    a("--data-cache", metavar="DIR",
+      help="where tokenized data is cached, so a second run does not tokenize again "
+      f"(default: {default_cache_dir()})")
     a("--no-pack", dest="pack", action="store_false",
       help="let attention, labels and RoPE positions run across document boundaries (EOT) "
       "(default: each packed document is its own sequence)")

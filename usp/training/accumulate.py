@@ -113,15 +113,15 @@ def train_micro_batches(
     return total, saved_bytes
 
 
-def rank_batch(run, config, tokens: torch.Tensor) -> dict:
-    """This rank's part of global ``tokens [B, S + 1]`` on the run's device: ids, labels,
-    positions and (packing on) the documents the run's end-of-document token closes."""
+def rank_batch(run, config, global_batch) -> dict:
+    """This rank's part of a global batch (``usp.data.PackedBatch``: tokens, targets with the
+    loss mask applied, documents) on the run's device: ids, labels, positions and (packing on)
+    the documents."""
     from usp.batch import shard_batch
-    from usp.training.data import documents_of_windows
 
-    documents = (documents_of_windows(tokens, run.end_of_document)
-                 if config.pack and not config.synthetic else None)
-    batch = shard_batch(tokens, run.topology, config.layout, documents=documents)
+    documents = global_batch.documents if config.pack and not config.synthetic else None
+    batch = shard_batch(global_batch.tokens, run.topology, config.layout,
+                        targets=global_batch.targets, documents=documents)
     # the documents only shape attention masks, which live on the host: moving them to the GPU
     # would make every step's mask copy them back (a wait for the device)
     return {name: tensor if name == "documents" else tensor.to(run.device)

@@ -26,7 +26,7 @@ from usp.models.family import ModelFamily, ModelSettings
 from usp.models.registry import family_of, family_of_model
 from usp.parallel import parallelize
 from usp.topology import AXES, Topology
-from usp.training.data import BYTE_VOCAB_SIZE, EOT
+from usp.training.data import BYTE_VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -91,17 +91,6 @@ def tokenizer_metadata(config) -> dict | None:
     from usp.training.tokenizer import load_tokenizer, tokenizer_record
 
     return tokenizer_record(load_tokenizer(config.tokenizer))
-
-
-def training_tokens(config, documents):
-    """The documents as the batcher takes them: text (byte-level) or a token stream, and the id
-    that ends a document."""
-    if not config.tokenizer:
-        return documents, EOT
-    from usp.training.tokenizer import load_tokenizer, tokenize_documents
-
-    tokenizer = load_tokenizer(config.tokenizer)
-    return tokenize_documents(tokenizer, documents), tokenizer.eos_token_id
 
 
 # ---------------------------------------------------------------------------- building

@@ -51,6 +51,10 @@ class TrainConfig:
     eval_batches: int = 4  # global batches held out
     zero2: bool = False
     data: list[str] = field(default_factory=list)
+    text_field: str = "text"  # the field of a record that holds its text (usp.data)
+    chat_field: str | None = None  # or the field that holds a conversation
+    loss_on: str | None = None  # chat: "assistant" (None) or "all"; text trains on every token
+    data_cache: str | None = None  # token caches; None: usp.data.spec.default_cache_dir()
     synthetic: bool = False
     pack: bool = True
     out: str = "runs/tiny"

@@ -5,22 +5,22 @@ Tokens are the UTF-8 bytes of the text (ids 0-255) with documents joined by an e
 
 - :func:`stdlib_documents`: the ``.py`` files of this Python's standard library, a corpus every
   machine with Python has (the default);
-- :func:`text_file_documents`: the user's own text files (or folders of them), one document
-  each; structured data (JSONL, Parquet, Arrow, CSV ...) is refused, never read as text;
+- the user's own data (text files, JSON Lines, Parquet, Arrow, ``datasets`` folders, chat
+  conversations) goes through ``usp.data``, which tokenizes it into a cache on disk;
 - :func:`synthetic_tokens`: seeded uniformly random tokens (throughput runs; nothing to learn).
 
 Documents are packed back to back into fixed windows. :func:`documents_of_windows` tells each
 window's tokens their document (an ``EOT`` closes the document it ends), so with packing on
 (``usp train``'s default) attention, labels and RoPE positions stay inside each document.
+:class:`TokenBatcher` cuts the windows of a token stream in a seeded order
+(``usp.data.PackedBatcher``'s, which ``usp train`` uses with document boundaries and loss masks).
 
 :func:`usp.batch.shard_batch` turns a global batch into one rank's inputs, labels and positions.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,103 +79,6 @@ def stdlib_documents(max_bytes: int = DEFAULT_STDLIB_BYTES) -> list[str]:
     return documents
 
 
-# structured data, which a later version reads through `datasets`; today it would be trained on
-# as its raw JSON/CSV text (or bytes), one document per file
-STRUCTURED_SUFFIXES = {".jsonl": "a JSON Lines file", ".ndjson": "a JSON Lines file",
-                       ".json": "a JSON file", ".parquet": "a Parquet file",
-                       ".arrow": "an Arrow file", ".feather": "an Arrow file",
-                       ".csv": "a CSV file", ".tsv": "a TSV file"}
-DATASETS_FOLDER_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
-ACCEPTED = ("usp train reads plain text today: text files, or folders of them (each file one "
-            "document); structured data (JSONL, JSON, Parquet, Arrow, CSV, datasets folders) is "
-            "not read yet: write its text field to .txt files")
-SNIFF_BYTES = 8192
-
-
-def _structured_kind(path: Path, head: bytes) -> str | None:
-    """What structured format a file is, by its extension or its first bytes; None for text."""
-    kind = STRUCTURED_SUFFIXES.get(path.suffix.lower())
-    if kind is not None:
-        return kind
-    if head.startswith(b"PAR1"):
-        return "a Parquet file (by its first bytes)"
-    if head.startswith(b"ARROW1"):
-        return "an Arrow file (by its first bytes)"
-    first_line = head.split(b"\n", 1)[0].strip()
-    if first_line.startswith(b"{") and first_line.endswith(b"}"):
-        try:
-            if isinstance(json.loads(first_line), dict):
-                return "JSON Lines (its first line is a JSON object)"
-        except ValueError:
-            pass
-    if re.match(rb"\s*[\[{]\s*\"", head):
-        return "JSON (it starts like a JSON object or array)"
-    return None
-
-
-def _check_text_file(path: Path) -> None:
-    """ValueError unless ``path`` is a readable file of text (not structured, not binary)."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(SNIFF_BYTES)
-    except OSError as exc:
-        raise ValueError(f"data path {str(path)!r} cannot be read: {exc}") from exc
-    kind = _structured_kind(path, head)
-    if kind is not None:
-        raise ValueError(f"data file {str(path)!r} is {kind}; {ACCEPTED}")
-    if b"\x00" in head:
-        raise ValueError(f"data file {str(path)!r} is binary (it holds NUL bytes), not text; "
-                         f"{ACCEPTED}")
-
-
-def data_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The text files ``--data`` names: each file given, and every regular file under each
-    folder given (recursively, in sorted path order; hidden names, starting with ".", skipped).
-    ValueError, naming the path, for anything missing, structured, binary or empty."""
-    if not paths:
-        raise ValueError("no data paths given; pass one or more text files or folders")
-    files = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise ValueError(f"data path {str(path)!r} does not exist")
-        if path.is_dir():
-            marker = next((name for name in DATASETS_FOLDER_FILES if (path / name).is_file()),
-                          None)
-            if marker is not None:
-                raise ValueError(f"data folder {str(path)!r} is a `datasets` folder (it holds "
-                                 f"{marker}: datasets.save_to_disk); {ACCEPTED}")
-            found = sorted(
-                (p for p in path.rglob("*") if p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(path).parts)),
-                key=lambda p: p.relative_to(path).as_posix())
-            if not found:
-                raise ValueError(f"data folder {str(path)!r} holds no files; {ACCEPTED}")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ValueError(f"data path {str(path)!r} is neither a file nor a folder")
-    for file in files:
-        _check_text_file(file)
-    return files
-
-
-def text_file_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """One document per text file (folders: every file in them, :func:`data_files`); a
-    missing, structured, binary or unreadable path raises ValueError naming it."""
-    documents = []
-    for path in data_files(paths):
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"data path {str(path)!r} cannot be read: {exc}") from exc
-        if b"\x00" in data:
-            raise ValueError(f"data file {str(path)!r} is binary (it holds NUL bytes), not "
-                             f"text; {ACCEPTED}")
-        documents.append(data.decode("utf-8", errors="replace"))
-    return documents
-
-
 def data_summary(documents: int | None, training: int, held_out: int, steps: int,
                  global_batch: int, seq_len: int) -> str:
     """How much data a run has and how often it sees it, for its log: documents (None:
@@ -220,7 +123,8 @@ class TokenBatcher:
     The stream is cut into windows of ``seq_len + 1`` tokens that overlap by one, so every token
     but the first is a label exactly once per epoch. Each epoch visits the windows in a random
     order drawn from ``(seed, epoch)``; the position (epoch, index) is the whole state, so
-    :meth:`load_state_dict` resumes exactly.
+    :meth:`load_state_dict` resumes exactly. The windows and their order are
+    ``usp.data.PackedBatcher``'s over the stream; this class hands out their tokens only.
     """
 
     def __init__(
@@ -230,58 +134,33 @@ class TokenBatcher:
         seq_len: int,
         seed: int = 0,
     ) -> None:
+        from usp.data.batcher import PackedBatcher
+        from usp.data.store import TokenStore
+
         if isinstance(documents_or_tokens, torch.Tensor):
             self.tokens = documents_or_tokens.reshape(-1).long()
         else:
             self.tokens = document_tokens(documents_or_tokens)
-        if global_batch < 1 or seq_len < 1:
-            raise ValueError(f"global_batch={global_batch} and seq_len={seq_len} must be >= 1")
+        self._packed = PackedBatcher(TokenStore.in_memory(self.tokens.numpy()), global_batch,
+                                     seq_len, seed)
         self.global_batch, self.seq_len, self.seed = global_batch, seq_len, seed
-        self.num_windows = (self.tokens.numel() - 1) // seq_len
-        if self.num_windows < 1:
-            raise ValueError(
-                f"the data has {self.tokens.numel()} tokens, fewer than one window of "
-                f"seq_len + 1 = {seq_len + 1}; add data or lower seq_len"
-            )
-        self.epoch, self.index = 0, 0
-        self._order = self._epoch_order(0)
+        self.num_windows = self._packed.num_windows
 
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 2**31 + epoch)
-        return torch.randperm(self.num_windows, generator=generator)
+    @property
+    def epoch(self) -> int:
+        return self._packed.epoch
+
+    @property
+    def index(self) -> int:
+        return self._packed.index
 
     def next_batch(self) -> torch.Tensor:
         """The next global batch, ``LongTensor [global_batch, seq_len + 1]``."""
-        rows = []
-        for _ in range(self.global_batch):
-            if self.index == self.num_windows:
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._epoch_order(self.epoch)
-            start = int(self._order[self.index]) * self.seq_len
-            rows.append(self.tokens[start : start + self.seq_len + 1])
-            self.index += 1
-        return torch.stack(rows)
+        return self._packed.next_batch().tokens
 
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "index": self.index,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "num_tokens": self.tokens.numel(),
-        }
+        return self._packed.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at a saved position; refuse a state saved over other data or settings."""
-        for key, mine in (
-            ("seed", self.seed), ("seq_len", self.seq_len), ("num_tokens", self.tokens.numel())
-        ):
-            if state[key] != mine:
-                raise ValueError(
-                    f"data state was saved with {key}={state[key]} but this run has {key}={mine}; "
-                    "resume with the same data, seq_len and seed"
-                )
-        if not 0 <= state["index"] <= self.num_windows:
-            raise ValueError(f"data state index {state['index']} is outside 0..{self.num_windows}")
-        self.epoch, self.index = state["epoch"], state["index"]
-        self._order = self._epoch_order(self.epoch)
+        self._packed.load_state_dict(state)

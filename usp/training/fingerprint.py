@@ -95,9 +95,9 @@ def data_fingerprint(data: list[str], synthetic: bool) -> list[dict]:
         return []
     if not data:
         return [dict(_stdlib_fingerprint())]
-    from usp.training.data import data_files  # folders: every text file in them
+    from usp.data.sources import find_sources  # folders: every file in them
 
-    return [file_fingerprint(path) for path in data_files(data)]
+    return [file_fingerprint(file) for source in find_sources(data) for file in source.files]
 
 
 def tokenizer_fingerprint(directory: str) -> list[dict]:

@@ -183,8 +183,8 @@ def train_step(run, config: TrainConfig, step: int) -> dict:
     memory_before = metrics.current_memory_bytes(run.device)
     metrics.reset_peak_memory(run.device)
     start = time.perf_counter()
-    tokens = run.batcher.next_batch()
-    batch = rank_batch(run, config, tokens)
+    batch = rank_batch(run, config, run.batcher.next_batch())
+    data_time = time.perf_counter() - start
     lr = run.scheduler.get_last_lr()[0]
     autocast_dtype = torch.bfloat16 if config.dtype == "bf16" else None
     if run.pipeline is not None:  # forward and backward of every micro-batch, stage by stage
@@ -220,6 +220,7 @@ def train_step(run, config: TrainConfig, step: int) -> dict:
         "tokens": tokens,
         "tokens_per_s": tokens / step_time,
         "step_time_s": step_time,
+        "data_s": data_time,
         "memory_before_step_bytes": [int(m[0]) for m in per_rank],
         "peak_memory_bytes": [int(m[1]) for m in per_rank],
         "saved_activation_bytes": [int(m[2]) for m in per_rank],

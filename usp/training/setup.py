@@ -25,11 +25,10 @@ from usp.layout import padded_length
 from usp.losses import LossHead, check_loss
 from usp.pipeline import Pipeline, check_pipeline
 from usp.training.accumulate import check_step_options
-from usp.training.build import build_model, training_tokens, validate_model
+from usp.training.build import build_model, validate_model
 from usp.training.checkpoint_record import run_metadata
 from usp.training.config import DEFAULT_CHECKPOINT_EVERY, TrainConfig  # noqa: F401 (re-exported)
-from usp.training.data import EOT, data_files, data_summary
-from usp.training.evaluate import HeldOut, held_out_split
+from usp.training.data import data_summary
 from usp.training.metrics import read_metrics
 from usp.training.resume import ResumePlan, check_init_source, plan_resume
 from usp.topology import AXES, Topology
@@ -124,8 +123,10 @@ def validate(config: TrainConfig, world_size: int) -> None:
     shape_only = Topology(sizes, {axis: 0 for axis in AXES})
     check_loss(config.loss, shape_only, config.loss_chunk_tokens)
     validate_model(config, shape_only)
-    if config.data:
-        data_files(config.data)  # text files or folders of them; structured data is refused
+    if not config.synthetic:  # the settings, every path, the chat template (usp.data)
+        from usp.data.run import check_data
+
+        check_data(data_spec(config))
     if config.reference_metrics:
         if not Path(config.reference_metrics).is_file():
             raise ValueError(f"--reference-metrics {config.reference_metrics!r} does not exist")
@@ -193,9 +194,8 @@ class Run:
     flops_per_token: float
     resume_plan: ResumePlan | None
     pipeline: Pipeline | None = None  # pp > 1: this rank's stage runs through it
-    end_of_document: int = EOT  # the token id that closes a packed document
     loss_head: LossHead = LossHead()  # how the loss meets the output projection (usp.losses)
-    held_out: HeldOut | None = None  # --eval-every: the held-out batches
+    held_out: object = None  # --eval-every: the held-out batches (usp.data.batcher)
     data_summary: str = ""  # documents, tokens and epochs, for the log
 
     def clip_gradients(self, max_norm: float) -> float:
@@ -220,21 +220,33 @@ class Run:
         return float(total)
 
 
-def _training_data(config: TrainConfig):
-    """(documents or tokens, the id that ends a document, the number of documents: None for
-    synthetic tokens)."""
-    from usp.training.data import stdlib_documents, synthetic_tokens, text_file_documents
+def data_spec(config: TrainConfig):
+    """The run's data settings as ``usp.data`` takes them."""
+    from usp.data.spec import DataSpec
 
+    return DataSpec(paths=tuple(config.data), text_field=config.text_field,
+                    chat_field=config.chat_field, loss_on=config.loss_on,
+                    tokenizer=config.tokenizer, cache=config.data_cache or "")
+
+
+def _run_data(config: TrainConfig):
+    """The run's batches (``usp.data.run.RunData``): the data's tokens from the cache (or
+    seeded random tokens), the held-out batches of ``--eval-every``."""
+    from usp.data.run import prepare_on_every_rank, run_data, synthetic_store
+    from usp.training.data import synthetic_tokens
+
+    eval_batches = config.eval_batches if config.eval_every else 0
     if config.synthetic:
         num_tokens = config.global_batch * SYNTHETIC_WINDOWS * config.seq_len + 1
-        return synthetic_tokens(num_tokens, seed=config.seed), EOT, None
-    documents = text_file_documents(config.data) if config.data else stdlib_documents()
-    return (*training_tokens(config, documents), len(documents))
+        store = synthetic_store(synthetic_tokens(num_tokens, seed=config.seed))
+        return run_data(store, config.global_batch, config.seq_len, config.seed, eval_batches)
+    prepared = prepare_on_every_rank(data_spec(config))
+    return run_data(prepared.store, config.global_batch, config.seq_len, config.seed,
+                    eval_batches, prepared.render, prepared.documents)
 
 
 def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run:
-    from usp.training.data import TokenBatcher
-
+    data = _run_data(config)  # first: bad data stops every rank before the model is built
     topology = Topology.build(ring=config.ring, ulysses=config.ulysses, dp=config.dp, tp=config.tp,
                               pp=config.pp)
     resume_plan = (plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
@@ -261,18 +273,11 @@ def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run
         lr_at_step, warmup=config.warmup, total=config.steps, min_ratio=config.min_lr / config.lr
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    tokens, end_of_document, documents = _training_data(config)
-    held_out = None
-    if config.eval_every:
-        tokens, held_out = held_out_split(tokens, config.global_batch, config.seq_len,
-                                          config.eval_batches)
-    batcher = TokenBatcher(tokens, config.global_batch, config.seq_len, config.seed)
-    held_tokens = held_out.tokens.numel() if held_out is not None else 0
     return Run(
         device=device, topology=topology, model=model, optimizer=optimizer, scheduler=scheduler,
-        batcher=batcher, metadata=run_metadata(config, world_size), flops_per_token=flops_per_token,
-        pipeline=pipeline, resume_plan=resume_plan, end_of_document=end_of_document,
-        loss_head=loss_head, held_out=held_out,
-        data_summary=data_summary(documents, batcher.tokens.numel(), held_tokens, config.steps,
-                                  config.global_batch, config.seq_len),
+        batcher=data.batcher, metadata=run_metadata(config, world_size),
+        flops_per_token=flops_per_token, pipeline=pipeline, resume_plan=resume_plan,
+        loss_head=loss_head, held_out=data.held_out,
+        data_summary=data_summary(data.documents, data.batcher.num_tokens, data.held_out_tokens,
+                                  config.steps, config.global_batch, config.seq_len),
     )

@@ -1,8 +1,9 @@
-"""A local Hugging Face tokenizer for ``usp train --tokenizer DIR``: loaded, checked, applied.
+"""A local Hugging Face tokenizer for ``usp train --tokenizer DIR``: loaded, checked, recorded.
 
 Without ``--tokenizer`` the training text is byte-level (``usp.training.data``). With it, each
-document becomes the tokenizer's ids (no special tokens added) followed by the tokenizer's EOS id,
-which then plays the part of the byte level's end-of-text token: it closes a packed document.
+text document becomes the tokenizer's ids (no special tokens added) followed by the tokenizer's
+EOS id, which ends the document as the byte level's end-of-text token does; conversations are
+rendered with its chat template (``usp.data`` tokenizes both).
 The tokenizer is read from ``DIR`` only (``local_files_only``, ``trust_remote_code=False``, and a
 folder asking for custom code is refused before transformers sees it); its largest id must index
 the model's embedding, which is checked before any rank starts, with the numbers.
@@ -12,10 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
-
-import torch
 
 from usp.training import folders
 
@@ -82,14 +80,3 @@ def tokenizer_record(tokenizer) -> dict:
         "eos_token_id": tokenizer.eos_token_id,
         "sha256": hashlib.sha256(serialised.encode()).hexdigest(),
     }
-
-
-def tokenize_documents(tokenizer, documents: Sequence[str]) -> torch.Tensor:
-    """One token stream: each document's ids followed by EOS. ``-> LongTensor [N]``."""
-    if not documents:
-        raise ValueError("no documents to tokenize")
-    # verbose=False: documents longer than the model_max_length are expected here (windows cut them)
-    encoded = tokenizer(list(documents), add_special_tokens=False, verbose=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    stream = [token for ids in encoded for token in (*ids, eos)]
-    return torch.tensor(stream, dtype=torch.long)
