@@ -53,10 +53,11 @@ class Case:
     data: str
     grad_acc: int = 1
     layout: str = "zigzag"
+    fsdp: bool = False  # FSDP2 through accelerate (else DDP)
 
     def __str__(self) -> str:
         return (f"{self.arch}-r{self.ring}u{self.ulysses}-{self.layout}-{self.data}"
-                f"-ga{self.grad_acc}")
+                f"-ga{self.grad_acc}" + ("-fsdp2" if self.fsdp else ""))
 
 
 def save_tokenizer(directory: Path) -> Path:
@@ -119,6 +120,8 @@ def train(case: Case, output_dir: Path, tokenizer_dir: Path, *, usp=None, dp: in
     )
     if usp is not None:
         common.update(per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH)
+        if case.fsdp:
+            common.update(fsdp="full_shard", fsdp_config={"version": 2})
     common.update(extra)
     model = build_model(case.arch)
     if case.data == "sft":
@@ -141,13 +144,15 @@ def train(case: Case, output_dir: Path, tokenizer_dir: Path, *, usp=None, dp: in
         from usp.integrations.trainer import with_usp
 
         trainer = with_usp(trainer_class)(model=model, args=args, usp=usp, **kwargs)
-    else:  # eager attention and transformers' losses compute in fp32 whatever the model's dtype
+    else:  # eager attention, transformers' losses and TRL's fused LM head compute in fp32
+        # whatever the model's dtype: the reference keeps fp64 with SDPA and its own loss
         model.set_attn_implementation("sdpa")
         trainer = trainer_class(model=model, args=args, compute_loss_func=fp64_loss, **kwargs)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     evaluation = trainer.evaluate()
-    weights = {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+    weights = {name: getattr(value, "full_tensor", value.detach)().detach().clone()
+               for name, value in trainer.model.state_dict().items()}
     return {"losses": losses, "eval_loss": evaluation["eval_loss"], "weights": weights,
             "trainer": trainer}
 

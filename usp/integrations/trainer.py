@@ -91,8 +91,8 @@ class USPTrainerMixin:
             )
         if getattr(accelerator.state, "fsdp_plugin", None) is not None and \
                 accelerator.state.fsdp_plugin.fsdp_version != 2:
-            raise ValueError("FSDP1 is not supported by usp trainers: set fsdp_config="
-                             "{'fsdp_version': 2}")
+            raise ValueError("FSDP1 is not supported by usp trainers: use FSDP2, "
+                             "fsdp_config={'version': 2}")
         arguments = self.usp_arguments
         topology = Topology.build(ring=arguments.ring, ulysses=arguments.ulysses,
                                   placement=arguments.placement)
@@ -169,7 +169,8 @@ class USPTrainerMixin:
         if data_parallel_size(topology) == 1:
             return value
         group = topology.flat_mesh(*DATA_AXES).get_group()
-        value = value.to(collective_device(group))
+        # a copy: all_reduce works in place, and .double() of an fp64 loss is the loss itself
+        value = value.to(collective_device(group), copy=True)
         dist.all_reduce(value, group=group)
         return value
 

@@ -13,9 +13,13 @@ the same ValueError everywhere (a rank of another dp group may hold another batc
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
+import torch.distributed as dist
 
 from usp.batch import IGNORE_INDEX, positions_in_documents
+from usp.comm import all_gather_stacked
 from usp.integrations.transformers import USPContext
 from usp.mask import documents_from_cu_seqlens
 
@@ -32,13 +36,38 @@ HOST_KEYS = ("usp_documents",)
 
 def shard_batches(context: USPContext, batches: list[dict]) -> list[dict]:
     """This rank's shard of each global batch; one agreement over all ranks first."""
-    refusal, shards = None, []
+    refusal, shards = _sequence_group_disagreement(context, batches), []
     try:
         shards = [shard_batch_of_collator(context, batch) for batch in batches]
     except ValueError as error:
-        refusal = str(error)
+        refusal = refusal or str(error)
     context.agree(refusal)
     return shards
+
+
+def _sequence_group_disagreement(context: USPContext, batches: list[dict]) -> str | None:
+    """Whether the ranks of this rank's sequence group read the same batches (a data loader
+    split over every process would hand each its own samples, which the ranks would then split
+    as if they were one sequence): one all-gather of a digest over the sequence group."""
+    topology = context.topology
+    if topology.sequence_size == 1:
+        return None
+    digest = hashlib.blake2b(digest_size=7)
+    for batch in batches:
+        for key in ("input_ids", "labels"):
+            if isinstance(batch.get(key), torch.Tensor):
+                digest.update(_host(batch[key]).contiguous().numpy().tobytes())
+    group = topology.control_group
+    mine = torch.tensor([int.from_bytes(digest.digest(), "little")], dtype=torch.int64)
+    every = all_gather_stacked(mine, group).flatten().tolist()
+    if len(set(every)) == 1:
+        return None
+    ranks = [dist.get_global_rank(group, index) for index in range(len(every))]
+    return (
+        f"the ranks {ranks} of one sequence group read different batches; each of them holds a "
+        "part of the same sequences, so the data loader must give them the same samples (split "
+        "it over the dp ranks only, as a usp trainer's own loaders do)"
+    )
 
 
 def shard_batch_of_collator(context: USPContext, batch: dict) -> dict:
