@@ -135,7 +135,7 @@ def train(case: Case, output_dir: Path, tokenizer_dir: Path, *, usp=None, dp: in
         trainer_class = Trainer
         args = TrainingArguments(**common)
         if collator is None and case.data == "padding":
-            collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+            collator = first_label_ignored(DataCollatorForLanguageModeling(tokenizer, mlm=False))
         elif collator is None:
             collator = DataCollatorWithFlattening(return_flash_attn_kwargs=case.data == "packing-cu")
         kwargs = dict(train_dataset=documents(1, 24), eval_dataset=documents(2, 7),
@@ -155,6 +155,18 @@ def train(case: Case, output_dir: Path, tokenizer_dir: Path, *, usp=None, dp: in
                for name, value in trainer.model.state_dict().items()}
     return {"losses": losses, "eval_loss": evaluation["eval_loss"], "weights": weights,
             "trainer": trainer}
+
+
+def first_label_ignored(collator):
+    """No causal LM predicts a row's first token, but transformers' Trainer before 5.17 counts
+    its label in num_items_in_batch (the reference's divisor); -100 there makes every version's
+    count exact."""
+    def collate(rows):
+        batch = collator(rows)
+        batch["labels"][:, 0] = -100
+        return batch
+
+    return collate
 
 
 def fp64_loss(outputs, labels, num_items_in_batch=None) -> torch.Tensor:

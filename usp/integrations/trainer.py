@@ -218,7 +218,8 @@ def check_trainer_options(trainer) -> None:
     args = trainer.args
     refused = {
         "compute_metrics": trainer.compute_metrics is not None,
-        "compute_loss_func": trainer.compute_loss_func is not None,
+        # TRL's trainers set a non-callable placeholder on transformers < 5.19
+        "compute_loss_func": callable(trainer.compute_loss_func),
         f"label_smoothing_factor={args.label_smoothing_factor}": args.label_smoothing_factor != 0,
         f"neftune_noise_alpha={args.neftune_noise_alpha}": args.neftune_noise_alpha is not None,
         f"loss_type={getattr(args, 'loss_type', 'nll')!r}":
