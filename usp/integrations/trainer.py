@@ -233,6 +233,7 @@ def check_trainer_options(trainer) -> None:
     names = [name for name, present in refused.items() if present]
     if names:
         raise ValueError(
-            f"a usp trainer computes the plain cross-entropy of a split sequence and cannot honour "
-            f"{', '.join(names)}; remove it (the loss is the exact token mean over all ranks)"
+            f"a usp trainer cannot honour {', '.join(names)}: each rank holds a part of every "
+            "sequence, the loss is the plain cross-entropy as the exact token mean over all ranks "
+            "and evaluation computes that loss only; remove it"
         )
