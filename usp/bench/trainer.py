@@ -100,6 +100,7 @@ def _loop_steps(bench: TrainerBench, samples: list[dict]) -> list[float]:
 
 def _trainer_steps(bench: TrainerBench, samples: list[dict], output_dir: str) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
     from usp.integrations.trainer import USPArguments, with_usp
 
@@ -122,6 +123,7 @@ def _trainer_steps(bench: TrainerBench, samples: list[dict], output_dir: str) ->
     usp = USPArguments(ring=bench.ring, ulysses=bench.ulysses, layout=bench.layout)
     trainer = with_usp(Trainer)(model=_model(bench), args=args, train_dataset=samples, usp=usp,
                                 callbacks=[StepEnds()])
+    trainer.remove_callback(PrinterCallback)  # the benchmark prints its own summary
     trainer.train()
     return [b - a for a, b in zip(ends, ends[1:])][bench.warmup:]
 
@@ -137,9 +139,12 @@ def _rank_main(rank: int, bench: TrainerBench, port: int, out_path: str) -> None
         samples = _samples(bench, bench.nproc // (bench.ring * bench.ulysses))
         loop, trainer = [], []
         with tempfile.TemporaryDirectory() as output_dir:
-            for _ in range(bench.rounds):  # alternating, so a change of load hits both
-                loop += _loop_steps(bench, samples)
+            for round_index in range(bench.rounds):  # ABBA..., so order and drift hit both
+                if round_index % 2 == 0:
+                    loop += _loop_steps(bench, samples)
                 trainer += _trainer_steps(bench, samples, output_dir)
+                if round_index % 2 == 1:
+                    loop += _loop_steps(bench, samples)
         if rank == 0:
             with open(out_path, "w") as f:
                 json.dump({"loop": loop, "trainer": trainer}, f)
