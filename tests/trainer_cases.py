@@ -137,7 +137,8 @@ def train(case: Case, output_dir: Path, tokenizer_dir: Path, *, usp=None, dp: in
         if collator is None and case.data == "padding":
             collator = first_label_ignored(DataCollatorForLanguageModeling(tokenizer, mlm=False))
         elif collator is None:
-            collator = DataCollatorWithFlattening(return_flash_attn_kwargs=case.data == "packing-cu")
+            collator = DataCollatorWithFlattening(
+                return_flash_attn_kwargs=case.data == "packing-cu")
         kwargs = dict(train_dataset=documents(1, 24), eval_dataset=documents(2, 7),
                       data_collator=collator)
     if usp is not None:

@@ -176,8 +176,8 @@ def format_result(result: dict, load: tuple[float, float, float]) -> str:
         f"{bench['steps']} timed steps",
         f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
         "(timings need an idle machine)",
-        f"  usp loop (docs/transformers.md)  {result['loop_step_s'] * 1e3:9.1f} ms/step (median)",
-        f"  with_usp(Trainer)                {result['trainer_step_s'] * 1e3:9.1f} ms/step (median)",
-        f"  ratio trainer / loop             {result['ratio']:9.3f}",
+        f"  usp loop (docs/transformers.md) {result['loop_step_s'] * 1e3:9.1f} ms/step, median",
+        f"  with_usp(Trainer)               {result['trainer_step_s'] * 1e3:9.1f} ms/step, median",
+        f"  ratio trainer / loop            {result['ratio']:9.3f}",
     ]
     return "\n".join(lines)

@@ -60,8 +60,9 @@ class USPTrainerMixin:
     """Put it before a ``transformers.Trainer`` subclass (or use :func:`with_usp`); the trainer
     takes one more keyword, ``usp=USPArguments(...)``."""
 
-    # the loss is normalised over the whole accumulated batch already (transformers >= 5.5 reads
-    # this; older versions read model_accepts_loss_kwargs, set in __init__)
+    # the loss is normalised over the whole accumulated batch already: the Trainer must not divide
+    # it by the accumulation steps (transformers 5.19 and later read this; older versions read
+    # model_accepts_loss_kwargs, set in __init__)
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, usp: USPArguments | None = None, **kwargs) -> None:
@@ -87,7 +88,8 @@ class USPTrainerMixin:
         if accelerator.distributed_type not in AVERAGING:
             raise ValueError(
                 f"accelerate runs {accelerator.distributed_type.value}; a usp trainer syncs "
-                "gradients with DDP or FSDP2 (fsdp_version=2), which average over every rank"
+                "gradients with DDP or FSDP2 (fsdp_config={'version': 2}), which average over "
+                "every rank"
             )
         if getattr(accelerator.state, "fsdp_plugin", None) is not None and \
                 accelerator.state.fsdp_plugin.fsdp_version != 2:
@@ -226,9 +228,8 @@ def check_trainer_options(trainer) -> None:
             getattr(args, "loss_type", "nll") not in (None, "nll"),
         "a router auxiliary loss": bool(getattr(trainer, "aux_loss_enabled", False)),
         f"n_gpu={args.n_gpu} (nn.DataParallel)": args.n_gpu > 1,
-        "a model sharded at load time": trainer.is_distributed_loading_by_transformers
-        if hasattr(trainer, "is_distributed_loading_by_transformers") else False,
-        "DeepSpeed": trainer.is_deepspeed_enabled,
+        "a model sharded at load time": getattr(trainer, "is_distributed_loading_by_transformers",
+                                                False),
     }
     names = [name for name, present in refused.items() if present]
     if names:

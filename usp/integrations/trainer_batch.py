@@ -30,8 +30,6 @@ SHARDED_KEYS = ("input_ids", "labels", "attention_mask", "position_ids")
 # usp refuses anyway)
 DOCUMENT_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 KNOWN_KEYS = SHARDED_KEYS + DOCUMENT_KEYS
-# tensors the model reads on the host: the documents only shape the attention mask
-HOST_KEYS = ("usp_documents",)
 
 
 def shard_batches(context: USPContext, batches: list[dict]) -> list[dict]:
