@@ -28,7 +28,8 @@ from usp.parallel import parallelize
 from usp.topology import Topology
 from usp.training import metrics
 from usp.training.build import materialize, parameter_bytes
-from usp.training.hf_model import build_hf_causal_lm, load_hf_config
+from usp.integrations.hf_family.config import load_hf_config
+from usp.integrations.hf_family.model import build_hf_causal_lm
 
 SEED = 7
 CONFIG = LlamaConfig(vocab_size=96, dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=160)

@@ -1,4 +1,6 @@
-"""Trusting a checkpoint: planted pickles never run, a corrupt file is named, a broken ``latest``
+"""Trusting a checkpoint: planted pickles never run, an index that names files outside the
+checkpoint (or a FIFO, or bytes past a file's end) is refused before anything is read, a tampered
+trainer step is refused before anything is written, a corrupt file is named, a broken ``latest``
 pointer falls back to the newest checkpoint.
 
 One in-process micro run (6 steps, checkpoints 3 and 6) provides the checkpoints; each case works
@@ -8,11 +10,16 @@ manifest rewritten to match (checksums catch corruption, not tampering).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import pathlib
+import pickle
 import re
 import shutil
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -20,7 +27,10 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from torch.distributed.checkpoint import FileSystemReader
+
 from usp.training import checkpoint
+from usp.training.metrics import read_metrics
 from usp.models.llama import CONFIGS, LlamaConfig
 from usp.training.loop import train
 from usp.training.setup import TrainConfig
@@ -158,3 +168,82 @@ def test_a_broken_latest_pointer_falls_back_to_the_newest_checkpoint(run, tmp_pa
     assert f"checkpoint pointer {latest}" in text
     assert "resuming from step_000006, the newest checkpoint" in text
     assert f"resumed from {copy / 'checkpoints/step_000006'} at step 6" in text
+
+
+# ------------------------------------------------------------------------------ the index's paths
+def plant_storage(directory: Path, change) -> None:
+    """Rewrite ``.metadata`` with ``change(storage_info)`` applied to every storage entry (as a
+    hostile checkpoint could: the index is data), and the manifest to match."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metadata = FileSystemReader(directory).read_metadata()  # our own file, in a test
+    metadata.storage_data = {index: change(info) for index, info in metadata.storage_data.items()}
+    (directory / ".metadata").write_bytes(pickle.dumps(metadata))
+    _rewrite_manifest(directory)
+
+
+def unblock_after(fifo: Path, seconds: float) -> threading.Event:
+    """A guard against a hang on a FIFO: after ``seconds``, open it for reading and writing
+    (which never blocks) for a moment, so that code blocked opening it, for either end, goes on
+    and fails instead of waiting forever. Set the returned event to stop the guard."""
+    done = threading.Event()
+
+    def opener():
+        deadline = time.monotonic() + seconds
+        while not done.wait(0.5):
+            if time.monotonic() > deadline:
+                fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+                time.sleep(0.5)
+                os.close(fd)
+
+    threading.Thread(target=opener, daemon=True).start()
+    return done
+
+
+@pytest.mark.parametrize("planted", ["outside", "missing", "fifo", "past the end"])
+def test_an_index_entry_outside_the_checkpoint_is_refused_before_reading(run, tmp_path, planted):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    directory = copy / "checkpoints/step_000006"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(directory / "__0_0.distcp", outside / "__0_0.distcp")  # a readable copy
+    if planted == "fifo":
+        os.mkfifo(outside / "fifo")
+    name = {"outside": "../../../outside/__0_0.distcp", "missing": "../../../nowhere/__0_0.distcp",
+            "fifo": "../../../outside/fifo", "past the end": "__0_0.distcp"}[planted]
+    if planted == "past the end":
+        plant_storage(directory, lambda info: dataclasses.replace(info, offset=info.offset + 10**9))
+    else:
+        plant_storage(directory, lambda info: dataclasses.replace(info, relative_path=name))
+    metrics_before = (copy / "metrics.jsonl").read_bytes()
+    guard = unblock_after(outside / "fifo", 60) if planted == "fifo" else None
+    try:
+        message = _refusal(_config(tmp_path / "branch", str(directory)))
+    finally:
+        if guard is not None:
+            guard.set()
+    assert f"checkpoint {directory} was refused, nothing was loaded: {directory / '.metadata'} " \
+           "entry " in message, message
+    if planted == "past the end":
+        assert "which holds" in message and "bytes" in message
+    else:
+        assert f"names {name!r}, which is no file name of the checkpoint's own folder" in message
+    assert str(outside) not in message.replace(name, "")
+    assert (copy / "metrics.jsonl").read_bytes() == metrics_before
+    assert not (tmp_path / "branch" / "checkpoints").exists()
+
+
+def test_a_tampered_trainer_step_is_refused_and_the_metrics_are_kept(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    directory = copy / "checkpoints/step_000006"
+    state = torch.load(directory / "trainer.pt", weights_only=True)
+    torch.save({**state, "step": -3}, directory / "trainer.pt")
+    _rewrite_manifest(directory)
+    before = read_metrics(copy / "metrics.jsonl")
+    message = _refusal(_config(copy, "latest"))
+    assert f"{directory / 'trainer.pt'}: step -3 is not a step of this run (0 to --steps=6)" \
+        in message, message
+    assert "was refused, nothing was loaded" in message
+    assert read_metrics(copy / "metrics.jsonl") == before, "the refused resume rewrote the metrics"

@@ -5,24 +5,30 @@ One chain of ``usp train`` runs (2 gloo ranks, ring 2, a micro model, 12 steps, 
 3) goes through every fault, then must reproduce the uninterrupted run bit for bit:
 
 1. two identical runs start at once into one ``--out``: one trains (the reference), the other is
-   refused before it starts, naming the run that holds the directory; while it trains, every socket its processes listen on is on 127.0.0.1;
+   refused before it starts, naming the run that holds the directory; while it trains, every
+   socket its processes listen on is on 127.0.0.1;
 2. the faulty run: rank 1 is killed with SIGKILL in step 5 (checkpoint 3 saved);
 3. ``--resume RUN``: SIGTERM reaches the launcher while step 6 is being saved;
 4. ``--resume RUN`` on a full disk (a 32 MiB tmpfs, filled before the save of step 9; skipped
    where tmpfs cannot be mounted);
 5. 64 random bytes in the middle of a shard of the newest checkpoint (6), then ``--resume RUN``:
-   it falls back to checkpoint 3 and trains to the end.
+   it falls back to checkpoint 3 and trains to the end;
+6. on a copy of the finished run, the index of checkpoint 12 names a FIFO outside the checkpoint
+   (its manifest rewritten to match): ``--resume`` is refused, naming the entry, and nothing
+   waits on the FIFO.
 
 Faults are injected by ``fault_main.py`` (written below), the ``usp`` command with patches applied
 at import: multiprocessing's spawn re-imports the main script in every rank, so they reach the
-ranks too. Each run that fails must end with a clear message (a generous timeout guards only
-against a hang: no assertion depends on how fast a loaded machine is).
+ranks too. Each run that fails must end with a clear message; a guard kills it (the launcher and
+every rank) if it has not ended 60 s after its fault fired, and the test fails.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,7 +38,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.test_checkpoint_trust import flip_64_bytes
+from tests.test_checkpoint_trust import flip_64_bytes, plant_storage
 from usp.training.metrics import read_metrics
 from usp.models.llama import CONFIGS, LlamaConfig
 
@@ -43,6 +49,8 @@ RUN_FLAGS = [
     "2", "--steps", "12", "--warmup", "2", "--ckpt-every", "3", "--synthetic", "--seed", "3",
     "--no-progress",
 ]
+FAIL_WITHIN_S = 60  # seconds from a fault to the end of its run; later, it is killed: a hang
+TRAIN_WITHIN_S = 900  # seconds for a whole run: a generous guard against a hang before a fault
 
 FAULT_MAIN = '''
 import os, signal, sys, time
@@ -58,11 +66,16 @@ def rank():  # set by the launcher in each rank after this module is imported
     return os.environ.get("RANK")
 
 
+def fired():  # the test's guard counts from here
+    open(os.environ["USP_FAULT_MARK"], "a").close()
+
+
 if FAULT == "kill-rank-1-in-step-5":
     train_step = usp.training.loop.train_step
 
     def killing_train_step(run, config, step):
         if step == 5 and rank() == "1":
+            fired()
             os.kill(os.getpid(), signal.SIGKILL)
         return train_step(run, config, step)
 
@@ -73,6 +86,7 @@ if FAULT == "sigterm-while-saving-6":
 
     def interrupted_publish(tmp, final):  # every shard is written, nothing published yet
         if final.name == "step_000006" and rank() == "0":
+            fired()
             os.kill(os.getppid(), signal.SIGTERM)  # the launcher, as a scheduler would
             time.sleep(60)
         return publish(tmp, final)
@@ -84,6 +98,7 @@ if FAULT == "disk-full-before-saving-9":
 
     def save_on_a_full_disk(root, step, *args):
         if step == 9 and rank() == "0":
+            fired()
             filler = os.path.join(os.path.dirname(os.path.dirname(root)), "filler")
             with open(filler, "wb", buffering=0) as f:
                 for size in (1 << 20, 4096, 1):
@@ -95,6 +110,10 @@ if FAULT == "disk-full-before-saving-9":
         return save(root, step, *args)
 
     usp.training.checkpoint.save_checkpoint = save_on_a_full_disk
+
+if FAULT == "planted-index":  # the fault is in the files: the guard counts from the start
+    if rank() is None:  # the launcher (a finished run is answered there, its index checked)
+        fired()
 
 if __name__ == "__main__":
     from usp.cli import main
@@ -109,10 +128,11 @@ def micro_model(monkeypatch):
 
 def _start(root: Path, args: list[str], fault: str = "") -> subprocess.Popen:
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "USP_FAULT": fault}
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
-    name = f"{len(list(logs.iterdir())) // 2:02d}-{fault or 'run'}"
+    name = f"{len(list(logs.glob('*.out'))):02d}-{fault or 'run'}"
+    env = {**os.environ, "PYTHONPATH": path, "USP_FAULT": fault,
+           "USP_FAULT_MARK": str(logs / f"{name}.fired")}
     with open(logs / f"{name}.out", "w") as stdout, open(logs / f"{name}.err", "w") as stderr:
         process = subprocess.Popen(
             [sys.executable, str(root / "fault_main.py"), "train", *args], cwd=root, env=env,
@@ -122,14 +142,34 @@ def _start(root: Path, args: list[str], fault: str = "") -> subprocess.Popen:
     return process
 
 
-def _finish(process: subprocess.Popen) -> dict:
-    process.wait(timeout=600)  # a hang, not a slow machine
-    return {"rc": process.returncode, "out": Path(f"{process.logs}.out").read_text(),
+def _finish(process: subprocess.Popen, started: float) -> dict:
+    """Wait for the run. A guard against hangs, not a timing: a run still going
+    ``FAIL_WITHIN_S`` after its fault fired (or ``TRAIN_WITHIN_S`` after it started) is killed
+    with its ranks and reported as hung."""
+    mark = Path(f"{process.logs}.fired")
+    hung = False
+    while process.poll() is None:
+        now = time.monotonic()
+        fired_for = time.time() - mark.stat().st_mtime if mark.exists() else 0.0
+        if fired_for > FAIL_WITHIN_S or now - started > TRAIN_WITHIN_S:
+            hung = True
+            for pid in _tree(process.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.wait()
+            break
+        time.sleep(0.2)
+    return {"rc": process.returncode, "hung": hung, "fired": mark.exists(),
+            "seconds": time.monotonic() - started,
+            "out": Path(f"{process.logs}.out").read_text(),
             "err": Path(f"{process.logs}.err").read_text()}
 
 
 def _run(root: Path, args: list[str], fault: str = "") -> dict:
-    return _finish(_start(root, args, fault))
+    started = time.monotonic()
+    return _finish(_start(root, args, fault), started)
 
 
 def _tree(pid: int) -> set[int]:
@@ -183,6 +223,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 def _pair(root: Path, out: Path) -> dict:
     """Two identical runs started together into one --out; the sockets their processes listen on."""
+    started = time.monotonic()
     pair = [_start(root, [*RUN_FLAGS, "--out", str(out)]) for _ in range(2)]
     sockets: dict[int, list[str]] = {}
     while any(p.poll() is None for p in pair):
@@ -190,7 +231,7 @@ def _pair(root: Path, out: Path) -> dict:
             for pid, addresses in _listening(_tree(process.pid)).items():
                 sockets[pid] = sorted(set(sockets.get(pid, []) + addresses))
         time.sleep(0.05)
-    return {"runs": [_finish(p) for p in pair], "launchers": [p.pid for p in pair],
+    return {"runs": [_finish(p, started) for p in pair], "launchers": [p.pid for p in pair],
             "sockets": sockets}
 
 
@@ -226,6 +267,17 @@ def chain(tmp_path_factory):
         shutil.copytree(faulty, root / "faulty", symlinks=True)  # off the tmpfs, for the tests
         return run
 
+    def planted_index():
+        planted = root / "planted"
+        shutil.copytree(root / "faulty", planted, symlinks=True)
+        os.mkfifo(planted / "fifo")
+        plant_storage(planted / "checkpoints/step_000012",
+                      lambda info: dataclasses.replace(info, relative_path="../../fifo"))
+        metrics = (planted / "metrics.jsonl").read_bytes()
+        run = _run(root, ["--resume", str(planted)], "planted-index")
+        return {**run, "run": planted, "step9": _verify(planted / "checkpoints/step_000009"),
+                "metrics_kept": (planted / "metrics.jsonl").read_bytes() == metrics}
+
     stages = {
         "pair": lambda: _pair(root, root / "straight"),
         "killed": lambda: {**_run(root, [*RUN_FLAGS, "--out", str(faulty)],
@@ -238,6 +290,7 @@ def chain(tmp_path_factory):
                             "tmp": (faulty / "checkpoints/step_000006.tmp").is_dir()},
         "disk_full": full_disk,
         "corrupt_resume": corrupt_then_resume,
+        "planted_index": planted_index,
     }
     try:
         for name, stage in stages.items():
@@ -275,7 +328,7 @@ def _tensors(path: Path, into: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
-def test_two_runs_into_one_directory_one_is_refused_before_it_starts(chain):
+def test_two_runs_into_one_directory_one_is_refused_at_once(chain):
     first, second = _stage(chain, "pair")["runs"]
     refused = [r for r in (first, second) if r["rc"] != 0]
     assert len(refused) == 1, [(r["rc"], r["err"][-800:]) for r in (first, second)]
@@ -312,7 +365,7 @@ def test_progress_is_logged_once_from_the_start(chain):
 
 def test_a_killed_rank_ends_the_run_with_a_message_and_checkpoint_3_intact(chain):
     killed = _stage(chain, "killed")
-    assert killed["rc"] == 1, killed["err"][-2000:]
+    assert killed["fired"] and not killed["hung"] and killed["rc"] == 1, killed["err"][-2000:]
     assert "rank 1: killed by SIGKILL" in killed["err"]
     assert "the last complete checkpoint is" in killed["err"] and "step 3" in killed["err"]
     assert killed["latest"] == "step_000003" and killed["step3"] == [], killed["step3"]
@@ -320,6 +373,7 @@ def test_a_killed_rank_ends_the_run_with_a_message_and_checkpoint_3_intact(chain
 
 def test_sigterm_during_a_save_publishes_nothing(chain):
     stopped = _stage(chain, "sigterm")
+    assert stopped["fired"] and not stopped["hung"], stopped["err"][-2000:]
     assert stopped["rc"] == 128 + 15, stopped["err"][-2000:]
     assert "stopped by SIGTERM" in stopped["err"] and "step 3" in stopped["err"]
     assert stopped["latest"] == "step_000003" and stopped["step3"] == [], stopped["step3"]
@@ -330,7 +384,7 @@ def test_a_full_disk_ends_the_run_with_a_message_and_checkpoint_6_intact(chain):
     if not chain["on_tmpfs"]:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     full = _stage(chain, "disk_full")
-    assert full["rc"] == 1, full["err"][-2000:]
+    assert full["fired"] and not full["hung"] and full["rc"] == 1, full["err"][-2000:]
     assert "No space left on device" in full["err"]
     assert "step 6" in full["err"]
     assert full["latest"] == "step_000006"
@@ -353,3 +407,14 @@ def test_a_corrupt_shard_falls_back_and_the_run_matches_the_uninterrupted_one(ch
     assert reference.keys() == candidate.keys() and any(k.startswith("optim.") for k in reference)
     for key, tensor in reference.items():
         assert torch.equal(tensor, candidate[key]), key
+
+
+def test_an_index_naming_a_fifo_outside_is_refused_without_waiting(chain):
+    planted = _stage(chain, "planted_index")
+    assert planted["fired"] and not planted["hung"], "the resume waited on the planted FIFO"
+    assert planted["rc"] == 2, planted["err"][-3000:]
+    checkpoint = planted["run"] / "checkpoints/step_000012"
+    assert f"checkpoint {checkpoint} was refused, nothing was loaded: " in planted["err"]
+    assert "names '../../fifo', which is no file name of the checkpoint's own folder" \
+        in planted["err"]
+    assert planted["step9"] == [] and planted["metrics_kept"]

@@ -23,7 +23,8 @@ from usp.cli import main as usp_main
 from usp.integrations.hf_mixers import find_sequence_mixers
 from usp.integrations.transformers import USPContext
 from usp.parallel import parallelize
-from usp.training.hf_model import PRESETS, build_hf_causal_lm, load_hf_config, trivial_topology
+from usp.integrations.hf_family.config import PRESETS, load_hf_config
+from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topology
 
 WORLD = 4
 VOCAB = 300  # holds usp train's 257 byte-level ids
@@ -142,7 +143,8 @@ def _world(rank: int, world_size: int, files: dict) -> list[str]:
             CONFIGS[model_type][1])
         _check(failures, f"parallelize {model_type}", problem)
 
-    from usp.infer.hf import USPCache, hf_generate
+    from usp.infer.hf import USPCache
+    from usp.infer.hf_generation import hf_generate
 
     problem = _refused(lambda: USPCache(_config("qwen3_next"), split.topology, max_tokens=8),
                        "layer 0 (config.layer_types[0]='linear_attention')")

@@ -1,4 +1,4 @@
-"""usp.training.hf_model: Hugging Face configs, the HFCausalLM wrapper and its parallelisation.
+"""usp.integrations.hf_family: Hugging Face configs, the HFCausalLM wrapper and its parallelisation.
 
 Single process; the FSDP2 step over dp 2 x ulysses 2 runs in tests/test_transformers.py's world.
 """
@@ -13,13 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from usp import Topology
-from usp.training.hf_model import (
-    PRESETS,
-    build_hf_causal_lm,
-    load_hf_config,
-    trivial_topology,
-    validate_hf_config,
-)
+from usp.integrations.hf_family.config import PRESETS, load_hf_config, validate_hf_config
+from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topology
 from usp.models.llama import Llama, get_config
 from usp.memory.checkpointing import PRESETS as CHECKPOINT_PRESETS
 from usp.parallel import parallelize

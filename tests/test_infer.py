@@ -16,7 +16,7 @@ from usp import Topology
 from usp.comm import CommStats
 from usp.infer import ShardedKVCache, choose_ring_pass, decode_step, generate, prefill
 from usp.models import Llama, LlamaConfig, get_config
-from usp.models.llama import causal_attention
+from usp.models.llama.model import causal_attention
 
 WORLD = 4
 CONFIG = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)

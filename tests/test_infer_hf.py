@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from tests.distributed import collect_failures, run_on_ranks
 from usp import Topology
 from usp.infer.hf import USPCache
-from usp.training.hf_model import trivial_topology
+from usp.integrations.hf_family.model import trivial_topology
 
 WORLD = 4
 VOCAB, PROMPT, NEW = 128, 21, 12  # 21 tokens: no layout splits them over 4 ranks evenly

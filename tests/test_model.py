@@ -9,7 +9,7 @@ import torch
 
 from usp.layout import shard_positions
 from usp.models import CONFIGS, Llama, LlamaConfig, get_config
-from usp.models.llama import apply_rotary, causal_attention, rotary_cos_sin
+from usp.models.llama.model import apply_rotary, causal_attention, rotary_cos_sin
 
 TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 

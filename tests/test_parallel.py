@@ -24,7 +24,8 @@ from usp.batch import positions_in_documents, shard_batch
 from usp.training.data import TokenBatcher, synthetic_tokens
 from usp.loss import global_mean_cross_entropy
 from usp.models import Llama, LlamaConfig
-from usp.parallel import check_parallel_config, parallelize
+from usp.models.llama.plan import check_parallel_config
+from usp.parallel import parallelize
 from usp.topology import AXES, Topology
 
 CONFIG = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=128)

@@ -40,7 +40,7 @@ def _saved_bytes(name: str, seq_len: int) -> int:
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
 def test_activation_terms_are_the_tensors_autograd_saves(name):
-    workload = Workload(get_model(name), SEQ, 1, precision="fp32")
+    workload = Workload(get_model(name), SEQ, 1, dtype="fp32")
     config = ParallelConfig()
     s = shapes(workload, config)
     layer, loss = layer_activations(workload, config, s), loss_activations(workload, config, s)
@@ -61,21 +61,20 @@ def test_loss_modes_and_tensor_parallel_logits():
     gathered, split = loss(tp=1), loss(tp=4)
     # usp's Llama gathers full-vocabulary fp32 logits on every tp rank: tp does not shrink them
     assert split.held == pytest.approx(gathered.held, rel=0.03)  # only the norm shrinks
-    assert loss(tp=4, loss="vocab-parallel").held < gathered.held / 3.5
-    chunked = loss(loss="chunked", loss_chunk=1024)
+    assert loss(tp=4, loss="vocab_parallel").held < gathered.held / 3.5
+    chunked = loss(loss="chunked", loss_chunk_tokens=1024)
     assert chunked.transient == 4 * 4 * 1024 * workload.model.vocab
     assert chunked.held < gathered.held / 20
 
 
 def test_checkpointing_kinds_order_and_tiled_mlp():
     workload = Workload(get_model("llama3-8b"), 65536, 1)
-    activations = {kind: memory_per_gpu(workload, ParallelConfig(ulysses=8, zero=3,
-                                                                 checkpointing=kind))
+    activations = {kind: memory_per_gpu(workload, ParallelConfig(ulysses=8, zero=3, ac=kind))
                    for kind in ("none", "attention", "selective", "full")}
     order = [activations[k]["activations"] for k in ("none", "attention", "selective", "full")]
     assert order == sorted(order, reverse=True)
     plain = ParallelConfig(ulysses=8)
-    tiled = ParallelConfig(ulysses=8, mlp_tile=1024)
+    tiled = ParallelConfig(ulysses=8, tiled_mlp=1024)
     s = shapes(workload, plain)
     assert layer_activations(workload, tiled, s).mlp == 0
     assert layer_activations(workload, tiled, s).working < layer_activations(workload, plain,
@@ -84,15 +83,15 @@ def test_checkpointing_kinds_order_and_tiled_mlp():
 
 def test_precisions_and_pipeline_schedules():
     model = get_model("small")
-    fp32 = model_states(Workload(model, 4096, 1, precision="fp32"), ParallelConfig(), 0)
+    fp32 = model_states(Workload(model, 4096, 1, dtype="fp32"), ParallelConfig(), 0)
     assert (fp32["parameters"], fp32["gradients"], fp32["optimizer"]) == (
         4 * model.total_params, 4 * model.total_params, 8 * model.total_params)
-    workload = Workload(model, 4096, 8, precision="fp32")
-    gpipe = memory_per_gpu(workload, ParallelConfig(pp=2, micro_batches=8, pp_schedule="gpipe"))
-    one_f_one_b = memory_per_gpu(workload, ParallelConfig(pp=2, micro_batches=8))
+    workload = Workload(model, 4096, 8, dtype="fp32")
+    gpipe = memory_per_gpu(workload, ParallelConfig(pp=2, microbatches=8, pp_schedule="gpipe"))
+    one_f_one_b = memory_per_gpu(workload, ParallelConfig(pp=2, microbatches=8))
     assert gpipe["activations"] > 3 * one_f_one_b["activations"]
     # a pipeline runs FSDP without resharding between micro-batches: whole parameters at peak
-    piped = memory_per_gpu(workload, ParallelConfig(pp=2, ring=2, zero=3, micro_batches=8))
+    piped = memory_per_gpu(workload, ParallelConfig(pp=2, ring=2, zero=3, microbatches=8))
     psi = model_states(workload, ParallelConfig(pp=2, ring=2), 0)["parameters"]
     assert piped["parameters"] >= psi
 

@@ -34,9 +34,8 @@ def test_without_need_no_feature_is_used():
     assert best.config.memory_features == ()
 
 
-@pytest.mark.parametrize("feature", [dict(loss="chunked"), dict(mlp_tile=4096),
-                                     dict(checkpointing="selective"),
-                                     dict(checkpointing="attention")])
+@pytest.mark.parametrize("feature", [dict(loss="chunked"), dict(tiled_mlp=4096),
+                                     dict(ac="selective"), dict(ac="attention")])
 def test_each_feature_costs_time_and_saves_memory(feature):
     # 208K tokens: compute-bound, so no recompute hides under exposed communication
     workload = Workload(LLAMA3_8B, parse_count("208k"), 1)
@@ -48,14 +47,14 @@ def test_each_feature_costs_time_and_saves_memory(feature):
 
 
 def test_equal_times_prefer_fewer_features():
-    # the vocabulary-parallel loss recomputes nothing: at tp 2 it ties the gathered loss in time
+    # the vocabulary-parallel loss recomputes nothing: at tp 2 it ties the full loss in time
     workload = Workload(LLAMA3_8B, parse_count("32k"), 1)
     result = plan(workload, TWO_A800_NODES, fixed={
-        "tp": 2, "ring": 2, "ulysses": 4, "zero": 3, "checkpointing": "none", "mlp_tile": 0,
+        "tp": 2, "ring": 2, "ulysses": 4, "zero": 3, "ac": "none", "tiled_mlp": 0,
         "placement": "head-first", "tp_sequence_parallel": True})
     first, second = result.ranked[:2]
     assert first.step_time == pytest.approx(second.step_time)
-    assert first.config.loss == "gathered" and second.config.loss == "vocab-parallel"
+    assert first.config.loss == "full" and second.config.loss == "vocab_parallel"
 
 
 CASES = [
@@ -82,7 +81,7 @@ def test_the_headroom_rejects_a_plan_that_only_fits_the_bare_memory():
     # the selective-checkpointing plan with full fp32 logits at 208K needs 75.4 GiB: it fits
     # 80 GiB minus the 4 reserved, not the budget that keeps 10 % of the memory free
     workload = Workload(LLAMA3_8B, parse_count("208k"), 1)
-    config = ParallelConfig(ring=2, ulysses=8, zero=3, checkpointing="selective")
+    config = ParallelConfig(ring=2, ulysses=8, zero=3, ac="selective")
     cost = estimate(workload, TWO_A800_NODES, config)
     assert 68 * GIB < cost.memory_total <= 76 * GIB and not cost.fits
     assert get_cluster("a800x8", headroom=0.0).usable_bytes == 76 * GIB
@@ -93,9 +92,9 @@ def test_the_headroom_rejects_a_plan_that_only_fits_the_bare_memory():
 
 SAMPLE_VALUES = {
     "dp": 1, "tp": 1, "pp": 1, "ring": 2, "ulysses": 8, "zero": 3,
-    "tp_sequence_parallel": True, "micro_batches": 1, "checkpointing": "full",
-    "placement": "head-first", "pp_schedule": "gpipe", "loss": "chunked", "loss_chunk": 2048,
-    "mlp_tile": 2048, "layout": "stripe",
+    "tp_sequence_parallel": True, "microbatches": 1, "grad_accum": 1, "ac": "full",
+    "placement": "head-first", "pp_schedule": "gpipe", "loss": "chunked",
+    "loss_chunk_tokens": 2048, "tiled_mlp": 2048, "layout": "stripe",
 }
 
 
@@ -122,20 +121,22 @@ def test_fix_loss_chunked_and_usp_train_names_on_the_command_line(capsys):
     out = capsys.readouterr().out
     assert "loss-chunked1024" in out.split("best:")[1].splitlines()[0]
     assert "memory budget per GPU: 80 GiB - 4 reserved - 8.0 headroom (10%) = 68.0 GiB" in out
-    # usp train's names: --loss vocab_parallel, --tiled-mlp, --ac block
+    # usp train's names: --loss vocab_parallel, --tiled-mlp, --ac full
     common[common.index("1m")] = "208k"
-    assert _run([*common, "--fix", "loss=vocab_parallel,tiled_mlp=2048,ac=block,tp=2"]) == 0
+    assert _run([*common, "--fix", "loss=vocab_parallel,tiled_mlp=2048,ac=full,tp=2"]) == 0
     best = capsys.readouterr().out.split("best:")[1].splitlines()[0]
-    assert "loss-vocab-parallel" in best and "mlp-tile2048" in best and " ckpt " in best
+    assert "loss-vocab_parallel" in best and "tiled-mlp2048" in best and " ac-full " in best
     with pytest.raises(ValueError, match="loss='logits'"):
         _run([*common, "--fix", "loss=logits"])
+    with pytest.raises(ValueError, match="unknown field 'ckpt'.* the fields are dp, tp, pp"):
+        _run([*common, "--fix", "ckpt=full"])
 
 
 def test_runtime_refusals_are_invalid_configurations():
     workload = Workload(LLAMA3_8B, parse_count("64k"), 1)
-    for config, rule in ((ParallelConfig(ring=2, ulysses=8, loss="vocab-parallel"), "tp=1"),
+    for config, rule in ((ParallelConfig(ring=2, ulysses=8, loss="vocab_parallel"), "tp=1"),
                          (ParallelConfig(tp=2, ring=2, ulysses=4, loss="chunked"), "tp=2"),
-                         (ParallelConfig(ring=2, ulysses=8, mlp_tile=4096,
-                                         checkpointing="selective"), "recompute the MLP twice")):
+                         (ParallelConfig(ring=2, ulysses=8, tiled_mlp=4096, ac="selective"),
+                          "recompute the MLP twice")):
         problems = check_config(workload, TWO_A800_NODES, config)
         assert any(rule in p for p in problems), problems

@@ -106,18 +106,20 @@ def test_checkpointing_and_pipeline_memory():
     workload = Workload(LLAMA, SEQ, 8)
 
     def memory(**fields):
-        return memory_per_gpu(workload, ParallelConfig(micro_batches=8, **fields))
+        # eight micro-batches: the pipeline's, or gradient accumulation's without one
+        micro = "microbatches" if fields.get("pp", 1) > 1 else "grad_accum"
+        return memory_per_gpu(workload, ParallelConfig(**{micro: 8}, **fields))
 
-    plain, checkpointed = memory(ring=4), memory(ring=4, checkpointing=True)
+    plain, checkpointed = memory(ring=4), memory(ring=4, ac="full")
     assert checkpointed["activations"] < plain["activations"] / 3
     # 1F1B: stage k keeps min(pp - k, m) micro-batches of its L/pp layers, so pipelining does not
     # add activation memory, while each stage holds only its share of the weights.
-    flat, piped = memory(checkpointing=True), memory(pp=4, checkpointing=True)
+    flat, piped = memory(ac="full"), memory(pp=4, ac="full")
     assert piped["activations"] <= flat["activations"]
     assert piped["parameters"] < 0.4 * flat["parameters"]
     # with fewer micro-batches (of the same size) than stages, fewer are in flight
     many = memory(pp=4)
-    few = memory_per_gpu(Workload(LLAMA, SEQ, 2), ParallelConfig(pp=4, micro_batches=2))
+    few = memory_per_gpu(Workload(LLAMA, SEQ, 2), ParallelConfig(pp=4, microbatches=2))
     assert few["activations"] < many["activations"]
 
 
@@ -157,9 +159,9 @@ def test_group_placement_follows_the_mesh_order():
 
 def test_time_breakdown_adds_up_to_the_step():
     cluster = get_cluster("a800x8", nodes=2)
-    for config in (ParallelConfig(ring=2, ulysses=8, zero=3, checkpointing=True),
-                   ParallelConfig(dp=2, tp=2, pp=2, ring=2, zero=1, micro_batches=4),
-                   ParallelConfig(dp=4, tp=2, ulysses=2, zero=2, micro_batches=2,
+    for config in (ParallelConfig(ring=2, ulysses=8, zero=3, ac="full"),
+                   ParallelConfig(dp=2, tp=2, pp=2, ring=2, zero=1, microbatches=4),
+                   ParallelConfig(dp=4, tp=2, ulysses=2, zero=2, grad_accum=2,
                                   tp_sequence_parallel=False)):
         cost = estimate(Workload(LLAMA, SEQ, 8), cluster, config)
         assert sum(cost.time.values()) == pytest.approx(cost.step_time, rel=1e-12)
@@ -175,7 +177,8 @@ def test_divisibility_rules_name_the_numbers():
     odd = Workload(LLAMA, 1000, 3)
     problems = " | ".join(check_config(odd, cluster, ParallelConfig(dp=2, ring=8, pp=1)))
     assert "seq_len=1000" in problems and "global batch 3" in problems
-    assert check_config(Workload(LLAMA, SEQ, 1), cluster, ParallelConfig(ring=2, ulysses=8)) == []
+    assert check_config(Workload(LLAMA, SEQ, 1), cluster,
+                        ParallelConfig(ring=2, ulysses=8, zero=3)) == []
     three_kv = replace(LLAMA, name="odd-kv", q_heads=24, kv_heads=3)
     assert check_config(Workload(three_kv, SEQ, 1), _one_node(8), ParallelConfig(ulysses=8))
 

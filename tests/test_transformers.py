@@ -22,6 +22,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
+    GptOssConfig,
     Qwen3Config,
 )
 from transformers.masking_utils import (
@@ -39,7 +40,7 @@ from usp import Topology, unshard_sequence
 from usp.batch import IGNORE_INDEX, shard_batch
 from usp.integrations.hf_masks import mask_components
 from usp.parallel import parallelize
-from usp.training.hf_model import build_hf_causal_lm, trivial_topology
+from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topology
 from usp.integrations.transformers import USPContext
 from usp.loss import global_mean_cross_entropy
 
@@ -85,6 +86,13 @@ MASKED = {
                                                 **_TINY), "padding-shard"),
     "llama-packed": (lambda: LlamaConfig(num_attention_heads=8, num_key_value_heads=2, **_TINY),
                      "packed"),
+    # attention sinks (s_aux) in every layer, sliding and full layers, mixture-of-experts MLPs
+    # (their eager implementation: the grouped one has no fp64 for the reference)
+    "gpt-oss-sinks-moe": (lambda: GptOssConfig(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], num_local_experts=4,
+        num_experts_per_tok=2, experts_implementation="eager",
+        **{**_TINY, "intermediate_size": 64}), "plain"),
     "llama-packed-cu-seqlens": (lambda: LlamaConfig(num_attention_heads=4, num_key_value_heads=4,
                                                     **_TINY), "cu-seqlens"),
 }

@@ -1,11 +1,20 @@
 """The names usp's options take, in a module that imports nothing.
 
 The command line offers them as choices, and ``usp --help`` imports no torch, so they live here;
-the modules that implement them (``usp.layout``, ``usp.losses``, ``usp.infer``) import them from
-here.
+the modules that implement them (``usp.layout``, ``usp.topology``, ``usp.pipeline``,
+``usp.losses``, ``usp.infer``) and the planner import them from here.
 """
 
 LAYOUTS = ("contiguous", "zigzag", "stripe")  # usp.layout
+# usp.topology and the planner: the mesh axes of each placement, outermost first (ranks are laid
+# row-major, so the last axes hold adjacent ranks, a node's fast links). "head-first" puts Ulysses
+# inside the ring's rows (its all-to-all stays in a node), "context-first" the ring.
+MESH_ORDERS = {
+    "head-first": ("pp", "dp", "ring", "ulysses", "tp"),
+    "context-first": ("pp", "dp", "ulysses", "ring", "tp"),
+}
+PLACEMENTS = tuple(MESH_ORDERS)
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")  # usp.pipeline
 LOSSES = ("full", "chunked", "vocab_parallel")  # usp.losses.head
 # 1024 tokens of fp32 logits over a 128k vocabulary are 0.5 GiB: small next to a long sequence's
 # activations, large enough for the projection to run as one efficient matmul

@@ -3,8 +3,8 @@ define them, and each is imported on first use.
 
 ``usp --help`` imports no torch, yet ``usp/__init__.py`` and the packages whose torch-free
 modules the command line reads (``usp.models``, ``usp.infer``) export torch-built objects. With
-these exports, ``import usp.models.configs`` runs ``usp/models/__init__.py`` without importing
-``usp.models.llama``, and ``usp.models.Llama`` still works as before.
+these exports, ``import usp.models.llama.presets`` runs ``usp/models/__init__.py`` without
+importing ``usp.models.llama.model``, and ``usp.models.Llama`` still works as before.
 """
 
 from __future__ import annotations

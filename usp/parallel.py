@@ -1,14 +1,15 @@
 """parallelize: make a plain model a PP × USP × TP × FSDP2 model, in one fixed order.
 
-One function for our ``usp.models.Llama`` and for Hugging Face causal LMs
-(``usp.training.hf_model.HFCausalLM``); what differs between model families is a
-:class:`ModelPlan` (how to swap the attention, the tensor-parallel plan, where the MLP is, how
-to cut a pipeline stage).
+One function for the models of every family (``usp.models.registry``); what differs between
+families is their :class:`~usp.models.family.ModelPlan` (how to swap the attention, the
+tensor-parallel plan, where the MLP is, how to cut a pipeline stage, which losses it offers),
+taken from the model's family entry (``family_of_model(model).plan``).
 
-0. **Pipeline stage** (``pp > 1``): the model is cut to this rank's stage (``usp.pipeline``).
+0. **Pipeline stage** (``pp > 1``): the model is cut to this rank's stage (the plan's
+   ``keep_stage``, by ``usp.pipeline.stage_layer_names``).
 1. **Attention swap.** Every layer's attention becomes ``usp_attention`` over the topology's
    ring × ulysses grid, so each rank attends with its sequence shard.
-2. **Tensor parallelism** over the ``tp`` axis (Llama: ``usp.models.llama_tp``). Heads are split
+2. **Tensor parallelism** over the ``tp`` axis (Llama: ``usp.models.llama.tp``). Heads are split
    over tp first and then, inside the attention, over ulysses.
 3. **Memory features** (``usp.memory``): the tiled MLP (each block's MLP over tiles of the
    sequence, recomputed tile by tile), then activation checkpointing by layer kind: ``"full"``
@@ -31,59 +32,20 @@ materialise it (``to_empty``) and let each rank initialise its own shards
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from usp.attention import usp_attention
-from usp.attention.heads import head_plan
 from usp.layout import check_layout
 from usp.loss import DATA_AXES, data_parallel_size
 from usp.losses import check_loss
 from usp.memory import apply_activation_checkpointing, checkpoint_kinds, tile_mlp
-from usp.models.llama import Llama, LlamaConfig
-from usp.models.llama_tp import apply_llama_tensor_parallel
-from usp.pipeline import keep_stage
+from usp.models.registry import family_of_model
 from usp.topology import Topology
 
 logger = logging.getLogger(__name__)
-
-
-def check_parallel_config(config: LlamaConfig, topology: Topology) -> str | None:
-    """Raise ValueError, naming the numbers, unless pp, tp and ulysses can split the model.
-
-    Returns a note when Ulysses runs on padded heads (exact, but they cost their share of the
-    work); :func:`parallelize` logs it once, on the first rank, so validating again (before
-    launch, on every rank) repeats nothing."""
-    tp, ulysses, pp = topology.size("tp"), topology.size("ulysses"), topology.size("pp")
-    if config.n_layers < pp:
-        raise ValueError(f"n_layers={config.n_layers} < pp={pp}: every pipeline stage needs a layer")
-    if config.tie_embeddings and pp > 1:
-        raise ValueError(
-            "tie_embeddings with pp > 1: the embedding (first stage) and the output projection "
-            "(last stage) would live on different ranks; untie them or use pp=1"
-        )
-    for name, value in (
-        ("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads),
-        ("ffn_dim", config.ffn_dim), ("vocab_size", config.vocab_size),
-    ):
-        if value % tp != 0:
-            raise ValueError(
-                f"{name}={value} is not divisible by tp={tp}: tensor parallelism splits it evenly "
-                f"over the tp ranks; choose tp dividing {value}"
-            )
-    # heads split over tp first, then over ulysses: an uneven ulysses split runs on padded
-    # heads (exact; usp.attention.heads.head_plan), which costs their share of the work
-    plan = head_plan(config.n_heads // tp, config.n_kv_heads // tp, ulysses)
-    if not plan.padded:
-        return None
-    return (f"{config.n_heads // tp} query / {config.n_kv_heads // tp} kv heads per tp rank over "
-            f"ulysses={ulysses}: {plan.describe()} (padding heads cost their share of compute)")
 
 
 def check_parallel_options(
@@ -123,55 +85,10 @@ def check_memory_options(activation_checkpointing: str, tiled_mlp: int) -> None:
         )
 
 
-@dataclass(frozen=True)
-class ModelPlan:
-    """What :func:`parallelize` must know of a model family."""
-
-    # ValueError for what it cannot split; returns a note worth a warning, or None
-    check: Callable[[nn.Module, Topology], str | None]
-    use_attention: Callable[[nn.Module, Topology, str, str], None]  # (model, topology, layout, kernel)
-    # (model, tp mesh, vocab-parallel output); None: no TP
-    tensor_parallel: Callable[[nn.Module, object, bool], None] | None
-    keep_stage: Callable[[nn.Module, Topology], nn.Module] | None  # None: no pipeline stages
-    mlp: Callable[[nn.Module], nn.Module]  # a block's MLP (selective checkpointing, tiling)
-    # a block's attention (checkpointing of kind 'attention'); None: not offered
-    attention: Callable[[nn.Module], nn.Module] | None = None
-
-
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The decoder blocks this rank holds, in order (a ModuleDict keeps global names)."""
     layers = model.layers
     return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
-
-
-def _llama_attention(model: nn.Module, topology: Topology, layout: str, kernel: str) -> None:
-    for block in blocks(model):
-        block.attention.attention_fn = partial(
-            usp_attention, topology=topology, causal=True, layout=layout, kernel=kernel
-        )
-
-
-LLAMA_PLAN = ModelPlan(
-    check=lambda model, topology: check_parallel_config(model.config, topology),
-    use_attention=_llama_attention,
-    tensor_parallel=apply_llama_tensor_parallel,
-    keep_stage=keep_stage,
-    mlp=lambda block: block.feed_forward,
-    attention=lambda block: block.attention,
-)
-
-
-def model_plan(model: nn.Module) -> ModelPlan:
-    """The plan of ``model``'s family: our Llama's, or the one the model carries."""
-    if isinstance(model, Llama):
-        return LLAMA_PLAN
-    plan = getattr(model, "model_plan", None)
-    if not isinstance(plan, ModelPlan):
-        raise ValueError(
-            f"parallelize knows usp.models.Llama and models that carry a usp.parallel.ModelPlan "
-            f"as .model_plan (usp.training.hf_model.HFCausalLM); {type(model).__name__} has none"
-        )
-    return plan
 
 
 def parallelize(
@@ -200,7 +117,7 @@ def parallelize(
     """
     check_layout(layout)
     name = type(model).__name__  # (FSDP2 changes the class)
-    plan = model_plan(model)
+    plan = family_of_model(model).plan
     note = plan.check(model, topology)
     if note is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         logger.warning("%s", note)  # the same on every rank: said once
@@ -208,9 +125,7 @@ def parallelize(
         topology, activation_checkpointing, fsdp, param_dtype, reduce_dtype, tiled_mlp
     )
     check_loss(loss, topology)
-    if loss != "full" and not isinstance(model, Llama):
-        raise ValueError(f"loss={loss!r} is offered for usp.models.Llama; "
-                         f"{type(model).__name__} computes full logits: use loss='full'")
+    plan.check_loss(loss, name)
     if topology.size("pp") > 1:
         if plan.keep_stage is None:
             raise ValueError(

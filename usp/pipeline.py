@@ -1,9 +1,11 @@
 """Pipeline parallelism over the ``pp`` axis, with ``torch.distributed.pipelining``.
 
-The model is cut by layers: stage ``i`` of ``pp`` keeps a contiguous run of decoder layers (their
-names keep their global index, so checkpoints do not depend on ``pp``), the first stage keeps the
-embedding and the last the final norm and output projection. Each stage is then parallelised like
-a whole model (USP attention, TP, checkpointing, FSDP2 over dp × ring × ulysses inside the stage).
+The model is cut by layers: stage ``i`` of ``pp`` keeps the contiguous run of decoder layers
+:func:`stage_layer_names` gives it (their names keep their global index, so checkpoints do not
+depend on ``pp``), the first stage keeps the embedding and the last the final norm and output
+projection. How a model is cut is its family's (``usp.models.family.ModelPlan.keep_stage``);
+each stage is then parallelised like a whole model (USP attention, TP, checkpointing, FSDP2 over
+dp × ring × ulysses inside the stage).
 
 Every rank of a pipeline holds the same tokens; the batch rows are cut into micro-batches that
 flow through the stages (1F1B or GPipe). Positions and documents travel beside the activations
@@ -48,7 +50,8 @@ def stage_layer_names(n_layers: int, pp: int, stage: int) -> list[str]:
 def check_pipeline(pp: int, local_batch: int, microbatches: int, schedule: str) -> None:
     """Raise ValueError, naming the numbers, unless this batch can run through ``pp`` stages.
 
-    (Whether the model can be cut into ``pp`` stages is ``usp.parallel.check_parallel_config``'s.)
+    (Whether the model can be cut into ``pp`` stages is its family's check,
+    ``usp.models.family.ModelPlan.check``.)
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
@@ -61,23 +64,6 @@ def check_pipeline(pp: int, local_batch: int, microbatches: int, schedule: str) 
             f"each pipeline holds {local_batch} batch rows, which microbatches={microbatches} "
             f"cannot split evenly; use a global batch that is a multiple of dp x {microbatches}"
         )
-
-
-def keep_stage(model: nn.Module, topology: Topology) -> nn.Module:
-    """Cut ``model`` down to this rank's pipeline stage, in place; returns it."""
-    pp, stage = topology.size("pp"), topology.rank("pp")
-    if pp == 1:
-        return model
-    keep = set(stage_layer_names(len(model.layers), pp, stage))
-    for name in list(model.layers):
-        if name not in keep:
-            del model.layers[name]
-    if stage != 0:
-        model.tok_embeddings = None
-    if stage != pp - 1:
-        model.norm = None
-        model.output = None
-    return model
 
 
 class Pipeline:

@@ -19,20 +19,18 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from usp.choices import MESH_ORDERS, PLACEMENTS
 from usp.comm import agree
 
 logger = logging.getLogger(__name__)
 
 AXES = ("pp", "dp", "ring", "ulysses", "tp")
-PLACEMENTS = ("head-first", "context-first")
 
 
 def _mesh_axis_order(placement: str) -> tuple[str, ...]:
-    if placement == "head-first":
-        return ("pp", "dp", "ring", "ulysses", "tp")
-    if placement == "context-first":
-        return ("pp", "dp", "ulysses", "ring", "tp")
-    raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
+    if placement not in MESH_ORDERS:
+        raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
+    return MESH_ORDERS[placement]
 
 
 def _device_type_for_backend() -> str:

@@ -91,6 +91,19 @@ def _indices(slots: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tens
             index_on(tuple(slots[i] for i in real), device))
 
 
+def rank_heads(plan: HeadPlan, rank: int) -> tuple[int, ...]:
+    """The query head in each of Ulysses rank ``rank``'s slots (-1: a padding slot)."""
+    return plan.q_slots[rank * plan.q_per_rank:(rank + 1) * plan.q_per_rank]
+
+
+def heads_of(values: Tensor, heads: tuple[int, ...]) -> Tensor:
+    """``values`` [H] (a per-head parameter) at ``heads`` (0 at a padding slot, -1),
+    differentiable: the gradient of each head sums over the slots that read it."""
+    padded = torch.cat([values, values.new_zeros(1)])  # a padding slot reads the appended 0
+    index = tuple(head if head >= 0 else values.shape[0] for head in heads)
+    return padded.index_select(0, index_on(index, values.device))
+
+
 def real_heads(plan: HeadPlan, out: Tensor) -> Tensor:
     """``[B, S, q slots, D]`` -> ``[B, S, Hq, D]``: the padding slots dropped."""
     if not plan.padded:
@@ -117,5 +130,7 @@ def to_sources(grad: Tensor, slots: tuple[int, ...], n_heads: int) -> Tensor:
     if slots == tuple(range(n_heads)):
         return grad
     _, real, sources = _indices(slots, grad.device)
-    out = grad.new_zeros(grad.shape[0], grad.shape[1], n_heads, grad.shape[3])
-    return out.index_add_(2, sources, grad.index_select(2, real))
+    # replicas of a kv head sum in fp32 (fp64 stays), then round once
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    out = grad.new_zeros(grad.shape[0], grad.shape[1], n_heads, grad.shape[3], dtype=acc)
+    return out.index_add_(2, sources, grad.index_select(2, real).to(acc)).to(grad.dtype)

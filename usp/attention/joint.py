@@ -75,7 +75,7 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, text_q: Tensor, text_k: Ten
     slots, pads = text[0].shape[1], ring_size * text[0].shape[1] - text_q.shape[1]
     text_out = []
 
-    def inner(q_heads: Tensor, k_heads: Tensor, v_heads: Tensor) -> Tensor:
+    def inner(q_heads: Tensor, k_heads: Tensor, v_heads: Tensor, heads=None) -> Tensor:
         # [B, S_R, h, D] image ring block ++ [B, T, h, D] text slots -> [B, T + S_R, h, D]
         joint = [torch.cat([t, x], dim=1) for t, x in zip(text, (q_heads, k_heads, v_heads))]
         mask = joint_mask(joint[0].shape[1] * ring_size, pads)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from usp.attention.kernels import HALF, Kernel
-from usp.attention.merge import merge_into
+from usp.attention.merge import add_sinks, merge_into, sink_gradient
 from usp.p2p import GroupRing, LoopbackRing, SelfRing
 from usp.schedule import Piece, RingSchedule
 
@@ -68,7 +68,7 @@ def _mask(piece: Piece):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring, schedule: RingSchedule, scale, kernel: Kernel):
+    def forward(ctx, q, k, v, ring, schedule: RingSchedule, scale, kernel: Kernel, sinks=None):
         steps = schedule.last_step() + 1
         acc = _accumulator_dtype(q.dtype)
         out = torch.zeros(q.shape, dtype=acc, device=q.device)  # [B, S_R, H, D]
@@ -83,9 +83,11 @@ class _RingAttention(torch.autograd.Function):
                                                       _mask(piece), scale)
                 with record_function("usp::ring.merge"):
                     merge_into(out[rows], lse[rows[0], :, rows[1]], out_block, lse_block)
+        if sinks is not None:  # once, on the merge of every key's block
+            out, lse = add_sinks(out, lse, sinks)
         with record_function("usp::ring.cast"):
             out = out.to(q.dtype)
-        ctx.save_for_backward(q, kv, out, lse)
+        ctx.save_for_backward(q, kv, out, lse, sinks)
         ctx.mark_non_differentiable(lse)
         ctx.ring, ctx.schedule, ctx.scale, ctx.kernel = ring, schedule, scale, kernel
         return out, lse
@@ -93,7 +95,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         dout = dout.contiguous()  # autograd may hand over any strides (an expanded scalar's grad)
-        q, kv, out, lse = ctx.saved_tensors
+        q, kv, out, lse, sinks = ctx.saved_tensors
         ring, schedule, scale, kernel = ctx.ring, ctx.schedule, ctx.scale, ctx.kernel
         steps = schedule.last_step() + 1
         acc = _accumulator_dtype(q.dtype)
@@ -135,40 +137,46 @@ class _RingAttention(torch.autograd.Function):
         home = ring.exchange(tag=2, offset=(1 - steps) % ring.size)
         home.start(dkv, dkv_incoming)
         home.wait()
+        dsinks = None if sinks is None else sink_gradient(dout, out, lse, sinks)
         with record_function("usp::ring.cast"):
             dk, dv = dkv_incoming.to(kv.dtype)
-            return dq.to(q.dtype), dk, dv, None, None, None, None
+            return dq.to(q.dtype), dk, dv, None, None, None, None, dsinks
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, causal, scale: float,
-                    kernel: Kernel) -> Tensor:
+                    kernel: Kernel, sinks: Tensor | None = None) -> Tensor:
     """One device's attention through a kernel, differentiable: one kernel call under ``causal``
-    (a bool or a band)."""
-    return _LocalAttention.apply(q, k, v, causal, scale, kernel)
+    (a bool or a band); ``sinks`` [H]: attention sinks (:func:`usp.attention.merge.add_sinks`)."""
+    return _LocalAttention.apply(q, k, v, causal, scale, kernel, sinks)
 
 
 class _LocalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, kernel: Kernel):
+    def forward(ctx, q, k, v, causal, scale, kernel: Kernel, sinks=None):
         out, lse = kernel.forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:
+            merged, lse = add_sinks(out.to(_accumulator_dtype(q.dtype)), lse, sinks)
+            out = merged.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.causal, ctx.scale, ctx.kernel = causal, scale, kernel
         return out
 
     @staticmethod
     def backward(ctx, dout):
         dout = dout.contiguous()  # autograd may hand over any strides (an expanded scalar's grad)
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dsinks = None if sinks is None else sink_gradient(dout, out, lse, sinks)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, dsinks
 
 
 def ring_attention_on_group(
     q: Tensor, k: Tensor, v: Tensor, group: "dist.ProcessGroup | LoopbackRing | None", *,
-    schedule: RingSchedule, scale: float, kernel: Kernel,
+    schedule: RingSchedule, scale: float, kernel: Kernel, sinks: Tensor | None = None,
 ) -> Tensor:
     """Ring attention over ``group`` (None: this rank alone; or a loopback ring) on ring blocks
-    ``[B, S_R, H, D]`` under ``schedule``; no validation here."""
+    ``[B, S_R, H, D]`` under ``schedule``; ``sinks`` [H]: attention sinks of these heads. No
+    validation here."""
     if isinstance(group, LoopbackRing):
         ring = group
     elif group is None or dist.get_world_size(group) == 1:
@@ -177,9 +185,10 @@ def ring_attention_on_group(
         if len(pieces) == 1 and pieces[0].batch is None and (
                 pieces[0].q_start, pieces[0].q_end, pieces[0].k_start, pieces[0].k_end) == (
                 0, whole[0], 0, whole[1]):
-            return local_attention(q, k, v, _mask(pieces[0]), scale, kernel)  # one kernel call
+            return local_attention(q, k, v, _mask(pieces[0]), scale, kernel,
+                                   sinks)  # one kernel call
         ring = SelfRing()
     else:
         ring = GroupRing(group)
-    out, _ = _RingAttention.apply(q, k, v, ring, schedule, scale, kernel)
+    out, _ = _RingAttention.apply(q, k, v, ring, schedule, scale, kernel, sinks)
     return out

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from usp.attention.heads import HeadPlan, by_destination, head_plan, real_heads, to_sources
+from usp.attention.heads import (HeadPlan, by_destination, head_plan, rank_heads, real_heads,
+                                to_sources)
 from usp.attention.ulysses_overlap import chunk_count, ulysses_overlapped
 from usp.comm import all_to_all, exchange_all_to_all
 
@@ -80,11 +81,13 @@ def ulysses_around(
     q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, inner: Callable[..., Tensor],
     chunks: int = 1,
 ) -> Tensor:
-    """All-to-all q/k/v to head groups, run ``inner(q, k, v)``, all-to-all the output back.
+    """All-to-all q/k/v to head groups, run ``inner(q, k, v, heads)``, all-to-all the output back.
 
     q: [B, S_U, Hq, D], k/v: [B, S_U, Hkv, D]; ``inner`` sees this rank's slots [B, S, q/U, D]
     and [B, S, kv/U, D] — or, with ``chunks > 1``, up to that many head chunks of them in turn,
-    each chunk's exchanges overlapping the others' attention (:mod:`usp.attention.ulysses_overlap`).
+    each chunk's exchanges overlapping the others' attention (:mod:`usp.attention.ulysses_overlap`)
+    — and ``heads``, the query head of each of its q slots (-1 for padding), for per-head
+    parameters such as attention sinks.
     """
     plan = head_plan(q.shape[2], k.shape[2], dist.get_world_size(group))
     n = chunk_count(plan, chunks)
@@ -92,6 +95,6 @@ def ulysses_around(
         out = ulysses_overlapped(q, k, v, group, inner, plan, n)  # [B, S_U, q slots, D]
     else:
         q, k, v = _QKVToHeads.apply(q, k, v, group, plan)
-        out = inner(q, k, v)  # [B, S, q/U, D]
+        out = inner(q, k, v, rank_heads(plan, dist.get_rank(group)))  # [B, S, q/U, D]
         out = all_to_all(out, group, scatter_dim=1, gather_dim=2)  # -> [B, S_U, q slots, D]
     return real_heads(plan, out)  # padding dropped

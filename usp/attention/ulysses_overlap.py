@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from usp.attention.heads import HeadPlan, by_destination, to_sources
+from usp.attention.heads import HeadPlan, by_destination, rank_heads, to_sources
 from usp.comm import post_all_to_all
 
 Tensor = torch.Tensor
@@ -249,6 +249,7 @@ def ulysses_overlapped(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup
     """:func:`usp.attention.ulysses.ulysses_around` in ``n`` pipelined head chunks (``n`` from
     :func:`chunk_count`); returns [B, S_U, q slots, D], padding slots included."""
     chunks = _Chunks(plan, n)
+    heads = rank_heads(plan, dist.get_rank(group))
     posted_in = [_Posted() for _ in range(n)]
     posted_out = [_Posted() for _ in range(n)]
     recvs = _PostInputs.apply(q, k, v, group, plan, chunks, posted_in)
@@ -259,6 +260,6 @@ def ulysses_overlapped(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup
             if c == 0:
                 shared = _ShareKV.apply(k_c, v_c, [chunks.kv_read(i) for i in range(n)])
             k_c, v_c = shared[2 * c], shared[2 * c + 1]
-        out_c = inner(q_c, k_c, v_c)  # [B, S, qc, D]
+        out_c = inner(q_c, k_c, v_c, heads[c * chunks.qc:(c + 1) * chunks.qc])  # [B, S, qc, D]
         pending.append(_PostOutput.apply(out_c, group, posted_out[c]))
     return _TakeOutputs.apply(group, posted_out, *pending)

@@ -16,6 +16,7 @@ from torch import nn
 
 from usp.attention.kernels import Kernel, default_scale, resolve_kernel
 from usp.attention.call_mask import call_mask
+from usp.attention.heads import heads_of
 from usp.attention.ring import ring_attention_on_group
 from usp.attention.ulysses import ulysses_around
 from usp.layout import check_layout, check_sequence_length
@@ -112,6 +113,7 @@ def usp_attention(
     seq_len: int | None = None,
     mask: AttentionMask | None = None,
     head_chunks: int = 1,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention over a sequence sharded on ring × ulysses ranks.
 
@@ -129,6 +131,10 @@ def usp_attention(
       nothing and is seen by nothing (its output and gradients are zero);
     - ``seq_len``: the real length when :func:`usp.shard_sequence` padded an uneven one;
     - or ``mask``, an :class:`usp.AttentionMask` built once (then none of the above).
+
+    ``sinks`` [Hq]: attention sinks (GPT-OSS's ``s_aux``), a learned logit per query head in
+    every row's softmax denominator that carries no value; exact on every path, and its
+    gradient on each rank is that rank's part (they sum over the ranks, as FSDP sums).
 
     ``head_chunks`` (Ulysses): each rank's heads run in up to this many chunks of whole kv
     groups, every chunk's all-to-alls travelling while another chunk's attention computes
@@ -149,10 +155,12 @@ def usp_attention(
         chosen = resolve_kernel(kernel, q)
         if not isinstance(head_chunks, int) or head_chunks < 1:
             raise ValueError(f"head_chunks={head_chunks!r} must be an integer >= 1")
+        _check_sinks(sinks, q)
     except Exception as exc:  # any failure before a collective reaches every rank, as one error
         error = exc
-    topology.agree_on_call(_describe(q, k, v, mask, layout, softmax_scale, kernel, head_chunks),
-                           error)
+    description = _describe(q, k, v, mask, layout, softmax_scale, kernel, head_chunks)
+    description["sinks"] = tuple(sinks.shape) if isinstance(sinks, Tensor) else sinks
+    topology.agree_on_call(description, error)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     scale = default_scale(q.shape[-1], softmax_scale)
     ring_group = topology.ring_group if topology.ring_size > 1 else None
@@ -160,8 +168,26 @@ def usp_attention(
     ring = partial(ring_attention_on_group, group=ring_group, schedule=schedule, scale=scale,
                    kernel=chosen)
     if topology.ulysses_size == 1:
-        return ring(q, k, v)  # [B, S_R, Hq, D]
-    return ulysses_around(q, k, v, topology.ulysses_group, ring, chunks=head_chunks)
+        return ring(q, k, v, sinks=sinks)  # [B, S_R, Hq, D]
+
+    def inner(q_slots: Tensor, k_slots: Tensor, v_slots: Tensor, heads: tuple[int, ...]):
+        # the sinks of the heads in this rank's slots: [Hq] -> [slots]
+        return ring(q_slots, k_slots, v_slots,
+                    sinks=None if sinks is None else heads_of(sinks, heads))
+
+    return ulysses_around(q, k, v, topology.ulysses_group, inner, chunks=head_chunks)
+
+
+def _check_sinks(sinks, q: Tensor) -> None:
+    if sinks is None:
+        return
+    if not isinstance(sinks, Tensor) or sinks.dim() != 1 or sinks.shape[0] != q.shape[2]:
+        shape = tuple(sinks.shape) if isinstance(sinks, Tensor) else type(sinks).__name__
+        raise ValueError(f"sinks must be a tensor [Hq] = [{q.shape[2]}] (one logit per query "
+                         f"head); got {shape}")
+    if not sinks.is_floating_point() or sinks.device != q.device:
+        raise ValueError(f"sinks must be floating point on {q.device}; got {sinks.dtype} on "
+                         f"{sinks.device}")
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, topology: Topology, **options) -> Tensor:

@@ -7,16 +7,16 @@ from dataclasses import dataclass
 
 MASKS = ("dense", "packed", "window")  # usp bench attention --mask: usp.bench.masks builds them
 
-# usp bench plan: the layouts a row can name (degrees of dp, tp, pp, ring, ulysses); the check's
+# usp bench plan: the meshes a row can name (degrees of dp, tp, pp, ring, ulysses); the check's
 # grid is the six over 4 ranks, the 2-rank ones serve the quick test (usp.bench.plan_check)
-PLAN_LAYOUTS = {
+PLAN_MESHES = {
     "uly4": dict(ulysses=4), "ring2xuly2": dict(ring=2, ulysses=2),
     "tp2xring2": dict(tp=2, ring=2), "dp2xuly2": dict(dp=2, ulysses=2),
     "pp2xring2": dict(pp=2, ring=2), "pp2xtp2": dict(pp=2, tp=2),
     "uly2": dict(ulysses=2), "ring2": dict(ring=2), "tp2": dict(tp=2), "pp2": dict(pp=2),
     "dp2": dict(dp=2),
 }
-PLAN_GRID_LAYOUTS = ("uly4", "ring2xuly2", "tp2xring2", "dp2xuly2", "pp2xring2", "pp2xtp2")
+PLAN_GRID_MESHES = ("uly4", "ring2xuly2", "tp2xring2", "dp2xuly2", "pp2xring2", "pp2xtp2")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """`usp bench plan`: the planner's memory prediction against real `usp train` steps.
 
 Each row is a fresh ``usp train`` run (own gloo ranks, synthetic tokens, a few steps, no
-checkpoints) of one model, sequence length, 4-D layout and activation checkpointing. The last
+checkpoints) of one model, sequence length, 4-D mesh and memory features: the planner's
+configuration of the row (:meth:`Row.config`), written as a run spec by
+:func:`usp.plan.spec_io.to_run_spec`, so the run is the configuration the planner costs. The last
 step's per-rank counters (``usp.training.metrics``: the resident set at the start of the step and
 its high-water mark during it) are compared with ``usp.plan.memory`` for the same configuration
 in fp32, plus the runtime itself (Python, torch, gloo), measured once per world size in bare rank
@@ -24,75 +26,79 @@ from dataclasses import dataclass
 
 import torch.multiprocessing as mp
 
-from usp.bench.options import PLAN_LAYOUTS as LAYOUTS
+from usp.bench.options import PLAN_MESHES as MESHES
 from usp.plan.config import ParallelConfig
 from usp.plan.memory import memory_per_gpu, resting_memory
-from usp.plan.presets import get_model
+from usp.plan.presets import cpu_cluster, get_model
+from usp.plan.spec_io import model_settings, to_run_spec
 from usp.plan.specs import Workload
-
+from usp.spec import RunSpec
 
 MIB = 2**20
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-# ``--features``: each memory feature of usp train on a layout where it matters, as
-# (layout, ac, loss, tiled_mlp, grad_accum); the vocabulary-parallel loss needs tp
+# ``--features``: each memory feature of usp train on a mesh where it matters, as
+# (mesh, ac, loss, tiled_mlp, grad_accum); the vocabulary-parallel loss needs tp
 FEATURES = (
     ("uly4", "none", "chunked", 0, 1), ("tp2xring2", "none", "vocab_parallel", 0, 1),
     ("pp2xtp2", "none", "vocab_parallel", 0, 1), ("ring2xuly2", "none", "full", 512, 1),
     ("dp2xuly2", "attention", "full", 0, 1), ("uly4", "none", "full", 0, 2),
 )
-# usp train's loss names -> the planner's
-PLANNER_LOSS = {"full": "gathered", "chunked": "chunked", "vocab_parallel": "vocab-parallel"}
+# what every row's run sets beside its configuration: throughput settings, no checkpoints
+BENCH_SETTINGS = dict(synthetic=True, progress=False, warmup=1, ckpt_every=0)
 
 
 @dataclass(frozen=True)
 class Row:
-    """One run: a model, a sequence length, a layout (axis degrees) and checkpointing."""
+    """One run: a model, a sequence length, a mesh (axis degrees) and memory features, named as
+    in the run spec."""
 
     model: str
     seq_len: int
-    layout: str
+    mesh: str
     ac: str = "none"
     micro_batch: int = 1
-    loss: str = "full"  # usp train --loss
-    tiled_mlp: int = 0  # usp train --tiled-mlp
-    grad_accum: int = 1  # usp train --grad-accum (pp 1 only)
+    loss: str = "full"
+    tiled_mlp: int = 0
+    grad_accum: int = 1  # pp 1 only
 
     def degrees(self) -> dict[str, int]:
         degrees = dict(dp=1, tp=1, pp=1, ring=1, ulysses=1)
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout {self.layout!r}; choose one of {sorted(LAYOUTS)}")
-        degrees.update(LAYOUTS[self.layout])
+        if self.mesh not in MESHES:
+            raise ValueError(f"mesh {self.mesh!r}; choose one of {sorted(MESHES)}")
+        degrees.update(MESHES[self.mesh])
         return degrees
 
     @property
     def world_size(self) -> int:
-        d = self.degrees()
-        return d["dp"] * d["tp"] * d["pp"] * d["ring"] * d["ulysses"]
+        return math.prod(self.degrees().values())
 
     @property
     def global_batch(self) -> int:
-        d = self.degrees()  # usp train: one micro-batch per pipeline stage
+        d = self.degrees()  # one micro-batch per pipeline stage
         return d["dp"] * d["pp"] * self.micro_batch * self.grad_accum
 
     def config(self) -> ParallelConfig:
-        """The planner's configuration that ``usp train`` runs for this row."""
+        """The planner's configuration of this row: FSDP (ZeRO-3, usp train's default) over
+        dp x ring x ulysses when that shards, one micro-batch per pipeline stage."""
         d = self.degrees()
-        fsdp = d["dp"] * d["ring"] * d["ulysses"] > 1
-        if self.grad_accum > 1 and d["pp"] > 1:
-            raise ValueError(f"{self.label()}: grad_accum > 1 is checked with pp 1 only")
-        return ParallelConfig(**d, zero=3 if fsdp else 0,
-                              micro_batches=d["pp"] * self.grad_accum, checkpointing=self.ac,
-                              loss=PLANNER_LOSS[self.loss], mlp_tile=self.tiled_mlp)
+        return ParallelConfig(**d, zero=3 if d["dp"] * d["ring"] * d["ulysses"] > 1 else 0,
+                              microbatches=d["pp"], grad_accum=self.grad_accum, ac=self.ac,
+                              loss=self.loss, tiled_mlp=self.tiled_mlp)
 
     def workload(self) -> Workload:
-        return Workload(get_model(self.model), self.seq_len, self.global_batch,
-                        precision="fp32")
+        return Workload(get_model(self.model), self.seq_len, self.global_batch, dtype="fp32")
+
+    def run_spec(self, steps: int) -> RunSpec:
+        """What ``usp train`` runs for this row: its configuration on this machine's ranks."""
+        base = RunSpec().replace(steps=steps, **BENCH_SETTINGS)
+        return to_run_spec(self.config(), self.workload(), cpu_cluster(self.world_size),
+                           model_settings(self.model), base)
 
     def label(self) -> str:
         features = "".join([f" loss={self.loss}" if self.loss != "full" else "",
                             f" tile={self.tiled_mlp}" if self.tiled_mlp else "",
                             f" accum={self.grad_accum}" if self.grad_accum > 1 else ""])
-        return f"{self.model} S={self.seq_len} {self.layout} ac={self.ac}{features}"
+        return f"{self.model} S={self.seq_len} {self.mesh} ac={self.ac}{features}"
 
 
 @contextlib.contextmanager
@@ -110,22 +116,29 @@ def allocator_environment():
                 os.environ[key] = value
 
 
-def train_records(row: Row, steps: int) -> list[dict]:
-    """Run ``usp train`` for ``row`` (spawned gloo ranks); every step's metrics record."""
+def train_records(spec: RunSpec) -> list[dict]:
+    """Run ``usp train`` on ``spec`` (spawned gloo ranks, a temporary run directory); every
+    step's metrics record."""
     from usp.training.launcher import launch_elastic
-    from usp.training.setup import TrainConfig, validate
+    from usp.training.setup import validate
 
-    d = row.degrees()
     with tempfile.TemporaryDirectory(prefix="usp-bench-plan-") as out:
-        config = TrainConfig(
-            model=row.model, seq_len=row.seq_len, global_batch=row.global_batch, steps=steps,
-            synthetic=True, out=out, progress=False, nproc=row.world_size, warmup=1,
-            ckpt_every=0, ac=row.ac, dp=d["dp"], tp=d["tp"], pp=d["pp"], ring=d["ring"],
-            ulysses=d["ulysses"], device="cpu", loss=row.loss, tiled_mlp=row.tiled_mlp,
-            grad_accum=row.grad_accum,
-        )
+        config = _train_config(spec.replace(out=out))
         validate(config, config.nproc)
         return launch_elastic(config)
+
+
+def _train_config(spec: RunSpec):
+    """``usp.training``'s settings object for ``spec``: the spec's flat settings, under the same
+    names except two the object does not have (it keeps ZeRO-2 as its ``zero2`` switch, and
+    places the ranks head-first)."""
+    from usp.training.setup import TrainConfig
+
+    settings = spec.flat()
+    placement, zero = settings.pop("placement"), settings.pop("zero")
+    if placement != "head-first":
+        raise ValueError(f"placement={placement!r}: usp.training places the ranks head-first")
+    return TrainConfig(**settings, zero2=zero == 2)
 
 
 def _runtime_worker(rank: int, degrees: dict[str, int], port: int, results) -> None:
@@ -177,7 +190,7 @@ def check_row(row: Row, runtime: float, steps: int = 2) -> dict:
     """Predicted and measured per-rank bytes of ``row``: the heaviest rank, last step."""
     workload, config = row.workload(), row.config()
     with allocator_environment():
-        records = train_records(row, steps)
+        records = train_records(row.run_spec(steps))
     last = records[-1]
     peak = max(last["peak_memory_bytes"])
     rank = last["peak_memory_bytes"].index(peak)

@@ -1,9 +1,9 @@
-"""`usp bench plan --pick`: does the calibrated planner pick the layout that runs fastest here?
+"""`usp bench plan --pick`: does the calibrated planner pick the mesh that runs fastest here?
 
 For each case (a model and a sequence length) the planner, calibrated on this machine
-(``usp.plan.calibrate``), predicts the step time of every layout of a grid over the ranks; the
-same runner as the memory check (``usp.bench.plan_check.train_records``, with glibc's default
-allocator, as ``usp train`` runs) then measures each. The pick passes when its measured step is
+(``usp.plan.calibrate``), predicts the step time of every mesh of a grid over the ranks; the
+same runner as the memory check (``usp.bench.plan_check.train_records`` on each row's run spec,
+with glibc's default allocator, as ``usp train`` runs) then measures each. The pick passes when its measured step is
 within ``tolerance`` of the measured fastest.
 """
 
@@ -27,7 +27,7 @@ def rank_cluster(cluster: ClusterSpec, ranks: int) -> ClusterSpec:
 
 def measured_step_seconds(row: Row, steps: int) -> float:
     """Mean step time of ``row``'s run after its first (allocating, warming) step."""
-    records = train_records(row, steps)
+    records = train_records(row.run_spec(steps))
     timed = records[1:] or records
     return sum(r["step_time_s"] for r in timed) / len(timed)
 

@@ -1,10 +1,10 @@
-"""The ``usp`` command: ``usp bench``, ``usp generate``, ``usp plan``, ``usp train``.
+"""The ``usp`` command: ``usp bench``, ``usp check``, ``usp generate``, ``usp plan``, ``usp train``.
 
 Each subcommand is a module of this package exposing ``register(subparsers)``: argument parsing
 and printing live here and only here; the library modules they drive log, never print.
 
 Building the parser imports no torch: a subcommand's module reads its choices and defaults from
-torch-free modules (``usp.choices``, ``usp.models.configs``, ``usp.training.config``, ...) and
+torch-free modules (``usp.choices``, ``usp.models.llama.presets``, ``usp.training.config``, ...) and
 imports what runs the command inside the function that runs it, so ``--help`` and argument
 errors answer at once (tests/test_cli_help.py).
 """
@@ -20,6 +20,7 @@ from usp.cli.help import HelpFormatter
 
 def build_parser() -> argparse.ArgumentParser:
     from usp.cli import bench as bench_cli
+    from usp.cli import check as check_cli
     from usp.cli import generate as generate_cli
     from usp.cli import plan as plan_cli
     from usp.cli import train as train_cli
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log at debug level and print a failed rank's whole traceback")
     subparsers = parser.add_subparsers(dest="command", required=True)
     bench_cli.register(subparsers)
+    check_cli.register(subparsers)
     generate_cli.register(subparsers)
     plan_cli.register(subparsers)
     train_cli.register(subparsers)

@@ -6,16 +6,17 @@ import itertools
 import json
 import time
 
-from usp.bench.options import PLAN_GRID_LAYOUTS, PLAN_LAYOUTS
+from usp.bench.options import PLAN_GRID_MESHES, PLAN_MESHES
 from usp.cli.help import add_parser
 
 DESCRIPTION = """\
 The planner's predictions against real usp train runs on this machine (spawned gloo ranks): the
-per-rank peak memory of each model, length, layout and checkpointing, and whether the calibrated
-planner picks the layout that runs fastest. See docs/planner.md.
+per-rank peak memory of each model, length, mesh and checkpointing, and whether the calibrated
+planner picks the mesh that runs fastest. Each run is the planner's configuration, written as a
+run spec. See docs/planner.md.
 
     usp bench plan                          # memory: predicted vs measured per-rank peak
-    usp bench plan --grid full              # every model x length x layout x checkpointing
+    usp bench plan --grid full              # every model x length x mesh x checkpointing
     usp bench plan --features               # memory, each memory feature of usp train
     usp bench plan --pick                   # does the calibrated planner pick the fastest?
 """
@@ -30,25 +31,26 @@ def register_plan(bench_subparsers) -> None:
                         help="presets of usp.models to run")
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 2048, 4096],
                         help="sequence lengths, taken in turn (or all, with --grid full)")
-    parser.add_argument("--layouts", nargs="+", default=list(PLAN_GRID_LAYOUTS),
-                        choices=list(PLAN_LAYOUTS), help="the 4-D layouts to run")
+    parser.add_argument("--meshes", nargs="+", default=list(PLAN_GRID_MESHES),
+                        choices=list(PLAN_MESHES),
+                        help="the 4-D meshes to run (degrees of dp, tp, pp, ring, ulysses)")
     parser.add_argument("--ac", nargs="+", default=["none", "full"],
                         choices=["none", "full", "selective"],
                         help="activation checkpointing of the runs")
     parser.add_argument("--grid", choices=["cover", "full"], default="cover",
-                        help="cover: every model, layout and --ac once, the lengths taken in "
-                        "turn (each length, layout and --ac appears); full: the whole product")
+                        help="cover: every model, mesh and --ac once, the lengths taken in "
+                        "turn (each length, mesh and --ac appears); full: the whole product")
     parser.add_argument("--steps", type=int, default=2, help="steps per run (the last is read)")
     parser.add_argument("--tolerance", type=float, default=0.15,
                         help="memory: allowed |predicted/measured - 1|; --pick: allowed "
                         "slowdown of the pick (default 0.15 memory, 0.05 pick)")
     parser.add_argument("--pick", action="store_true",
-                        help="calibrate, predict each layout's step time, run them all, "
+                        help="calibrate, predict each mesh's step time, run them all, "
                         "compare the pick with the measured fastest (one case per model x length)")
     parser.add_argument("--features", action="store_true",
-                        help="memory: instead of the layout grid, each memory feature of usp "
-                        "train (chunked and vocab-parallel loss, tiled MLP, attention "
-                        "checkpointing, gradient accumulation) on a layout, per model, the "
+                        help="memory: instead of the mesh grid, each memory feature of usp "
+                        "train (chunked and vocab_parallel loss, tiled MLP, attention "
+                        "checkpointing, gradient accumulation) on a mesh, per model, the "
                         "lengths taken in turn")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.set_defaults(func=run)
@@ -60,14 +62,14 @@ def rows(args) -> list:
 
     if args.features:
         lengths = itertools.cycle(args.seq_lens)
-        return [plan_check.Row(m, next(lengths), layout, ac, 1, loss, tile, accum)
-                for m in args.models for layout, ac, loss, tile, accum in plan_check.FEATURES]
+        return [plan_check.Row(m, next(lengths), mesh, ac, 1, loss, tile, accum)
+                for m in args.models for mesh, ac, loss, tile, accum in plan_check.FEATURES]
     if args.grid == "full":
-        return [plan_check.Row(m, s, layout, ac) for m, s, layout, ac in itertools.product(
-            args.models, args.seq_lens, args.layouts, args.ac)]
+        return [plan_check.Row(m, s, mesh, ac) for m, s, mesh, ac in itertools.product(
+            args.models, args.seq_lens, args.meshes, args.ac)]
     lengths = itertools.cycle(args.seq_lens)
-    return [plan_check.Row(m, next(lengths), layout, ac)
-            for m, ac, layout in itertools.product(args.models, args.ac, args.layouts)]
+    return [plan_check.Row(m, next(lengths), mesh, ac)
+            for m, ac, mesh in itertools.product(args.models, args.ac, args.meshes)]
 
 
 def run(args) -> int:
@@ -101,10 +103,10 @@ def _run_pick(args) -> int:
     from usp.plan.presets import cpu_cluster
 
     tolerance = args.tolerance if args.tolerance != 0.15 else 0.05
-    ranks = {plan_check.Row(args.models[0], args.seq_lens[0], layout, args.ac[0]).world_size
-             for layout in args.layouts}
+    ranks = {plan_check.Row(args.models[0], args.seq_lens[0], mesh, args.ac[0]).world_size
+             for mesh in args.meshes}
     if len(ranks) != 1:
-        raise ValueError(f"--layouts span world sizes {sorted(ranks)}; pick layouts of one size")
+        raise ValueError(f"--meshes span world sizes {sorted(ranks)}; pick meshes of one size")
     cluster = calibrate.calibrated(cpu_cluster(), calibrate.measure(ranks.pop()))
     print(f"calibrated: {cluster.peak_tflops * 1e3:.1f} GFLOPS GEMM, attention efficiency "
           f"{cluster.attention_efficiency:.2f}, gloo {cluster.intra_bandwidth_gbs:.2f} GB/s and "
@@ -113,8 +115,8 @@ def _run_pick(args) -> int:
           f"{cluster.cores_per_node:g} cores")
     cases = []
     for model, seq_len in itertools.product(args.models, args.seq_lens):
-        grid = [plan_check.Row(model, seq_len, layout, ac)
-                for layout, ac in itertools.product(args.layouts, args.ac)]
+        grid = [plan_check.Row(model, seq_len, mesh, ac)
+                for mesh, ac in itertools.product(args.meshes, args.ac)]
         case = plan_pick.pick_case(grid, cluster, max(args.steps, 2), tolerance)
         cases.append(case)
         print(f"\n{model} S={seq_len}\n{plan_pick.format_case(case)}", flush=True)

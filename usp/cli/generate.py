@@ -8,7 +8,7 @@ import statistics
 from usp.choices import LAYOUTS, RING_PASSES
 from usp.cli.help import add_parser
 from usp.infer.config import DTYPES, GenerateConfig
-from usp.models.configs import CONFIGS
+from usp.models.llama.presets import CONFIGS
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +68,12 @@ def summarize(result: dict, config: GenerateConfig) -> str:
     latency = (f"{1e3 * statistics.median(steps):.2f} ms median, "
                f"{1e3 * min(steps):.2f}-{1e3 * max(steps):.2f} ms range over {len(steps)} steps"
                if steps else "no decode step (one new token)")
-    model = config.hf_model or f"{config.model} (random init, seed {config.seed})"
-    untrained = [] if config.hf_model else [
-        f"(untrained {config.model} model: random text; pass --hf-model DIR for a trained one)"]
     return "\n".join([
-        *untrained,
+        *result["notes"],
         result["text"],
         "",
-        f"model {model}; ring {config.ring} x ulysses {config.ulysses}, layout {config.layout}",
+        f"model {result['model']}; ring {config.ring} x ulysses {config.ulysses}, "
+        f"layout {config.layout}",
         f"prompt {result['prompt_tokens']} tokens, generated {len(result['tokens'])}: "
         f"{result['tokens']}",
         f"prefill: {result['prefill_seconds']:.3f} s",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from usp.choices import LAYOUTS, LOSSES
 from usp.cli.help import add_parser
-from usp.models.configs import CONFIGS
+from usp.models.llama.presets import CONFIGS
 from usp.training import run_dir
 from usp.training.config import DEFAULT_CHECKPOINT_EVERY, TrainConfig
 

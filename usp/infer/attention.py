@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from usp.attention.kernels import Kernel
-from usp.attention.merge import merge_into
+from usp.attention.merge import add_sinks, merge_into
 from usp.attention.ring import rotating_blocks
 from usp.choices import RING_PASSES
 from usp.comm import all_gather_stacked, exchange_all_to_all
@@ -147,12 +147,17 @@ def pass_q_attention(q: Tensor, k: Tensor, v: Tensor, pieces_by_source: list[lis
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None,
-                     scale: float, kernel: Kernel) -> Tensor:
+                     scale: float, kernel: Kernel, sinks: Tensor | None = None) -> Tensor:
     """``q [B, 1, Hq, D]``, the same on every rank, against this rank's whole shard (every
-    cached position precedes the query's): one kernel call, one all-gather, one merge."""
+    cached position precedes the query's): one kernel call, one all-gather, one merge;
+    ``sinks`` [Hq] join the merged result once (:func:`usp.attention.merge.add_sinks`)."""
     pieces = [Piece(0, q.shape[1], 0, k.shape[1], None)] if k.shape[1] else []
     partial = pack(*attend_pieces(q, k, v, pieces, scale, kernel))
     if group is None:
-        return partial[..., :-1].to(q.dtype)
-    gathered = all_gather_stacked(partial, group)  # [N, B, 1, Hq, D + 1], group order
-    return merge_packed(gathered)[0].to(q.dtype)
+        out, lse = partial[..., :-1], partial[..., -1].transpose(1, 2)
+    else:
+        gathered = all_gather_stacked(partial, group)  # [N, B, 1, Hq, D + 1], group order
+        out, lse = merge_packed(gathered)
+    if sinks is not None:
+        out, _ = add_sinks(out, lse, sinks)
+    return out.to(q.dtype)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from usp.choices import LAYOUTS
-from usp.models.configs import get_config
+from usp.models.family import ModelSettings
+from usp.models.registry import family_of  # torch-free until a family is asked
 from usp.precision import DTYPES  # --dtype's choices (usp.infer.launch resolves them)
 
 
@@ -40,8 +41,16 @@ class GenerateConfig:
             raise ValueError(f"--dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
         if not Path(self.prompt_file).is_file():
             raise ValueError(f"prompt file {self.prompt_file!r} does not exist")
-        if self.hf_model is not None and not Path(self.hf_model, "config.json").is_file():
-            raise ValueError(f"--hf-model {self.hf_model!r} is not a directory with a "
-                             "config.json (a local Hugging Face model; nothing is downloaded)")
-        if self.hf_model is None:
-            get_config(self.model)
+        try:
+            text = Path(self.prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"prompt file {self.prompt_file!r} is not UTF-8 text "
+                             f"({exc})") from None
+        if not text:
+            raise ValueError(f"the prompt is empty: {self.prompt_file!r} holds no text")
+        settings = self.model_settings()
+        family_of(settings).inference.check(settings, text, self.nproc, self.dtype)
+
+    def model_settings(self) -> ModelSettings:
+        """The model section of these settings (``usp.models.registry.family_of`` reads it)."""
+        return ModelSettings(model=self.model, hf_model=self.hf_model)

@@ -15,15 +15,13 @@ its layout shard of the prompt and its share of the decoded tokens. The attentio
   layer, the same merge on every rank (:func:`usp.infer.attention.decode_attention`).
 
 Refused with a ValueError: padding in the batch, sliding windows, a prompt that continues a
-non-empty cache, beam search and the other cache reorderings.
+non-empty cache, beam search and the other cache reorderings. ``usp generate --hf-model`` runs
+this through the Hugging Face family's adapter (``usp.infer.hf_generation``).
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from usp.attention import usp_attention
@@ -31,7 +29,7 @@ from usp.attention.kernels import default_scale, resolve_kernel
 from usp.infer.attention import decode_attention
 from usp.infer.cache import ShardedKVCache
 from usp.integrations.hf_masks import MaskRequest
-from usp.integrations.transformers import USPContext, check_config, check_sequence_mixers
+from usp.integrations.transformers import USPContext, check_config
 from usp.layout import shard_positions, shard_sequence, unshard_sequence
 from usp.topology import Topology
 
@@ -49,7 +47,7 @@ class GenerationContext(USPContext):
 
     def attention(self, module, query: Tensor, key: Tensor, value: Tensor, request,
                   refusal: str | None, *, scaling: float | None, position_ids, documents,
-                  cu_seqlens) -> Tensor:
+                  cu_seqlens, sinks: Tensor | None = None) -> Tensor:
         """query [B, Hq, T, D], key/value [B, Hkv, T, D] (the T new tokens, the same on every
         rank) -> [B, T, Hq, D], the same on every rank."""
         if not isinstance(request, MaskRequest) or not request.agreed:
@@ -63,12 +61,13 @@ class GenerationContext(USPContext):
             length = query.shape[1]
             shards = [shard_sequence(t, self.topology, self.layout) for t in (query, key, value)]
             out = usp_attention(*shards, self.topology, causal=True, layout=self.layout,
-                                seq_len=length, softmax_scale=scaling, kernel=self._kernel)
+                                seq_len=length, softmax_scale=scaling, kernel=self._kernel,
+                                sinks=sinks)
             return unshard_sequence(out, self.topology, self.layout, seq_len=length)
         keys, values = self.sharded.layer(module.layer_idx)
         group = self.topology.sequence_group if self.topology.sequence_size > 1 else None
         scale = default_scale(query.shape[-1], scaling)
-        return decode_attention(query, keys, values, group, scale, self._kernel)
+        return decode_attention(query, keys, values, group, scale, self._kernel, sinks)
 
 
 def _generation_refusal(request, query: Tensor, documents, cu_seqlens) -> str | None:
@@ -163,40 +162,3 @@ class USPCache(Cache):
             keys, values = (shard_sequence(t, topology, sharded.layout) for t in (keys, values))
         rows = sharded.pending_rows
         sharded.store(layer, keys[:, :rows], values[:, :rows])
-
-
-class _Clock:
-    """A ``generate`` streamer that only notes when each batch of tokens arrives: the prompt
-    first, then every new token."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        """Nothing to flush."""
-
-
-def hf_generate(model_dir: str, text: str, topology: Topology, *, layout: str,
-                max_new_tokens: int, dtype: torch.dtype, kernel: str = "auto") -> dict:
-    """Greedy generation with a local Hugging Face model directory (its weights and tokenizer)
-    over ``topology``: ``usp generate --hf-model``'s work on one rank."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="usp",
-                                                 dtype=dtype).eval()
-    check_sequence_mixers(model, topology)  # before any layer runs, on every rank alike
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    cache = USPCache(model.config, topology, layout, max_tokens=ids.shape[1] + max_new_tokens,
-                     dtype=dtype, kernel=kernel)
-    clock = _Clock()
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         past_key_values=cache, usp_context=cache.context, streamer=clock,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    tokens = out[0, ids.shape[1]:].tolist()
-    # the prompt arrives at the start, each token when it is chosen
-    steps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]
-    return {"prompt_tokens": ids.shape[1], "tokens": tokens,
-            "text": tokenizer.decode(tokens), "prefill_seconds": clock.times[1] - clock.times[0],
-            "token_seconds": steps}

@@ -149,7 +149,7 @@ class USPContext:
 
     def attention(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   request, refusal: str | None, *, scaling: float | None, position_ids,
-                  documents, cu_seqlens) -> torch.Tensor:
+                  documents, cu_seqlens, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """One layer's attention on this rank's shard: query [B, Hq, S_RU, D], key/value
         [B, Hkv, S_RU, D] -> [B, S_RU, Hq, D]. ``request``: the layer's mask request;
         ``refusal``: why this rank cannot run it (None: it can). Subclasses attend otherwise
@@ -168,6 +168,7 @@ class USPContext:
             # [B, H, S_RU, D] -> [B, S_RU, H, D]
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.topology,
             layout=self.layout, softmax_scale=scaling, kernel=self.kernel, mask=request.mask,
+            sinks=sinks,
         )
 
 
@@ -218,6 +219,7 @@ def usp_attention_forward(
     usp_context: USPContext | None = None,
     usp_documents: torch.Tensor | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
+    s_aux: torch.Tensor | None = None,
     **options,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention hook for ``"usp"``.
@@ -225,7 +227,8 @@ def usp_attention_forward(
     query [B, Hq, S_RU, D], key/value [B, Hkv, S_RU, D] -> ([B, S_RU, Hq, D], None).
     The mask comes from the model's mask request (causal or not, its sliding window, this rank's
     padding) and the batch's documents (``usp_documents`` from :meth:`USPContext.shard`, or the
-    global ``cu_seq_lens_q`` of transformers' packing collator).
+    global ``cu_seq_lens_q`` of transformers' packing collator). ``s_aux`` [Hq]: GPT-OSS's
+    attention sinks (:func:`usp.usp_attention`'s ``sinks``).
     """
     config = getattr(module, "config", None)
     if not isinstance(usp_context, USPContext):
@@ -252,7 +255,7 @@ def usp_attention_forward(
     refusal = _local_refusal(attention_mask, query, key, is_causal, sliding_window)
     out = usp_context.attention(module, query, key, value, attention_mask, refusal,
                                 scaling=scaling, position_ids=position_ids,
-                                documents=usp_documents, cu_seqlens=cu_seq_lens_q)
+                                documents=usp_documents, cu_seqlens=cu_seq_lens_q, sinks=s_aux)
     return out, None
 
 

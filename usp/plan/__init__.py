@@ -6,6 +6,8 @@
 >>> best.config.label(), best.mfu
 
 The command is ``usp plan``; docs/cost-model.md derives the model, docs/planner.md shows its use.
+A configuration's fields are the run spec's (``usp.spec``): :func:`to_run_spec` writes one as a
+spec ``usp train --config`` runs, :func:`from_run_spec` reads one back.
 The exports are imported on first use (``usp.lazy``): the specs, presets and configurations are
 torch-free, so ``usp plan --help`` reads them without importing torch.
 """
@@ -23,10 +25,12 @@ _EXPORTS = {
     "check_config": "usp.plan.config",
     "estimate": "usp.plan.cost",
     "explain": "usp.plan.planner",
+    "from_run_spec": "usp.plan.spec_io",
     "get_cluster": "usp.plan.presets",
     "get_model": "usp.plan.presets",
     "parse_count": "usp.plan.specs",
     "plan": "usp.plan.planner",
+    "to_run_spec": "usp.plan.spec_io",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 

@@ -10,7 +10,7 @@ Every term names the tensors autograd keeps for the backward in ``usp.models.lla
   after a Ulysses all-to-all back, the output projection's input as a second copy (RoPE's
   rotation keeps only the cos/sin tables, shared by every layer);
 - the SwiGLU MLP keeps the gate, SiLU(gate), the up projection and their product;
-- the loss: the logits (fp32, the full vocabulary on every tp rank when "gathered") and the
+- the loss: the logits (fp32, the whole vocabulary on every tp rank under the ``full`` loss) and the
   log-softmax the cross-entropy keeps, each ``4·s·V`` bytes.
 
 Symbols follow docs/cost-model.md: ``b`` sequences per micro-batch, ``s`` tokens per sequence
@@ -51,9 +51,9 @@ def layer_activations(workload: Workload, config: ParallelConfig, shapes) -> Lay
     out_copy = s.q_heads if config.ulysses > 1 else 0  # the all-to-all back makes a new tensor
     attention = b * (e * tokens * d * (2 * s.q_heads + 2 * s.kv_heads_attention + out_copy)
                      + FP32_BYTES * tokens * s.q_heads)
-    tile = min(config.mlp_tile, tokens) if config.mlp_tile else tokens
+    tile = min(config.tiled_mlp, tokens) if config.tiled_mlp else tokens
     # a tiled MLP keeps only its input (the norm's output, counted above)
-    mlp = 0.0 if config.mlp_tile else b * 4 * e * tokens * ffn
+    mlp = 0.0 if config.tiled_mlp else b * 4 * e * tokens * ffn
     # Backward of a layer: the MLP's input gradients (three [s, F/t] tensors at once), or the
     # attention's dq, dk, dv and dout with the all-to-all's packing buffers, whichever is larger,
     # plus the ring's fp32 accumulators and in-flight blocks.
@@ -72,21 +72,22 @@ def layer_activations(workload: Workload, config: ParallelConfig, shapes) -> Lay
                   "selective": b * 4 * e * tile * ffn, "attention": attention}
     return LayerActivations(
         norms=norms, attention=attention, mlp=mlp, block_input=b * e * h * outside,
-        working=working + recomputed[config.checkpointing],
+        working=working + recomputed[config.ac],
     )
 
 
-def saved_per_layer(layer: LayerActivations, checkpointing: str) -> float:
-    """What a layer keeps between its forward and its backward under ``checkpointing``.
+def saved_per_layer(layer: LayerActivations, ac: str) -> float:
+    """What a layer keeps between its forward and its backward under activation checkpointing
+    ``ac`` (:data:`usp.plan.config.AC`).
 
     A checkpointed region keeps its input instead of its activations: the block's input
     (``full``); the MLP's and the attention's inputs are norm outputs, kept already.
     """
-    if checkpointing == "full":
+    if ac == "full":
         return layer.block_input
-    if checkpointing == "selective":
+    if ac == "selective":
         return layer.norms + layer.attention
-    if checkpointing == "attention":
+    if ac == "attention":
         return layer.norms + layer.mlp
     return layer.full
 
@@ -104,16 +105,17 @@ def loss_activations(workload: Workload, config: ParallelConfig, shapes) -> Loss
     final_norm = b * ((FP32_BYTES + e) * model.hidden * outside + FP32_BYTES * outside
                       + e * model.hidden * tokens)
     row = FP32_BYTES * b * model.vocab  # one token's fp32 logits over the whole vocabulary
-    if config.loss == "gathered":
+    if config.loss == "full":
         # logits and log-softmax kept; backward adds their two gradients (and, under tp, the
         # local V/tp shard of the logits' gradient)
         shard = row * tokens / config.tp if config.tp > 1 else 0.0
         return LossActivations(held=final_norm + 2 * row * tokens,
                                transient=2 * row * tokens + shard)
-    if config.loss == "vocab-parallel":
+    if config.loss == "vocab_parallel":
         local = row * tokens / config.tp
         return LossActivations(held=final_norm + 2 * local, transient=2 * local)
-    chunk = min(config.loss_chunk, tokens)  # one chunk's logits, forward and recomputed backward
+    # one chunk's logits, forward and recomputed backward
+    chunk = min(config.loss_chunk_tokens, tokens)
     return LossActivations(held=final_norm, transient=4 * row * chunk)
 
 

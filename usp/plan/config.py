@@ -1,9 +1,12 @@
 """A parallel configuration, the rules that make it valid, and where its groups sit on the nodes.
 
-Ranks are laid on a row-major mesh, outermost axis first: ``pp, dp, ring, ulysses, tp``
-("head-first": Ulysses on adjacent ranks, inside a node) or ``pp, dp, ulysses, ring, tp``
-("context-first"). Node ``n`` holds ranks ``[n*G, (n+1)*G)`` for ``G`` GPUs per node, so a
-group is intra-node exactly when its lowest and highest rank share a node.
+The fields are the run spec's (:mod:`usp.spec`: ``ring``, ``microbatches``, ``ac``, ``loss``,
+``tiled_mlp``...), with the values ``usp train`` takes, so a configuration and a spec convert
+field for field (:mod:`usp.plan.spec_io`). Ranks are laid on a row-major mesh in the order of
+``usp.choices.MESH_ORDERS`` (the one :class:`usp.topology.Topology` builds): ``pp, dp, ring,
+ulysses, tp`` ("head-first": Ulysses on adjacent ranks, inside a node) or ``pp, dp, ulysses,
+ring, tp`` ("context-first"). Node ``n`` holds ranks ``[n*G, (n+1)*G)`` for ``G`` GPUs per node,
+so a group is intra-node exactly when its lowest and highest rank share a node.
 """
 
 from __future__ import annotations
@@ -13,34 +16,38 @@ import math
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
-from usp.choices import LAYOUTS
+from usp.choices import (
+    DEFAULT_CHUNK_TOKENS, LAYOUTS, LOSSES, MESH_ORDERS, PIPELINE_SCHEDULES, PLACEMENTS,
+)
 from usp.plan.specs import ClusterSpec, ModelSpec, Workload
 
-MESH_ORDER = {
-    "head-first": ("pp", "dp", "ring", "ulysses", "tp"),
-    "context-first": ("pp", "dp", "ulysses", "ring", "tp"),
-}
 # The ranks that hold replicas of the same parameters and must sum their gradients: the data
 # parallel ranks and the sequence-parallel ranks (each saw different tokens). ZeRO/FSDP shards
 # over exactly this group.
 SHARD_AXES = ("dp", "ring", "ulysses")
-# What each activation-checkpointing choice recomputes in the backward (usp.parallel's --ac):
-# "full" each whole block (keeping its input), "selective" each block's MLP, "attention" each
-# block's attention (projections, RoPE, the USP attention with its collectives).
-CHECKPOINTING = ("none", "full", "selective", "attention")
-PIPELINE_SCHEDULES = ("1f1b", "gpipe")
-# How the loss meets the vocabulary: "gathered" = full-vocabulary fp32 logits on every TP rank
-# (usp train --loss full); "vocab-parallel" = each TP rank keeps V/tp columns (tp > 1);
-# "chunked" = logits made and consumed loss_chunk tokens at a time, recomputed in backward (tp 1).
-LOSSES = ("gathered", "vocab-parallel", "chunked")
-# usp train's names for the same losses and checkpointing kinds, accepted by --fix and --config
-LOSS_ALIASES = {"full": "gathered", "vocab_parallel": "vocab-parallel"}
-CHECKPOINTING_ALIASES = {"block": "full", "mlp": "selective"}
+# The activation checkpointing the cost model prices (``usp train --ac``): "none"; "full" each
+# whole block (keeping its input); "selective" each block's MLP; "attention" each block's
+# attention (projections, RoPE, the USP attention with its collectives). usp train also takes
+# the kinds by name ("block" is full, "mlp" selective) and lists of them ("attention,mlp"),
+# which the planner does not cost.
+AC = ("none", "selective", "attention", "full")
+# Fields read as text; the rest are integers, and tp_sequence_parallel a yes/no
+TEXT_FIELDS = {"ac": AC, "loss": LOSSES, "placement": PLACEMENTS,
+               "pp_schedule": PIPELINE_SCHEDULES, "layout": LAYOUTS}
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Degrees of the five axes plus the memory/overlap switches of one training setup."""
+    """Degrees of the five axes plus the memory/overlap switches of one training setup.
+
+    ``microbatches`` are the pipeline's (pp > 1) and ``grad_accum`` the micro-steps of gradient
+    accumulation (pp = 1), as in ``usp train``; :attr:`sequential_micro_batches` is what the
+    cost model counts. ``zero`` 3 is FSDP resharding after the forward, 2 keeps the parameters
+    gathered until the backward (``usp train``'s two); 0 and 1 (replicated parameters and
+    gradients, sharded optimizer for 1) are modelled for published comparisons, and
+    ``tp_sequence_parallel=False`` (Megatron TP without sequence parallelism) likewise: the
+    search offers neither (:func:`usp.plan.planner.enumerate_configs`).
+    """
 
     dp: int = 1
     tp: int = 1
@@ -49,34 +56,34 @@ class ParallelConfig:
     ulysses: int = 1
     zero: int = 0
     tp_sequence_parallel: bool = True
-    micro_batches: int = 1
-    checkpointing: str = "none"  # one of CHECKPOINTING; True/False read as "full"/"none"
+    microbatches: int = 1
+    grad_accum: int = 1
+    ac: str = "none"
     placement: str = "head-first"
     pp_schedule: str = "1f1b"
-    loss: str = "gathered"
-    loss_chunk: int = 1024  # tokens per chunk of the "chunked" loss
-    mlp_tile: int = 0  # tiled MLP: tokens per tile, recomputed in backward (0: not tiled)
+    loss: str = "full"
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS  # tokens per chunk of the "chunked" loss
+    tiled_mlp: int = 0  # tokens per tile of the MLP, recomputed in backward (0: not tiled)
     # token layout over the ring (usp.layout): zigzag and stripe balance causal work and cost
     # the same; contiguous leaves the ring's last rank the most work
     layout: str = "zigzag"
 
     def __post_init__(self) -> None:
-        if isinstance(self.checkpointing, bool):
-            object.__setattr__(self, "checkpointing", "full" if self.checkpointing else "none")
-        for name, allowed in (("checkpointing", CHECKPOINTING),
-                              ("pp_schedule", PIPELINE_SCHEDULES), ("loss", LOSSES),
-                              ("layout", LAYOUTS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
-        if not (isinstance(self.mlp_tile, int) and self.mlp_tile >= 0):
-            raise ValueError(f"mlp_tile={self.mlp_tile!r} must be 0 (off) or a token count")
-        for name in ("dp", "tp", "pp", "ring", "ulysses", "micro_batches", "loss_chunk"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        if self.zero not in (0, 1, 2, 3):
-            raise ValueError(f"zero={self.zero!r} must be a ZeRO stage 0, 1, 2 or 3 (3 = FSDP)")
-        if self.placement not in MESH_ORDER:
-            raise ValueError(f"placement={self.placement!r}; choose one of {tuple(MESH_ORDER)}")
+        for item in fields(self):
+            check_field(item.name, getattr(self, item.name))
+        if self.microbatches > 1 and self.pp == 1:
+            raise ValueError(f"microbatches={self.microbatches} are pipeline micro-batches and "
+                             f"pp=1 has no pipeline; use grad_accum={self.microbatches}")
+        if self.grad_accum > 1 and self.pp > 1:
+            raise ValueError(f"grad_accum={self.grad_accum} with pp={self.pp}: the pipeline "
+                             f"runs the batch as micro-batches already; use "
+                             f"microbatches={self.grad_accum * self.microbatches}")
+
+    @property
+    def sequential_micro_batches(self) -> int:
+        """Micro-batches each rank runs one after another per optimizer step: the pipeline's
+        (pp > 1) or the gradient-accumulation steps (pp = 1)."""
+        return self.microbatches * self.grad_accum
 
     @property
     def sequence_size(self) -> int:
@@ -98,70 +105,91 @@ class ParallelConfig:
     def memory_features(self) -> tuple[str, ...]:
         """The memory features this configuration uses, each trading time for memory."""
         features = []
-        if self.checkpointing != "none":
-            features.append(f"checkpointing {self.checkpointing}")
-        if self.loss != "gathered":
+        if self.ac != "none":
+            features.append(f"ac {self.ac}")
+        if self.loss != "full":
             features.append(f"{self.loss} loss")
-        if self.mlp_tile:
+        if self.tiled_mlp:
             features.append("tiled MLP")
         return tuple(features)
 
     def label(self) -> str:
         tp_sp = "-sp" if self.tp > 1 and self.tp_sequence_parallel else ""
         parts = [f"dp{self.dp}", f"tp{self.tp}{tp_sp}", f"pp{self.pp}", f"ring{self.ring}",
-                 f"uly{self.ulysses}", f"zero{self.zero}", f"mb{self.micro_batches}",
-                 {"none": "no-ckpt", "full": "ckpt"}.get(self.checkpointing,
-                                                         f"ckpt-{self.checkpointing}")]
+                 f"uly{self.ulysses}", f"zero{self.zero}"]
+        if self.pp > 1:
+            parts.append(f"mb{self.microbatches}")
+        if self.grad_accum > 1:
+            parts.append(f"accum{self.grad_accum}")
+        parts.append(f"ac-{self.ac}")
         if self.ring > 1 and self.ulysses > 1:
             parts.append(self.placement)
         if self.pp > 1 and self.pp_schedule != "1f1b":
             parts.append(self.pp_schedule)
         if self.ring > 1 and self.layout != "zigzag":
             parts.append(self.layout)
-        if self.loss != "gathered":
-            parts.append(f"loss-{self.loss}" + (f"{self.loss_chunk}" if self.loss == "chunked"
-                                                else ""))
-        if self.mlp_tile:
-            parts.append(f"mlp-tile{self.mlp_tile}")
+        if self.loss != "full":
+            parts.append(f"loss-{self.loss}" + (f"{self.loss_chunk_tokens}"
+                                                if self.loss == "chunked" else ""))
+        if self.tiled_mlp:
+            parts.append(f"tiled-mlp{self.tiled_mlp}")
         return " ".join(parts)
 
     @classmethod
     def parse(cls, text: str) -> "ParallelConfig":
-        """``"ring=2,ulysses=8,zero=3,ckpt=full"``; unnamed fields keep their defaults."""
+        """``"ring=2,ulysses=8,zero=3,ac=full"``; unnamed fields keep their defaults."""
         return cls(**cls.parse_fields(text))
 
     @classmethod
     def parse_fields(cls, text: str) -> dict[str, object]:
-        """The fields named in ``text`` (keys: field names, or the short and ``usp train`` names
-        of ``aliases`` below) with values; losses and checkpointing also by usp train's names."""
-        aliases = {"ckpt": "checkpointing", "ac": "checkpointing", "mb": "micro_batches",
-                   "sp": "tp_sequence_parallel", "u": "ulysses", "r": "ring",
-                   "schedule": "pp_schedule", "tile": "mlp_tile", "tiled_mlp": "mlp_tile",
-                   "loss_chunk_tokens": "loss_chunk"}
-        known = {f.name for f in fields(cls)}
+        """The fields named in ``text`` (``key=value`` joined by commas, the keys this class's
+        field names, the run spec's) with their values."""
+        known = [f.name for f in fields(cls)]
         values: dict[str, object] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
-            key, sep, raw = item.partition("=")
-            key, raw = aliases.get(key.strip(), key.strip()), raw.strip()
-            if not sep or key not in known:
-                raise ValueError(f"cannot read {item!r}; write key=value with keys {sorted(known)}")
-            if key in ("placement", "pp_schedule", "layout"):
+            key, sep, raw = (part.strip() for part in item.partition("="))
+            if not sep:
+                raise ValueError(f"cannot read {item!r}; write key=value with keys "
+                                 f"{', '.join(known)}")
+            if key not in known:
+                raise ValueError(f"unknown field {key!r} in {item!r}; the fields are "
+                                 f"{', '.join(known)}")
+            if key in TEXT_FIELDS:
                 values[key] = raw
-            elif key == "loss":
-                values[key] = LOSS_ALIASES.get(raw, raw)
-            elif key == "checkpointing" and (raw in CHECKPOINTING or raw in CHECKPOINTING_ALIASES):
-                values[key] = CHECKPOINTING_ALIASES.get(raw, raw)
-            elif key in ("checkpointing", "tp_sequence_parallel"):
-                if raw.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
-                    kinds = f", or one of {CHECKPOINTING}" if key == "checkpointing" else ""
-                    raise ValueError(f"{key}={raw!r}: write on/off, 1/0 or true/false{kinds}")
-                values[key] = raw.lower() in ("1", "true", "on", "yes")
+            elif key == "tp_sequence_parallel":
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError(f"tp_sequence_parallel={raw!r}: write true or false")
+                values[key] = raw.lower() == "true"
             else:
                 try:
                     values[key] = int(raw)
                 except ValueError:
                     raise ValueError(f"{key}={raw!r} must be an integer") from None
         return values
+
+
+_AC_HINT = (" (usp train's 'block' is 'full' and 'mlp' is 'selective'; lists of kinds such as "
+            "'attention,mlp' are not costed)")
+
+
+def check_field(name: str, value: object) -> None:
+    """ValueError, naming it, for a value field ``name`` of :class:`ParallelConfig` cannot take
+    (the rules between fields are the class's)."""
+    if name in TEXT_FIELDS:
+        if value not in TEXT_FIELDS[name]:
+            raise ValueError(f"{name}={value!r}; choose one of {TEXT_FIELDS[name]}"
+                             + (_AC_HINT if name == "ac" else ""))
+    elif name == "tp_sequence_parallel":
+        if not isinstance(value, bool):
+            raise ValueError(f"tp_sequence_parallel={value!r} must be true or false")
+    elif name == "zero":
+        if value not in (0, 1, 2, 3):
+            raise ValueError(f"zero={value!r} must be a ZeRO stage 0, 1, 2 or 3 (3 = FSDP)")
+    elif name == "tiled_mlp":
+        if not (isinstance(value, int) and value >= 0):
+            raise ValueError(f"tiled_mlp={value!r} must be 0 (off) or a token count")
+    elif not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
 def effective_kv_heads(kv_heads: int, ulysses: int) -> int:
@@ -209,23 +237,37 @@ def check_config(workload: Workload, cluster: ClusterSpec,
                 f"ulysses={config.ulysses} (kv heads are split, or replicated, a whole number "
                 f"of times)"
             ))
-    if config.loss == "vocab-parallel" and model.vocab % config.tp:
+    if config.loss == "vocab_parallel" and model.vocab % config.tp:
         problems.append(Violation(
             "vocab by tp", f"vocab={model.vocab} is not divisible by tp={config.tp} "
-            "(the vocab-parallel loss splits it)"))
-    # what usp train refuses (usp.losses.check_loss, usp.parallel.check_memory_options)
-    if config.loss == "vocab-parallel" and config.tp == 1:
+            "(the vocab_parallel loss splits it)"))
+    # what usp train refuses (usp.losses.check_loss, usp.parallel.check_memory_options,
+    # usp.pipeline.check_pipeline)
+    if config.loss == "vocab_parallel" and config.tp == 1:
         problems.append(Violation(
-            "loss by tp", "loss=vocab-parallel splits the vocabulary over tp, and tp=1 splits "
+            "loss by tp", "loss=vocab_parallel splits the vocabulary over tp, and tp=1 splits "
             "nothing; use loss=chunked"))
     if config.loss == "chunked" and config.tp > 1:
         problems.append(Violation(
             "loss by tp", f"loss=chunked runs the whole output projection on each rank, which "
-            f"tp={config.tp} splits; use loss=vocab-parallel"))
-    if config.mlp_tile and config.checkpointing == "selective":
+            f"tp={config.tp} splits; use loss=vocab_parallel"))
+    if config.tiled_mlp and config.ac == "selective":
         problems.append(Violation(
-            "tiled MLP", f"mlp_tile={config.mlp_tile} with checkpointing=selective would "
-            "recompute the MLP twice; use checkpointing full or attention, or no tiled MLP"))
+            "tiled MLP", f"tiled_mlp={config.tiled_mlp} with ac=selective would recompute the "
+            "MLP twice; use ac full or attention, or no tiled MLP"))
+    if config.zero < 2 and config.shard_size > 1:
+        problems.append(Violation(
+            "zero", f"zero={config.zero} with dp x ring x ulysses = {config.shard_size}: usp "
+            "train shards over them with FSDP, ZeRO stage 2 or 3; use zero=3 (or 2)"))
+    if config.tp > 1 and not config.tp_sequence_parallel:
+        problems.append(Violation(
+            "tp without sequence parallelism", f"tp={config.tp} with tp_sequence_parallel=false: "
+            "usp train's tensor parallelism always splits the sequence outside attention "
+            "(Megatron-SP); use tp_sequence_parallel=true"))
+    if config.pp > 1 and config.pp_schedule == "1f1b" and config.microbatches < config.pp:
+        problems.append(Violation(
+            "micro-batches by pp", f"microbatches={config.microbatches} < pp={config.pp}: 1F1B "
+            f"needs at least one per stage; use pp_schedule=gpipe or more micro-batches"))
     if model.layers % config.pp:
         problems.append(Violation(
             "layers by pp", f"layers={model.layers} is not divisible by pp={config.pp}"))
@@ -234,11 +276,12 @@ def check_config(workload: Workload, cluster: ClusterSpec,
         problems.append(Violation(
             "batch by dp",
             f"global batch {workload.global_batch} is not divisible by dp={config.dp}"))
-    elif per_replica % config.micro_batches:
+    elif per_replica % config.sequential_micro_batches:
+        name = "microbatches" if config.pp > 1 else "grad_accum"
         problems.append(Violation(
             "batch by micro-batches",
-            f"batch per replica {per_replica} is not divisible into {config.micro_batches} "
-            f"micro-batches"
+            f"batch per replica {per_replica} is not divisible into {name}="
+            f"{config.sequential_micro_batches} micro-batches"
         ))
     # zigzag cuts the sequence into 2*ring chunks (usp.layout), each ring block into ulysses
     # pieces; TP-sp splits each rank's tokens again over tp.
@@ -268,7 +311,7 @@ class GroupPlacement:
 
 def group_placement(config: ParallelConfig, gpus_per_node: int,
                     axes: tuple[str, ...]) -> GroupPlacement:
-    order = MESH_ORDER[config.placement]
+    order = MESH_ORDERS[config.placement]
     return _placement(tuple(config.size(a) for a in order), order, tuple(axes), gpus_per_node)
 
 

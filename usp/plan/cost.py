@@ -91,7 +91,8 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
     """Predict memory, traffic and time of one step; ``config`` must pass ``check_config``.
     ``ring_implementation``: what the ring does besides its kernel (usp's own by default)."""
     model, e, s = workload.model, workload.element_bytes, shapes(workload, config)
-    R, U, t, p, m = config.ring, config.ulysses, config.tp, config.pp, config.micro_batches
+    R, U, t, p = config.ring, config.ulysses, config.tp, config.pp
+    m = config.sequential_micro_batches
     place = {axis: group_placement(config, cluster.gpus_per_node, (axis,))
              for axis in ("ring", "ulysses", "tp", "pp")}
     place["shard"] = shard = group_placement(config, cluster.gpus_per_node, SHARD_AXES)
@@ -99,11 +100,11 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
     runs = s.layers * m  # layer executions per GPU per step
     # checkpointing repeats the forward of what it recomputes: the whole block, its MLP
     # ("selective") or its attention (projections, the USP attention and its collectives)
-    attention_forwards = 2 if config.checkpointing in ("full", "attention") else 1
-    mlp_forwards = 2 if config.checkpointing in ("full", "selective") else 1
+    attention_forwards = 2 if config.ac in ("full", "attention") else 1
+    mlp_forwards = 2 if config.ac in ("full", "selective") else 1
     # a tiled MLP runs each tile's forward again in its backward (inside the TP region: no
     # collective of its own), on top of any checkpoint's recompute
-    mlp_tile_forwards = 1 if config.mlp_tile else 0
+    tiled_mlp_forwards = 1 if config.tiled_mlp else 0
     mlp_share = model.mlp_linear_params / (model.attention_linear_params + model.mlp_linear_params)
     # oversubscribed CPU ranks share cores: slower compute, and transfers that hide nothing
     shared, hides = cluster.oversubscription, cluster.oversubscription == 1
@@ -157,7 +158,7 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
     pass_bwd = linear_bwd + ring_bwd + merge_bwd + a2a + tp_bwd
     # what the recompute repeats: each region's linear work, the attention and its collectives
     recompute = ((mlp_forwards - 1) * (mlp_share * linear_fwd + tp_fwd / 2)
-                 + mlp_tile_forwards * mlp_share * linear_fwd
+                 + tiled_mlp_forwards * mlp_share * linear_fwd
                  + (attention_forwards - 1) * ((1 - mlp_share) * linear_fwd + ring_fwd + merge_fwd
                                                + a2a + tp_fwd / 2))
     layer_time = pass_fwd + recompute + pass_bwd
@@ -171,7 +172,7 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
     busy_fwd = (R - 1) * kv_hop if same_link else 0.0
     busy_bwd = (R - 1) * (kv_hop + grad_hop) if same_link else 0.0
     window_fwd = max(0.0, compute_fwd - busy_fwd)
-    recompute_compute = ((mlp_forwards - 1 + mlp_tile_forwards) * mlp_share * linear_fwd
+    recompute_compute = ((mlp_forwards - 1 + tiled_mlp_forwards) * mlp_share * linear_fwd
                          + (attention_forwards - 1) * ((1 - mlp_share) * linear_fwd
                                                        + attention_fwd))
     window_bwd = max(0.0, recompute_compute + compute_bwd - busy_bwd)
@@ -269,4 +270,4 @@ def forward_time(workload: Workload, cluster: ClusterSpec, config: ParallelConfi
                        e, workload.causal),
         traffic, cluster, place["ulysses"], place["ring"], config.layout,
         implementation=ring_implementation)
-    return config.micro_batches * s.layers * (linear + attention.forward)
+    return config.sequential_micro_batches * s.layers * (linear + attention.forward)

@@ -1,6 +1,6 @@
 """Per-GPU memory of one training step: parameters, gradients, optimizer states, activations.
 
-Bytes per parameter come from the workload's precision (``usp.plan.specs.PRECISIONS``: bf16
+Bytes per parameter come from the workload's dtype (``usp.plan.specs.PRECISIONS``: bf16
 mixed precision 2 + 2 + 12, fp32 4 + 4 + 8). ZeRO stage k shards the first k of (optimizer,
 gradients, parameters) over dp x ring x ulysses; stage 3 is FSDP2 as ``usp.parallel`` applies it.
 Activations are :mod:`usp.plan.activations`'. Symbols follow docs/cost-model.md.
@@ -37,7 +37,7 @@ def shapes(workload: Workload, config: ParallelConfig) -> Shapes:
     tokens = workload.seq_len // config.sequence_size
     kv_heads = model.kv_heads // t
     return Shapes(
-        micro_batch=workload.global_batch // (config.dp * config.micro_batches),
+        micro_batch=workload.global_batch // (config.dp * config.sequential_micro_batches),
         tokens=tokens,
         tokens_outside_attention=tokens // t if t > 1 and config.tp_sequence_parallel else tokens,
         q_heads=model.q_heads // t,
@@ -78,7 +78,7 @@ def root_params(workload: Workload, config: ParallelConfig, stage: int) -> float
 def in_flight(config: ParallelConfig, stage: int) -> tuple[int, int]:
     """Micro-batches whose activations stage ``stage`` holds at its first backward, and at the
     later ones: 1F1B keeps ``min(pp - stage, m)``, GPipe all ``m`` (one fewer per backward)."""
-    m = config.micro_batches
+    m = config.sequential_micro_batches
     if config.pp == 1:
         return 1, 1
     if config.pp_schedule == "gpipe":
@@ -124,7 +124,7 @@ def stage_memory(workload: Workload, config: ParallelConfig, stage: int) -> dict
     grads_backward = precision.grad * (root + (2 if fsdp else 1) * layer_shard)
 
     layer = layer_activations(workload, config, s)
-    per_micro_batch = s.layers * saved_per_layer(layer, config.checkpointing)
+    per_micro_batch = s.layers * saved_per_layer(layer, config.ac)
     loss = loss_activations(workload, config, s) if last else None
     if loss is not None:
         per_micro_batch += loss.held
@@ -137,7 +137,7 @@ def stage_memory(workload: Workload, config: ParallelConfig, stage: int) -> dict
     first, later = in_flight(config, stage)
     moments = [{"parameters": params + gathered, "gradients": grads_backward,
                 "optimizer": optimizer, "activations": first * per_micro_batch + transient}]
-    if config.micro_batches > 1:
+    if config.sequential_micro_batches > 1:
         whole = config.pp > 1  # pipeline schedules run FSDP without resharding or reducing
         # gradient accumulation defers FSDP's reduce-scatter to the last micro-batch
         # (set_requires_gradient_sync): until then each GPU holds whole gradients

@@ -1,8 +1,9 @@
 """Enumerate every configuration, drop the invalid and the too big, rank the rest by step time.
 
-The search covers the degrees, ZeRO stage, TP sequence parallelism, placement and micro-batches,
-and the memory features ``usp train`` has: activation checkpointing of each kind, the chunked or
-vocabulary-parallel loss and the tiled MLP. Each feature trades time for memory and the cost
+The search covers what ``usp train`` runs: the degrees, ZeRO stage 2 or 3 (FSDP; none when
+nothing is sharded), TP always with sequence parallelism, placement, pipeline micro-batches or
+gradient-accumulation steps, and the memory features: activation checkpointing of each kind the
+cost model prices, the chunked or vocabulary-parallel loss and the tiled MLP. Each feature trades time for memory and the cost
 model charges its recompute, so a configuration without it ranks first whenever it fits; among
 equal step times the one with fewer features wins.
 
@@ -17,16 +18,17 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 
-from usp.plan.config import ParallelConfig, Violation, check_config
+from usp.choices import PLACEMENTS
+from usp.plan.config import AC, ParallelConfig, Violation, check_config, check_field
 from usp.plan.cost import StepCost, estimate
 from usp.plan.memory import model_states
 from usp.plan.specs import GIB, ClusterSpec, Workload
 
-KNOBS = ("sequence split", "placement", "tp", "pp", "zero", "checkpointing", "micro_batches",
-         "loss", "mlp_tile")
+KNOBS = ("sequence split", "placement", "tp", "pp", "zero", "ac", "micro-batches", "loss",
+         "tiled_mlp")
 # The tiled MLP the search tries: 4096 tokens per tile keeps each tile's GEMMs large while its
 # intermediates (3 x ffn per token) stay a small part of a long sequence's activations
-SEARCHED_MLP_TILE = 4096
+SEARCHED_TILED_MLP = 4096
 # The model's uncertainty on step times: configurations predicted within this fraction of the
 # fastest tie (docs/planner.md, "Against published measurements", is where it was measured).
 TIE_BAND = 0.03
@@ -34,7 +36,7 @@ TIE_BAND = 0.03
 # memory": within 8 %): memories closer than this do not separate a tie either.
 MEMORY_BAND = 0.10
 # Fields the search does not vary: --fix sets them on every configuration instead of filtering
-SET_BY_FIX = ("pp_schedule", "loss_chunk", "mlp_tile", "layout")
+SET_BY_FIX = ("pp_schedule", "loss_chunk_tokens", "tiled_mlp", "layout")
 
 
 def _divisors(n: int) -> list[int]:
@@ -52,32 +54,42 @@ def _factorisations(n: int, parts: int):
 
 
 def _memory_features(tp: int):
-    """(checkpointing, loss, mlp_tile) combinations usp train runs: the chunked loss needs tp 1,
-    the vocabulary-parallel one tp > 1, and a tiled MLP is not checkpointed again (selective)."""
-    losses = ("gathered", "chunked") if tp == 1 else ("gathered", "vocab-parallel")
-    for checkpointing, loss, tile in itertools.product(
-            ("none", "selective", "attention", "full"), losses, (0, SEARCHED_MLP_TILE)):
-        if not (tile and checkpointing == "selective"):
-            yield checkpointing, loss, tile
+    """(ac, loss, tiled_mlp) combinations usp train runs: the chunked loss needs tp 1, the
+    vocabulary-parallel one tp > 1, and a tiled MLP is not checkpointed again (selective)."""
+    losses = ("full", "chunked") if tp == 1 else ("full", "vocab_parallel")
+    for ac, loss, tile in itertools.product(AC, losses, (0, SEARCHED_TILED_MLP)):
+        if not (tile and ac == "selective"):
+            yield ac, loss, tile
+
+
+def _micro_batches(pp: int, per_replica: int):
+    """(microbatches, grad_accum, pp_schedule) as usp train takes them: a pipeline splits each
+    replica's batch into micro-batches (1F1B needs one per stage at least, GPipe runs fewer,
+    and holds the same ones); without a pipeline, gradient accumulation does."""
+    for count in _divisors(per_replica):
+        if pp == 1:
+            yield 1, count, "1f1b"
+        else:
+            yield count, 1, "1f1b" if count >= pp else "gpipe"
 
 
 def enumerate_configs(workload: Workload, cluster: ClusterSpec) -> list[ParallelConfig]:
-    """Every combination of degrees, ZeRO stage, TP-sp, placement, micro-batches and memory
-    features (checkpointing, loss, tiled MLP)."""
+    """Every configuration ``usp train`` runs: degrees, ZeRO stage (2 or 3 when dp x ring x
+    ulysses shards, else none), placement, micro-batches and memory features (ac, loss, tiled
+    MLP); TP always with sequence parallelism."""
     configs = []
     for pp, dp, tp, ring, ulysses in _factorisations(cluster.world_size, 5):
         per_replica = workload.global_batch // dp if workload.global_batch % dp == 0 else 1
-        for zero, tp_sp, placement, micro_batches, (checkpointing, loss, tile) in itertools.product(
-            (0, 1, 2, 3) if dp * ring * ulysses > 1 else (0,),
-            (True, False) if tp > 1 else (True,),
-            ("head-first", "context-first") if ring > 1 and ulysses > 1 else ("head-first",),
-            _divisors(per_replica),
-            _memory_features(tp),
-        ):
+        for zero, placement, (microbatches, grad_accum, schedule), (ac, loss, tile) in \
+                itertools.product(
+                    (2, 3) if dp * ring * ulysses > 1 else (0,),
+                    PLACEMENTS if ring > 1 and ulysses > 1 else ("head-first",),
+                    _micro_batches(pp, per_replica),
+                    _memory_features(tp)):
             configs.append(ParallelConfig(
                 dp=dp, tp=tp, pp=pp, ring=ring, ulysses=ulysses, zero=zero,
-                tp_sequence_parallel=tp_sp, micro_batches=micro_batches,
-                checkpointing=checkpointing, placement=placement, loss=loss, mlp_tile=tile,
+                microbatches=microbatches, grad_accum=grad_accum, pp_schedule=schedule, ac=ac,
+                placement=placement, loss=loss, tiled_mlp=tile,
             ))
     return configs
 
@@ -154,7 +166,8 @@ def plan(workload: Workload, cluster: ClusterSpec, fixed: dict[str, object] | No
     unknown = sorted(set(fixed) - names)
     if unknown:
         raise ValueError(f"cannot fix {unknown}: the configuration fields are {sorted(names)}")
-    ParallelConfig(**fixed)  # ValueError, naming it, for a value no configuration can take
+    for name, value in fixed.items():
+        check_field(name, value)  # ValueError, naming it, for a value no configuration takes
     ranked, too_big, invalid = [], [], []
     for config in _with_fixed(enumerate_configs(workload, cluster), fixed):
         problems = check_config(workload, cluster, config)
@@ -171,6 +184,8 @@ def plan(workload: Workload, cluster: ClusterSpec, fixed: dict[str, object] | No
 def _knob_value(config: ParallelConfig, knob: str) -> object:
     if knob == "sequence split":
         return (config.ring, config.ulysses)
+    if knob == "micro-batches":
+        return config.sequential_micro_batches
     return getattr(config, knob)
 
 
@@ -178,11 +193,11 @@ def _describe(config: ParallelConfig, knob: str) -> str:
     value = _knob_value(config, knob)
     if knob == "sequence split":
         return f"ring {value[0]} x ulysses {value[1]}"
-    if knob == "checkpointing":
-        return f"checkpointing {value}"
+    if knob == "micro-batches":
+        return (f"microbatches {value}" if config.pp > 1 else f"grad_accum {value}")
     if knob == "loss":
         return f"the {value} loss"
-    if knob == "mlp_tile":
+    if knob == "tiled_mlp":
         return f"a tiled MLP ({value} tokens)" if value else "no tiled MLP"
     return f"{knob} {value}"
 
@@ -196,12 +211,12 @@ def _feature_sentences(result: Plan, best: StepCost) -> list[str]:
     without it."""
     c, usable = best.config, result.cluster.usable_bytes
     without = {}
-    if c.checkpointing != "none":
-        without[f"checkpointing {c.checkpointing}"] = replace(c, checkpointing="none")
-    if c.loss != "gathered":
-        without[f"the {c.loss} loss"] = replace(c, loss="gathered")
-    if c.mlp_tile:
-        without[f"the tiled MLP ({c.mlp_tile} tokens)"] = replace(c, mlp_tile=0)
+    if c.ac != "none":
+        without[f"ac {c.ac}"] = replace(c, ac="none")
+    if c.loss != "full":
+        without[f"the {c.loss} loss"] = replace(c, loss="full")
+    if c.tiled_mlp:
+        without[f"the tiled MLP ({c.tiled_mlp} tokens)"] = replace(c, tiled_mlp=0)
     sentences = []
     for name, plain in without.items():
         other = estimate(result.workload, result.cluster, plain)
@@ -247,7 +262,7 @@ def _method_sentences(workload: Workload, best: StepCost) -> list[str]:
             f"{sharded / GIB:.2f} GiB per GPU instead of {replicated / GIB:.2f} GiB replicated"
         )
     if c.pp > 1:
-        sentences.append(f"pp {c.pp} with {c.micro_batches} micro-batches: bubble "
+        sentences.append(f"pp {c.pp} with {c.microbatches} micro-batches: bubble "
                          f"{best.time['bubble']:.3f} s")
     return sentences
 
@@ -325,7 +340,9 @@ def no_fit_message(result: Plan) -> str:
                else "add GPUs or use a smaller model")
         )
     if not result.invalid:
-        return "no configuration matches the fixed fields; relax --fix"
+        return ("no configuration matches the fixed fields; relax --fix (the search offers "
+                "what usp train runs: zero 2 or 3 when dp x ring x ulysses > 1, else 0, and "
+                "tensor parallelism with tp_sequence_parallel=true)")
     # The binding rules: those that alone reject a configuration (lifting one would admit some).
     sole = Counter(problems[0].rule for _, problems in result.invalid if len(problems) == 1)
     counted = sole or Counter(p.rule for _, problems in result.invalid for p in problems)

@@ -14,14 +14,18 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from usp.models.configs import CONFIGS as LLAMA_CONFIGS
+from usp.models.llama.presets import CONFIGS as LLAMA_CONFIGS
 from usp.plan.specs import ClusterSpec, ModelSpec
 
-MODELS: dict[str, ModelSpec] = {
+# The models usp train builds (usp.models.llama.presets: "tiny" and "small" run on CPU, llama3-1b and
+# llama3-8b at their published shapes): a plan of one of these can be written as a run spec.
+MODELS: dict[str, ModelSpec] = {name: ModelSpec.from_llama_config(name, config)
+                                for name, config in LLAMA_CONFIGS.items()}
+# Published shapes the planner knows and usp train does not build under these names (train them
+# from their Hugging Face config.json: usp train --hf-config)
+MODELS.update({
     spec.name: spec
     for spec in (
-        ModelSpec("llama3-8b", layers=32, hidden=4096, q_heads=32, kv_heads=8, head_dim=128,
-                  ffn_hidden=14336, vocab=128256),
         ModelSpec("llama3-70b", layers=80, hidden=8192, q_heads=64, kv_heads=8, head_dim=128,
                   ffn_hidden=28672, vocab=128256),
         ModelSpec("llama2-7b", layers=32, hidden=4096, q_heads=32, kv_heads=32, head_dim=128,
@@ -31,10 +35,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("mistral-7b", layers=32, hidden=4096, q_heads=32, kv_heads=8, head_dim=128,
                   ffn_hidden=14336, vocab=32000),
     )
-}
-# The models this repository trains (usp.models.llama): "tiny" and "small" run on CPU.
-for _name in ("tiny", "small"):
-    MODELS[_name] = ModelSpec.from_llama_config(_name, LLAMA_CONFIGS[_name])
+})
 
 # FlashAttention-2 forward + backward on an A100 (the kernel's published benchmark,
 # Dao-AILab/flash-attention assets/flash2_a100_fwd_bwd_benchmark.png) runs at 99, 133, 155, 173,

@@ -219,32 +219,34 @@ class Precision:
 
 
 PRECISIONS = {
-    # bf16 weights and gradients, fp32 master + moments (the ZeRO paper's accounting): GPUs
-    "bf16-mixed": Precision(param=2, grad=2, optimizer=12, activation=2),
-    # everything fp32, AdamW's two moments: `usp train --dtype fp32`, the CPU runs
+    # ``usp train --dtype`` (the run spec's ``dtype``) -> bytes per parameter and activation.
+    # bf16: bf16 weights and gradients, fp32 master + moments (the ZeRO paper's accounting of
+    # mixed precision): GPUs
+    "bf16": Precision(param=2, grad=2, optimizer=12, activation=2),
+    # everything fp32, AdamW's two moments: the CPU runs
     "fp32": Precision(param=4, grad=4, optimizer=8, activation=4),
 }
 
 
 @dataclass(frozen=True)
 class Workload:
-    """One optimizer step: ``global_batch`` sequences of ``seq_len`` tokens in ``precision``
-    (a key of ``PRECISIONS``)."""
+    """One optimizer step: ``global_batch`` sequences of ``seq_len`` tokens in ``dtype`` (a key
+    of ``PRECISIONS``, ``usp train``'s ``--dtype``)."""
 
     model: ModelSpec
     seq_len: int
     global_batch: int
     causal: bool = True
-    precision: str = "bf16-mixed"
+    dtype: str = "bf16"
 
     def __post_init__(self) -> None:
         _check_positive("workload", seq_len=self.seq_len, global_batch=self.global_batch)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}; choose one of {sorted(PRECISIONS)}")
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"dtype={self.dtype!r}; choose one of {sorted(PRECISIONS)}")
 
     @property
     def bytes(self) -> Precision:
-        return PRECISIONS[self.precision]
+        return PRECISIONS[self.dtype]
 
     @property
     def element_bytes(self) -> int:

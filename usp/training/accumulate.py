@@ -46,11 +46,9 @@ def check_accumulation(global_batch: int, dp: int, grad_accum: int, pp: int) -> 
 
 def check_step_options(config, dp: int) -> None:
     """``usp train``'s memory features, accumulation and held-out loss (a ``TrainConfig``):
-    ValueError, naming the numbers, for what cannot run (docs/training.md)."""
+    ValueError, naming the numbers, for what cannot run (docs/training.md). Which losses the
+    model offers is its family's (``usp.training.build.validate_model``)."""
     check_memory_options(config.ac, config.tiled_mlp)
-    if config.hf_config and config.loss != "full":
-        raise ValueError(f"--loss {config.loss} is offered for usp's Llama; a Hugging Face model "
-                         "computes its own logits: use --loss full")
     if config.offload_activations:
         cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         check_offload(torch.device("cuda" if cuda else "cpu"))

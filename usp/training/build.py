@@ -4,14 +4,17 @@ then materialised, each rank initialising (or reading) its own shards.
 A model is never whole on any rank: its skeleton lives on the meta device (shapes, no storage)
 while ``usp.parallelize`` cuts the pipeline stage and shards it (TP, FSDP2); ``to_empty`` then
 allocates this rank's shards only, and ``init_weights(seed)`` fills them with exactly the values a
-single process would give the whole model (``usp.models.init``), or ``--hf-model``'s weights are
-read into them (``usp.training.pretrained``).
+single process would give the whole model (``usp.models.init``), or the family's pretrained
+weights are read into them (``usp.models.family.Weights``).
+
+Everything that depends on the kind of model is its family's (``usp.models.registry``): this
+module hands the family the run's model settings and never asks which family it is.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -19,59 +22,66 @@ from torch import nn
 
 from usp.loss import data_parallel_size
 from usp.models import init
-from usp.models.llama import Llama, get_config
-from usp.parallel import check_parallel_config, parallelize
-from usp.topology import Topology
+from usp.models.family import ModelFamily, ModelSettings
+from usp.models.registry import family_of, family_of_model
+from usp.parallel import parallelize
+from usp.topology import AXES, Topology
 from usp.training.data import BYTE_VOCAB_SIZE, EOT
 
 logger = logging.getLogger(__name__)
 
 
-def hf_source(config) -> str | None:
-    """The Hugging Face config of the run: ``--hf-model``'s directory or ``--hf-config``."""
-    return config.hf_model or config.hf_config
+def model_settings(config) -> ModelSettings:
+    """The model section of a run's settings (a ``TrainConfig``)."""
+    return ModelSettings(model=config.model, hf_config=config.hf_config, hf_model=config.hf_model)
+
+
+def model_family(config) -> ModelFamily:
+    """The family of the run's model."""
+    return family_of(model_settings(config))
+
+
+def model_name(config) -> str:
+    """The run's model as logs and checkpoints name it."""
+    return model_family(config).display_name(model_settings(config))
+
+
+def pretrained_source(config) -> str | None:
+    """The folder the run's first weights come from; None: initialised from the seed."""
+    return model_family(config).pretrained(model_settings(config))
 
 
 # ---------------------------------------------------------------------------- validation
 def validate_model(config, topology: Topology) -> None:
     """Raise ValueError, with the numbers, unless the model, its weights and the tokenizer fit
-    ``topology`` (sizes only) and each other. Pure: reads files, never tensor data."""
-    if config.hf_model and config.hf_config:
-        raise ValueError("--hf-model DIR reads its config from DIR/config.json; drop --hf-config")
-    tokenizer = None
+    ``topology`` (sizes only), each other and this machine's memory. Pure: reads files, never
+    tensor data; the model's sizes are checked before anything is built."""
+    from usp.training import model_size
+
+    settings, family = model_settings(config), model_family(config)
+    name = family.display_name(settings)
+    size = family.size(settings)
+    world_size = math.prod(topology.size(axis) for axis in AXES)
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    model_size.check_training_memory(name, size.parameters, world_size, cuda)
+    ids = BYTE_VOCAB_SIZE
     if config.tokenizer:
-        from usp.training.tokenizer import load_tokenizer
+        from usp.training.tokenizer import check_vocab, largest_id, load_tokenizer
 
         tokenizer = load_tokenizer(config.tokenizer)
-    source = hf_source(config)
-    if source is None:
-        llama = get_config(config.model)
-        check_parallel_config(llama, topology)
-        vocab_size, model_name = llama.vocab_size, config.model
-    else:
-        from usp.training.hf_model import load_hf_config, validate_hf_config
-
-        vocab_size, model_name = load_hf_config(source).vocab_size, source
-    if tokenizer is not None:
-        from usp.training.tokenizer import check_vocab
-
-        check_vocab(tokenizer, config.tokenizer, vocab_size, model_name)
+        check_vocab(tokenizer, config.tokenizer, size.vocab_size, name)
+        ids = largest_id(tokenizer) + 1
+    family.validate(settings, topology, ids)
+    family.plan.check_loss(config.loss, name)
+    source = family.pretrained(settings)
     if source is not None:
-        validate_hf_config(source, topology, len(tokenizer) if tokenizer else BYTE_VOCAB_SIZE)
-    if config.hf_model:
-        from usp.training.pretrained import check_pretrained
-
-        check_pretrained(config.hf_model, skeleton(config))
+        family.weights.check(source, family.skeleton(settings))
 
 
 def model_metadata(config) -> tuple[str, dict]:
     """The model's name and its config as JSON data, for the checkpoint's record."""
-    source = hf_source(config)
-    if source is None:
-        return config.model, dataclasses.asdict(get_config(config.model))
-    from usp.training.hf_model import hf_config_metadata
-
-    return source, hf_config_metadata(source)
+    settings, family = model_settings(config), model_family(config)
+    return family.display_name(settings), family.metadata(settings)
 
 
 def tokenizer_metadata(config) -> dict | None:
@@ -95,17 +105,6 @@ def training_tokens(config, documents):
 
 
 # ---------------------------------------------------------------------------- building
-def skeleton(config) -> nn.Module:
-    """The run's model on the meta device: every shape, no storage."""
-    source = hf_source(config)
-    if source is not None:
-        from usp.training.hf_model import build_hf_causal_lm
-
-        return build_hf_causal_lm(source, device="meta")
-    with torch.device("meta"):
-        return Llama(get_config(config.model))
-
-
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of the parameters this rank holds: its shards of DTensors, tied ones once (on the
     meta device too: shapes are enough)."""
@@ -135,15 +134,13 @@ def bytes_text(size: int) -> str:
 def materialize(model: nn.Module, device: torch.device, seed: int,
                 pretrained: str | None = None) -> nn.Module:
     """Allocate this rank's shards of a meta-device model on ``device`` and initialise them from
-    ``seed``, or read them from the Hugging Face directory ``pretrained``. In place; returns it."""
+    ``seed``, or read them from ``pretrained`` with the model's family's weights reader. In
+    place; returns it."""
     init.to_empty(model, device)  # tied parameters stay tied
     if pretrained is None:
         model.init_weights(seed)
     else:
-        from usp.training.pretrained import load_pretrained
-
-        model.init_weights(seed, parameters=False)  # computed buffers only (RoPE tables)
-        load_pretrained(model, pretrained)
+        family_of_model(model).weights.load(model, pretrained)
     return model
 
 
@@ -160,10 +157,11 @@ def build_model(config, topology: Topology, device: torch.device,
                 load_weights: bool = True) -> tuple[nn.Module, float]:
     """The run's model, parallelised and materialised; and its training FLOPs per token.
 
-    ``load_weights=False``: do not read ``--hf-model``'s weights (a checkpoint will replace them).
+    ``load_weights=False``: do not read the pretrained weights (a checkpoint will replace them).
     """
-    model = skeleton(config)
-    flops_per_token = model.flops_per_token(config.seq_len)
+    settings, family = model_settings(config), model_family(config)
+    model = family.skeleton(settings)
+    flops_per_token = family.flops_per_token(model, config.seq_len)
     parameters = model.num_params()  # the whole model's, before any cut or shard
     param_dtype, reduce_dtype = fsdp_precision(config, device, topology)
     # also in one process: the memory features (checkpointing, tiled MLP, loss) apply there too
@@ -173,11 +171,11 @@ def build_model(config, topology: Topology, device: torch.device,
         fsdp=True, reshard_after_forward=not config.zero2, param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
     )
-    pretrained = config.hf_model if load_weights else None
+    pretrained = family.pretrained(settings) if load_weights else None
     materialize(model, device, config.seed, pretrained)
     if not dist.is_initialized() or dist.get_rank() == 0:
         logger.info("model %s: %s parameters, %s (%s held by rank 0)",
-                    hf_source(config) or config.model, count_text(parameters),
+                    family.display_name(settings), count_text(parameters),
                     f"read from {pretrained}" if pretrained else f"initialised from seed "
                     f"{config.seed}", bytes_text(parameter_bytes(model)))
     return model, flops_per_token

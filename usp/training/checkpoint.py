@@ -19,11 +19,16 @@ a convenience for people and is only consulted for a warning. A stale ``.tmp`` d
 ever a partial save and is cleared by the next save of that step. A complete checkpoint is never
 overwritten or deleted; one found corrupt when resuming is renamed ``step_000005.corrupt``
 (``usp.training.resume``).
+
+Nothing is written or read through a link (``usp.training.safe_files``): ``ROOT``, the ``step_*``
+directories and their files must be real directories and regular files (:func:`check_root`, before
+anything starts), and the step and state a checkpoint records are checked before they are used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -38,22 +43,14 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
-from usp.training import integrity
+from usp.training import integrity, safe_files
+from usp.training.checkpoint_record import (
+    FORMAT_VERSION, META, TRAINER, load_small, read_metadata, read_trainer_state,
+)
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: manifest.json with SHA-256 of every file
 LATEST = "latest"
-META = "meta.json"
-TRAINER = "trainer.pt"
-# Fields of meta.json's "run" that must match on resume for training to continue exactly. The
-# schedule's fields are among them: the LR of every step is a function of (step, steps, lr,
-# min_lr, warmup), and AdamW's param_groups (lr, weight_decay) come back from the checkpoint.
-RUN_FIELDS_THAT_MUST_MATCH = (
-    "seq_len", "global_batch", "data", "seed", "steps", "lr", "min_lr", "warmup", "weight_decay",
-    "pack", "tokenizer",
-)
-
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -94,66 +91,29 @@ def step_dir(root: Path, step: int) -> Path:
 
 def steps_saved(root: Path, after: int = -1) -> list[int]:
     """Steps of the complete checkpoints under ``root`` later than ``after`` (``.tmp`` and
-    ``.corrupt`` excluded: only a finished save is renamed to ``step_NNNNNN``)."""
+    ``.corrupt`` excluded: only a finished save is renamed to ``step_NNNNNN``; a link is no
+    checkpoint: :func:`check_root` refuses it)."""
     root = Path(root)
-    if not root.is_dir():
+    if not root.is_dir() or root.is_symlink():
         return []
-    suffixes = [p.name[len("step_"):] for p in root.glob("step_*") if p.is_dir()]
+    suffixes = [p.name[len("step_"):] for p in root.glob("step_*")
+                if p.is_dir() and not p.is_symlink()]
     steps = [int(suffix) for suffix in suffixes if suffix.isdigit()]
     return sorted(s for s in steps if s > after)
 
 
-def read_metadata(path: Path) -> dict:
-    """meta.json of a checkpoint; a clear ValueError when it is missing or unreadable."""
-    meta_path = Path(path) / META
-    try:
-        metadata = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(
-            f"checkpoint {path} is unreadable ({meta_path}: {exc}); pass --resume with a "
-            f"complete checkpoint directory (one with {META}, {TRAINER} and .distcp files)"
-        ) from exc
-    required = {"format", "step", "model", "run"}
-    if not isinstance(metadata, dict) or not required <= metadata.keys():
-        raise ValueError(
-            f"checkpoint {path} is unreadable: {meta_path} is not a usp checkpoint record "
-            f"(it needs the keys {sorted(required)})"
-        )
-    if metadata["format"] != FORMAT_VERSION:
-        raise ValueError(
-            f"checkpoint {path} has format {metadata['format']!r}, this usp reads "
-            f"format {FORMAT_VERSION} (checksummed)"
-        )
-    return metadata
-
-
-def check_compatible(path: Path, saved: dict, current: dict) -> None:
-    """Refuse to resume a checkpoint written for another model or another run shape.
-
-    The parallel layout (ring, ulysses, tp, dp) may differ: DCP reshards on load.
-    """
-    problems = [
-        f"model.{key}={saved['model'].get(key)!r} in the checkpoint but {value!r} now"
-        for key, value in current["model"].items()
-        if saved["model"].get(key) != value
-    ]
-    problems += [
-        f"{key}={saved['run'].get(key)!r} in the checkpoint but {current['run'][key]!r} now"
-        for key in RUN_FIELDS_THAT_MUST_MATCH
-        if saved["run"].get(key) != current["run"][key]
-    ]
-    if problems:
-        steps_note = (
-            " (--steps is fixed for a run: the learning-rate schedule spans it and the "
-            "optimizer's moments were shaped by it, so a changed horizon would splice two "
-            f"schedules; to train longer, start a new run from this one's weights with a fresh "
-            f"optimizer and schedule: usp train --init-from {path} --steps N)"
-            if any(p.startswith("steps=") for p in problems) else ""
-        )
-        raise ValueError(
-            f"checkpoint {path} does not match this run: " + "; ".join(problems) + steps_note
-            + ". Resume with the checkpoint's settings, or start a new run in another --out"
-        )
+def check_root(root: Path) -> None:
+    """Refuse a checkpoints directory whose ``latest`` (or its ``.tmp``) is not a regular file,
+    or whose ``step_*`` entries are not real directories (a link would make a resume read, or a
+    save write, somewhere else)."""
+    root = Path(root)
+    safe_files.check_directory_or_absent(root)
+    if not root.is_dir():
+        return
+    for name in (LATEST, LATEST + ".tmp"):
+        safe_files.check_file_or_absent(root / name)
+    for entry in sorted(root.glob("step_*")):
+        safe_files.check_directory_or_absent(entry)
 
 
 # ---------------------------------------------------------------------------- saving
@@ -168,13 +128,14 @@ def save_checkpoint(
     """Save atomically on every rank (a collective); returns the final directory."""
     root = Path(root)
     final = step_dir(root, step)
-    if final.exists():
+    if os.path.lexists(final):
         raise ValueError(f"checkpoint {final} exists already; refusing to overwrite it")
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # a save of this step that crashed: incomplete by construction
-            shutil.rmtree(tmp)
+        root.parent.mkdir(parents=True, exist_ok=True)  # the run directory: the user's path
+        safe_files.make_directory(root)
+        _remove_partial_save(tmp)
+        os.mkdir(tmp)  # fresh and ours: the files below are created in it
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
@@ -185,17 +146,33 @@ def save_checkpoint(
             )
     except dcp.CheckpointException as exc:  # a BaseException: make it an error that reports
         raise OSError(f"saving checkpoint {final} failed: {_causes(exc)}") from exc
-    torch.save(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
+    _save_new(_rng_state(), tmp / f"rng_rank{_rank():05d}.pt")
     if _rank() == 0:
-        torch.save(trainer_state, tmp / TRAINER)
+        _save_new(trainer_state, tmp / TRAINER)
         meta = {"format": FORMAT_VERSION, "step": step, **metadata}
-        (tmp / META).write_text(json.dumps(meta, indent=2))
+        safe_files.write_new(tmp / META, json.dumps(meta, indent=2).encode())
     _barrier()
     _write_manifest(tmp)
     _publish(tmp, final)
     if _rank() == 0:
         logger.info("saved checkpoint %s", final)
     return final
+
+
+def _remove_partial_save(tmp: Path) -> None:
+    """A ``step_N.tmp`` left by a save of this step that crashed (incomplete by construction):
+    a real directory is removed with its files, a link only as a link (never what it names)."""
+    if os.path.islink(tmp) or os.path.isfile(tmp):
+        os.unlink(tmp)
+    elif os.path.lexists(tmp):
+        safe_files.check_directory_or_absent(tmp)
+        shutil.rmtree(tmp)
+
+
+def _save_new(value, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    safe_files.write_new(path, buffer.getvalue())
 
 
 def _write_manifest(tmp: Path) -> None:
@@ -214,9 +191,7 @@ def _publish(tmp: Path, final: Path) -> None:
     pointer (each step atomic), and the others wait for it."""
     if _rank() == 0:
         os.rename(tmp, final)
-        pointer_tmp = final.parent / (LATEST + ".tmp")
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, final.parent / LATEST)
+        safe_files.replace(final.parent / LATEST, (final.name + "\n").encode())
     _barrier()
 
 
@@ -231,9 +206,10 @@ def load_checkpoint(
     """
     path = Path(path)
     saved = read_metadata(path)
+    trainer_state = read_trainer_state(path, saved)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    trainer_state = _read(path, state, with_trainer=True)
+    _read(path, state)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
@@ -249,14 +225,14 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> int:
     step. ``path`` has been verified against its manifest, like :func:`load_checkpoint`'s."""
     path = Path(path)
     state = {"model": get_model_state_dict(model)}
-    _read(path, state, with_trainer=False)
+    _read(path, state)
     set_model_state_dict(model, state["model"])
     return read_metadata(path)["step"]
 
 
-def _read(path: Path, state: dict, with_trainer: bool) -> dict | None:
-    """Fill ``state``'s tensors from the checkpoint through loaders that cannot run code; return
-    its trainer state when asked. Any failure is a ValueError naming the checkpoint."""
+def _read(path: Path, state: dict) -> None:
+    """Fill ``state``'s tensors from the checkpoint through loaders that cannot run code. Any
+    failure is a ValueError naming the checkpoint."""
     try:
         reader = integrity.SafeFileSystemReader(path)
         # read the index once here: DCP would catch a refusal and try other files, blurring it
@@ -264,7 +240,6 @@ def _read(path: Path, state: dict, with_trainer: bool) -> dict | None:
         with _single_process_quiet():
             dcp.load(state, storage_reader=reader, planner=integrity.SafeLoadPlanner(),
                      no_dist=not _distributed())
-        return torch.load(path / TRAINER, weights_only=True) if with_trainer else None
     # DCP raises several types for torn or foreign files; CheckpointException is a BaseException
     except (Exception, dcp.CheckpointException) as exc:
         causes = exc.failures.values() if isinstance(exc, dcp.CheckpointException) else [(exc,)]
@@ -295,8 +270,14 @@ def _restore_rng(path: Path, saved: dict, seed: int, step: int) -> None:
     streams belong to ranks that no longer exist, so every rank reseeds from (seed, step, rank)."""
     rng_path = path / f"rng_rank{_rank():05d}.pt"
     if saved["run"]["world_size"] == _world_size() and rng_path.exists():
-        state = torch.load(rng_path, weights_only=True)
-        torch.set_rng_state(state["torch"])
+        state = load_small(rng_path)
+        generator = state.get("torch") if isinstance(state, dict) else None
+        current = torch.get_rng_state()
+        if not isinstance(generator, torch.Tensor) or generator.dtype != current.dtype \
+                or generator.shape != current.shape:
+            raise ValueError(f"checkpoint {path} is unreadable: {rng_path} holds no CPU "
+                             "generator state")
+        torch.set_rng_state(generator)
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
         return

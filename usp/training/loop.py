@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from usp.training import checkpoint, metrics, run_dir
+from usp.training import checkpoint, metrics, run_dir, safe_files
 from usp.comm import agree, collective_device
 from usp.training.resume import choose_intact, init_source, verify_on_every_rank
+from usp.training.build import model_name
 from usp.training.run_dir import RunLock
 from usp.training.evaluate import evaluate
 from usp.training.setup import (TrainConfig, build_run, validate, with_default_batch,
@@ -77,12 +78,11 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = Path(config.out)
     if rank == 0:
-        logger.info("building %s and loading its data",
-                    config.hf_model or config.hf_config or config.model)
+        logger.info("building %s and loading its data", model_name(config))
     run = build_run(config, device, world_size)
     if rank == 0:
         logger.info("%s", run.data_summary)
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / run_dir.METRICS
     start_step = 0
     if run.resume_plan is not None:
         if rank == 0:
@@ -132,9 +132,9 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
                 )
     finally:
         log.close()
-    if rank == 0 and metrics_path.exists():
+    if rank == 0 and os.path.lexists(metrics_path):
         reference = Path(config.reference_metrics) if config.reference_metrics else None
-        metrics.plot_loss(metrics_path, out / "loss.png", reference)
+        metrics.plot_loss(metrics_path, out / run_dir.PLOT, reference)
     return records
 
 
@@ -237,10 +237,8 @@ def _gather(values: torch.Tensor) -> list[torch.Tensor]:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop the records a crashed run wrote after its last checkpoint (they are redone)."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return
-    kept = [r for r in metrics.read_metrics(path) if r["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    kept = [r for r in metrics.read_metrics(path, follow_links=False) if r["step"] <= step]
+    safe_files.replace(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 

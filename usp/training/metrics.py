@@ -7,14 +7,19 @@ whose peak is reset per step by writing ``5`` to ``/proc/self/clear_refs`` (Linu
 that file is missing the peak falls back to ``getrusage``'s lifetime ``ru_maxrss``. Before a step's
 baseline is read on CPU, ``malloc_trim`` hands freed heap pages back to the kernel, so the baseline
 is what is live (model, optimizer state) and not what glibc kept from the previous step.
+
+The run's ``metrics.jsonl`` and ``loss.png`` are written through ``usp.training.safe_files``
+(appended and replaced without following a link).
 """
 
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import logging
 import math
+import numbers
 import resource
 from pathlib import Path
 
@@ -22,6 +27,8 @@ import torch
 
 from usp.precision import datasheet_peak, effective_precision
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from usp.training import safe_files
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +165,25 @@ def format_mfu(record: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------------- log and plot
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics JSONL file."""
-    with open(path) as lines:
-        return [json.loads(line) for line in lines if line.strip()]
+def read_metrics(path: str | Path, follow_links: bool = True) -> list[dict]:
+    """The records of a metrics JSONL file; a ValueError naming the file and line of one that is
+    not a record (a JSON object with an integer ``step`` and a numeric ``loss``). A run's own
+    file is read with ``follow_links=False``."""
+    text = safe_files.read_text(Path(path), follow_links=follow_links)
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or type(record.get("step")) is not int \
+                or not isinstance(record.get("loss"), numbers.Real):
+            raise ValueError(f"{path} line {number} is not a metrics record (a JSON object with "
+                             "an integer step and a numeric loss)")
+        records.append(record)
+    return records
 
 
 class MetricsLog:
@@ -174,7 +196,7 @@ class MetricsLog:
         self, path: Path, total_steps: int, start_step: int, enabled: bool, progress: bool
     ) -> None:
         self.path, self.enabled, self.progress = path, enabled, progress
-        self._file = open(path, "a") if enabled else None
+        self._file = safe_files.open_append(path) if enabled else None
         self._bar = None
         self._warned_mfu = False
         if enabled and progress:
@@ -240,10 +262,12 @@ def plot_loss(metrics_path: Path, png_path: Path, reference_path: Path | None = 
     from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(7, 4))
-    curves = [("reference", reference_path, "--")] if reference_path is not None else []
-    curves.insert(0, ("this run", metrics_path, "-"))
-    for label, path, style in curves:
-        records = read_metrics(path)
+    # the run's own file is never read through a link; a reference is the user's input
+    curves = [("this run", metrics_path, "-", False)]
+    if reference_path is not None:
+        curves.append(("reference", reference_path, "--", True))
+    for label, path, style, follow_links in curves:
+        records = read_metrics(path, follow_links=follow_links)
         steps = [r["step"] for r in records]
         losses = [r["loss"] for r in records]
         axes.plot(steps, losses, style, label=label)
@@ -253,8 +277,10 @@ def plot_loss(metrics_path: Path, png_path: Path, reference_path: Path | None = 
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(png_path, dpi=120)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=120)
     plt.close(figure)
+    safe_files.replace(png_path, image.getvalue())
 
 
 def finite_or_raise(loss: float, step: int) -> float:

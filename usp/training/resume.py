@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from usp.training import checkpoint, integrity
+from usp.training import checkpoint, checkpoint_record, integrity, safe_files
 from usp.training.run_dir import CONFIG
 
 logger = logging.getLogger(__name__)
 
 CORRUPT_SUFFIX = ".corrupt"
+POINTER_LIMIT = 4096  # bytes: latest holds a directory name
 
 
 @dataclass
@@ -39,18 +40,19 @@ class ResumePlan:
 def plan_resume(out: Path, resume: str, current: dict) -> ResumePlan:
     """The checkpoints ``--resume`` may load into the run in ``out``; ValueError if none may."""
     out = Path(out)
+    checkpoint.check_root(out / "checkpoints")
     if resume != "latest":
         return _explicit(out, Path(resume), current)
     root = out / "checkpoints"
     steps = checkpoint.steps_saved(root)
     notes = _pointer_notes(root, steps)
     if not steps:
-        if (root / checkpoint.LATEST).exists():
+        if os.path.lexists(root / checkpoint.LATEST):
             raise ValueError(
                 f"--resume: {root} has no complete checkpoint left ({notes[0]}); pass --resume "
                 "with a checkpoint directory of this run, or start a new run"
             )
-        if not (out / CONFIG).is_file():
+        if not os.path.lexists(out / CONFIG):
             raise ValueError(
                 f"--resume: {out} is not a run directory (it has no {CONFIG} and no checkpoint); "
                 "train without --resume, or pass the run directory to resume"
@@ -58,8 +60,8 @@ def plan_resume(out: Path, resume: str, current: dict) -> ResumePlan:
         return ResumePlan([], [f"{out} has no checkpoint: training it again from step 1"])
     candidates = [checkpoint.step_dir(root, step) for step in reversed(steps)]
     newest_readable = _first_readable(candidates)
-    checkpoint.check_compatible(
-        newest_readable, checkpoint.read_metadata(newest_readable), current
+    checkpoint_record.check_compatible(
+        newest_readable, checkpoint_record.read_metadata(newest_readable), current
     )
     return ResumePlan(candidates, notes)
 
@@ -74,19 +76,24 @@ def finished_checkpoint(out: Path, resume: str, current: dict, steps: int) -> Pa
     newest = plan.candidates[0]
     if checkpoint.read_metadata(newest)["step"] < steps or integrity.verify(newest):
         return None
+    try:  # its index is checked as a load would check it: a planted one is no finished run
+        integrity.SafeFileSystemReader(newest).read_metadata()
+    except integrity.UnsafeCheckpointError as exc:
+        raise ValueError(f"checkpoint {newest} was refused, nothing was loaded: {exc}") from None
     return newest
 
 
 def _explicit(out: Path, path: Path, current: dict) -> ResumePlan:
+    safe_files.check_directory_or_absent(path)
     if not path.is_dir():
         raise ValueError(f"--resume {path}: no such checkpoint directory")
-    saved = checkpoint.read_metadata(path)
+    saved = checkpoint_record.read_metadata(path)
     problems = integrity.check_listing(path)
     if problems:
         raise ValueError(
             f"checkpoint {path} is corrupt, nothing was loaded: " + "; ".join(problems)
         )
-    checkpoint.check_compatible(path, saved, current)
+    checkpoint_record.check_compatible(path, saved, current)
     later = checkpoint.steps_saved(out / "checkpoints", after=saved["step"])
     if later:
         raise ValueError(
@@ -102,7 +109,7 @@ def _first_readable(candidates: list[Path]) -> Path:
     problems = []
     for path in candidates:
         try:
-            checkpoint.read_metadata(path)
+            checkpoint_record.read_metadata(path)
             listing = integrity.check_listing(path)
         except ValueError as exc:
             listing = [str(exc)]
@@ -117,11 +124,11 @@ def _pointer_notes(root: Path, steps: list[int]) -> list[str]:
     pointer = root / checkpoint.LATEST
     newest = checkpoint.step_dir(root, steps[-1]).name if steps else None
     fallback = f"resuming from {newest}, the newest checkpoint" if newest else "no checkpoint"
-    if not pointer.exists():
+    if not os.path.lexists(pointer):
         return [f"checkpoint pointer {pointer} is missing; {fallback}"] if steps else []
-    try:
-        name = pointer.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
+    try:  # never through a link: check_root refused one already
+        name = safe_files.read_text(pointer, POINTER_LIMIT).strip()
+    except (OSError, ValueError) as exc:
         return [f"checkpoint pointer {pointer} is unreadable ({exc}); {fallback}"]
     if name == newest:
         return []
@@ -204,7 +211,7 @@ def _problems(path: Path) -> list[str]:
     try:
         problems = integrity.verify(path, (_rank(), _world_size()))
         if not problems:
-            checkpoint.read_metadata(path)  # hashed, but perhaps not a usp checkpoint record
+            checkpoint_record.read_metadata(path)  # hashed, but perhaps not a usp checkpoint record
     except ValueError as exc:
         problems = [str(exc)]
     return sorted({p for rank_problems in _all_gather(problems) for p in rank_problems})
@@ -230,7 +237,7 @@ def choose_intact(candidates: list[Path], current: dict) -> Path:
             + " | ".join(f"{p}: {'; '.join(problems)}" for p, problems in corrupt)
         )
     # a mismatch is the user's settings, not corruption: refused, never moved aside
-    checkpoint.check_compatible(path, checkpoint.read_metadata(path), current)
+    checkpoint_record.check_compatible(path, checkpoint_record.read_metadata(path), current)
     if _rank() == 0:
         for bad, problems in corrupt:
             moved = _free_name(bad.with_name(bad.name + CORRUPT_SUFFIX))
@@ -255,7 +262,7 @@ def _older_hint(path: Path) -> str:
 
 def _free_name(path: Path) -> Path:
     candidate, n = path, 1
-    while candidate.exists():
+    while os.path.lexists(candidate):
         n += 1
         candidate = path.with_name(f"{path.name}{n}")
     return candidate

@@ -9,6 +9,12 @@ the user gave into a full set of settings, the run's saved ones with the given f
 While a run trains, the process that launched it holds an exclusive ``fcntl.flock`` on
 ``OUT/.lock`` (released by the kernel however that process ends, ``kill -9`` included), so a second
 run into the same directory is refused at once instead of interleaving its files.
+
+Every file of the directory is read and written through ``usp.training.safe_files`` (no link is
+followed, no FIFO opened), and :func:`check_run_directory` refuses, before anything starts, a run
+directory that is itself a link or holds a link, FIFO or device under a name usp uses. The
+directory's parents may be links (``runs/`` on another disk is the user's own layout, typed on the
+command line); from the run directory down, every entry is one that usp made.
 """
 
 from __future__ import annotations
@@ -20,9 +26,17 @@ import socket
 import time
 from pathlib import Path
 
+from usp.training import safe_files
+
 CONFIG = "config.json"
 LOCK = ".lock"
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+CHECKPOINTS = "checkpoints"
 RUNS = Path("runs")
+# every file name usp writes in a run directory (a replaced file goes through NAME.tmp)
+RUN_FILES = (CONFIG, CONFIG + ".tmp", METRICS, METRICS + ".tmp", PLOT, PLOT + ".tmp", LOCK)
+SETTINGS_LIMIT = 1 << 20  # bytes: a config.json is a few hundred
 # Settings that say where a run is, not what it trains: never taken from a saved config.json.
 NOT_INHERITED = ("out", "resume")
 # A flag given on resume replaces the saved setting that excludes it (then validation compares).
@@ -53,26 +67,33 @@ def new_run_dir(prefix: str) -> Path:
 
 def latest_run(prefix: str) -> Path | None:
     """The newest ``runs/PREFIX-*`` directory that holds a ``config.json``."""
-    runs = [p for p in RUNS.glob(f"{prefix}-*") if (p / CONFIG).is_file()]
+    runs = [p for p in RUNS.glob(f"{prefix}-*") if os.path.lexists(p / CONFIG)]
     return max(runs, key=lambda p: p.name) if runs else None
 
 
 def read_settings(run: Path) -> dict:
+    """The saved settings of ``run`` (its ``config.json``, read without following a link)."""
     path = Path(run) / CONFIG
     try:
-        settings = json.loads(path.read_text())
+        settings = json.loads(safe_files.read_text(path, SETTINGS_LIMIT))
         if not isinstance(settings, dict):
             raise ValueError("not a JSON object")
+    except safe_files.UnsafePathError as exc:
+        raise ValueError(f"cannot read the settings of run {run}: {exc}") from None
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read the settings of run {run}: {path}: {exc}") from exc
+    if "model_type" in settings:
+        raise ValueError(
+            f"{run} is a Hugging Face model folder (its config.json has a model_type), not a usp "
+            f"run directory; to fine-tune it: usp train --hf-model {run} --tokenizer {run}"
+        )
     return settings
 
 
 def write_settings(out: Path, settings: dict) -> None:
-    """``OUT/config.json`` (atomically): what ``--resume OUT`` reads back."""
-    tmp = Path(out) / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps({**settings, "resume": None}, indent=2) + "\n")
-    os.replace(tmp, Path(out) / CONFIG)
+    """``OUT/config.json`` (atomically, never through a link): what ``--resume OUT`` reads."""
+    text = json.dumps({**settings, "resume": None}, indent=2) + "\n"
+    safe_files.replace(Path(out) / CONFIG, text.encode())
 
 
 def resolve_settings(given: dict, defaults: dict) -> dict:
@@ -124,7 +145,7 @@ def _resume_target(resume: str, given: dict, defaults: dict) -> tuple[Path | Non
     if resume == "latest":
         if given.get("out") is not None:
             out = Path(given["out"])
-            return (out if (out / CONFIG).is_file() else None), out
+            return (out if os.path.lexists(out / CONFIG) else None), out
         prefix = _prefix({**defaults, **given})
         run = latest_run(prefix)
         if run is None:
@@ -134,7 +155,8 @@ def _resume_target(resume: str, given: dict, defaults: dict) -> tuple[Path | Non
             )
         return run, run
     path = Path(resume)
-    if (path / CONFIG).is_file():  # a run directory
+    safe_files.check_directory_or_absent(path)
+    if os.path.lexists(path / CONFIG):  # a run directory (read_settings says if it is not)
         if given.get("out") is not None and Path(given["out"]) != path:
             raise ValueError(
                 f"--resume {path} continues that run in place; to branch it into --out "
@@ -144,19 +166,30 @@ def _resume_target(resume: str, given: dict, defaults: dict) -> tuple[Path | Non
     if not path.is_dir():
         raise ValueError(f"--resume {path}: no such run directory or checkpoint")
     run = path.parent.parent  # RUN/checkpoints/step_N
-    run = run if (run / CONFIG).is_file() else None
+    run = run if os.path.lexists(run / CONFIG) else None
     if given.get("out") is None and run is None:
         raise ValueError(f"--resume {path}: not inside a run directory; pass --out for the run")
     return run, Path(given["out"]) if given.get("out") is not None else run
 
 
 # ---------------------------------------------------------------------------- the directory
-PREVIOUS_RUN_FILES = (CONFIG, "metrics.jsonl", "checkpoints")
+PREVIOUS_RUN_FILES = (CONFIG, METRICS, CHECKPOINTS)
+
+
+def check_run_directory(out: Path) -> None:
+    """Refuse a run directory that is a link, or that holds a link, FIFO, device or directory
+    under a file name usp writes (or a non-directory as ``checkpoints``): usp would write
+    through it, or read it, before the run could notice."""
+    out = Path(out)
+    safe_files.check_directory_or_absent(out)
+    for name in RUN_FILES:
+        safe_files.check_file_or_absent(out / name)
+    safe_files.check_directory_or_absent(out / CHECKPOINTS)
 
 
 def check_fresh(out: Path) -> None:
     """A run without ``--resume`` starts in a directory that holds no run."""
-    previous = [name for name in PREVIOUS_RUN_FILES if (Path(out) / name).exists()]
+    previous = [name for name in PREVIOUS_RUN_FILES if os.path.lexists(Path(out) / name)]
     if previous:
         raise ValueError(
             f"--out {out} holds a previous run ({', '.join(previous)}); pass --resume {out} to "
@@ -212,8 +245,11 @@ class RunLock:
     def acquire(self) -> "RunLock":
         path = self.out / LOCK
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            safe_files.make_directory(self.out)
+            fd = safe_files.open_regular(path, os.O_RDWR | os.O_CREAT)
+        except safe_files.UnsafePathError:
+            raise
         except OSError as exc:
             raise ValueError(f"--out {self.out} cannot be written: {exc}") from exc
         try:

@@ -8,8 +8,10 @@ before starting any rank and every rank runs it again: bad input fails the same 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
+import types
+import typing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,12 +25,12 @@ from usp.layout import padded_length
 from usp.losses import LossHead, check_loss
 from usp.pipeline import Pipeline, check_pipeline
 from usp.training.accumulate import check_step_options
-from usp.training.build import (
-    build_model, model_metadata, tokenizer_metadata, training_tokens, validate_model,
-)
+from usp.training.build import build_model, training_tokens, validate_model
+from usp.training.checkpoint_record import run_metadata
 from usp.training.config import DEFAULT_CHECKPOINT_EVERY, TrainConfig  # noqa: F401 (re-exported)
 from usp.training.data import EOT, data_files, data_summary
 from usp.training.evaluate import HeldOut, held_out_split
+from usp.training.metrics import read_metrics
 from usp.training.resume import ResumePlan, check_init_source, plan_resume
 from usp.topology import AXES, Topology
 
@@ -69,6 +71,7 @@ def with_device_dtype(config: TrainConfig, device: torch.device) -> TrainConfig:
 def validate(config: TrainConfig, world_size: int) -> None:
     """Raise ValueError naming the numbers and the fix for any input that cannot train."""
     config = with_default_batch(config, world_size)
+    _check_types(config)
     for name in ("seq_len", "global_batch", "steps", "nproc"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(config, name)} must be >= 1")
@@ -123,53 +126,50 @@ def validate(config: TrainConfig, world_size: int) -> None:
     validate_model(config, shape_only)
     if config.data:
         data_files(config.data)  # text files or folders of them; structured data is refused
-    if config.reference_metrics and not Path(config.reference_metrics).is_file():
-        raise ValueError(f"--reference-metrics {config.reference_metrics!r} does not exist")
+    if config.reference_metrics:
+        if not Path(config.reference_metrics).is_file():
+            raise ValueError(f"--reference-metrics {config.reference_metrics!r} does not exist")
+        read_metrics(config.reference_metrics)  # its records, before a run that ends drawing them
     _validate_output(config, world_size)
 
 
+def _check_types(config: TrainConfig) -> None:
+    """Every setting of the type its field declares: flags are parsed to it, but a resumed run
+    takes the others from its config.json, which anyone could have edited."""
+    hints = typing.get_type_hints(TrainConfig)
+    for name, hint in hints.items():
+        value = getattr(config, name)
+        if not _has_type(value, hint):
+            expected = getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint)
+            raise ValueError(f"setting {name}={value!r} is not of type {expected} (from the "
+                             "command line, or the config.json of the run being resumed)")
+
+
+def _has_type(value, hint) -> bool:
+    arguments = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_has_type(value, argument) for argument in arguments)
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_has_type(v, arguments[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
 def _validate_output(config: TrainConfig, world_size: int) -> None:
+    run_dir.check_run_directory(Path(config.out))
     run_dir.check_writable(Path(config.out))
     if config.resume is None:
         run_dir.check_fresh(Path(config.out))
-    else:
-        plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
-    if config.init_from is not None:
-        check_init_source(config.init_from, run_metadata(config, world_size))
-
-
-def run_metadata(config: TrainConfig, world_size: int) -> dict:
-    """What a checkpoint records about its run, JSON-normalised as ``check_compatible`` reads it."""
-    config = with_default_batch(config, world_size)
-    data = [str(Path(p).resolve()) for p in config.data] or "stdlib"
-    if config.synthetic:
-        data = "synthetic"
-    model_name, model = model_metadata(config)
-    metadata = {
-        "model_name": model_name,
-        "model": model,
-        "run": {
-            "seq_len": config.seq_len,
-            "global_batch": config.global_batch,
-            "data": data,
-            "seed": config.seed,
-            "steps": config.steps,
-            "lr": config.lr,
-            "min_lr": config.min_lr,
-            "warmup": config.warmup,
-            "weight_decay": config.weight_decay,
-            "pack": config.pack and not config.synthetic,
-            "tokenizer": tokenizer_metadata(config),
-            "pretrained": str(Path(config.hf_model).resolve()) if config.hf_model else None,
-            "init_from": str(Path(config.init_from).resolve()) if config.init_from else None,
-            "world_size": world_size,
-            "degrees": {"pp": config.pp, "ring": config.ring, "ulysses": config.ulysses,
-                        "tp": config.tp},
-            "layout": config.layout,
-            "dtype": config.dtype,
-        },
-    }
-    return json.loads(json.dumps(metadata))
+        if config.init_from is not None:
+            check_init_source(config.init_from, run_metadata(config, world_size))
+        return
+    plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
+    metrics_path = Path(config.out) / run_dir.METRICS
+    if os.path.lexists(metrics_path):  # a resume rewrites it: its records must be readable
+        read_metrics(metrics_path, follow_links=False)
 
 
 # ---------------------------------------------------------------------------- building the run

@@ -3,8 +3,9 @@
 Without ``--tokenizer`` the training text is byte-level (``usp.training.data``). With it, each
 document becomes the tokenizer's ids (no special tokens added) followed by the tokenizer's EOS id,
 which then plays the part of the byte level's end-of-text token: it closes a packed document.
-The tokenizer is read from ``DIR`` only (``local_files_only``, no remote code); its vocabulary
-must fit the model's embedding, which is checked before any rank starts, with the numbers.
+The tokenizer is read from ``DIR`` only (``local_files_only``, ``trust_remote_code=False``, and a
+folder asking for custom code is refused before transformers sees it); its largest id must index
+the model's embedding, which is checked before any rank starts, with the numbers.
 """
 
 from __future__ import annotations
@@ -16,35 +17,50 @@ from pathlib import Path
 
 import torch
 
+from usp.training import folders
 
-def load_tokenizer(directory: str):
-    """``AutoTokenizer.from_pretrained(directory, local_files_only=True)``; ValueError when it
-    cannot be loaded or has no EOS token to end documents with."""
+
+def load_tokenizer(directory: str, flag: str = "--tokenizer", need_eos: bool = True):
+    """``AutoTokenizer.from_pretrained(directory, local_files_only=True,
+    trust_remote_code=False)``; ValueError when ``directory`` is no tokenizer folder, asks for
+    custom code (``usp.training.folders``), cannot be loaded, or (``need_eos``) has no EOS token
+    to end documents with."""
     from transformers import AutoTokenizer
 
-    if not Path(directory).is_dir():
-        raise ValueError(f"--tokenizer {directory!r} is not a directory holding a tokenizer")
+    folders.expect_tokenizer_folder(Path(directory), flag)
+    folders.check_tokenizer_code(Path(directory), flag)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True,
+                                                  trust_remote_code=False)
+    except Exception as exc:  # tokenizers and transformers raise many types for a bad folder
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(
-            f"--tokenizer {directory!r}: transformers cannot load a tokenizer from it ({exc})"
+            f"{flag} {directory!r}: transformers cannot load a tokenizer from it ({reason})"
         ) from exc
-    if tokenizer.eos_token_id is None:
+    if need_eos and tokenizer.eos_token_id is None:
         raise ValueError(
-            f"--tokenizer {directory!r} has no EOS token; usp ends every document with it, so "
+            f"{flag} {directory!r} has no EOS token; usp ends every document with it, so "
             "set eos_token in its tokenizer_config.json"
         )
     return tokenizer
 
 
-def check_vocab(tokenizer, directory: str, vocab_size: int, model: str) -> None:
-    """The tokenizer's ids must index the model's embedding: ``len(tokenizer) <= vocab_size``."""
-    if len(tokenizer) > vocab_size:
+def largest_id(tokenizer) -> int:
+    """The largest id the tokenizer can produce: of its vocabulary, added and special tokens
+    (ids need not be contiguous, so ``len(tokenizer) - 1`` is not it)."""
+    ids = list(tokenizer.get_vocab().values()) + list(tokenizer.all_special_ids)
+    return max(i for i in ids if i is not None)
+
+
+def check_vocab(tokenizer, directory: str, vocab_size: int, model: str,
+                flag: str = "--tokenizer") -> None:
+    """The tokenizer's ids must index the model's embedding: every id below ``vocab_size``."""
+    top = largest_id(tokenizer)
+    if top >= vocab_size:
         raise ValueError(
-            f"--tokenizer {directory!r} has {len(tokenizer)} tokens (ids up to "
-            f"{len(tokenizer) - 1}), but the model {model} has vocab_size={vocab_size}; use the "
-            "model's own tokenizer or a model with a larger vocabulary"
+            f"{flag} {directory!r} has {len(tokenizer)} tokens (ids up to {top}), but the model "
+            f"{model} has vocab_size={vocab_size}; use the model's own tokenizer or a model with "
+            "a larger vocabulary"
         )
 
 

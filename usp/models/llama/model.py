@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from usp.models import init
-from usp.models.configs import CONFIGS, LlamaConfig, get_config  # noqa: F401 (re-exported)
+from usp.models.counts import training_flops_per_token
+from usp.models.family import ModelSettings
+from usp.models.llama.presets import LlamaConfig, get_config
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -126,6 +128,8 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
+    family = "llama"  # its entry in usp.models.registry (usp.models.llama.family)
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
@@ -227,15 +231,17 @@ class Llama(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward) at sequence length ``seq_len``.
-
-        ``6 N`` for the matmul parameters (every parameter except the embedding lookup table,
-        which does no matmul unless it is tied to the output), plus attention: per layer, QK^T and
-        AV cost ``4 S dim`` forward FLOPs per token without a mask, three times that with the
-        backward, and half of it under a causal mask: ``6 n_layers dim S``.
-        """
+        """Training FLOPs per token (forward + backward) at sequence length ``seq_len``
+        (``usp.models.counts.training_flops_per_token``): every parameter multiplies in a
+        matmul except the embedding lookup table, unless it is tied to the output."""
         matmul_params = self.num_params()
         if not self.config.tie_embeddings:
             matmul_params -= self.tok_embeddings.weight.numel()
-        attention = 6 * self.config.n_layers * self.config.n_heads * self.config.head_dim * seq_len
-        return 6.0 * matmul_params + attention
+        return training_flops_per_token(matmul_params, self.config.n_layers,
+                                        self.config.n_heads * self.config.head_dim, seq_len)
+
+
+def skeleton(settings: ModelSettings) -> Llama:
+    """The settings' preset on the meta device (the family entry's skeleton)."""
+    with torch.device("meta"):
+        return Llama(get_config(settings.model))

@@ -12,7 +12,8 @@ weights beside it: ``model.safetensors``, or the shards ``model.safetensors.inde
   model. Values are converted to the parameters' dtype.
 
 Untrusted input: only safetensors are read (a JSON header and raw numbers; nothing is unpickled).
-A directory holding pickle weights (``pytorch_model.bin``) and no safetensors is refused.
+A directory holding pickle weights (``pytorch_model.bin``) and no safetensors is refused, and so are
+weights holding NaN or infinity (each rank checks its shards after reading them, and all agree).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-PREFIX = "model."  # usp.training.hf_model.HFCausalLM keeps the transformers model as .model
+PREFIX = "model."  # usp.integrations.hf_family.model.HFCausalLM keeps the transformers model as .model
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # buffers that transformers computes (never persistent), found in some older checkpoints
 COMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
@@ -135,7 +136,8 @@ def _whole(model: nn.Module) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model.config, dtype=model.model.dtype)
+        return AutoModelForCausalLM.from_config(model.config, dtype=model.model.dtype,
+                                                trust_remote_code=False)
 
 
 def check_pretrained(directory: str, model: nn.Module) -> dict[str, StoredTensor]:
@@ -189,6 +191,13 @@ class _CheckedReader(HuggingFaceStorageReader):
         return metadata
 
 
+def load_weights(model: nn.Module, directory: str) -> None:
+    """A materialised ``HFCausalLM``'s computed buffers (RoPE tables) and then every parameter
+    from ``directory``, each rank its own shards (the family's ``Weights.load``)."""
+    model.init_weights(0, parameters=False)  # computed buffers only: the seed draws nothing
+    load_pretrained(model, directory)
+
+
 def load_pretrained(model: nn.Module, directory: str) -> None:
     """Read ``directory``'s weights into ``model`` (an HFCausalLM, parallelised or not), each rank
     its own shards; a collective when a process group is up."""
@@ -207,5 +216,23 @@ def load_pretrained(model: nn.Module, directory: str) -> None:
                   else [(exc,)])
         text = "; ".join(sorted({f"{type(c[0]).__name__}: {c[0]}" for c in causes}))
         raise ValueError(f"--hf-model {directory}: reading the weights failed: {text}") from exc
+    _check_finite(wanted, stored, directory)
     set_model_state_dict(model, {PREFIX + key: tensor for key, tensor in wanted.items()},
                          options=StateDictOptions(strict=False))
+
+
+def _check_finite(tensors: dict, stored: dict[str, StoredTensor], directory: str) -> None:
+    """Refuse weights holding NaN or infinity (training would only say "lower --lr" after its
+    first step): each rank checks its own shards, and every rank raises the same error."""
+    from usp.comm import agree
+
+    error = None
+    for key, tensor in tensors.items():
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        bad = int((~torch.isfinite(local)).sum())
+        if bad:
+            error = (f"--hf-model {directory}: tensor {key!r} in {stored[key].file.name} holds "
+                     f"{bad} NaN or infinite values (in this rank's shard of "
+                     f"{local.numel()}); fix or replace the weights")
+            break
+    agree(dist.group.WORLD if dist.is_initialized() else None, {}, error)

@@ -1,5 +1,5 @@
 """Llama shapes: :class:`LlamaConfig` and the presets, torch-free (the command line offers the
-preset names without importing torch; ``usp.models.llama`` builds the model from them)."""
+preset names without importing torch; ``usp.models.llama.model`` builds the model from them)."""
 
 from __future__ import annotations
 

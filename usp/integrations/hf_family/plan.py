@@ -1,0 +1,35 @@
+"""What ``usp.parallelize`` needs of a Hugging Face causal LM beyond its stage cut: the checks
+against a topology, the ``"usp"`` attention on the topology (a new :class:`USPContext`), and a
+decoder layer's MLP. Tensor parallelism is not offered (ValueError, ``USPContext``), nor are the
+losses that need the output projection split from the model (it computes its own logits)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from usp.integrations.hf_family.stages import check_stages
+from usp.integrations.transformers import USPContext, check_config, check_sequence_mixers
+from usp.topology import Topology
+
+
+def check(model: nn.Module, topology: Topology) -> None:
+    """ValueError, naming the layer or the numbers, for what ``topology`` cannot split."""
+    check_sequence_mixers(model.model, topology)
+    check_config(model.config, topology)
+    check_stages(model.config, topology)
+
+
+def use_usp_attention(model: nn.Module, topology: Topology, layout: str, kernel: str) -> None:
+    """Run the model's attention as ``"usp"`` over ``topology`` (its context for every forward)."""
+    model.context = USPContext(topology, layout, kernel)
+    model.context.prepare(model.model)
+
+
+def mlp(layer: nn.Module) -> nn.Module:
+    """A decoder layer's ``.mlp``; ValueError for an architecture without one."""
+    if not hasattr(layer, "mlp"):
+        raise ValueError(
+            f"selective activation checkpointing recomputes each decoder layer's .mlp, which "
+            f"{type(layer).__name__} lacks; use activation_checkpointing='full'"
+        )
+    return layer.mlp
