@@ -9,6 +9,7 @@ from usp.bench import training
 from usp.bench.options import MASKS, DecodeBench
 from usp.choices import LAYOUTS
 from usp.cli.bench_plan import register_plan
+from usp.cli.bench_trainer import register_trainer
 from usp.cli.help import add_parser
 
 # CPU defaults are the peers' comparison shape; CUDA defaults Llama-3-8B's attention
@@ -82,6 +83,7 @@ def register(subparsers) -> None:
     register_train(kinds)
     register_decode(kinds)
     register_plan(kinds)
+    register_trainer(kinds)
 
 
 def _with_device_defaults(args) -> None:

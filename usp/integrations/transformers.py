@@ -17,6 +17,8 @@ the others waiting in a collective.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -91,6 +93,7 @@ class USPContext:
     def shard(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
         attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+        split_rows: bool = True,
     ) -> dict[str, torch.Tensor]:
         """This rank's part of a global batch ``[B, S]``: ``input_ids``, ``position_ids``,
         ``labels`` and, for packed documents, padding or a length the layout cannot split
@@ -101,7 +104,9 @@ class USPContext:
         a document boundary or into padding: pass them to :meth:`loss`, not to the model.
         ``attention_mask`` ``[B, S]``: padding (1 = token). ``position_ids`` ``[B, S]`` that
         restart at 0 in every document (``DataCollatorWithFlattening``): packed documents,
-        attention stays inside each. Rows are split over dp.
+        attention stays inside each. Rows are split over dp; ``split_rows=False`` keeps them all,
+        for a batch that holds this dp rank's rows already (a data loader that shards over dp, as
+        :mod:`usp.integrations.trainer`'s does).
         """
         labels = input_ids if labels is None else labels
         for name, other in (("labels", labels), ("attention_mask", attention_mask),
@@ -117,8 +122,12 @@ class USPContext:
             documents = documents.masked_fill(~attention_mask.bool(), NOT_A_TOKEN)
         # windows of S + 1: one extra column that is no token and no label
         pad = torch.full_like(input_ids[:, :1], IGNORE_INDEX)
+        topology = self.topology
+        if not split_rows:  # the sequence split alone: this rank's rows are the whole batch
+            topology = dataclasses.replace(topology, sizes={**topology.sizes, "dp": 1},
+                                           ranks={**topology.ranks, "dp": 0})
         batch = shard_batch(
-            torch.cat([input_ids, pad.clamp(min=0)], dim=1), self.topology, self.layout,
+            torch.cat([input_ids, pad.clamp(min=0)], dim=1), topology, self.layout,
             targets=torch.cat([labels, pad], dim=1),
             documents=None if documents is None else torch.cat(
                 [documents, torch.full_like(pad, NOT_A_TOKEN)], dim=1),
@@ -262,8 +271,12 @@ def _global_mask(request: MaskRequest, query, context: USPContext, documents,
                  else torch.ones(query.shape[0], query.shape[2], dtype=torch.bool))
         padding = unshard_sequence(local.to(torch.uint8).to(query.device), topology, layout)
         padding = padding.bool().cpu()
+    # shard() gives the documents of the real sequence; the layout may have padded it to more
+    # slots, which hold no token
+    real_len = None if documents is None else documents.shape[-1]
     return AttentionMask.build(slots, causal=request.causal, window=request.window,
-                               documents=documents, cu_seqlens=cu_seqlens, padding_mask=padding)
+                               documents=documents, cu_seqlens=cu_seqlens, padding_mask=padding,
+                               real_len=real_len)
 
 
 def _local_refusal(attention_mask, query, key, is_causal, sliding_window) -> str | None:
