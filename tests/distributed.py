@@ -1,7 +1,10 @@
-"""run_on_ranks: spawn N gloo ranks on 127.0.0.1, run a function on each, re-raise failures.
+"""run_on_ranks: start N gloo ranks on 127.0.0.1, run a function on each, re-raise failures.
 
-Spawning a world costs seconds; a case inside it costs milliseconds. Tests therefore run a whole
+Starting a world costs seconds; a case inside it costs milliseconds. Tests therefore run a whole
 grid of cases inside one world and collect every failing case (see ``collect_failures``).
+
+The ranks are forked from a fork server that has imported torch and usp once (``forkserver``):
+each rank starts as a fresh process, as with ``spawn``, without importing torch again.
 """
 
 from __future__ import annotations
@@ -16,6 +19,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from usp.comm import free_port
+
+
+# imported once by the fork server; a module that is not installed is skipped
+PRELOAD = ["torch", "torch.distributed", "usp", "usp.attention", "tests.distributed",
+           "transformers"]
+_CONTEXT = mp.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(PRELOAD)
 
 
 class RankFailure(AssertionError):
@@ -41,14 +51,14 @@ def _worker(rank, world_size, port, fn, args, timeout_s, errors, results):
 def run_on_ranks(
     fn: Callable, world_size: int, *args, timeout_s: float = 120.0
 ) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks.
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` new gloo rank processes.
 
     Returns the per-rank return values (they must pickle). If any rank raises, raises
     :class:`RankFailure` with each failing rank's traceback. A collective that waits longer than
     ``timeout_s`` fails on its rank instead of hanging, and the whole spawn is bounded by it too.
     """
     port = free_port()
-    ctx = mp.get_context("spawn")
+    ctx = _CONTEXT
     manager = ctx.Manager()
     errors, results = manager.dict(), manager.dict()
     processes = [

@@ -1,4 +1,4 @@
-"""The ``usp`` command: ``usp bench``, ``usp check``, ``usp data``, ``usp generate``, ``usp plan``,
+"""The ``usp`` command: ``usp bench``, ``usp check``, ``usp data``, ``usp export``, ``usp generate``, ``usp plan``,
 ``usp train``.
 
 Each subcommand is a module of this package exposing ``register(subparsers)``: argument parsing
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from usp.cli import bench as bench_cli
     from usp.cli import check as check_cli
     from usp.cli import data as data_cli
+    from usp.cli import export as export_cli
     from usp.cli import generate as generate_cli
     from usp.cli import plan as plan_cli
     from usp.cli import train as train_cli
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.register(subparsers)
     check_cli.register(subparsers)
     data_cli.register(subparsers)
+    export_cli.register(subparsers)
     generate_cli.register(subparsers)
     plan_cli.register(subparsers)
     train_cli.register(subparsers)

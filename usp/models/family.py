@@ -121,6 +121,21 @@ class InferenceAdapter:
 
 
 @dataclass(frozen=True)
+class Exporter:
+    """How ``usp export`` writes a family's trained model as a Hugging Face folder
+    (``usp.training.export``), one checkpoint tensor at a time."""
+
+    # (settings, *, dtype) -> the transformers config to write (a PretrainedConfig)
+    config: Callable[..., Any]
+    # (checkpoint name, its whole tensor, that config) -> [(transformers name, tensor)]: a
+    # tensor renamed (and reordered where the layouts differ), or [] for one not written (an
+    # output projection tied to the embedding)
+    tensors: Callable[[str, "torch.Tensor", Any], list[tuple[str, "torch.Tensor"]]]
+    # (that config) -> the GenerationConfig to write beside it
+    generation_config: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """One family's entry in the registry: everything usp asks of a family, and nothing else."""
 
@@ -144,9 +159,7 @@ class ModelFamily:
     flops_per_token: Callable[[FamilyModel, int], float]
     inference: InferenceAdapter
     weights: Weights | None = None  # None: the family's models start from a seed only
-    # write a trained model in the family's own format, (model, folder); None: the family has
-    # no exporter, and usp has no command that writes one yet
-    export: Callable[[FamilyModel, str], None] | None = None
+    export: Exporter | None = None  # None: ``usp export`` refuses the family's runs
 
     def pretrained(self, settings: ModelSettings) -> str | None:
         """The folder the model's first weights come from, or None (initialised from a seed)."""

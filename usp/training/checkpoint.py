@@ -230,6 +230,13 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> int:
     return read_metadata(path)["step"]
 
 
+def read_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Fill ``tensors`` (model parameter names -> tensors of their global shape) from the
+    checkpoint in this process, whatever layout wrote it (``usp export``); ``path`` has been
+    verified against its manifest."""
+    _read(Path(path), {"model": tensors})
+
+
 def _read(path: Path, state: dict) -> None:
     """Fill ``state``'s tensors from the checkpoint through loaders that cannot run code. Any
     failure is a ValueError naming the checkpoint."""

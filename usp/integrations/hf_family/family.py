@@ -14,7 +14,9 @@ tiled MLP; the full-logits loss only. Not offered: tensor parallelism.
 
 from __future__ import annotations
 
-from usp.models.family import InferenceAdapter, ModelFamily, ModelPlan, ModelSettings, Weights
+from usp.models.family import (
+    Exporter, InferenceAdapter, ModelFamily, ModelPlan, ModelSettings, Weights,
+)
 from usp.models.registry import lazy
 
 PACKAGE = "usp.integrations.hf_family"
@@ -49,5 +51,10 @@ HUGGING_FACE = ModelFamily(
         source=lambda settings: settings.hf_model,
         check=lazy(f"{PACKAGE}.weights:check_pretrained"),
         load=lazy(f"{PACKAGE}.weights:load_weights"),
+    ),
+    export=Exporter(
+        config=lazy(f"{PACKAGE}.export:hf_config"),
+        tensors=lazy(f"{PACKAGE}.export:hf_tensors"),
+        generation_config=lazy(f"{PACKAGE}.export:generation_config"),
     ),
 )

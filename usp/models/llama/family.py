@@ -14,7 +14,9 @@ import dataclasses
 
 from usp.choices import LOSSES
 from usp.models.counts import parameter_count
-from usp.models.family import InferenceAdapter, ModelFamily, ModelPlan, ModelSettings, ModelSize
+from usp.models.family import (
+    Exporter, InferenceAdapter, ModelFamily, ModelPlan, ModelSettings, ModelSize,
+)
 from usp.models.llama.presets import get_config
 from usp.models.registry import lazy
 
@@ -60,5 +62,10 @@ LLAMA = ModelFamily(
     inference=InferenceAdapter(
         check=check_generation,
         generate=lazy("usp.infer.llama_generation:generate_text"),
+    ),
+    export=Exporter(
+        config=lazy(f"{PACKAGE}.export:hf_config"),
+        tensors=lazy(f"{PACKAGE}.export:hf_tensors"),
+        generation_config=lazy(f"{PACKAGE}.export:generation_config"),
     ),
 )
