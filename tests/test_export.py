@@ -27,7 +27,7 @@ from usp.training.loop import train
 from usp.training.setup import TrainConfig
 
 pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = str(REPO / "README.md")
@@ -83,7 +83,7 @@ def test_a_tp_run_of_a_llama_preset_loads_in_transformers_with_the_same_logits(r
     checked = _check_export(runs / "llama", tmp_path / "llama", max_shard_bytes=400_000)
     result, config = checked["result"], checked["config"]
     assert config.architectures == ["LlamaForCausalLM"] and config.eos_token_id == 256
-    assert result.shards > 1 and result.step == 1 and not result.tokenizer
+    assert result.shards > 1 and result.step == 1 and result.byte_level
     index = json.loads((tmp_path / "llama" / "model.safetensors.index.json").read_text())
     assert len(index["weight_map"]) == result.tensors == 39  # 4 layers x 9, embedding, norm, head
     assert {p.name for p in (tmp_path / "llama").iterdir()} >= {"config.json",
@@ -128,5 +128,26 @@ def test_the_command_line_prints_what_it_wrote(runs, tmp_path):
         env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "39 tensors" in done.stdout and "bf16" in done.stdout and "byte-level" in done.stdout
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "h\u00e9llo w\u00f6rld\n\t \U0001f600"
+    assert tokenizer(text).input_ids == list(text.encode()) and tokenizer.eos_token_id == 256
+    assert tokenizer.decode(list(text.encode())) == text
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
+
+
+def test_usp_generate_runs_a_checkpoint_greedily_like_its_model(runs, capsys):
+    from usp.cli import main
+
+    prompt = "def fibonacci(n):"
+    assert main(["generate", "--checkpoint", str(runs / "llama"), "--prompt", prompt,
+                 "--max-new-tokens", "4", "--dtype", "fp64"]) == 0
+    printed = capsys.readouterr().out
+    model = _usp_model(runs / "llama", torch.float64)
+    ids = torch.tensor([list(prompt.encode())])
+    with torch.no_grad():
+        for _ in range(4):  # greedy, the whole sequence each time
+            logits = model(ids, torch.arange(ids.shape[1])[None])
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert f"generated 4: {ids[0, -4:].tolist()}" in printed
+    assert "step_000001 (step 1)" in printed

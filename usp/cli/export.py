@@ -23,7 +23,7 @@ def register(subparsers) -> None:
         subparsers, "export", help="write a run's model as a Hugging Face folder",
         description=(
             "Write a Hugging Face model folder (config.json, sharded safetensors with an index, "
-            "generation_config.json, the run's tokenizer files) from a usp train checkpoint of "
+            "generation_config.json, the run's tokenizer) from a usp train checkpoint of "
             "any layout, one group of tensors at a time. A Llama preset is written as "
             "LlamaForCausalLM; a --hf-config or --hf-model run as its own architecture. "
             "transformers loads the folder with from_pretrained, and usp generate --hf-model "
@@ -49,9 +49,8 @@ def run_cli(args) -> int:
 
     result = export(args.run, args.out, step=args.step, dtype=args.dtype,
                     max_shard_bytes=args.max_shard_size)
-    tokenizer = ("tokenizer files written" if result.tokenizer else
-                 "no tokenizer: the run trained on byte-level tokens (ids 0-255 are the bytes, "
-                 "256 ends a document)")
+    tokenizer = ("a byte-level tokenizer (the run's tokens: ids 0-255 are the bytes, 256 ends a "
+                 "document)" if result.byte_level else "the run's tokenizer")
     print(f"exported {result.checkpoint} (step {result.step}) to {result.out}: "
           f"{result.tensors} tensors, {result.bytes / 2**20:.1f} MiB in {result.shards} "
           f"safetensors file{'s' if result.shards > 1 else ''}, {args.dtype}; {tokenizer}")

@@ -23,9 +23,11 @@ def register(subparsers) -> None:
             "model directory (--hf-model). See docs/inference.md."
         ),
     )
-    d = GenerateConfig(prompt_file="")
+    d = GenerateConfig()
     a = parser.add_argument
-    a("--prompt-file", required=True, help="a UTF-8 text file: the prompt (required)")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text (this or --prompt-file is required)")
+    prompt.add_argument("--prompt-file", help="a UTF-8 text file: the prompt")
     a("--max-new-tokens", type=int, default=d.max_new_tokens,
       help="tokens to generate after the prompt")
     a("--model", choices=sorted(CONFIGS), default=d.model,
@@ -34,6 +36,9 @@ def register(subparsers) -> None:
     a("--hf-model", metavar="DIR", default=None,
       help="a local Hugging Face causal LM directory (config, weights, tokenizer) instead of "
       "--model (default: none)")
+    a("--checkpoint", metavar="RUN_DIR|CKPT", default=None,
+      help="a usp train run (its newest checkpoint) or one of its checkpoints, instead of "
+      "--model: its model, weights and tokenizer, exported as by usp export (default: none)")
     a("--nproc", type=int, default=d.nproc, help="ranks to launch (ring x ulysses)")
     a("--ring", type=int, default=None, help="ring degree (default: --nproc / --ulysses)")
     a("--ulysses", type=int, default=d.ulysses, help="Ulysses degree")
@@ -48,7 +53,8 @@ def register(subparsers) -> None:
 def run_cli(args) -> int:
     ring = args.ring if args.ring is not None else max(1, args.nproc // args.ulysses)
     config = GenerateConfig(
-        prompt_file=args.prompt_file, max_new_tokens=args.max_new_tokens, model=args.model,
+        prompt_file=args.prompt_file, prompt=args.prompt, checkpoint=args.checkpoint,
+        max_new_tokens=args.max_new_tokens, model=args.model,
         seed=args.seed, hf_model=args.hf_model, nproc=args.nproc, ring=ring,
         ulysses=args.ulysses, layout=args.layout, ring_pass=args.ring_pass, kernel=args.kernel,
         dtype=args.dtype,

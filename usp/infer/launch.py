@@ -28,11 +28,33 @@ logger = logging.getLogger(__name__)
 
 
 def launch_generation(config: GenerateConfig) -> dict:
-    """Validate, run ``config.nproc`` ranks (in-process for one), return rank 0's result."""
+    """Validate, run ``config.nproc`` ranks (in-process for one), return rank 0's result. A
+    ``checkpoint`` is exported first (``usp export``, into a temporary folder removed at the
+    end) and generates as that Hugging Face folder."""
     config.validate()
+    if config.checkpoint is not None:
+        return _from_checkpoint(config)
     if config.nproc == 1:
         return run_generation(config)
     return launch_ranks(config.nproc, _generation_rank, asdict(config))
+
+
+def _from_checkpoint(config: GenerateConfig) -> dict:
+    import shutil
+    import tempfile
+    from dataclasses import replace
+
+    from usp.training.export import export
+
+    folder = Path(tempfile.mkdtemp(prefix="usp-generate-"))
+    try:
+        exported = export(config.checkpoint, folder / "model")
+        result = launch_generation(replace(config, checkpoint=None,
+                                           hf_model=str(exported.out)))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    result["model"] = f"{exported.checkpoint} (step {exported.step})"
+    return result
 
 
 def _generation_rank(settings: dict) -> dict:
@@ -79,7 +101,7 @@ def _worker(function, args: tuple, log_level: int, backend: str = "gloo"):
 def run_generation(config: GenerateConfig) -> dict:
     """Generate on this rank (every rank of the world calls it); the same result everywhere."""
     topology = Topology.build(ring=config.ring, ulysses=config.ulysses)
-    text = Path(config.prompt_file).read_text(encoding="utf-8")
+    text = config.prompt_text()
     settings = config.model_settings()
     return family_of(settings).inference.generate(
         settings, text, topology, seed=config.seed, layout=config.layout,

@@ -5,7 +5,8 @@ one output shard, ``max_shard_bytes``), renamed and reshaped by the model family
 (``usp.models.family.Exporter``) and written as sharded safetensors with an index: no process
 ever holds the whole model, whatever layout (FSDP, TP, pipeline stages) wrote it. Beside them:
 ``config.json`` (the family's transformers config), ``generation_config.json`` and the run's
-tokenizer files (a run on byte-level tokens has none to write).
+tokenizer files (for a run on byte-level tokens, a tokenizer whose ids are the bytes:
+:func:`byte_level_tokenizer`).
 
 The checkpoint is verified against its manifest and read through the same loaders as a resume
 (``usp.training.integrity``): nothing in it runs code. The folder is written beside ``out`` and
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 2 << 30  # 2 GiB per safetensors file, as transformers writes them
 MODEL_PREFIX = "model."  # the checkpoint's {"model": ..., "optim": ...} keys, flattened by DCP
+END_OF_DOCUMENT = "<|end_of_document|>"  # the byte-level tokenizer's name for EOT
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -45,7 +47,27 @@ class ExportResult:
     tensors: int
     shards: int
     bytes: int
-    tokenizer: bool  # tokenizer files written (False: the run used byte-level tokens)
+    byte_level: bool  # the run's tokens were bytes: the tokenizer written spells them
+
+
+def byte_level_tokenizer():
+    """usp train's byte-level tokens as a transformers tokenizer: a text's ids are its UTF-8
+    bytes (0-255) and id 256 (:data:`~usp.training.data.EOT`) ends a document. Bytes are
+    spelled as GPT-2's byte-level pre-tokenizer spells them (printable Latin-1 as itself, the
+    rest from U+0100 on), each its own token, with no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = iter(range(256, 512))
+    spelled = {byte: chr(byte if byte in printable else next(others)) for byte in range(256)}
+    vocab = {char: byte for byte, char in spelled.items()}
+    vocab[END_OF_DOCUMENT] = EOT
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_DOCUMENT)
 
 
 def find_checkpoint(source: Path, step: int | None) -> tuple[Path, Path]:
@@ -128,12 +150,13 @@ def export(source: Path, out: Path, step: int | None = None, dtype: str = "fp32"
                          f"names ({family.display_name(settings)}); was the model folder edited?")
 
     torch_dtype = EXPORT_DTYPES[dtype]
-    tokenizer = None
     if tokenizer_dir:
         from usp.training.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir)
-    eos = tokenizer.eos_token_id if tokenizer is not None else EOT
+    else:
+        tokenizer = byte_level_tokenizer()
+    eos = tokenizer.eos_token_id
     config = family.export.config(settings, dtype=torch_dtype, eos_token_id=eos)
     tensors = _model_tensors(path)
     groups = _groups(tensors, torch_dtype, max_shard_bytes)
@@ -160,12 +183,11 @@ def export(source: Path, out: Path, step: int | None = None, dtype: str = "fp32"
             safe_files.write_new(staging / "model.safetensors.index.json", index_text.encode())
         config.save_pretrained(staging)
         family.export.generation_config(config).save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         os.rename(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("exported %s (step %d) to %s", path, saved["step"], out)
     return ExportResult(out=out, checkpoint=path, step=saved["step"], tensors=len(weight_map),
-                        shards=len(groups), bytes=total, tokenizer=tokenizer is not None)
+                        shards=len(groups), bytes=total, byte_level=not tokenizer_dir)
