@@ -286,7 +286,7 @@ def test_folders_given_to_the_wrong_flag_are_named_for_what_they_are(files, run_
                               "--hf-model", run_directory, "--max-new-tokens", "1")
     assert f"--hf-model {run_directory} is a usp run directory, not a Hugging Face model " \
            "folder" in error
-    assert "cannot read a usp checkpoint yet" in error
+    assert f"usp generate --checkpoint {run_directory}" in error
     error = _one_line_refusal(capsys, "generate", "--prompt-file", files["prompt"],
                               "--hf-model", run_directory / "checkpoints/step_000001",
                               "--max-new-tokens", "1")

@@ -69,11 +69,12 @@ def folder_kind(path: Path) -> str | None:
 def _what_instead(path: Path, kind: str | None) -> str:
     """A hint for a folder of the wrong kind: what its kind is used for."""
     if kind == "a usp run directory":
-        return (f"; continue training it with usp train --resume {path} (usp generate reads "
-                "Hugging Face model folders only; it cannot read a usp checkpoint yet)")
+        return (f"; continue training it with usp train --resume {path}, generate with usp "
+                f"generate --checkpoint {path}, or write a Hugging Face folder with usp export "
+                f"{path} --out DIR")
     if kind == "a usp checkpoint":
-        return (f"; resume training from it with usp train --resume {path} (usp generate "
-                "cannot read a usp checkpoint yet)")
+        return (f"; resume training from it with usp train --resume {path}, or generate with "
+                f"usp generate --checkpoint {path}")
     if kind == "a Hugging Face model folder":
         return f"; fine-tune it with usp train --hf-model {path} --tokenizer {path}"
     return ""
