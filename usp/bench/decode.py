@@ -23,7 +23,7 @@ import torch.distributed as dist
 from usp.bench.options import DecodeBench
 from usp.comm import CommStats
 from usp.infer import ShardedKVCache, choose_ring_pass, decode_step, prefill
-from usp.infer.launch import launch_ranks
+from usp.launch import launch_ranks
 from usp.models.llama import Llama, get_config
 from usp.topology import AXES, Topology
 
@@ -40,7 +40,7 @@ def run_decode_benchmark(bench: DecodeBench) -> dict:
         raise ValueError(f"new tokens {max(bench.crossover_new)} exceed the total "
                          f"{bench.crossover_total}")
     get_config(bench.model)
-    return launch_ranks(bench.nproc, _measure, asdict(bench))
+    return launch_ranks(bench.nproc, _measure, asdict(bench), name="usp-bench-decode")[0]
 
 
 def _single_process() -> Topology:

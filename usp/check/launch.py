@@ -61,10 +61,10 @@ def launch_check(settings: CheckSettings, nproc: int | None = None) -> CheckRepo
         if settings.device == "cuda":
             torch.cuda.set_device(0)
         return run_check(settings)
-    from usp.infer.launch import launch_ranks
+    from usp.launch import launch_ranks
 
-    return launch_ranks(nproc, run_check, settings,
-                        backend="nccl" if settings.device == "cuda" else "gloo")
+    return launch_ranks(nproc, run_check, settings, name="usp-check",
+                        backend="nccl" if settings.device == "cuda" else "gloo")[0]
 
 
 def check_in_world(settings: CheckSettings) -> CheckReport:

@@ -1,0 +1,57 @@
+"""``usp train --tensorboard``: each step's metrics as TensorBoard scalars in ``OUT/tensorboard``,
+beside ``metrics.jsonl`` (which stays the record a resume and ``loss.png`` read).
+
+Written on rank 0 through ``torch.utils.tensorboard`` (the ``tensorboard`` package: the ``hf``
+extra installs it); ``tensorboard --logdir OUT/tensorboard`` shows them. A resumed run appends to
+the same folder from its next step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FOLDER = "tensorboard"
+# record field -> the scalar's tag (grouped as TensorBoard shows them)
+SCALARS = {
+    "loss": "train/loss",
+    "eval_loss": "eval/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "speed/tokens_per_s",
+    "step_time_s": "speed/step_time_s",
+    "data_s": "speed/data_s",
+    "mfu": "speed/mfu",
+}
+MEMORY = {"peak_memory_bytes": "memory/peak_gib", "memory_before_step_bytes": "memory/before_gib"}
+
+
+def check_available() -> None:
+    """ValueError, saying what to install, when the tensorboard package is missing."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                         "(or the hf extra: pip install -e \".[hf]\")") from None
+
+
+class TensorBoardLog:
+    """A ``SummaryWriter`` on ``OUT/tensorboard``: :meth:`log` writes a step's record."""
+
+    def __init__(self, out: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.directory = Path(out) / FOLDER
+        self.writer = SummaryWriter(log_dir=str(self.directory))
+
+    def log(self, record: dict) -> None:
+        step = record["step"]
+        for field, tag in SCALARS.items():
+            if record.get(field) is not None:
+                self.writer.add_scalar(tag, record[field], step)
+        for field, tag in MEMORY.items():  # the largest rank's, in GiB
+            if record.get(field):
+                self.writer.add_scalar(tag, max(record[field]) / 2**30, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
