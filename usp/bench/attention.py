@@ -19,25 +19,20 @@ means the load changed within a round, not that usp beat the machine.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from usp.attention.kernels import default_scale, resolve_kernel
 from usp.attention.ring import local_attention
 from usp.attention.usp import usp_attention
 from usp.bench.breakdown import breakdown_of_calls, bytes_of_one_step
 from usp.bench.kernel_clock import KernelClock
-from usp.comm import free_port
 from usp.bench.masks import mask_options
+from usp.launch import launch_ranks
 from usp.layout import LAYOUTS, check_sequence_length, shard_sequence
 from usp.precision import torch_dtype
 from usp.topology import Topology
@@ -216,55 +211,51 @@ def _config_call(topology: Topology, layout: str, shape: BenchShape, kernel, mas
     return call
 
 
-def _rank_main(rank, nproc, port, shape: BenchShape, configs, out_path, breakdown: bool):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_main(shape: BenchShape, configs, breakdown: bool) -> dict:
+    """One rank of the benchmark (``usp.launch`` started it in its process group); rank 0's
+    result holds the samples (the single-process reference runs there alone)."""
+    rank, nproc = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(shape.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=nproc, timeout=timedelta(minutes=10))
-    try:
-        tensors = global_inputs(shape)
-        base = resolve_kernel("auto", tensors[0])
-        clock = KernelClock(base, torch.device("cpu"))
-        scale = default_scale(shape.head_dim, None)
+    tensors = global_inputs(shape)
+    base = resolve_kernel("auto", tensors[0])
+    clock = KernelClock(base, torch.device("cpu"))
+    scale = default_scale(shape.head_dim, None)
 
-        def single_call(q, k, v):
-            return local_attention(q, k, v, shape.causal, scale, base)
+    def single_call(q, k, v):
+        return local_attention(q, k, v, shape.causal, scale, base)
 
-        alone = Topology(sizes={"dp": 1, "ring": 1, "ulysses": 1, "tp": 1},
-                         ranks={"dp": 0, "ring": 0, "ulysses": 0, "tp": 0})
-        masks = list(dict.fromkeys(config.mask for config in configs))
-        singles = {mask: single_call if mask == "dense" else
-                   _config_call(alone, "contiguous", shape, base, mask) for mask in masks}
-        share = _ceiling_tensors(tensors, rank, nproc) if shape.heads % nproc == 0 else None
-        prepared = []
-        for config in configs:
-            topology = Topology.build(ring=config.ring, ulysses=config.ulysses)
-            local = [shard_sequence(t, topology, config.layout).contiguous() for t in tensors]
-            prepared.append((_config_call(topology, config.layout, shape, clock.kernel,
-                                          config.mask, config.head_chunks), local))
-        results = {"single": {mask: [] for mask in masks}, "ceiling": [],
-                   "configs": [[] for _ in configs]}
-        for _ in range(shape.rounds):
-            for mask, call in singles.items():
-                dist.barrier()
-                if rank == 0:  # alone: the other ranks wait at the next barrier
-                    results["single"][mask].append(
-                        _forward_and_train(call, tensors, shape, together=False))
-                dist.barrier()
-            if share is not None:
-                results["ceiling"].append(_slowest(_forward_and_train(single_call, share, shape)))
-            for index, (call, local) in enumerate(prepared):
-                forward_s, train_s, kernel_s = _forward_and_train(call, local, shape, clock)
-                results["configs"][index].append(
-                    _slowest((forward_s, train_s)) + [t[0] for t in _all_ranks((kernel_s,))])
-        # after the rounds, so first-call work (agreement, probes) is not in it
-        results["breakdown"] = [breakdown_of_calls(call, local) if breakdown else {}
-                                for call, local in prepared]
-        results["bytes"] = [bytes_of_one_step(call, local) for call, local in prepared]
-        if rank == 0:
-            with open(out_path, "w") as f:
-                json.dump(results, f)
-    finally:
-        dist.destroy_process_group()
+    alone = Topology(sizes={"dp": 1, "ring": 1, "ulysses": 1, "tp": 1},
+                     ranks={"dp": 0, "ring": 0, "ulysses": 0, "tp": 0})
+    masks = list(dict.fromkeys(config.mask for config in configs))
+    singles = {mask: single_call if mask == "dense" else
+               _config_call(alone, "contiguous", shape, base, mask) for mask in masks}
+    share = _ceiling_tensors(tensors, rank, nproc) if shape.heads % nproc == 0 else None
+    prepared = []
+    for config in configs:
+        topology = Topology.build(ring=config.ring, ulysses=config.ulysses)
+        local = [shard_sequence(t, topology, config.layout).contiguous() for t in tensors]
+        prepared.append((_config_call(topology, config.layout, shape, clock.kernel,
+                                      config.mask, config.head_chunks), local))
+    results = {"single": {mask: [] for mask in masks}, "ceiling": [],
+               "configs": [[] for _ in configs]}
+    for _ in range(shape.rounds):
+        for mask, call in singles.items():
+            dist.barrier()
+            if rank == 0:  # alone: the other ranks wait at the next barrier
+                results["single"][mask].append(
+                    _forward_and_train(call, tensors, shape, together=False))
+            dist.barrier()
+        if share is not None:
+            results["ceiling"].append(_slowest(_forward_and_train(single_call, share, shape)))
+        for index, (call, local) in enumerate(prepared):
+            forward_s, train_s, kernel_s = _forward_and_train(call, local, shape, clock)
+            results["configs"][index].append(
+                _slowest((forward_s, train_s)) + [t[0] for t in _all_ranks((kernel_s,))])
+    # after the rounds, so first-call work (agreement, probes) is not in it
+    results["breakdown"] = [breakdown_of_calls(call, local) if breakdown else {}
+                            for call, local in prepared]
+    results["bytes"] = [bytes_of_one_step(call, local) for call, local in prepared]
+    return results
 
 
 def _all_ranks(values: tuple[float, ...]) -> list[list[float]]:
@@ -284,12 +275,8 @@ def run_benchmark(shape: BenchShape, nproc: int, configs: list[BenchConfig],
     """Measure the reference, the ceiling and every configuration on ``nproc`` ranks, in rounds;
     with ``breakdown``, also profile one call of each kind per configuration (rank 0's)."""
     check_benchmark(shape, nproc, configs)
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "results.json")
-        mp.spawn(_rank_main, args=(nproc, free_port(), shape, configs, out_path, breakdown),
-                 nprocs=nproc, join=True)
-        with open(out_path) as f:
-            raw = json.load(f)
+    raw = launch_ranks(nproc, _rank_main, shape, configs, breakdown,
+                       name="usp-bench-attention")[0]
     rows = []
     for config, samples, profiled, sent in zip(configs, raw["configs"], raw["breakdown"],
                                                raw["bytes"]):

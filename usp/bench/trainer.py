@@ -14,19 +14,15 @@ the Trainer, not costs of the integration.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from usp.comm import free_port
+from usp.launch import launch_ranks
 
 
 @dataclass(frozen=True)
@@ -128,38 +124,26 @@ def _trainer_steps(bench: TrainerBench, samples: list[dict], output_dir: str) ->
     return [b - a for a, b in zip(ends, ends[1:])][bench.warmup:]
 
 
-def _rank_main(rank: int, bench: TrainerBench, port: int, out_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(bench.nproc), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(bench.nproc))
+def _rank_main(bench: TrainerBench) -> dict:
+    """One rank (``usp.launch`` started it, with torchrun's environment and the process group):
+    the step times of both, in alternating rounds."""
     torch.set_num_threads(bench.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=bench.nproc,
-                            timeout=timedelta(minutes=20))
-    try:
-        samples = _samples(bench, bench.nproc // (bench.ring * bench.ulysses))
-        loop, trainer = [], []
-        with tempfile.TemporaryDirectory() as output_dir:
-            for round_index in range(bench.rounds):  # ABBA..., so order and drift hit both
-                if round_index % 2 == 0:
-                    loop += _loop_steps(bench, samples)
-                trainer += _trainer_steps(bench, samples, output_dir)
-                if round_index % 2 == 1:
-                    loop += _loop_steps(bench, samples)
-        if rank == 0:
-            with open(out_path, "w") as f:
-                json.dump({"loop": loop, "trainer": trainer}, f)
-    finally:
-        dist.destroy_process_group()
+    samples = _samples(bench, bench.nproc // (bench.ring * bench.ulysses))
+    loop, trainer = [], []
+    with tempfile.TemporaryDirectory() as output_dir:
+        for round_index in range(bench.rounds):  # ABBA..., so order and drift hit both
+            if round_index % 2 == 0:
+                loop += _loop_steps(bench, samples)
+            trainer += _trainer_steps(bench, samples, output_dir)
+            if round_index % 2 == 1:
+                loop += _loop_steps(bench, samples)
+    return {"loop": loop, "trainer": trainer}
 
 
 def run_benchmark(bench: TrainerBench) -> dict:
     """Median step seconds of usp's loop and of the usp trainer, and their ratio."""
     bench.check()
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "steps.json")
-        mp.spawn(_rank_main, args=(bench, free_port(), out_path), nprocs=bench.nproc, join=True)
-        with open(out_path) as f:
-            steps = json.load(f)
+    steps = launch_ranks(bench.nproc, _rank_main, bench, name="usp-bench-trainer")[0]
     loop, trainer = statistics.median(steps["loop"]), statistics.median(steps["trainer"])
     return {"bench": asdict(bench), "loop_step_s": loop, "trainer_step_s": trainer,
             "ratio": trainer / loop, "loop_steps_s": steps["loop"],

@@ -14,14 +14,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass, replace
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from usp.comm import free_port
+from usp.launch import launch_ranks
 from usp.plan.specs import ClusterSpec
 
 logger = logging.getLogger(__name__)
@@ -80,49 +78,47 @@ def _mean_seconds_together(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def _link_worker(rank: int, world: int, port: int, message_bytes: int, results) -> None:
-    """One of ``world`` ranks: time a ring of P2P exchanges (each rank sends to the next and
-    receives from the previous, as ring attention does), an all-to-all of all ranks, and what a
-    small exchange adds between stretches of compute; rank 0 reports (GB/s, us, sync us)."""
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _link_worker(message_bytes: int) -> tuple[float, float, float] | None:
+    """One rank of the world ``usp.launch`` started: time a ring of P2P exchanges (each rank
+    sends to the next and receives from the previous, as ring attention does), an all-to-all of
+    all ranks, and what a small exchange adds between stretches of compute; rank 0 returns
+    (GB/s, us, sync us)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        after, before = (rank + 1) % world, (rank - 1) % world
-        big = torch.empty(message_bytes // 4, dtype=torch.float32)
-        big_in, small, small_in = torch.empty_like(big), torch.zeros(1), torch.zeros(1)
+    after, before = (rank + 1) % world, (rank - 1) % world
+    big = torch.empty(message_bytes // 4, dtype=torch.float32)
+    big_in, small, small_in = torch.empty_like(big), torch.zeros(1), torch.zeros(1)
 
-        def exchange(send: torch.Tensor, recv: torch.Tensor) -> None:
-            ops = [dist.P2POp(dist.isend, send, after), dist.P2POp(dist.irecv, recv, before)]
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+    def exchange(send: torch.Tensor, recv: torch.Tensor) -> None:
+        ops = [dist.P2POp(dist.isend, send, after), dist.P2POp(dist.irecv, recv, before)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
-        def all_to_all() -> None:
-            dist.all_to_all_single(big_in, big)
+    def all_to_all() -> None:
+        dist.all_to_all_single(big_in, big)
 
-        p2p_s = _best_seconds(lambda: exchange(big, big_in), repeats=5)
-        a2a_s = _best_seconds(all_to_all, repeats=5)
-        latency_s = _best_seconds(lambda: exchange(small, small_in), repeats=20)
-        # a step computes between collectives; where ranks share cores, an exchange then waits
-        # for its peers to be scheduled, which the bare latency above never sees
-        a = torch.randn(256, 256)
-        gemms = torch.tensor([max(1, round(SYNC_COMPUTE_S / _best_seconds(lambda: a @ a, 5)))])
-        dist.broadcast(gemms, 0)  # the same work on every rank
+    p2p_s = _best_seconds(lambda: exchange(big, big_in), repeats=5)
+    a2a_s = _best_seconds(all_to_all, repeats=5)
+    latency_s = _best_seconds(lambda: exchange(small, small_in), repeats=20)
+    # a step computes between collectives; where ranks share cores, an exchange then waits
+    # for its peers to be scheduled, which the bare latency above never sees
+    a = torch.randn(256, 256)
+    gemms = torch.tensor([max(1, round(SYNC_COMPUTE_S / _best_seconds(lambda: a @ a, 5)))])
+    dist.broadcast(gemms, 0)  # the same work on every rank
 
-        def compute() -> None:
-            for _ in range(int(gemms)):
-                a @ a
+    def compute() -> None:
+        for _ in range(int(gemms)):
+            a @ a
 
-        compute_s = _mean_seconds_together(compute, repeats=20)
-        synced_s = _mean_seconds_together(lambda: (compute(), exchange(small, small_in)), 20)
-        if rank == 0:
-            # an all-to-all over G ranks sends (G-1)/G of its input
-            sent = message_bytes * (world - 1) / world
-            bandwidth = (message_bytes / p2p_s + sent / a2a_s) / 2 / 1e9
-            sync = max(0.0, synced_s - compute_s - latency_s)
-            results.put((bandwidth, latency_s * 1e6, sync * 1e6))
-    finally:
-        dist.destroy_process_group()
+    compute_s = _mean_seconds_together(compute, repeats=20)
+    synced_s = _mean_seconds_together(lambda: (compute(), exchange(small, small_in)), 20)
+    if rank == 0:
+        # an all-to-all over G ranks sends (G-1)/G of its input
+        sent = message_bytes * (world - 1) / world
+        bandwidth = (message_bytes / p2p_s + sent / a2a_s) / 2 / 1e9
+        sync = max(0.0, synced_s - compute_s - latency_s)
+        return bandwidth, latency_s * 1e6, sync * 1e6
+    return None
 
 
 def measure_gloo_link(message_bytes: int = 8 * 2**20,
@@ -131,25 +127,11 @@ def measure_gloo_link(message_bytes: int = 8 * 2**20,
     ``ranks`` gloo ranks sending at once."""
     if ranks < 2:
         raise ValueError(f"the link needs at least 2 ranks, got {ranks}")
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    processes = [ctx.Process(target=_link_worker,
-                             args=(rank, ranks, port, message_bytes, results))
-                 for rank in range(ranks)]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join(120)
-    for p in processes:
-        if p.is_alive():
-            p.kill()
-    failed = [p.exitcode for p in processes if p.exitcode != 0]
-    if failed or results.empty():
-        raise ValueError(
-            f"gloo link measurement failed (exit codes {failed}); is 127.0.0.1 usable?"
-        )
-    return results.get()
+    try:
+        return launch_ranks(ranks, _link_worker, message_bytes, name="usp-calibrate")[0]
+    except Exception as exc:  # a failed rank: say what was measured and what to check
+        raise ValueError(f"gloo link measurement failed ({type(exc).__name__}: {exc}); is "
+                         "127.0.0.1 usable?") from exc
 
 
 def usable_cores() -> int:
