@@ -8,7 +8,8 @@ and run for one forward and backward; logits, loss and every parameter's gradien
 single-process model's in fp64 to 1e-10 (docs/testing.md). The reference attends with SDPA,
 which computes fp64 throughout (transformers' eager attention takes its softmax in fp32). The
 refusals (heads or vocabulary tp cannot split, no plan, a plan string or module usp does not
-run, tp with pipeline stages) raise on every rank before any collective.
+run, a per-head norm the plan leaves on whole heads, tp with pipeline stages) raise on every
+rank before any collective.
 """
 
 from __future__ import annotations
@@ -147,6 +148,11 @@ REFUSALS = [
                                   base_model_tp_plan=_plan_without("qwen3-qk-norm", "q_norm",
                                                                    "k_norm")),
      "tp2-ulysses2", "layers.0.self_attn.q_norm (Qwen3RMSNorm) holds parameters beside"),
+    ("q/k norms on whole heads", _config("qwen3-qk-norm", base_model_tp_plan={
+        **_config("qwen3-qk-norm").base_model_tp_plan,
+        **{f"layers.*.self_attn.{name}_proj": "colwise_gather_output" for name in "qkv"},
+        "layers.*.self_attn.o_proj": "rowwise_split_input"}),
+     "tp2-ring2", "no projection beside it is 'colwise'"),
     ("pipeline stages", _config("llama"), "pp2-tp2", "tp=2 with pp=2"),
 ]
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, distribute_module, distribute_tensor
@@ -69,7 +70,8 @@ def _replicate_own_parameters(name: str, module: nn.Module, mesh: DeviceMesh) ->
 
 def _inputs_replicated(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
     return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-                 if hasattr(x, "dim") and not isinstance(x, DTensor) else x for x in inputs)
+                 if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x
+                 for x in inputs)
 
 
 def _outputs_local(module: nn.Module, outputs, mesh: DeviceMesh):
@@ -78,8 +80,8 @@ def _outputs_local(module: nn.Module, outputs, mesh: DeviceMesh):
     return outputs.to_local() if isinstance(outputs, DTensor) else outputs
 
 
-# transformers' plan strings -> (a DTensor style, whether it splits a Linear's features and
-# leaves a tp rank's slice next to its siblings: "colwise" out, "rowwise" in)
+# transformers' plan strings -> (a DTensor style, which features of an nn.Linear it splits:
+# "out"put, "in"put, or None for whole parameters)
 STYLES: dict[str, tuple[Callable[[], ParallelStyle], str | None]] = {
     "colwise": (ColwiseParallel, "out"),
     "rowwise": (RowwiseParallel, "in"),
@@ -163,23 +165,30 @@ def resolve_plan(causal_lm: nn.Module, tp: int) -> list[tuple[str, nn.Module, st
                                  f"over tp={tp}, which does not divide them; choose tp dividing "
                                  f"{width}")
         resolved.append((name, module, style))
-    _refuse_whole_beside_slices(resolved, named)
+    _check_neighbours(resolved, named)
     return resolved + [_output_projection(causal_lm, tp)]
 
 
-def _refuse_whole_beside_slices(resolved: list, named: dict[str, str]) -> None:
+def _check_neighbours(resolved: list, named: dict[str, str]) -> None:
     """A module the plan does not name, holding parameters, beside a projection whose output or
     input is a tp rank's slice may see that slice: kept whole, its gradient would miss the other
-    ranks' part. Refused rather than guessed."""
-    sliced_parents = {name.rpartition(".")[0] for name, style in named.items()
-                      if style in LOCAL_SLICES}
+    ranks' part. Refused rather than guessed. And a ``"replicated_with_grad_allreduce"`` module
+    must sit beside a ``"colwise"`` projection, whose slice it sees: on a whole input, summing
+    its gradient over tp would count it tp times."""
+    parents = {style: {name.rpartition(".")[0] for name, given in named.items() if given == style}
+               for style in LOCAL_SLICES}
     for name, module, style in resolved:
-        if name not in named and name.rpartition(".")[0] in sliced_parents:
+        parent = name.rpartition(".")[0]
+        if style == "replicated_with_grad_allreduce" and parent not in parents["colwise"]:
+            raise ValueError(
+                f"base_model_tp_plan gives {name} {style!r}, but no projection beside it is "
+                "'colwise', so it would not see a tp rank's slice; usp cannot run this plan")
+        if name not in named and parent in parents["colwise"] | parents["rowwise"]:
             raise ValueError(
                 f"{name} ({type(module).__name__}) holds parameters beside the projections that "
                 "base_model_tp_plan splits, and the plan does not say how to split it; usp "
-                "cannot tell whether it sees a tp rank's slice, so it runs this model with tp=1 only"
-            )
+                "cannot tell whether it sees a tp rank's slice, so it runs this model with tp=1 "
+                "only")
 
 
 def _output_projection(causal_lm: nn.Module, tp: int) -> tuple[str, nn.Module, str]:
