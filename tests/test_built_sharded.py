@@ -3,7 +3,7 @@
 One spawned world of 4 gloo ranks:
 
 - every parameter (and buffer) of our Llama and of Hugging Face models, built sharded under
-  FSDP2, TP, both, and pipeline stages, equals bit for bit the single-process initialisation of
+  FSDP2, TP (Hugging Face models: from their config's plan), both, and pipeline stages, equals bit for bit the single-process initialisation of
   the same seed;
 - a Llama-3-8B-shaped model (bf16, all 32 layers) parallelised on meta holds exactly a quarter of
   the parameter bytes per rank under FSDP over 4 (16.06 GB / 4 = 4.015 GB), a quarter plus half
@@ -44,7 +44,7 @@ LLAMA_CASES = [
     ({"pp": 4}, False),
 ]
 HF_CASES = [("tiny-qwen3", {"ring": 2, "ulysses": 2}), ("tiny-gemma", {"dp": 2, "ulysses": 2}),
-            ("tiny-qwen2", {"dp": 4})]
+            ("tiny-qwen2", {"dp": 4}), ("tiny-qwen3", {"tp": 2, "ulysses": 2})]
 EIGHT_B = get_config("llama3-8b")
 MiB = 2**20
 

@@ -50,16 +50,13 @@ class USPContext:
     """The topology, layout and kernel of a sequence-parallel forward; pass it as ``usp_context``.
 
     Build it on every rank at the same point (with several ranks it creates the flattened
-    dp × ring × ulysses process group that agreement, loss and FSDP2 share).
+    dp × ring × ulysses process group that agreement, loss and FSDP2 share). The tp ranks of a
+    topology hold the same tokens: a model split over them (``usp.parallelize``:
+    ``usp.integrations.hf_family.tp``) attends with each tp rank's heads.
     """
 
     def __init__(self, topology: Topology, layout: str = "zigzag", kernel: str = "auto") -> None:
         check_layout(layout)
-        if topology.size("tp") != 1:
-            raise ValueError(
-                f"tp={topology.size('tp')}: tensor parallelism is not supported for Hugging Face "
-                "models; use tp=1 and put the ranks on dp, ring and ulysses"
-            )
         self.topology, self.layout, self.kernel = topology, layout, kernel
         self._group = None
         if data_parallel_size(topology) > 1:

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from usp.integrations.hf_family.stages import check_stages
+from usp.integrations.hf_family.tp import check_tensor_parallel
 from usp.integrations.transformers import ATTENTION_NAME, check_config, check_sequence_mixers
 from usp.models.family import ModelSettings, ModelSize, check_vocabulary
 from usp.topology import Topology
@@ -89,17 +90,13 @@ def validate_hf_config(
 ) -> PretrainedConfig:
     """Load and check a config for training on ``topology`` (its sizes only: no process group)."""
     config = load_hf_config(path_or_preset)
-    if topology.size("tp") != 1:
-        raise ValueError(
-            f"tp={topology.size('tp')}: tensor parallelism is not supported for Hugging Face "
-            "models; use --tp 1"
-        )
     check_vocabulary(type(config).__name__, config.vocab_size, min_vocab_size)
-    if topology.size("ring") * topology.size("ulysses") > 1:  # the modules, on meta: no storage
-        with torch.device("meta"):
+    if topology.size("ring") * topology.size("ulysses") * topology.size("tp") > 1:
+        with torch.device("meta"):  # the modules, on meta: no storage
             skeleton = AutoModelForCausalLM.from_config(
                 config, attn_implementation=ATTENTION_NAME, trust_remote_code=False)
         check_sequence_mixers(skeleton, topology)
+        check_tensor_parallel(skeleton, topology)
     check_config(config, topology)
     check_stages(config, topology)
     return config

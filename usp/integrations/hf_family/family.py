@@ -8,8 +8,10 @@ reads this entry without importing transformers. Generation runs in ``usp.infer`
 (``usp.infer.hf_generation``: ``model.generate`` over a sharded KV cache).
 
 Offered: ring × ulysses sequence parallelism (refused, naming the layer, for layers that mix
-tokens other than by softmax attention), FSDP2, pipeline stages, activation checkpointing and the
-tiled MLP; the full-logits loss only. Not offered: tensor parallelism.
+tokens other than by softmax attention), tensor parallelism from the config's own
+``base_model_tp_plan`` (plain, without sequence parallelism; not with pipeline stages:
+``usp.integrations.hf_family.tp``), FSDP2, pipeline stages, activation checkpointing and the
+tiled MLP; the full-logits loss only.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ HUGGING_FACE = ModelFamily(
     plan=ModelPlan(
         check=lazy(f"{PACKAGE}.plan:check"),
         use_attention=lazy(f"{PACKAGE}.plan:use_usp_attention"),
-        tensor_parallel=None,
+        tensor_parallel=lazy(f"{PACKAGE}.tp:apply_hf_tensor_parallel"),
         keep_stage=lazy(f"{PACKAGE}.stages:keep_hf_stage"),
         mlp=lazy(f"{PACKAGE}.plan:mlp"),
     ),

@@ -1,13 +1,15 @@
 """What ``usp.parallelize`` needs of a Hugging Face causal LM beyond its stage cut: the checks
 against a topology, the ``"usp"`` attention on the topology (a new :class:`USPContext`), and a
-decoder layer's MLP. Tensor parallelism is not offered (ValueError, ``USPContext``), nor are the
-losses that need the output projection split from the model (it computes its own logits)."""
+decoder layer's MLP. Tensor parallelism is ``usp.integrations.hf_family.tp`` (checked here); the
+losses that need the output projection split from the model are not offered (it computes its
+own logits)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from usp.integrations.hf_family.stages import check_stages
+from usp.integrations.hf_family.tp import check_tensor_parallel
 from usp.integrations.transformers import USPContext, check_config, check_sequence_mixers
 from usp.topology import Topology
 
@@ -17,6 +19,7 @@ def check(model: nn.Module, topology: Topology) -> None:
     check_sequence_mixers(model.model, topology)
     check_config(model.config, topology)
     check_stages(model.config, topology)
+    check_tensor_parallel(model.model, topology)
 
 
 def use_usp_attention(model: nn.Module, topology: Topology, layout: str, kernel: str) -> None:
