@@ -3,7 +3,7 @@ transformers.
 
 Two runs train one step on 4 ranks and save a checkpoint: a usp Llama preset under tp 2 x
 ulysses 2 (written as ``LlamaForCausalLM``, its query and key rows reordered for transformers'
-rotary layout) and a Hugging Face Qwen3 with tied embeddings under ring 2 x ulysses 2 (written as
+rotary layout) and a Hugging Face Qwen3 with tied embeddings under tp 2 x ulysses 2 (written as
 its own architecture). Each export is loaded with ``from_pretrained`` and its logits compared with
 usp's model loaded from the same checkpoint, by docs/testing.md's rule against the fp64 model.
 """
@@ -40,7 +40,7 @@ QWEN3 = dict(model_type="qwen3", vocab_size=384, hidden_size=32, intermediate_si
 
 def _train(rank: int, world_size: int, root: str) -> None:
     train(TrainConfig(model="tiny", tp=2, ulysses=2, out=f"{root}/llama", **RUN))
-    train(TrainConfig(hf_config=f"{root}/qwen3.json", ring=2, ulysses=2, out=f"{root}/qwen3",
+    train(TrainConfig(hf_config=f"{root}/qwen3.json", tp=2, ulysses=2, out=f"{root}/qwen3",
                       **RUN))
 
 
