@@ -170,9 +170,9 @@ _FEATURES = dict(ring=2, loss="chunked", loss_chunk_tokens=24, tiled_mlp=16, ac=
 
 
 def _train_config():
-    from usp.training.setup import TrainConfig
+    from tests.specs import run_spec
 
-    return TrainConfig(**_TRAIN_SETTINGS)
+    return run_spec(**_TRAIN_SETTINGS)
 
 
 def _compare_runs(records: list[dict], reference_dir: str) -> list[str]:

@@ -223,7 +223,6 @@ def test_the_emitted_spec_passes_usp_trains_checks(tmp_path, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.xfail(strict=False, reason="usp train does not take --config yet")
 def test_plan_emit_then_usp_train_config_runs_on_four_cpu_ranks(tmp_path):
     path, out = tmp_path / "run.toml", tmp_path / "run"
     environment = {**os.environ, "PYTHONPATH": str(REPOSITORY)}

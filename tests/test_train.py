@@ -26,7 +26,8 @@ from usp.training import metrics
 from usp.cli.train import summarize
 from usp.models.llama import Llama, get_config
 from usp.training.loop import train
-from usp.training.setup import TrainConfig, lr_at_step
+from usp.training.optim import lr_at_step
+from tests.specs import run_spec
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = inspect.getsourcefile(argparse)
@@ -54,7 +55,7 @@ def two_rank_run(tmp_path_factory) -> dict:
     reference_dir = tmp_path / "one-process"
     settings = dict(model="tiny", seq_len=64, global_batch=2, steps=3, warmup=1, data=[CORPUS])
     reference = train(
-        TrainConfig(**settings, out=str(reference_dir), progress=False, peak_tflops=1.0)
+        run_spec(**settings, out=str(reference_dir), progress=False, peak_tflops=1.0)
     )
     out = tmp_path / "two-ranks"
     command = [
@@ -224,7 +225,7 @@ def test_plain_resume_finds_the_timestamped_run_and_reads_its_settings(tmp_path,
     assert cli.main(["train", "--resume", "--seq-len", "64"]) == 0
     (run,) = (tmp_path / "runs").iterdir()
     assert _losses(run) == _losses(tmp_path / "straight"), "not the same run, step for step"
-    assert json.loads((run / "config.json").read_text())["lr"] == 1e-3
+    assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 1e-3
     # a flag that would change the schedule is refused, naming both values
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(run), "--steps", "8"]) == 2
@@ -250,7 +251,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_restarts(tmp_path, monkey
 
 
 def test_mfu_only_against_a_stated_peak_and_never_above_100_percent(tmp_path, caplog):
-    config = TrainConfig(model="tiny", seq_len=64, steps=2, synthetic=True, ckpt_every=0,
+    config = run_spec(model="tiny", seq_len=64, steps=2, synthetic=True, ckpt_every=0,
                          out=str(tmp_path / "no-peak"), progress=False)
     records = train(config)
     assert not any("mfu" in r or "mfu_above_peak" in r for r in records), "a CPU has no peak"
@@ -313,7 +314,8 @@ def test_init_from_starts_a_new_run_from_the_weights_on_another_layout(two_rank_
     records = metrics.read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     assert records[0]["lr"] == pytest.approx(3e-3 / 2)  # the first warm-up step of a new schedule
-    assert json.loads((out / "config.json").read_text())["init_from"] == str(source.resolve())
+    assert json.loads((out / "config.json").read_text())["checkpoint"]["init_from"] == \
+        str(source.resolve())
 
     # another model than the checkpoint's: refused before anything starts, naming the fields
     capsys.readouterr()
