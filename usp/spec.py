@@ -4,9 +4,10 @@ One spec is what ``usp train`` runs: its flags are made from the fields below (n
 default and help text: :mod:`usp.cli.spec_flags`), ``usp train --config run.toml`` reads one
 (flags given beside it override), a run directory's ``config.json`` is one, and ``usp plan
 --emit run.toml`` writes one. Each section is checked once, by the module that owns what it
-describes (:func:`usp.training.setup.validate` calls them in turn): ``parallel`` by the rules
-:meth:`usp.topology.Topology.build` applies, ``model`` by its model family, ``data`` by the data
-reader, ``optim`` by the optimizer's builder, ``memory`` by :mod:`usp.memory` and
+describes (:func:`usp.training.setup.validate` calls them in turn): ``parallel`` by
+:func:`usp.topology.mesh_sizes`, the rules :meth:`usp.topology.Topology.build` lays its mesh by,
+``model`` by its model family, ``data`` by :func:`usp.data.run.check_data`, ``optim`` by
+:mod:`usp.training.optim`, ``memory`` by :mod:`usp.parallel`, :mod:`usp.memory` and
 :mod:`usp.losses`, ``checkpoint`` by the run directory, ``logging`` by the metrics.
 
 Every field name is unique across the sections, and is the flag's name (``seq_len`` ->
