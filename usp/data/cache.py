@@ -89,18 +89,31 @@ def cache_key(spec: DataSpec, tokenizer) -> tuple[str, dict]:
 
 
 class _KeyLock:
-    """An exclusive ``flock`` on ``CACHE/KEY.lock`` while a store is looked up or built."""
+    """An exclusive ``flock`` on ``CACHE/KEY.lock`` while a store is looked up or built:
+    :meth:`acquire` takes it (OSError where the folder is not writable), leaving the ``with``
+    block releases it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> "_KeyLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the kernel drops it however the process ends
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return self
 
     def __enter__(self) -> "_KeyLock":
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)  # the kernel drops it however the process ends
-        return self
+        # a second flock on another descriptor of the same file would wait for this one forever
+        return self if self.fd is not None else self.acquire()
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)  # closing releases the lock
+        self.fd = None
 
 
 def _open_existing(directory: Path, key: str) -> TokenStore | None:
@@ -160,7 +173,7 @@ def prepare(spec: DataSpec) -> Prepared:
         raise ValueError(f"--data-cache {str(cache)!r} cannot be created: {exc}") from exc
     directory, started = cache / key, time.time()
     try:
-        lock = _KeyLock(cache / f"{key}.lock").__enter__()
+        lock = _KeyLock(cache / f"{key}.lock").acquire()
     except OSError as exc:
         raise ValueError(f"--data-cache {str(cache)!r} is not writable: {exc}") from exc
     with lock:
