@@ -102,7 +102,7 @@ def _resume_world(rank: int, world_size: int, root: str) -> dict:
     # 5 steps, checkpoint 5, killed in step 6.
     crashed = root / "crashed"
     _run_until_crash(
-        micro_config(crashed), train_module, "train_step", lambda run, config, step: step == 6
+        micro_config(crashed), train_module, "train_step", lambda run, step: step == 6
     )
     results["latest_after_kill"] = (crashed / "checkpoints/latest").read_text().strip()
     # Resumed, but killed while saving step 10: every shard in step_000010.tmp, nothing published.

@@ -137,7 +137,8 @@ def _reference_loss(model_dir: str, tokens: torch.Tensor, eos: int, pack: bool,
 def _loaded_equals_saved(files: dict, name: str, degrees: dict) -> dict:
     config = run_spec(hf_model=files[name], tokenizer=files["tokenizer"], data=files["data"],
                          **{k: v for k, v in RUN.items() if k != "progress"}, **degrees)
-    model, _ = build_model(config, Topology.build(**degrees), torch.device("cpu"))
+    model, _ = build_model(config.model, config.parallel, config.memory, Topology.build(**degrees),
+                           torch.device("cpu"), seq_len=config.data.seq_len, seed=config.seed)
     saved = _saved(files[name])
     differing = [key for key, p in model.named_parameters()
                  if not torch.equal((p.full_tensor() if isinstance(p, DTensor) else p).detach(),
@@ -201,7 +202,8 @@ def test_bf16_weights_load_into_fp32_parameters_in_one_process(files, tmp_path):
     source.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     config = run_spec(hf_model=str(tmp_path / "bf16"), tokenizer=files["tokenizer"],
                          data=files["data"], seq_len=24)
-    model, _ = build_model(config, Topology.build(), torch.device("cpu"))
+    model, _ = build_model(config.model, config.parallel, config.memory, Topology.build(),
+                           torch.device("cpu"), seq_len=config.data.seq_len, seed=config.seed)
     saved = _saved(str(tmp_path / "bf16"))
     for name, parameter in model.named_parameters():
         assert parameter.dtype == torch.float32, name

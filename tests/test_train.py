@@ -8,7 +8,6 @@ The multi-rank training loop itself is exercised in one spawned world by ``test_
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import json
 import math
@@ -192,10 +191,10 @@ class SimulatedCrash(RuntimeError):
 def _crash_in_step(monkeypatch, crash_step: int) -> None:
     original = usp.training.loop.train_step
 
-    def crashing(run, config, step):
+    def crashing(run, step):
         if step == crash_step:
             raise SimulatedCrash(f"killed in step {step}")
-        return original(run, config, step)
+        return original(run, step)
 
     monkeypatch.setattr(usp.training.loop, "train_step", crashing)
 
@@ -255,14 +254,14 @@ def test_mfu_only_against_a_stated_peak_and_never_above_100_percent(tmp_path, ca
                          out=str(tmp_path / "no-peak"), progress=False)
     records = train(config)
     assert not any("mfu" in r or "mfu_above_peak" in r for r in records), "a CPU has no peak"
-    assert "MFU" not in summarize(records, config)
+    assert "MFU" not in summarize(records, config.checkpoint.out)
     assert "MFU" not in metrics.format_record(records[0])
-    config = dataclasses.replace(config, out=str(tmp_path / "low-peak"), peak_tflops=1e-9)
+    config = config.replace(out=str(tmp_path / "low-peak"), peak_tflops=1e-9)
     with caplog.at_level("WARNING"):
         records = train(config)
     assert all("mfu" not in r and r["mfu_above_peak"] > 1 for r in records)
     assert "of the stated peak of 1e-09 TFLOP/s per device, which is impossible" in caplog.text
-    assert "MFU not reported" in summarize(records, config)
+    assert "MFU not reported" in summarize(records, config.checkpoint.out)
     assert "MFU invalid" in metrics.format_record(records[0])
 
 
@@ -295,11 +294,11 @@ def test_init_from_starts_a_new_run_from_the_weights_on_another_layout(two_rank_
     seen = {}
     original = usp.training.loop.train_step
 
-    def first_step_sees(run, config, step):
+    def first_step_sees(run, step):
         if step == 1:
             seen["weights"] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
             seen["optimizer state"] = len(run.optimizer.state)
-        return original(run, config, step)
+        return original(run, step)
 
     monkeypatch.setattr(usp.training.loop, "train_step", first_step_sees)
     out = tmp_path / "longer"

@@ -27,7 +27,7 @@ from usp.losses import LossHead, check_loss
 from usp.memory import check_offload
 from usp.parallel import check_memory_options
 from usp.pipeline import Pipeline, check_pipeline
-from usp.spec import Data, Model, Parallel, RunSpec, check_types
+from usp.spec import Data, Parallel, RunSpec, check_types
 from usp.topology import AXES, Topology, mesh_sizes
 from usp.training import run_dir
 from usp.training.accumulate import check_accumulation
