@@ -27,7 +27,9 @@ from tests.distributed import run_on_ranks
 from usp.training import checkpoint
 from usp.models.llama import CONFIGS, LlamaConfig
 from usp.training.loop import train
-from usp.training.setup import TrainConfig, validate
+from usp.training.setup import validate
+from usp.spec import RunSpec
+from tests.specs import run_spec
 
 MICRO = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
 CROSS_LAYOUTS = {
@@ -55,14 +57,14 @@ def micro_model(monkeypatch):
     monkeypatch.setitem(CONFIGS, "test-micro-3-layers", deeper)
 
 
-def micro_config(out: Path, **overrides) -> TrainConfig:
+def micro_config(out: Path, **overrides) -> RunSpec:
     settings = dict(
         model="test-micro", seq_len=64, global_batch=2, steps=10, warmup=2, lr=3e-3,
         min_lr=3e-4, ckpt_every=5, ring=2, ulysses=2, out=str(out), progress=False,
         peak_tflops=1.0, data=[inspect.getsourcefile(argparse)], seed=3,
     )
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return run_spec(**settings)
 
 
 def _crash_on(module, name: str, when):
@@ -78,7 +80,7 @@ def _crash_on(module, name: str, when):
     return original
 
 
-def _run_until_crash(config: TrainConfig, module, name: str, when) -> None:
+def _run_until_crash(config: RunSpec, module, name: str, when) -> None:
     original = _crash_on(module, name, when)
     try:
         train(config)
@@ -100,7 +102,7 @@ def _resume_world(rank: int, world_size: int, root: str) -> dict:
     # 5 steps, checkpoint 5, killed in step 6.
     crashed = root / "crashed"
     _run_until_crash(
-        micro_config(crashed), train_module, "train_step", lambda run, config, step: step == 6
+        micro_config(crashed), train_module, "train_step", lambda run, step: step == 6
     )
     results["latest_after_kill"] = (crashed / "checkpoints/latest").read_text().strip()
     # Resumed, but killed while saving step 10: every shard in step_000010.tmp, nothing published.

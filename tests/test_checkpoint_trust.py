@@ -33,7 +33,8 @@ from usp.training import checkpoint
 from usp.training.metrics import read_metrics
 from usp.models.llama import CONFIGS, LlamaConfig
 from usp.training.loop import train
-from usp.training.setup import TrainConfig
+from usp.spec import RunSpec
+from tests.specs import run_spec
 
 MICRO = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
 
@@ -43,8 +44,8 @@ def micro_model(monkeypatch):
     monkeypatch.setitem(CONFIGS, "test-micro", MICRO)
 
 
-def _config(out: Path, resume: str | None = None) -> TrainConfig:
-    return TrainConfig(
+def _config(out: Path, resume: str | None = None) -> RunSpec:
+    return run_spec(
         model="test-micro", seq_len=64, global_batch=2, steps=6, warmup=2, ckpt_every=3,
         synthetic=True, seed=3, out=str(out), resume=resume, progress=False,
     )
@@ -91,7 +92,7 @@ class _Planted:
         return pathlib.Path.touch, (pathlib.Path(self.marker),)
 
 
-def _refusal(config: TrainConfig) -> str:
+def _refusal(config: RunSpec) -> str:
     try:
         train(config)
     except ValueError as exc:

@@ -9,7 +9,6 @@ added later is covered without editing this file. The import checks run in fresh
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ import pytest
 
 from usp.cli import build_parser
 from usp.cli.help import HelpFormatter, has_default, shown_default
-from usp.training.config import TrainConfig
+from usp.spec import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 # top-level packages that `usp --help` must not import: each costs seconds to load
@@ -130,9 +129,9 @@ def _help_text(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
 
 def _stated_default(path: tuple[str, ...], action: argparse.Action):
     """The default a user gets for ``action``: argparse's, or for ``usp train`` (whose parser
-    suppresses them so that a resume reads its config.json) the TrainConfig field's."""
+    suppresses them so that a resume reads its config.json) the run spec's field's."""
     if path == ("train",) and action.default is argparse.SUPPRESS:
-        defaults = dataclasses.asdict(TrainConfig(out=None))
+        defaults = RunSpec().flat()
         probe = argparse.Action(option_strings=action.option_strings, dest=action.dest,
                                 default=defaults.get(action.dest))
         return probe if has_default(probe) else None

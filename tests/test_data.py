@@ -9,15 +9,9 @@ import itertools
 import pytest
 import torch
 
-from usp.training.data import (
-    EOT,
-    TokenBatcher,
-    decode,
-    document_tokens,
-    encode,
-    stdlib_documents,
-    synthetic_tokens,
-)
+from usp.data.stdlib import stdlib_documents
+from usp.inputs.byte_tokens import EOT, decode, encode
+from usp.training.data import TokenBatcher, document_tokens, synthetic_tokens
 from usp.batch import IGNORE_INDEX, shard_batch
 from usp.layout import shard_sequence
 from usp.topology import AXES, Topology

@@ -19,7 +19,8 @@ from tests.test_data import _rank_topologies
 from usp.batch import IGNORE_INDEX, shard_batch
 from usp.data import DataSpec, PackedBatcher, TokenStore, hold_out, prepare
 from usp.data.store import StoreWriter
-from usp.training.data import EOT, document_tokens, documents_of_windows
+from usp.inputs.byte_tokens import EOT
+from usp.training.data import document_tokens, documents_of_windows
 from usp.training.evaluate import held_out_split
 
 ROOT = Path(__file__).resolve().parents[1]

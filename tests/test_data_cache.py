@@ -14,7 +14,7 @@ import pytest
 from tests.data_helpers import (CONVERSATIONS, PLAIN_TEMPLATE, save_tokenizer, write_jsonl)
 from usp.data import CorruptStore, DataSpec, TokenStore, prepare
 from usp.data import encode
-from usp.training import fingerprint
+from usp.inputs import fingerprint
 
 
 @pytest.fixture

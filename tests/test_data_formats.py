@@ -9,7 +9,8 @@ import pytest
 from tests.data_helpers import (save_to_disk, save_tokenizer, write_arrow_file,
                                 write_arrow_stream, write_jsonl, write_parquet)
 from usp.data import DataSpec, find_sources, prepare
-from usp.training.data import document_tokens, stdlib_documents
+from usp.data.stdlib import stdlib_documents
+from usp.training.data import document_tokens
 
 DOCUMENTS = ["hello world", "how are you\nfine thanks", "", "déjà vu — 東京\r\n",
              "one two three"]

@@ -54,10 +54,10 @@ def test_a_chat_run_reports_its_tokens_and_resumes_at_the_next_unseen_sample(
     caplog.clear()
     original = usp.training.loop.train_step
 
-    def crashing(run, config, step):
+    def crashing(run, step):
         if step == 4:
             raise SimulatedCrash("killed in step 4")
-        return original(run, config, step)
+        return original(run, step)
 
     with monkeypatch.context() as patch, caplog.at_level(logging.INFO):
         patch.setattr(usp.training.loop, "train_step", crashing)

@@ -28,7 +28,8 @@ from usp.models.registry import families, family_of, family_of_model
 from usp.parallel import parallelize
 from usp.topology import Topology
 from usp.training.build import model_metadata, pretrained_source
-from usp.training.setup import TrainConfig, validate
+from usp.training.setup import validate
+from tests.specs import run_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(seq_len=32, global_batch=1, steps=1, progress=False, synthetic=True)
@@ -71,15 +72,15 @@ def test_a_model_of_no_family_is_refused_by_parallelize():
 
 def test_checkpoint_records_are_those_earlier_runs_wrote():
     # the exact record of a preset in meta.json: a change here stops older checkpoints resuming
-    name, record = model_metadata(TrainConfig(model="tiny", **RUN))
+    name, record = model_metadata(run_spec(model="tiny", **RUN).model)
     assert (name, record) == ("tiny", {
         "vocab_size": 512, "dim": 128, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4,
         "ffn_dim": 384, "rope_theta": 500000.0, "norm_eps": 1e-5, "tie_embeddings": False})
-    name, record = model_metadata(TrainConfig(hf_config="tiny-qwen3", **RUN))
+    name, record = model_metadata(run_spec(hf_config="tiny-qwen3", **RUN).model)
     assert name == "tiny-qwen3" and record == hf_config_metadata("tiny-qwen3")
     assert "transformers_version" not in record and record["model_type"] == "qwen3"
-    assert pretrained_source(TrainConfig(hf_config="tiny-qwen3", **RUN)) is None
-    assert pretrained_source(TrainConfig(hf_model="a/b", **RUN)) == "a/b"
+    assert pretrained_source(run_spec(hf_config="tiny-qwen3", **RUN).model) is None
+    assert pretrained_source(run_spec(hf_model="a/b", **RUN).model) == "a/b"
 
 
 def test_each_family_checks_its_settings_before_any_rank_starts(model_folder, tmp_path):
@@ -91,7 +92,7 @@ def test_each_family_checks_its_settings_before_any_rank_starts(model_folder, tm
     # the full-logits loss only, for a config and for a model folder alike
     for settings in ({"hf_config": "tiny-qwen3"},
                      {"hf_model": model_folder, "tokenizer": model_folder}):
-        config = TrainConfig(loss="chunked", out=str(tmp_path / "out"), **settings, **RUN)
+        config = run_spec(loss="chunked", out=str(tmp_path / "out"), **settings, **RUN)
         with pytest.raises(ValueError, match="loss='chunked' is not offered for .*: its "
                                              r"family's models offer \['full'\]"):
             validate(config, 1)
@@ -138,11 +139,13 @@ def test_a_llama_run_imports_no_transformers(tmp_path):
 import sys, torch
 from usp.infer.config import GenerateConfig
 from usp.training.build import build_model, model_metadata
-from usp.training.setup import TrainConfig, validate
-config = TrainConfig(model="tiny", out={str(tmp_path / "out")!r}, **{RUN!r})
+from usp.training.setup import validate
+from tests.specs import run_spec
+config = run_spec(model="tiny", out={str(tmp_path / "out")!r}, **{RUN!r})
 validate(config, 1)
-model_metadata(config)
-build_model(config, __import__("usp").Topology.build(), torch.device("cpu"))
+model_metadata(config.model)
+build_model(config.model, config.parallel, config.memory, __import__("usp").Topology.build(),
+            torch.device("cpu"), seq_len=config.data.seq_len, seed=config.seed)
 GenerateConfig(prompt_file={str(prompt)!r}).validate()
 print(sorted(name for name in sys.modules if name.split(".")[0] == "transformers"))
 """

@@ -73,11 +73,11 @@ def fired():  # the test's guard counts from here
 if FAULT == "kill-rank-1-in-step-5":
     train_step = usp.training.loop.train_step
 
-    def killing_train_step(run, config, step):
+    def killing_train_step(run, step):
         if step == 5 and rank() == "1":
             fired()
             os.kill(os.getpid(), signal.SIGKILL)
-        return train_step(run, config, step)
+        return train_step(run, step)
 
     usp.training.loop.train_step = killing_train_step
 

@@ -233,7 +233,7 @@ def test_ring_pass_rule_follows_message_sizes():
 
 def test_usp_generate_command_in_one_process(tmp_path, capsys):
     from usp.cli import main
-    from usp.training.data import encode
+    from usp.inputs.byte_tokens import encode
 
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("def fibonacci(n):\n    ", encoding="utf-8")

@@ -24,7 +24,8 @@ from tests.test_pretrained import SENTENCES, _save_model, _save_tokenizer
 from usp import cli
 from usp.models.llama import CONFIGS, LlamaConfig
 from usp.training.loop import train
-from usp.training.setup import TrainConfig, validate
+from usp.training.setup import validate
+from tests.specs import run_spec
 
 MICRO = LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
 FLAGS = ["--nproc", "1", "--model", "test-micro", "--no-progress"]
@@ -169,7 +170,7 @@ def test_tokenizer_ids_beyond_the_vocabulary_are_refused(files, tmp_path):
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>",
                             eos_token="<eos>").save_pretrained(tmp_path / "gaps")
-    config = TrainConfig(model="test-micro", tokenizer=str(tmp_path / "gaps"), seq_len=24,
+    config = run_spec(model="test-micro", tokenizer=str(tmp_path / "gaps"), seq_len=24,
                          data=files["data"], out=str(tmp_path / "run"))
     with pytest.raises(ValueError, match=r"has 3 tokens \(ids up to 600\), but the model "
                                          r"test-micro has vocab_size=512"):
@@ -190,10 +191,10 @@ SIZES = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_s
 def test_config_sizes_are_checked_before_anything_is_built(change, message, tmp_path,
                                                            monkeypatch):
     # a machine of 16 GiB, wherever the test runs
-    monkeypatch.setattr("usp.training.model_size.host_memory_bytes", lambda: 16 * 2**30)
+    monkeypatch.setattr("usp.inputs.model_size.host_memory_bytes", lambda: 16 * 2**30)
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**SIZES, **change}))
-    config = TrainConfig(hf_config=str(path), seq_len=64, synthetic=True,
+    config = run_spec(hf_config=str(path), seq_len=64, synthetic=True,
                          out=str(tmp_path / "run"))
     with pytest.raises(ValueError, match=message) as refused:
         validate(config, 1)
@@ -205,7 +206,7 @@ def test_on_cuda_the_training_state_per_rank_meets_one_gpu(monkeypatch):
     """The CUDA branch without a GPU: a device of 80 GiB, 16 bytes a parameter over the ranks."""
     from types import SimpleNamespace
 
-    from usp.training.model_size import check_training_memory
+    from usp.inputs.model_size import check_training_memory
 
     monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
     monkeypatch.setattr("torch.cuda.get_device_properties",
@@ -245,7 +246,7 @@ def test_nan_weights_are_refused_naming_the_tensor(files, tmp_path, capsys):
     error = _one_line_refusal(capsys, "generate", "--prompt-file", files["prompt"],
                               "--hf-model", model, "--max-new-tokens", "1")
     assert f"tensor {name!r} in {file} holds 2 NaN or infinite values" in error
-    config = TrainConfig(hf_model=str(model), tokenizer=str(model), data=files["data"],
+    config = run_spec(hf_model=str(model), tokenizer=str(model), data=files["data"],
                          seq_len=24, steps=1, ckpt_every=0, out=str(tmp_path / "run"),
                          progress=False)
     with pytest.raises(ValueError, match=f"tensor {name!r} in {file} holds 2 NaN"):

@@ -157,7 +157,7 @@ def _world(rank: int, world_size: int, cases: list, train_dirs) -> list[str]:
     if train_dirs is not None:
         from usp.training.loop import train
 
-        records = train(dataclasses.replace(_train_config(), **_FEATURES, out=train_dirs[0]))
+        records = train(_train_config().replace(**_FEATURES, out=train_dirs[0]))
         failures += _compare_runs(records, train_dirs[1])
     return failures
 
@@ -170,9 +170,9 @@ _FEATURES = dict(ring=2, loss="chunked", loss_chunk_tokens=24, tiled_mlp=16, ac=
 
 
 def _train_config():
-    from usp.training.setup import TrainConfig
+    from tests.specs import run_spec
 
-    return TrainConfig(**_TRAIN_SETTINGS)
+    return run_spec(**_TRAIN_SETTINGS)
 
 
 def _compare_runs(records: list[dict], reference_dir: str) -> list[str]:
@@ -201,7 +201,7 @@ def test_memory_features_and_usp_train_match_the_single_process_on_two_ranks(tmp
     from usp.training.loop import train
 
     reference = tmp_path / "one-process-plain"
-    train(dataclasses.replace(_train_config(), out=str(reference)))
+    train(_train_config().replace(out=str(reference)))
     dirs = (str(tmp_path / "two-ranks-features"), str(reference))
     results = run_on_ranks(_world, 2, CASES_2, dirs, timeout_s=300)
     failures = [f"rank {r}: {line}" for r, lines in enumerate(results) for line in lines]

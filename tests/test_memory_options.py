@@ -3,7 +3,6 @@ split, and on CUDA (marked ``gpu``) the gradients with and without activation of
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -16,7 +15,8 @@ from usp.models import Llama, LlamaConfig
 from usp.parallel import check_memory_options
 from usp.topology import AXES, Topology
 from usp.training.evaluate import held_out_split
-from usp.training.setup import TrainConfig, validate
+from usp.training.setup import validate
+from tests.specs import run_spec
 
 
 def _topology(**degrees) -> Topology:
@@ -56,7 +56,7 @@ def test_losses_refuse_the_wrong_tensor_parallel_degree():
     ({"ac": "mlp", "tiled_mlp": 256}, "recompute it twice"),
 ])
 def test_usp_train_refuses_bad_memory_options_before_launch(change, message, tmp_path):
-    config = dataclasses.replace(TrainConfig(synthetic=True, out=str(tmp_path / "run")), **change)
+    config = run_spec(synthetic=True, out=str(tmp_path / "run")).replace(**change)
     with pytest.raises(ValueError, match=message):
         validate(config, config.nproc)
 

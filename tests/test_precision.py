@@ -3,7 +3,6 @@ FSDP2's mixed precision for bf16, and MFU stated against the peak of the precisi
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from usp.precision import datasheet_peak, effective_precision, torch_dtype
 from usp.topology import AXES, Topology
 from usp.training import metrics
 from usp.training.build import fsdp_precision
-from usp.training.config import TrainConfig
+from tests.specs import run_spec
 from usp.training.setup import with_device_dtype
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
@@ -24,20 +23,19 @@ def _topology(**degrees) -> Topology:
 
 
 def test_auto_is_bf16_on_cuda_and_fp32_on_cpu():
-    assert TrainConfig().dtype == "auto"
-    assert with_device_dtype(TrainConfig(), CUDA).dtype == "bf16"
-    assert with_device_dtype(TrainConfig(), CPU).dtype == "fp32"
-    assert with_device_dtype(TrainConfig(dtype="fp32"), CUDA).dtype == "fp32"
+    assert run_spec().model.dtype == "auto"
+    assert with_device_dtype(run_spec(), CUDA).model.dtype == "bf16"
+    assert with_device_dtype(run_spec(), CPU).model.dtype == "fp32"
+    assert with_device_dtype(run_spec(dtype="fp32"), CUDA).model.dtype == "fp32"
 
 
 def test_bf16_on_cuda_gathers_bf16_parameters_and_reduces_in_fp32():
-    bf16 = TrainConfig(dtype="bf16")
+    bf16 = "bf16"
     assert fsdp_precision(bf16, CUDA, _topology(ring=2)) == (torch.bfloat16, torch.float32)
     assert fsdp_precision(bf16, CUDA, _topology(dp=2)) == (torch.bfloat16, torch.float32)
     assert fsdp_precision(bf16, CUDA, _topology(tp=2)) == (None, None)  # nothing FSDP shards
     assert fsdp_precision(bf16, CPU, _topology(ring=2)) == (None, None)  # autocast on a CPU
-    assert fsdp_precision(dataclasses.replace(bf16, dtype="fp32"), CUDA,
-                          _topology(ring=2)) == (None, None)
+    assert fsdp_precision("fp32", CUDA, _topology(ring=2)) == (None, None)
 
 
 @pytest.mark.parametrize("name,dtype,tf32,peak", [

@@ -34,7 +34,8 @@ from usp.topology import Topology
 from usp.training.build import build_model, parameter_bytes
 from usp.training.data import TokenBatcher
 from usp.training.loop import train
-from usp.training.setup import TrainConfig, validate
+from usp.training.setup import validate
+from tests.specs import run_spec
 
 SENTENCES = [
     "the ring passes keys and values around the ranks",
@@ -134,9 +135,10 @@ def _reference_loss(model_dir: str, tokens: torch.Tensor, eos: int, pack: bool,
 
 # ------------------------------------------------------------------------------ the world
 def _loaded_equals_saved(files: dict, name: str, degrees: dict) -> dict:
-    config = TrainConfig(hf_model=files[name], tokenizer=files["tokenizer"], data=files["data"],
+    config = run_spec(hf_model=files[name], tokenizer=files["tokenizer"], data=files["data"],
                          **{k: v for k, v in RUN.items() if k != "progress"}, **degrees)
-    model, _ = build_model(config, Topology.build(**degrees), torch.device("cpu"))
+    model, _ = build_model(config.model, config.parallel, config.memory, Topology.build(**degrees),
+                           torch.device("cpu"), seq_len=config.data.seq_len, seed=config.seed)
     saved = _saved(files[name])
     differing = [key for key, p in model.named_parameters()
                  if not torch.equal((p.full_tensor() if isinstance(p, DTensor) else p).detach(),
@@ -150,17 +152,17 @@ def _world(rank: int, world_size: int, files: dict, out: str) -> dict:
               (("llama", {"ring": 2, "ulysses": 2}), ("qwen3", {"dp": 2, "ulysses": 2}))}
     common = dict(tokenizer=files["tokenizer"], data=files["data"], **RUN)
     llama = dict(hf_model=files["llama"], ring=2, ulysses=2, **common)
-    straight = train(TrainConfig(out=f"{out}/llama", ckpt_every=2, **llama))
-    resumed = train(TrainConfig(out=f"{out}/llama-resumed", ckpt_every=0,
+    straight = train(run_spec(out=f"{out}/llama", ckpt_every=2, **llama))
+    resumed = train(run_spec(out=f"{out}/llama-resumed", ckpt_every=0,
                                 resume=f"{out}/llama/checkpoints/step_000002", **llama))
-    qwen3 = train(TrainConfig(out=f"{out}/qwen3", hf_model=files["qwen3"], dp=2, ulysses=2,
+    qwen3 = train(run_spec(out=f"{out}/qwen3", hf_model=files["qwen3"], dp=2, ulysses=2,
                               pack=False, ckpt_every=0, **{**common, "steps": 1}))
     # pipeline stages (pp 2 x ulysses 2, one decoder layer each): loaded from the files, and
     # resumed from the ring 2 x ulysses 2 run's checkpoint
     staged = {**llama, "ring": 1, "pp": 2}
     stage_loaded = _loaded_equals_saved(files, "llama", {"pp": 2, "ulysses": 2})
-    piped = train(TrainConfig(out=f"{out}/llama-pp", ckpt_every=0, **staged))
-    piped_resumed = train(TrainConfig(out=f"{out}/llama-pp-resumed", ckpt_every=0,
+    piped = train(run_spec(out=f"{out}/llama-pp", ckpt_every=0, **staged))
+    piped_resumed = train(run_spec(out=f"{out}/llama-pp-resumed", ckpt_every=0,
                                       resume=f"{out}/llama/checkpoints/step_000002", **staged))
     return {"loaded": loaded, "straight": [r["loss"] for r in straight],
             "resumed": [r["loss"] for r in resumed], "qwen3": [r["loss"] for r in qwen3],
@@ -198,9 +200,10 @@ def test_bf16_weights_load_into_fp32_parameters_in_one_process(files, tmp_path):
 
     source = AutoModelForCausalLM.from_pretrained(files["qwen3"], local_files_only=True)
     source.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    config = TrainConfig(hf_model=str(tmp_path / "bf16"), tokenizer=files["tokenizer"],
+    config = run_spec(hf_model=str(tmp_path / "bf16"), tokenizer=files["tokenizer"],
                          data=files["data"], seq_len=24)
-    model, _ = build_model(config, Topology.build(), torch.device("cpu"))
+    model, _ = build_model(config.model, config.parallel, config.memory, Topology.build(),
+                           torch.device("cpu"), seq_len=config.data.seq_len, seed=config.seed)
     saved = _saved(str(tmp_path / "bf16"))
     for name, parameter in model.named_parameters():
         assert parameter.dtype == torch.float32, name
@@ -220,7 +223,7 @@ def test_bad_weights_and_tokenizers_are_refused_with_the_numbers(files, tmp_path
         settings = {"tokenizer": files["tokenizer"], "data": files["data"],
                     "out": str(tmp_path / "out"), **RUN, **settings}
         with pytest.raises(ValueError, match=re.escape(message)):
-            validate(TrainConfig(**settings), 1)
+            validate(run_spec(**settings), 1)
 
     missing = _copy(files, "llama", tmp_path, "missing")
     second = sorted(missing.glob("*.safetensors"))[1]

@@ -8,7 +8,6 @@ The multi-rank training loop itself is exercised in one spawned world by ``test_
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import json
 import math
@@ -26,7 +25,8 @@ from usp.training import metrics
 from usp.cli.train import summarize
 from usp.models.llama import Llama, get_config
 from usp.training.loop import train
-from usp.training.setup import TrainConfig, lr_at_step
+from usp.training.optim import lr_at_step
+from tests.specs import run_spec
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = inspect.getsourcefile(argparse)
@@ -54,7 +54,7 @@ def two_rank_run(tmp_path_factory) -> dict:
     reference_dir = tmp_path / "one-process"
     settings = dict(model="tiny", seq_len=64, global_batch=2, steps=3, warmup=1, data=[CORPUS])
     reference = train(
-        TrainConfig(**settings, out=str(reference_dir), progress=False, peak_tflops=1.0)
+        run_spec(**settings, out=str(reference_dir), progress=False, peak_tflops=1.0)
     )
     out = tmp_path / "two-ranks"
     command = [
@@ -191,10 +191,10 @@ class SimulatedCrash(RuntimeError):
 def _crash_in_step(monkeypatch, crash_step: int) -> None:
     original = usp.training.loop.train_step
 
-    def crashing(run, config, step):
+    def crashing(run, step):
         if step == crash_step:
             raise SimulatedCrash(f"killed in step {step}")
-        return original(run, config, step)
+        return original(run, step)
 
     monkeypatch.setattr(usp.training.loop, "train_step", crashing)
 
@@ -224,7 +224,7 @@ def test_plain_resume_finds_the_timestamped_run_and_reads_its_settings(tmp_path,
     assert cli.main(["train", "--resume", "--seq-len", "64"]) == 0
     (run,) = (tmp_path / "runs").iterdir()
     assert _losses(run) == _losses(tmp_path / "straight"), "not the same run, step for step"
-    assert json.loads((run / "config.json").read_text())["lr"] == 1e-3
+    assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 1e-3
     # a flag that would change the schedule is refused, naming both values
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(run), "--steps", "8"]) == 2
@@ -250,18 +250,18 @@ def test_a_run_that_failed_before_its_first_checkpoint_restarts(tmp_path, monkey
 
 
 def test_mfu_only_against_a_stated_peak_and_never_above_100_percent(tmp_path, caplog):
-    config = TrainConfig(model="tiny", seq_len=64, steps=2, synthetic=True, ckpt_every=0,
+    config = run_spec(model="tiny", seq_len=64, steps=2, synthetic=True, ckpt_every=0,
                          out=str(tmp_path / "no-peak"), progress=False)
     records = train(config)
     assert not any("mfu" in r or "mfu_above_peak" in r for r in records), "a CPU has no peak"
-    assert "MFU" not in summarize(records, config)
+    assert "MFU" not in summarize(records, config.checkpoint.out)
     assert "MFU" not in metrics.format_record(records[0])
-    config = dataclasses.replace(config, out=str(tmp_path / "low-peak"), peak_tflops=1e-9)
+    config = config.replace(out=str(tmp_path / "low-peak"), peak_tflops=1e-9)
     with caplog.at_level("WARNING"):
         records = train(config)
     assert all("mfu" not in r and r["mfu_above_peak"] > 1 for r in records)
     assert "of the stated peak of 1e-09 TFLOP/s per device, which is impossible" in caplog.text
-    assert "MFU not reported" in summarize(records, config)
+    assert "MFU not reported" in summarize(records, config.checkpoint.out)
     assert "MFU invalid" in metrics.format_record(records[0])
 
 
@@ -294,11 +294,11 @@ def test_init_from_starts_a_new_run_from_the_weights_on_another_layout(two_rank_
     seen = {}
     original = usp.training.loop.train_step
 
-    def first_step_sees(run, config, step):
+    def first_step_sees(run, step):
         if step == 1:
             seen["weights"] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
             seen["optimizer state"] = len(run.optimizer.state)
-        return original(run, config, step)
+        return original(run, step)
 
     monkeypatch.setattr(usp.training.loop, "train_step", first_step_sees)
     out = tmp_path / "longer"
@@ -313,7 +313,8 @@ def test_init_from_starts_a_new_run_from_the_weights_on_another_layout(two_rank_
     records = metrics.read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     assert records[0]["lr"] == pytest.approx(3e-3 / 2)  # the first warm-up step of a new schedule
-    assert json.loads((out / "config.json").read_text())["init_from"] == str(source.resolve())
+    assert json.loads((out / "config.json").read_text())["checkpoint"]["init_from"] == \
+        str(source.resolve())
 
     # another model than the checkpoint's: refused before anything starts, naming the fields
     capsys.readouterr()

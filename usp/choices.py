@@ -19,4 +19,5 @@ LOSSES = ("full", "chunked", "vocab_parallel")  # usp.losses.head
 # 1024 tokens of fp32 logits over a 128k vocabulary are 0.5 GiB: small next to a long sequence's
 # activations, large enough for the projection to run as one efficient matmul
 DEFAULT_CHUNK_TOKENS = 1024
+LOSS_ON = ("assistant", "all")  # usp.data: chat data trains on the assistant's tokens, or all
 RING_PASSES = ("auto", "kv", "q")  # usp.infer: which ring a prompt continuing a cache uses

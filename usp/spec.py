@@ -4,9 +4,10 @@ One spec is what ``usp train`` runs: its flags are made from the fields below (n
 default and help text: :mod:`usp.cli.spec_flags`), ``usp train --config run.toml`` reads one
 (flags given beside it override), a run directory's ``config.json`` is one, and ``usp plan
 --emit run.toml`` writes one. Each section is checked once, by the module that owns what it
-describes (:func:`usp.training.setup.validate` calls them in turn): ``parallel`` by the rules
-:meth:`usp.topology.Topology.build` applies, ``model`` by its model family, ``data`` by the data
-reader, ``optim`` by the optimizer's builder, ``memory`` by :mod:`usp.memory` and
+describes (:func:`usp.training.setup.validate` calls them in turn): ``parallel`` by
+:func:`usp.topology.mesh_sizes`, the rules :meth:`usp.topology.Topology.build` lays its mesh by,
+``model`` by its model family, ``data`` by :func:`usp.data.run.check_data`, ``optim`` by
+:mod:`usp.training.optim`, ``memory`` by :mod:`usp.parallel`, :mod:`usp.memory` and
 :mod:`usp.losses`, ``checkpoint`` by the run directory, ``logging`` by the metrics.
 
 Every field name is unique across the sections, and is the flag's name (``seq_len`` ->
@@ -18,10 +19,12 @@ before sections existed, which still resume). This module imports no torch.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 
-from usp.choices import DEFAULT_CHUNK_TOKENS, LAYOUTS, LOSSES, PIPELINE_SCHEDULES, PLACEMENTS
+from usp.choices import (DEFAULT_CHUNK_TOKENS, LAYOUTS, LOSS_ON, LOSSES, PIPELINE_SCHEDULES,
+                         PLACEMENTS)
 
 # Checkpoint every 50 steps and at the last: a crash loses at most 50 steps, and the README's
 # 30-step job still ends with one. 0 turns checkpoints off (benchmarks).
@@ -85,11 +88,24 @@ class Model:
 class Data:
     """What the model reads: the text, how it is cut into samples, what is held out."""
 
-    data: list[str] = setting([], "text files or folders of them to train on, one document per "
-                              "file (default: the Python standard library's source)",
+    data: list[str] = setting([], "local files or folders to train on: text files (one document "
+                              "each), JSON Lines, JSON, Parquet, Arrow, datasets.save_to_disk "
+                              "folders (default: the Python standard library's source)",
                               nargs="+", metavar="PATH", group="source")
     synthetic: bool = setting(False, "seeded random tokens instead of text, for throughput runs",
                               group="source")
+    text_field: str = setting("text", "the field of each record that holds its text",
+                              metavar="NAME")
+    chat_field: str | None = setting(
+        None, "read each record's NAME field as a conversation (a list of role/content messages) "
+        "rendered with the tokenizer's chat template (default: none, records are text)",
+        metavar="NAME")
+    loss_on: str | None = setting(
+        None, "with --chat-field, which tokens carry the loss: the assistant's or all (default: "
+        "assistant for conversations; text trains on every token)", choices=LOSS_ON)
+    data_cache: str | None = setting(
+        None, "where tokenized data is cached, so a second run does not tokenize again (default: "
+        "~/.cache/usp/tokens, or $XDG_CACHE_HOME/usp/tokens)", metavar="DIR")
     pack: bool = setting(True, "let attention, labels and RoPE positions run across document "
                          "boundaries (EOT) (default: each packed document is its own sequence)",
                          flag="--no-pack")
@@ -258,6 +274,31 @@ def field_types() -> dict[str, object]:
     top = typing.get_type_hints(RunSpec)
     hints.update({name: top[name] for name in TOP_LEVEL})
     return hints
+
+
+def check_types(spec: RunSpec, where: str = "the command line, a --config file, or the "
+                "config.json of the run being resumed") -> None:
+    """ValueError unless every setting has the type its field declares: flags are parsed to it,
+    but a --config file or a resumed run's config.json may hold anything."""
+    values, hints = spec.flat(), field_types()
+    for name, hint in hints.items():
+        if not _has_type(values[name], hint):
+            expected = getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint)
+            raise ValueError(f"setting {name}={values[name]!r} is not of type {expected} "
+                             f"(from {where})")
+
+
+def _has_type(value, hint) -> bool:
+    arguments = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_has_type(value, argument) for argument in arguments)
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_has_type(v, arguments[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool) and hint is not bool:
+        return False
+    return isinstance(value, (int, float) if hint is float else hint)
 
 
 # ---------------------------------------------------------------------------- TOML

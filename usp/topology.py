@@ -27,6 +27,33 @@ logger = logging.getLogger(__name__)
 AXES = ("pp", "dp", "ring", "ulysses", "tp")
 
 
+def mesh_sizes(world_size: int, ring: int = 1, ulysses: int = 1, dp: int = -1, tp: int = 1,
+               pp: int = 1) -> dict[str, int]:
+    """The size of each axis when ``pp x dp x ring x ulysses x tp`` ranks fill ``world_size``
+    (``dp=-1``: the ranks the others leave); ValueError, naming the numbers, for degrees that
+    cannot. :meth:`Topology.build` lays its mesh by it, and ``usp train`` checks its degrees by
+    it before any rank starts."""
+    for name, value in (("ring", ring), ("ulysses", ulysses), ("tp", tp), ("pp", pp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if not (dp == -1 or (isinstance(dp, int) and not isinstance(dp, bool) and dp >= 1)):
+        raise ValueError(f"dp={dp!r} must be a positive integer or -1 (inferred)")
+    inner = pp * ring * ulysses * tp
+    if world_size % inner != 0:
+        raise ValueError(
+            f"pp={pp} x ring={ring} x ulysses={ulysses} x tp={tp} = {inner} does not divide the "
+            f"{world_size} ranks; use a world size (--nproc) that is a multiple of {inner}"
+        )
+    if dp == -1:
+        dp = world_size // inner
+    if dp * inner != world_size:
+        raise ValueError(
+            f"pp={pp} x dp={dp} x ring={ring} x ulysses={ulysses} x tp={tp} = {dp * inner} != "
+            f"{world_size} ranks; pass dp=-1 (--dp -1) to infer dp={world_size // inner}"
+        )
+    return {"pp": pp, "dp": dp, "ring": ring, "ulysses": ulysses, "tp": tp}
+
+
 def _mesh_axis_order(placement: str) -> tuple[str, ...]:
     if placement not in MESH_ORDERS:
         raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
@@ -76,27 +103,9 @@ class Topology:
         device_type: str | None = None,
     ) -> "Topology":
         """Lay ``pp × dp × ring × ulysses × tp`` over the default process group; ``dp=-1`` infers it."""
-        for name, value in (("ring", ring), ("ulysses", ulysses), ("tp", tp), ("pp", pp)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if not (dp == -1 or (isinstance(dp, int) and dp >= 1)):
-            raise ValueError(f"dp={dp!r} must be a positive integer or -1 (inferred)")
         order = _mesh_axis_order(placement)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        inner = pp * ring * ulysses * tp
-        if world % inner != 0:
-            raise ValueError(
-                f"pp={pp} x ring={ring} x ulysses={ulysses} x tp={tp} = {inner} does not divide "
-                f"the world size {world}; choose degrees whose product divides {world}"
-            )
-        if dp == -1:
-            dp = world // inner
-        if dp * inner != world:
-            raise ValueError(
-                f"pp={pp} x dp={dp} x ring={ring} x ulysses={ulysses} x tp={tp} = {dp * inner} != "
-                f"world size {world}; pass dp=-1 to infer dp={world // inner}"
-            )
-        sizes = {"pp": pp, "dp": dp, "ring": ring, "ulysses": ulysses, "tp": tp}
+        sizes = mesh_sizes(world, ring=ring, ulysses=ulysses, dp=dp, tp=tp, pp=pp)
         if world == 1 and not (dist.is_available() and dist.is_initialized()):
             return cls(sizes=sizes, ranks={axis: 0 for axis in AXES}, placement=placement)
         mesh = init_device_mesh(

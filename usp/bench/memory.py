@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def features(tile_tokens: int, chunk_tokens: int) -> dict[str, dict]:
-    """Name -> ``TrainConfig`` settings of each measured configuration (tp = 1)."""
+    """Name -> run spec settings of each measured configuration (tp = 1)."""
     return {
         "all off": {},
         "loss chunked": {"loss": "chunked", "loss_chunk_tokens": chunk_tokens},

@@ -123,22 +123,12 @@ def train_records(spec: RunSpec) -> list[dict]:
     from usp.training.setup import validate
 
     with tempfile.TemporaryDirectory(prefix="usp-bench-plan-") as out:
-        config = _train_config(spec.replace(out=out))
-        validate(config, config.nproc)
-        return launch_elastic(config)
-
-
-def _train_config(spec: RunSpec):
-    """``usp.training``'s settings object for ``spec``: the spec's flat settings, under the same
-    names except two the object does not have (it keeps ZeRO-2 as its ``zero2`` switch, and
-    places the ranks head-first)."""
-    from usp.training.setup import TrainConfig
-
-    settings = spec.flat()
-    placement, zero = settings.pop("placement"), settings.pop("zero")
-    if placement != "head-first":
-        raise ValueError(f"placement={placement!r}: usp.training places the ranks head-first")
-    return TrainConfig(**settings, zero2=zero == 2)
+        spec = spec.replace(out=out)
+        if spec.parallel.placement != "head-first":
+            raise ValueError(f"placement={spec.parallel.placement!r}: usp train places the "
+                             "ranks head-first")
+        validate(spec, spec.nproc)
+        return launch_elastic(spec)
 
 
 def _runtime_worker(rank: int, degrees: dict[str, int], port: int, results) -> None:

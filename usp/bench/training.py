@@ -35,21 +35,22 @@ def parse_grid(grid: list[str]) -> list[tuple[int, int]]:
 def measure(args, ring: int, ulysses: int, seq_len: int, steps: int,
             overrides: dict | None = None) -> dict:
     """Train ``steps`` steps on ring x ulysses (x tp) fresh ranks; summarise the steps after the
-    first. ``overrides``: further ``TrainConfig`` settings (memory features, ``tp``)."""
+    first. ``overrides``: further settings of the run spec (memory features, ``tp``)."""
+    from usp.spec import RunSpec
     from usp.training.launcher import launch_elastic
-    from usp.training.setup import TrainConfig, validate
+    from usp.training.setup import validate
 
     with tempfile.TemporaryDirectory(prefix="usp-bench-train-") as out:
-        config = TrainConfig(
+        spec = RunSpec.from_flat(dict(
             model=args.model, seq_len=seq_len, steps=steps, ring=ring, ulysses=ulysses,
             layout=args.layout, dtype=args.dtype, synthetic=True, out=out, progress=False,
             nproc=ring * ulysses * (overrides or {}).get("tp", 1), warmup=1, ckpt_every=0,
             **(overrides or {}),
-        )
-        validate(config, config.nproc)
-        records = launch_elastic(config)
+        ))
+        validate(spec, spec.nproc)
+        records = launch_elastic(spec)
     measured = records[1:] or records
-    world = config.nproc
+    world = spec.nproc
     peak = [max(r["peak_memory_bytes"][rank] for r in measured) for rank in range(world)]
     base = [max(r["memory_before_step_bytes"][rank] for r in measured) for rank in range(world)]
     activation = [

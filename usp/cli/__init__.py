@@ -5,7 +5,7 @@ Each subcommand is a module of this package exposing ``register(subparsers)``: a
 and printing live here and only here; the library modules they drive log, never print.
 
 Building the parser imports no torch: a subcommand's module reads its choices and defaults from
-torch-free modules (``usp.choices``, ``usp.models.llama.presets``, ``usp.training.config``, ...) and
+torch-free modules (``usp.choices``, ``usp.models.llama.presets``, ``usp.spec``, ...) and
 imports what runs the command inside the function that runs it, so ``--help`` and argument
 errors answer at once (tests/test_cli_help.py).
 """

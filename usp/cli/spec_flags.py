@@ -74,7 +74,9 @@ def add_spec_arguments(parser) -> None:
             options["help"] = f"{text} (default {_default_text(default)})"
         target = parser
         if group is not None:
-            target = groups.setdefault(group, parser.add_mutually_exclusive_group())
+            if group not in groups:  # one group for all its fields
+                groups[group] = parser.add_mutually_exclusive_group()
+            target = groups[group]
         target.add_argument(flag, **options)
 
 

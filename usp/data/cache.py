@@ -3,7 +3,7 @@
 The key is the BLAKE2b of
 
 - the data's fingerprint: for every file, its path, size, modification time and content hash
-  (``usp.training.fingerprint``, the same record a run keeps of its inputs), or the standard
+  (``usp.inputs.fingerprint``, the same record a run keeps of its inputs), or the standard
   library's fingerprint for the default data;
 - the tokenizer's identity (class, size, EOS, the SHA-256 of its serialisation, and of the chat
   template for conversations; or byte-level);
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from usp.data.encode import load_tokenizer, tokenizer_identity
-from usp.data.sources import STDLIB, Source, find_sources
+from usp.data.sources import STDLIB, Source, data_fingerprint, find_sources
 from usp.data.spec import DataSpec, check_spec
 from usp.data.store import CorruptStore, TokenStore
 
@@ -81,8 +81,6 @@ def _sources(spec: DataSpec) -> list[Source]:
 
 def cache_key(spec: DataSpec, tokenizer) -> tuple[str, dict]:
     """``(key, what it is made of)``: see the module docstring."""
-    from usp.training.fingerprint import data_fingerprint
-
     material = {"encoding_version": ENCODING_VERSION,
                 "data": data_fingerprint(list(spec.paths), synthetic=False),
                 "tokenizer": tokenizer_identity(tokenizer, spec), "render": spec.render()}

@@ -3,7 +3,7 @@ runs over each batch of records (in parallel processes).
 
 Text documents become exactly what ``usp train`` always made of them: the UTF-8 bytes followed by
 ``EOT`` (byte-level), or the tokenizer's ids without special tokens followed by its EOS
-(``usp.training.tokenizer.tokenize_documents``). Conversations become their chat-template
+(``usp.inputs.tokenizer``). Conversations become their chat-template
 rendering and loss mask (``usp.data.chat``). Each record's document is its own packed document.
 """
 
@@ -24,7 +24,7 @@ def load_tokenizer(spec: DataSpec):
     """The run's Hugging Face tokenizer (local files, no remote code), or None for bytes."""
     if spec.tokenizer is None:
         return None
-    from usp.training.tokenizer import load_tokenizer as load
+    from usp.inputs.tokenizer import load_tokenizer as load
 
     return load(spec.tokenizer)
 
@@ -34,7 +34,7 @@ def tokenizer_identity(tokenizer, spec: DataSpec) -> dict:
     size, EOS, the SHA-256 of its serialisation) and, for chat data, the template's SHA-256."""
     if tokenizer is None:
         return dict(BYTE_LEVEL)
-    from usp.training.tokenizer import tokenizer_record
+    from usp.inputs.tokenizer import tokenizer_record
 
     identity = tokenizer_record(tokenizer)
     if spec.is_chat:

@@ -48,7 +48,7 @@ def _features(with_mask: bool):
 def _stdlib_records():
     import datasets
 
-    from usp.training.data import stdlib_documents
+    from usp.data.stdlib import stdlib_documents
 
     return datasets.Dataset.from_dict({"document": stdlib_documents()})
 

@@ -29,6 +29,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from usp.data.stdlib import stdlib_fingerprint
+from usp.inputs.fingerprint import file_fingerprint
+
 RECORD_SUFFIXES = {".jsonl": "json", ".ndjson": "json", ".json": "json",
                    ".parquet": "parquet", ".arrow": "arrow"}
 REFUSED_SUFFIXES = {".csv": "a CSV file", ".tsv": "a TSV file", ".feather": "a Feather file",
@@ -267,3 +270,14 @@ def _line_of_record(path: Path, index: int) -> int | None:
                 if seen == index:
                     return number
     return None
+
+
+def data_fingerprint(data: list[str], synthetic: bool) -> list[dict]:
+    """The content fingerprints (``usp.inputs.fingerprint``) of a run's data: one per file
+    ``--data`` names (a folder's files each), one for the standard library, none for synthetic
+    tokens (a function of the seed)."""
+    if synthetic:
+        return []
+    if not data:
+        return [dict(stdlib_fingerprint())]
+    return [file_fingerprint(file) for source in find_sources(data) for file in source.files]

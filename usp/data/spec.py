@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-LOSS_ON = ("assistant", "all")  # chat data: the assistant's tokens only, or every token
+from usp.choices import LOSS_ON
+
 DEFAULT_TEXT_FIELD = "text"
 
 

@@ -8,7 +8,7 @@ A store is a folder of
 - ``loss_mask.bin``: ``uint8 [tokens]``, 1 where a token is a target of the loss (only when some
   tokens are not: chat data trained on the assistant's tokens);
 - ``manifest.json``: the counts, the dtype, the largest token id, and the size and BLAKE2b
-  (``usp.training.fingerprint``: whole up to 256 MiB, sampled blocks beyond) of each file.
+  (``usp.inputs.fingerprint``: whole up to 256 MiB, sampled blocks beyond) of each file.
 
 :meth:`TokenStore.open` trusts none of it blindly: the manifest must parse and agree with itself,
 each file must have exactly the size its counts give and the hash recorded, and the offsets must
@@ -46,7 +46,7 @@ def token_dtype(vocab_size: int) -> str:
 
 
 def _file_record(path: Path) -> dict:
-    from usp.training.fingerprint import file_fingerprint
+    from usp.inputs.fingerprint import file_fingerprint
 
     record = file_fingerprint(path)
     return {key: record[key] for key in ("bytes", "blake2b", "hashed")}

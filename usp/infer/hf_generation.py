@@ -48,8 +48,8 @@ def check_hf_generation(model_dir: str, text: str, ranks: int, dtype: torch.dtyp
     from usp.integrations.hf_family.config import load_hf_config
     from usp.integrations.hf_family.model import build_hf_causal_lm
     from usp.integrations.hf_family.weights import check_pretrained, read_headers, weight_files
-    from usp.training import model_size
-    from usp.training.tokenizer import check_vocab, load_tokenizer
+    from usp.inputs import model_size
+    from usp.inputs.tokenizer import check_vocab, load_tokenizer
 
     flag = "--hf-model"
     config = load_hf_config(model_dir, flag)

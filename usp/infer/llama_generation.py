@@ -12,7 +12,7 @@ from usp.models.family import ModelSettings
 from usp.models.llama import Llama, get_config
 from usp.precision import torch_dtype
 from usp.topology import Topology
-from usp.training.data import EOT, decode, encode  # the byte-level tokenizer of usp train
+from usp.inputs.byte_tokens import EOT, decode, encode  # the byte-level tokenizer of usp train
 
 
 def generate_text(settings: ModelSettings, text: str, topology: Topology, *, seed: int,

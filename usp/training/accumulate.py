@@ -21,16 +21,14 @@ from torch.distributed.fsdp import FSDPModule
 
 from usp.loss import DATA_AXES, data_parallel_size, global_label_count
 from usp.losses import LossHead
-from usp.memory import ActivationOffload, check_offload
-from usp.parallel import check_memory_options
+from usp.memory import ActivationOffload
 from usp.topology import Topology
 from usp.training.metrics import SavedActivations
 
 
 def check_accumulation(global_batch: int, dp: int, grad_accum: int, pp: int) -> None:
-    """ValueError, naming the numbers, unless ``grad_accum`` micro-batches can split the batch."""
-    if grad_accum < 1:
-        raise ValueError(f"--grad-accum={grad_accum} must be >= 1")
+    """ValueError, naming the numbers, unless ``grad_accum`` (>= 1, ``usp.training.optim``)
+    micro-batches can split the batch."""
     if grad_accum > 1 and pp > 1:
         raise ValueError(
             f"--grad-accum={grad_accum} with pp={pp}: the pipeline already runs the batch as "
@@ -42,26 +40,6 @@ def check_accumulation(global_batch: int, dp: int, grad_accum: int, pp: int) -> 
             f"{grad_accum} = {dp * grad_accum}: every micro-step takes the same number of rows "
             f"on every dp rank; use a multiple of {dp * grad_accum}"
         )
-
-
-def check_step_options(config, dp: int) -> None:
-    """``usp train``'s memory features, accumulation and held-out loss (a ``TrainConfig``):
-    ValueError, naming the numbers, for what cannot run (docs/training.md). Which losses the
-    model offers is its family's (``usp.training.build.validate_model``)."""
-    check_memory_options(config.ac, config.tiled_mlp)
-    if config.offload_activations:
-        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-        check_offload(torch.device("cuda" if cuda else "cpu"))
-        if config.pp > 1:
-            raise ValueError("--offload-activations with pp > 1 is not offered yet: the "
-                             "pipeline's schedule runs the forward passes; use pp=1")
-    check_accumulation(config.global_batch, dp, config.grad_accum, config.pp)
-    if config.eval_every < 0 or config.eval_batches < 1:
-        raise ValueError(f"--eval-every={config.eval_every} must be >= 0 and --eval-batches="
-                         f"{config.eval_batches} >= 1")
-    if config.eval_every and config.pp > 1:
-        raise ValueError("--eval-every with pp > 1: the held-out loss runs the whole model on "
-                         "each rank's stage, which the pipeline does not offer yet; use pp=1")
 
 
 def split_micro_batches(batch: dict, count: int) -> list[dict]:
@@ -113,14 +91,14 @@ def train_micro_batches(
     return total, saved_bytes
 
 
-def rank_batch(run, config, global_batch) -> dict:
+def rank_batch(run, global_batch) -> dict:
     """This rank's part of a global batch (``usp.data.PackedBatch``: tokens, targets with the
     loss mask applied, documents) on the run's device: ids, labels, positions and (packing on)
     the documents."""
     from usp.batch import shard_batch
 
-    documents = global_batch.documents if config.pack and not config.synthetic else None
-    batch = shard_batch(global_batch.tokens, run.topology, config.layout,
+    documents = global_batch.documents if run.step.separate_documents else None
+    batch = shard_batch(global_batch.tokens, run.topology, run.step.layout,
                         targets=global_batch.targets, documents=documents)
     # the documents only shape attention masks, which live on the host: moving them to the GPU
     # would make every step's mask copy them back (a wait for the device)

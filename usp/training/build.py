@@ -25,72 +25,72 @@ from usp.models import init
 from usp.models.family import ModelFamily, ModelSettings
 from usp.models.registry import family_of, family_of_model
 from usp.parallel import parallelize
+from usp.spec import Memory, Model, Parallel
 from usp.topology import AXES, Topology
-from usp.training.data import BYTE_VOCAB_SIZE
+from usp.inputs.byte_tokens import BYTE_VOCAB_SIZE
 
 logger = logging.getLogger(__name__)
 
 
-def model_settings(config) -> ModelSettings:
-    """The model section of a run's settings (a ``TrainConfig``)."""
-    return ModelSettings(model=config.model, hf_config=config.hf_config, hf_model=config.hf_model)
+def model_settings(model: Model) -> ModelSettings:
+    """What the model families read of a run's model section: which model it is."""
+    return ModelSettings(model=model.model, hf_config=model.hf_config, hf_model=model.hf_model)
 
 
-def model_family(config) -> ModelFamily:
+def model_family(model: Model) -> ModelFamily:
     """The family of the run's model."""
-    return family_of(model_settings(config))
+    return family_of(model_settings(model))
 
 
-def model_name(config) -> str:
+def model_name(model: Model) -> str:
     """The run's model as logs and checkpoints name it."""
-    return model_family(config).display_name(model_settings(config))
+    return model_family(model).display_name(model_settings(model))
 
 
-def pretrained_source(config) -> str | None:
+def pretrained_source(model: Model) -> str | None:
     """The folder the run's first weights come from; None: initialised from the seed."""
-    return model_family(config).pretrained(model_settings(config))
+    return model_family(model).pretrained(model_settings(model))
 
 
 # ---------------------------------------------------------------------------- validation
-def validate_model(config, topology: Topology) -> None:
+def validate_model(model: Model, topology: Topology, cuda: bool, loss: str) -> None:
     """Raise ValueError, with the numbers, unless the model, its weights and the tokenizer fit
     ``topology`` (sizes only), each other and this machine's memory. Pure: reads files, never
     tensor data; the model's sizes are checked before anything is built."""
-    from usp.training import model_size
+    from usp.inputs import model_size
 
-    settings, family = model_settings(config), model_family(config)
+    settings, family = model_settings(model), model_family(model)
     name = family.display_name(settings)
     size = family.size(settings)
     world_size = math.prod(topology.size(axis) for axis in AXES)
-    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     model_size.check_training_memory(name, size.parameters, world_size, cuda)
     ids = BYTE_VOCAB_SIZE
-    if config.tokenizer:
-        from usp.training.tokenizer import check_vocab, largest_id, load_tokenizer
+    if model.tokenizer:
+        from usp.inputs.tokenizer import check_vocab, largest_id, load_tokenizer
 
-        tokenizer = load_tokenizer(config.tokenizer)
-        check_vocab(tokenizer, config.tokenizer, size.vocab_size, name)
+        tokenizer = load_tokenizer(model.tokenizer)
+        check_vocab(tokenizer, model.tokenizer, size.vocab_size, name)
         ids = largest_id(tokenizer) + 1
     family.validate(settings, topology, ids)
-    family.plan.check_loss(config.loss, name)
+    family.plan.check_loss(loss, name)
     source = family.pretrained(settings)
     if source is not None:
         family.weights.check(source, family.skeleton(settings))
 
 
-def model_metadata(config) -> tuple[str, dict]:
+def model_metadata(model: Model) -> tuple[str, dict]:
     """The model's name and its config as JSON data, for the checkpoint's record."""
-    settings, family = model_settings(config), model_family(config)
+    settings, family = model_settings(model), model_family(model)
     return family.display_name(settings), family.metadata(settings)
 
 
-def tokenizer_metadata(config) -> dict | None:
+def tokenizer_metadata(model: Model) -> dict | None:
     """The tokenizer's record (class, size, EOS, fingerprint); None for byte-level tokens."""
-    if not config.tokenizer:
+    if not model.tokenizer:
         return None
-    from usp.training.tokenizer import load_tokenizer, tokenizer_record
+    from usp.inputs.tokenizer import load_tokenizer, tokenizer_record
 
-    return tokenizer_record(load_tokenizer(config.tokenizer))
+    return tokenizer_record(load_tokenizer(model.tokenizer))
 
 
 # ---------------------------------------------------------------------------- building
@@ -133,38 +133,40 @@ def materialize(model: nn.Module, device: torch.device, seed: int,
     return model
 
 
-def fsdp_precision(config, device: torch.device, topology: Topology):
+def fsdp_precision(dtype: str, device: torch.device, topology: Topology):
     """FSDP2's ``(param_dtype, reduce_dtype)``: for bf16 on CUDA it keeps fp32 master weights
     (and the optimizer's state), gathers bf16 copies to compute with and reduces gradients in
     fp32; otherwise (fp32, a CPU, or nothing to shard) ``(None, None)`` and autocast alone casts."""
-    if config.dtype == "bf16" and device.type == "cuda" and data_parallel_size(topology) > 1:
+    if dtype == "bf16" and device.type == "cuda" and data_parallel_size(topology) > 1:
         return torch.bfloat16, torch.float32
     return None, None
 
 
-def build_model(config, topology: Topology, device: torch.device,
+def build_model(section: Model, parallel: Parallel, memory: Memory, topology: Topology,
+                device: torch.device, *, seq_len: int, seed: int,
                 load_weights: bool = True) -> tuple[nn.Module, float]:
-    """The run's model, parallelised and materialised; and its training FLOPs per token.
+    """The run's model (its ``model`` section), parallelised by the ``parallel`` and ``memory``
+    sections and materialised; and its training FLOPs per token at ``seq_len``.
 
     ``load_weights=False``: do not read the pretrained weights (a checkpoint will replace them).
     """
-    settings, family = model_settings(config), model_family(config)
+    settings, family = model_settings(section), model_family(section)
     model = family.skeleton(settings)
-    flops_per_token = family.flops_per_token(model, config.seq_len)
+    flops_per_token = family.flops_per_token(model, seq_len)
     parameters = model.num_params()  # the whole model's, before any cut or shard
-    param_dtype, reduce_dtype = fsdp_precision(config, device, topology)
+    param_dtype, reduce_dtype = fsdp_precision(section.dtype, device, topology)
     # also in one process: the memory features (checkpointing, tiled MLP, loss) apply there too
     model = parallelize(
-        model, topology, layout=config.layout, kernel=config.kernel,
-        activation_checkpointing=config.ac, tiled_mlp=config.tiled_mlp, loss=config.loss,
-        fsdp=True, reshard_after_forward=not config.zero2, param_dtype=param_dtype,
+        model, topology, layout=parallel.layout, kernel=parallel.kernel,
+        activation_checkpointing=memory.ac, tiled_mlp=memory.tiled_mlp, loss=memory.loss,
+        fsdp=True, reshard_after_forward=parallel.zero == 3, param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,
     )
     pretrained = family.pretrained(settings) if load_weights else None
-    materialize(model, device, config.seed, pretrained)
+    materialize(model, device, seed, pretrained)
     if not dist.is_initialized() or dist.get_rank() == 0:
         logger.info("model %s: %s parameters, %s (%s held by rank 0)",
                     family.display_name(settings), count_text(parameters),
                     f"read from {pretrained}" if pretrained else f"initialised from seed "
-                    f"{config.seed}", bytes_text(parameter_bytes(model)))
+                    f"{seed}", bytes_text(parameter_bytes(model)))
     return model, flops_per_token

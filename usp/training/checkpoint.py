@@ -20,7 +20,7 @@ ever a partial save and is cleared by the next save of that step. A complete che
 overwritten or deleted; one found corrupt when resuming is renamed ``step_000005.corrupt``
 (``usp.training.resume``).
 
-Nothing is written or read through a link (``usp.training.safe_files``): ``ROOT``, the ``step_*``
+Nothing is written or read through a link (``usp.inputs.safe_files``): ``ROOT``, the ``step_*``
 directories and their files must be real directories and regular files (:func:`check_root`, before
 anything starts), and the step and state a checkpoint records are checked before they are used.
 """
@@ -43,7 +43,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
 )
 
-from usp.training import integrity, safe_files
+from usp.inputs import safe_files
+from usp.training import integrity
 from usp.training.checkpoint_record import (
     FORMAT_VERSION, META, TRAINER, load_small, read_metadata, read_trainer_state,
 )

@@ -6,7 +6,7 @@ settings, read back and checked before anything is loaded.
 - :func:`read_metadata`: ``meta.json`` read back (no link followed), of this format, with a step
   that is a whole number within the run;
 - :func:`check_compatible`: the run resumed must be the run saved (the model, the data and the
-  schedule; the layout may differ) and its inputs unchanged (``usp.training.fingerprint``);
+  schedule; the layout may differ) and its inputs unchanged (``usp.inputs.fingerprint``);
 - :func:`read_trainer_state`: ``trainer.pt`` (weights-only), its step within ``[0, steps]`` and
   agreeing with ``meta.json`` and the scheduler, its data position whole numbers.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from usp.training import fingerprint, safe_files
+from usp.data.sources import data_fingerprint
+from usp.inputs import fingerprint, safe_files
 from usp.training.build import model_metadata, pretrained_source, tokenizer_metadata
 
 FORMAT_VERSION = 2  # 2: manifest.json with SHA-256 of every file
@@ -36,43 +37,46 @@ META_LIMIT = 64 << 20  # bytes: a meta.json holds a model config, a few KiB
 STATE_LIMIT = 64 << 20  # bytes: trainer.pt and rng_rank*.pt hold a few small tensors
 
 
-def run_metadata(config, world_size: int) -> dict:
-    """What a checkpoint records about its run (``config``: a ``TrainConfig`` whose global batch
-    is resolved, ``usp.training.setup.with_default_batch``), JSON-normalised as
-    :func:`check_compatible` reads it."""
-    data = [str(Path(p).resolve()) for p in config.data] or "stdlib"
-    if config.synthetic:
-        data = "synthetic"
-    model_name, model = model_metadata(config)
-    pretrained = pretrained_source(config)
+def run_metadata(spec, world_size: int) -> dict:
+    """What a checkpoint records about its run (``spec``: a ``usp.spec.RunSpec`` whose global
+    batch is resolved, ``usp.training.setup.with_default_batch``), JSON-normalised as
+    :func:`check_compatible` reads it. The names are the settings' (``seq_len``, ``lr``...), so
+    checkpoints of runs written before the spec had sections compare the same."""
+    data, optim, parallel, model = spec.data, spec.optim, spec.parallel, spec.model
+    paths = [str(Path(p).resolve()) for p in data.data] or "stdlib"
+    if data.synthetic:
+        paths = "synthetic"
+    model_name, model_record = model_metadata(model)
+    pretrained = pretrained_source(model)
+    init_from = spec.checkpoint.init_from
     metadata = {
         "model_name": model_name,
-        "model": model,
+        "model": model_record,
         "run": {
-            "seq_len": config.seq_len,
-            "global_batch": config.global_batch,
-            "data": data,
-            "seed": config.seed,
-            "steps": config.steps,
-            "lr": config.lr,
-            "min_lr": config.min_lr,
-            "warmup": config.warmup,
-            "weight_decay": config.weight_decay,
-            "pack": config.pack and not config.synthetic,
-            "tokenizer": tokenizer_metadata(config),
+            "seq_len": data.seq_len,
+            "global_batch": data.global_batch,
+            "data": paths,
+            "seed": spec.seed,
+            "steps": optim.steps,
+            "lr": optim.lr,
+            "min_lr": optim.min_lr,
+            "warmup": optim.warmup,
+            "weight_decay": optim.weight_decay,
+            "pack": data.pack and not data.synthetic,
+            "tokenizer": tokenizer_metadata(model),
             # content fingerprints: a resume refuses data or a tokenizer edited in place
             "inputs": {
-                "data": fingerprint.data_fingerprint(config.data, config.synthetic),
-                "tokenizer": (fingerprint.tokenizer_fingerprint(config.tokenizer)
-                              if config.tokenizer else []),
+                "data": data_fingerprint(data.data, data.synthetic),
+                "tokenizer": (fingerprint.tokenizer_fingerprint(model.tokenizer)
+                              if model.tokenizer else []),
             },
             "pretrained": str(Path(pretrained).resolve()) if pretrained else None,
-            "init_from": str(Path(config.init_from).resolve()) if config.init_from else None,
+            "init_from": str(Path(init_from).resolve()) if init_from else None,
             "world_size": world_size,
-            "degrees": {"pp": config.pp, "ring": config.ring, "ulysses": config.ulysses,
-                        "tp": config.tp},
-            "layout": config.layout,
-            "dtype": config.dtype,
+            "degrees": {"pp": parallel.pp, "ring": parallel.ring, "ulysses": parallel.ulysses,
+                        "tp": parallel.tp},
+            "layout": parallel.layout,
+            "dtype": model.dtype,
         },
     }
     return json.loads(json.dumps(metadata))

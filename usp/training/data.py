@@ -1,9 +1,10 @@
-"""Training data: byte-level tokens, a deterministic resumable batcher, and the batch sharding.
+"""Training data: byte-level token streams, a deterministic resumable batcher, and the batch
+sharding.
 
 Tokens are the UTF-8 bytes of the text (ids 0-255) with documents joined by an end-of-text token
-``EOT = 256``, so 257 ids in all. Three sources:
+``EOT = 256`` (``usp.inputs.byte_tokens``). Three sources:
 
-- :func:`stdlib_documents`: the ``.py`` files of this Python's standard library, a corpus every
+- the ``.py`` files of this Python's standard library (``usp.data.stdlib``), a corpus every
   machine with Python has (the default);
 - the user's own data (text files, JSON Lines, Parquet, Arrow, ``datasets`` folders, chat
   conversations) goes through ``usp.data``, which tokenizes it into a cache on disk;
@@ -20,63 +21,11 @@ window's tokens their document (an ``EOT`` closes the document it ends), so with
 
 from __future__ import annotations
 
-import os
-import sysconfig
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-
-EOT = 256
-BYTE_VOCAB_SIZE = 257
-DEFAULT_STDLIB_BYTES = 8 * 2**20
-
-
-def encode(text: str) -> list[int]:
-    """Byte-level token ids (0-255) of ``text``'s UTF-8 encoding."""
-    return list(text.encode("utf-8"))
-
-
-def decode(tokens: Sequence[int]) -> str:
-    """Text of byte-level ids; ``EOT`` becomes ``<|endoftext|>``, broken UTF-8 becomes U+FFFD."""
-    pieces, current = [], bytearray()
-    for token in tokens:
-        token = int(token)
-        if token == EOT:
-            pieces.append(current.decode("utf-8", errors="replace") + "<|endoftext|>")
-            current = bytearray()
-        elif 0 <= token < 256:
-            current.append(token)
-        else:
-            raise ValueError(f"token id {token} is not a byte-level id (0-255, or EOT={EOT})")
-    pieces.append(current.decode("utf-8", errors="replace"))
-    return "".join(pieces)
-
-
-def stdlib_documents(max_bytes: int = DEFAULT_STDLIB_BYTES) -> list[str]:
-    """The standard library's ``.py`` files, in sorted path order, until ``max_bytes`` are read.
-
-    ``site-packages`` is skipped: it differs between machines. The same Python version gives the
-    same documents everywhere.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paths = []
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories[:] = sorted(
-            d for d in subdirectories if d not in ("site-packages", "__pycache__")
-        )
-        paths.extend(Path(directory, f) for f in files if f.endswith(".py"))
-    documents, total = [], 0
-    for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
-        if total >= max_bytes:
-            break
-        data = path.read_bytes()
-        documents.append(data.decode("utf-8", errors="replace"))
-        total += len(data)
-    if not documents:
-        raise ValueError(f"no .py files found under the standard library directory {root}")
-    return documents
+from usp.inputs.byte_tokens import EOT
 
 
 def data_summary(documents: int | None, training: int, held_out: int, steps: int,

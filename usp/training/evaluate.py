@@ -77,12 +77,12 @@ def held_out_loss(model: nn.Module, micro_batches: Sequence[dict], topology: Top
     return float(totals[0] / totals[1])
 
 
-def evaluate(run, config) -> float:
+def evaluate(run) -> float:
     """``usp train``'s held-out loss: every held-out batch, split as the training batches are."""
     from usp.training.accumulate import rank_batch, split_micro_batches
 
     micro_batches = []
     for tokens in run.held_out.batches():
-        micro_batches += split_micro_batches(rank_batch(run, config, tokens), config.grad_accum)
+        micro_batches += split_micro_batches(rank_batch(run, tokens), run.step.grad_accum)
     return held_out_loss(run.model, micro_batches, run.topology, run.loss_head,
-                         torch.bfloat16 if config.dtype == "bf16" else None)
+                         run.step.autocast_dtype)

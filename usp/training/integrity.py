@@ -25,7 +25,7 @@ folder, and every entry of the folder must be a regular file (a link, FIFO or de
 problem). ``.metadata`` tells DCP which file and byte range holds each tensor: before DCP reads
 anything, :func:`check_storage` requires each of those to be a plain name listed in the manifest,
 a regular file, and a range inside it. Files are opened without following links
-(``usp.training.safe_files``), so nothing outside the folder is read, and nothing blocks.
+(``usp.inputs.safe_files``), so nothing outside the folder is read, and nothing blocks.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from usp.training import safe_files
+from usp.inputs import safe_files
 
 MANIFEST = "manifest.json"
 MANIFEST_LIMIT = 64 << 20  # bytes: a line per file
@@ -243,7 +243,7 @@ def check_storage(directory: Path, metadata: Metadata, index_path: Path) -> None
 
 class _NoFollowFileSystem(FileSystem):
     """DCP's file system, opening files for reading only if they are regular files reached
-    without a link (``usp.training.safe_files``)."""
+    without a link (``usp.inputs.safe_files``)."""
 
     @contextlib.contextmanager
     def create_stream(self, path, mode: str):

@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 
 from usp.rendezvous import LOOPBACK, RENDEZVOUS_BACKEND, register_loopback_rendezvous
+from usp.spec import RunSpec
 from usp.training import checkpoint
+from usp.training.checkpoint_record import run_metadata
 from usp.training.resume import finished_checkpoint
 from usp.training.run_dir import RunLock, check_not_in_use
-from usp.training.setup import TrainConfig, run_metadata, validate, with_default_batch
+from usp.training.setup import validate, with_default_batch
 
 logger = logging.getLogger(__name__)
 
@@ -39,34 +41,36 @@ def _under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(config: TrainConfig) -> list[dict]:
-    """Validate, lock, train on ``config.nproc`` ranks (or torchrun's); rank 0's records."""
+def launch(spec: RunSpec) -> list[dict]:
+    """Validate, lock, train on ``spec.nproc`` ranks (or torchrun's); rank 0's records."""
     from usp.training.loop import train
 
-    world_size = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else config.nproc
-    config = with_default_batch(config, world_size)
+    world_size = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else spec.nproc
+    spec = with_default_batch(spec, world_size)
+    out, resume = Path(spec.checkpoint.out), spec.checkpoint.resume
     if not _under_torchrun():  # a directory another run holds is said so before anything else
-        check_not_in_use(Path(config.out))
-    validate(config, world_size)
-    if config.resume is not None and finished_checkpoint(
-            Path(config.out), config.resume, run_metadata(config, world_size), config.steps):
+        check_not_in_use(out)
+    validate(spec, world_size)
+    if resume is not None and finished_checkpoint(
+            out, resume, run_metadata(spec, world_size), spec.optim.steps):
         return []  # the run is at its last step: nothing to start
     if _under_torchrun():
-        return _result(_worker(config, run_dir_locked=False, log_level=_log_level()))
-    if config.nproc == 1:
-        return train(config)
-    with RunLock(Path(config.out)):
-        validate(config, world_size)  # again under the lock: nothing changed since the first look
+        return _result(_worker(spec, run_dir_locked=False, log_level=_log_level()))
+    if spec.nproc == 1:
+        return train(spec)
+    with RunLock(out):
+        validate(spec, world_size)  # again under the lock: nothing changed since the first look
+        parallel = spec.parallel
         logger.info(
             "launching %d ranks on %s (ring %d x ulysses %d x tp %d), run directory %s; each "
             "rank imports torch and joins the process group before rank 0 reports again",
-            config.nproc, LOOPBACK, config.ring, config.ulysses, config.tp, config.out,
+            spec.nproc, LOOPBACK, parallel.ring, parallel.ulysses, parallel.tp, out,
         )
-        return launch_elastic(config, run_dir_locked=True)
+        return launch_elastic(spec, run_dir_locked=True)
 
 
-def launch_elastic(config: TrainConfig, run_dir_locked: bool = False) -> list[dict]:
-    """Run ``config.nproc`` fresh rank processes (even one) through torchrun's elastic launcher,
+def launch_elastic(spec: RunSpec, run_dir_locked: bool = False) -> list[dict]:
+    """Run ``spec.nproc`` fresh rank processes (even one) through torchrun's elastic launcher,
     rendezvous on the loopback interface only."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -74,7 +78,7 @@ def launch_elastic(config: TrainConfig, run_dir_locked: bool = False) -> list[di
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
-        nproc_per_node=config.nproc,
+        nproc_per_node=spec.nproc,
         run_id=f"usp-train-{uuid.uuid4().hex[:8]}",
         rdzv_backend=RENDEZVOUS_BACKEND,
         rdzv_endpoint=f"{LOOPBACK}:0",
@@ -90,7 +94,7 @@ def launch_elastic(config: TrainConfig, run_dir_locked: bool = False) -> list[di
         for name, level in quiet.items():
             logging.getLogger(name).setLevel(level)
     try:
-        results = elastic_launch(launch_config, _worker)(config, run_dir_locked, _log_level(), True)
+        results = elastic_launch(launch_config, _worker)(spec, run_dir_locked, _log_level(), True)
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
@@ -109,7 +113,7 @@ def _log_level() -> int:
     return logging.getLogger().getEffectiveLevel()
 
 
-def _worker(config: TrainConfig, run_dir_locked: bool, log_level: int, loopback: bool = False):
+def _worker(spec: RunSpec, run_dir_locked: bool, log_level: int, loopback: bool = False):
     """One rank's entry point: threads, network, logging, then :func:`usp.training.loop.train`."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -128,7 +132,7 @@ def _worker(config: TrainConfig, run_dir_locked: bool, log_level: int, loopback:
     # one voice: rank 0 reports progress; the other ranks speak only of warnings and errors
     logging.getLogger().setLevel(log_level if rank == 0 else max(log_level, logging.WARNING))
     try:
-        return record(train)(config, run_dir_locked=run_dir_locked)
+        return record(train)(spec, run_dir_locked=run_dir_locked)
     except ValueError as exc:
         logger.debug("rank %d rejected the run", rank, exc_info=True)
         return {_ERROR: str(exc)}

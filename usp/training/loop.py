@@ -8,7 +8,6 @@ logging its progress once (rank 0) from the first second.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -18,22 +17,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from usp.training import checkpoint, metrics, run_dir, safe_files
+from usp.inputs import safe_files
+from usp.training import checkpoint, metrics, run_dir
 from usp.comm import agree, collective_device
 from usp.training.resume import choose_intact, init_source, verify_on_every_rank
 from usp.training.build import model_name
 from usp.training.run_dir import RunLock
 from usp.training.evaluate import evaluate
-from usp.training.setup import (TrainConfig, build_run, validate, with_default_batch,
-                                with_device_dtype)
+from usp.spec import RunSpec
+from usp.training.setup import build_run, uses_cuda, validate, with_default_batch, with_device_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train", "train_step", "validate"]
+__all__ = ["train", "train_step", "validate"]
 
 
-def _device(config: TrainConfig) -> torch.device:
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+def _device(device: str) -> torch.device:
+    if uses_cuda(device):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         # fp32 matmuls on tensor cores (TF32): what MFU of an fp32 run is stated against
@@ -44,14 +44,14 @@ def _device(config: TrainConfig) -> torch.device:
 
 
 # ---------------------------------------------------------------------------- training
-def train(config: TrainConfig, *, run_dir_locked: bool = False) -> list[dict]:
+def train(spec: RunSpec, *, run_dir_locked: bool = False) -> list[dict]:
     """Train on this rank; returns every step's metrics record (the same loss on every rank).
 
     Joins an initialised process group if there is one, else starts one from the torchrun
     environment when ``WORLD_SIZE > 1``, else trains as a single process. Rank 0 locks the run
     directory for the run unless ``run_dir_locked`` (the launching process holds the lock).
     """
-    device = _device(config)
+    device = _device(spec.device)
     created = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -59,12 +59,12 @@ def train(config: TrainConfig, *, run_dir_locked: bool = False) -> list[dict]:
         if dist.get_rank() == 0:
             logger.info("process group ready: %d ranks (%s)", dist.get_world_size(),
                         dist.get_backend())
-    config = with_default_batch(config, dist.get_world_size() if dist.is_initialized() else 1)
-    config = with_device_dtype(config, device)
+    spec = with_default_batch(spec, dist.get_world_size() if dist.is_initialized() else 1)
+    spec = with_device_dtype(spec, device)
     try:
-        lock = _validate_on_every_rank(config, run_dir_locked)
+        lock = _validate_on_every_rank(spec, run_dir_locked)
         try:
-            return _train(config, device)
+            return _train(spec, device)
         finally:
             if lock is not None:
                 lock.release()
@@ -73,13 +73,13 @@ def train(config: TrainConfig, *, run_dir_locked: bool = False) -> list[dict]:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, device: torch.device) -> list[dict]:
+def _train(spec: RunSpec, device: torch.device) -> list[dict]:
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    out = Path(config.out)
+    out, optim, checkpoint_section = Path(spec.checkpoint.out), spec.optim, spec.checkpoint
     if rank == 0:
-        logger.info("building %s and loading its data", model_name(config))
-    run = build_run(config, device, world_size)
+        logger.info("building %s and loading its data", model_name(spec.model))
+    run = build_run(spec, device, world_size)
     if rank == 0:
         logger.info("%s", run.data_summary)
     metrics_path = out / run_dir.METRICS
@@ -90,38 +90,39 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
                 logger.warning("%s", note)
         if run.resume_plan.candidates:
             path = choose_intact(run.resume_plan.candidates, run.metadata)
-            state = checkpoint.load_checkpoint(path, run.model, run.optimizer, config.seed)
+            state = checkpoint.load_checkpoint(path, run.model, run.optimizer, spec.seed)
             run.scheduler.load_state_dict(state["scheduler"])
             run.batcher.load_state_dict(state["data"])
             start_step = state["step"]
         if rank == 0:
             _truncate_metrics(metrics_path, start_step)
-    if start_step == 0 and config.init_from is not None:  # a new run: only the weights
-        source = init_source(config.init_from)
+    if start_step == 0 and checkpoint_section.init_from is not None:  # a new run: the weights
+        source = init_source(checkpoint_section.init_from)
         verify_on_every_rank(source)
         source_step = checkpoint.load_model_weights(source, run.model)
         if rank == 0:
             logger.info("model weights from %s (step %d of its run); the optimizer, learning-rate "
                         "schedule and step count start fresh", source, source_step)
     if rank == 0:  # what a later --resume reads back (after the resume itself succeeded)
-        run_dir.write_settings(out, _settings_on_record(config))
-    peak = metrics.peak_tflops(device, config.dtype, config.peak_tflops)
-    log = metrics.MetricsLog(metrics_path, config.steps, start_step, rank == 0, config.progress)
-    if rank == 0 and start_step < config.steps:
+        run_dir.write_settings(out, spec)
+    peak = metrics.peak_tflops(device, spec.model.dtype, spec.logging.peak_tflops)
+    log = metrics.MetricsLog(metrics_path, optim.steps, start_step, rank == 0,
+                             spec.logging.progress)
+    if rank == 0 and start_step < optim.steps:
         logger.info("training steps %d-%d (the first one also allocates and warms up)",
-                    start_step + 1, config.steps)
-    records = []
+                    start_step + 1, optim.steps)
+    records, eval_every, ckpt_every = [], spec.data.eval_every, checkpoint_section.ckpt_every
     try:
-        for step in range(start_step + 1, config.steps + 1):
-            record = train_step(run, config, step)
-            if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-                record["eval_loss"] = evaluate(run, config)
+        for step in range(start_step + 1, optim.steps + 1):
+            record = train_step(run, step)
+            if eval_every and (step % eval_every == 0 or step == optim.steps):
+                record["eval_loss"] = evaluate(run)
             record.update(metrics.mfu_fields(
                 record["tokens_per_s"], run.flops_per_token, world_size, peak
             ))
             log.log(record)
             records.append(record)
-            if config.ckpt_every and (step % config.ckpt_every == 0 or step == config.steps):
+            if ckpt_every and (step % ckpt_every == 0 or step == optim.steps):
                 trainer_state = {
                     "step": step,
                     "scheduler": run.scheduler.state_dict(),
@@ -133,12 +134,13 @@ def _train(config: TrainConfig, device: torch.device) -> list[dict]:
     finally:
         log.close()
     if rank == 0 and os.path.lexists(metrics_path):
-        reference = Path(config.reference_metrics) if config.reference_metrics else None
+        reference = spec.logging.reference_metrics
+        reference = Path(reference) if reference else None
         metrics.plot_loss(metrics_path, out / run_dir.PLOT, reference)
     return records
 
 
-def _validate_on_every_rank(config: TrainConfig, run_dir_locked: bool) -> RunLock | None:
+def _validate_on_every_rank(spec: RunSpec, run_dir_locked: bool) -> RunLock | None:
     """Validate on each rank, take the run directory's lock on rank 0 (unless the launcher holds
     it), and agree: if any rank rejects the input, every rank raises (a file missing on one node
     must not leave the others waiting in a collective). Also the barrier that keeps rank 0 from
@@ -148,11 +150,11 @@ def _validate_on_every_rank(config: TrainConfig, run_dir_locked: bool) -> RunLoc
     lock, error = None, None
     try:
         if rank == 0 and not run_dir_locked:  # a busy directory is said so first
-            run_dir.check_not_in_use(Path(config.out))
-        validate(config, world_size)
+            run_dir.check_not_in_use(Path(spec.checkpoint.out))
+        validate(spec, world_size)
         if rank == 0 and not run_dir_locked:
-            lock = RunLock(Path(config.out)).acquire()
-            validate(config, world_size)  # again under the lock
+            lock = RunLock(Path(spec.checkpoint.out)).acquire()
+            validate(spec, world_size)  # again under the lock
     except ValueError as exc:
         error = str(exc)
     try:
@@ -164,18 +166,7 @@ def _validate_on_every_rank(config: TrainConfig, run_dir_locked: bool) -> RunLoc
     return lock
 
 
-def _settings_on_record(config: TrainConfig) -> dict:
-    """config.json: the settings, with paths made absolute so a resume from elsewhere finds them."""
-    settings = dataclasses.asdict(config)
-    settings["data"] = [str(Path(p).resolve()) for p in config.data]
-    if config.init_from:
-        settings["init_from"] = str(Path(config.init_from).resolve())
-    if config.reference_metrics:
-        settings["reference_metrics"] = str(Path(config.reference_metrics).resolve())
-    return settings
-
-
-def train_step(run, config: TrainConfig, step: int) -> dict:
+def train_step(run, step: int) -> dict:
     """One optimizer step on the next global batch; returns its metrics record (without MFU)."""
     from usp.training.accumulate import rank_batch, split_micro_batches, train_micro_batches
 
@@ -183,10 +174,10 @@ def train_step(run, config: TrainConfig, step: int) -> dict:
     memory_before = metrics.current_memory_bytes(run.device)
     metrics.reset_peak_memory(run.device)
     start = time.perf_counter()
-    batch = rank_batch(run, config, run.batcher.next_batch())
+    batch = rank_batch(run, run.batcher.next_batch())
     data_time = time.perf_counter() - start
     lr = run.scheduler.get_last_lr()[0]
-    autocast_dtype = torch.bfloat16 if config.dtype == "bf16" else None
+    autocast_dtype = run.step.autocast_dtype
     if run.pipeline is not None:  # forward and backward of every micro-batch, stage by stage
         with metrics.SavedActivations() as saved, torch.autocast(
                 run.device.type, autocast_dtype, enabled=autocast_dtype is not None):
@@ -197,11 +188,11 @@ def train_step(run, config: TrainConfig, step: int) -> dict:
         saved_bytes = saved.bytes
     else:  # --grad-accum micro-steps, gradients synced in the last
         loss, saved_bytes = train_micro_batches(
-            run.model, split_micro_batches(batch, config.grad_accum), run.topology,
+            run.model, split_micro_batches(batch, run.step.grad_accum), run.topology,
             run.loss_head, autocast_dtype=autocast_dtype,
-            offload_device=run.device if config.offload_activations else None,
+            offload_device=run.device if run.step.offload_activations else None,
         )
-    grad_norm = run.clip_gradients(config.grad_clip)
+    grad_norm = run.clip_gradients(run.step.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -211,7 +202,7 @@ def train_step(run, config: TrainConfig, step: int) -> dict:
     step_time = time.perf_counter() - start
     memory = [memory_before, metrics.peak_memory_bytes(run.device), saved_bytes]
     per_rank = _gather(torch.tensor(memory, dtype=torch.float64))
-    tokens = config.global_batch * config.seq_len
+    tokens = run.step.tokens
     return {
         "step": step,
         "loss": loss_value,

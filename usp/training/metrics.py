@@ -8,7 +8,7 @@ that file is missing the peak falls back to ``getrusage``'s lifetime ``ru_maxrss
 baseline is read on CPU, ``malloc_trim`` hands freed heap pages back to the kernel, so the baseline
 is what is live (model, optimizer state) and not what glibc kept from the previous step.
 
-The run's ``metrics.jsonl`` and ``loss.png`` are written through ``usp.training.safe_files``
+The run's ``metrics.jsonl`` and ``loss.png`` are written through ``usp.inputs.safe_files``
 (appended and replaced without following a link).
 """
 
@@ -28,7 +28,7 @@ import torch
 from usp.precision import datasheet_peak, effective_precision
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from usp.training import safe_files
+from usp.inputs import safe_files
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,16 @@ def read_metrics(path: str | Path, follow_links: bool = True) -> list[dict]:
                              "an integer step and a numeric loss)")
         records.append(record)
     return records
+
+
+def check_logging(logging_section) -> None:
+    """The logging section (``usp.spec.Logging``): a ``--reference-metrics`` file that exists and
+    whose records read, before a run that ends drawing them."""
+    reference = logging_section.reference_metrics
+    if reference:
+        if not Path(reference).is_file():
+            raise ValueError(f"--reference-metrics {reference!r} does not exist")
+        read_metrics(reference)
 
 
 class MetricsLog:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from usp.training import checkpoint, checkpoint_record, integrity, safe_files
+from usp.inputs import safe_files
+from usp.training import checkpoint, checkpoint_record, integrity
 from usp.training.run_dir import CONFIG
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """The run directory of ``usp train``: its name, its saved settings, its lock, and its writability.
 
 A run lives in one directory (``--out``, by default ``runs/MODEL-rR-uU-tT-sS-TIME``) holding
-``config.json`` (the settings, rewritten on every resume), ``metrics.jsonl``, ``loss.png`` and
-``checkpoints/``. ``--resume`` accepts that directory, a checkpoint inside it, or nothing (the
+``config.json`` (the run spec, ``usp.spec.RunSpec``, in its nested form: a table per section;
+rewritten on every resume), ``metrics.jsonl``, ``loss.png`` and ``checkpoints/``. ``--resume`` accepts that directory, a checkpoint inside it, or nothing (the
 newest run of the same configuration under ``runs/``); :func:`resolve_settings` turns the flags
 the user gave into a full set of settings, the run's saved ones with the given flags on top.
 
@@ -10,7 +10,7 @@ While a run trains, the process that launched it holds an exclusive ``fcntl.floc
 ``OUT/.lock`` (released by the kernel however that process ends, ``kill -9`` included), so a second
 run into the same directory is refused at once instead of interleaving its files.
 
-Every file of the directory is read and written through ``usp.training.safe_files`` (no link is
+Every file of the directory is read and written through ``usp.inputs.safe_files`` (no link is
 followed, no FIFO opened), and :func:`check_run_directory` refuses, before anything starts, a run
 directory that is itself a link or holds a link, FIFO or device under a name usp uses. The
 directory's parents may be links (``runs/`` on another disk is the user's own layout, typed on the
@@ -26,13 +26,12 @@ import socket
 import time
 from pathlib import Path
 
-from usp.training import safe_files
+from usp.inputs import safe_files
+from usp.inputs.folders import CHECKPOINTS, CONFIG, METRICS
+from usp.spec import SECTION_OF, SECTIONS, RunSpec, flatten
 
-CONFIG = "config.json"
 LOCK = ".lock"
-METRICS = "metrics.jsonl"
 PLOT = "loss.png"
-CHECKPOINTS = "checkpoints"
 RUNS = Path("runs")
 # every file name usp writes in a run directory (a replaced file goes through NAME.tmp)
 RUN_FILES = (CONFIG, CONFIG + ".tmp", METRICS, METRICS + ".tmp", PLOT, PLOT + ".tmp", LOCK)
@@ -72,7 +71,10 @@ def latest_run(prefix: str) -> Path | None:
 
 
 def read_settings(run: Path) -> dict:
-    """The saved settings of ``run`` (its ``config.json``, read without following a link)."""
+    """The saved settings of ``run``, flat (``{setting: value}``): its ``config.json``, read
+    without following a link, in the spec's nested form or the flat form runs wrote before the
+    spec had sections (where ``zero2: true/false`` is ``zero: 2/3``). A name that is no setting
+    is a ValueError naming the file and the names."""
     path = Path(run) / CONFIG
     try:
         settings = json.loads(safe_files.read_text(path, SETTINGS_LIMIT))
@@ -87,19 +89,48 @@ def read_settings(run: Path) -> dict:
             f"{run} is a Hugging Face model folder (its config.json has a model_type), not a usp "
             f"run directory; to fine-tune it: usp train --hf-model {run} --tokenizer {run}"
         )
+    if not any(isinstance(settings.get(section), dict) for section in SECTIONS):
+        settings = _older_flat(settings)  # a run written before the spec had sections
+    settings = flatten(settings, str(path))
+    unknown = sorted(set(settings) - set(SECTION_OF))
+    if unknown:
+        raise ValueError(
+            f"{path} holds settings this usp does not know: {unknown}; remove them from the "
+            f"file to resume the run (its checkpoints are unchanged), or start a new run"
+        )
     return settings
 
 
-def write_settings(out: Path, settings: dict) -> None:
-    """``OUT/config.json`` (atomically, never through a link): what ``--resume OUT`` reads."""
-    text = json.dumps({**settings, "resume": None}, indent=2) + "\n"
+def _older_flat(settings: dict) -> dict:
+    """The flat config.json of an older run in today's names: its ZeRO-2 switch is ``zero``."""
+    settings = dict(settings)
+    if "zero2" in settings:
+        zero2 = settings.pop("zero2")
+        if not isinstance(zero2, bool):
+            raise ValueError(f"zero2={zero2!r} in an older run's config.json is not true or "
+                             "false")
+        settings.setdefault("zero", 2 if zero2 else 3)
+    return settings
+
+
+def write_settings(out: Path, spec: RunSpec) -> None:
+    """``OUT/config.json`` (atomically, never through a link): the spec in its nested form, with
+    paths made absolute so a resume from elsewhere finds them; what ``--resume OUT`` reads."""
+    checkpoint, logging = spec.checkpoint, spec.logging
+    absolute = {"data": [str(Path(p).resolve()) for p in spec.data.data], "resume": None}
+    if checkpoint.init_from:
+        absolute["init_from"] = str(Path(checkpoint.init_from).resolve())
+    if logging.reference_metrics:
+        absolute["reference_metrics"] = str(Path(logging.reference_metrics).resolve())
+    text = json.dumps(spec.replace(**absolute).nested(), indent=2) + "\n"
     safe_files.replace(Path(out) / CONFIG, text.encode())
 
 
 def resolve_settings(given: dict, defaults: dict) -> dict:
-    """Full settings from the flags the user ``given`` (name -> value, only those on the command
-    line): a fresh run takes ``defaults`` below them; a resumed run takes its saved config.json
-    below them (``validate`` then refuses the ones a checkpoint cannot change)."""
+    """Full flat settings from those the user ``given`` (name -> value: the flags typed over a
+    ``--config`` file's): a fresh run takes ``defaults`` below them; a resumed run takes its
+    saved config.json below them (``validate`` then refuses the ones a checkpoint cannot
+    change)."""
     resume = given.get("resume")
     if resume is not None and given.get("init_from") is not None:
         raise ValueError(

@@ -1,185 +1,203 @@
-"""The training run's settings: their validation, and the objects built from them.
+"""The training run's settings (a :class:`usp.spec.RunSpec`): their validation, section by
+section, and the objects built from them.
 
 :func:`validate` is pure (it reads files, never writes or communicates), so the launcher runs it
 before starting any rank and every rank runs it again: bad input fails the same way everywhere.
-:func:`build_run` turns a valid config into the model (parallelised), optimizer, schedule and data.
+Each section is checked by the module that owns what it describes: ``parallel`` by
+:func:`usp.topology.mesh_sizes` (the rules ``Topology.build`` lays its mesh by), ``model`` by its
+family (``usp.training.build.validate_model``), ``data`` by ``usp.data.run.check_data``,
+``optim`` by ``usp.training.optim``, ``memory`` by ``usp.parallel``, ``usp.memory`` and
+``usp.losses``, ``checkpoint`` by the run directory and the resume plan, ``logging`` by
+``usp.training.metrics``. :func:`build_run` turns a valid spec into the model (parallelised),
+optimizer, schedule and data.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from usp.training import run_dir
 from usp.attention.kernels import KERNELS
 from usp.layout import padded_length
 from usp.losses import LossHead, check_loss
+from usp.memory import check_offload
+from usp.parallel import check_memory_options
 from usp.pipeline import Pipeline, check_pipeline
-from usp.training.accumulate import check_step_options
+from usp.spec import Data, Parallel, RunSpec, check_types
+from usp.topology import AXES, Topology, mesh_sizes
+from usp.training import run_dir
+from usp.training.accumulate import check_accumulation
 from usp.training.build import build_model, validate_model
 from usp.training.checkpoint_record import run_metadata
-from usp.training.config import DEFAULT_CHECKPOINT_EVERY, TrainConfig  # noqa: F401 (re-exported)
 from usp.training.data import data_summary
-from usp.training.metrics import read_metrics
+from usp.training.metrics import check_logging, read_metrics
+from usp.training.optim import build_optimizer, check_optim
 from usp.training.resume import ResumePlan, check_init_source, plan_resume
-from usp.topology import AXES, Topology
 
 SYNTHETIC_WINDOWS = 16  # synthetic data: this many windows per global-batch row, then repeat
 
 
-def microbatches(config: TrainConfig) -> int:
+def microbatches(parallel: Parallel) -> int:
     """Pipeline micro-batches per step: as given, or one per stage."""
-    return config.microbatches or config.pp
+    return parallel.microbatches or parallel.pp
 
 
-def data_parallel_degree(config: TrainConfig, world_size: int) -> int:
+def data_parallel_degree(parallel: Parallel, world_size: int) -> int:
     """dp as given, or (``--dp -1``) the ranks left over by pp x ring x ulysses x tp."""
-    inner = config.pp * config.ring * config.ulysses * config.tp
-    return config.dp if config.dp != -1 else max(1, world_size // max(1, inner))
+    inner = parallel.pp * parallel.ring * parallel.ulysses * parallel.tp
+    return parallel.dp if parallel.dp != -1 else max(1, world_size // max(1, inner))
 
 
-def with_default_batch(config: TrainConfig, world_size: int) -> TrainConfig:
-    """``config`` with ``--global-batch`` given a value when it was not (0): the smallest batch
+def with_default_batch(spec: RunSpec, world_size: int) -> RunSpec:
+    """``spec`` with ``--global-batch`` given a value when it was not (0): the smallest batch
     every layout can split, one row per micro-batch (pipeline micro-batches, or gradient
     accumulation steps) of each dp rank: ``dp x microbatches x grad_accum``. A given value is
     kept (and validated); the value recorded in config.json is the one trained."""
-    if config.global_batch != 0:
-        return config
-    rows = data_parallel_degree(config, world_size) * microbatches(config) * config.grad_accum
-    return dataclasses.replace(config, global_batch=rows)
+    if spec.data.global_batch != 0:
+        return spec
+    parallel = spec.parallel
+    rows = (data_parallel_degree(parallel, world_size) * microbatches(parallel)
+            * spec.optim.grad_accum)
+    return spec.replace(global_batch=rows)
 
 
-def with_device_dtype(config: TrainConfig, device: torch.device) -> TrainConfig:
-    """``config`` with ``--dtype auto`` resolved for ``device``: bf16 on CUDA (what its tensor
+def with_device_dtype(spec: RunSpec, device: torch.device) -> RunSpec:
+    """``spec`` with ``--dtype auto`` resolved for ``device``: bf16 on CUDA (what its tensor
     cores are for), fp32 on a CPU. The value recorded in config.json is the one trained."""
-    if config.dtype != "auto":
-        return config
-    return dataclasses.replace(config, dtype="bf16" if device.type == "cuda" else "fp32")
+    if spec.model.dtype != "auto":
+        return spec
+    return spec.replace(dtype="bf16" if device.type == "cuda" else "fp32")
+
+
+def uses_cuda(device: str) -> bool:
+    """Whether ``--device`` puts the ranks on CUDA devices."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 # ---------------------------------------------------------------------------- validation
-def validate(config: TrainConfig, world_size: int) -> None:
+def validate(spec: RunSpec, world_size: int) -> None:
     """Raise ValueError naming the numbers and the fix for any input that cannot train."""
-    config = with_default_batch(config, world_size)
-    _check_types(config)
-    for name in ("seq_len", "global_batch", "steps", "nproc"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(config, name)} must be >= 1")
-    if config.warmup < 0 or config.ckpt_every < 0 or config.grad_clip < 0:
-        raise ValueError("--warmup, --ckpt-every and --grad-clip must be >= 0")
-    if config.kernel != "auto" and config.kernel not in KERNELS:
-        raise ValueError(
-            f"--kernel {config.kernel!r} is unknown; choose 'auto' or one of {sorted(KERNELS)}"
-        )
-    if config.device == "cuda" and not torch.cuda.is_available():
+    spec = with_default_batch(spec, world_size)
+    check_types(spec)
+    if spec.nproc < 1:
+        raise ValueError(f"--nproc={spec.nproc} must be >= 1")
+    if spec.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu")
-    if not 0 <= config.min_lr <= config.lr:
-        raise ValueError(f"--min-lr={config.min_lr} must lie in [0, --lr={config.lr}]")
-    inner = config.pp * config.ring * config.ulysses * config.tp
-    # the degrees mirror Topology.build's rules, checked here before any rank starts
-    if min(config.pp, config.ring, config.ulysses, config.tp) < 1:
-        raise ValueError("--pp, --ring, --ulysses and --tp must be >= 1")
-    if world_size % inner != 0:
+    cuda = uses_cuda(spec.device)
+    check_optim(spec.optim)
+    _check_batch(spec.data, spec.parallel.pp)
+    topology = _check_parallel(spec.parallel, spec.data, world_size)
+    check_accumulation(spec.data.global_batch, topology.size("dp"), spec.optim.grad_accum,
+                       spec.parallel.pp)
+    _check_memory(spec, topology, cuda)
+    validate_model(spec.model, topology, cuda, spec.memory.loss)
+    if not spec.data.synthetic:  # the settings, every path, the chat template (usp.data)
+        from usp.data.run import check_data
+
+        check_data(data_spec(spec.data, spec.model.tokenizer))
+    check_logging(spec.logging)
+    _check_checkpoint(spec, world_size)
+
+
+def _check_parallel(parallel: Parallel, data: Data, world_size: int) -> Topology:
+    """The parallel section against the world and the batch; a shape-only topology of it (no
+    process group) for the sections whose checks need the mesh's sizes."""
+    sizes = mesh_sizes(world_size, ring=parallel.ring, ulysses=parallel.ulysses, dp=parallel.dp,
+                       tp=parallel.tp, pp=parallel.pp)
+    dp = sizes["dp"]
+    if parallel.kernel != "auto" and parallel.kernel not in KERNELS:
         raise ValueError(
-            f"pp={config.pp} x ring={config.ring} x ulysses={config.ulysses} x tp={config.tp} = "
-            f"{inner} does not divide the {world_size} ranks; use --nproc a multiple of {inner}"
+            f"--kernel {parallel.kernel!r} is unknown; choose 'auto' or one of {sorted(KERNELS)}"
         )
-    dp = world_size // inner if config.dp == -1 else config.dp
-    if dp * inner != world_size:
+    if data.global_batch % dp != 0:  # only a given --global-batch: the default divides
         raise ValueError(
-            f"dp={dp} x pp x ring x ulysses x tp = {dp * inner} != {world_size} ranks; "
-            "pass --dp -1"
-        )
-    if config.global_batch % dp != 0:  # only a given --global-batch: the default divides
-        raise ValueError(
-            f"--global-batch={config.global_batch} is not divisible by dp={dp}; use a multiple "
+            f"--global-batch={data.global_batch} is not divisible by dp={dp}; use a multiple "
             f"of {dp}, or more sequence parallelism (ring, ulysses) and a smaller dp"
         )
     # any length: the layout pads it to its slots (masked); tp splits each rank's slots
-    slots = padded_length(config.seq_len, config.ring, config.ulysses, config.layout)
-    local_len = slots // (config.ring * config.ulysses)
-    if local_len % config.tp != 0:
+    slots = padded_length(data.seq_len, parallel.ring, parallel.ulysses, parallel.layout)
+    local_len = slots // (parallel.ring * parallel.ulysses)
+    if local_len % parallel.tp != 0:
         raise ValueError(
-            f"--seq-len={config.seq_len} leaves {local_len} slots per sequence rank, which "
-            f"tp={config.tp} cannot split; use a multiple of "
-            f"{config.ring * config.ulysses * config.tp * 2}"
+            f"--seq-len={data.seq_len} leaves {local_len} slots per sequence rank, which "
+            f"tp={parallel.tp} cannot split; use a multiple of "
+            f"{parallel.ring * parallel.ulysses * parallel.tp * 2}"
         )
-    if config.pp > 1:
-        check_pipeline(config.pp, config.global_batch // dp, microbatches(config),
-                       config.pp_schedule)
-    check_step_options(config, dp)
-    # a shape-only topology (no process group) lets parallelize's own check run before launch
-    sizes = {"pp": config.pp, "dp": dp, "ring": config.ring, "ulysses": config.ulysses,
-             "tp": config.tp}
-    shape_only = Topology(sizes, {axis: 0 for axis in AXES})
-    check_loss(config.loss, shape_only, config.loss_chunk_tokens)
-    validate_model(config, shape_only)
-    if not config.synthetic:  # the settings, every path, the chat template (usp.data)
-        from usp.data.run import check_data
-
-        check_data(data_spec(config))
-    if config.reference_metrics:
-        if not Path(config.reference_metrics).is_file():
-            raise ValueError(f"--reference-metrics {config.reference_metrics!r} does not exist")
-        read_metrics(config.reference_metrics)  # its records, before a run that ends drawing them
-    _validate_output(config, world_size)
+    if parallel.pp > 1:
+        check_pipeline(parallel.pp, data.global_batch // dp, microbatches(parallel),
+                       parallel.pp_schedule)
+    return Topology(sizes, {axis: 0 for axis in AXES})
 
 
-def _check_types(config: TrainConfig) -> None:
-    """Every setting of the type its field declares: flags are parsed to it, but a resumed run
-    takes the others from its config.json, which anyone could have edited."""
-    hints = typing.get_type_hints(TrainConfig)
-    for name, hint in hints.items():
-        value = getattr(config, name)
-        if not _has_type(value, hint):
-            expected = getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint)
-            raise ValueError(f"setting {name}={value!r} is not of type {expected} (from the "
-                             "command line, or the config.json of the run being resumed)")
+def _check_batch(data: Data, pp: int) -> None:
+    """The data section's sizes and held-out split (what the data holds: ``usp.data``)."""
+    for name in ("seq_len", "global_batch"):
+        if getattr(data, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(data, name)} must be >= 1")
+    if data.eval_every < 0 or data.eval_batches < 1:
+        raise ValueError(f"--eval-every={data.eval_every} must be >= 0 and --eval-batches="
+                         f"{data.eval_batches} >= 1")
+    if data.eval_every and pp > 1:
+        raise ValueError("--eval-every with pp > 1: the held-out loss runs the whole model on "
+                         "each rank's stage, which the pipeline does not offer yet; use pp=1")
 
 
-def _has_type(value, hint) -> bool:
-    arguments = typing.get_args(hint)
-    if typing.get_origin(hint) in (types.UnionType, typing.Union):
-        return any(_has_type(value, argument) for argument in arguments)
-    if typing.get_origin(hint) is list:
-        return isinstance(value, list) and all(_has_type(v, arguments[0]) for v in value)
-    if hint is type(None):
-        return value is None
-    if isinstance(value, bool) and hint is not bool:
-        return False
-    return isinstance(value, (int, float) if hint is float else hint)
+def _check_memory(spec: RunSpec, topology: Topology, cuda: bool) -> None:
+    """The memory section: checkpointing kinds and the tiled MLP, offload, the loss."""
+    memory = spec.memory
+    check_memory_options(memory.ac, memory.tiled_mlp)
+    if memory.offload_activations:
+        check_offload(torch.device("cuda" if cuda else "cpu"))
+        if spec.parallel.pp > 1:
+            raise ValueError("--offload-activations with pp > 1 is not offered yet: the "
+                             "pipeline's schedule runs the forward passes; use pp=1")
+    check_loss(memory.loss, topology, memory.loss_chunk_tokens)
 
 
-def _validate_output(config: TrainConfig, world_size: int) -> None:
-    run_dir.check_run_directory(Path(config.out))
-    run_dir.check_writable(Path(config.out))
-    if config.resume is None:
-        run_dir.check_fresh(Path(config.out))
-        if config.init_from is not None:
-            check_init_source(config.init_from, run_metadata(config, world_size))
+def _check_checkpoint(spec: RunSpec, world_size: int) -> None:
+    """The checkpoint section: the run directory, and what a resume or --init-from reads."""
+    out, checkpoint = Path(spec.checkpoint.out), spec.checkpoint
+    if checkpoint.ckpt_every < 0:
+        raise ValueError(f"--ckpt-every={checkpoint.ckpt_every} must be >= 0")
+    run_dir.check_run_directory(out)
+    run_dir.check_writable(out)
+    if checkpoint.resume is None:
+        run_dir.check_fresh(out)
+        if checkpoint.init_from is not None:
+            check_init_source(checkpoint.init_from, run_metadata(spec, world_size))
         return
-    plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
-    metrics_path = Path(config.out) / run_dir.METRICS
+    plan_resume(out, checkpoint.resume, run_metadata(spec, world_size))
+    metrics_path = out / run_dir.METRICS
     if os.path.lexists(metrics_path):  # a resume rewrites it: its records must be readable
         read_metrics(metrics_path, follow_links=False)
 
 
 # ---------------------------------------------------------------------------- building the run
-def lr_at_step(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier of step ``step`` (0-based): linear warm-up, then cosine to ``min_ratio``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+@dataclass(frozen=True)
+class StepOptions:
+    """What a training step reads of the spec: how the batch is cut and computed."""
+
+    layout: str = "stripe"
+    separate_documents: bool = True  # packed documents each their own sequence (not synthetic)
+    grad_accum: int = 1
+    autocast_dtype: torch.dtype | None = None  # --dtype bf16: the forward under autocast
+    offload_activations: bool = False
+    grad_clip: float = 1.0
+    tokens: int = 0  # global tokens per step
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> "StepOptions":
+        return cls(layout=spec.parallel.layout,
+                   separate_documents=spec.data.pack and not spec.data.synthetic,
+                   grad_accum=spec.optim.grad_accum,
+                   autocast_dtype=torch.bfloat16 if spec.model.dtype == "bf16" else None,
+                   offload_activations=spec.memory.offload_activations,
+                   grad_clip=spec.optim.grad_clip,
+                   tokens=spec.data.global_batch * spec.data.seq_len)
 
 
 @dataclass
@@ -197,6 +215,7 @@ class Run:
     loss_head: LossHead = LossHead()  # how the loss meets the output projection (usp.losses)
     held_out: object = None  # --eval-every: the held-out batches (usp.data.batcher)
     data_summary: str = ""  # documents, tokens and epochs, for the log
+    step: StepOptions = StepOptions()  # how each step runs (the settings it reads)
 
     def clip_gradients(self, max_norm: float) -> float:
         """Clip to a global norm over every rank's shards; returns the norm before clipping."""
@@ -220,64 +239,59 @@ class Run:
         return float(total)
 
 
-def data_spec(config: TrainConfig):
+def data_spec(data: Data, tokenizer: str | None):
     """The run's data settings as ``usp.data`` takes them."""
     from usp.data.spec import DataSpec
 
-    return DataSpec(paths=tuple(config.data), text_field=config.text_field,
-                    chat_field=config.chat_field, loss_on=config.loss_on,
-                    tokenizer=config.tokenizer, cache=config.data_cache or "")
+    return DataSpec(paths=tuple(data.data), text_field=data.text_field,
+                    chat_field=data.chat_field, loss_on=data.loss_on,
+                    tokenizer=tokenizer, cache=data.data_cache or "")
 
 
-def _run_data(config: TrainConfig):
+def _run_data(data: Data, tokenizer: str | None, seed: int):
     """The run's batches (``usp.data.run.RunData``): the data's tokens from the cache (or
     seeded random tokens), the held-out batches of ``--eval-every``."""
     from usp.data.run import prepare_on_every_rank, run_data, synthetic_store
     from usp.training.data import synthetic_tokens
 
-    eval_batches = config.eval_batches if config.eval_every else 0
-    if config.synthetic:
-        num_tokens = config.global_batch * SYNTHETIC_WINDOWS * config.seq_len + 1
-        store = synthetic_store(synthetic_tokens(num_tokens, seed=config.seed))
-        return run_data(store, config.global_batch, config.seq_len, config.seed, eval_batches)
-    prepared = prepare_on_every_rank(data_spec(config))
-    return run_data(prepared.store, config.global_batch, config.seq_len, config.seed,
-                    eval_batches, prepared.render, prepared.documents)
+    eval_batches = data.eval_batches if data.eval_every else 0
+    if data.synthetic:
+        num_tokens = data.global_batch * SYNTHETIC_WINDOWS * data.seq_len + 1
+        store = synthetic_store(synthetic_tokens(num_tokens, seed=seed))
+        return run_data(store, data.global_batch, data.seq_len, seed, eval_batches)
+    prepared = prepare_on_every_rank(data_spec(data, tokenizer))
+    return run_data(prepared.store, data.global_batch, data.seq_len, seed, eval_batches,
+                    prepared.render, prepared.documents)
 
 
-def build_run(config: TrainConfig, device: torch.device, world_size: int) -> Run:
-    data = _run_data(config)  # first: bad data stops every rank before the model is built
-    topology = Topology.build(ring=config.ring, ulysses=config.ulysses, dp=config.dp, tp=config.tp,
-                              pp=config.pp)
-    resume_plan = (plan_resume(Path(config.out), config.resume, run_metadata(config, world_size))
-                   if config.resume else None)
+def build_run(spec: RunSpec, device: torch.device, world_size: int) -> Run:
+    # first: bad data stops every rank before the model is built
+    data = _run_data(spec.data, spec.model.tokenizer, spec.seed)
+    parallel, checkpoint = spec.parallel, spec.checkpoint
+    topology = Topology.build(ring=parallel.ring, ulysses=parallel.ulysses, dp=parallel.dp,
+                              tp=parallel.tp, pp=parallel.pp)
+    metadata = run_metadata(spec, world_size)
+    resume_plan = (plan_resume(Path(checkpoint.out), checkpoint.resume, metadata)
+                   if checkpoint.resume else None)
     # built on the meta device and materialised shard by shard; a checkpoint to resume from
     # (or --init-from's) replaces --hf-model's weights, so they are not read
     model, flops_per_token = build_model(
-        config, topology, device, load_weights=not (resume_plan and resume_plan.candidates)
-        and config.init_from is None,
+        spec.model, parallel, spec.memory, topology, device, seq_len=spec.data.seq_len,
+        seed=spec.seed, load_weights=not (resume_plan and resume_plan.candidates)
+        and checkpoint.init_from is None,
     )
-    loss_head = LossHead(config.loss, config.loss_chunk_tokens)
+    loss_head = LossHead(spec.memory.loss, spec.memory.loss_chunk_tokens)
     pipeline = None
     if topology.size("pp") > 1:
-        pipeline = Pipeline(model, topology, device, microbatches(config), config.pp_schedule,
-                            loss_head)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms: decay would fight their scale
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.95), eps=1e-8,
-    )
-    schedule = partial(
-        lr_at_step, warmup=config.warmup, total=config.steps, min_ratio=config.min_lr / config.lr
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        pipeline = Pipeline(model, topology, device, microbatches(parallel),
+                            parallel.pp_schedule, loss_head)
+    optimizer, scheduler = build_optimizer(model, spec.optim)
     return Run(
         device=device, topology=topology, model=model, optimizer=optimizer, scheduler=scheduler,
-        batcher=data.batcher, metadata=run_metadata(config, world_size),
+        batcher=data.batcher, metadata=metadata,
         flops_per_token=flops_per_token, pipeline=pipeline, resume_plan=resume_plan,
         loss_head=loss_head, held_out=data.held_out,
         data_summary=data_summary(data.documents, data.batcher.num_tokens, data.held_out_tokens,
-                                  config.steps, config.global_batch, config.seq_len),
+                                  spec.optim.steps, spec.data.global_batch, spec.data.seq_len),
+        step=StepOptions.of(spec),
     )

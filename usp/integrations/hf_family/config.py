@@ -4,7 +4,7 @@ running code, their checks against a topology, and the settings functions of the
 - :func:`load_hf_config`: a preset (no download) or a local ``config.json`` or model folder;
   ``trust_remote_code`` is never set, a folder asking for custom code or naming a model type
   transformers does not ship is refused, and every size must be a positive whole number
-  (``usp.training.folders``, ``usp.training.model_size``).
+  (``usp.inputs.folders``, ``usp.inputs.model_size``).
 - :func:`validate_hf_config`: the config against a topology's shape (no process group).
 - :func:`size`, :func:`validate`, :func:`metadata`: what ``usp.models.family.ModelFamily`` asks
   of a run's :class:`~usp.models.family.ModelSettings` (``--hf-config`` or ``--hf-model``).
@@ -23,15 +23,15 @@ from usp.integrations.hf_family.tp import check_tensor_parallel
 from usp.integrations.transformers import ATTENTION_NAME, check_config, check_sequence_mixers
 from usp.models.family import ModelSettings, ModelSize, check_vocabulary
 from usp.topology import Topology
-from usp.training import folders, model_size
-from usp.training.data import BYTE_VOCAB_SIZE
+from usp.inputs import folders, model_size
+from usp.inputs.byte_tokens import BYTE_VOCAB_SIZE
 
 _TINY = dict(
     vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1 << 17,
     tie_word_embeddings=False,
 )
-# CPU-sized configs of five architectures (vocab 512 covers the 257 byte-level ids of usp.training.data)
+# CPU-sized configs of five architectures (vocab 512 covers the 257 byte-level ids of usp.inputs.byte_tokens)
 PRESETS: dict[str, dict] = {
     "tiny-llama": dict(model_type="llama", **_TINY),
     "tiny-qwen2": dict(model_type="qwen2", **_TINY),
@@ -44,7 +44,7 @@ PRESETS: dict[str, dict] = {
 def load_hf_config(path_or_preset: str, flag: str = "--hf-config") -> PretrainedConfig:
     """A preset name, a ``config.json`` or a model folder holding one; never downloads, never
     runs code from the folder, and refuses sizes that are not positive whole numbers
-    (``usp.training.folders``, ``usp.training.model_size``)."""
+    (``usp.inputs.folders``, ``usp.inputs.model_size``)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if path_or_preset in PRESETS:

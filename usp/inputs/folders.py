@@ -19,16 +19,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from usp.training import safe_files
-from usp.training.run_dir import CHECKPOINTS, METRICS
+from usp.inputs import safe_files
 
 CONFIG = "config.json"
+# entries of a usp run directory besides its config.json (usp.training.run_dir writes them)
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 JSON_LIMIT = 64 << 20  # bytes: a config or tokenizer_config.json is far smaller
 # files from which transformers builds a tokenizer (one suffices)
 TOKENIZER_MARKERS = ("tokenizer.json", TOKENIZER_CONFIG, "vocab.json", "vocab.txt",
                      "tokenizer.model", "spiece.model")
-# keys of usp train's own config.json that no model config has
+# keys of usp train's own config.json that no model config has: sections of its run spec, or
+# (runs written before the spec had sections) these settings
+RUN_SECTIONS = {"parallel", "optim", "checkpoint"}
 RUN_SETTINGS_KEYS = {"seq_len", "global_batch", "ckpt_every"}
 
 
@@ -57,7 +61,8 @@ def folder_kind(path: Path) -> str | None:
             values = None
         if isinstance(values, dict) and "model_type" in values:
             return "a Hugging Face model folder"
-        if isinstance(values, dict) and RUN_SETTINGS_KEYS <= values.keys():
+        if isinstance(values, dict) and (RUN_SECTIONS <= values.keys()
+                                         or RUN_SETTINGS_KEYS <= values.keys()):
             return "a usp run directory"
     if (path / CHECKPOINTS).is_dir() or (path / METRICS).is_file():
         return "a usp run directory"

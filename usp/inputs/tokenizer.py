@@ -1,6 +1,6 @@
 """A local Hugging Face tokenizer for ``usp train --tokenizer DIR``: loaded, checked, recorded.
 
-Without ``--tokenizer`` the training text is byte-level (``usp.training.data``). With it, each
+Without ``--tokenizer`` the training text is byte-level (``usp.inputs.byte_tokens``). With it, each
 text document becomes the tokenizer's ids (no special tokens added) followed by the tokenizer's
 EOS id, which ends the document as the byte level's end-of-text token does; conversations are
 rendered with its chat template (``usp.data`` tokenizes both).
@@ -15,13 +15,13 @@ import hashlib
 import json
 from pathlib import Path
 
-from usp.training import folders
+from usp.inputs import folders
 
 
 def load_tokenizer(directory: str, flag: str = "--tokenizer", need_eos: bool = True):
     """``AutoTokenizer.from_pretrained(directory, local_files_only=True,
     trust_remote_code=False)``; ValueError when ``directory`` is no tokenizer folder, asks for
-    custom code (``usp.training.folders``), cannot be loaded, or (``need_eos``) has no EOS token
+    custom code (``usp.inputs.folders``), cannot be loaded, or (``need_eos``) has no EOS token
     to end documents with."""
     from transformers import AutoTokenizer
 

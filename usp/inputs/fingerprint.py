@@ -13,7 +13,8 @@ on, and the resumed losses would differ without a word.
   size, which catches truncation, appends and edits that touch a sampled block, but not every
   edit between blocks. The record says ``"hashed": "sampled"`` and the modification time is then
   compared too (a warning, not a refusal: a copy to another machine changes it).
-- The standard library (the default data) is one entry: a hash over the documents as read.
+- The standard library (the default data) is one entry: a hash over the documents as read
+  (``usp.data.stdlib``); :func:`usp.data.sources.data_fingerprint` gathers a run's data entries.
 - A tokenizer folder: each file that defines the tokenization (``tokenizer.json``, vocabularies,
   merges, SentencePiece models, their configs), by name inside the folder, so the folder may move.
 """
@@ -24,11 +25,10 @@ import functools
 import hashlib
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
-from usp.training import safe_files
+from usp.inputs import safe_files
 
 logger = logging.getLogger(__name__)
 
@@ -72,32 +72,6 @@ def file_fingerprint(path: Path, name: str | None = None) -> dict:
     modified = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.st_mtime))
     return {"file": name or str(Path(path).resolve()), "bytes": status.st_size,
             "modified": modified, "blake2b": digest, "hashed": hashed}
-
-
-@functools.lru_cache(maxsize=1)
-def _stdlib_fingerprint() -> dict:
-    from usp.training.data import stdlib_documents
-
-    digest, total = hashlib.blake2b(digest_size=16), 0
-    for document in stdlib_documents():
-        data = document.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little") + data)
-        total += len(data)
-    version = ".".join(map(str, sys.version_info[:3]))
-    return {"file": f"the standard library of Python {version}", "bytes": total,
-            "modified": None, "blake2b": digest.hexdigest(), "hashed": "whole"}
-
-
-def data_fingerprint(data: list[str], synthetic: bool) -> list[dict]:
-    """The fingerprints of a run's data: one per file ``--data`` names (a folder's files each),
-    one for the standard library, none for synthetic tokens (a function of the seed)."""
-    if synthetic:
-        return []
-    if not data:
-        return [dict(_stdlib_fingerprint())]
-    from usp.data.sources import find_sources  # folders: every file in them
-
-    return [file_fingerprint(file) for source in find_sources(data) for file in source.files]
 
 
 def tokenizer_fingerprint(directory: str) -> list[dict]:
