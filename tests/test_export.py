@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from tests.distributed import run_on_ranks
+from tests.specs import run_spec
 from usp.training.checkpoint import load_model_weights
 from usp.training.export import export
 from usp.training.loop import train
-from usp.training.setup import TrainConfig
 
 pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -39,8 +39,8 @@ QWEN3 = dict(model_type="qwen3", vocab_size=384, hidden_size=32, intermediate_si
 
 
 def _train(rank: int, world_size: int, root: str) -> None:
-    train(TrainConfig(model="tiny", tp=2, ulysses=2, out=f"{root}/llama", **RUN))
-    train(TrainConfig(hf_config=f"{root}/qwen3.json", tp=2, ulysses=2, out=f"{root}/qwen3",
+    train(run_spec(model="tiny", tp=2, ulysses=2, out=f"{root}/llama", **RUN))
+    train(run_spec(hf_config=f"{root}/qwen3.json", tp=2, ulysses=2, out=f"{root}/qwen3",
                       **RUN))
 
 

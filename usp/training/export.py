@@ -28,8 +28,9 @@ import torch
 from usp.models.family import ModelSettings
 from usp.models.registry import family_of
 from usp.spec import flatten
-from usp.training import checkpoint, integrity, run_dir, safe_files
-from usp.training.data import EOT
+from usp.inputs import safe_files
+from usp.inputs.byte_tokens import EOT
+from usp.training import checkpoint, integrity, run_dir
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class ExportResult:
 
 def byte_level_tokenizer():
     """usp train's byte-level tokens as a transformers tokenizer: a text's ids are its UTF-8
-    bytes (0-255) and id 256 (:data:`~usp.training.data.EOT`) ends a document. Bytes are
+    bytes (0-255) and id 256 (:data:`~usp.inputs.byte_tokens.EOT`) ends a document. Bytes are
     spelled as GPT-2's byte-level pre-tokenizer spells them (printable Latin-1 as itself, the
     rest from U+0100 on), each its own token, with no merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -151,7 +152,7 @@ def export(source: Path, out: Path, step: int | None = None, dtype: str = "fp32"
 
     torch_dtype = EXPORT_DTYPES[dtype]
     if tokenizer_dir:
-        from usp.training.tokenizer import load_tokenizer
+        from usp.inputs.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
