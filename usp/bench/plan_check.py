@@ -24,7 +24,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-import torch.multiprocessing as mp
 
 from usp.bench.options import PLAN_MESHES as MESHES
 from usp.plan.config import ParallelConfig
@@ -131,7 +130,9 @@ def train_records(spec: RunSpec) -> list[dict]:
         return launch_elastic(spec)
 
 
-def _runtime_worker(rank: int, degrees: dict[str, int], port: int, results) -> None:
+def _runtime_worker(degrees: dict[str, int]) -> int:
+    """One bare rank of the world ``usp.launch`` started: the modules a training rank holds, the
+    mesh of ``degrees``; its resident bytes."""
     import ctypes
 
     import torch
@@ -141,39 +142,23 @@ def _runtime_worker(rank: int, degrees: dict[str, int], port: int, results) -> N
     from usp.topology import Topology
     from usp.training.metrics import current_memory_bytes
 
-    world = math.prod(degrees.values())
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        Topology.build(**degrees)  # the mesh and its groups, as build_run makes them
-        dist.barrier()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        results.put(current_memory_bytes(torch.device("cpu")))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    Topology.build(**degrees)  # the mesh and its groups, as build_run makes them
+    dist.barrier()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    resident = current_memory_bytes(torch.device("cpu"))
+    dist.barrier()
+    return resident
 
 
 def runtime_bytes(degrees: dict[str, int]) -> float:
     """Resident bytes of a bare rank (imports, process group, the mesh of ``degrees``; no model),
     the most of any rank."""
-    from usp.comm import free_port
+    from usp.launch import launch_ranks
 
-    world = math.prod(degrees.values())
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
     with allocator_environment():
-        port = free_port()
-        processes = [ctx.Process(target=_runtime_worker, args=(rank, degrees, port, results))
-                     for rank in range(world)]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join(180)
-    failed = [p.exitcode for p in processes if p.exitcode != 0]
-    if failed:
-        raise ValueError(f"the runtime measurement's ranks failed with exit codes {failed}")
-    return max(results.get() for _ in range(world))
+        per_rank = launch_ranks(math.prod(degrees.values()), _runtime_worker, degrees,
+                                name="usp-runtime-bytes")
+    return max(per_rank)
 
 
 def check_row(row: Row, runtime: float, steps: int = 2) -> dict:
