@@ -180,6 +180,8 @@ class Logging:
         "none)", metavar="JSONL")
     peak_tflops: float | None = setting(
         None, "per-device peak for MFU (default: a known GPU's datasheet value; none on CPU)")
+    tensorboard: bool = setting(False, "also write each step's metrics as TensorBoard scalars "
+                                "in OUT/tensorboard (needs the tensorboard package)")
 
 
 SECTIONS = {"parallel": Parallel, "model": Model, "data": Data, "optim": Optim,

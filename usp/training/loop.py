@@ -107,7 +107,7 @@ def _train(spec: RunSpec, device: torch.device) -> list[dict]:
         run_dir.write_settings(out, spec)
     peak = metrics.peak_tflops(device, spec.model.dtype, spec.logging.peak_tflops)
     log = metrics.MetricsLog(metrics_path, optim.steps, start_step, rank == 0,
-                             spec.logging.progress)
+                             spec.logging.progress, spec.logging.tensorboard)
     if rank == 0 and start_step < optim.steps:
         logger.info("training steps %d-%d (the first one also allocates and warms up)",
                     start_step + 1, optim.steps)

@@ -188,7 +188,12 @@ def read_metrics(path: str | Path, follow_links: bool = True) -> list[dict]:
 
 def check_logging(logging_section) -> None:
     """The logging section (``usp.spec.Logging``): a ``--reference-metrics`` file that exists and
-    whose records read, before a run that ends drawing them."""
+    whose records read, before a run that ends drawing them; the tensorboard package where
+    ``--tensorboard`` asks for it."""
+    if logging_section.tensorboard:
+        from usp.training.tensorboard import check_available
+
+        check_available()
     reference = logging_section.reference_metrics
     if reference:
         if not Path(reference).is_file():
@@ -197,16 +202,23 @@ def check_logging(logging_section) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON record per step to ``path`` and draws a progress bar (rank 0 only).
+    """Appends one JSON record per step to ``path`` and draws a progress bar (rank 0 only);
+    with ``tensorboard``, writes the record's scalars beside it (``usp.training.tensorboard``).
 
     Other ranks construct it too and it does nothing for them, so the loop has no rank branches.
     """
 
     def __init__(
-        self, path: Path, total_steps: int, start_step: int, enabled: bool, progress: bool
+        self, path: Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
+        tensorboard: bool = False,
     ) -> None:
         self.path, self.enabled, self.progress = path, enabled, progress
         self._file = safe_files.open_append(path) if enabled else None
+        self._tensorboard = None
+        if enabled and tensorboard:  # beside metrics.jsonl, in the run directory
+            from usp.training.tensorboard import TensorBoardLog
+
+            self._tensorboard = TensorBoardLog(path.parent, start_step)
         self._bar = None
         self._warned_mfu = False
         if enabled and progress:
@@ -222,6 +234,8 @@ class MetricsLog:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._tensorboard is not None:
+            self._tensorboard.log(record)
         if "mfu_above_peak" in record and not self._warned_mfu:
             self._warned_mfu = True
             logger.warning(
@@ -245,6 +259,8 @@ class MetricsLog:
         self._bar.update(1)
 
     def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         if self._bar is not None:
             self._bar.close()
         if self._file is not None:

@@ -3,7 +3,8 @@ beside ``metrics.jsonl`` (which stays the record a resume and ``loss.png`` read)
 
 Written on rank 0 through ``torch.utils.tensorboard`` (the ``tensorboard`` package: the ``hf``
 extra installs it); ``tensorboard --logdir OUT/tensorboard`` shows them. A resumed run appends to
-the same folder from its next step.
+the same folder from its next step (what the stopped run wrote after its checkpoint is purged
+from view, as ``metrics.jsonl`` is truncated).
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ def check_available() -> None:
 class TensorBoardLog:
     """A ``SummaryWriter`` on ``OUT/tensorboard``: :meth:`log` writes a step's record."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, start_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.directory = Path(out) / FOLDER
-        self.writer = SummaryWriter(log_dir=str(self.directory))
+        # a resumed run: what an earlier run wrote past its checkpoint is hidden from the viewer
+        self.writer = SummaryWriter(log_dir=str(self.directory), purge_step=start_step + 1)
 
     def log(self, record: dict) -> None:
         step = record["step"]
