@@ -36,7 +36,8 @@ def test_world_4_sp4_and_dp2_sp2_both_placements():
 
 def test_world_8_sp8_and_dp2_sp4():
     _assert_no_failures(
-        run_on_ranks(run_grid, 8, [8, 4], 8, 32, ["fp64", "bf16"], ["head-first"], timeout_s=400)
+        # fp64: bf16 on 8 ranks is the next test's (its error against ring 1)
+        run_on_ranks(run_grid, 8, [8, 4], 8, 32, ["fp64"], ["head-first"], timeout_s=400)
     )
 
 

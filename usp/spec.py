@@ -215,13 +215,16 @@ class RunSpec:
 
     @classmethod
     def from_flat(cls, values: dict) -> "RunSpec":
-        """The spec of flat settings (``{field: value}``); an unknown name is a ValueError."""
+        """The spec of flat settings (``{field: value}``); an unknown name, or a value of another
+        type than its field's (:func:`check_types`), is a ValueError."""
         unknown = sorted(set(values) - set(SECTION_OF))
         if unknown:
             raise ValueError(f"unknown settings {unknown}; the settings are {sorted(SECTION_OF)}")
         sections = {name: kind(**{k: v for k, v in values.items() if SECTION_OF[k] == name})
                     for name, kind in SECTIONS.items()}
-        return cls(**sections, **{k: v for k, v in values.items() if k in TOP_LEVEL})
+        spec = cls(**sections, **{k: v for k, v in values.items() if k in TOP_LEVEL})
+        check_types(spec)  # a spec never holds a value of another type than its field's
+        return spec
 
     # ------------------------------------------------------------------ nested form
     def nested(self) -> dict:

@@ -14,6 +14,7 @@ optimizer, schedule and data.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from usp.losses import LossHead, check_loss
 from usp.memory import check_offload
 from usp.parallel import check_memory_options
 from usp.pipeline import Pipeline, check_pipeline
-from usp.spec import Data, Parallel, RunSpec, check_types
+from usp.spec import Data, Parallel, RunSpec
 from usp.topology import AXES, Topology, mesh_sizes
 from usp.training import run_dir
 from usp.training.accumulate import check_accumulation
@@ -62,7 +63,8 @@ def with_default_batch(spec: RunSpec, world_size: int) -> RunSpec:
     parallel = spec.parallel
     rows = (data_parallel_degree(parallel, world_size) * microbatches(parallel)
             * spec.optim.grad_accum)
-    return spec.replace(global_batch=rows)
+    # dataclasses.replace: the spec's own fields, each already of its type
+    return dataclasses.replace(spec, data=dataclasses.replace(spec.data, global_batch=rows))
 
 
 def with_device_dtype(spec: RunSpec, device: torch.device) -> RunSpec:
@@ -70,7 +72,8 @@ def with_device_dtype(spec: RunSpec, device: torch.device) -> RunSpec:
     cores are for), fp32 on a CPU. The value recorded in config.json is the one trained."""
     if spec.model.dtype != "auto":
         return spec
-    return spec.replace(dtype="bf16" if device.type == "cuda" else "fp32")
+    dtype = "bf16" if device.type == "cuda" else "fp32"
+    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=dtype))
 
 
 def uses_cuda(device: str) -> bool:
@@ -82,7 +85,6 @@ def uses_cuda(device: str) -> bool:
 def validate(spec: RunSpec, world_size: int) -> None:
     """Raise ValueError naming the numbers and the fix for any input that cannot train."""
     spec = with_default_batch(spec, world_size)
-    check_types(spec)
     if spec.nproc < 1:
         raise ValueError(f"--nproc={spec.nproc} must be >= 1")
     if spec.device == "cuda" and not torch.cuda.is_available():
