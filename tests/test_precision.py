@@ -49,10 +49,16 @@ def test_bf16_on_cuda_gathers_bf16_parameters_and_reduces_in_fp32():
 ])
 def test_mfu_peak_is_the_precision_in_use(monkeypatch, name, dtype, tf32, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    assert metrics.peak_tflops(CUDA, dtype, None) == peak
-    assert metrics.peak_tflops(CPU, dtype, None) is None
-    assert metrics.peak_tflops(CUDA, dtype, 123.0) == 123.0  # --peak-tflops wins
+    # a property of torch's cuBLAS module, not an attribute: set and restored by hand (pytest
+    # 9.2's monkeypatch would delete it on undo)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        assert metrics.peak_tflops(CUDA, dtype, None) == peak
+        assert metrics.peak_tflops(CPU, dtype, None) is None
+        assert metrics.peak_tflops(CUDA, dtype, 123.0) == 123.0  # --peak-tflops wins
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def test_precision_names():
