@@ -183,11 +183,27 @@ def check_config(config, topology: Topology) -> None:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_plan(heads, kv_heads, topology.size("ulysses"))
     check_rope(config)
+    check_router_loss(config, topology)
     chunk = getattr(config, "attention_chunk_size", None)
     if chunk is not None:
         raise ValueError(
             f"{type(config).__name__}.attention_chunk_size={chunk} asks for chunked attention, "
             "which usp does not run; use another attn_implementation for this model"
+        )
+
+
+def check_router_loss(config, topology: Topology) -> None:
+    """A mixture-of-experts model that returns its router's load-balancing loss would return
+    each rank's own, over its shard of the sequence (the loss is a product of means over the
+    tokens, so the ranks' losses do not add up to the sequence's): refused while the sequence is
+    split. The experts themselves run exactly."""
+    split = topology.size("ring") * topology.size("ulysses")
+    if getattr(config, "output_router_logits", False) and split > 1:
+        raise ValueError(
+            f"{type(config).__name__}.output_router_logits=True: the router's load-balancing "
+            f"loss (outputs.aux_loss) would be each of the {split} sequence ranks' own, over its "
+            "shard of the sequence, not the whole sequence's; usp does not reduce it over the "
+            "ranks: set output_router_logits=False (the experts themselves run exactly)"
         )
 
 
