@@ -10,6 +10,7 @@ each rank starts as a fresh process, as with ``spawn``, without importing torch 
 from __future__ import annotations
 
 import os
+import socket
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -18,7 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from usp.comm import free_port
 
 
 # imported once by the fork server; a module that is not installed is skipped
@@ -26,6 +26,13 @@ PRELOAD = ["torch", "torch.distributed", "usp", "usp.attention", "tests.distribu
            "transformers"]
 _CONTEXT = mp.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(PRELOAD)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a world's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class RankFailure(AssertionError):

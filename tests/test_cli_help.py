@@ -102,12 +102,13 @@ import sys
 import usp
 assert "torch" not in sys.modules, "import usp imported torch"
 names = sorted(usp.__all__)
-assert names == sorted(["LAYOUTS", "CommStats", "Topology", "USPAttention", "joint_attention",
+assert names == sorted(["AttentionMask", "LAYOUTS", "CommStats", "Topology", "USPAttention", "joint_attention",
     "parallelize", "ring_attention", "sequence_positions", "shard_sequence", "ulysses_attention",
     "unshard_sequence", "usp_attention"]), names
 from usp import *  # noqa: F403
 assert callable(usp.usp_attention) and "torch" in sys.modules
 assert usp.LAYOUTS == ("contiguous", "zigzag", "stripe")
+assert usp.AttentionMask.build(8, causal=True).seq_len == 8
 assert callable(usp.batch.shard_batch)  # submodules load on first use, as before
 from usp.models import Llama, get_config
 from usp.infer import generate

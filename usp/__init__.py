@@ -7,6 +7,7 @@ no torch until a name that needs it is used (``usp --help`` imports no torch; ``
 from usp.lazy import lazy_exports
 
 _EXPORTS = {
+    "AttentionMask": "usp.mask",
     "LAYOUTS": "usp.choices",
     "CommStats": "usp.comm",
     "Topology": "usp.topology",

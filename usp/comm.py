@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-import socket
 from collections import Counter
 
 import torch
@@ -47,13 +46,6 @@ class CommStats:
 
     def total(self) -> int:
         return sum(self.bytes.values())
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for a local rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def record(kind: str, num_bytes: int) -> None:

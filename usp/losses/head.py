@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from usp.choices import DEFAULT_CHUNK_TOKENS, LOSSES
-from usp.loss import cross_entropy_sum, global_mean_of_sum
+from usp.loss import cross_entropy_sum
 from usp.losses.chunked import chunked_cross_entropy_sum
 from usp.losses.vocab_parallel import vocab_parallel_cross_entropy_sum
 from usp.topology import Topology
@@ -101,9 +101,3 @@ class LossHead:
         accumulation): its sum over ``global_count`` from ``usp.loss.global_label_count``."""
         local_sum = self.local_sum(output, labels, model, topology)
         return local_sum / global_count.to(local_sum.dtype)
-
-    def global_mean(self, output: torch.Tensor, labels: torch.Tensor, model: nn.Module,
-                    topology: Topology) -> torch.Tensor:
-        """The global mean (``usp.loss.global_mean_cross_entropy``'s meaning)."""
-        return global_mean_of_sum(self.local_sum(output, labels, model, topology), labels,
-                                  topology)
