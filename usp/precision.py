@@ -11,6 +11,8 @@ first ("H100 PCIe" before "H100", which is the SXM part).
 from __future__ import annotations
 
 DTYPES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# what an exported model's weights may be stored in (``usp export --dtype``)
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")
 
 PEAK_TFLOPS = {
     "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},

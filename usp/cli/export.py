@@ -4,8 +4,7 @@ does the work)."""
 from __future__ import annotations
 
 from usp.cli.help import add_parser
-
-EXPORT_DTYPES = ("fp32", "bf16", "fp16")  # usp.training.export.EXPORT_DTYPES, torch-free
+from usp.precision import EXPORT_DTYPES
 
 
 def _size(text: str) -> int:

@@ -26,18 +26,19 @@ from pathlib import Path
 import torch
 
 from usp.models.family import ModelSettings
+from usp import precision
 from usp.models.registry import family_of
-from usp.spec import flatten
+from usp.spec import RunSpec
 from usp.inputs import safe_files
 from usp.inputs.byte_tokens import EOT
 from usp.training import checkpoint, integrity, run_dir
+from usp.training.build import model_settings
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 2 << 30  # 2 GiB per safetensors file, as transformers writes them
 MODEL_PREFIX = "model."  # the checkpoint's {"model": ..., "optim": ...} keys, flattened by DCP
 END_OF_DOCUMENT = "<|end_of_document|>"  # the byte-level tokenizer's name for EOT
-EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,8 @@ def find_checkpoint(source: Path, step: int | None) -> tuple[Path, Path]:
 
 def run_model(run: Path) -> tuple[ModelSettings, str | None]:
     """The model settings and tokenizer folder a run trained with (its ``config.json``)."""
-    settings = flatten(run_dir.read_settings(run), f"{run}/{run_dir.CONFIG}")
-    return (ModelSettings(model=settings.get("model", "tiny"), hf_config=settings.get("hf_config"),
-                          hf_model=settings.get("hf_model")), settings.get("tokenizer"))
+    model = RunSpec.from_flat(run_dir.read_settings(run)).model
+    return model_settings(model), model.tokenizer
 
 
 def _model_tensors(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -134,8 +134,8 @@ def export(source: Path, out: Path, step: int | None = None, dtype: str = "fp32"
     family = family_of(settings)
     if family.export is None:
         raise ValueError(f"{family.name} models have no Hugging Face exporter")
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"--dtype {dtype!r}; choose one of {sorted(EXPORT_DTYPES)}")
+    if dtype not in precision.EXPORT_DTYPES:
+        raise ValueError(f"--dtype {dtype!r}; choose one of {list(precision.EXPORT_DTYPES)}")
     if max_shard_bytes < 1:
         raise ValueError(f"--max-shard-size {max_shard_bytes} must be at least 1 byte")
     out = Path(out)
@@ -150,7 +150,7 @@ def export(source: Path, out: Path, step: int | None = None, dtype: str = "fp32"
         raise ValueError(f"checkpoint {path} records another model than its run's config.json "
                          f"names ({family.display_name(settings)}); was the model folder edited?")
 
-    torch_dtype = EXPORT_DTYPES[dtype]
+    torch_dtype = precision.torch_dtype(dtype)
     if tokenizer_dir:
         from usp.inputs.tokenizer import load_tokenizer
 
