@@ -27,7 +27,8 @@ from usp.models.llama import get_config
 from usp.parallel import parallelize
 from usp.topology import Topology
 from usp.training import metrics
-from usp.training.build import materialize, parameter_bytes
+from usp.models.counts import parameter_bytes
+from usp.models.init import materialize
 from usp.integrations.hf_family.config import load_hf_config
 from usp.integrations.hf_family.model import build_hf_causal_lm
 

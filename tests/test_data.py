@@ -11,7 +11,8 @@ import torch
 
 from usp.data.stdlib import stdlib_documents
 from usp.inputs.byte_tokens import EOT, decode, encode
-from usp.training.data import TokenBatcher, document_tokens, synthetic_tokens
+from usp.data.run import synthetic_tokens
+from usp.training.data import TokenBatcher, document_tokens
 from usp.batch import IGNORE_INDEX, shard_batch
 from usp.layout import shard_sequence
 from usp.topology import AXES, Topology

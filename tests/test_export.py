@@ -55,7 +55,7 @@ def runs(tmp_path_factory) -> Path:
 def _usp_model(run: Path, dtype: torch.dtype) -> torch.nn.Module:
     """usp's own model of the run, in one process, loaded from its newest checkpoint."""
     from usp.models.registry import family_of
-    from usp.training.build import materialize
+    from usp.models.init import materialize
     from usp.training.export import find_checkpoint, run_model
 
     settings, _ = run_model(run)

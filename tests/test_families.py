@@ -27,7 +27,7 @@ from usp.models import registry
 from usp.models.registry import families, family_of, family_of_model
 from usp.parallel import parallelize
 from usp.topology import Topology
-from usp.training.build import model_metadata, pretrained_source
+from usp.inputs.model import model_metadata, pretrained_source
 from usp.training.setup import validate
 from tests.specs import run_spec
 
@@ -138,7 +138,8 @@ def test_a_llama_run_imports_no_transformers(tmp_path):
     script = f"""
 import sys, torch
 from usp.infer.config import GenerateConfig
-from usp.training.build import build_model, model_metadata
+from usp.inputs.model import model_metadata
+from usp.training.build import build_model
 from usp.training.setup import validate
 from tests.specs import run_spec
 config = run_spec(model="tiny", out={str(tmp_path / "out")!r}, **{RUN!r})

@@ -33,7 +33,7 @@ from usp.integrations.transformers import USPContext
 from usp.loss import global_mean_cross_entropy
 from usp.parallel import parallelize
 from usp.topology import AXES
-from usp.training.build import materialize
+from usp.models.init import materialize
 
 WORLD, BATCH, SEQ, VOCAB, LAYOUT = 4, 2, 32, 128, "zigzag"
 TOLERANCE = 1e-10  # fp64 (docs/testing.md)

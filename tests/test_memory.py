@@ -25,7 +25,7 @@ from usp.parallel import parallelize
 from usp.pipeline import Pipeline
 from usp.topology import Topology
 from usp.training.accumulate import split_micro_batches, train_micro_batches
-from usp.training.data import synthetic_tokens
+from usp.data.run import synthetic_tokens
 from usp.training.evaluate import held_out_loss
 
 CONFIG = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)

@@ -21,7 +21,8 @@ from torch.distributed.tensor import DTensor
 
 from tests.distributed import collect_failures, run_on_ranks
 from usp.batch import positions_in_documents, shard_batch
-from usp.training.data import TokenBatcher, synthetic_tokens
+from usp.data.run import synthetic_tokens
+from usp.training.data import TokenBatcher
 from usp.loss import global_mean_cross_entropy
 from usp.models import Llama, LlamaConfig
 from usp.models.llama.plan import check_parallel_config

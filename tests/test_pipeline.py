@@ -20,7 +20,8 @@ from usp.loss import global_mean_cross_entropy
 from usp.parallel import parallelize
 from usp.pipeline import Pipeline, check_pipeline, stage_layer_names
 from usp.topology import Topology
-from usp.training.data import TokenBatcher, synthetic_tokens
+from usp.data.run import synthetic_tokens
+from usp.training.data import TokenBatcher
 
 CASES_4 = [
     # (degrees, parallelize options, pipeline (microbatches, schedule), documents)

@@ -31,7 +31,8 @@ from torch.distributed.tensor import DTensor
 
 from tests.distributed import run_on_ranks
 from usp.topology import Topology
-from usp.training.build import build_model, parameter_bytes
+from usp.models.counts import parameter_bytes
+from usp.training.build import build_model
 from usp.training.data import TokenBatcher
 from usp.training.loop import train
 from usp.training.setup import validate

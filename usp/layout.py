@@ -53,6 +53,17 @@ def padded_length(seq_len: int, ring: int, ulysses: int, layout: str) -> int:
     return -(-seq_len // multiple) * multiple
 
 
+def check_tp_split(seq_len: int, ring: int, ulysses: int, tp: int, layout: str) -> None:
+    """ValueError unless ``tp`` ranks can split each sequence rank's slots (any ``seq_len``
+    trains: the layout pads it to its slots, masked)."""
+    local_len = padded_length(seq_len, ring, ulysses, layout) // (ring * ulysses)
+    if local_len % tp != 0:
+        raise ValueError(
+            f"--seq-len={seq_len} leaves {local_len} slots per sequence rank, which tp={tp} "
+            f"cannot split; use a multiple of {ring * ulysses * tp * 2}"
+        )
+
+
 def check_sequence_length(seq_len: int, ring: int, ulysses: int, layout: str) -> None:
     """Raise ValueError unless ``layout`` splits ``seq_len`` slots over ring × ulysses evenly
     (shards from :func:`shard_sequence` always do: it pads)."""

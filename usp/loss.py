@@ -15,21 +15,9 @@ The returned scalar has two faces:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from usp.topology import Topology
-
-DATA_AXES = ("dp", "ring", "ulysses")
-
-
-def data_parallel_size(topology: Topology) -> int:
-    """How many ranks hold different tokens: dp × ring × ulysses."""
-    size = 1
-    for axis in DATA_AXES:
-        size *= topology.size(axis)
-    return size
-
 
 def global_mean_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, topology: Topology, ignore_index: int = -100
@@ -64,8 +52,7 @@ def global_mean_of_sum(
     computing it: ``usp.losses``); value the global mean, gradient this rank's share."""
     # fp64 totals: a float32 count is exact only up to 2**24 tokens
     totals = torch.stack([local_sum.detach().double(), (labels != ignore_index).sum().double()])
-    if data_parallel_size(topology) > 1:
-        dist.all_reduce(totals, group=topology.flat_mesh(*DATA_AXES).get_group())
+    topology.sum_over_data(totals)
     if totals[1] == 0:
         raise ValueError(f"every label of the global batch is ignore_index={ignore_index}")
     return _GlobalMean.apply(local_sum, totals[0], totals[1])
@@ -76,8 +63,7 @@ def global_label_count(
 ) -> torch.Tensor:
     """How many labels of the global batch count (not ``ignore_index``): fp64, on every rank."""
     count = (labels != ignore_index).sum().double().reshape(1)
-    if data_parallel_size(topology) > 1:
-        dist.all_reduce(count, group=topology.flat_mesh(*DATA_AXES).get_group())
+    topology.sum_over_data(count)
     if count.item() == 0:
         raise ValueError(f"every label of the global batch is ignore_index={ignore_index}")
     return count[0]

@@ -39,11 +39,10 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from usp.layout import check_layout
-from usp.loss import DATA_AXES, data_parallel_size
 from usp.losses import check_loss
 from usp.memory import apply_activation_checkpointing, checkpoint_kinds, tile_mlp
 from usp.models.registry import family_of_model
-from usp.topology import Topology
+from usp.topology import DATA_AXES, Topology
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +57,10 @@ def check_parallel_options(
 ) -> bool:
     """Validate the options shared by every parallelize path; return whether FSDP2 applies."""
     check_memory_options(activation_checkpointing, tiled_mlp)
-    use_fsdp = data_parallel_size(topology) > 1
+    use_fsdp = topology.data_size > 1
     if use_fsdp and not fsdp:
         raise ValueError(
-            f"dp x ring x ulysses = {data_parallel_size(topology)} ranks hold different tokens and "
+            f"dp x ring x ulysses = {topology.data_size} ranks hold different tokens and "
             "their gradients must be summed; FSDP2 does that, so fsdp=False needs that product 1"
         )
     if not use_fsdp and (param_dtype is not None or reduce_dtype is not None):

@@ -28,9 +28,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from usp.loss import DATA_AXES, global_label_count
+from usp.loss import global_label_count
 from usp.losses import LossHead
-from usp.topology import Topology
+from usp.topology import DATA_AXES, Topology
 
 logger = logging.getLogger(__name__)
 

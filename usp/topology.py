@@ -25,6 +25,8 @@ from usp.comm import agree
 logger = logging.getLogger(__name__)
 
 AXES = ("pp", "dp", "ring", "ulysses", "tp")
+# the axes whose ranks hold different tokens: a token mean or count sums over them
+DATA_AXES = ("dp", "ring", "ulysses")
 
 
 def mesh_sizes(world_size: int, ring: int = 1, ulysses: int = 1, dp: int = -1, tp: int = 1,
@@ -174,6 +176,18 @@ class Topology:
         if present not in self._flat_meshes:
             self._flat_meshes[present] = self.mesh[present]._flatten("_".join(present))
         return self._flat_meshes[present]
+
+    @property
+    def data_size(self) -> int:
+        """How many ranks hold different tokens: dp × ring × ulysses."""
+        return self.sizes["dp"] * self.sizes["ring"] * self.sizes["ulysses"]
+
+    def sum_over_data(self, tensor):
+        """``tensor`` summed in place over the ranks that hold different tokens (``DATA_AXES``;
+        nothing to do when they are one); returns it."""
+        if self.data_size > 1:
+            dist.all_reduce(tensor, group=self.flat_mesh(*DATA_AXES).get_group())
+        return tensor
 
     @property
     def ring_size(self) -> int:

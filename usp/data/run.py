@@ -80,7 +80,14 @@ def run_data(store: TokenStore, global_batch: int, seq_len: int, seed: int,
     return RunData(PackedBatcher(data, global_batch, seq_len, seed, render), held_out, documents)
 
 
-def synthetic_store(tokens: torch.Tensor) -> TokenStore:
-    """Seeded random tokens as one document (runs on synthetic data pack nothing)."""
-    return TokenStore.in_memory(tokens.reshape(-1).numpy().astype(np.int64),
-                                name="synthetic tokens")
+def synthetic_tokens(num_tokens: int, vocab_size: int = 256, seed: int = 0) -> torch.Tensor:
+    """``num_tokens`` uniformly random ids in ``[0, vocab_size)`` drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (num_tokens,), generator=generator)
+
+
+def synthetic_store(num_tokens: int, seed: int) -> TokenStore:
+    """``num_tokens`` seeded random byte-level tokens as one document (runs on synthetic data
+    pack nothing)."""
+    tokens = synthetic_tokens(num_tokens, seed=seed)
+    return TokenStore.in_memory(tokens.numpy().astype(np.int64), name="synthetic tokens")

@@ -35,8 +35,8 @@ from usp.integrations.trainer_data import (
     DataOverDataRanks, GatherOverDataRanks, check_data_options, without_repeated_samples,
 )
 from usp.integrations.transformers import USPContext
-from usp.loss import DATA_AXES, cross_entropy_sum, data_parallel_size
-from usp.topology import Topology
+from usp.loss import cross_entropy_sum
+from usp.topology import DATA_AXES, Topology
 
 # DDP averages gradients over its processes, FSDP2 over its mesh: both the whole world here
 AVERAGING = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU,
@@ -168,7 +168,7 @@ class USPTrainerMixin:
     def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over dp × ring × ulysses (every rank holds different tokens)."""
         topology = self.usp_context.topology
-        if data_parallel_size(topology) == 1:
+        if topology.data_size == 1:
             return value
         group = topology.flat_mesh(*DATA_AXES).get_group()
         # a copy: all_reduce works in place, and .double() of an fp64 loss is the loss itself

@@ -34,8 +34,8 @@ from usp.integrations.hf_mixers import (
 )
 from usp.layout import check_layout, sequence_positions, unshard_sequence
 from usp.mask import NOT_A_TOKEN, AttentionMask
-from usp.loss import DATA_AXES, data_parallel_size, global_mean_cross_entropy
-from usp.topology import Topology
+from usp.loss import global_mean_cross_entropy
+from usp.topology import DATA_AXES, Topology
 
 # RoPE variants that rescale from the largest position they see: each rank sees another largest
 # position, so the ranks would rotate the same token differently
@@ -59,7 +59,7 @@ class USPContext:
         check_layout(layout)
         self.topology, self.layout, self.kernel = topology, layout, kernel
         self._group = None
-        if data_parallel_size(topology) > 1:
+        if topology.data_size > 1:
             self._group = topology.flat_mesh(*DATA_AXES).get_group()
 
     def __repr__(self) -> str:

@@ -11,7 +11,8 @@ same function. Names are the parameter's name in the unparallelised model (``par
 them: FSDP2, TP, composable checkpointing and pipeline stages rename nothing).
 
 The values change when the name or the global shape changes, not when the layout, the world size
-or the device does. :func:`to_empty` materialises a meta-device model and keeps its ties.
+or the device does. :func:`to_empty` materialises a meta-device model and keeps its ties;
+:func:`materialize` then fills it from a seed, or from the pretrained weights its family reads.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from usp.models.registry import family_of_model
 
 BLOCK_ELEMENTS = 1 << 20  # a row block holds at most this many elements (4 MiB of fp32)
 
@@ -120,3 +123,16 @@ def fill_(tensor: torch.Tensor, value: float) -> None:
     """A constant (norms, biases): the same on every shard; a meta tensor holds nothing to fill."""
     if not tensor.is_meta:
         tensor.fill_(value)
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int,
+                pretrained: str | None = None) -> nn.Module:
+    """Allocate this rank's shards of a meta-device model on ``device`` and initialise them from
+    ``seed``, or read them from ``pretrained`` with the model's family's weights reader. In
+    place; returns it."""
+    to_empty(model, device)  # tied parameters stay tied
+    if pretrained is None:
+        model.init_weights(seed)
+    else:
+        family_of_model(model).weights.load(model, pretrained)
+    return model

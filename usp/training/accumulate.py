@@ -15,11 +15,10 @@ CUDA, activation offload to host memory (``usp.memory.ActivationOffload``).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from usp.loss import DATA_AXES, data_parallel_size, global_label_count
+from usp.loss import global_label_count
 from usp.losses import LossHead
 from usp.memory import ActivationOffload
 from usp.topology import Topology
@@ -86,9 +85,7 @@ def train_micro_batches(
         share.backward()
         total += share.detach().double()
         saved_bytes = max(saved_bytes, counter.bytes)
-    if data_parallel_size(topology) > 1:
-        dist.all_reduce(total, group=topology.flat_mesh(*DATA_AXES).get_group())
-    return total, saved_bytes
+    return topology.sum_over_data(total), saved_bytes
 
 
 def rank_batch(run, global_batch) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 from usp.data.sources import data_fingerprint
 from usp.inputs import fingerprint, safe_files
-from usp.training.build import model_metadata, pretrained_source, tokenizer_metadata
+from usp.inputs.model import model_metadata, pretrained_source, tokenizer_metadata
 
 FORMAT_VERSION = 2  # 2: manifest.json with SHA-256 of every file
 META = "meta.json"

@@ -8,7 +8,7 @@ Tokens are the UTF-8 bytes of the text (ids 0-255) with documents joined by an e
   machine with Python has (the default);
 - the user's own data (text files, JSON Lines, Parquet, Arrow, ``datasets`` folders, chat
   conversations) goes through ``usp.data``, which tokenizes it into a cache on disk;
-- :func:`synthetic_tokens`: seeded uniformly random tokens (throughput runs; nothing to learn).
+- ``usp.data.run.synthetic_tokens``: seeded uniformly random tokens (throughput runs; nothing to learn).
 
 Documents are packed back to back into fixed windows. :func:`documents_of_windows` tells each
 window's tokens their document (an ``EOT`` closes the document it ends), so with packing on
@@ -37,12 +37,6 @@ def data_summary(documents: int | None, training: int, held_out: int, steps: int
     held = f" (and {held_out:,} held out for the eval loss)" if held_out else ""
     return (f"data: {what}, {training:,} tokens to train on{held}; {steps} steps x "
             f"{global_batch} x {seq_len} tokens = {seen:,} tokens, {seen / training:.2f} epochs")
-
-
-def synthetic_tokens(num_tokens: int, vocab_size: int = 256, seed: int = 0) -> torch.Tensor:
-    """``num_tokens`` uniformly random ids in ``[0, vocab_size)`` drawn from ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (num_tokens,), generator=generator)
 
 
 def documents_of_windows(tokens: torch.Tensor, end_of_document: int = EOT) -> torch.Tensor:

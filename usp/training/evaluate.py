@@ -13,10 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from usp.loss import DATA_AXES, data_parallel_size
 from usp.losses import LossHead
 from usp.topology import Topology
 
@@ -70,8 +68,7 @@ def held_out_loss(model: nn.Module, micro_batches: Sequence[dict], topology: Top
                            **head.model_kwargs())
             totals[0] += head.local_sum(output, micro["labels"], model, topology).double()
         totals[1] += (micro["labels"] != -100).sum()
-    if data_parallel_size(topology) > 1:
-        dist.all_reduce(totals, group=topology.flat_mesh(*DATA_AXES).get_group())
+    topology.sum_over_data(totals)
     if totals[1] == 0:
         raise ValueError("every label of the held-out batches is ignored: nothing to evaluate")
     return float(totals[0] / totals[1])

@@ -32,7 +32,7 @@ from usp.spec import RunSpec
 from usp.inputs import safe_files
 from usp.inputs.byte_tokens import EOT
 from usp.training import checkpoint, integrity, run_dir
-from usp.training.build import model_settings
+from usp.inputs.model import model_settings
 
 logger = logging.getLogger(__name__)
 

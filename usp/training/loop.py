@@ -21,7 +21,7 @@ from usp.inputs import safe_files
 from usp.training import checkpoint, metrics, run_dir
 from usp.comm import agree, collective_device
 from usp.training.resume import choose_intact, init_source, verify_on_every_rank
-from usp.training.build import model_name
+from usp.inputs.model import model_name
 from usp.training.run_dir import RunLock
 from usp.training.evaluate import evaluate
 from usp.spec import RunSpec

@@ -224,13 +224,15 @@ def choose_intact(candidates: list[Path], current: dict) -> Path:
     checkpoint is a ValueError naming the file; with several, a corrupt one is renamed
     ``step_N.corrupt`` and the next is tried, with a warning that says so."""
     corrupt = []
+    # the one checkpoint named by --resume STEP_DIR: the older ones beside it, if it is corrupt
+    hint = _older_hint(candidates[0]) if len(candidates) == 1 else ""
     for path in candidates:
         problems = _problems(path)
         if not problems:
             break
         if len(candidates) == 1:
             raise ValueError(f"checkpoint {path} is corrupt, nothing was loaded: "
-                             + "; ".join(problems) + _older_hint(path))
+                             + "; ".join(problems) + hint)
         corrupt.append((path, problems))
     else:
         raise ValueError(

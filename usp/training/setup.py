@@ -5,7 +5,7 @@ section, and the objects built from them.
 before starting any rank and every rank runs it again: bad input fails the same way everywhere.
 Each section is checked by the module that owns what it describes: ``parallel`` by
 :func:`usp.topology.mesh_sizes` (the rules ``Topology.build`` lays its mesh by), ``model`` by its
-family (``usp.training.build.validate_model``), ``data`` by ``usp.data.run.check_data``,
+family (``usp.inputs.model.validate_model``), ``data`` by ``usp.data.run.check_data``,
 ``optim`` by ``usp.training.optim``, ``memory`` by ``usp.parallel``, ``usp.memory`` and
 ``usp.losses``, ``checkpoint`` by the run directory and the resume plan, ``logging`` by
 ``usp.training.metrics``. :func:`build_run` turns a valid spec into the model (parallelised),
@@ -14,25 +14,26 @@ optimizer, schedule and data.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
+from dataclasses import replace as copy_with  # a dataclass copied with fields changed
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from usp.attention.kernels import KERNELS
-from usp.layout import padded_length
+from usp.layout import check_tp_split
 from usp.losses import LossHead, check_loss
 from usp.memory import check_offload
 from usp.parallel import check_memory_options
 from usp.pipeline import Pipeline, check_pipeline
-from usp.spec import Data, Parallel, RunSpec
+from usp.spec import Checkpoint, Data, Parallel, RunSpec
 from usp.topology import AXES, Topology, mesh_sizes
 from usp.training import run_dir
 from usp.training.accumulate import check_accumulation
-from usp.training.build import build_model, validate_model
+from usp.inputs.model import validate_model
+from usp.training.build import build_model
 from usp.training.checkpoint_record import run_metadata
 from usp.training.data import data_summary
 from usp.training.metrics import check_logging, read_metrics
@@ -63,8 +64,8 @@ def with_default_batch(spec: RunSpec, world_size: int) -> RunSpec:
     parallel = spec.parallel
     rows = (data_parallel_degree(parallel, world_size) * microbatches(parallel)
             * spec.optim.grad_accum)
-    # dataclasses.replace: the spec's own fields, each already of its type
-    return dataclasses.replace(spec, data=dataclasses.replace(spec.data, global_batch=rows))
+    # a copy of the spec's own fields, each already of its type (not RunSpec.replace's flat path)
+    return copy_with(spec, data=copy_with(spec.data, global_batch=rows))
 
 
 def with_device_dtype(spec: RunSpec, device: torch.device) -> RunSpec:
@@ -73,7 +74,7 @@ def with_device_dtype(spec: RunSpec, device: torch.device) -> RunSpec:
     if spec.model.dtype != "auto":
         return spec
     dtype = "bf16" if device.type == "cuda" else "fp32"
-    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, dtype=dtype))
+    return copy_with(spec, model=copy_with(spec.model, dtype=dtype))
 
 
 def uses_cuda(device: str) -> bool:
@@ -83,86 +84,76 @@ def uses_cuda(device: str) -> bool:
 
 # ---------------------------------------------------------------------------- validation
 def validate(spec: RunSpec, world_size: int) -> None:
-    """Raise ValueError naming the numbers and the fix for any input that cannot train."""
+    """Raise ValueError naming the numbers and the fix for any input that cannot train.
+
+    The mesh's sizes come first (every later check reads them), then this wing's own sections
+    (optimizer, batch, logging, run directory), then the layers below it from the top down:
+    the data, the model, the memory features, the pipeline, the loss and the token layout."""
     spec = with_default_batch(spec, world_size)
+    checkpoint = spec.checkpoint
+    # what a checkpoint records of this run, to compare with the one a resume or --init-from reads
+    metadata = (run_metadata(spec, world_size) if checkpoint.resume is not None
+                or checkpoint.init_from is not None else None)
     if spec.nproc < 1:
         raise ValueError(f"--nproc={spec.nproc} must be >= 1")
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu")
-    cuda = uses_cuda(spec.device)
-    check_optim(spec.optim)
-    _check_batch(spec.data, spec.parallel.pp)
-    topology = _check_parallel(spec.parallel, spec.data, world_size)
-    check_accumulation(spec.data.global_batch, topology.size("dp"), spec.optim.grad_accum,
-                       spec.parallel.pp)
-    _check_memory(spec, topology, cuda)
-    validate_model(spec.model, topology, cuda, spec.memory.loss)
-    if not spec.data.synthetic:  # the settings, every path, the chat template (usp.data)
-        from usp.data.run import check_data
-
-        check_data(data_spec(spec.data, spec.model.tokenizer))
-    check_logging(spec.logging)
-    _check_checkpoint(spec, world_size)
-
-
-def _check_parallel(parallel: Parallel, data: Data, world_size: int) -> Topology:
-    """The parallel section against the world and the batch; a shape-only topology of it (no
-    process group) for the sections whose checks need the mesh's sizes."""
+    parallel, data, memory = spec.parallel, spec.data, spec.memory
     sizes = mesh_sizes(world_size, ring=parallel.ring, ulysses=parallel.ulysses, dp=parallel.dp,
                        tp=parallel.tp, pp=parallel.pp)
-    dp = sizes["dp"]
-    if parallel.kernel != "auto" and parallel.kernel not in KERNELS:
-        raise ValueError(
-            f"--kernel {parallel.kernel!r} is unknown; choose 'auto' or one of {sorted(KERNELS)}"
-        )
-    if data.global_batch % dp != 0:  # only a given --global-batch: the default divides
-        raise ValueError(
-            f"--global-batch={data.global_batch} is not divisible by dp={dp}; use a multiple "
-            f"of {dp}, or more sequence parallelism (ring, ulysses) and a smaller dp"
-        )
-    # any length: the layout pads it to its slots (masked); tp splits each rank's slots
-    slots = padded_length(data.seq_len, parallel.ring, parallel.ulysses, parallel.layout)
-    local_len = slots // (parallel.ring * parallel.ulysses)
-    if local_len % parallel.tp != 0:
-        raise ValueError(
-            f"--seq-len={data.seq_len} leaves {local_len} slots per sequence rank, which "
-            f"tp={parallel.tp} cannot split; use a multiple of "
-            f"{parallel.ring * parallel.ulysses * parallel.tp * 2}"
-        )
+    cuda = uses_cuda(spec.device)
+    check_optim(spec.optim)
+    _check_batch(data, parallel, sizes["dp"])
+    check_accumulation(data.global_batch, sizes["dp"], spec.optim.grad_accum, parallel.pp)
+    check_logging(spec.logging)
+    _check_checkpoint(checkpoint, metadata)
+    if memory.offload_activations and parallel.pp > 1:
+        raise ValueError("--offload-activations with pp > 1 is not offered yet: the "
+                         "pipeline's schedule runs the forward passes; use pp=1")
+    if not data.synthetic:  # the settings, every path, the chat template (usp.data)
+        from usp.data.run import check_data
+
+        given = data_spec(data, spec.model.tokenizer)
+        check_data(given)
+    topology = Topology(sizes, {axis: 0 for axis in AXES})  # shapes only: no process group
+    validate_model(spec.model, topology, cuda, memory.loss)
+    check_memory_options(memory.ac, memory.tiled_mlp)
     if parallel.pp > 1:
-        check_pipeline(parallel.pp, data.global_batch // dp, microbatches(parallel),
+        check_pipeline(parallel.pp, data.global_batch // sizes["dp"], microbatches(parallel),
                        parallel.pp_schedule)
-    return Topology(sizes, {axis: 0 for axis in AXES})
+    check_loss(memory.loss, topology, memory.loss_chunk_tokens)
+    check_tp_split(data.seq_len, parallel.ring, parallel.ulysses, parallel.tp, parallel.layout)
+    if memory.offload_activations:
+        check_offload(torch.device("cuda" if cuda else "cpu"))
 
 
-def _check_batch(data: Data, pp: int) -> None:
-    """The data section's sizes and held-out split (what the data holds: ``usp.data``)."""
+def _check_batch(data: Data, parallel: Parallel, dp: int) -> None:
+    """The data section's sizes and held-out split (what the data holds: ``usp.data``), and
+    the kernel the parallel section names."""
     for name in ("seq_len", "global_batch"):
         if getattr(data, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(data, name)} must be >= 1")
     if data.eval_every < 0 or data.eval_batches < 1:
         raise ValueError(f"--eval-every={data.eval_every} must be >= 0 and --eval-batches="
                          f"{data.eval_batches} >= 1")
-    if data.eval_every and pp > 1:
+    if data.eval_every and parallel.pp > 1:
         raise ValueError("--eval-every with pp > 1: the held-out loss runs the whole model on "
                          "each rank's stage, which the pipeline does not offer yet; use pp=1")
+    if data.global_batch % dp != 0:  # only a given --global-batch: the default divides
+        raise ValueError(
+            f"--global-batch={data.global_batch} is not divisible by dp={dp}; use a multiple "
+            f"of {dp}, or more sequence parallelism (ring, ulysses) and a smaller dp"
+        )
+    if parallel.kernel != "auto" and parallel.kernel not in KERNELS:
+        raise ValueError(
+            f"--kernel {parallel.kernel!r} is unknown; choose 'auto' or one of {sorted(KERNELS)}"
+        )
 
 
-def _check_memory(spec: RunSpec, topology: Topology, cuda: bool) -> None:
-    """The memory section: checkpointing kinds and the tiled MLP, offload, the loss."""
-    memory = spec.memory
-    check_memory_options(memory.ac, memory.tiled_mlp)
-    if memory.offload_activations:
-        check_offload(torch.device("cuda" if cuda else "cpu"))
-        if spec.parallel.pp > 1:
-            raise ValueError("--offload-activations with pp > 1 is not offered yet: the "
-                             "pipeline's schedule runs the forward passes; use pp=1")
-    check_loss(memory.loss, topology, memory.loss_chunk_tokens)
-
-
-def _check_checkpoint(spec: RunSpec, world_size: int) -> None:
-    """The checkpoint section: the run directory, and what a resume or --init-from reads."""
-    out, checkpoint = Path(spec.checkpoint.out), spec.checkpoint
+def _check_checkpoint(checkpoint: Checkpoint, metadata: dict | None) -> None:
+    """The checkpoint section: the run directory, and what a resume or --init-from reads
+    (against ``metadata``, this run's record)."""
+    out = Path(checkpoint.out)
     if checkpoint.ckpt_every < 0:
         raise ValueError(f"--ckpt-every={checkpoint.ckpt_every} must be >= 0")
     run_dir.check_run_directory(out)
@@ -170,9 +161,9 @@ def _check_checkpoint(spec: RunSpec, world_size: int) -> None:
     if checkpoint.resume is None:
         run_dir.check_fresh(out)
         if checkpoint.init_from is not None:
-            check_init_source(checkpoint.init_from, run_metadata(spec, world_size))
+            check_init_source(checkpoint.init_from, metadata)
         return
-    plan_resume(out, checkpoint.resume, run_metadata(spec, world_size))
+    plan_resume(out, checkpoint.resume, metadata)
     metrics_path = out / run_dir.METRICS
     if os.path.lexists(metrics_path):  # a resume rewrites it: its records must be readable
         read_metrics(metrics_path, follow_links=False)
@@ -254,27 +245,27 @@ def _run_data(data: Data, tokenizer: str | None, seed: int):
     """The run's batches (``usp.data.run.RunData``): the data's tokens from the cache (or
     seeded random tokens), the held-out batches of ``--eval-every``."""
     from usp.data.run import prepare_on_every_rank, run_data, synthetic_store
-    from usp.training.data import synthetic_tokens
 
     eval_batches = data.eval_batches if data.eval_every else 0
+    given = None if data.synthetic else data_spec(data, tokenizer)
     if data.synthetic:
         num_tokens = data.global_batch * SYNTHETIC_WINDOWS * data.seq_len + 1
-        store = synthetic_store(synthetic_tokens(num_tokens, seed=seed))
+        store = synthetic_store(num_tokens, seed)
         return run_data(store, data.global_batch, data.seq_len, seed, eval_batches)
-    prepared = prepare_on_every_rank(data_spec(data, tokenizer))
+    prepared = prepare_on_every_rank(given)
     return run_data(prepared.store, data.global_batch, data.seq_len, seed, eval_batches,
                     prepared.render, prepared.documents)
 
 
 def build_run(spec: RunSpec, device: torch.device, world_size: int) -> Run:
-    # first: bad data stops every rank before the model is built
-    data = _run_data(spec.data, spec.model.tokenizer, spec.seed)
     parallel, checkpoint = spec.parallel, spec.checkpoint
-    topology = Topology.build(ring=parallel.ring, ulysses=parallel.ulysses, dp=parallel.dp,
-                              tp=parallel.tp, pp=parallel.pp)
     metadata = run_metadata(spec, world_size)
     resume_plan = (plan_resume(Path(checkpoint.out), checkpoint.resume, metadata)
                    if checkpoint.resume else None)
+    # then bad data stops every rank before the model is built
+    data = _run_data(spec.data, spec.model.tokenizer, spec.seed)
+    topology = Topology.build(ring=parallel.ring, ulysses=parallel.ulysses, dp=parallel.dp,
+                              tp=parallel.tp, pp=parallel.pp)
     # built on the meta device and materialised shard by shard; a checkpoint to resume from
     # (or --init-from's) replaces --hf-model's weights, so they are not read
     model, flops_per_token = build_model(
