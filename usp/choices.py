@@ -21,3 +21,4 @@ LOSSES = ("full", "chunked", "vocab_parallel")  # usp.losses.head
 DEFAULT_CHUNK_TOKENS = 1024
 LOSS_ON = ("assistant", "all")  # usp.data: chat data trains on the assistant's tokens, or all
 RING_PASSES = ("auto", "kv", "q")  # usp.infer: which ring a prompt continuing a cache uses
+WANDB_MODES = ("online", "offline")  # usp.training.wandb_log: W&B with or without a network

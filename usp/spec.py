@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 
 from usp.choices import (DEFAULT_CHUNK_TOKENS, LAYOUTS, LOSS_ON, LOSSES, PIPELINE_SCHEDULES,
-                         PLACEMENTS)
+                         PLACEMENTS, WANDB_MODES)
 
 # Checkpoint every 50 steps and at the last: a crash loses at most 50 steps, and the README's
 # 30-step job still ends with one. 0 turns checkpoints off (benchmarks).
@@ -182,6 +182,13 @@ class Logging:
         None, "per-device peak for MFU (default: a known GPU's datasheet value; none on CPU)")
     tensorboard: bool = setting(False, "also write each step's metrics as TensorBoard scalars "
                                 "in OUT/tensorboard (needs the tensorboard package)")
+    wandb: str | None = setting(
+        None, "also log each step's metrics to the Weights & Biases project PROJECT, its files "
+        "in OUT/wandb; a resume continues the same W&B run (needs the wandb package) (default: "
+        "none)", metavar="PROJECT")
+    wandb_mode: str | None = setting(
+        None, "with --wandb: online, or offline (no network or account; upload later with "
+        "wandb sync) (default: W&B's own, $WANDB_MODE or online)", choices=WANDB_MODES)
 
 
 SECTIONS = {"parallel": Parallel, "model": Model, "data": Data, "optim": Optim,

@@ -106,8 +106,7 @@ def _train(spec: RunSpec, device: torch.device) -> list[dict]:
     if rank == 0:  # what a later --resume reads back (after the resume itself succeeded)
         run_dir.write_settings(out, spec)
     peak = metrics.peak_tflops(device, spec.model.dtype, spec.logging.peak_tflops)
-    log = metrics.MetricsLog(metrics_path, optim.steps, start_step, rank == 0,
-                             spec.logging.progress, spec.logging.tensorboard)
+    log = _metrics_log(metrics_path, start_step, rank == 0, spec)
     if rank == 0 and start_step < optim.steps:
         logger.info("training steps %d-%d (the first one also allocates and warms up)",
                     start_step + 1, optim.steps)
@@ -234,3 +233,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     kept = [r for r in metrics.read_metrics(path, follow_links=False) if r["step"] <= step]
     safe_files.replace(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
+
+
+def _metrics_log(path: Path, start_step: int, enabled: bool, spec: RunSpec) -> metrics.MetricsLog:
+    """The run's metrics log (rank 0 writes it), agreed on by every rank: a viewer that cannot
+    start on rank 0 (W&B without a network or an account) stops every rank, saying why."""
+    log, error = None, None
+    try:
+        log = metrics.MetricsLog(path, spec.optim.steps, start_step, enabled, spec.logging,
+                                 config=spec.nested())
+    except ValueError as exc:
+        error = str(exc)
+    agree(dist.group.WORLD if dist.is_initialized() else None, {}, error)
+    return log

@@ -188,12 +188,21 @@ def read_metrics(path: str | Path, follow_links: bool = True) -> list[dict]:
 
 def check_logging(logging_section) -> None:
     """The logging section (``usp.spec.Logging``): a ``--reference-metrics`` file that exists and
-    whose records read, before a run that ends drawing them; the tensorboard package where
-    ``--tensorboard`` asks for it."""
+    whose records read, before a run that ends drawing them; the tensorboard and wandb packages
+    where ``--tensorboard`` and ``--wandb`` ask for them."""
     if logging_section.tensorboard:
-        from usp.training.tensorboard import check_available
+        from usp.training import tensorboard
 
-        check_available()
+        tensorboard.check_available()
+    if logging_section.wandb is not None:
+        from usp.training import wandb_log
+
+        if not logging_section.wandb.strip():
+            raise ValueError("--wandb needs a project name")
+        wandb_log.check_available()
+    elif logging_section.wandb_mode is not None:
+        raise ValueError(f"--wandb-mode {logging_section.wandb_mode} without --wandb: there is "
+                         "no W&B run to log to; give --wandb PROJECT")
     reference = logging_section.reference_metrics
     if reference:
         if not Path(reference).is_file():
@@ -203,22 +212,29 @@ def check_logging(logging_section) -> None:
 
 class MetricsLog:
     """Appends one JSON record per step to ``path`` and draws a progress bar (rank 0 only);
-    with ``tensorboard``, writes the record's scalars beside it (``usp.training.tensorboard``).
+    as the ``logging`` section (``usp.spec.Logging``) asks, also logs the record's scalars to
+    TensorBoard (``usp.training.tensorboard``) and W&B (``usp.training.wandb_log``, with the
+    run's ``config``), in the run directory.
 
     Other ranks construct it too and it does nothing for them, so the loop has no rank branches.
+    A viewer that cannot start is a ValueError (on rank 0: the loop agrees on it).
     """
 
-    def __init__(
-        self, path: Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
-        tensorboard: bool = False,
-    ) -> None:
+    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool,
+                 logging_section, config: dict | None = None) -> None:
+        progress = logging_section.progress
         self.path, self.enabled, self.progress = path, enabled, progress
-        self._file = safe_files.open_append(path) if enabled else None
-        self._tensorboard = None
-        if enabled and tensorboard:  # beside metrics.jsonl, in the run directory
+        self._viewers = []
+        if enabled and logging_section.tensorboard:  # beside metrics.jsonl, in the run directory
             from usp.training.tensorboard import TensorBoardLog
 
-            self._tensorboard = TensorBoardLog(path.parent, start_step)
+            self._viewers.append(TensorBoardLog(path.parent, start_step))
+        if enabled and logging_section.wandb is not None:
+            from usp.training.wandb_log import WandbLog
+
+            self._viewers.append(WandbLog(path.parent, logging_section.wandb,
+                                          logging_section.wandb_mode, config or {}))
+        self._file = safe_files.open_append(path) if enabled else None
         self._bar = None
         self._warned_mfu = False
         if enabled and progress:
@@ -234,8 +250,8 @@ class MetricsLog:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tensorboard is not None:
-            self._tensorboard.log(record)
+        for viewer in self._viewers:
+            viewer.log(record)
         if "mfu_above_peak" in record and not self._warned_mfu:
             self._warned_mfu = True
             logger.warning(
@@ -259,8 +275,8 @@ class MetricsLog:
         self._bar.update(1)
 
     def close(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        for viewer in self._viewers:
+            viewer.close()
         if self._bar is not None:
             self._bar.close()
         if self._file is not None:

@@ -29,12 +29,14 @@ from pathlib import Path
 from usp.inputs import safe_files
 from usp.inputs.folders import CHECKPOINTS, CONFIG, METRICS
 from usp.spec import SECTION_OF, SECTIONS, RunSpec, flatten
+from usp.training.wandb_log import ID_FILE as WANDB_ID
 
 LOCK = ".lock"
 PLOT = "loss.png"
 RUNS = Path("runs")
 # every file name usp writes in a run directory (a replaced file goes through NAME.tmp)
-RUN_FILES = (CONFIG, CONFIG + ".tmp", METRICS, METRICS + ".tmp", PLOT, PLOT + ".tmp", LOCK)
+RUN_FILES = (CONFIG, CONFIG + ".tmp", METRICS, METRICS + ".tmp", PLOT, PLOT + ".tmp", LOCK,
+             WANDB_ID)
 SETTINGS_LIMIT = 1 << 20  # bytes: a config.json is a few hundred
 # Settings that say where a run is, not what it trains: never taken from a saved config.json.
 NOT_INHERITED = ("out", "resume")

@@ -11,19 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from usp.training.scalars import scalars
+
 FOLDER = "tensorboard"
-# record field -> the scalar's tag (grouped as TensorBoard shows them)
-SCALARS = {
-    "loss": "train/loss",
-    "eval_loss": "eval/loss",
-    "lr": "train/lr",
-    "grad_norm": "train/grad_norm",
-    "tokens_per_s": "speed/tokens_per_s",
-    "step_time_s": "speed/step_time_s",
-    "data_s": "speed/data_s",
-    "mfu": "speed/mfu",
-}
-MEMORY = {"peak_memory_bytes": "memory/peak_gib", "memory_before_step_bytes": "memory/before_gib"}
 
 
 def check_available() -> None:
@@ -46,13 +36,8 @@ class TensorBoardLog:
         self.writer = SummaryWriter(log_dir=str(self.directory), purge_step=start_step + 1)
 
     def log(self, record: dict) -> None:
-        step = record["step"]
-        for field, tag in SCALARS.items():
-            if record.get(field) is not None:
-                self.writer.add_scalar(tag, record[field], step)
-        for field, tag in MEMORY.items():  # the largest rank's, in GiB
-            if record.get(field):
-                self.writer.add_scalar(tag, max(record[field]) / 2**30, step)
+        for tag, value in scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
         self.writer.flush()
 
     def close(self) -> None:
