@@ -216,22 +216,3 @@ def test_usp_train_refuses_them_before_any_rank_starts(tmp_path, capsys, monkeyp
     assert not Path(tmp_path / "a").exists()
     # unsplit it trains (one process, nothing split)
     assert usp_main([*flags, "--out", str(tmp_path / "b")]) == 0
-
-
-def test_a_router_loss_over_a_split_sequence_is_refused():
-    """The load-balancing loss is a product of means over the tokens: each rank's own is not a
-    share of the sequence's, so a model asked to return it is refused while the sequence is
-    split, and runs as it is on one sequence rank."""
-    from usp.integrations.transformers import check_config
-
-    config = AutoConfig.for_model(
-        "mixtral", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-        output_router_logits=True)
-    split = {"pp": 1, "dp": 1, "ring": 2, "ulysses": 2, "tp": 1}
-    with pytest.raises(ValueError, match="output_router_logits=True: the router's load-balancing "
-                       "loss .* each of the 4 sequence ranks' own"):
-        check_config(config, Topology(split, dict.fromkeys(split, 0)))
-    check_config(config, trivial_topology())  # one sequence rank: the loss is the sequence's
-    config.output_router_logits = False
-    check_config(config, Topology(split, dict.fromkeys(split, 0)))

@@ -226,7 +226,8 @@ def check_trainer_options(trainer) -> None:
         f"neftune_noise_alpha={args.neftune_noise_alpha}": args.neftune_noise_alpha is not None,
         f"loss_type={getattr(args, 'loss_type', 'nll')!r}":
             getattr(args, "loss_type", "nll") not in (None, "nll"),
-        "a router auxiliary loss": bool(getattr(trainer, "aux_loss_enabled", False)),
+        "a router auxiliary loss": bool(getattr(trainer, "aux_loss_enabled", False)) or bool(
+            getattr(getattr(trainer.model, "config", None), "output_router_logits", False)),
         f"n_gpu={args.n_gpu} (nn.DataParallel)": args.n_gpu > 1,
         "a model sharded at load time": getattr(trainer, "is_distributed_loading_by_transformers",
                                                 False),

@@ -29,6 +29,9 @@ from usp.attention.heads import head_plan
 from usp.comm import agree
 from usp.batch import IGNORE_INDEX, documents_from_positions, positions_in_documents, shard_batch
 from usp.integrations.hf_masks import ATTENTION_NAME, MaskRequest, usp_mask
+from usp.integrations.hf_moe import (
+    check_router_loss_model, global_router_loss, router_settings, token_rows,
+)
 from usp.integrations.hf_mixers import (
     SplitRefusal, check_sequence_mixers, config_sequence_mixers, find_sequence_mixers,
 )
@@ -58,6 +61,8 @@ class USPContext:
     def __init__(self, topology: Topology, layout: str = "zigzag", kernel: str = "auto") -> None:
         check_layout(layout)
         self.topology, self.layout, self.kernel = topology, layout, kernel
+        # set by a prepared model's forward pre-hook for that forward (ForwardChecks)
+        self.forward_checks: ForwardChecks | None = None
         self._group = None
         if topology.data_size > 1:
             self._group = topology.flat_mesh(*DATA_AXES).get_group()
@@ -79,12 +84,17 @@ class USPContext:
         check_config(model.config, self.topology)
         if model.config._attn_implementation != ATTENTION_NAME:
             model.set_attn_implementation(ATTENTION_NAME)
-        previous = getattr(model, "_usp_sequence_mixer_check", None)
-        if previous is not None:
-            previous.remove()
+        for name in ("_usp_sequence_mixer_check", "_usp_forward_checks", "_usp_router_loss"):
+            previous = getattr(model, name, None)
+            if previous is not None:
+                previous.remove()
         if mixers:
             model._usp_sequence_mixer_check = model.register_forward_pre_hook(
                 SplitRefusal(mixers), with_kwargs=True)
+        model._usp_forward_checks = model.register_forward_pre_hook(ForwardChecks.start,
+                                                                    with_kwargs=True)
+        model._usp_router_loss = model.register_forward_hook(ForwardChecks.finish,
+                                                             with_kwargs=True)
         return model
 
     def shard(
@@ -157,7 +167,13 @@ class USPContext:
                        "self-attention over the whole sequence: pass use_cache=False and no "
                        "past_key_values, or generate with usp.infer.hf.USPCache")
         if not isinstance(request, MaskRequest) or not request.agreed:
-            self.agree(refusal)
+            if refusal is None and self.forward_checks is not None:
+                refusal = self.forward_checks.refusal
+            try:
+                self.agree(refusal)
+            except ValueError:
+                self.forward_checks = None  # the forward ends here, before its last hook
+                raise
             request.mask = _global_mask(request, query, self, documents, cu_seqlens)
             self.agree(_position_refusal(request.mask, position_ids, query, self))
             request.agreed = True  # agree() raised unless the mask is a MaskRequest
@@ -193,18 +209,56 @@ def check_config(config, topology: Topology) -> None:
 
 
 def check_router_loss(config, topology: Topology) -> None:
-    """A mixture-of-experts model that returns its router's load-balancing loss would return
-    each rank's own, over its shard of the sequence (the loss is a product of means over the
-    tokens, so the ranks' losses do not add up to the sequence's): refused while the sequence is
-    split. The experts themselves run exactly."""
-    split = topology.size("ring") * topology.size("ulysses")
-    if getattr(config, "output_router_logits", False) and split > 1:
-        raise ValueError(
-            f"{type(config).__name__}.output_router_logits=True: the router's load-balancing "
-            f"loss (outputs.aux_loss) would be each of the {split} sequence ranks' own, over its "
-            "shard of the sequence, not the whole sequence's; usp does not reduce it over the "
-            "ranks: set output_router_logits=False (the experts themselves run exactly)"
-        )
+    """A mixture-of-experts model that returns its router's load-balancing loss: its value over
+    the ranks is reduced from the router's statistics (``usp.integrations.hf_moe``, in the
+    prepared model's forward hook, :class:`ForwardChecks`) for the models whose loss that module
+    knows; another is refused while the ranks hold different tokens."""
+    if topology.data_size > 1:
+        check_router_loss_model(config)
+
+
+class ForwardChecks:
+    """What a prepared model's forward hooks check and fix (``USPContext.prepare``).
+
+    Before the forward (:meth:`start`): ``labels`` passed to the model while the sequence is
+    split are refused (transformers would shift them inside each rank's shard and average each
+    rank's own tokens; :meth:`USPContext.shard` shifts them globally for
+    :meth:`USPContext.loss`). The refusal is agreed in the first attention layer's agreement, so
+    every rank raises and none waits. After it (:meth:`finish`): a mixture-of-experts output's
+    ``aux_loss``, each rank's own over its tokens, is replaced by the whole batch's
+    (``usp.integrations.hf_moe.global_router_loss``) when the ranks hold different tokens.
+    """
+
+    def __init__(self, refusal: str | None) -> None:
+        self.refusal = refusal
+
+    @staticmethod
+    def start(module, args, kwargs) -> None:
+        context = kwargs.get("usp_context")
+        if not isinstance(context, USPContext):
+            return
+        topology, refusal = context.topology, None
+        split = topology.size("ring") * topology.size("ulysses")
+        if kwargs.get("labels") is not None and split > 1:
+            refusal = (f"labels passed to the model while ring x ulysses = {split} ranks split "
+                       "the sequence: transformers would shift them inside each rank's shard; "
+                       "pass the labels of USPContext.shard to USPContext.loss(logits, labels)")
+        context.forward_checks = ForwardChecks(refusal)
+
+    @staticmethod
+    def finish(module, args, kwargs, output):
+        context = kwargs.get("usp_context")
+        if not isinstance(context, USPContext):
+            return output
+        context.forward_checks = None
+        router_logits = getattr(output, "router_logits", None)
+        if router_logits and context.topology.data_size > 1:
+            experts, top_k, _ = router_settings(module)
+            rows = token_rows(kwargs.get("usp_documents"), kwargs.get("attention_mask"),
+                              context.topology, context.layout, router_logits[0])
+            aux = global_router_loss(router_logits, experts, top_k, context.topology, rows)
+            output.aux_loss = aux.to(torch.promote_types(router_logits[0].dtype, torch.float32))
+        return output
 
 
 def check_rope(config) -> None:
@@ -266,6 +320,11 @@ def usp_attention_forward(
     if config is not None:
         check_rope(config)
     refusal = _local_refusal(attention_mask, query, key, is_causal, sliding_window)
+    if (refusal is None and options.get("output_router_logits")
+            and usp_context.topology.data_size > 1 and usp_context.forward_checks is None):
+        refusal = ("the model returns its router logits, and its router load-balancing loss "
+                   "(outputs.aux_loss) would be each rank's own: prepare the model with "
+                   "USPContext.prepare(model), whose forward reduces it over the ranks")
     out = usp_context.attention(module, query, key, value, attention_mask, refusal,
                                 scaling=scaling, position_ids=position_ids,
                                 documents=usp_documents, cu_seqlens=cu_seq_lens_q, sinks=s_aux)

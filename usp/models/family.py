@@ -51,6 +51,10 @@ class FamilyModel(Protocol):
     layers: nn.ModuleDict  # the decoder blocks this rank holds, by global index
     hidden_size: int  # the width of the residual stream (what pipeline stages exchange)
     vocab_size: int
+    # optional: a loss the model adds to the cross-entropy, set by its last forward (a
+    # mixture-of-experts router loss, its coefficient applied): value the whole batch's,
+    # gradient this rank's share; None or absent: nothing to add
+    auxiliary_loss: torch.Tensor | None
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  documents: torch.Tensor | None = None, **loss_options) -> torch.Tensor:

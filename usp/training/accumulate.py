@@ -8,6 +8,9 @@ in the last backward only (``set_requires_gradient_sync``): the backward passes 
 accumulate unsharded gradients on each rank, which costs one unsharded copy of the gradients and
 saves K - 1 reduce-scatters per step.
 
+A loss the model adds to the cross-entropy (``auxiliary_loss``, a mixture-of-experts router loss)
+enters each micro-step's backward, and the step's value, once: it is the whole batch's already.
+
 Each micro-batch's forward runs under the step's autocast, the saved-activation count and, on
 CUDA, activation offload to host memory (``usp.memory.ActivationOffload``).
 """
@@ -68,6 +71,7 @@ def train_micro_batches(
     labels = torch.cat([micro["labels"] for micro in micro_batches])
     count = global_label_count(labels, topology)
     total = torch.zeros((), dtype=torch.float64, device=labels.device)
+    auxiliary_total = torch.zeros_like(total)  # already the whole batch's on every rank
     saved_bytes = 0
     for index, micro in enumerate(micro_batches):
         if isinstance(model, FSDPModule):  # reduce-scatter in the last backward only
@@ -81,11 +85,18 @@ def train_micro_batches(
             output = model(micro["input_ids"], micro["position_ids"], micro.get("documents"),
                            **head.model_kwargs())
             share = head.share(output, micro["labels"], count, model, topology)
+            # a loss the model adds (a router loss): the step's is the mean of its
+            # micro-batches'; its value is the whole batch's, its gradient this rank's share
+            auxiliary = getattr(model, "auxiliary_loss", None)
         del output  # the graph keeps what the backward needs
-        share.backward()
+        if auxiliary is None:
+            share.backward()
+        else:
+            (share + auxiliary / len(micro_batches)).backward()
+            auxiliary_total += auxiliary.detach().double() / len(micro_batches)
         total += share.detach().double()
         saved_bytes = max(saved_bytes, counter.bytes)
-    return topology.sum_over_data(total), saved_bytes
+    return topology.sum_over_data(total) + auxiliary_total, saved_bytes
 
 
 def rank_batch(run, global_batch) -> dict:

@@ -43,6 +43,7 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.model = model
         self.context = context
+        self.auxiliary_loss: torch.Tensor | None = None  # set by each forward (forward)
         if not isinstance(getattr(model.base_model, "layers", None), nn.ModuleList):
             raise ValueError(
                 f"{type(model).__name__} keeps no decoder layers in base_model.layers; usp "
@@ -79,10 +80,17 @@ class HFCausalLM(nn.Module):
             )
         given = ({"inputs_embeds": input_ids} if input_ids.is_floating_point()
                  else {"input_ids": input_ids})
-        logits = self.model(
+        outputs = self.model(
             **given, position_ids=position_ids, use_cache=False,
             usp_context=self.context, usp_documents=documents,
-        ).logits
+        )
+        # a mixture-of-experts model asked for its router loss (output_router_logits=True):
+        # transformers' training loss adds it, times the config's coefficient; over the ranks
+        # that hold different tokens it is the whole batch's (the prepared model's forward hook,
+        # usp.integrations.hf_moe)
+        aux = getattr(outputs, "aux_loss", None)
+        self.auxiliary_loss = None if aux is None else self.model.router_aux_loss_coef * aux
+        logits = outputs.logits
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     @torch.no_grad()

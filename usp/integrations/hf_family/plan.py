@@ -18,6 +18,12 @@ def check(model: nn.Module, topology: Topology) -> None:
     """ValueError, naming the layer or the numbers, for what ``topology`` cannot split."""
     check_sequence_mixers(model.model, topology)
     check_config(model.config, topology)
+    if getattr(model.config, "output_router_logits", False) and topology.size("pp") > 1:
+        raise ValueError(
+            f"{type(model.config).__name__}.output_router_logits=True with pp="
+            f"{topology.size('pp')}: the router load-balancing loss sums over every layer, and "
+            "each stage holds some of them; use pp=1, or output_router_logits=False"
+        )
     check_stages(model.config, topology)
     check_tensor_parallel(model.model, topology)
 
