@@ -12,18 +12,21 @@ wrong split of them would show). One spawned world of 4 gloo ranks then
   those of transformers + ``peft.get_peft_model`` in one process, with the same base weights
   and the same factors, to 1e-10 (docs/testing.md, fp64); no base parameter gets a gradient;
 - trains 3 steps with ``usp train``'s loop and ``--lora-rank 4`` from the folder (checkpoints
-  at steps 2 and 3), and resumes the step-2 checkpoint under another layout (ulysses 4).
+  at steps 2 and 3), and resumes the step-2 checkpoint under another layout (ulysses 4, with
+  full activation checkpointing and the tiled MLP).
 
 In this process: the base weights in the last checkpoint equal the folder's (only adapters
 were trained), the merged export loads with ``from_pretrained`` and the adapter export with
 ``PeftModel.from_pretrained`` on the folder, both giving the trained usp model's logits by
-docs/testing.md's rule against the fp64 model; and the refusals (a Llama preset, tp > 1,
-pp > 1, a target that names no module or no linear layer, negative numbers).
+docs/testing.md's rule against the fp64 model; the optimizer holds the factors only; and the
+refusals (a Llama preset, tp > 1, pp > 1, a target that names no module or no linear layer,
+negative numbers, ``--adapter`` without adapters, ``--init-from`` with other adapters).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -154,7 +157,9 @@ def _world(rank: int, world_size: int, folder: str, out: str) -> dict:
                                 lambda case: _exact_step(folder, case, topology))
     straight = train(run_spec(out=f"{out}/run", hf_model=folder, ring=2, ulysses=2,
                               ckpt_every=2, **RUN))
+    # another layout, recomputing each block and tiling each MLP in the backward
     resumed = train(run_spec(out=f"{out}/resumed", hf_model=folder, ulysses=4, ckpt_every=0,
+                             ac="full", tiled_mlp=8,
                              resume=f"{out}/run/checkpoints/step_000002", **RUN))
     return {"failures": failures, "straight": [r["loss"] for r in straight],
             "resumed": [r["loss"] for r in resumed]}
@@ -252,6 +257,33 @@ def test_export_adapter_of_a_run_without_adapters_is_refused(trained, tmp_path):
         from usp.training.export import export
 
         export(full, tmp_path / "out", adapter=True)
+
+
+def test_the_optimizer_holds_the_adapters_only(folder):
+    from usp.integrations.hf_family.model import skeleton
+    from usp.training.optim import build_optimizer
+
+    model = skeleton(_settings(folder, CASES["q v default alpha"]))
+    optimizer, _ = build_optimizer(model, run_spec().optim)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    factors = {name for name, p in model.named_parameters() if id(p) in held}
+    assert len(factors) == 2 * 2 * SHAPE["num_hidden_layers"]  # A and B of q_proj and v_proj
+    assert all(".lora_A." in name or ".lora_B." in name for name in factors)
+
+
+def test_init_from_a_run_with_other_adapters_is_refused(trained):
+    from usp.training.checkpoint import read_metadata
+    from usp.training.export import find_checkpoint
+    from usp.training.resume import check_init_source
+
+    _, path = find_checkpoint(trained["run"], None)
+    saved = read_metadata(path)
+    check_init_source(str(path), saved)  # the same adapters
+    other = {"model": saved["model"], "run": {**saved["run"], "lora": None}}
+    with pytest.raises(ValueError, match=re.escape(
+            "LoRA adapters {'rank': 4, 'alpha': 8, 'targets': ['all-linear']} in the checkpoint "
+            "but None now")):
+        check_init_source(str(path), other)
 
 
 # ------------------------------------------------------------------------------ refusals

@@ -89,7 +89,7 @@ class Model:
         metavar="R")
     lora_alpha: float = setting(
         0.0, "LoRA scaling numerator: adapters add alpha/rank x B A to each weight (0: 2 x "
-        "--lora-rank)")
+        "--lora-rank)", metavar="ALPHA")
     lora_targets: list[str] = setting(
         ["all-linear"], "the linear layers that get adapters, named as PEFT's target_modules "
         "takes them (a module's name or its last parts, e.g. q_proj v_proj); all-linear: "

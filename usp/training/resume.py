@@ -179,8 +179,9 @@ def check_init_source(init_from: str, current: dict) -> Path:
     if differences:
         raise ValueError(
             f"--init-from {path}: this run's model is not the checkpoint's: "
-            + "; ".join(differences) + " (leave out --model, --hf-config, --hf-model and "
-            "--tokenizer to take them from the source run, or give the ones it used)"
+            + "; ".join(differences) + " (leave out --model, --hf-config, --hf-model, "
+            "--tokenizer and --lora-* to take them from the source run, or give the ones it "
+            "used)"
         )
     return path
 
