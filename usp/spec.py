@@ -64,7 +64,8 @@ class Parallel:
 
 @dataclass
 class Model:
-    """What is trained: a usp Llama preset or a Hugging Face model, its tokenizer, precision."""
+    """What is trained: a usp Llama preset or a Hugging Face model, its tokenizer, precision,
+    and whether only LoRA adapters are trained."""
 
     model: str = setting("tiny", "Llama preset of usp.models, random init", choices_from="models")
     hf_config: str | None = setting(
@@ -82,6 +83,18 @@ class Model:
         "auto", "auto: bf16 on CUDA, fp32 on CPU. bf16: the forward under autocast; fp32 master "
         "weights and optimizer, and on CUDA FSDP2 gathers bf16 parameters and reduces gradients "
         "in fp32. fp32 on CUDA runs its matmuls as TF32", choices=("auto", "fp32", "bf16"))
+    lora_rank: int = setting(
+        0, "train LoRA adapters of this rank on a Hugging Face model (--hf-model or "
+        "--hf-config) through PEFT, every base weight frozen (0: off, every weight trained)",
+        metavar="R")
+    lora_alpha: float = setting(
+        0.0, "LoRA scaling numerator: adapters add alpha/rank x B A to each weight (0: 2 x "
+        "--lora-rank)", metavar="ALPHA")
+    lora_targets: list[str] = setting(
+        ["all-linear"], "the linear layers that get adapters, named as PEFT's target_modules "
+        "takes them (a module's name or its last parts, e.g. q_proj v_proj); all-linear: "
+        "every linear layer of the decoder, the output head excepted", nargs="+",
+        metavar="NAME")
 
 
 @dataclass

@@ -40,6 +40,11 @@ def register(subparsers) -> None:
     a("--max-shard-size", type=_size, default="2GiB", metavar="SIZE",
       help="the largest safetensors file, e.g. 500MB or 2GiB; also the most tensor data held "
       "in memory at once")
+    a("--adapter", action="store_true",
+      help="a LoRA run (--lora-rank): write its adapters alone as a PEFT adapter folder "
+      "(adapter_config.json, adapter_model.safetensors) that PeftModel.from_pretrained loads "
+      "onto the base model (default: the adapters merged into the weights, an ordinary model "
+      "folder)")
     parser.set_defaults(func=run_cli)
 
 
@@ -47,7 +52,12 @@ def run_cli(args) -> int:
     from usp.training.export import export
 
     result = export(args.run, args.out, step=args.step, dtype=args.dtype,
-                    max_shard_bytes=args.max_shard_size)
+                    max_shard_bytes=args.max_shard_size, adapter=args.adapter)
+    if result.adapter:
+        print(f"exported the LoRA adapters of {result.checkpoint} (step {result.step}) to "
+              f"{result.out}: {result.tensors} tensors, {result.bytes / 2**20:.2f} MiB, "
+              f"{args.dtype}; load them with peft.PeftModel.from_pretrained(base, DIR)")
+        return 0
     tokenizer = ("a byte-level tokenizer (the run's tokens: ids 0-255 are the bytes, 256 ends a "
                  "document)" if result.byte_level else "the run's tokenizer")
     print(f"exported {result.checkpoint} (step {result.step}) to {result.out}: "

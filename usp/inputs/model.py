@@ -18,8 +18,38 @@ from usp.topology import AXES, Topology
 
 
 def model_settings(model: Model) -> ModelSettings:
-    """What the model families read of a run's model section: which model it is."""
-    return ModelSettings(model=model.model, hf_config=model.hf_config, hf_model=model.hf_model)
+    """What the model families read of a run's model section: which model it is, and its
+    LoRA adapters."""
+    return ModelSettings(model=model.model, hf_config=model.hf_config, hf_model=model.hf_model,
+                         lora_rank=model.lora_rank, lora_alpha=model.lora_alpha,
+                         lora_targets=tuple(model.lora_targets))
+
+
+def check_lora(model: Model, family: ModelFamily) -> None:
+    """ValueError, naming the numbers, for LoRA settings no run can use (the family checks the
+    targets against its model)."""
+    if model.lora_rank < 0 or model.lora_alpha < 0:
+        raise ValueError(f"--lora-rank={model.lora_rank} and --lora-alpha={model.lora_alpha} "
+                         "must be >= 0 (rank 0: no adapters; alpha 0: twice the rank)")
+    if not model.lora_rank:
+        return
+    if not family.lora:
+        raise ValueError(f"--lora-rank={model.lora_rank}: LoRA adapters are offered for Hugging "
+                         f"Face models only, not for the Llama preset --model {model.model}; "
+                         "train a Hugging Face model with --hf-model DIR or --hf-config")
+    if not model.lora_targets:
+        raise ValueError(f"--lora-rank={model.lora_rank} with no --lora-targets; name the "
+                         "layers to adapt, or all-linear")
+
+
+def lora_metadata(model: Model) -> dict | None:
+    """The adapters a run trains, as its checkpoints record them (None: no adapters, every
+    weight trained): a resume must keep them, since the checkpoint holds their tensors."""
+    if not model.lora_rank:
+        return None
+    settings = model_settings(model)
+    return {"rank": settings.lora_rank, "alpha": settings.lora_alpha or 2 * settings.lora_rank,
+            "targets": list(settings.lora_targets)}
 
 
 def model_family(model: Model) -> ModelFamily:
@@ -44,6 +74,7 @@ def validate_model(model: Model, topology: Topology, cuda: bool, loss: str) -> N
     from usp.inputs import model_size
 
     settings, family = model_settings(model), model_family(model)
+    check_lora(model, family)
     name = family.display_name(settings)
     size = family.size(settings)
     world_size = math.prod(topology.size(axis) for axis in AXES)

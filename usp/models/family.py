@@ -29,11 +29,21 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ModelSettings:
     """Which model a run uses: the model section of its settings (``--model``, ``--hf-config``,
-    ``--hf-model``). Exactly one registered family claims a given value."""
+    ``--hf-model``, the LoRA adapters). Exactly one registered family claims a given value."""
 
     model: str = "tiny"  # a preset name (usp.models.llama.CONFIGS)
     hf_config: str | None = None  # a Hugging Face config: a preset, config.json or its folder
     hf_model: str | None = None  # a local Hugging Face model folder: config and safetensors
+    # LoRA adapters (``--lora-rank``, ``--lora-alpha``, ``--lora-targets``): rank 0 trains every
+    # weight; a family that takes adapters says so (``ModelFamily.lora``)
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # 0: twice the rank
+    lora_targets: tuple[str, ...] = ("all-linear",)  # PEFT's target_modules
+
+    @property
+    def lora_scaling(self) -> float:
+        """What the adapters' product ``B @ A`` is multiplied by: alpha / rank."""
+        return (self.lora_alpha or 2 * self.lora_rank) / self.lora_rank
 
 
 class ModelSize(NamedTuple):
@@ -107,8 +117,9 @@ class Weights:
     # whole model's tensors; (folder, the skeleton or a stage of it), before any rank starts
     check: Callable[[str, nn.Module], None]
     # every parameter and computed buffer of this rank's shards from the folder (a collective
-    # with a process group): (model after to_empty, folder)
-    load: Callable[[nn.Module, str], None]
+    # with a process group), what no folder holds (LoRA factors) from the seed: (model after
+    # to_empty, folder, seed)
+    load: Callable[[nn.Module, str, int], None]
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,9 @@ class Exporter:
     tensors: Callable[[str, "torch.Tensor", Any], list[tuple[str, "torch.Tensor"]]]
     # (that config) -> the GenerationConfig to write beside it
     generation_config: Callable[[Any], Any]
+    # (settings, base model folder or None) -> the ``peft.LoraConfig`` of a LoRA run's adapter
+    # folder (``usp export --adapter``); None: the family's adapters are exported merged only
+    adapter_config: Callable[[ModelSettings, str | None], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +178,9 @@ class ModelFamily:
     inference: InferenceAdapter
     weights: Weights | None = None  # None: the family's models start from a seed only
     export: Exporter | None = None  # None: ``usp export`` refuses the family's runs
+    # whether its skeleton takes LoRA adapters (``ModelSettings.lora_rank``: injected by PEFT,
+    # named as PEFT names them, base weights frozen); False: runs with adapters are refused
+    lora: bool = False
 
     def pretrained(self, settings: ModelSettings) -> str | None:
         """The folder the model's first weights come from, or None (initialised from a seed)."""

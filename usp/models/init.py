@@ -128,11 +128,11 @@ def fill_(tensor: torch.Tensor, value: float) -> None:
 def materialize(model: nn.Module, device: torch.device, seed: int,
                 pretrained: str | None = None) -> nn.Module:
     """Allocate this rank's shards of a meta-device model on ``device`` and initialise them from
-    ``seed``, or read them from ``pretrained`` with the model's family's weights reader. In
-    place; returns it."""
+    ``seed``, or read them from ``pretrained`` with the model's family's weights reader (which
+    draws from ``seed`` what the folder does not hold: LoRA factors). In place; returns it."""
     to_empty(model, device)  # tied parameters stay tied
     if pretrained is None:
         model.init_weights(seed)
     else:
-        family_of_model(model).weights.load(model, pretrained)
+        family_of_model(model).weights.load(model, pretrained, seed)
     return model

@@ -52,6 +52,7 @@ def build_model(section: Model, parallel: Parallel, memory: Memory, topology: To
     model = family.skeleton(settings)
     flops_per_token = family.flops_per_token(model, seq_len)
     parameters = model.num_params()  # the whole model's, before any cut or shard
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     param_dtype, reduce_dtype = fsdp_precision(section.dtype, device, topology)
     # also in one process: the memory features (checkpointing, tiled MLP, loss) apply there too
     model = parallelize(
@@ -63,8 +64,10 @@ def build_model(section: Model, parallel: Parallel, memory: Memory, topology: To
     pretrained = family.pretrained(settings) if load_weights else None
     materialize(model, device, seed, pretrained)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        logger.info("model %s: %s parameters, %s (%s held by rank 0)",
+        logger.info("model %s: %s parameters%s, %s (%s held by rank 0)",
                     family.display_name(settings), count_text(parameters),
+                    f" ({count_text(trainable)} trained: LoRA rank {settings.lora_rank})"
+                    if settings.lora_rank else "",
                     f"read from {pretrained}" if pretrained else f"initialised from seed "
                     f"{seed}", bytes_text(parameter_bytes(model)))
     return model, flops_per_token

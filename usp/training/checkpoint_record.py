@@ -21,7 +21,9 @@ import torch
 
 from usp.data.sources import data_fingerprint
 from usp.inputs import fingerprint, safe_files
-from usp.inputs.model import model_metadata, pretrained_source, tokenizer_metadata
+from usp.inputs.model import (
+    lora_metadata, model_metadata, pretrained_source, tokenizer_metadata,
+)
 
 FORMAT_VERSION = 2  # 2: manifest.json with SHA-256 of every file
 META = "meta.json"
@@ -29,9 +31,11 @@ TRAINER = "trainer.pt"
 # Fields of meta.json's "run" that must match on resume for training to continue exactly. The
 # schedule's fields are among them: the LR of every step is a function of (step, steps, lr,
 # min_lr, warmup), and AdamW's param_groups (lr, weight_decay) come back from the checkpoint.
+# "lora": the adapters' rank, alpha and targets (None: none; a record written before adapters
+# existed has none either, so it compares equal to a run without them).
 RUN_FIELDS_THAT_MUST_MATCH = (
     "seq_len", "global_batch", "data", "seed", "steps", "lr", "min_lr", "warmup", "weight_decay",
-    "pack", "tokenizer",
+    "pack", "tokenizer", "lora",
 )
 META_LIMIT = 64 << 20  # bytes: a meta.json holds a model config, a few KiB
 STATE_LIMIT = 64 << 20  # bytes: trainer.pt and rng_rank*.pt hold a few small tensors
@@ -64,6 +68,7 @@ def run_metadata(spec, world_size: int) -> dict:
             "weight_decay": optim.weight_decay,
             "pack": data.pack and not data.synthetic,
             "tokenizer": tokenizer_metadata(model),
+            "lora": lora_metadata(model),
             # content fingerprints: a resume refuses data or a tokenizer edited in place
             "inputs": {
                 "data": data_fingerprint(data.data, data.synthetic),

@@ -8,6 +8,11 @@ ever holds the whole model, whatever layout (FSDP, TP, pipeline stages) wrote it
 tokenizer files (for a run on byte-level tokens, a tokenizer whose ids are the bytes:
 :func:`byte_level_tokenizer`).
 
+A LoRA run's adapters are merged into the weights they adapt (``W + alpha / rank B @ A``, a
+layer's tensors read in one group: ``usp.models.lora``), so the folder is an ordinary model of
+the base architecture; ``adapter=True`` writes the adapters alone as a PEFT adapter folder
+instead (``usp.training.export_adapter``).
+
 The checkpoint is verified against its manifest and read through the same loaders as a resume
 (``usp.training.integrity``): nothing in it runs code. The folder is written beside ``out`` and
 renamed into place when complete, never through a link.
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from usp.models import lora
 from usp.models.family import ModelSettings
 from usp import precision
 from usp.models.registry import family_of
@@ -32,6 +38,7 @@ from usp.spec import RunSpec
 from usp.inputs import safe_files
 from usp.inputs.byte_tokens import EOT
 from usp.training import checkpoint, integrity, run_dir
+from usp.training.export_adapter import export_adapter
 from usp.inputs.model import model_settings
 
 logger = logging.getLogger(__name__)
@@ -50,6 +57,7 @@ class ExportResult:
     shards: int
     bytes: int
     byte_level: bool  # the run's tokens were bytes: the tokenizer written spells them
+    adapter: bool = False  # a PEFT adapter folder (usp.training.export_adapter), no tokenizer
 
 
 def byte_level_tokenizer():
@@ -110,23 +118,26 @@ def _model_tensors(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
 
 def _groups(tensors: dict, dtype: torch.dtype, limit: int) -> list[list[str]]:
     """The names in shards of at most ``limit`` bytes written as ``dtype`` (a bigger tensor
-    gets a shard of its own)."""
+    gets a shard of its own); a LoRA-adapted layer's tensors stay in one group, which its merge
+    reads together (``usp.models.lora.units``)."""
     groups, size = [[]], 0
-    for name, (shape, _) in tensors.items():
-        nbytes = shape.numel() * dtype.itemsize
+    for unit in lora.units(list(tensors)):
+        nbytes = sum(tensors[name][0].numel() for name in unit) * dtype.itemsize
         if groups[-1] and size + nbytes > limit:
             groups.append([])
             size = 0
-        groups[-1].append(name)
+        groups[-1].extend(unit)
         size += nbytes
     return groups
 
 
 def export(source: Path, out: Path, step: int | None = None, dtype: str = "fp32",
-           max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportResult:
-    """Write the Hugging Face folder ``out`` from ``source`` (a run or checkpoint directory).
-    ValueError, naming the path, for a missing, corrupt or foreign checkpoint, a model family
-    without an exporter, or an ``out`` that exists."""
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, adapter: bool = False) -> ExportResult:
+    """Write the Hugging Face folder ``out`` from ``source`` (a run or checkpoint directory):
+    a LoRA run's adapters merged into its weights, or with ``adapter`` only the adapters, as
+    a PEFT adapter folder (:func:`export_adapter`). ValueError, naming the path, for a missing,
+    corrupt or foreign checkpoint, a model family without an exporter, or an ``out`` that
+    exists."""
     from safetensors.torch import save_file
 
     run, path = find_checkpoint(source, step)
@@ -134,6 +145,9 @@ def export(source: Path, out: Path, step: int | None = None, dtype: str = "fp32"
     family = family_of(settings)
     if family.export is None:
         raise ValueError(f"{family.name} models have no Hugging Face exporter")
+    if adapter and not settings.lora_rank:
+        raise ValueError(f"--adapter: {run} trained every weight, no LoRA adapters (its "
+                         "--lora-rank is 0); export the whole model without --adapter")
     if dtype not in precision.EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r}; choose one of {list(precision.EXPORT_DTYPES)}")
     if max_shard_bytes < 1:
@@ -151,6 +165,13 @@ def export(source: Path, out: Path, step: int | None = None, dtype: str = "fp32"
                          f"names ({family.display_name(settings)}); was the model folder edited?")
 
     torch_dtype = precision.torch_dtype(dtype)
+    if adapter:
+        config = family.export.config(settings, dtype=torch_dtype, eos_token_id=None)
+        count, total = export_adapter(path, out, settings, family, config, torch_dtype,
+                                      _model_tensors(path))
+        logger.info("exported the adapters of %s (step %d) to %s", path, saved["step"], out)
+        return ExportResult(out=out, checkpoint=path, step=saved["step"], tensors=count,
+                            shards=1, bytes=total, byte_level=False, adapter=True)
     if tokenizer_dir:
         from usp.inputs.tokenizer import load_tokenizer
 
@@ -170,6 +191,8 @@ def export(source: Path, out: Path, step: int | None = None, dtype: str = "fp32"
                      else "model.safetensors")
             state = {name: torch.empty(tensors[name][0], dtype=tensors[name][1]) for name in names}
             checkpoint.read_tensors(path, state)
+            if settings.lora_rank:  # W + alpha / rank B @ A, under the base model's names
+                state = lora.merged(state, settings.lora_scaling)
             written = {}
             for name, tensor in state.items():
                 for hf_name, hf_tensor in family.export.tensors(name, tensor, config):

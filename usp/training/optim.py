@@ -39,9 +39,11 @@ def lr_at_step(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, optim: Optim):
-    """``(AdamW, its LambdaLR schedule)`` over the parameters ``model`` holds."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms: decay would fight their scale
+    """``(AdamW, its LambdaLR schedule)`` over the trainable parameters ``model`` holds (with
+    LoRA, the adapters' factors: the frozen base weights get neither moments nor decay)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]  # norms: decay would fight their scale
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": optim.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],

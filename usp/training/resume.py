@@ -173,11 +173,15 @@ def check_init_source(init_from: str, current: dict) -> Path:
     if saved["run"].get("tokenizer") != current["run"]["tokenizer"]:
         differences.append(f"tokenizer {saved['run'].get('tokenizer')!r} in the checkpoint but "
                            f"{current['run']['tokenizer']!r} now")
+    if saved["run"].get("lora") != current["run"]["lora"]:  # the tensors differ with adapters
+        differences.append(f"LoRA adapters {saved['run'].get('lora')!r} in the checkpoint but "
+                           f"{current['run']['lora']!r} now")
     if differences:
         raise ValueError(
             f"--init-from {path}: this run's model is not the checkpoint's: "
-            + "; ".join(differences) + " (leave out --model, --hf-config, --hf-model and "
-            "--tokenizer to take them from the source run, or give the ones it used)"
+            + "; ".join(differences) + " (leave out --model, --hf-config, --hf-model, "
+            "--tokenizer and --lora-* to take them from the source run, or give the ones it "
+            "used)"
         )
     return path
 

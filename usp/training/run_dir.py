@@ -47,7 +47,8 @@ REPLACES = {"data": ("synthetic", False), "synthetic": ("data", []), "model": ("
 # means ulysses 4 (ring 1), not ring 2 x ulysses 4.
 LAYOUT_DEGREES = ("ring", "ulysses", "tp", "pp", "dp", "microbatches")
 # What the model is: a run started --init-from another takes them from that run unless given.
-MODEL_SETTINGS = ("model", "hf_config", "hf_model", "tokenizer")
+MODEL_SETTINGS = ("model", "hf_config", "hf_model", "tokenizer", "lora_rank", "lora_alpha",
+                  "lora_targets")
 
 
 def run_prefix(model: str, hf_config: str | None, ring: int, ulysses: int, tp: int,

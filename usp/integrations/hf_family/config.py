@@ -126,8 +126,16 @@ def size(settings: ModelSettings) -> ModelSize:
 
 
 def validate(settings: ModelSettings, topology: Topology, token_ids: int) -> None:
-    """:func:`validate_hf_config` of the settings' config."""
-    validate_hf_config(source(settings), topology, token_ids)
+    """:func:`validate_hf_config` of the settings' config, and its LoRA adapters: the
+    parallelism they run with and targets that name linear layers of the model."""
+    config = validate_hf_config(source(settings), topology, token_ids)
+    if settings.lora_rank:
+        from usp.integrations.hf_family.lora import check_targets, check_topology
+
+        check_topology(topology)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        check_targets(settings, skeleton)
 
 
 def metadata(settings: ModelSettings) -> dict:

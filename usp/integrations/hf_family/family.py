@@ -11,7 +11,8 @@ Offered: ring × ulysses sequence parallelism (refused, naming the layer, for la
 tokens other than by softmax attention), tensor parallelism from the config's own
 ``base_model_tp_plan`` (plain, without sequence parallelism; not with pipeline stages:
 ``usp.integrations.hf_family.tp``), FSDP2, pipeline stages, activation checkpointing and the
-tiled MLP; the full-logits loss only.
+tiled MLP; the full-logits loss only. LoRA adapters through PEFT (``--lora-rank``:
+``usp.integrations.hf_family.lora``), with ring × ulysses and FSDP2 (not with tp or pp).
 """
 
 from __future__ import annotations
@@ -58,5 +59,7 @@ HUGGING_FACE = ModelFamily(
         config=lazy(f"{PACKAGE}.export:hf_config"),
         tensors=lazy(f"{PACKAGE}.export:hf_tensors"),
         generation_config=lazy(f"{PACKAGE}.export:generation_config"),
+        adapter_config=lazy(f"{PACKAGE}.lora:lora_config"),
     ),
+    lora=True,
 )

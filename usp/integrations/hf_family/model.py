@@ -16,11 +16,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from usp.integrations.hf_family.config import load_hf_config, source
+from usp.integrations.hf_family.lora import add_adapters, init_factor
 from usp.integrations.hf_family.stages import OtherStage
 from usp.integrations.transformers import ATTENTION_NAME, USPContext
 from usp.models import init
 from usp.models.counts import training_flops_per_token
 from usp.models.family import ModelSettings
+from usp.models.lora import is_adapter
 from usp.topology import AXES, Topology
 
 
@@ -100,19 +102,26 @@ class HFCausalLM(nn.Module):
         (``usp.models.init``); the rest as transformers initialises it, which is a constant
         for each of them (biases 0, norms 1, or 0 where the norm scales by ``1 + weight``) and
         the computed buffers (RoPE frequencies, embedding scales). ``parameters=False`` leaves
-        every parameter alone and only computes the buffers (weights about to be loaded).
+        every base parameter alone and only computes the buffers (weights about to be loaded).
+        LoRA factors are always drawn (no model folder holds them:
+        ``usp.integrations.hf_family.lora.init_factor``).
         """
-        drawn = [(name, p) for name, p in self.model.named_parameters()
-                 if p.ndim >= 2 or not parameters]
-        for _, parameter in drawn:  # transformers' init functions skip what carries this flag
+        named = list(self.model.named_parameters())
+        drawn = [(name, p) for name, p in named
+                 if not is_adapter(name) and (p.ndim >= 2 or not parameters)]
+        factors = [(name, p) for name, p in named if is_adapter(name)]
+        for _, parameter in drawn + factors:  # transformers' init functions skip these
             parameter._is_hf_initialized = True
         for module in self.model.modules():
             self.model._init_weights(module)
         std = getattr(self.config, "initializer_range", None) or 0.02
-        for name, parameter in drawn:
+        for _, parameter in drawn + factors:
             del parameter._is_hf_initialized
-            if parameters:
+        if parameters:
+            for name, parameter in drawn:
                 init.normal_(parameter, std, seed, name)
+        for name, parameter in factors:
+            init_factor(parameter, name, seed)
 
     def num_params(self) -> int:
         """Distinct parameters (a tied embedding counts once), global under sharding."""
@@ -153,5 +162,9 @@ def build_hf_causal_lm(
 
 
 def skeleton(settings: ModelSettings) -> HFCausalLM:
-    """The settings' model on the meta device (the family entry's skeleton)."""
-    return build_hf_causal_lm(source(settings), device="meta")
+    """The settings' model on the meta device (the family entry's skeleton), with its LoRA
+    adapters where the settings ask for them (``usp.integrations.hf_family.lora``)."""
+    model = build_hf_causal_lm(source(settings), device="meta")
+    if settings.lora_rank:
+        add_adapters(model.model, settings)
+    return model

@@ -11,6 +11,8 @@ from torch import nn
 from usp.integrations.hf_family.stages import check_stages
 from usp.integrations.hf_family.tp import check_tensor_parallel
 from usp.integrations.transformers import USPContext, check_config, check_sequence_mixers
+from usp.integrations.hf_family.lora import check_topology
+from usp.models.lora import is_adapter
 from usp.topology import Topology
 
 
@@ -25,6 +27,8 @@ def check(model: nn.Module, topology: Topology) -> None:
             "each stage holds some of them; use pp=1, or output_router_logits=False"
         )
     check_stages(model.config, topology)
+    if any(is_adapter(name) for name, _ in model.named_parameters()):
+        check_topology(topology)
     check_tensor_parallel(model.model, topology)
 
 

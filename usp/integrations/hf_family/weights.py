@@ -2,6 +2,9 @@
 
 ``usp train --hf-model DIR`` trains the model ``DIR/config.json`` describes, starting from the
 weights beside it: ``model.safetensors``, or the shards ``model.safetensors.index.json`` names.
+With LoRA adapters the folder is the base model's: an adapted layer's weight (PEFT's
+``...q_proj.base_layer.weight``) is read from ``...q_proj.weight``, and the factors, which no
+folder holds, are drawn from the run's seed.
 
 - :func:`check_pretrained` (pure: reads headers, never tensor data) runs before any rank starts and
   again on every rank: the files exist, are safetensors, and hold exactly the model's tensors with
@@ -36,6 +39,8 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, set_model_state_dict,
 )
+
+from usp.models.lora import base_name, is_adapter
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -164,7 +169,7 @@ def check_pretrained(directory: str, model: nn.Module) -> dict[str, StoredTensor
         raise ValueError(f"--hf-model {directory} does not fit the model its config.json "
                          "describes: " + "; ".join(problems))
     held, _ = expected_tensors(model.model)
-    return {key: stored[key] for key in held}
+    return {base_name(key): stored[base_name(key)] for key in held if not is_adapter(key)}
 
 
 class _CheckedReader(HuggingFaceStorageReader):
@@ -191,10 +196,11 @@ class _CheckedReader(HuggingFaceStorageReader):
         return metadata
 
 
-def load_weights(model: nn.Module, directory: str) -> None:
-    """A materialised ``HFCausalLM``'s computed buffers (RoPE tables) and then every parameter
-    from ``directory``, each rank its own shards (the family's ``Weights.load``)."""
-    model.init_weights(0, parameters=False)  # computed buffers only: the seed draws nothing
+def load_weights(model: nn.Module, directory: str, seed: int) -> None:
+    """A materialised ``HFCausalLM``'s computed buffers (RoPE tables) and LoRA factors (from
+    ``seed``), then every other parameter from ``directory``, each rank its own shards (the
+    family's ``Weights.load``)."""
+    model.init_weights(seed, parameters=False)  # buffers and adapters: no base parameter
     load_pretrained(model, directory)
 
 
@@ -203,9 +209,11 @@ def load_pretrained(model: nn.Module, directory: str) -> None:
     its own shards; a collective when a process group is up."""
     stored = check_pretrained(directory, model)
     state = get_model_state_dict(model)
-    # "model.<transformers name>" -> the transformers name the files use; aliases are tied
-    wanted = {key[len(PREFIX):]: tensor for key, tensor in state.items()
-              if key.startswith(PREFIX) and key[len(PREFIX):] in stored}
+    # "model.<transformers name>" -> the name the files use (a LoRA-adapted layer's weight
+    # without PEFT's ".base_layer"; the factors are no file's); aliases are tied
+    names = {base_name(key[len(PREFIX):]): key for key in state
+             if key.startswith(PREFIX) and not is_adapter(key)}
+    wanted = {name: state[key] for name, key in names.items() if name in stored}
     try:
         with warnings.catch_warnings():  # DCP warns that one process "assumes" one process
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -217,7 +225,7 @@ def load_pretrained(model: nn.Module, directory: str) -> None:
         text = "; ".join(sorted({f"{type(c[0]).__name__}: {c[0]}" for c in causes}))
         raise ValueError(f"--hf-model {directory}: reading the weights failed: {text}") from exc
     _check_finite(wanted, stored, directory)
-    set_model_state_dict(model, {PREFIX + key: tensor for key, tensor in wanted.items()},
+    set_model_state_dict(model, {names[name]: tensor for name, tensor in wanted.items()},
                          options=StateDictOptions(strict=False))
 
 
