@@ -39,6 +39,7 @@ CASES = [  # padding, packing and gradient accumulation 2 on ring 2 x ulysses 2 
     Case("llama", 1, 2, "padding", grad_acc=2),  # dp 2 x ulysses 2
     Case("llama", 2, 2, "sft"),
     Case("qwen3", 1, 4, "sft", grad_acc=2),
+    Case("qwen3-moe", 2, 2, "packing", grad_acc=2),  # the router loss joins the loss
 ]
 SAVED = CASES[0]  # its trained model is saved and loaded back in one process
 

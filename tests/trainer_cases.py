@@ -18,7 +18,8 @@ import torch
 from datasets import Dataset
 from transformers import (
     DataCollatorForLanguageModeling, DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM,
-    PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Trainer, TrainingArguments,
+    PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
+    Trainer, TrainingArguments,
 )
 
 SPECIAL = ["<pad>", "<unk>", "<eos>", "<user>", "<asst>", "<eot>"]
@@ -38,7 +39,13 @@ ARCHITECTURES = {
                                                     **_SHAPE)),
     "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(num_attention_heads=4, num_key_value_heads=1,
                                                     head_dim=8, **_SHAPE)),
+    # a mixture of experts whose router loss joins the training loss (eager experts: fp64)
+    "qwen3-moe": (Qwen3MoeForCausalLM, lambda: Qwen3MoeConfig(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=16, output_router_logits=True,
+        router_aux_loss_coef=ROUTER_COEF, experts_implementation="eager", **_SHAPE)),
 }
+ROUTER_COEF = 0.1
 STEPS, BATCH = 3, 2
 
 
@@ -172,12 +179,28 @@ def first_label_ignored(collator):
 
 def fp64_loss(outputs, labels, num_items_in_batch=None) -> torch.Tensor:
     """The causal LM loss of the reference in the model's dtype: sum over shifted labels / the
-    Trainer's count of them."""
+    Trainer's count of them; plus, for a mixture of experts, the router loss times its
+    coefficient, as transformers adds it (:func:`router_loss`: in fp64, where transformers
+    sums in fp32)."""
     logits, targets = outputs.logits[:, :-1], labels[:, 1:]
     total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                               targets.reshape(-1), reduction="sum")
     count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
-    return total / count
+    loss = total / count
+    if getattr(outputs, "router_logits", None):
+        loss = loss + ROUTER_COEF * router_loss(outputs.router_logits, experts=4, top_k=2)
+    return loss
+
+
+def router_loss(router_logits, experts: int, top_k: int) -> torch.Tensor:
+    """transformers' load-balancing loss of a batch without padding, in fp64: ``E sum_e
+    (T_e / N) (P_e / N)`` over every layer's rows (T: top-k picks, P: probabilities)."""
+    rows = torch.cat([layer.double() for layer in router_logits])
+    probabilities = torch.softmax(rows, dim=-1)
+    picks = torch.nn.functional.one_hot(torch.topk(probabilities, top_k).indices,
+                                        experts).sum(dim=(0, 1)).double()
+    count = rows.shape[0]
+    return experts * (picks / count * probabilities.sum(dim=0) / count).sum()
 
 
 def set_rank_environment(rank: int, world_size: int) -> None:

@@ -35,6 +35,7 @@ from usp.integrations.trainer_data import (
     DataOverDataRanks, GatherOverDataRanks, check_data_options, without_repeated_samples,
 )
 from usp.integrations.transformers import USPContext
+from usp.integrations.hf_moe import router_settings
 from usp.loss import cross_entropy_sum
 from usp.topology import DATA_AXES, Topology
 
@@ -136,7 +137,17 @@ class USPTrainerMixin:
         local_sum = cross_entropy_sum(outputs.logits, labels)
         global_sum = self._all_reduce(local_sum.detach().double())
         loss = _StepShare.apply(local_sum, global_sum, max(count, 1.0), self.usp_gradient_scale)
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is not None:  # a mixture-of-experts router loss, added as transformers adds it
+            # (to each micro-batch's loss); already the whole batch's (USPContext.prepare)
+            term = router_settings(self._usp_model())[2] * aux.to(loss.dtype)
+            loss = loss + term.detach() + (term - term.detach()) * self.usp_gradient_scale
         return (loss, outputs) if return_outputs else loss
+
+    def _usp_model(self):
+        """The transformers model under any wrapper (PEFT's included)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     # ------------------------------------------------------------------ evaluation
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
@@ -226,8 +237,6 @@ def check_trainer_options(trainer) -> None:
         f"neftune_noise_alpha={args.neftune_noise_alpha}": args.neftune_noise_alpha is not None,
         f"loss_type={getattr(args, 'loss_type', 'nll')!r}":
             getattr(args, "loss_type", "nll") not in (None, "nll"),
-        "a router auxiliary loss": bool(getattr(trainer, "aux_loss_enabled", False)) or bool(
-            getattr(getattr(trainer.model, "config", None), "output_router_logits", False)),
         f"n_gpu={args.n_gpu} (nn.DataParallel)": args.n_gpu > 1,
         "a model sharded at load time": getattr(trainer, "is_distributed_loading_by_transformers",
                                                 False),
