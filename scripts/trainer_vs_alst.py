@@ -11,9 +11,13 @@ optimizer, fp32, on CPU ranks with gloo.
     python scripts/trainer_vs_alst.py --compare --sp 2 4 --rounds 2
 
 The ALST backend needs ``deepspeed`` (``DS_BUILD_OPS=0 pip install deepspeed``); on a CPU the
-script sets ``DS_ACCELERATOR=cpu``, which makes DeepSpeed use gloo. ZeRO stage 0 and torch's
-AdamW: DeepSpeed's fused optimizers are not built. Both backends see the batches in the same
-order (sequential sampling), so their losses must agree step by step.
+script sets ``DS_ACCELERATOR=cpu``, which makes DeepSpeed use gloo. ZeRO stage 0 by default
+(``--zero-stage``) and torch's AdamW: DeepSpeed's fused optimizers are not built. Both backends
+see the batches in the same order (sequential sampling), so their losses should agree step by
+step with each other and with ``--backend plain`` (the Trainer alone, one process). They do
+with ``--max-grad-norm 0``; with clipping, ALST's gradients are sp times the one-process
+gradient (DeepSpeed sums over the sequence ranks the gradients of a loss that every rank
+already holds whole), so clipping scales its steps differently (docs/transformers.md).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                        help="gradient clipping (0: none)")
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=0,
+                        help="DeepSpeed ZeRO stage of the alst backend")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--compare", action="store_true",
                         help="run both backends in alternating rounds, print the ratio")
@@ -89,7 +97,7 @@ def training_arguments(args: argparse.Namespace, sp: int, output_dir: str):
     common = dict(
         output_dir=output_dir, max_steps=args.warmup + args.steps,
         per_device_train_batch_size=args.batch, optim="adamw_torch", learning_rate=args.lr,
-        weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=1.0,
+        weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=args.max_grad_norm,
         train_sampling_strategy="sequential", logging_steps=10**6, save_strategy="no",
         report_to=[], disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
         ddp_find_unused_parameters=False, bf16=False, fp16=False, seed=0,
@@ -101,7 +109,9 @@ def training_arguments(args: argparse.Namespace, sp: int, output_dir: str):
 
     deepspeed_config = {
         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto", "zero_optimization": {"stage": 0},
+        "gradient_clipping": "auto", "zero_optimization": {"stage": args.zero_stage},
+        # torch's AdamW is the client optimizer (no compiled DeepSpeed ops on this machine)
+        "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": False}, "fp16": {"enabled": False},
     }
     parallelism = ParallelismConfig(
@@ -188,7 +198,9 @@ def launch(args: argparse.Namespace, backend: str, sp: int) -> dict:
                "--master-addr=127.0.0.1", f"--master-port={free_port()}", __file__,
                "--backend", backend, "--sp", str(sp), "--seq-len", str(args.seq_len),
                "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+               "--warmup", str(args.warmup), "--threads", str(args.threads),
+               "--lr", str(args.lr), "--max-grad-norm", str(args.max_grad_norm),
+               "--zero-stage", str(args.zero_stage)]
     root = str(Path(__file__).resolve().parents[1])
     environment = dict(os.environ, OMP_NUM_THREADS=str(args.threads), DS_ACCELERATOR="cpu",
                        PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get(
@@ -235,6 +247,10 @@ def compare(args: argparse.Namespace) -> None:
             }
         summary["tokens_per_s_usp_over_alst"] = (summary["usp"]["tokens_per_s"]
                                                  / summary["alst"]["tokens_per_s"])
+        # each round's pair ran back to back, under about the same load
+        summary["each_round_usp_over_alst"] = [
+            alst["step_s_median"] / usp["step_s_median"]
+            for usp, alst in zip(runs["usp"], runs["alst"], strict=True)]
         summary["max_loss_difference_usp_alst"] = largest_difference(runs["usp"], runs["alst"])
         if reference is not None:
             for backend, results in runs.items():
