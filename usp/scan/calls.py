@@ -53,10 +53,22 @@ def check_scale(scale) -> None:
         raise ValueError(f"scale={scale!r} must be a finite number (or None)")
 
 
-def sequence_segments(local_len: int, topology: Topology, *, documents, cu_seqlens,
+def check_same(name: str, t: Tensor, like: Tensor, like_name: str) -> None:
+    """``t`` on ``like``'s device (dtype may differ: each is cast to the compute dtype)."""
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} and {like_name} on {like.device}")
+
+
+def check_groups(heads: int, groups: int, what: str) -> None:
+    if heads % groups != 0:
+        raise ValueError(f"{what}: {heads} heads are not a multiple of {groups} groups; each "
+                         f"group serves a run of heads/groups consecutive heads")
+
+
+def sequence_segments(local_len: int, batch: int, topology: Topology, *, documents, cu_seqlens,
                       seq_len: int | None) -> Tensor | None:
-    """The global sequence's segments ``[rows, slots]`` (None: one run of tokens), after
-    checking that ``seq_len`` fits the slots the ranks hold."""
+    """The global sequence's segments ``[rows, slots]`` (None: one run of tokens; ``rows`` 1 or
+    ``batch``), after checking that ``seq_len`` fits the slots the ranks hold."""
     slots = local_len * topology.sequence_size
     if seq_len is not None:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 < seq_len <= slots \
@@ -67,7 +79,11 @@ def sequence_segments(local_len: int, topology: Topology, *, documents, cu_seqle
                 f"{topology.sequence_size} ranks); shard_sequence pads a length to the next "
                 f"multiple of {topology.sequence_size}"
             )
-    return global_segments(slots, documents=documents, cu_seqlens=cu_seqlens, seq_len=seq_len)
+    segments = global_segments(slots, documents=documents, cu_seqlens=cu_seqlens, seq_len=seq_len)
+    if segments is not None and segments.shape[0] not in (1, batch):
+        raise ValueError(f"documents have {segments.shape[0]} batch rows and the inputs {batch}: "
+                         f"give one row for all, or one per row")
+    return segments
 
 
 def digest(segments: Tensor | None) -> str | None:
@@ -84,5 +100,8 @@ def describe(tensors: dict, **fields) -> dict:
         "dtypes": {name: str(getattr(t, "dtype", None)) for name, t in tensors.items()},
         "devices": {name: str(getattr(getattr(t, "device", None), "type", None))
                     for name, t in tensors.items()},
+        # a rank whose inputs need no gradient would skip the backward's messages
+        "requires_grad": {name: bool(getattr(t, "requires_grad", False))
+                          for name, t in tensors.items()},
         **fields,
     }

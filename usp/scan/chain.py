@@ -112,3 +112,16 @@ class _Send(torch.autograd.Function):
             for work in ctx.chain._transfer(dist.irecv, grad, 1, BACKWARD_TAG):
                 work.wait()
         return grad, None
+
+
+def pass_along(chain: StateChain, leaving, like: Tensor,
+               anchor: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """One rank's turn in the chain: ``(entering, token)``. ``entering`` is the state entering
+    this rank's block (None on the first rank: zero), ``leaving(entering)`` the state the block
+    leaves (``M S_in + N``, called only where a next rank needs it), ``like`` a tensor of the
+    state's shape, dtype and device. Add ``token`` (when not None) to a tensor the outputs use,
+    and call :meth:`StateChain.finish` once the outputs are computed."""
+    entering = None if chain.first else chain.receive(tuple(like.shape), like.dtype,
+                                                      like.device, anchor)
+    token = None if chain.last else chain.send(leaving(entering))
+    return entering, token

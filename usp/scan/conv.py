@@ -1,12 +1,13 @@
-"""The short causal depthwise convolution in front of a scan, on a sequence split in contiguous
-shards: each rank needs the last ``K - 1`` tokens of the previous shard (the halo).
+"""causal_conv: the short causal depthwise convolution in front of a scan, on a sequence split in
+contiguous shards; each rank needs the last ``K - 1`` tokens of the previous shard (the halo).
 
-Output ``t`` of channel ``c`` is ``bias_c + Σ_{j<K} w[c, j] x[t - (K-1) + j, c]`` (PyTorch's
-``conv1d`` with ``K - 1`` zeros in front, as Mamba-2 and Qwen3-Next run it), and with packed
-documents a tap that reaches into another document reads zero (as the fused ``causal_conv1d``
-does with ``seq_idx``). The halo travels from shard ``i`` to shard ``i + 1`` of the sequence
-group (``ring_rank · U + ulysses_rank``) in one message of ``(K-1) · C`` elements, and its
-gradient travels back in the backward; the first shard reads zeros.
+Output ``t`` of channel ``c`` is ``bias_c + Σ_{j<K} w[c, j] x[c, t - (K-1) + j]`` (PyTorch's
+``conv1d`` with ``K - 1`` zeros in front: transformers' ``causal_conv1d_fn`` for Mamba-2 and
+Qwen3-Next), and with packed documents a tap that reaches into another document reads zero (as
+the fused ``causal_conv1d`` does with ``seq_idx``). The halo travels from shard ``i`` to shard
+``i + 1`` of the sequence group (shard index ``ring_rank · U + ulysses_rank``) in one message of
+``B · C · (K-1)`` elements, and its gradient travels back in the backward; the first shard reads
+zeros. No all-to-all: the convolution is per channel, every rank keeps all its channels.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from usp.comm import nbytes, record
+from usp.scan.calls import check_scan_layout, check_tensor, describe, digest, sequence_segments
 from usp.topology import Topology
 
 Tensor = torch.Tensor
@@ -32,11 +34,11 @@ class Neighbours:
         index = topology.sequence_rank
         group_rank_of = {shard: rank for rank, shard in
                          enumerate(topology.sequence_index_of_group_rank)}
-        self.group, self.index, self.count = group, index, topology.sequence_size
+        self.group = group
         self.previous = (dist.get_global_rank(group, group_rank_of[index - 1])
                          if index > 0 else None)
         self.next = (dist.get_global_rank(group, group_rank_of[index + 1])
-                     if index + 1 < self.count else None)
+                     if index + 1 < topology.sequence_size else None)
 
     def exchange(self, send: Tensor, to: int | None, recv: Tensor, source: int | None,
                  tag: int) -> None:
@@ -53,7 +55,7 @@ class Neighbours:
 
 
 class _Halo(torch.autograd.Function):
-    """tail ``[B, K-1, C]`` (this shard's last tokens) -> the previous shard's tail."""
+    """tail ``[B, C, K-1]`` (this shard's last tokens) -> the previous shard's tail."""
 
     @staticmethod
     def forward(ctx, tail, neighbours: Neighbours):
@@ -72,28 +74,6 @@ class _Halo(torch.autograd.Function):
         return grad_tail, None
 
 
-def activate(x: Tensor, activation: str | None) -> Tensor:
-    if activation is None:
-        return x
-    return F.silu(x)
-
-
-def depthwise_causal(extended: Tensor, weight: Tensor, bias: Tensor | None, length: int,
-                     same_segment: Tensor | None) -> Tensor:
-    """``extended`` ``[B, K-1+L, C]`` (halo then tokens) -> ``[B, L, C]``. ``same_segment``
-    ``[rows, K, L]``: tap ``j`` of output ``t`` reads a token of ``t``'s own segment."""
-    taps = weight.shape[1]
-    if same_segment is None:
-        out = F.conv1d(extended.transpose(1, 2), weight[:, None, :], bias,
-                       groups=weight.shape[0])  # [B, C, L]
-        return out.transpose(1, 2)
-    out = extended[:, taps - 1:] * weight[:, taps - 1]  # the token itself
-    for tap in range(taps - 1):
-        window = extended[:, tap:tap + length] * same_segment[:, tap, :, None]
-        out = out + window * weight[:, tap]
-    return out if bias is None else out + bias
-
-
 def same_segment_taps(segments: Tensor, start: int, length: int, taps: int) -> Tensor:
     """``[rows, K, L]``: for output ``t`` (global position ``start + t``) and tap ``j``, whether
     the token it reads (position ``start + t - (K-1) + j``) is in the same segment."""
@@ -104,22 +84,75 @@ def same_segment_taps(segments: Tensor, start: int, length: int, taps: int) -> T
     return (read == own[:, None, :]) & (reads >= 0)
 
 
-def halo_conv(x: Tensor, weight: Tensor, bias: Tensor | None, topology: Topology,
-              segments: Tensor | None, activation: str | None) -> Tensor:
-    """x ``[B, S_RU, C]`` (this rank's contiguous shard), weight ``[C, K]`` -> ``[B, S_RU, C]``;
-    ``segments`` ``[rows, S]`` of the global sequence or None. Checked by the caller."""
-    taps, length = weight.shape[1], x.shape[1]
-    dtype = weight.dtype
-    tokens = x.to(dtype)
-    if taps == 1:
-        halo = tokens[:, :0]
-    elif topology.sequence_size == 1:
-        halo = tokens.new_zeros(x.shape[0], taps - 1, x.shape[2])
+def depthwise_causal(extended: Tensor, weight: Tensor, bias: Tensor | None,
+                     same_segment: Tensor | None) -> Tensor:
+    """``extended`` ``[B, C, K-1+L]`` (halo then tokens) -> ``[B, C, L]``. ``same_segment``
+    ``[rows, K, L]``: tap ``j`` of output ``t`` reads a token of ``t``'s own segment."""
+    if same_segment is None:
+        return F.conv1d(extended, weight[:, None, :], bias, groups=weight.shape[0])
+    taps, length = weight.shape[1], same_segment.shape[-1]
+    out = None
+    for tap in range(taps):  # K is small (4): one masked multiply-add per tap
+        term = extended[..., tap:tap + length] * weight[:, tap, None] \
+            * same_segment[:, None, tap, :]
+        out = term if out is None else out + term
+    return out if bias is None else out + bias[:, None]
+
+
+def _check(x, weight, bias, topology: Topology, layout: str, activation) -> None:
+    check_scan_layout(layout, topology)
+    check_tensor("x", x, 3, "[B, C, S_local]")
+    check_tensor("weight", weight, 2, "[C, K]")
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)} [C, K] does not match x "
+                         f"{tuple(x.shape)} [B, C, S_local]: C={weight.shape[0]} != {x.shape[1]}")
+    if bias is not None:
+        check_tensor("bias", bias, 1, "[C]")
+        if bias.shape[0] != x.shape[1]:
+            raise ValueError(f"bias {tuple(bias.shape)} must be [C] = [{x.shape[1]}]")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}; choose one of {ACTIVATIONS}")
+    halo, length = weight.shape[1] - 1, x.shape[2]
+    if topology.sequence_size > 1 and length < halo:
+        raise ValueError(
+            f"each rank holds {length} tokens but a kernel of {weight.shape[1]} taps reads "
+            f"{halo} tokens of the previous rank; use a sequence of at least "
+            f"{halo * topology.sequence_size} slots over {topology.sequence_size} ranks")
+
+
+def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None, topology: Topology, *,
+                activation: str | None = None, layout: str = "contiguous", documents=None,
+                cu_seqlens=None, seq_len: int | None = None) -> Tensor:
+    """The causal depthwise convolution of a sequence split over ring × ulysses ranks.
+
+    x ``[B, C, S_RU]`` (this rank's contiguous shard, channels first as transformers'
+    ``causal_conv1d_fn`` takes it), weight ``[C, K]``, bias ``[C]`` or None; returns
+    ``[B, C, S_RU]`` in x's dtype, computed in weight's dtype (as transformers does), with
+    ``activation`` (``"silu"``/``"swish"``) applied. ``documents`` / ``cu_seqlens`` / ``seq_len``
+    describe the global sequence as for :func:`usp.usp_attention`: a tap never reads across a
+    document boundary. Differentiable; bad input raises the same ValueError on every rank of the
+    sequence group before any collective.
+    """
+    error, segments = None, None
+    try:
+        _check(x, weight, bias, topology, layout, activation)
+        segments = sequence_segments(x.shape[2], x.shape[0], topology, documents=documents,
+                                     cu_seqlens=cu_seqlens, seq_len=seq_len)
+    except Exception as exc:  # any failure before a collective reaches every rank, as one error
+        error = exc
+    topology.agree_on_call(describe({"x": x, "weight": weight, "bias": bias}, layout=layout,
+                                    activation=activation, documents=digest(segments)), error)
+    taps, length = weight.shape[1], x.shape[2]
+    tokens = x.to(weight.dtype)
+    if topology.sequence_size == 1 or taps == 1:
+        halo = tokens.new_zeros(x.shape[0], x.shape[1], taps - 1)
     else:
-        halo = _Halo.apply(tokens[:, length - (taps - 1):], Neighbours(topology))
+        halo = _Halo.apply(tokens[..., length - (taps - 1):], Neighbours(topology))
     same = None
     if segments is not None:
         start = topology.sequence_rank * length
-        same = same_segment_taps(segments, start, length, taps).to(device=x.device, dtype=dtype)
-    out = depthwise_causal(torch.cat([halo, tokens], dim=1), weight, bias, length, same)
-    return activate(out, activation).to(x.dtype)
+        same = same_segment_taps(segments, start, length, taps).to(x.device, weight.dtype)
+    out = depthwise_causal(torch.cat([halo, tokens], dim=-1), weight, bias, same)
+    if activation is not None:
+        out = F.silu(out)
+    return out.to(x.dtype)

@@ -14,12 +14,16 @@ Tensors of one dtype travel in one all-to-all, packed side by side ``[U, B, S_U,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from usp.attention.heads import by_destination, to_sources
-from usp.comm import exchange_all_to_all
+from usp.attention.heads import (HeadPlan, by_destination, head_plan, rank_heads, real_heads,
+                                to_sources)
+from usp.comm import all_to_all, exchange_all_to_all
+from usp.topology import Topology
 
 Tensor = torch.Tensor
 
@@ -86,3 +90,44 @@ def to_head_slots(tensors: list[Tensor], slots: list[tuple[int, ...]],
     (every token of the Ulysses group, this rank's ``n_i = len(slots_i)/U`` slots); ``slots_i``
     names each slot's source head (-1: a zero padding slot). Differentiable."""
     return list(_ToSlots.apply(group, tuple(slots), *tensors))
+
+
+@dataclass(frozen=True)
+class RankHeads:
+    """Which heads this rank scans: ``heads[i]`` is the head in slot ``i`` (-1: padding), each
+    group slot serving ``repeat`` consecutive head slots."""
+
+    plan: HeadPlan | None  # None: ulysses 1, every head stays
+    group: dist.ProcessGroup | None
+    heads: tuple[int, ...]
+    repeat: int
+
+
+def rank_heads_of(n_heads: int, n_groups: int, topology: Topology) -> RankHeads:
+    """The slots of ``n_heads`` heads reading ``n_groups`` groups on this rank (checked:
+    ``n_groups`` divides ``n_heads``)."""
+    if topology.ulysses_size == 1:
+        return RankHeads(None, None, tuple(range(n_heads)), n_heads // n_groups)
+    plan = head_plan(n_heads, n_groups, topology.ulysses_size)
+    return RankHeads(plan, topology.ulysses_group, rank_heads(plan, topology.ulysses_rank),
+                     plan.q_per_rank // plan.kv_per_rank)
+
+
+def to_rank_heads(place: RankHeads, per_head: list[Tensor],
+                  per_group: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """``[B, S_U, H, D]`` / ``[B, S_U, G, D]`` -> ``[B, S, slots, D]`` each: every token of the
+    Ulysses row (the ring block), this rank's head slots; the groups repeated to their heads."""
+    if place.plan is not None:
+        moved = to_head_slots(per_head + per_group,
+                              [place.plan.q_slots] * len(per_head)
+                              + [place.plan.kv_slots] * len(per_group), place.group)
+        per_head, per_group = moved[:len(per_head)], moved[len(per_head):]
+    return per_head, [t.repeat_interleave(place.repeat, dim=2) for t in per_group]
+
+
+def from_rank_heads(place: RankHeads, out: Tensor) -> Tensor:
+    """``[B, S, slots, D]`` -> ``[B, S_U, H, D]``: the inverse all-to-all, padding dropped."""
+    if place.plan is None:
+        return out
+    out = all_to_all(out, place.group, scatter_dim=1, gather_dim=2)
+    return real_heads(place.plan, out)
