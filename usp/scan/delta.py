@@ -51,14 +51,16 @@ def _check(q, k, v, g, beta, chunk_size, scale, topology, layout) -> None:
     check_scale(scale)
 
 
-def _block_map(block, chain: StateChain) -> tuple[Tensor | None, Tensor | None]:
-    """``(N, M)``: the state the block leaves from a zero start and the linear part of its
-    map, computed before waiting for the entering state (None where no next rank needs it;
-    the first rank's ``M`` multiplies a zero state)."""
+def _walk_and_map(block, chain: StateChain):
+    """Before waiting for the entering state: ``(walk, N, M)``. The first rank's block starts
+    from zero, so its one walk gives its outputs and ``N`` (``M`` multiplies a zero state);
+    a middle rank walks once from zero for ``N`` and builds ``M``; the last needs neither."""
+    if chain.first:
+        walk = run_states(block, None)
+        return walk, walk[2], None
     if chain.last:
-        return None, None
-    _, _, leaving_from_zero = run_states(block, None)
-    return leaving_from_zero, (None if chain.first else transition(block))
+        return None, None, None
+    return None, run_states(block, None)[2], transition(block)
 
 
 def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
@@ -99,14 +101,14 @@ def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                     scale=q.shape[-1] ** -0.5 if scale is None else scale,
                     normalise_qk=use_qk_l2norm)
     chain = StateChain(topology.ring_group if topology.ring_size > 1 else None)
-    leaving_from_zero, matrix = _block_map(block, chain)
+    walk, leaving_from_zero, matrix = _walk_and_map(block, chain)
 
     def leaving(entering: Tensor | None) -> Tensor:  # S_out = M S_in + N
         return leaving_from_zero if entering is None else matrix @ entering + leaving_from_zero
 
     like = block.new_values.new_empty(block.gamma.shape[:2] + (k.shape[-1], v.shape[-1]))
     entering, token = pass_along(chain, leaving, like, anchor=block.new_values)
-    starts, values, _ = run_states(block, entering)
+    starts, values, _ = walk if walk is not None else run_states(block, entering)
     o = outputs(block, starts, values)  # [B, S_R, slots, Dv]
     if token is not None:
         o = o + token
