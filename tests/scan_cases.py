@@ -117,8 +117,10 @@ def conv_problem(generator, length, heads, groups, documents):
 PROBLEMS = {"ssd": ssd_problem, "delta": delta_problem, "conv": conv_problem}
 
 
-def run_case(case, topology: Topology) -> float:
-    """The largest error of the case's outputs and gradients against the reference."""
+def case_errors(case, topology: Topology, dtype: torch.dtype = FP64) -> tuple[list, list]:
+    """``(errors, magnitudes)``: per compared tensor (the output, each input's gradient, each
+    parameter's), the largest error of the primitive run in ``dtype`` against the fp64
+    reference, and the reference's largest magnitude."""
     name, length, heads, groups, rows = case
     documents = None if rows == 0 else documents_for(length, rows)
     generator = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
@@ -134,21 +136,37 @@ def run_case(case, topology: Topology) -> float:
     def shard(t):
         return shard_sequence(t, topology, "contiguous", dim=seq_dim)
 
-    local = {n: shard(t).detach().requires_grad_() for n, t in inputs.items()}
-    local_params = {n: t.clone().requires_grad_() for n, t in params.items()}
+    local = {n: shard(t).to(dtype).requires_grad_() for n, t in inputs.items()}
+    local_params = {n: t.to(dtype).requires_grad_() for n, t in params.items()}
     out = distributed(local, local_params, topology)
-    (out * shard(cotangent)).sum().backward()
+    (out * shard(cotangent).to(dtype)).sum().backward()
     real = sequence_positions(length, topology, "contiguous") < length
     index = [slice(None)] * out.dim()
     index[seq_dim] = real
-    errors = [(out - shard(expected.detach()))[tuple(index)].abs().max()]
-    errors += [(local[n].grad - shard(ref_inputs[n].grad)).abs().max() for n in inputs]
+    pairs = [(out.double()[tuple(index)], shard(expected.detach())[tuple(index)])]
+    pairs += [(local[n].grad.double(), shard(ref_inputs[n].grad)) for n in inputs]
     for n in params:  # each rank's part of a parameter's gradient: they sum over the ranks
-        grad = local_params[n].grad.clone()
+        grad = local_params[n].grad.double()
         if topology.sequence_size > 1:
             dist.all_reduce(grad, group=topology.sequence_group)
-        errors.append((grad - ref_params[n].grad).abs().max())
-    return float(torch.stack(errors).max().detach())
+        pairs.append((grad, ref_params[n].grad))
+    return ([float((got - want).abs().max().detach()) for got, want in pairs],
+            [float(want.abs().max().detach()) for _, want in pairs])
+
+
+def run_case(case, topology: Topology) -> float:
+    """The largest error of the case's outputs and gradients against the reference (fp64)."""
+    return max(case_errors(case, topology)[0])
+
+
+def check_low_precision(case, topology: Topology, one_process: Topology,
+                        dtype: torch.dtype, atol: float) -> None:
+    """docs/testing.md's rule: each error within 2x the one-process error in ``dtype`` plus
+    ``atol`` times the reference's magnitude."""
+    errors, magnitudes = case_errors(case, topology, dtype)
+    single, _ = case_errors(case, one_process, dtype)
+    for error, alone, magnitude in zip(errors, single, magnitudes):
+        assert error <= 2 * alone + atol * magnitude, (errors, single)
 
 
 def grid() -> list[tuple]:

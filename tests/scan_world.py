@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from tests.distributed import collect_failures
-from tests.scan_cases import grid, run_case, skipped_state_error, state_bytes
+from tests.scan_cases import (check_low_precision, grid, run_case, skipped_state_error,
+                              state_bytes)
 from usp.scan import causal_conv, gated_delta_scan, ssd_scan
 from usp.topology import Topology
 
-FP64 = torch.float64
+FP64, FP32 = torch.float64, torch.float32
 GRIDS = ((2, 2), (4, 1), (1, 4))  # ring x ulysses
+PACKED = [("ssd", 22, 4, 2, 2), ("delta", 22, 4, 2, 2), ("conv", 22, 4, 2, 2)]
 
 
 def _ssd_args(batch=1, length=6, heads=4, groups=2, **changes):
@@ -63,20 +65,29 @@ def bad_inputs(rank: int) -> list[tuple[str, str]]:
     return messages
 
 
+def _exact(topology: Topology):
+    def check(case):
+        error = run_case(case, topology)
+        assert error <= 1e-10, f"error {error:.3g} > 1e-10"
+    return check
+
+
 def scan_world(rank: int, world_size: int) -> dict:
     failures, skipped, sent = [], {}, {}
+    one_process = Topology.build(ring=1, ulysses=1)  # dp 4: each rank alone
     for ring, ulysses in GRIDS:
         topology = Topology.build(ring=ring, ulysses=ulysses)
-
-        def check(case):
-            error = run_case(case, topology)
-            assert error <= 1e-10, f"error {error:.3g} > 1e-10"
-
         failures += [f"ring={ring} ulysses={ulysses} {line}"
-                     for line in collect_failures(grid(), check)]
+                     for line in collect_failures(grid(), _exact(topology))]
+        failures += [f"fp32 ring={ring} ulysses={ulysses} {line}" for line in collect_failures(
+            PACKED, lambda case: check_low_precision(case, topology, one_process, FP32, 1e-6))]
         if ring > 1:
             for case in (("ssd", 22, 4, 2, 0), ("delta", 22, 4, 2, 0), ("conv", 22, 4, 2, 0)):
                 skipped[(ring, ulysses, case[0])] = skipped_state_error(case, topology)
         sent[(ring, ulysses)] = state_bytes(topology)
+    # context-first placement: the sequence group's order differs from its shards' order
+    topology = Topology.build(ring=2, ulysses=2, placement="context-first")
+    failures += [f"context-first {line}"
+                 for line in collect_failures(PACKED, _exact(topology))]
     return {"failures": failures, "skipped": skipped, "bytes": sent,
             "errors": bad_inputs(rank)}
