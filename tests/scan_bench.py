@@ -10,7 +10,9 @@ Prints (asserts nothing):
   state_dim x head_dim x bytes`` (the state travels in fp32 for bf16/fp32 inputs), and the
   convolution's halo against ``batch x channels x (K-1) x bytes``;
 - the forward + backward time of ring 2 (two gloo ranks, one thread each) against one process
-  (one thread) on the same sequence, best of 3, for SSD and the gated delta rule in fp32.
+  (one thread) on the same sequence, for SSD and the gated delta rule in fp32: both ranks run
+  the one-process version at once, then the split, alternating, best of 3 after a warm-up (the
+  slower rank's), so both see the same load.
 """
 
 from __future__ import annotations
@@ -98,25 +100,24 @@ def on_rank(rank: int, world_size: int) -> dict:
             _forward_backward(lambda x, w: causal_conv(x, w, None, topology, activation="silu"),
                               [x, weight])
         sent[name] = stats.bytes["p2p"]
+    # one process (each rank alone on the whole sequence, both at once: the same load as the
+    # split) and the split, alternating, best of 3 after a warm-up
+    alone_topology = Topology.build(ring=1)  # dp 2: each rank its own sequence
     times = {}
     for name, inputs in _timed_inputs().items():
-        run = (_ssd if name == "ssd" else _delta)(topology)
-        local = _shard(inputs, topology)
-        best = []
-        for _ in range(4):  # the first is a warm-up
-            torch.distributed.barrier()
-            best.append(_forward_backward(run, local))
-        times[name] = min(best[1:])
+        make = _ssd if name == "ssd" else _delta
+        runs = {"alone": (make(alone_topology), inputs),
+                "split": (make(topology), _shard(inputs, topology))}
+        best = {"alone": [], "split": []}
+        for _ in range(4):
+            for kind, (run, args) in runs.items():
+                torch.distributed.barrier()
+                best[kind].append(_forward_backward(run, args))
+        times[name] = {kind: min(values[1:]) for kind, values in best.items()}
     return {"bytes": sent, "times": times}
 
 
 def main() -> None:
-    torch.set_num_threads(1)
-    one = Topology.build()
-    alone = {}
-    for name, inputs in _timed_inputs().items():
-        run = (_ssd if name == "ssd" else _delta)(one)
-        alone[name] = min(_forward_backward(run, inputs) for _ in range(4))
     ranks = run_on_ranks(on_rank, 2, timeout_s=600)
     print("state passing, ring 2, bytes each rank sends per layer and direction (batch 1):")
     formula = {"ssd": BAMBA["heads"] * BAMBA["head_dim"] * BAMBA["state"] * 4,
@@ -129,10 +130,11 @@ def main() -> None:
               f"{ranks[1]['bytes'][name]:>9d}  formula {expected:>9d}")
     print(f"forward+backward, fp32, S={TIMED['length']}, H={TIMED['heads']}, "
           f"head_dim={TIMED['head_dim']}, state={TIMED['state']}, chunk {TIMED['chunk']}:")
-    for name, seconds in alone.items():
-        split = max(rank["times"][name] for rank in ranks)
-        print(f"  {name:6s} one process {seconds:.3f} s   ring 2 {split:.3f} s   "
-              f"speed-up {seconds / split:.2f} (ideal 2)")
+    for name in ("ssd", "delta"):
+        alone = max(rank["times"][name]["alone"] for rank in ranks)
+        split = max(rank["times"][name]["split"] for rank in ranks)
+        print(f"  {name:6s} one process {alone:.3f} s   ring 2 {split:.3f} s   "
+              f"speed-up {alone / split:.2f} (ideal 2)")
 
 
 if __name__ == "__main__":
