@@ -186,9 +186,10 @@ def skipped_state_error(case, topology: Topology) -> float:
     zero halo): the ring passes nothing."""
     zero_state = lambda self, shape, dtype, device, anchor: torch.zeros(  # noqa: E731
         shape, dtype=dtype, device=device)
+    zero_halo = lambda tail, neighbours: torch.zeros_like(tail)  # noqa: E731
     with mock.patch.object(StateChain, "receive", zero_state), \
             mock.patch.object(StateChain, "send", lambda self, state: state.new_zeros(())), \
-            mock.patch("usp.scan.conv._Halo.apply", lambda tail, neighbours: torch.zeros_like(tail)):
+            mock.patch("usp.scan.conv._Halo.apply", zero_halo):
         return run_case(case, topology)
 
 

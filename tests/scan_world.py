@@ -49,6 +49,10 @@ def bad_inputs(rank: int) -> list[tuple[str, str]]:
                                                              ring4),
         "documents rows": lambda: ssd_scan(**_ssd_args(batch=2), topology=ring2,
                                            documents=torch.zeros(3, 24, dtype=torch.long)),
+        "seq_len beyond the slots": lambda: ssd_scan(**_ssd_args(), topology=ring2, seq_len=30),
+        "one rank's documents differ": lambda: causal_conv(
+            zeros(1, 5, 6), zeros(5, 4), None, ring2,
+            documents=torch.tensor([0] * 12 + [1] * 12) if rank != 2 else None),
         "one rank's length differs": lambda: ssd_scan(
             **_ssd_args(length=6 if rank != 1 else 5), topology=ring2),
     }

@@ -87,6 +87,9 @@ def test_bad_input_raises_the_same_error_on_every_rank(world_4):
         "conv channels": "C=4 != 5",
         "conv halo longer than a shard": "each rank holds 2 tokens but a kernel of 4 taps",
         "documents rows": "documents have 3 batch rows and the inputs 2",
+        "seq_len beyond the slots": "seq_len=30 does not fit 24 slots (6 per rank x 4 ranks)",
+        "one rank's documents differ": "ranks disagree on the call (every rank must pass the "
+                                       "same): documents:",
         "one rank's length differs": "ranks disagree on the call",
     }
     for what, message in messages[0]:

@@ -14,7 +14,7 @@ import math
 import torch
 
 from usp.choices import LAYOUTS
-from usp.layout import padded_length
+from usp.layout import padded_length, slot_multiple
 from usp.scan.segments import global_segments
 from usp.topology import Topology
 
@@ -65,19 +65,19 @@ def check_groups(heads: int, groups: int, what: str) -> None:
                          f"group serves a run of heads/groups consecutive heads")
 
 
-def sequence_segments(local_len: int, batch: int, topology: Topology, *, documents, cu_seqlens,
-                      seq_len: int | None) -> Tensor | None:
+def sequence_segments(local_len: int, batch: int, topology: Topology, layout: str, *,
+                      documents, cu_seqlens, seq_len: int | None) -> Tensor | None:
     """The global sequence's segments ``[rows, slots]`` (None: one run of tokens; ``rows`` 1 or
     ``batch``), after checking that ``seq_len`` fits the slots the ranks hold."""
     slots = local_len * topology.sequence_size
     if seq_len is not None:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 < seq_len <= slots \
                 or padded_length(seq_len, topology.ring_size, topology.ulysses_size,
-                                 "contiguous") != slots:
+                                 layout) != slots:
             raise ValueError(
                 f"seq_len={seq_len!r} does not fit {slots} slots ({local_len} per rank x "
                 f"{topology.sequence_size} ranks); shard_sequence pads a length to the next "
-                f"multiple of {topology.sequence_size}"
+                f"multiple of {slot_multiple(topology.ring_size, topology.ulysses_size, layout)}"
             )
     segments = global_segments(slots, documents=documents, cu_seqlens=cu_seqlens, seq_len=seq_len)
     if segments is not None and segments.shape[0] not in (1, batch):

@@ -26,7 +26,7 @@ from usp.comm import nbytes, record
 
 Tensor = torch.Tensor
 # distinct tags keep the forward and backward messages of a ring group apart from the ring
-# attention's (0, 1, 2) and from each other
+# attention's (usp.p2p) and from each other
 FORWARD_TAG, BACKWARD_TAG = 11, 12
 
 

@@ -136,8 +136,9 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None, topology: Topolo
     error, segments = None, None
     try:
         _check(x, weight, bias, topology, layout, activation)
-        segments = sequence_segments(x.shape[2], x.shape[0], topology, documents=documents,
-                                     cu_seqlens=cu_seqlens, seq_len=seq_len)
+        segments = sequence_segments(
+            x.shape[2], x.shape[0], topology, layout, documents=documents,
+            cu_seqlens=cu_seqlens, seq_len=seq_len)
     except Exception as exc:  # any failure before a collective reaches every rank, as one error
         error = exc
     topology.agree_on_call(describe({"x": x, "weight": weight, "bias": bias}, layout=layout,

@@ -20,7 +20,6 @@ from usp.scan.chain import StateChain, pass_along
 from usp.scan.delta_local import outputs, prepare, run_states, transition
 from usp.scan.segments import block_segments
 from usp.scan.slots import from_rank_heads, rank_heads_of, to_rank_heads
-from usp.scan.ssd_local import compute_dtype
 from usp.topology import Topology
 
 Tensor = torch.Tensor
@@ -83,8 +82,9 @@ def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
     error, segments = None, None
     try:
         _check(q, k, v, g, beta, chunk_size, scale, topology, layout)
-        segments = sequence_segments(v.shape[1], v.shape[0], topology, documents=documents,
-                                     cu_seqlens=cu_seqlens, seq_len=seq_len)
+        segments = sequence_segments(
+            v.shape[1], v.shape[0], topology, layout, documents=documents,
+            cu_seqlens=cu_seqlens, seq_len=seq_len)
     except Exception as exc:  # any failure before a collective reaches every rank, as one error
         error = exc
     description = describe({"q": q, "k": k, "v": v, "g": g, "beta": beta}, layout=layout,

@@ -23,8 +23,8 @@ def _restarts(documents: Tensor | None, batch: int, length: int) -> Tensor:
 
 
 def ssd_recurrence(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor,
-                   d: Tensor | None = None, documents: Tensor | None = None,
-                   initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   d: Tensor | None = None,
+                   documents: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Mamba-2: x ``[B, S, H, P]``, dt ``[B, S, H]``, a ``[H]``, b/c ``[B, S, G, N]`` (head
     ``h`` reads group ``h // (H/G)``), d ``[H]``; returns y ``[B, S, H, P]`` and the final state
     ``[B, H, P, N]``::
@@ -35,13 +35,10 @@ def ssd_recurrence(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor,
     repeat = heads // b.shape[2]
     b, c = b.repeat_interleave(repeat, dim=2), c.repeat_interleave(repeat, dim=2)
     restart = _restarts(documents, batch, length)
-    zero = x.new_zeros(batch, heads, x.shape[3], b.shape[3])
-    state = zero if initial_state is None else initial_state.to(x.dtype)
+    state = x.new_zeros(batch, heads, x.shape[3], b.shape[3])
     outputs = []
     for t in range(length):
         keep = (~restart[:, t]).to(x.dtype)[:, None, None, None].to(x.device)
-        if t == 0 and initial_state is not None:
-            keep = torch.ones_like(keep)
         decay = torch.exp(dt[:, t] * a)[..., None, None]  # [B, H, 1, 1]
         state = decay * state * keep + (dt[:, t, :, None] * x[:, t])[..., None] * b[:, t, :, None]
         y = (state * c[:, t, :, None]).sum(-1)  # [B, H, P]
@@ -59,8 +56,7 @@ def l2_normalised(t: Tensor, eps: float = 1e-6) -> Tensor:
 
 def gated_delta_recurrence(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *,
                            scale: float | None = None, normalise_qk: bool = True,
-                           documents: Tensor | None = None,
-                           initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                           documents: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The gated delta rule: q/k ``[B, S, Hk, Dk]``, v ``[B, S, Hv, Dv]`` (value head ``h``
     reads key head ``h // (Hv/Hk)``), g ``[B, S, Hv]`` (log decay), beta ``[B, S, Hv]``; returns
     o ``[B, S, Hv, Dv]`` and the final state ``[B, Hv, Dk, Dv]``. With ``S`` ``[Dk, Dv]``::
@@ -77,13 +73,10 @@ def gated_delta_recurrence(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
     q = q * (q.shape[-1] ** -0.5 if scale is None else scale)
     q, k = q.repeat_interleave(repeat, dim=2), k.repeat_interleave(repeat, dim=2)
     restart = _restarts(documents, batch, length)
-    state = (v.new_zeros(batch, heads, k.shape[-1], value_dim) if initial_state is None
-             else initial_state.to(v.dtype))
+    state = v.new_zeros(batch, heads, k.shape[-1], value_dim)
     outputs = []
     for t in range(length):
         keep = (~restart[:, t]).to(v.dtype)[:, None, None, None].to(v.device)
-        if t == 0 and initial_state is not None:
-            keep = torch.ones_like(keep)
         state = state * keep * torch.exp(g[:, t])[..., None, None]
         k_t, v_t = k[:, t], v[:, t]  # [B, H, Dk], [B, H, Dv]
         remembered = (state * k_t[..., None]).sum(dim=-2)  # S^T k: [B, H, Dv]

@@ -64,7 +64,8 @@ def _check(x, dt, a, b, c, d, dt_bias, dt_limit, chunk_size, topology, layout) -
     if (not isinstance(dt_limit, tuple) or len(dt_limit) != 2
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dt_limit)
             or math.isnan(dt_limit[0]) or math.isnan(dt_limit[1]) or dt_limit[0] > dt_limit[1]):
-        raise ValueError(f"dt_limit={dt_limit!r} must be a pair (low, high) of numbers, low <= high")
+        raise ValueError(f"dt_limit={dt_limit!r} must be a pair (low, high) of numbers, "
+                         f"low <= high")
 
 
 def discretised_dt(dt: Tensor, dt_bias: Tensor | None, softplus: bool,
@@ -106,8 +107,9 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, topology: T
     error, segments = None, None
     try:
         _check(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, topology, layout)
-        segments = sequence_segments(x.shape[1], x.shape[0], topology, documents=documents,
-                                     cu_seqlens=cu_seqlens, seq_len=seq_len)
+        segments = sequence_segments(
+            x.shape[1], x.shape[0], topology, layout, documents=documents,
+            cu_seqlens=cu_seqlens, seq_len=seq_len)
     except Exception as exc:  # any failure before a collective reaches every rank, as one error
         error = exc
     description = describe({"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D,

@@ -2,7 +2,7 @@
 
 Per head, with the state ``S`` ``[N, P]`` (d_state x head_dim) and ``a_t = dt_t · A <= 0``::
 
-    S_t = exp(a_t) · S_{t-1} + B_t (dt_t x_t)^T        y_t = S_t^T C_t    (+ D x_t, added by the caller)
+    S_t = exp(a_t) · S_{t-1} + B_t (dt_t x_t)^T        y_t = S_t^T C_t   (+ D x_t: the caller's)
 
 and ``S_{t-1} = 0`` at the first token of every segment (:mod:`usp.scan.segments`). The block is
 cut into chunks of ``Q`` tokens. Inside a chunk the output is a masked attention-like product,
