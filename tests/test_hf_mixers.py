@@ -27,6 +27,7 @@ from usp.integrations.hf_family.config import PRESETS, load_hf_config
 from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topology
 
 WORLD = 4
+SPLIT = {"bamba"}  # model types whose state-space mixers usp splits (usp.integrations.hf_scan)
 VOCAB = 300  # holds usp train's 257 byte-level ids
 _SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False)
@@ -108,6 +109,11 @@ def _world(rank: int, world_size: int, files: dict) -> list[str]:
                 for split in SPLITS}
     for (ring, ulysses), context in contexts.items():
         for model_type, (_, named) in CONFIGS.items():
+            if model_type in SPLIT:  # its mixers run split (tests/test_hf_hybrid.py)
+                problem = _refused(lambda: context.prepare(_meta_model(model_type)))
+                _check(failures, f"prepare {model_type} r{ring}u{ulysses}",
+                       None if problem == "not refused" else problem)
+                continue
             problem = _refused(lambda: context.prepare(_meta_model(model_type)), named,
                                "mixes tokens along the sequence", f"ring={ring} x ulysses="
                                f"{ulysses}", "cannot run sequence-parallel")
@@ -121,13 +127,13 @@ def _world(rank: int, world_size: int, files: dict) -> list[str]:
     split = contexts[(2, 2)]
 
     # prepared unsplit (dp 4), then run with a context that splits: refused before any layer
-    bamba = USPContext(Topology.build(dp=4)).prepare(_model("bamba"))
+    nemotron = USPContext(Topology.build(dp=4)).prepare(_model("nemotron_h"))
     ran = []
-    bamba.model.layers[0].register_forward_pre_hook(lambda *args: ran.append(1))
+    nemotron.model.layers[0].register_forward_pre_hook(lambda *args: ran.append(1))
     inputs = split.shard(torch.randint(0, VOCAB, (1, 16), generator=torch.Generator()))
     forward = dict(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
                    use_cache=False, usp_context=split)
-    problem = _refused(lambda: bamba(**forward), "model.layers.0.mamba (BambaMixer)")
+    problem = _refused(lambda: nemotron(**forward), CONFIGS["nemotron_h"][1])
     _check(failures, "forward of a prepared model", problem or (
         f"{len(ran)} layers ran before the refusal" if ran else None))
 
@@ -137,7 +143,7 @@ def _world(rank: int, world_size: int, files: dict) -> list[str]:
         problem = _refused(lambda: bare(**forward), "mixes tokens along the sequence")
         _check(failures, f"{model_type} never prepared", problem)
 
-    for model_type in ("bamba", "mamba2"):  # usp.parallelize, as usp train builds it
+    for model_type in ("mamba2",):  # usp.parallelize, as usp train builds it
         problem = _refused(lambda: parallelize(
             build_hf_causal_lm(files[model_type], device="meta"), split.topology),
             CONFIGS[model_type][1])
@@ -206,13 +212,13 @@ def test_usp_train_refuses_them_before_any_rank_starts(tmp_path, capsys, monkeyp
         raise AssertionError("ranks were launched")
 
     monkeypatch.setattr(usp.training.launcher, "launch_elastic", no_ranks)
-    config = tmp_path / "bamba.json"
-    config.write_text(json.dumps({"model_type": "bamba", **CONFIGS["bamba"][0]}))
+    config = tmp_path / "nemotron_h.json"
+    config.write_text(json.dumps({"model_type": "nemotron_h", **CONFIGS["nemotron_h"][0]}))
     flags = ["train", "--hf-config", str(config), "--seq-len", "32", "--steps", "1",
              "--synthetic", "--no-progress"]
     assert usp_main([*flags, "--nproc", "2", "--ring", "2", "--out", str(tmp_path / "a")]) == 2
     message = capsys.readouterr().err
-    assert "model.layers.0.mamba (BambaMixer): a state-space layer mixes tokens" in message
+    assert "model.layers.0.mixer (NemotronHMamba2Mixer): a state-space layer mixes" in message
     assert not Path(tmp_path / "a").exists()
     # unsplit it trains (one process, nothing split)
     assert usp_main([*flags, "--out", str(tmp_path / "b")]) == 0

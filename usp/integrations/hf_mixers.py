@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from usp.integrations.hf_scan import SPLIT_MIXERS, SPLIT_MODEL_TYPES, splits
+
 STATE_SPACE = "a state-space layer"
 LINEAR_ATTENTION = "a linear-attention layer"
 RECURRENT = "a recurrent layer"
@@ -102,8 +104,13 @@ def config_layer_kinds(config) -> dict[int, tuple[str, str]]:
     return declared
 
 
-def config_sequence_mixers(config) -> list[SequenceMixer]:
-    """The findings of the config alone (no module to name): one per declared layer."""
+def config_sequence_mixers(config, scans: bool = False) -> list[SequenceMixer]:
+    """The findings of the config alone (no module to name): one per declared layer.
+    ``scans``: none for the model types whose every such layer is a mixer usp splits
+    (``usp.integrations.hf_scan``: a model prepared by ``USPContext.prepare`` runs them split;
+    Bamba's config calls its Mamba-2 layers ``linear_attention``)."""
+    if scans and getattr(config, "model_type", None) in SPLIT_MODEL_TYPES:
+        return []
     return [SequenceMixer(f"layer {index}", entry, kind)
             for index, (entry, kind) in sorted(config_layer_kinds(config).items())]
 
@@ -204,6 +211,14 @@ def find_sequence_mixers(model: nn.Module) -> list[SequenceMixer]:
     return sorted(found.values(), key=lambda mixer: order.get(mixer.path, len(order)))
 
 
+def unsplit_mixers(model: nn.Module) -> list[SequenceMixer]:
+    """:func:`find_sequence_mixers` of ``model`` but the mixers usp splits
+    (``usp.integrations.hf_scan.SPLIT_MIXERS``), which run split once the model is prepared."""
+    modules = dict(model.named_modules())
+    return [mixer for mixer in find_sequence_mixers(model)
+            if not (mixer.path in modules and splits(modules[mixer.path]))]
+
+
 def refusal(mixers: list[SequenceMixer], ring: int, ulysses: int) -> str | None:
     """The message that refuses a model with ``mixers`` on ring x ulysses, or None when it can
     run (no such layer, or a sequence that is not split)."""
@@ -216,9 +231,10 @@ def refusal(mixers: list[SequenceMixer], ring: int, ulysses: int) -> str | None:
         more = f" and {len(rest) - 3} more" if len(rest) > 3 else ""
         also = f" (also {shown}{more})"
     return (
-        f"{first} mixes tokens along the sequence{also}; usp splits only softmax attention "
-        f"exactly, so this model cannot run sequence-parallel (ring*ulysses > 1; here ring="
-        f"{ring} x ulysses={ulysses}) yet: use ring=1 and ulysses=1 (data parallel only)"
+        f"{first} mixes tokens along the sequence{also}; usp splits softmax attention and the "
+        f"Mamba-2 mixers of {', '.join(SPLIT_MIXERS)} exactly, not this layer, so this model "
+        f"cannot run sequence-parallel (ring*ulysses > 1; here ring={ring} x ulysses={ulysses}) "
+        "yet: use ring=1 and ulysses=1 (data parallel only)"
     )
 
 

@@ -33,8 +33,9 @@ from usp.integrations.hf_moe import (
     check_router_loss_model, global_router_loss, router_settings, token_rows,
 )
 from usp.integrations.hf_mixers import (
-    SplitRefusal, check_sequence_mixers, config_sequence_mixers, find_sequence_mixers,
+    SplitRefusal, check_sequence_mixers, config_sequence_mixers, unsplit_mixers,
 )
+from usp.integrations.hf_scan import split_mixers
 from usp.layout import check_layout, sequence_positions, unshard_sequence
 from usp.mask import NOT_A_TOKEN, AttentionMask
 from usp.loss import global_mean_cross_entropy
@@ -73,15 +74,18 @@ class USPContext:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Check ``model`` and switch it to ``attn_implementation="usp"`` (in place).
 
-        Refuses (ValueError, the same on every rank, before any forward) a model with a layer
-        that mixes tokens other than softmax attention (Mamba, gated delta rule, a convolution
-        over tokens ...: :mod:`usp.integrations.hf_mixers`) when this context splits the
-        sequence. Such a model prepared on ring = ulysses = 1 keeps a check on its forward:
-        called with a ``usp_context`` that splits the sequence, it raises before any layer runs.
+        The Mamba-2 mixers of the hybrids usp splits (:mod:`usp.integrations.hf_scan`) get a
+        forward that runs them split over the sequence ranks. Refuses (ValueError, the same on
+        every rank, before any forward) a model with another layer that mixes tokens other than
+        softmax attention (Mamba-1, gated delta rule, a convolution over tokens ...:
+        :mod:`usp.integrations.hf_mixers`) when this context splits the sequence. Such a model
+        prepared on ring = ulysses = 1 keeps a check on its forward: called with a
+        ``usp_context`` that splits the sequence, it raises before any layer runs.
         """
-        mixers = find_sequence_mixers(model)
+        mixers = unsplit_mixers(model)
         check_sequence_mixers(mixers, self.topology)
-        check_config(model.config, self.topology)
+        check_config(model.config, self.topology, scans=True)
+        split_mixers(model)
         if model.config._attn_implementation != ATTENTION_NAME:
             model.set_attn_implementation(ATTENTION_NAME)
         for name in ("_usp_sequence_mixer_check", "_usp_forward_checks", "_usp_router_loss"):
@@ -185,15 +189,17 @@ class USPContext:
         )
 
 
-def check_config(config, topology: Topology) -> None:
+def check_config(config, topology: Topology, scans: bool = False) -> None:
     """Raise ValueError for model settings that usp cannot run exactly on ``topology``.
 
     :meth:`USPContext.prepare` calls it to fail before the first forward; the mask and attention
     functions refuse the same settings (and anything else) at run time in any case. Layers that
     mix tokens other than softmax attention are found here from the config's layer types alone;
-    :func:`check_sequence_mixers` looks at the model's modules too.
+    :func:`check_sequence_mixers` looks at the model's modules too. ``scans``: the model will be
+    prepared, so the state-space layers of the hybrids usp splits are accepted
+    (``usp.integrations.hf_scan``); otherwise (generation, a model never prepared) refused.
     """
-    check_sequence_mixers(config_sequence_mixers(config), topology)
+    check_sequence_mixers(config_sequence_mixers(config, scans=scans), topology)
     heads = getattr(config, "num_attention_heads", None)
     if heads:  # a model without softmax attention has no heads to split
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -303,8 +309,9 @@ def usp_attention_forward(
             f'attn_implementation="{ATTENTION_NAME}" needs the forward kwarg usp_context='
             "USPContext(topology, layout); got " + repr(usp_context)
         )
-    if isinstance(attention_mask, MaskRequest):  # a model never prepared: its config's layer
-        # types are the last check (the same on every rank: no agreement needed)
+    if isinstance(attention_mask, MaskRequest) and usp_context.forward_checks is None:
+        # a model never prepared: its config's layer types are the last check (the same on
+        # every rank: no agreement needed); a prepared one's mixers were checked, or are split
         check_sequence_mixers(list(attention_mask.sequence_mixers), usp_context.topology)
     if dropout:
         raise ValueError(

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from usp.integrations.hf_family.stages import check_stages
 from usp.integrations.hf_family.tp import check_tensor_parallel
+from usp.integrations.hf_mixers import unsplit_mixers
 from usp.integrations.transformers import ATTENTION_NAME, check_config, check_sequence_mixers
 from usp.models.family import ModelSettings, ModelSize, check_vocabulary
 from usp.topology import Topology
@@ -95,9 +96,9 @@ def validate_hf_config(
         with torch.device("meta"):  # the modules, on meta: no storage
             skeleton = AutoModelForCausalLM.from_config(
                 config, attn_implementation=ATTENTION_NAME, trust_remote_code=False)
-        check_sequence_mixers(skeleton, topology)
+        check_sequence_mixers(unsplit_mixers(skeleton), topology)  # the rest run split
         check_tensor_parallel(skeleton, topology)
-    check_config(config, topology)
+    check_config(config, topology, scans=True)  # built, it is prepared: usp.parallelize
     check_stages(config, topology)
     return config
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from usp.integrations.hf_family.config import load_hf_config, source
@@ -113,7 +114,7 @@ class HFCausalLM(nn.Module):
         for _, parameter in drawn + factors:  # transformers' init functions skip these
             parameter._is_hf_initialized = True
         for module in self.model.modules():
-            self.model._init_weights(module)
+            _init_whole(self.model, module)
         std = getattr(self.config, "initializer_range", None) or 0.02
         for _, parameter in drawn + factors:
             del parameter._is_hf_initialized
@@ -168,3 +169,25 @@ def skeleton(settings: ModelSettings) -> HFCausalLM:
     if settings.lora_rank:
         add_adapters(model.model, settings)
     return model
+
+
+@torch.no_grad()
+def _init_whole(model: nn.Module, module: nn.Module) -> None:
+    """transformers' ``_init_weights`` of one module whose parameters may be shards (DTensors,
+    after ``usp.parallelize``): it sees each parameter it initialises whole (some are not
+    constants: Mamba-2's ``A_log`` is ``log(1..H)``), and each rank keeps its own block."""
+    swapped = []
+    for name, parameter in list(module.named_parameters(recurse=False)):
+        if isinstance(parameter, DTensor) and not getattr(parameter, "_is_hf_initialized", False):
+            whole = nn.Parameter(torch.zeros(parameter.shape, dtype=parameter.dtype,
+                                             device=parameter.to_local().device),
+                                 requires_grad=parameter.requires_grad)
+            setattr(module, name, whole)
+            swapped.append((name, parameter, whole))
+    try:
+        model._init_weights(module)
+    finally:
+        for name, parameter, whole in swapped:
+            setattr(module, name, parameter)  # the shard FSDP2 and TP hold
+            local, shape, offset = init.local_region(parameter)
+            local.copy_(whole[tuple(slice(o, o + n) for o, n in zip(offset, shape))])

@@ -10,6 +10,7 @@ from torch import nn
 
 from usp.integrations.hf_family.stages import check_stages
 from usp.integrations.hf_family.tp import check_tensor_parallel
+from usp.integrations.hf_mixers import unsplit_mixers
 from usp.integrations.transformers import USPContext, check_config, check_sequence_mixers
 from usp.integrations.hf_family.lora import check_topology
 from usp.models.lora import is_adapter
@@ -18,8 +19,8 @@ from usp.topology import Topology
 
 def check(model: nn.Module, topology: Topology) -> None:
     """ValueError, naming the layer or the numbers, for what ``topology`` cannot split."""
-    check_sequence_mixers(model.model, topology)
-    check_config(model.config, topology)
+    check_sequence_mixers(unsplit_mixers(model.model), topology)
+    check_config(model.config, topology, scans=True)  # use_usp_attention prepares it
     if getattr(model.config, "output_router_logits", False) and topology.size("pp") > 1:
         raise ValueError(
             f"{type(model.config).__name__}.output_router_logits=True with pp="

@@ -1,0 +1,157 @@
+"""A hybrid model (Bamba: Mamba-2 layers beside softmax attention) split over the sequence: the
+Mamba-2 mixers run through usp.scan, and the model equals transformers' eager model in one
+process.
+
+One spawned 4-rank world prepares a tiny Bamba (a Mamba-2 layer, then an attention layer) with
+``USPContext.prepare`` at ring 2 x ulysses 2, ulysses 4 and ring 4 (contiguous layout; a
+right-padded row in one case) and compares logits at every token, the loss and every
+parameter's gradient with the eager model on the whole batch (fp32 rule of docs/testing.md:
+twice the fp32 eager model's error against its fp64 copy plus 1e-6 of the largest reference
+value, of the largest gradient for gradients). It also trains one step of the model as
+``usp train`` builds it (on the meta device, ``usp.parallelize``, FSDP2 over the 4 ranks, each
+rank initialising its shards), and checks that a layout
+which interleaves the ring's blocks is refused on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tests.distributed import collect_failures, run_on_ranks
+from usp import Topology, unshard_sequence
+from usp.batch import IGNORE_INDEX, shard_batch
+from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topology
+from usp.integrations.transformers import USPContext
+from usp.loss import global_mean_cross_entropy
+from usp.models.init import materialize
+from usp.parallel import parallelize
+
+WORLD = 4
+VOCAB, BATCH, SEQ = 96, 2, 24
+LENGTHS = torch.tensor([SEQ - 5, SEQ])  # the first row right-padded
+BAMBA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=64, attn_layer_indices=[1],
+             mamba_expand=2, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2,
+             mamba_d_state=8, mamba_chunk_size=8, initializer_range=0.2,
+             tie_word_embeddings=False)
+CASES = [(2, 2, False), (2, 2, True), (1, 4, False), (4, 1, False)]  # ring, ulysses, padded
+
+
+def _config():
+    return AutoConfig.for_model("bamba", **BAMBA)
+
+
+def _inputs(padded: bool):
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    padding = (torch.arange(SEQ)[None, :] < LENGTHS[:, None]).long() if padded else None
+    kwargs = {} if padding is None else {"attention_mask": padding}
+    labels = USPContext(trivial_topology()).shard(ids, **kwargs)["labels"]
+    return ids, kwargs, labels
+
+
+def _eager(model, ids, kwargs, labels):
+    logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _check_close(results):
+    grad_scale = max((r.double().abs().max().item() for name, _, _, r in results
+                      if name.startswith("grad ")), default=0.0)
+    failures = []
+    for name, got, eager32, reference64 in results:
+        reference = reference64.double()
+        own = (eager32.double() - reference).abs().max().item()
+        err = (got.double() - reference).abs().max().item()
+        scale = grad_scale if name.startswith("grad ") else reference.abs().max().item()
+        bound = 2 * own + 1e-6 * scale
+        if not err <= bound:
+            failures.append(f"{name}: error {err:.3g} > bound {bound:.3g} (eager fp32 {own:.3g})")
+    if failures:
+        raise AssertionError("; ".join(failures))
+
+
+def _compare(ring, ulysses, padded):
+    context = USPContext(Topology.build(ring=ring, ulysses=ulysses), "contiguous")
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(_config(), attn_implementation="eager")
+    reference = copy.deepcopy(eager).double()
+    model = context.prepare(copy.deepcopy(eager))
+    ids, kwargs, labels = _inputs(padded)
+    logits32, loss32, grads32 = _eager(eager, ids, kwargs, labels)
+    logits64, loss64, grads64 = _eager(reference, ids, kwargs, labels)
+
+    inputs = context.shard(ids, **kwargs)
+    shard_labels = inputs.pop("labels")
+    local = model(**inputs, usp_context=context, use_cache=False).logits
+    loss = context.loss(local, shard_labels)
+    loss.backward()
+    logits = unshard_sequence(local.detach(), context.topology, "contiguous")
+    real = labels != IGNORE_INDEX
+    results = [("logits", logits[real], logits32[real], logits64[real]),
+               ("loss", loss.detach(), loss32, loss64)]
+    for name, param in model.named_parameters():
+        grad = param.grad.clone()
+        dist.all_reduce(grad)  # each rank's gradient is its share of the whole batch's
+        results.append((f"grad {name}", grad, grads32[name], grads64[name]))
+    _check_close(results)
+
+
+def _training_step(config_dir):
+    """usp train's path: the family's model, parallelised (FSDP2 over ring 2 x ulysses 2)."""
+    topology = Topology.build(ring=2, ulysses=2)
+    tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    eager = build_hf_causal_lm(str(config_dir), seed=3)
+    eager.model.set_attn_implementation("eager")
+    references = []
+    for reference in (eager, copy.deepcopy(eager).double()):
+        logits = reference(tokens[:, :-1], torch.arange(SEQ).expand(2, -1))
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        references.append({n: p.grad for n, p in reference.named_parameters()})
+    # built as usp train builds it: on the meta device, parallelised, then each rank's shards
+    # initialised (Mamba-2's A_log is log(1..H): transformers' own init, per shard)
+    model = parallelize(build_hf_causal_lm(str(config_dir), device="meta"), topology,
+                        layout="contiguous")
+    materialize(model, torch.device("cpu"), seed=3)
+    batch = shard_batch(tokens, topology, "contiguous")
+    loss = global_mean_cross_entropy(model(batch["input_ids"], batch["position_ids"]),
+                                     batch["labels"], topology)
+    loss.backward()
+    _check_close([(f"grad {name}", param.grad.full_tensor(), references[0][name],
+                   references[1][name]) for name, param in model.named_parameters()])
+
+
+def _interleaved_layout_is_refused():
+    context = USPContext(Topology.build(ring=2, ulysses=2), "zigzag")
+    model = context.prepare(AutoModelForCausalLM.from_config(_config()))
+    inputs = context.shard(_inputs(False)[0])
+    inputs.pop("labels")
+    try:
+        model(**inputs, usp_context=context, use_cache=False)
+    except ValueError as exc:
+        assert "needs layout='contiguous'" in str(exc), str(exc)
+    else:
+        raise AssertionError("a zigzag layout on ring 2 was not refused")
+    dist.barrier()  # every rank raised: none waits in a collective
+
+
+def _world(rank, world_size, config_dir):
+    failures = collect_failures(CASES, lambda case: _compare(*case))
+    failures += collect_failures(["usp train step"], lambda _: _training_step(config_dir))
+    failures += collect_failures(["zigzag refused"], lambda _: _interleaved_layout_is_refused())
+    return failures
+
+
+def test_bamba_split_over_the_sequence_equals_one_process(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bamba", **BAMBA}))
+    failures = run_on_ranks(_world, WORLD, tmp_path, timeout_s=300)
+    lines = [f"rank {rank}: {line}" for rank, lines in enumerate(failures) for line in lines]
+    assert not lines, "\n".join(lines)
