@@ -1,10 +1,10 @@
-"""A hybrid model (Bamba: Mamba-2 layers beside softmax attention) split over the sequence: the
-Mamba-2 mixers run through usp.scan, and the model equals transformers' eager model in one
-process.
+"""Hybrid models split over the sequence (Bamba: Mamba-2 layers, Qwen3-Next: gated-delta layers,
+beside softmax attention): the scan layers run through usp.scan, and the model equals
+transformers' eager model in one process.
 
-One spawned 4-rank world prepares a tiny Bamba (a Mamba-2 layer, then an attention layer) with
-``USPContext.prepare`` at ring 2 x ulysses 2, ulysses 4 and ring 4 (contiguous layout; a
-right-padded row in one case) and compares logits at every token, the loss and every
+One spawned 4-rank world prepares a tiny Bamba and a tiny Qwen3-Next (a scan layer, then an
+attention layer) with ``USPContext.prepare`` at ring 2 x ulysses 2, ulysses 4 and ring 4
+(contiguous layout; a right-padded row in some cases) and compares logits at every token, the loss and every
 parameter's gradient with the eager model on the whole batch (fp32 rule of docs/testing.md:
 twice the fp32 eager model's error against its fp64 copy plus 1e-6 of the largest reference
 value, of the largest gradient for gradients). It also trains one step of the model as
@@ -40,11 +40,24 @@ BAMBA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attentio
              mamba_expand=2, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2,
              mamba_d_state=8, mamba_chunk_size=8, initializer_range=0.2,
              tie_word_embeddings=False)
-CASES = [(2, 2, False), (2, 2, True), (1, 4, False), (4, 1, False)]  # ring, ulysses, padded
+# Qwen3-Next: a gated-delta layer, then an attention layer (mixture-of-experts MLPs; eager
+# experts: the grouped kernel has no fp64)
+QWEN3_NEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, head_dim=8,
+                  layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                  linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                  num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                  shared_expert_intermediate_size=16, initializer_range=0.2,
+                  tie_word_embeddings=False, experts_implementation="eager")
+MODELS = {"bamba": BAMBA, "qwen3_next": QWEN3_NEXT}
+# model, ring, ulysses, a right-padded row
+CASES = [("bamba", 2, 2, False), ("bamba", 2, 2, True), ("bamba", 1, 4, False),
+         ("bamba", 4, 1, False), ("qwen3_next", 2, 2, False), ("qwen3_next", 2, 2, True),
+         ("qwen3_next", 1, 4, False)]
 
 
-def _config():
-    return AutoConfig.for_model("bamba", **BAMBA)
+def _config(name: str = "bamba"):
+    return AutoConfig.for_model(name, **MODELS[name])
 
 
 def _inputs(padded: bool):
@@ -79,10 +92,10 @@ def _check_close(results):
         raise AssertionError("; ".join(failures))
 
 
-def _compare(ring, ulysses, padded):
+def _compare(name, ring, ulysses, padded):
     context = USPContext(Topology.build(ring=ring, ulysses=ulysses), "contiguous")
     torch.manual_seed(0)
-    eager = AutoModelForCausalLM.from_config(_config(), attn_implementation="eager")
+    eager = AutoModelForCausalLM.from_config(_config(name), attn_implementation="eager")
     reference = copy.deepcopy(eager).double()
     model = context.prepare(copy.deepcopy(eager))
     ids, kwargs, labels = _inputs(padded)
@@ -106,7 +119,9 @@ def _compare(ring, ulysses, padded):
 
 
 def _training_step(config_dir):
-    """usp train's path: the family's model, parallelised (FSDP2 over ring 2 x ulysses 2)."""
+    """usp train's path: the family's model, parallelised (FSDP2 over ring 2 x ulysses 2); its
+    shards initialised on each rank equal one process's whole model (Qwen3-Next's A_log is
+    drawn at random by transformers: from the seed and the module's name)."""
     topology = Topology.build(ring=2, ulysses=2)
     tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
     eager = build_hf_causal_lm(str(config_dir), seed=3)
@@ -118,6 +133,7 @@ def _training_step(config_dir):
         references.append({n: p.grad for n, p in reference.named_parameters()})
     # built as usp train builds it: on the meta device, parallelised, then each rank's shards
     # initialised (Mamba-2's A_log is log(1..H): transformers' own init, per shard)
+    torch.manual_seed(1000 + dist.get_rank())  # ranks whose random state differs, as in a run
     model = parallelize(build_hf_causal_lm(str(config_dir), device="meta"), topology,
                         layout="contiguous")
     materialize(model, torch.device("cpu"), seed=3)
@@ -145,13 +161,15 @@ def _interleaved_layout_is_refused():
 
 def _world(rank, world_size, config_dir):
     failures = collect_failures(CASES, lambda case: _compare(*case))
-    failures += collect_failures(["usp train step"], lambda _: _training_step(config_dir))
+    failures += collect_failures(list(MODELS), lambda name: _training_step(config_dir / name))
     failures += collect_failures(["zigzag refused"], lambda _: _interleaved_layout_is_refused())
     return failures
 
 
-def test_bamba_split_over_the_sequence_equals_one_process(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bamba", **BAMBA}))
+def test_hybrids_split_over_the_sequence_equal_one_process(tmp_path):
+    for name, values in MODELS.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": name, **values}))
     failures = run_on_ranks(_world, WORLD, tmp_path, timeout_s=300)
     lines = [f"rank {rank}: {line}" for rank, lines in enumerate(failures) for line in lines]
     assert not lines, "\n".join(lines)

@@ -27,7 +27,7 @@ from usp.integrations.hf_family.config import PRESETS, load_hf_config
 from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topology
 
 WORLD = 4
-SPLIT = {"bamba"}  # model types whose state-space mixers usp splits (usp.integrations.hf_scan)
+SPLIT = {"bamba", "qwen3_next"}  # model types whose state-space mixers usp splits (usp.integrations.hf_scan)
 VOCAB = 300  # holds usp train's 257 byte-level ids
 _SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False)

@@ -232,9 +232,9 @@ def refusal(mixers: list[SequenceMixer], ring: int, ulysses: int) -> str | None:
         also = f" (also {shown}{more})"
     return (
         f"{first} mixes tokens along the sequence{also}; usp splits softmax attention and the "
-        f"Mamba-2 mixers of {', '.join(SPLIT_MIXERS)} exactly, not this layer, so this model "
-        f"cannot run sequence-parallel (ring*ulysses > 1; here ring={ring} x ulysses={ulysses}) "
-        "yet: use ring=1 and ulysses=1 (data parallel only)"
+        f"scan layers {', '.join(SPLIT_MIXERS)} exactly, not this layer, so this model cannot "
+        f"run sequence-parallel (ring*ulysses > 1; here ring={ring} x ulysses={ulysses}) yet: "
+        "use ring=1 and ulysses=1 (data parallel only)"
     )
 
 

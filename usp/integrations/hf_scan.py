@@ -1,14 +1,14 @@
-"""State-space layers of transformers' hybrid models, split exactly: Mamba-2 (SSD) mixers run
-on each rank's shard of the sequence through ``usp.scan``.
+"""The scan layers of transformers' hybrid models, split exactly: Mamba-2 (SSD) and gated-delta
+mixers run on each rank's shard of the sequence through ``usp.scan``.
 
-A hybrid (Bamba: Mamba-2 layers beside softmax attention) mixes tokens in layers that are not
-attention. :meth:`usp.integrations.transformers.USPContext.prepare` replaces the forward of each
-mixer this module knows (:data:`SPLIT_MIXERS`) with :func:`ssd_mixer_forward`, which runs the
-layer's own parameters through the same steps as transformers' PyTorch path (input projection,
-causal convolution, SSD scan, gated RMS norm, output projection) with the two steps that mix
-tokens split: ``usp.scan.causal_conv`` (each rank's first taps read the previous rank's last
-tokens) and ``usp.scan.ssd_scan`` (Ulysses over heads, the state entering each ring block passed
-along the ring). Given a ``usp_context`` that does not split the sequence, or none, the layer
+A hybrid (Bamba: Mamba-2 layers beside softmax attention; Qwen3-Next: gated-delta layers beside
+it) mixes tokens in layers that are not attention. :meth:`usp.integrations.transformers.
+USPContext.prepare` replaces the forward of each mixer this module knows (:data:`SPLIT_MIXERS`)
+with one that runs the layer's own parameters through the same steps as transformers' PyTorch
+path (input projections, causal convolution, scan, gated RMS norm, output projection) with the
+two steps that mix tokens split: ``usp.scan.causal_conv`` (each rank's first taps read the
+previous rank's last tokens) and ``usp.scan.ssd_scan`` / ``usp.scan.gated_delta_scan`` (Ulysses
+over heads, the state entering each ring block passed along the ring). Given a ``usp_context`` that does not split the sequence, or none, the layer
 runs transformers' own forward. Packed documents (``usp_documents``) restart the state and the
 convolution at every boundary, as the fused kernels' ``seq_idx`` does; with ring > 1 the token
 layout must be ``contiguous`` (``docs/hybrid.md``). A KV or state cache (generation) is refused
@@ -21,16 +21,14 @@ import math
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from usp.scan import causal_conv, ssd_scan
+from usp.scan import causal_conv, gated_delta_scan, ssd_scan
 
-# mixer classes whose forward is transformers' Mamba-2 PyTorch path with these attributes:
-# in_proj, conv1d, dt_bias, A_log, D, norm (gated RMS), out_proj, intermediate_size, conv_dim,
-# num_heads, head_dim, n_groups, ssm_state_size, chunk_size, time_step_limit, activation
-SPLIT_MIXERS = ("BambaMixer",)
-# model types whose every state-space layer is one of them (their configs may name such layers)
-SPLIT_MODEL_TYPES = ("bamba",)
+# model types whose every layer that is neither attention nor an MLP is one of SPLIT_MIXERS
+# (their configs name those layers: Bamba's and Qwen3-Next's "linear_attention")
+SPLIT_MODEL_TYPES = ("bamba", "qwen3_next")
 
 
 def splits(module: nn.Module) -> bool:
@@ -46,9 +44,28 @@ def split_mixers(model: nn.Module) -> list[str]:
         if splits(module):
             if not hasattr(module, "_usp_own_forward"):
                 module._usp_own_forward = module.forward
-                module.forward = types.MethodType(ssd_mixer_forward, module)
+                module.forward = types.MethodType(SPLIT_MIXERS[type(module).__name__], module)
             names.append(name)
     return names
+
+
+def _split_topology(self, cache_params, kwargs):
+    """The context's topology when it splits the sequence (None: run transformers' forward);
+    a cache (generation) is refused while it does."""
+    topology = getattr(kwargs.get("usp_context"), "topology", None)
+    if topology is None or topology.sequence_size == 1:
+        return None
+    if cache_params is not None:
+        raise ValueError(
+            f"{type(self).__name__} with a cache (generation) while ring x ulysses = "
+            f"{topology.sequence_size} ranks split the sequence: pass use_cache=False")
+    return topology
+
+
+def _where(kwargs) -> dict:
+    """Where this rank's tokens sit in the sequence: the layout and the documents."""
+    return dict(layout=kwargs["usp_context"].layout, documents=kwargs.get("usp_documents"),
+                cu_seqlens=kwargs.get("cu_seq_lens_q"))
 
 
 def _padding_zeroed(hidden: torch.Tensor, attention_mask) -> torch.Tensor:
@@ -63,19 +80,13 @@ def ssd_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
                       attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """A Mamba-2 mixer's forward on this rank's shard ``[B, S_local, hidden]`` (module
     docstring); transformers' own forward when the sequence is not split."""
-    context = kwargs.get("usp_context")
-    topology = getattr(context, "topology", None)
-    if topology is None or topology.sequence_size == 1:
+    topology = _split_topology(self, cache_params, kwargs)
+    if topology is None:
         return self._usp_own_forward(hidden_states, cache_params=cache_params,
                                      attention_mask=attention_mask, **kwargs)
-    if cache_params is not None:
-        raise ValueError(
-            f"{type(self).__name__} with a cache (generation) while ring x ulysses = "
-            f"{topology.sequence_size} ranks split the sequence: pass use_cache=False")
     batch, length, _ = hidden_states.shape
     dtype = hidden_states.dtype
-    documents, layout = kwargs.get("usp_documents"), context.layout
-    where = dict(layout=layout, documents=documents, cu_seqlens=kwargs.get("cu_seq_lens_q"))
+    where = _where(kwargs)
     projected = self.in_proj(_padding_zeroed(hidden_states, attention_mask))
     gate, mixed, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads],
                                       dim=-1)
@@ -96,3 +107,41 @@ def ssd_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
     )
     out = self.norm(scanned.reshape(batch, length, -1), gate)
     return self.out_proj(out.to(dtype))
+
+
+def delta_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
+                        attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """A gated-delta mixer's forward (Qwen3-Next's ``Qwen3NextGatedDeltaNet``) on this rank's
+    shard ``[B, S_local, hidden]`` (module docstring); transformers' own forward when the
+    sequence is not split."""
+    topology = _split_topology(self, cache_params, kwargs)
+    if topology is None:
+        return self._usp_own_forward(hidden_states, cache_params=cache_params,
+                                     attention_mask=attention_mask, **kwargs)
+    where = _where(kwargs)
+    hidden_states = _padding_zeroed(hidden_states, attention_mask)
+    query, key, value, z, b, a = self.fix_query_key_value_ordering(
+        self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states))
+    batch, length = query.shape[:2]
+    mixed = torch.cat([x.reshape(batch, length, -1) for x in (query, key, value)], dim=-1)
+    mixed = causal_conv(mixed.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                        topology, activation=self.activation, **where).transpose(1, 2)
+    query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+    out = gated_delta_scan(
+        query.reshape(batch, length, -1, self.head_k_dim),
+        key.reshape(batch, length, -1, self.head_k_dim),
+        value.reshape(batch, length, -1, self.head_v_dim),
+        -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias), b.sigmoid(), topology,
+        use_qk_l2norm=True, **where,
+    )
+    out = self.norm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]))
+    return self.out_proj(out.reshape(batch, length, -1))
+
+
+# mixer class -> the forward that runs it split. Each is transformers' PyTorch path of its layer,
+# read off these attributes: Mamba-2 (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj,
+# intermediate_size, conv_dim, num_heads, head_dim, n_groups, ssm_state_size, chunk_size,
+# time_step_limit, activation); gated delta (in_proj_qkvz, in_proj_ba,
+# fix_query_key_value_ordering, conv1d, key_dim, value_dim, head_k_dim, head_v_dim, A_log,
+# dt_bias, norm, out_proj, activation)
+SPLIT_MIXERS = {"BambaMixer": ssd_mixer_forward, "Qwen3NextGatedDeltaNet": delta_mixer_forward}

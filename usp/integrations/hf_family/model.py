@@ -100,9 +100,10 @@ class HFCausalLM(nn.Module):
     def init_weights(self, seed: int, parameters: bool = True) -> None:
         """Initialise this rank's shards: matrices and embeddings (every parameter of 2 or more
         dimensions) ``normal(0, initializer_range)`` drawn shard-locally from ``(seed, name)``
-        (``usp.models.init``); the rest as transformers initialises it, which is a constant
-        for each of them (biases 0, norms 1, or 0 where the norm scales by ``1 + weight``) and
-        the computed buffers (RoPE frequencies, embedding scales). ``parameters=False`` leaves
+        (``usp.models.init``); the rest as transformers initialises it, mostly a constant for
+        each of them (biases 0, norms 1, or 0 where the norm scales by ``1 + weight``; what it
+        draws at random is drawn from ``(seed, module name)``), and the computed buffers (RoPE
+        frequencies, embedding scales). ``parameters=False`` leaves
         every base parameter alone and only computes the buffers (weights about to be loaded).
         LoRA factors are always drawn (no model folder holds them:
         ``usp.integrations.hf_family.lora.init_factor``).
@@ -113,8 +114,12 @@ class HFCausalLM(nn.Module):
         factors = [(name, p) for name, p in named if is_adapter(name)]
         for _, parameter in drawn + factors:  # transformers' init functions skip these
             parameter._is_hf_initialized = True
-        for module in self.model.modules():
-            _init_whole(self.model, module)
+        for name, module in self.model.named_modules():
+            # what transformers draws at random (Qwen3-Next's A_log) comes from (seed, module):
+            # the same values on every rank, layout and world size
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init.block_seed(seed, name, 0))
+                _init_whole(self.model, module)
         std = getattr(self.config, "initializer_range", None) or 0.02
         for _, parameter in drawn + factors:
             del parameter._is_hf_initialized
