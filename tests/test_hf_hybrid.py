@@ -173,3 +173,23 @@ def test_hybrids_split_over_the_sequence_equal_one_process(tmp_path):
     failures = run_on_ranks(_world, WORLD, tmp_path, timeout_s=300)
     lines = [f"rank {rank}: {line}" for rank, lines in enumerate(failures) for line in lines]
     assert not lines, "\n".join(lines)
+
+
+def test_usp_train_refuses_an_interleaving_layout_before_any_rank_starts(tmp_path, capsys,
+                                                                          monkeypatch):
+    import usp.training.launcher
+    from usp.cli import main
+
+    def no_ranks(*args, **kwargs):
+        raise AssertionError("ranks were launched")
+
+    monkeypatch.setattr(usp.training.launcher, "launch_elastic", no_ranks)
+    config = tmp_path / "bamba.json"
+    config.write_text(json.dumps({"model_type": "bamba", **BAMBA, "vocab_size": 300}))
+    code = main(["train", "--hf-config", str(config), "--seq-len", "32", "--steps", "1",
+                 "--synthetic", "--no-progress", "--nproc", "2", "--ring", "2",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "with ring=2 each ring rank's block must be contiguous: pass --layout contiguous" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -67,7 +67,8 @@ def pretrained_source(model: Model) -> str | None:
     return model_family(model).pretrained(model_settings(model))
 
 
-def validate_model(model: Model, topology: Topology, cuda: bool, loss: str) -> None:
+def validate_model(model: Model, topology: Topology, cuda: bool, loss: str,
+                   layout: str = "contiguous") -> None:
     """Raise ValueError, with the numbers, unless the model, its weights and the tokenizer fit
     ``topology`` (sizes only), each other and this machine's memory. Pure: reads files, never
     tensor data; the model's sizes are checked before anything is built."""
@@ -77,6 +78,11 @@ def validate_model(model: Model, topology: Topology, cuda: bool, loss: str) -> N
     check_lora(model, family)
     name = family.display_name(settings)
     size = family.size(settings)
+    if size.scans and topology.size("ring") > 1 and layout != "contiguous":
+        raise ValueError(
+            f"{name} scans the sequence in order in some layers (Mamba-2, gated delta rule), so "
+            f"with ring={topology.size('ring')} each ring rank's block must be contiguous: pass "
+            f"--layout contiguous (--layout {layout} interleaves the blocks), or --ring 1")
     world_size = math.prod(topology.size(axis) for axis in AXES)
     model_size.check_training_memory(name, size.parameters, world_size, cuda)
     ids = BYTE_VOCAB_SIZE

@@ -51,6 +51,9 @@ class ModelSize(NamedTuple):
 
     vocab_size: int
     parameters: int  # a lower bound where the shapes do not say everything
+    # layers that scan the sequence in order (Mamba-2, gated delta: usp.scan): with ring > 1
+    # they need each ring rank's block contiguous (layout "contiguous")
+    scans: bool = False
 
 
 class FamilyModel(Protocol):

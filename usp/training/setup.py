@@ -116,7 +116,7 @@ def validate(spec: RunSpec, world_size: int) -> None:
         given = data_spec(data, spec.model.tokenizer)
         check_data(given)
     topology = Topology(sizes, {axis: 0 for axis in AXES})  # shapes only: no process group
-    validate_model(spec.model, topology, cuda, memory.loss)
+    validate_model(spec.model, topology, cuda, memory.loss, spec.parallel.layout)
     check_memory_options(memory.ac, memory.tiled_mlp)
     if parallel.pp > 1:
         check_pipeline(parallel.pp, data.global_batch // sizes["dp"], microbatches(parallel),

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from usp.integrations.hf_family.stages import check_stages
 from usp.integrations.hf_family.tp import check_tensor_parallel
 from usp.integrations.hf_mixers import unsplit_mixers
+from usp.integrations.hf_scan import SPLIT_MODEL_TYPES
 from usp.integrations.transformers import ATTENTION_NAME, check_config, check_sequence_mixers
 from usp.models.family import ModelSettings, ModelSize, check_vocabulary
 from usp.topology import Topology
@@ -123,7 +124,8 @@ def size(settings: ModelSettings) -> ModelSize:
     """The config's vocabulary and a lower bound of its parameters (two MLP matrices)."""
     flag = "--hf-model" if settings.hf_model else "--hf-config"
     config = load_hf_config(source(settings), flag)
-    return ModelSize(config.vocab_size, model_size.parameter_estimate(config))
+    return ModelSize(config.vocab_size, model_size.parameter_estimate(config),
+                     scans=getattr(config, "model_type", None) in SPLIT_MODEL_TYPES)
 
 
 def validate(settings: ModelSettings, topology: Topology, token_ids: int) -> None:
