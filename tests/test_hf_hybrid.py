@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.distributed import collect_failures, run_on_ranks
+from tests.fp32_rule import check_close
 from usp import Topology, unshard_sequence
 from usp.batch import IGNORE_INDEX, shard_batch
 from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topology
@@ -76,22 +77,6 @@ def _eager(model, ids, kwargs, labels):
     return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _check_close(results):
-    grad_scale = max((r.double().abs().max().item() for name, _, _, r in results
-                      if name.startswith("grad ")), default=0.0)
-    failures = []
-    for name, got, eager32, reference64 in results:
-        reference = reference64.double()
-        own = (eager32.double() - reference).abs().max().item()
-        err = (got.double() - reference).abs().max().item()
-        scale = grad_scale if name.startswith("grad ") else reference.abs().max().item()
-        bound = 2 * own + 1e-6 * scale
-        if not err <= bound:
-            failures.append(f"{name}: error {err:.3g} > bound {bound:.3g} (eager fp32 {own:.3g})")
-    if failures:
-        raise AssertionError("; ".join(failures))
-
-
 def _compare(name, ring, ulysses, padded):
     context = USPContext(Topology.build(ring=ring, ulysses=ulysses), "contiguous")
     torch.manual_seed(0)
@@ -115,7 +100,7 @@ def _compare(name, ring, ulysses, padded):
         grad = param.grad.clone()
         dist.all_reduce(grad)  # each rank's gradient is its share of the whole batch's
         results.append((f"grad {name}", grad, grads32[name], grads64[name]))
-    _check_close(results)
+    check_close(results)
 
 
 def _training_step(config_dir):
@@ -141,7 +126,7 @@ def _training_step(config_dir):
     loss = global_mean_cross_entropy(model(batch["input_ids"], batch["position_ids"]),
                                      batch["labels"], topology)
     loss.backward()
-    _check_close([(f"grad {name}", param.grad.full_tensor(), references[0][name],
+    check_close([(f"grad {name}", param.grad.full_tensor(), references[0][name],
                    references[1][name]) for name, param in model.named_parameters()])
 
 

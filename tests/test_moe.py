@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GptOssConfig, Mixtral
 from transformers import Qwen3MoeConfig
 
 from tests.distributed import collect_failures, run_on_ranks
+from tests.fp32_rule import check_close
 from usp import Topology
 from usp.batch import IGNORE_INDEX, shard_batch
 from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topology
@@ -72,22 +73,6 @@ def _eager(model, ids, padding, labels):
     return outputs.aux_loss.detach(), loss.detach(), grads
 
 
-def _check_close(results):
-    grad_scale = max((r.double().abs().max().item() for name, _, _, r in results
-                      if name.startswith("grad ")), default=0.0)
-    failures = []
-    for name, got, eager32, reference64 in results:
-        reference = reference64.double()
-        own = (eager32.double() - reference).abs().max().item()
-        err = (got.double() - reference).abs().max().item()
-        scale = grad_scale if name.startswith("grad ") else reference.abs().max().item()
-        bound = 2 * own + 1e-6 * scale
-        if not err <= bound:
-            failures.append(f"{name}: error {err:.3g} > bound {bound:.3g} (eager fp32 {own:.3g})")
-    if failures:
-        raise AssertionError("; ".join(failures))
-
-
 def _compare(name, ring, ulysses, layout, contexts):
     context = contexts[(ring, ulysses, layout)]
     torch.manual_seed(0)
@@ -110,7 +95,7 @@ def _compare(name, ring, ulysses, layout, contexts):
         dist.all_reduce(grad)  # each rank's gradient is its share of the whole batch's
         if param_name in grads64:
             results.append((f"grad {param_name}", grad, grads32[param_name], grads64[param_name]))
-    _check_close(results)
+    check_close(results)
 
 
 def _expect_refusal(run, needle):
@@ -160,7 +145,7 @@ def _training_step(config_dir, topology):
     results = [("loss", loss, references[0][0], references[1][0])]
     results += [(f"grad {name}", param.grad.full_tensor(), references[0][1][name],
                  references[1][1][name]) for name, param in model.named_parameters()]
-    _check_close(results)
+    check_close(results)
 
 
 def _world(rank, world_size, config_dir):

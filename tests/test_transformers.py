@@ -35,6 +35,7 @@ from transformers.masking_utils import (
 )
 
 from tests.distributed import collect_failures, run_on_ranks
+from tests.fp32_rule import check_close
 import usp
 from usp import Topology, unshard_sequence
 from usp.batch import IGNORE_INDEX, shard_batch
@@ -115,29 +116,6 @@ def _eager_run(model, ids):
     return logits.detach(), loss.detach(), grads
 
 
-def _check_close(results):
-    """Each ``(name, got, eager32, ref64)``: |got - ref64| <= 2 |eager32 - ref64| + 1e-6 scale.
-
-    ``scale`` is max|ref64| of the tensor itself, and for gradients the largest reference
-    gradient of the whole model: a bias gradient is a sum over every token of terms that mostly
-    cancel, so its own maximum understates the size of what was rounded (docs/testing.md).
-    Compares after every collective is done, so a failing case cannot desynchronise the ranks.
-    """
-    grad_scale = max((r.double().abs().max().item() for name, _, _, r in results
-                      if name.startswith("grad ")), default=0.0)
-    failures = []
-    for name, got, eager32, reference64 in results:
-        reference = reference64.double()
-        own = (eager32.double() - reference).abs().max().item()
-        err = (got.double() - reference).abs().max().item()
-        scale = grad_scale if name.startswith("grad ") else reference.abs().max().item()
-        bound = 2 * own + 1e-6 * scale
-        if not err <= bound:
-            failures.append(f"{name}: error {err:.3g} > bound {bound:.3g} (eager fp32 {own:.3g})")
-    if failures:
-        raise AssertionError("; ".join(failures))
-
-
 def _compare(arch, ring, ulysses, layout, contexts):
     context = contexts[(ring, ulysses, layout)]
     torch.manual_seed(0)
@@ -161,7 +139,7 @@ def _compare(arch, ring, ulysses, layout, contexts):
         grad = param.grad.clone()
         dist.all_reduce(grad)  # each rank's gradient is its share of the global mean's
         results.append((f"grad {name}", grad, grads32[name], grads64[name]))
-    _check_close(results)
+    check_close(results)
 
 
 def _masked_inputs(how: str):
@@ -219,7 +197,7 @@ def _compare_masked(name, ring, ulysses, layout, contexts):
         grad = param.grad.clone()
         dist.all_reduce(grad)
         results.append((f"grad {param_name}", grad, grads32[param_name], grads64[param_name]))
-    _check_close(results)
+    check_close(results)
 
 
 def _expect_refusal(context, run, *needles):
@@ -272,7 +250,7 @@ def _fsdp_step(rank, topology):
                                      batch["labels"], topology)
     loss.backward()
     grads = {name: param.grad.full_tensor() for name, param in model.named_parameters()}
-    _check_close([(n, g, references[0][n], references[1][n]) for n, g in grads.items()])
+    check_close([(n, g, references[0][n], references[1][n]) for n, g in grads.items()])
 
 
 def _world(rank, world_size):
