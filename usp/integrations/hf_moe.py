@@ -85,22 +85,22 @@ def global_router_loss(router_logits, experts: int, top_k: int, topology: Topolo
     one-process value, gradient this rank's share (module docstring). Sums in fp64."""
     if not router_logits:
         raise ValueError("no router logits: pass output_router_logits=True to the model")
-    dtype = torch.float64
-    picks = torch.zeros(experts, dtype=dtype, device=router_logits[0].device)
+    dtype, device, length = torch.float64, router_logits[0].device, router_logits[0].shape[0]
+    # every layer routes the same rows: this rank's token slots
+    row = torch.ones(length, dtype=dtype, device=device) if rows is None else rows.to(dtype)
+    if any(layer.shape[0] != row.shape[0] for layer in router_logits):
+        raise ValueError(f"router logits of {[layer.shape[0] for layer in router_logits]} rows, "
+                         f"but the batch holds {row.shape[0]} token slots on this rank")
+    picked = row.repeat_interleave(top_k)
+    picks = torch.zeros(experts, dtype=dtype, device=device)
     probability = torch.zeros_like(picks)
-    count = torch.zeros((), dtype=dtype, device=picks.device)
     for layer in router_logits:
         weights = torch.softmax(layer.to(dtype), dim=-1)
         chosen = torch.topk(weights, top_k, dim=-1).indices
-        row = (torch.ones(layer.shape[0], dtype=dtype, device=picks.device) if rows is None
-               else rows.to(dtype))
-        if row.shape[0] != layer.shape[0]:
-            raise ValueError(f"router logits of {layer.shape[0]} rows, but the batch holds "
-                             f"{row.shape[0]} token slots on this rank")
-        picks = picks.scatter_add(0, chosen.reshape(-1), row.repeat_interleave(top_k))
+        picks = picks.scatter_add(0, chosen.reshape(-1), picked)
         probability = probability + (weights * row[:, None]).sum(dim=0)
-        count = count + row.sum()
-    totals = topology.sum_over_data(torch.cat([picks, probability.detach(), count.reshape(1)]))
+    count = (row.sum() * len(router_logits)).reshape(1)
+    totals = topology.sum_over_data(torch.cat([picks, probability.detach(), count]))
     picks, global_probability, global_count = totals[:experts], totals[experts:-1], totals[-1]
     if global_count == 0:
         raise ValueError("every token slot of the batch is padding: no router loss")

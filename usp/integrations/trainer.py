@@ -71,7 +71,7 @@ class USPTrainerMixin:
         super().__init__(*args, **kwargs)
         check_trainer_options(self)
         self.model_accepts_loss_kwargs = True
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        model = self._usp_model()
         if not hasattr(model, "set_attn_implementation"):
             raise ValueError(
                 f"{type(model).__name__} is not a transformers PreTrainedModel; usp swaps the "

@@ -12,6 +12,7 @@ appear twice there (``metrics.jsonl`` and TensorBoard show each step once).
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from pathlib import Path
@@ -37,7 +38,7 @@ def run_id(out: Path) -> str:
     """The W&B run id of the run in ``out``: read from ``OUT/wandb-id``, or made and written
     there the first time (a resume continues the same W&B run)."""
     path = Path(out) / ID_FILE
-    if safe_files.describe(path) is None and not path.exists():
+    if not os.path.lexists(path):  # a link or anything else is refused by read_text below
         new = uuid.uuid4().hex[:16]
         safe_files.write_new(path, new.encode())
         return new
