@@ -74,10 +74,11 @@ class USPContext:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Check ``model`` and switch it to ``attn_implementation="usp"`` (in place).
 
-        The Mamba-2 mixers of the hybrids usp splits (:mod:`usp.integrations.hf_scan`) get a
-        forward that runs them split over the sequence ranks. Refuses (ValueError, the same on
-        every rank, before any forward) a model with another layer that mixes tokens other than
-        softmax attention (Mamba-1, gated delta rule, a convolution over tokens ...:
+        The scan layers of the hybrids usp splits (Bamba's Mamba-2, Qwen3-Next's gated delta
+        rule: :mod:`usp.integrations.hf_scan`) get a forward that runs them split over the
+        sequence ranks. Refuses (ValueError, the same on every rank, before any forward) a model
+        with another layer that mixes tokens other than softmax attention (Mamba-1, another
+        Mamba-2 mixer, a convolution over tokens ...:
         :mod:`usp.integrations.hf_mixers`) when this context splits the sequence. Such a model
         prepared on ring = ulysses = 1 keeps a check on its forward: called with a
         ``usp_context`` that splits the sequence, it raises before any layer runs.
