@@ -83,7 +83,9 @@ def write_manifest(directory: Path, files: dict[str, dict]) -> None:
 
 
 def read_manifest(directory: Path) -> dict[str, dict]:
-    """The manifest's ``{name: {"bytes", "sha256"}}``; a ValueError naming it when unreadable."""
+    """The manifest's ``{name: {"bytes", "sha256"}}``; a ValueError naming it when unreadable.
+    The checkpoint's folder must be a real directory (never a link) before anything in it is read."""
+    safe_files.check_directory_or_absent(Path(directory))
     path = Path(directory) / MANIFEST
     try:
         manifest = json.loads(safe_files.read_text(path, MANIFEST_LIMIT))
@@ -107,8 +109,7 @@ def read_manifest(directory: Path) -> dict[str, dict]:
 def check_listing(directory: Path) -> list[str]:
     """Problems visible without reading the data: a file missing, unlisted or of another size."""
     directory = Path(directory)
-    safe_files.check_directory_or_absent(directory)
-    files = read_manifest(directory)
+    files = read_manifest(directory)  # the folder itself checked first
     present, problems = set(), []
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         if entry.is_file(follow_symlinks=False):
