@@ -2,7 +2,10 @@
 
 One spawned 4-rank world: Llama with grouped kv heads (2 kv heads over Ulysses 4 included) on
 ring 2 x ulysses 2, ring 4 and ulysses 4 greedy, and with sampling under a fixed seed; Qwen2
-(q/k/v biases) greedy on ulysses 4. The tokens equal eager's and sdpa's, every step's logits
+(q/k/v biases) greedy on ulysses 4; the hybrids Bamba (Mamba-2 layers) and Qwen3-Next (gated
+delta rule) greedy on ring 2 x ulysses 2, their scan layers' states carried in the cache from
+the prompt through every new token (Bamba also prepared by ``USPContext.prepare``, whose split
+scan layers run whole in a generation). The tokens equal eager's and sdpa's, every step's logits
 equal fp64 sdpa's (as generate hands them out, cast to fp32); an uneven prompt.
 """
 
@@ -12,11 +15,14 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, BambaConfig, LlamaConfig, Qwen2Config,
+                          Qwen3NextConfig)
 
 from tests.distributed import collect_failures, run_on_ranks
+from tests.test_hf_hybrid import BAMBA, QWEN3_NEXT
 from usp import Topology
 from usp.infer.hf import USPCache
+from usp.integrations.transformers import USPContext
 from usp.integrations.hf_family.model import trivial_topology
 
 WORLD = 4
@@ -25,19 +31,25 @@ _TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden
              num_attention_heads=8, num_key_value_heads=2, initializer_range=0.2,
              tie_word_embeddings=False)
 ARCHITECTURES = {"llama-gqa": lambda: LlamaConfig(**_TINY),
-                 "qwen2-gqa": lambda: Qwen2Config(**_TINY)}
+                 "qwen2-gqa": lambda: Qwen2Config(**_TINY),
+                 "bamba": lambda: BambaConfig(**{**BAMBA, "vocab_size": VOCAB}),
+                 "qwen3-next": lambda: Qwen3NextConfig(**{**QWEN3_NEXT, "vocab_size": VOCAB})}
 TOPOLOGIES = [(2, 2, "zigzag"), (4, 1, "stripe"), (1, 4, "contiguous")]
 
 
-def _models(arch: str):
-    """eager, sdpa and usp copies of one seeded fp64 model. transformers' eager attention takes
-    its softmax in fp32 even for fp64 (off by ~1e-6); sdpa is the exact fp64 reference."""
+def _models(arch: str, prepare: USPContext | None = None):
+    """eager, sdpa and usp copies of one seeded fp64 model (the usp copy ``prepare``d by that
+    context, if given). transformers' eager attention takes its softmax in fp32 even for fp64
+    (off by ~1e-6); sdpa is the exact fp64 reference."""
     torch.manual_seed(0)
     eager = AutoModelForCausalLM.from_config(ARCHITECTURES[arch](), attn_implementation="eager")
     eager = eager.double().eval()
     exact, model = copy.deepcopy(eager), copy.deepcopy(eager)
     exact.set_attn_implementation("sdpa")
-    model.set_attn_implementation("usp")
+    if prepare is None:
+        model.set_attn_implementation("usp")
+    else:
+        prepare.prepare(model)
     return eager, exact, model
 
 
@@ -85,9 +97,12 @@ def _world(rank, world_size):
     # Llama greedy on every topology and sampling on one; Qwen2 (q/k/v biases) greedy on one
     cases = [("llama-gqa", degrees, False) for degrees in TOPOLOGIES]
     cases += [("llama-gqa", TOPOLOGIES[0], True), ("qwen2-gqa", TOPOLOGIES[2], False)]
+    cases += [("bamba", TOPOLOGIES[0], False), ("qwen3-next", TOPOLOGIES[0], False)]
     models, expected = {}, {}
     for arch in ARCHITECTURES:
-        eager, exact, models[arch] = _models(arch)
+        # Bamba prepared for training first: its scan layers' split forward must run whole here
+        context = USPContext(topologies[(2, 2)], "zigzag") if arch == "bamba" else None
+        eager, exact, models[arch] = _models(arch, context)
         for sampling in {sampling for name, _, sampling in cases if name == arch}:
             expected[(arch, sampling)] = [_generate(reference, _prompt(), **SAMPLING[sampling])
                                           for reference in (eager, exact)]

@@ -14,15 +14,22 @@ its layout shard of the prompt and its share of the decoded tokens. The attentio
 - each new token: the rank's shard in one kernel call, one all-gather of ``(out, lse)`` per
   layer, the same merge on every rank (:func:`usp.infer.attention.decode_attention`).
 
+Hybrids (Bamba, Qwen3-Next): their scan layers run transformers' own forward on the whole prompt
+on every rank, like the rest of the layer, and keep their convolution and recurrent states in
+transformers' ``LinearAttentionLayer`` inside the :class:`USPCache`, the same on every rank (the
+state is replicated: each rank carries it from the prompt through every new token). Only the
+attention layers' keys and values are sharded.
+
 Refused with a ValueError: padding in the batch, sliding windows, a prompt that continues a
-non-empty cache, beam search and the other cache reorderings. ``usp generate --hf-model`` runs
+non-empty cache, beam search and the other cache reorderings, a hybrid whose scan layers usp
+does not know. ``usp generate --hf-model`` runs
 this through the Hugging Face family's adapter (``usp.infer.hf_generation``).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
 from usp.attention import usp_attention
 from usp.attention.kernels import default_scale, resolve_kernel
@@ -37,12 +44,16 @@ Tensor = torch.Tensor
 
 
 class GenerationContext(USPContext):
-    """The ``usp_context`` of a generation: the topology, layout, kernel and the sharded cache."""
+    """The ``usp_context`` of a generation: the topology, layout, kernel and the sharded cache
+    (``slots``: the cache's slot of each attention layer, by layer index)."""
+
+    # transformers runs every layer but attention on the whole prompt on every rank
+    shards_hidden_states = False
 
     def __init__(self, topology: Topology, layout: str, kernel: str,
-                 sharded: ShardedKVCache) -> None:
+                 sharded: ShardedKVCache, slots: dict[int, int]) -> None:
         super().__init__(topology, layout, kernel)
-        self.sharded = sharded
+        self.sharded, self.slots = sharded, slots
         self._kernel = None
 
     def attention(self, module, query: Tensor, key: Tensor, value: Tensor, request,
@@ -64,7 +75,7 @@ class GenerationContext(USPContext):
                                 seq_len=length, softmax_scale=scaling, kernel=self._kernel,
                                 sinks=sinks)
             return unshard_sequence(out, self.topology, self.layout, seq_len=length)
-        keys, values = self.sharded.layer(module.layer_idx)
+        keys, values = self.sharded.layer(self.slots[module.layer_idx])
         group = self.topology.sequence_group if self.topology.sequence_size > 1 else None
         scale = default_scale(query.shape[-1], scaling)
         return decode_attention(query, keys, values, group, scale, self._kernel, sinks)
@@ -83,7 +94,7 @@ def _generation_refusal(request, query: Tensor, documents, cu_seqlens) -> str | 
 
 
 class _ShardedLayer(CacheLayerMixin):
-    """One model layer's view of the shared :class:`ShardedKVCache`."""
+    """One attention layer's view of the shared :class:`ShardedKVCache` (``index``: its slot)."""
 
     is_sliding = False
 
@@ -116,28 +127,42 @@ class _ShardedLayer(CacheLayerMixin):
         raise ValueError("a USPCache holds one row per prompt; pass num_return_sequences=1")
 
 
+# the layer type transformers' hybrid configs give their scan layers (Bamba's Mamba-2,
+# Qwen3-Next's gated delta rule): a convolution and a recurrent state, no keys and values
+SCAN_LAYER = "linear_attention"
+
+
 class USPCache(Cache):
     """A transformers ``Cache`` over a :class:`ShardedKVCache` for ``max_tokens`` tokens; pass
-    ``usp_context=cache.context`` to ``generate`` with it."""
+    ``usp_context=cache.context`` to ``generate`` with it. A hybrid's scan layers keep their
+    states whole (transformers' ``LinearAttentionLayer``), the same on every rank."""
 
     def __init__(self, config, topology: Topology, layout: str = "zigzag", *, max_tokens: int,
                  batch: int = 1, dtype: torch.dtype = torch.float32,
                  device: "str | torch.device" = "cpu", kernel: str = "auto") -> None:
-        check_config(config, topology)
+        # the scan layers of the hybrids usp knows run whole here: their states fit this cache
+        check_config(config, topology, scans=True)
+        types = getattr(config, "layer_types", None) or ["full_attention"] * (
+            config.num_hidden_layers)
+        attention = [index for index, kind in enumerate(types) if kind != SCAN_LAYER]
         head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
         self.sharded = ShardedKVCache(
-            topology, layout, n_layers=config.num_hidden_layers,
+            topology, layout, n_layers=len(attention),
             n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
             head_dim=head_dim, max_tokens=max_tokens, batch=batch, dtype=dtype, device=device)
         self.topology = topology
-        self.context = GenerationContext(topology, layout, kernel, self.sharded)
-        super().__init__(layers=[_ShardedLayer(self, index)
-                                 for index in range(config.num_hidden_layers)])
+        slots = {layer: slot for slot, layer in enumerate(attention)}
+        self.context = GenerationContext(topology, layout, kernel, self.sharded, slots)
+        states = getattr(config, "number_of_conv_states", 1)
+        super().__init__(layers=[
+            _ShardedLayer(self, slots[index]) if index in slots
+            else LinearAttentionLayer(number_of_states=states)
+            for index in range(len(types))])
 
     def store(self, layer: int, key_states: Tensor, value_states: Tensor) -> None:
-        """Keep this rank's part of the new tokens' ``[B, Hkv, T, D]`` keys and values; the
-        first layer of a forward places the new tokens on the shards."""
+        """Keep this rank's part of the new tokens' ``[B, Hkv, T, D]`` keys and values in slot
+        ``layer``; the first attention layer of a forward places the new tokens on the shards."""
         sharded, topology = self.sharded, self.topology
         new = key_states.shape[2]
         if key_states.shape[0] != sharded.batch:

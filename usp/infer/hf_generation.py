@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from usp.infer.hf import USPCache
+from usp.integrations.hf_mixers import unsplit_mixers
 from usp.integrations.transformers import check_sequence_mixers
 from usp.models.family import ModelSettings
 from usp.precision import torch_dtype
@@ -83,7 +84,9 @@ def hf_generate(model_dir: str, text: str, topology: Topology, *, layout: str,
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, attn_implementation="usp", dtype=dtype, local_files_only=True,
         trust_remote_code=False, use_safetensors=True).eval()
-    check_sequence_mixers(model, topology)  # before any layer runs, on every rank alike
+    # before any layer runs, on every rank alike; the scan layers usp knows run whole, their
+    # states in the USPCache
+    check_sequence_mixers(unsplit_mixers(model), topology)
     ids = tokenizer(text, return_tensors="pt").input_ids
     cache = USPCache(model.config, topology, layout, max_tokens=ids.shape[1] + max_new_tokens,
                      dtype=dtype, kernel=kernel)

@@ -64,6 +64,8 @@ class MaskRequest:
     agreed: bool = False
     mask: object = field(default=None, repr=False)
     sequence_mixers: tuple = ()  # the config's layers that are not softmax attention
+    # of those, the ones usp neither splits nor keeps states for (a generation runs the rest)
+    unknown_mixers: tuple = ()
 
 
 def _closure_values(function) -> dict:
@@ -129,7 +131,9 @@ def usp_mask(
                        config)
     # a model used without USPContext.prepare: its layer types travel to the attention, which
     # refuses them when the sequence is split (prepare refuses before any layer runs)
-    request.sequence_mixers = tuple(config_sequence_mixers(config)) if config is not None else ()
+    if config is not None:
+        request.sequence_mixers = tuple(config_sequence_mixers(config))
+        request.unknown_mixers = tuple(config_sequence_mixers(config, scans=True))
     return request
 
 

@@ -11,8 +11,8 @@ previous rank's last tokens) and ``usp.scan.ssd_scan`` / ``usp.scan.gated_delta_
 over heads, the state entering each ring block passed along the ring). Given a ``usp_context`` that does not split the sequence, or none, the layer
 runs transformers' own forward. Packed documents (``usp_documents``) restart the state and the
 convolution at every boundary, as the fused kernels' ``seq_idx`` does; with ring > 1 the token
-layout must be ``contiguous`` (``docs/hybrid.md``). A KV or state cache (generation) is refused
-while the sequence is split.
+layout must be ``contiguous`` (``docs/hybrid.md``). A KV or state cache is refused while the
+sequence is split; a generation (``usp.infer.hf``) runs the layer whole on every rank.
 """
 
 from __future__ import annotations
@@ -50,10 +50,13 @@ def split_mixers(model: nn.Module) -> list[str]:
 
 
 def _split_topology(self, cache_params, kwargs):
-    """The context's topology when it splits the sequence (None: run transformers' forward);
-    a cache (generation) is refused while it does."""
-    topology = getattr(kwargs.get("usp_context"), "topology", None)
-    if topology is None or topology.sequence_size == 1:
+    """The context's topology when it splits the sequence (None: run transformers' forward,
+    also where the context holds the whole sequence on every rank, as a generation's does);
+    a cache is refused while the sequence is split."""
+    context = kwargs.get("usp_context")
+    topology = getattr(context, "topology", None)
+    if (topology is None or topology.sequence_size == 1
+            or not getattr(context, "shards_hidden_states", True)):
         return None
     if cache_params is not None:
         raise ValueError(

@@ -59,6 +59,10 @@ class USPContext:
     ``usp.integrations.hf_family.tp``) attends with each tp rank's heads.
     """
 
+    # each rank's hidden states hold its shard of the sequence between the layers, so a scan
+    # layer runs split (usp.integrations.hf_scan); a generation's context holds them whole
+    shards_hidden_states = True
+
     def __init__(self, topology: Topology, layout: str = "zigzag", kernel: str = "auto") -> None:
         check_layout(layout)
         self.topology, self.layout, self.kernel = topology, layout, kernel
@@ -312,8 +316,11 @@ def usp_attention_forward(
         )
     if isinstance(attention_mask, MaskRequest) and usp_context.forward_checks is None:
         # a model never prepared: its config's layer types are the last check (the same on
-        # every rank: no agreement needed); a prepared one's mixers were checked, or are split
-        check_sequence_mixers(list(attention_mask.sequence_mixers), usp_context.topology)
+        # every rank: no agreement needed); a prepared one's mixers were checked, or are split.
+        # A generation runs the scan layers usp knows whole, their states in its cache.
+        mixers = (attention_mask.sequence_mixers if usp_context.shards_hidden_states
+                  else attention_mask.unknown_mixers)
+        check_sequence_mixers(list(mixers), usp_context.topology)
     if dropout:
         raise ValueError(
             f"attention dropout {dropout} is not supported by usp; set the config's "
