@@ -114,6 +114,22 @@ def test_hugging_face_config_matches_the_preset(tmp_path):
         ModelSpec.from_hf_config(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize("name", ["BambaConfig", "Qwen3NextConfig", "FalconH1Config",
+                                  "JambaConfig", "NemotronHConfig", "Zamba2Config",
+                                  "MixtralConfig", "Qwen3MoeConfig"])
+def test_configs_the_cost_model_cannot_price_are_refused(tmp_path, name):
+    """Hybrids' scan layers and routed experts would be priced as attention and one dense MLP:
+    refused with the reason, not costed wrong."""
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, name)().to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="state-space or linear-attention|mixture of experts"):
+        ModelSpec.from_hf_config(tmp_path / "config.json")
+    dense = transformers.LlamaConfig().to_dict()  # a dense decoder of the same keys passes
+    (tmp_path / "config.json").write_text(json.dumps(dense))
+    assert ModelSpec.from_hf_config(tmp_path / "config.json").layers == dense["num_hidden_layers"]
+
+
 def test_calibration_replaces_compute_and_link_numbers():
     found = Measurements(matmul_tflops=0.05, attention_tflops=0.04, bandwidth_gbs=1.5,
                          latency_us=80, ranks=4, cores=2, sync_us=900)

@@ -20,6 +20,33 @@ def _check_positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner}: {name}={value!r} must be positive")
 
 
+# config keys of the layers the cost model does not price: state-space and linear-attention
+# mixers (Mamba, Mamba-2 / SSD, the gated delta rule) and routed experts
+_SCAN_KEYS = ("attn_layer_indices", "layers_block_type", "hybrid_override_pattern",
+              "attn_layer_period")
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _check_costable(path: Path, config: dict) -> None:
+    """ValueError for a config whose layers the cost model would price wrongly: it prices every
+    layer as softmax attention and one dense MLP of ``intermediate_size``, so a hybrid's scan
+    layers and a mixture of experts' routed MLPs would be costed as something they are not."""
+    kinds = sorted(set(config.get("layer_types") or []) - {"full_attention", "sliding_attention"})
+    scan = kinds or [key for key in _SCAN_KEYS if key in config] or [
+        key for key in config if key.startswith(("mamba_", "ssm_", "linear_num_"))]
+    if scan:
+        raise ValueError(
+            f"{path} describes a model with state-space or linear-attention layers ({scan[0]} "
+            f"in its config); the planner costs softmax-attention decoders only (docs/planner.md)"
+            f": plan it by its attention layers' shape in a config of its own, or measure it")
+    experts = [key for key in _EXPERT_KEYS if (config.get(key) or 0) > 1]
+    if experts:
+        raise ValueError(
+            f"{path} describes a mixture of experts ({experts[0]}={config[experts[0]]}); the "
+            "planner prices one dense MLP of intermediate_size per layer, not routed experts "
+            "(docs/planner.md)")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A Llama-style decoder: RMSNorm, GQA attention with RoPE, SwiGLU MLP, untied or tied head."""
@@ -90,6 +117,7 @@ class ModelSpec:
             config = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read a model config from {path}: {exc}") from exc
+        _check_costable(path, config)  # a hybrid or MoE named as such, whatever keys it has
         missing = [
             key
             for key in ("num_hidden_layers", "hidden_size", "num_attention_heads",
