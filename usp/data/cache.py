@@ -81,9 +81,10 @@ def _sources(spec: DataSpec) -> list[Source]:
 
 def cache_key(spec: DataSpec, tokenizer) -> tuple[str, dict]:
     """``(key, what it is made of)``: see the module docstring."""
+    render = spec.render()
     material = {"encoding_version": ENCODING_VERSION,
                 "data": data_fingerprint(list(spec.paths), synthetic=False),
-                "tokenizer": tokenizer_identity(tokenizer, spec), "render": spec.render()}
+                "tokenizer": tokenizer_identity(tokenizer, spec), "render": render}
     canonical = json.dumps(material, sort_keys=True).encode()
     return hashlib.blake2b(canonical, digest_size=16).hexdigest(), material
 

@@ -36,9 +36,9 @@ def tokenizer_identity(tokenizer, spec: DataSpec) -> dict:
         return dict(BYTE_LEVEL)
     from usp.inputs.tokenizer import tokenizer_record
 
+    template = chat_template(tokenizer, spec.tokenizer) if spec.is_chat else None
     identity = tokenizer_record(tokenizer)
-    if spec.is_chat:
-        template = chat_template(tokenizer, spec.tokenizer)
+    if template is not None:
         identity["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest()
     return identity
 

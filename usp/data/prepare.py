@@ -76,12 +76,12 @@ def tokenize_into(directory: Path, spec: DataSpec, sources: list[Source], tokeni
     """Tokenize every source into the new store folder ``directory``; returns its manifest (with
     ``skipped`` and the ``build`` record: seconds, tokens/s, processes). ValueError for a bad
     record, and when no document is left (the folder is then removed)."""
-    writer = StoreWriter(directory, vocabulary_size(tokenizer),
-                         with_mask=spec.effective_loss_on == "assistant")
     scratch = directory.with_name(directory.name + ".scratch")
     start, skipped, records, used = time.perf_counter(), 0, 0, 1
-    try:
-        with quiet_datasets():
+    try:  # anything failing removes the unfinished store (StoreWriter's exit)
+        with quiet_datasets(), StoreWriter(directory, vocabulary_size(tokenizer),
+                                           with_mask=spec.effective_loss_on == "assistant"
+                                           ) as writer:
             for number, source in enumerate(sources):
                 dataset = _stdlib_records() if source.kind == "stdlib" else load_records(
                     source, scratch)
@@ -100,17 +100,15 @@ def tokenize_into(directory: Path, spec: DataSpec, sources: list[Source], tokeni
                 skipped += _copy_into(writer, mapped)
                 records += len(dataset)
                 del mapped, dataset
-        seconds = time.perf_counter() - start
-        if writer.documents == 0:
-            because = (f" ({skipped} of {records} conversations skipped: none has an assistant "
-                       "turn)" if skipped else "")
-            raise ValueError(f"the data holds no documents to train on{because}: "
-                             f"{', '.join(s.describe() for s in sources)}")
-        build = {"seconds": round(seconds, 3), "tokens_per_s": writer.tokens / max(seconds, 1e-9),
-                 "processes": used, "records": records, "finished": time.time()}
-        return writer.finish(skipped=skipped, build=build, **manifest_extra)
-    except BaseException:
-        writer.discard()
-        raise
+            seconds = time.perf_counter() - start
+            if writer.documents == 0:
+                because = (f" ({skipped} of {records} conversations skipped: none has an "
+                           "assistant turn)" if skipped else "")
+                raise ValueError(f"the data holds no documents to train on{because}: "
+                                 f"{', '.join(s.describe() for s in sources)}")
+            build = {"seconds": round(seconds, 3),
+                     "tokens_per_s": writer.tokens / max(seconds, 1e-9),
+                     "processes": used, "records": records, "finished": time.time()}
+            return writer.finish(skipped=skipped, build=build, **manifest_extra)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -53,7 +53,8 @@ def _file_record(path: Path) -> dict:
 
 
 class StoreWriter:
-    """Appends documents to a new store folder; :meth:`finish` writes the manifest last."""
+    """Appends documents to a new store folder; :meth:`finish` writes the manifest last. As a
+    context manager it removes the unfinished folder when its block fails."""
 
     def __init__(self, directory: Path, vocab_size: int, with_mask: bool) -> None:
         self.directory = Path(directory)
@@ -85,6 +86,13 @@ class StoreWriter:
         self.tokens, self.documents = int(ends[-1]), self.documents + len(lengths)
         if ids.size:
             self.max_token_id = max(self.max_token_id, int(ids.max()))
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:  # any failure, an interrupt included
+            self.discard()
 
     def discard(self) -> None:
         """Close the files and remove the unfinished folder."""

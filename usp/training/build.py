@@ -48,12 +48,12 @@ def build_model(section: Model, parallel: Parallel, memory: Memory, topology: To
 
     ``load_weights=False``: do not read the pretrained weights (a checkpoint will replace them).
     """
+    param_dtype, reduce_dtype = fsdp_precision(section.dtype, device, topology)
     settings, family = model_settings(section), model_family(section)
     model = family.skeleton(settings)
     flops_per_token = family.flops_per_token(model, seq_len)
     parameters = model.num_params()  # the whole model's, before any cut or shard
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    param_dtype, reduce_dtype = fsdp_precision(section.dtype, device, topology)
     # also in one process: the memory features (checkpointing, tiled MLP, loss) apply there too
     model = parallelize(
         model, topology, layout=parallel.layout, kernel=parallel.kernel,

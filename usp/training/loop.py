@@ -21,7 +21,6 @@ from usp.inputs import safe_files
 from usp.training import checkpoint, metrics, run_dir
 from usp.comm import agree, collective_device
 from usp.training.resume import choose_intact, init_source, verify_on_every_rank
-from usp.inputs.model import model_name
 from usp.training.run_dir import RunLock
 from usp.training.evaluate import evaluate
 from usp.spec import RunSpec
@@ -78,7 +77,7 @@ def _train(spec: RunSpec, device: torch.device) -> list[dict]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     out, optim, checkpoint_section = Path(spec.checkpoint.out), spec.optim, spec.checkpoint
     if rank == 0:
-        logger.info("building %s and loading its data", model_name(spec.model))
+        logger.info("loading the run's data, then building its model")
     run = build_run(spec, device, world_size)
     if rank == 0:
         logger.info("%s", run.data_summary)

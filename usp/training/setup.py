@@ -14,6 +14,7 @@ optimizer, schedule and data.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from dataclasses import replace as copy_with  # a dataclass copied with fields changed
@@ -32,13 +33,15 @@ from usp.spec import Checkpoint, Data, Parallel, RunSpec
 from usp.topology import AXES, Topology, mesh_sizes
 from usp.training import run_dir
 from usp.training.accumulate import check_accumulation
-from usp.inputs.model import validate_model
+from usp.inputs.model import model_name, validate_model
 from usp.training.build import build_model
 from usp.training.checkpoint_record import run_metadata
 from usp.training.data import data_summary
 from usp.training.metrics import check_logging, read_metrics
 from usp.training.optim import build_optimizer, check_optim
 from usp.training.resume import ResumePlan, check_init_source, plan_resume
+
+logger = logging.getLogger(__name__)
 
 SYNTHETIC_WINDOWS = 16  # synthetic data: this many windows per global-batch row, then repeat
 
@@ -264,6 +267,8 @@ def build_run(spec: RunSpec, device: torch.device, world_size: int) -> Run:
                    if checkpoint.resume else None)
     # then bad data stops every rank before the model is built
     data = _run_data(spec.data, spec.model.tokenizer, spec.seed)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.info("building %s", model_name(spec.model))
     topology = Topology.build(ring=parallel.ring, ulysses=parallel.ulysses, dp=parallel.dp,
                               tp=parallel.tp, pp=parallel.pp)
     # built on the meta device and materialised shard by shard; a checkpoint to resume from
