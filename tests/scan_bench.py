@@ -9,14 +9,18 @@ Prints (asserts nothing):
   default ``BambaConfig`` and ``Qwen3NextConfig``, against the formula ``batch x heads x
   state_dim x head_dim x bytes`` (the state travels in fp32 for bf16/fp32 inputs), and the
   convolution's halo against ``batch x channels x (K-1) x bytes``;
-- the forward + backward time of ring 2 (two gloo ranks, one thread each) against one process
-  (one thread) on the same sequence, for SSD and the gated delta rule in fp32: both ranks run
-  the one-process version at once, then the split, alternating, best of 3 after a warm-up (the
-  slower rank's), so both see the same load.
+- the forward + backward time of ring 2 and Ulysses 2 (two gloo ranks, one thread each)
+  against one process (one thread) on the same sequence, for SSD and the gated delta rule in
+  fp32, measured as ``usp bench attention`` measures attention: in rounds, each round timing
+  the single process (rank 0 alone, the other rank waiting), the ceiling (both ranks at once,
+  each running the single-process scan on half the heads, no communication) and each split
+  (the slower rank's time); each figure is the median over the rounds, after a warm-up.
+  Efficiency = (single / 2) / split, and against the ceiling = ceiling / split.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -78,6 +82,46 @@ def _shard(inputs, topology):
     return [t if t.dim() == 1 else shard_sequence(t, topology, "contiguous") for t in inputs]
 
 
+def _half_heads(name, inputs, rank):
+    """This rank's half of the heads, whole sequence (the ceiling's share of the work)."""
+    heads = inputs[2].shape[2] if name == "delta" else inputs[0].shape[2]
+    keep = slice(rank * heads // 2, (rank + 1) * heads // 2)
+    if name == "ssd":  # x, dt, A, B, C (one group: B and C whole)
+        x, dt, a, b, c = inputs
+        return [x[:, :, keep], dt[:, :, keep], a[keep], b, c]
+    q, k, v, g, beta = inputs  # key heads: half as many, read by pairs of value heads
+    key = slice(rank * k.shape[2] // 2, (rank + 1) * k.shape[2] // 2)
+    return [q[:, :, key], k[:, :, key], v[:, :, keep], g[:, :, keep], beta[:, :, keep]]
+
+
+ROUNDS = 5
+
+
+def _timings(name, make, inputs, rank, world_size) -> dict:
+    """Median seconds over the rounds: single (rank 0 alone), ceiling, ring and ulysses."""
+    alone = Topology.build(ring=1)  # dp 2: each rank its own sequence
+    splits = {"ring": Topology.build(ring=world_size), "ulysses": Topology.build(ulysses=world_size)}
+    runs = {"ceiling": (make(alone), _half_heads(name, inputs, rank))}
+    runs.update({kind: (make(topology), _shard(inputs, topology))
+                 for kind, topology in splits.items()})
+    samples = {"single": [], **{kind: [] for kind in runs}}
+    for round_ in range(ROUNDS + 1):  # the first round warms up
+        torch.distributed.barrier()
+        if rank == 0:
+            seconds = _forward_backward(make(alone), inputs)
+            if round_:
+                samples["single"].append(seconds)
+        torch.distributed.barrier()
+        for kind, (run, args) in runs.items():
+            torch.distributed.barrier()
+            seconds = torch.tensor(_forward_backward(run, args))
+            torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+            if round_:
+                samples[kind].append(float(seconds))
+    return {kind: statistics.median(values) if values else None
+            for kind, values in samples.items()}
+
+
 def on_rank(rank: int, world_size: int) -> dict:
     topology = Topology.build(ring=world_size)
     sent = {}
@@ -100,20 +144,8 @@ def on_rank(rank: int, world_size: int) -> dict:
             _forward_backward(lambda x, w: causal_conv(x, w, None, topology, activation="silu"),
                               [x, weight])
         sent[name] = stats.bytes["p2p"]
-    # one process (each rank alone on the whole sequence, both at once: the same load as the
-    # split) and the split, alternating, best of 3 after a warm-up
-    alone_topology = Topology.build(ring=1)  # dp 2: each rank its own sequence
-    times = {}
-    for name, inputs in _timed_inputs().items():
-        make = _ssd if name == "ssd" else _delta
-        runs = {"alone": (make(alone_topology), inputs),
-                "split": (make(topology), _shard(inputs, topology))}
-        best = {"alone": [], "split": []}
-        for _ in range(4):
-            for kind, (run, args) in runs.items():
-                torch.distributed.barrier()
-                best[kind].append(_forward_backward(run, args))
-        times[name] = {kind: min(values[1:]) for kind, values in best.items()}
+    times = {name: _timings(name, _ssd if name == "ssd" else _delta, inputs, rank, world_size)
+             for name, inputs in _timed_inputs().items()}
     return {"bytes": sent, "times": times}
 
 
@@ -129,12 +161,16 @@ def main() -> None:
         print(f"  {name:16s} measured rank 0 {ranks[0]['bytes'][name]:>9d}  rank 1 "
               f"{ranks[1]['bytes'][name]:>9d}  formula {expected:>9d}")
     print(f"forward+backward, fp32, S={TIMED['length']}, H={TIMED['heads']}, "
-          f"head_dim={TIMED['head_dim']}, state={TIMED['state']}, chunk {TIMED['chunk']}:")
+          f"head_dim={TIMED['head_dim']}, state={TIMED['state']}, chunk {TIMED['chunk']}, "
+          f"median of {ROUNDS} rounds:")
     for name in ("ssd", "delta"):
-        alone = max(rank["times"][name]["alone"] for rank in ranks)
-        split = max(rank["times"][name]["split"] for rank in ranks)
-        print(f"  {name:6s} one process {alone:.3f} s   ring 2 {split:.3f} s   "
-              f"speed-up {alone / split:.2f} (ideal 2)")
+        times = ranks[0]["times"][name]
+        single, ceiling = times["single"], times["ceiling"]
+        print(f"  {name:6s} one process {single:.3f} s, ceiling {ceiling:.3f} s")
+        for kind in ("ring", "ulysses"):
+            split = times[kind]
+            print(f"         {kind} 2 {split:.3f} s   efficiency {single / 2 / split:.2f}   "
+                  f"against the ceiling {ceiling / split:.2f}")
 
 
 if __name__ == "__main__":
