@@ -50,11 +50,16 @@ QWEN3_NEXT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_att
                   num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                   shared_expert_intermediate_size=16, initializer_range=0.2,
                   tie_word_embeddings=False, experts_implementation="eager")
-MODELS = {"bamba": BAMBA, "qwen3_next": QWEN3_NEXT}
+# Nemotron-H: a Mamba-2 layer ("M": two groups, its norm gated per group), then attention ("*")
+NEMOTRON_H = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, hybrid_override_pattern="M*",
+                  mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=8,
+                  chunk_size=8, initializer_range=0.2, tie_word_embeddings=False)
+MODELS = {"bamba": BAMBA, "qwen3_next": QWEN3_NEXT, "nemotron_h": NEMOTRON_H}
 # model, ring, ulysses, a right-padded row
 CASES = [("bamba", 2, 2, False), ("bamba", 2, 2, True), ("bamba", 1, 4, False),
          ("bamba", 4, 1, False), ("qwen3_next", 2, 2, False), ("qwen3_next", 2, 2, True),
-         ("qwen3_next", 1, 4, False)]
+         ("qwen3_next", 1, 4, False), ("nemotron_h", 2, 2, True), ("nemotron_h", 4, 1, False)]
 
 
 def _config(name: str = "bamba"):

@@ -3,7 +3,8 @@
 One spawned 4-rank world: Llama with grouped kv heads (2 kv heads over Ulysses 4 included) on
 ring 2 x ulysses 2, ring 4 and ulysses 4 greedy, and with sampling under a fixed seed; Qwen2
 (q/k/v biases) greedy on ulysses 4; the hybrids Bamba (Mamba-2 layers) and Qwen3-Next (gated
-delta rule) greedy on ring 2 x ulysses 2, their scan layers' states carried in the cache from
+delta rule) greedy on ring 2 x ulysses 2 and Nemotron-H (Mamba-2, MLP and attention layers) on
+ring 4, their scan layers' states carried in the cache from
 the prompt through every new token (Bamba also prepared by ``USPContext.prepare``, whose split
 scan layers run whole in a generation). The tokens equal eager's and sdpa's, every step's logits
 equal fp64 sdpa's (as generate hands them out, cast to fp32); an uneven prompt.
@@ -15,11 +16,11 @@ import copy
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, BambaConfig, LlamaConfig, Qwen2Config,
-                          Qwen3NextConfig)
+from transformers import (AutoModelForCausalLM, BambaConfig, LlamaConfig, NemotronHConfig,
+                          Qwen2Config, Qwen3NextConfig)
 
 from tests.distributed import collect_failures, run_on_ranks
-from tests.test_hf_hybrid import BAMBA, QWEN3_NEXT
+from tests.test_hf_hybrid import BAMBA, NEMOTRON_H, QWEN3_NEXT
 from usp import Topology
 from usp.infer.hf import USPCache
 from usp.integrations.transformers import USPContext
@@ -33,7 +34,11 @@ _TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden
 ARCHITECTURES = {"llama-gqa": lambda: LlamaConfig(**_TINY),
                  "qwen2-gqa": lambda: Qwen2Config(**_TINY),
                  "bamba": lambda: BambaConfig(**{**BAMBA, "vocab_size": VOCAB}),
-                 "qwen3-next": lambda: Qwen3NextConfig(**{**QWEN3_NEXT, "vocab_size": VOCAB})}
+                 "qwen3-next": lambda: Qwen3NextConfig(**{**QWEN3_NEXT, "vocab_size": VOCAB}),
+                 # a Mamba-2 layer, an MLP layer (no cache), attention
+                 "nemotron-h": lambda: NemotronHConfig(**{
+                     **NEMOTRON_H, "vocab_size": VOCAB, "num_hidden_layers": 3,
+                     "hybrid_override_pattern": "M-*"})}
 TOPOLOGIES = [(2, 2, "zigzag"), (4, 1, "stripe"), (1, 4, "contiguous")]
 
 
@@ -97,7 +102,8 @@ def _world(rank, world_size):
     # Llama greedy on every topology and sampling on one; Qwen2 (q/k/v biases) greedy on one
     cases = [("llama-gqa", degrees, False) for degrees in TOPOLOGIES]
     cases += [("llama-gqa", TOPOLOGIES[0], True), ("qwen2-gqa", TOPOLOGIES[2], False)]
-    cases += [("bamba", TOPOLOGIES[0], False), ("qwen3-next", TOPOLOGIES[0], False)]
+    cases += [("bamba", TOPOLOGIES[0], False), ("qwen3-next", TOPOLOGIES[0], False),
+              ("nemotron-h", TOPOLOGIES[1], False)]
     models, expected = {}, {}
     for arch in ARCHITECTURES:
         # Bamba prepared for training first: its scan layers' split forward must run whole here

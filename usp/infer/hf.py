@@ -29,7 +29,7 @@ this through the Hugging Face family's adapter (``usp.infer.hf_generation``).
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearAttentionLayer
 
 from usp.attention import usp_attention
 from usp.attention.kernels import default_scale, resolve_kernel
@@ -127,9 +127,11 @@ class _ShardedLayer(CacheLayerMixin):
         raise ValueError("a USPCache holds one row per prompt; pass num_return_sequences=1")
 
 
-# the layer type transformers' hybrid configs give their scan layers (Bamba's Mamba-2,
-# Qwen3-Next's gated delta rule): a convolution and a recurrent state, no keys and values
+# the layer type transformers' hybrid configs give their scan layers (Bamba's and Nemotron-H's
+# Mamba-2, Qwen3-Next's gated delta rule): a convolution and a recurrent state, no keys and
+# values; and the types of layers that hold no cache at all (Nemotron-H's MLP and MoE layers)
 SCAN_LAYER = "linear_attention"
+NO_CACHE_LAYERS = ("mlp", "moe")
 
 
 class USPCache(Cache):
@@ -144,7 +146,8 @@ class USPCache(Cache):
         check_config(config, topology, scans=True)
         types = getattr(config, "layer_types", None) or ["full_attention"] * (
             config.num_hidden_layers)
-        attention = [index for index, kind in enumerate(types) if kind != SCAN_LAYER]
+        attention = [index for index, kind in enumerate(types)
+                     if kind != SCAN_LAYER and kind not in NO_CACHE_LAYERS]
         head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
         self.sharded = ShardedKVCache(
@@ -157,6 +160,7 @@ class USPCache(Cache):
         states = getattr(config, "number_of_conv_states", 1)
         super().__init__(layers=[
             _ShardedLayer(self, slots[index]) if index in slots
+            else DummyLayer() if types[index] in NO_CACHE_LAYERS
             else LinearAttentionLayer(number_of_states=states)
             for index in range(len(types))])
 

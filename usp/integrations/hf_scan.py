@@ -28,7 +28,7 @@ from usp.scan import causal_conv, gated_delta_scan, ssd_scan
 
 # model types whose every layer that is neither attention nor an MLP is one of SPLIT_MIXERS
 # (their configs name those layers: Bamba's and Qwen3-Next's "linear_attention")
-SPLIT_MODEL_TYPES = ("bamba", "qwen3_next")
+SPLIT_MODEL_TYPES = ("bamba", "nemotron_h", "qwen3_next")
 
 
 def splits(module: nn.Module) -> bool:
@@ -147,4 +147,7 @@ def delta_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
 # time_step_limit, activation); gated delta (in_proj_qkvz, in_proj_ba,
 # fix_query_key_value_ordering, conv1d, key_dim, value_dim, head_k_dim, head_v_dim, A_log,
 # dt_bias, norm, out_proj, activation)
-SPLIT_MIXERS = {"BambaMixer": ssd_mixer_forward, "Qwen3NextGatedDeltaNet": delta_mixer_forward}
+# Nemotron-H's Mamba-2 mixer runs the same steps as Bamba's (transformers' forwards are line for
+# line the same; its norm, gated per group, is the layer's own norm module's business)
+SPLIT_MIXERS = {"BambaMixer": ssd_mixer_forward, "NemotronHMamba2Mixer": ssd_mixer_forward,
+                "Qwen3NextGatedDeltaNet": delta_mixer_forward}
