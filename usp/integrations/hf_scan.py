@@ -1,8 +1,8 @@
 """The scan layers of transformers' hybrid models, split exactly: Mamba-2 (SSD) and gated-delta
 mixers run on each rank's shard of the sequence through ``usp.scan``.
 
-A hybrid (Bamba: Mamba-2 layers beside softmax attention; Qwen3-Next: gated-delta layers beside
-it) mixes tokens in layers that are not attention. :meth:`usp.integrations.transformers.
+A hybrid (Bamba, Nemotron-H: Mamba-2 layers beside softmax attention; Qwen3-Next: gated-delta
+layers beside it) mixes tokens in layers that are not attention. :meth:`usp.integrations.transformers.
 USPContext.prepare` replaces the forward of each mixer this module knows (:data:`SPLIT_MIXERS`)
 with one that runs the layer's own parameters through the same steps as transformers' PyTorch
 path (input projections, causal convolution, scan, gated RMS norm, output projection) with the
@@ -26,8 +26,8 @@ from torch import nn
 
 from usp.scan import causal_conv, gated_delta_scan, ssd_scan
 
-# model types whose every layer that is neither attention nor an MLP is one of SPLIT_MIXERS
-# (their configs name those layers: Bamba's and Qwen3-Next's "linear_attention")
+# model types whose every layer that is neither attention nor an MLP (dense or experts) is one
+# of SPLIT_MIXERS (their configs name those layers "linear_attention")
 SPLIT_MODEL_TYPES = ("bamba", "nemotron_h", "qwen3_next")
 
 
