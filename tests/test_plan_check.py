@@ -105,3 +105,30 @@ def test_predicted_peak_matches_a_measured_usp_train_step():
         assert abs(ratio - 1) <= 0.15, result
         # the step's own part matters: runtime and model states alone would miss it
         assert result["predicted_before"] < 0.85 * result["measured"], result
+
+
+def test_the_pick_takes_each_mesh_median_over_rounds_run_in_turn(monkeypatch):
+    """usp bench plan --pick --rounds 3: every mesh runs once per round, the meshes in turn, and
+    each one's median decides; one disturbed run does not."""
+    from usp.bench import plan_pick
+    from usp.plan.presets import cpu_cluster
+
+    rows = [Row("tiny", 1024, mesh, "none") for mesh in ("uly4", "ring2xuly2")]
+    # uly4 is predicted fastest; its first run is disturbed (9 s), its others fastest
+    times = {("uly4", 0): 9.0, ("ring2xuly2", 0): 1.2, ("uly4", 1): 1.0,
+             ("ring2xuly2", 1): 1.2, ("uly4", 2): 1.0, ("ring2xuly2", 2): 1.2}
+    order = []
+
+    def measured(row, steps):
+        order.append(row.mesh)
+        return times[(row.mesh, sum(mesh == row.mesh for mesh in order) - 1)]
+
+    monkeypatch.setattr(plan_pick, "measured_step_seconds", measured)
+    case = plan_pick.pick_case(rows, cpu_cluster(), steps=2, tolerance=0.05, rounds=3)
+    assert order == ["uly4", "ring2xuly2"] * 3
+    assert [e["measured_s"] for e in case["entries"]] == [1.0, 1.2]
+    assert case["passed"] and case["pick"] == case["fastest"]
+    order.clear()
+    one = plan_pick.pick_case(rows, cpu_cluster(), steps=2, tolerance=0.05, rounds=1)
+    # one round: the disturbed run decides, and the pick fails
+    assert one["entries"][0]["measured_s"] == 9.0 and not one["passed"]

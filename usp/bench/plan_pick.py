@@ -5,11 +5,16 @@ For each case (a model and a sequence length) the planner, calibrated on this ma
 same runner as the memory check (``usp.bench.plan_check.train_records`` on each row's run spec,
 with glibc's default allocator, as ``usp train`` runs) then measures each. The pick passes when its measured step is
 within ``tolerance`` of the measured fastest.
+
+With ``rounds`` > 1 every row runs once per round, the rows in turn within a round, and each
+row's time is its median over the rounds: load that drifts during the case hits every row
+alike, and one disturbed run does not decide the verdict.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import replace
 
 from usp.bench.plan_check import Row, train_records
@@ -32,20 +37,28 @@ def measured_step_seconds(row: Row, steps: int) -> float:
     return sum(r["step_time_s"] for r in timed) / len(timed)
 
 
-def pick_case(rows: list[Row], cluster: ClusterSpec, steps: int, tolerance: float) -> dict:
-    """Predict and measure every row of one case; whether the prediction's pick is fast enough."""
+def pick_case(rows: list[Row], cluster: ClusterSpec, steps: int, tolerance: float,
+              rounds: int = 1) -> dict:
+    """Predict and measure every row of one case (``rounds`` times, the median); whether the
+    prediction's pick is fast enough."""
     cluster = rank_cluster(cluster, rows[0].world_size)
-    entries = []
+    predicted = []
     for row in rows:
         workload, config = row.workload(), row.config()
         problems = check_config(workload, cluster, config)
         if problems:
             raise ValueError(f"{row.label()}: the planner rejects {config.label()}: "
                              + "; ".join(problems))
-        predicted = estimate(workload, cluster, config).step_time
-        measured = measured_step_seconds(row, steps)
-        logger.info("%s: predicted %.2f s, measured %.2f s", row.label(), predicted, measured)
-        entries.append({"row": row.label(), "predicted_s": predicted, "measured_s": measured})
+        predicted.append(estimate(workload, cluster, config).step_time)
+    samples: list[list[float]] = [[] for _ in rows]
+    for round_ in range(rounds):
+        for row, seconds, taken in zip(rows, predicted, samples):
+            taken.append(measured_step_seconds(row, steps))
+            logger.info("%s round %d: predicted %.2f s, measured %.2f s", row.label(),
+                        round_ + 1, seconds, taken[-1])
+    entries = [{"row": row.label(), "predicted_s": seconds,
+                "measured_s": statistics.median(taken), "rounds_s": taken}
+               for row, seconds, taken in zip(rows, predicted, samples)]
     pick = min(entries, key=lambda e: e["predicted_s"])
     fastest = min(entries, key=lambda e: e["measured_s"])
     slower = pick["measured_s"] / fastest["measured_s"] - 1

@@ -41,6 +41,9 @@ def register_plan(bench_subparsers) -> None:
                         help="cover: every model, mesh and --ac once, the lengths taken in "
                         "turn (each length, mesh and --ac appears); full: the whole product")
     parser.add_argument("--steps", type=int, default=2, help="steps per run (the last is read)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="--pick: run every mesh this many times, in turn, and take each "
+                        "one's median step time")
     parser.add_argument("--tolerance", type=float, default=0.15,
                         help="memory: allowed |predicted/measured - 1|; --pick: allowed "
                         "slowdown of the pick (default 0.15 memory, 0.05 pick)")
@@ -102,6 +105,9 @@ def _run_pick(args) -> int:
     from usp.plan import calibrate
     from usp.plan.presets import cpu_cluster
 
+    if args.rounds < 1:
+        raise ValueError(f"--rounds={args.rounds} must be >= 1")
+
     tolerance = args.tolerance if args.tolerance != 0.15 else 0.05
     ranks = {plan_check.Row(args.models[0], args.seq_lens[0], mesh, args.ac[0]).world_size
              for mesh in args.meshes}
@@ -117,7 +123,7 @@ def _run_pick(args) -> int:
     for model, seq_len in itertools.product(args.models, args.seq_lens):
         grid = [plan_check.Row(model, seq_len, mesh, ac)
                 for mesh, ac in itertools.product(args.meshes, args.ac)]
-        case = plan_pick.pick_case(grid, cluster, max(args.steps, 2), tolerance)
+        case = plan_pick.pick_case(grid, cluster, max(args.steps, 2), tolerance, args.rounds)
         cases.append(case)
         print(f"\n{model} S={seq_len}\n{plan_pick.format_case(case)}", flush=True)
     passed = sum(case["passed"] for case in cases)
