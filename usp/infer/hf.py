@@ -29,7 +29,12 @@ this through the Hugging Face family's adapter (``usp.infer.hf_generation``).
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearAttentionLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+try:  # one Cache of attention, scan and cacheless layers, as the hybrids use it from 5.23 on
+    from transformers.cache_utils import DummyLayer, LinearAttentionLayer
+except ImportError:  # older transformers: a USPCache refuses hybrids
+    DummyLayer = LinearAttentionLayer = None
 
 from usp.attention import usp_attention
 from usp.attention.kernels import default_scale, resolve_kernel
@@ -132,6 +137,8 @@ class _ShardedLayer(CacheLayerMixin):
 # values; and the types of layers that hold no cache at all (Nemotron-H's MLP and MoE layers)
 SCAN_LAYER = "linear_attention"
 NO_CACHE_LAYERS = ("mlp", "moe")
+# whether this transformers keeps those layers in one Cache with the attention's (tested: 5.23)
+HYBRID_STATES = LinearAttentionLayer is not None and DummyLayer is not None
 
 
 class USPCache(Cache):
@@ -143,9 +150,14 @@ class USPCache(Cache):
                  batch: int = 1, dtype: torch.dtype = torch.float32,
                  device: "str | torch.device" = "cpu", kernel: str = "auto") -> None:
         # the scan layers of the hybrids usp knows run whole here: their states fit this cache
-        check_config(config, topology, scans=True)
+        check_config(config, topology, scans=HYBRID_STATES)
         types = getattr(config, "layer_types", None) or ["full_attention"] * (
             config.num_hidden_layers)
+        if not HYBRID_STATES and (SCAN_LAYER in types or set(types) & set(NO_CACHE_LAYERS)):
+            raise ValueError(
+                f"{type(config).__name__} has layers other than attention ({sorted(set(types))}"
+                "); a USPCache keeps their states with transformers 5.23 (pip install "
+                "'transformers>=5.23,<5.24')")
         attention = [index for index, kind in enumerate(types)
                      if kind != SCAN_LAYER and kind not in NO_CACHE_LAYERS]
         head_dim = getattr(config, "head_dim", None) or (
