@@ -152,8 +152,8 @@ def _world(rank: int, world_size: int, files: dict) -> list[str]:
     from usp.infer.hf import USPCache
     from usp.infer.hf_generation import hf_generate
 
-    # a generation runs Bamba's and Qwen3-Next's scan layers whole, their states in the cache
-    # (tests/test_infer_hf.py); a hybrid whose layers it knows no cache for is refused
+    # a generation runs Bamba's, Nemotron-H's and Qwen3-Next's scan layers whole, their states
+    # in the cache (tests/test_infer_hf.py); a hybrid whose layers it keeps none for is refused
     problem = _refused(lambda: USPCache(_config("falcon_h1"), split.topology, max_tokens=8),
                        "mixes tokens along the sequence")
     _check(failures, "USPCache", problem)
