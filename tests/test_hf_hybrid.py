@@ -55,11 +55,17 @@ NEMOTRON_H = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_att
                   num_key_value_heads=2, intermediate_size=64, hybrid_override_pattern="M*",
                   mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=8,
                   chunk_size=8, initializer_range=0.2, tie_word_embeddings=False)
-MODELS = {"bamba": BAMBA, "qwen3_next": QWEN3_NEXT, "nemotron_h": NEMOTRON_H}
+# Zamba2: a Mamba-2 layer, then a hybrid layer (a shared attention block over the hidden states
+# and the input embeddings, then a Mamba-2 layer)
+ZAMBA2 = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4, intermediate_size=64, layers_block_type=["mamba", "hybrid"],
+              mamba_headdim=16, mamba_ngroups=2, mamba_d_state=8, n_mamba_heads=4,
+              chunk_size=8, initializer_range=0.2, tie_word_embeddings=False)
+MODELS = {"bamba": BAMBA, "qwen3_next": QWEN3_NEXT, "nemotron_h": NEMOTRON_H, "zamba2": ZAMBA2}
 # model, ring, ulysses, a right-padded row
 CASES = [("bamba", 2, 2, False), ("bamba", 2, 2, True), ("bamba", 1, 4, False),
          ("bamba", 4, 1, False), ("qwen3_next", 2, 2, False), ("qwen3_next", 2, 2, True),
-         ("qwen3_next", 1, 4, False), ("nemotron_h", 2, 2, True), ("nemotron_h", 4, 1, False)]
+         ("qwen3_next", 1, 4, False), ("nemotron_h", 2, 2, True), ("nemotron_h", 4, 1, False), ("zamba2", 2, 2, True)]
 
 
 def _config(name: str = "bamba"):

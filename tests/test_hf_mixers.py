@@ -27,7 +27,7 @@ from usp.integrations.hf_family.config import PRESETS, load_hf_config
 from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topology
 
 WORLD = 4
-SPLIT = {"bamba", "nemotron_h", "qwen3_next"}  # model types whose state-space mixers usp splits (usp.integrations.hf_scan)
+SPLIT = {"bamba", "nemotron_h", "qwen3_next", "zamba2"}  # model types whose state-space mixers usp splits (usp.integrations.hf_scan)
 VOCAB = 300  # holds usp train's 257 byte-level ids
 _SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False)
@@ -157,6 +157,11 @@ def _world(rank: int, world_size: int, files: dict) -> list[str]:
     problem = _refused(lambda: USPCache(_config("falcon_h1"), split.topology, max_tokens=8),
                        "mixes tokens along the sequence")
     _check(failures, "USPCache", problem)
+    # Zamba2 runs split in training, but its hybrid layers hold a scan state and keys and values
+    # at once, which a USPCache does not keep
+    problem = _refused(lambda: USPCache(_config("zamba2"), split.topology, max_tokens=8),
+                       "layers of the types ['hybrid']")
+    _check(failures, "USPCache zamba2", problem)
     problem = _refused(lambda: hf_generate(
         files["mamba2"], "a prompt", split.topology, layout="zigzag", max_new_tokens=2,
         dtype=torch.float32), "mixes tokens along the sequence")

@@ -137,6 +137,8 @@ class _ShardedLayer(CacheLayerMixin):
 # values; and the types of layers that hold no cache at all (Nemotron-H's MLP and MoE layers)
 SCAN_LAYER = "linear_attention"
 NO_CACHE_LAYERS = ("mlp", "moe")
+# attention layers' types (a window is refused when the model asks for it, at the first forward)
+ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
 # whether this transformers keeps those layers in one Cache with the attention's (tested: 5.23)
 HYBRID_STATES = LinearAttentionLayer is not None and DummyLayer is not None
 
@@ -153,6 +155,12 @@ class USPCache(Cache):
         check_config(config, topology, scans=HYBRID_STATES)
         types = getattr(config, "layer_types", None) or ["full_attention"] * (
             config.num_hidden_layers)
+        unknown = sorted(set(types) - {SCAN_LAYER, *NO_CACHE_LAYERS, *ATTENTION_LAYERS})
+        if unknown:  # a layer of two kinds at once (Zamba2's "hybrid"), or one usp never met
+            raise ValueError(
+                f"{type(config).__name__} has layers of the types {unknown}; a USPCache keeps "
+                f"the states of {sorted(ATTENTION_LAYERS)}, {SCAN_LAYER!r} and cacheless "
+                f"{sorted(NO_CACHE_LAYERS)} layers only")
         if not HYBRID_STATES and (SCAN_LAYER in types or set(types) & set(NO_CACHE_LAYERS)):
             raise ValueError(
                 f"{type(config).__name__} has layers other than attention ({sorted(set(types))}"

@@ -214,9 +214,21 @@ def find_sequence_mixers(model: nn.Module) -> list[SequenceMixer]:
 def unsplit_mixers(model: nn.Module) -> list[SequenceMixer]:
     """:func:`find_sequence_mixers` of ``model`` but the mixers usp splits
     (``usp.integrations.hf_scan.SPLIT_MIXERS``), which run split once the model is prepared."""
-    modules = dict(model.named_modules())
+    modules, prefix = dict(model.named_modules()), _family_prefix(model)
     return [mixer for mixer in find_sequence_mixers(model)
-            if not (mixer.path in modules and splits(modules[mixer.path]))]
+            if not (mixer.path in modules and _runs_split(modules[mixer.path], prefix))]
+
+
+def _runs_split(module: nn.Module, prefix: str) -> bool:
+    """Whether usp splits ``module``: a mixer of SPLIT_MIXERS, or a layer that only wraps one
+    (Zamba2's Mamba decoder layer: a norm and the mixer), whose other children mix nothing."""
+    if splits(module):
+        return True
+    children = list(module.children())
+    return any(splits(child) for child in children) and all(
+        splits(child) or (_class_kind(child, prefix) is None
+                          and not any(_is_token_convolution(m) for m in child.modules()))
+        for child in children)
 
 
 def refusal(mixers: list[SequenceMixer], ring: int, ulysses: int) -> str | None:

@@ -1,8 +1,8 @@
 """The scan layers of transformers' hybrid models, split exactly: Mamba-2 (SSD) and gated-delta
 mixers run on each rank's shard of the sequence through ``usp.scan``.
 
-A hybrid (Bamba, Nemotron-H: Mamba-2 layers beside softmax attention; Qwen3-Next: gated-delta
-layers beside it) mixes tokens in layers that are not attention. :meth:`usp.integrations.transformers.
+A hybrid (Bamba, Nemotron-H, Zamba2: Mamba-2 layers beside softmax attention; Qwen3-Next:
+gated-delta layers beside it) mixes tokens in layers that are not attention. :meth:`usp.integrations.transformers.
 USPContext.prepare` replaces the forward of each mixer this module knows (:data:`SPLIT_MIXERS`)
 with one that runs the layer's own parameters through the same steps as transformers' PyTorch
 path (input projections, causal convolution, scan, gated RMS norm, output projection) with the
@@ -28,7 +28,7 @@ from usp.scan import causal_conv, gated_delta_scan, ssd_scan
 
 # model types whose every layer that is neither attention nor an MLP (dense or experts) is one
 # of SPLIT_MIXERS (their configs name those layers "linear_attention")
-SPLIT_MODEL_TYPES = ("bamba", "nemotron_h", "qwen3_next")
+SPLIT_MODEL_TYPES = ("bamba", "nemotron_h", "qwen3_next", "zamba2")
 
 
 def splits(module: nn.Module) -> bool:
@@ -147,7 +147,8 @@ def delta_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
 # time_step_limit, activation); gated delta (in_proj_qkvz, in_proj_ba,
 # fix_query_key_value_ordering, conv1d, key_dim, value_dim, head_k_dim, head_v_dim, A_log,
 # dt_bias, norm, out_proj, activation)
-# Nemotron-H's Mamba-2 mixer runs the same steps as Bamba's (transformers' forwards are line for
-# line the same; its norm, gated per group, is the layer's own norm module's business)
+# Nemotron-H's and Zamba2's Mamba-2 mixers run the same steps as Bamba's (transformers' forwards
+# are line for line the same; a norm gated per group is the layer's own norm module's business)
 SPLIT_MIXERS = {"BambaMixer": ssd_mixer_forward, "NemotronHMamba2Mixer": ssd_mixer_forward,
+                "Zamba2MambaMixer": ssd_mixer_forward,
                 "Qwen3NextGatedDeltaNet": delta_mixer_forward}
