@@ -20,11 +20,10 @@ import json
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.distributed import collect_failures, run_on_ranks
-from tests.fp32_rule import check_close
+from tests.fp32_rule import check_close, eager_reference, step_references
 from usp import Topology, unshard_sequence
 from usp.batch import IGNORE_INDEX, shard_batch
 from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topology
@@ -80,14 +79,6 @@ def _inputs(padded: bool):
     return ids, kwargs, labels
 
 
-def _eager(model, ids, kwargs, labels):
-    logits = model(input_ids=ids, use_cache=False, **kwargs).logits
-    loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
-    loss.backward()
-    return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
-
-
 def _compare(name, ring, ulysses, padded):
     context = USPContext(Topology.build(ring=ring, ulysses=ulysses), "contiguous")
     torch.manual_seed(0)
@@ -95,8 +86,8 @@ def _compare(name, ring, ulysses, padded):
     reference = copy.deepcopy(eager).double()
     model = context.prepare(copy.deepcopy(eager))
     ids, kwargs, labels = _inputs(padded)
-    logits32, loss32, grads32 = _eager(eager, ids, kwargs, labels)
-    logits64, loss64, grads64 = _eager(reference, ids, kwargs, labels)
+    logits32, loss32, grads32 = eager_reference(eager, ids, kwargs, labels)
+    logits64, loss64, grads64 = eager_reference(reference, ids, kwargs, labels)
 
     inputs = context.shard(ids, **kwargs)
     shard_labels = inputs.pop("labels")
@@ -122,11 +113,7 @@ def _training_step(config_dir):
     tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
     eager = build_hf_causal_lm(str(config_dir), seed=3)
     eager.model.set_attn_implementation("eager")
-    references = []
-    for reference in (eager, copy.deepcopy(eager).double()):
-        logits = reference(tokens[:, :-1], torch.arange(SEQ).expand(2, -1))
-        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        references.append({n: p.grad for n, p in reference.named_parameters()})
+    references = step_references(eager, tokens)
     # built as usp train builds it: on the meta device, parallelised, then each rank's shards
     # initialised (Mamba-2's A_log is log(1..H): transformers' own init, per shard)
     torch.manual_seed(1000 + dist.get_rank())  # ranks whose random state differs, as in a run

@@ -35,7 +35,7 @@ from transformers.masking_utils import (
 )
 
 from tests.distributed import collect_failures, run_on_ranks
-from tests.fp32_rule import check_close
+from tests.fp32_rule import check_close, eager_reference, step_references
 import usp
 from usp import Topology, unshard_sequence
 from usp.batch import IGNORE_INDEX, shard_batch
@@ -158,14 +158,6 @@ def _masked_inputs(how: str):
     return ids, eager_kwargs, shard_kwargs, labels
 
 
-def _eager_masked(model, ids, eager_kwargs, labels):
-    logits = model(input_ids=ids, use_cache=False, **eager_kwargs).logits
-    loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
-    loss.backward()
-    return logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
-
-
 def _compare_masked(name, ring, ulysses, layout, contexts):
     context = contexts[(ring, ulysses, layout)]
     make_config, how = MASKED[name]
@@ -174,8 +166,8 @@ def _compare_masked(name, ring, ulysses, layout, contexts):
     reference = copy.deepcopy(eager).double()
     model = context.prepare(copy.deepcopy(eager))
     ids, eager_kwargs, shard_kwargs, labels = _masked_inputs(how)
-    logits32, loss32, grads32 = _eager_masked(eager, ids, eager_kwargs, labels)
-    logits64, loss64, grads64 = _eager_masked(reference, ids, eager_kwargs, labels)
+    logits32, loss32, grads32 = eager_reference(eager, ids, eager_kwargs, labels)
+    logits64, loss64, grads64 = eager_reference(reference, ids, eager_kwargs, labels)
 
     forward = {"use_cache": False, "usp_context": context}
     inputs = context.shard(ids, **shard_kwargs)
@@ -238,11 +230,7 @@ def _fsdp_step(rank, topology):
     tokens = torch.randint(0, 512, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
     eager = build_hf_causal_lm("tiny-qwen3", seed=3)
     eager.model.set_attn_implementation("eager")
-    references = []
-    for reference in (eager, copy.deepcopy(eager).double()):
-        logits = reference(tokens[:, :-1], torch.arange(SEQ).expand(2, -1))
-        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        references.append({n: p.grad for n, p in reference.named_parameters()})
+    references = step_references(eager, tokens)
 
     model = parallelize(build_hf_causal_lm("tiny-qwen3", seed=3), topology, layout="zigzag")
     batch = shard_batch(tokens, topology, "zigzag")
