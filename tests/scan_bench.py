@@ -9,8 +9,9 @@ Prints (asserts nothing):
   default ``BambaConfig`` and ``Qwen3NextConfig``, against the formula ``batch x heads x
   state_dim x head_dim x bytes`` (the state travels in fp32 for bf16/fp32 inputs), and the
   convolution's halo against ``batch x channels x (K-1) x bytes``;
-- the forward + backward time of ring 2 and Ulysses 2 (two gloo ranks, one thread each)
-  against one process (one thread) on the same sequence, for SSD and the gated delta rule in
+- the forward + backward time of ring 2 and Ulysses 2 — the state passed along both shards
+  (``ulysses="state"``, what "auto" picks on two ranks) or the heads split by an all-to-all
+  (``"heads"``) — (two gloo ranks, one thread each) against one process (one thread) on the same sequence, for SSD and the gated delta rule in
   fp32, measured as ``usp bench attention`` measures attention: in rounds, each round timing
   the single process (rank 0 alone, the other rank waiting), the ceiling (both ranks at once,
   each running the single-process scan on half the heads, no communication) and each split
@@ -62,13 +63,15 @@ def _forward_backward(run, inputs) -> float:
     return time.perf_counter() - start
 
 
-def _ssd(topology):
-    return lambda x, dt, a, b, c: ssd_scan(x, dt, a, b, c, topology, chunk_size=TIMED["chunk"])
+def _ssd(topology, ulysses="auto"):
+    return lambda x, dt, a, b, c: ssd_scan(x, dt, a, b, c, topology, chunk_size=TIMED["chunk"],
+                                           ulysses=ulysses)
 
 
-def _delta(topology):
+def _delta(topology, ulysses="auto"):
     return lambda q, k, v, g, beta: gated_delta_scan(q, k, v, g, beta, topology,
-                                                     chunk_size=TIMED["chunk"], use_qk_l2norm=True)
+                                                     chunk_size=TIMED["chunk"], use_qk_l2norm=True,
+                                                     ulysses=ulysses)
 
 
 def _timed_inputs():
@@ -95,15 +98,18 @@ def _half_heads(name, inputs, rank):
 
 
 ROUNDS = 5
+SPLITS = ("ring", "ulysses, state", "ulysses, heads")  # ulysses: what crosses its ranks
 
 
 def _timings(name, make, inputs, rank, world_size) -> dict:
-    """Median seconds over the rounds: single (rank 0 alone), ceiling, ring and ulysses."""
+    """Median seconds over the rounds: single (rank 0 alone), ceiling, ring and ulysses (the
+    state passed along both shards, or the heads split)."""
     alone = Topology.build(ring=1)  # dp 2: each rank its own sequence
-    splits = {"ring": Topology.build(ring=world_size), "ulysses": Topology.build(ulysses=world_size)}
-    runs = {"ceiling": (make(alone), _half_heads(name, inputs, rank))}
-    runs.update({kind: (make(topology), _shard(inputs, topology))
-                 for kind, topology in splits.items()})
+    ring, ulysses = Topology.build(ring=world_size), Topology.build(ulysses=world_size)
+    runs = {"ceiling": (make(alone), _half_heads(name, inputs, rank)),
+            "ring": (make(ring), _shard(inputs, ring)),
+            "ulysses, state": (make(ulysses, "state"), _shard(inputs, ulysses)),
+            "ulysses, heads": (make(ulysses, "heads"), _shard(inputs, ulysses))}
     samples = {"single": [], **{kind: [] for kind in runs}}
     for round_ in range(ROUNDS + 1):  # the first round warms up
         torch.distributed.barrier()
@@ -167,10 +173,10 @@ def main() -> None:
         times = ranks[0]["times"][name]
         single, ceiling = times["single"], times["ceiling"]
         print(f"  {name:6s} one process {single:.3f} s, ceiling {ceiling:.3f} s")
-        for kind in ("ring", "ulysses"):
+        for kind in SPLITS:
             split = times[kind]
-            print(f"         {kind} 2 {split:.3f} s   efficiency {single / 2 / split:.2f}   "
-                  f"against the ceiling {ceiling / split:.2f}")
+            print(f"         {kind + ' 2':17s} {split:.3f} s   efficiency "
+                  f"{single / 2 / split:.2f}   against the ceiling {ceiling / split:.2f}")
 
 
 if __name__ == "__main__":

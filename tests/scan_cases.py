@@ -11,6 +11,7 @@ parameters' gradients summed over the sequence group with the reference's.
 from __future__ import annotations
 
 import zlib
+from functools import partial
 from unittest import mock
 
 import torch
@@ -44,7 +45,7 @@ def _draw(generator, *shape, low=None):
     return t if low is None else -(torch.rand(*shape, generator=generator, dtype=FP64) + low)
 
 
-def ssd_problem(generator, length, heads, groups, documents):
+def ssd_problem(generator, length, heads, groups, documents, ulysses="auto"):
     batch, head_dim, state = 2, 3, 4
     inputs = {"x": _draw(generator, batch, length, heads, head_dim),
               "dt": _draw(generator, batch, length, heads),
@@ -61,12 +62,12 @@ def ssd_problem(generator, length, heads, groups, documents):
     def distributed(t, p, topology):
         return ssd_scan(t["x"], t["dt"], p["A"], t["B"], t["C"], topology, chunk_size=CHUNK,
                         D=p["D"], dt_bias=p["dt_bias"], dt_softplus=True, dt_limit=(0.0, 2.5),
-                        documents=documents, seq_len=length)
+                        documents=documents, seq_len=length, ulysses=ulysses)
 
     return inputs, params, reference, distributed, 1
 
 
-def delta_problem(generator, length, heads, groups, documents):
+def delta_problem(generator, length, heads, groups, documents, ulysses="auto"):
     batch, key_dim, value_dim = 2, 4, 3
     inputs = {"q": _draw(generator, batch, length, groups, key_dim),
               "k": _draw(generator, batch, length, groups, key_dim),
@@ -81,7 +82,7 @@ def delta_problem(generator, length, heads, groups, documents):
     def distributed(t, p, topology):
         return gated_delta_scan(t["q"], t["k"], t["v"], t["g"], t["beta"], topology,
                                 chunk_size=CHUNK, use_qk_l2norm=True, documents=documents,
-                                seq_len=length)
+                                seq_len=length, ulysses=ulysses)
 
     return inputs, {}, reference, distributed, 1
 
@@ -114,7 +115,12 @@ def conv_problem(generator, length, heads, groups, documents):
     return inputs, params, reference, distributed, 2
 
 
-PROBLEMS = {"ssd": ssd_problem, "delta": delta_problem, "conv": conv_problem}
+# each scan as "auto" splits it over the Ulysses ranks (on 4 ranks: SSD "state", the delta rule
+# "heads"), and with the other split
+PROBLEMS = {"ssd": ssd_problem, "delta": delta_problem, "conv": conv_problem,
+            "ssd heads": partial(ssd_problem, ulysses="heads"),
+            "delta state": partial(delta_problem, ulysses="state")}
+DEFAULTS = ("ssd", "delta", "conv")
 
 
 def case_errors(case, topology: Topology, dtype: torch.dtype = FP64) -> tuple[list, list]:
@@ -173,11 +179,13 @@ def grid() -> list[tuple]:
     """(primitive, real length, heads, groups, document rows): even and uneven lengths, no
     documents / one packing / one per batch row, and head counts Ulysses 4 must pad."""
     cases = []
-    for name in PROBLEMS:
+    for name in DEFAULTS:
         for length in (24, 22):
             for rows in (0, 1, 2):
                 cases.append((name, length, 4, 2, rows))
     cases += [("ssd", 22, 3, 1, 1), ("delta", 22, 3, 1, 1), ("delta", 24, 2, 1, 0)]
+    for name in ("ssd heads", "delta state"):  # the other split: fewer cases
+        cases += [(name, 24, 4, 2, 0), (name, 22, 4, 2, 2), (name, 22, 3, 1, 1)]
     return cases
 
 
@@ -196,7 +204,8 @@ def skipped_state_error(case, topology: Topology) -> float:
 def state_bytes(topology: Topology) -> dict:
     """The p2p bytes this rank sends in one forward + backward of each primitive (gloo, fp64)."""
     case_bytes = {}
-    for name, heads, groups in (("ssd", 4, 2), ("delta", 4, 2), ("conv", 4, 2)):
+    for name in PROBLEMS:
+        heads, groups = 4, 2
         with CommStats() as stats:
             run_case((name, 24, heads, groups, 0), topology)
         case_bytes[name] = stats.bytes["p2p"]

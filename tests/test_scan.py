@@ -3,8 +3,9 @@ backward, fp64 within 1e-10 (docs/testing.md).
 
 One spawned 4-rank gloo world runs every multi-rank case (tests/scan_world.py): ring 2 x
 ulysses 2, ring 4 and ulysses 4; even and uneven lengths; no documents, one packing, one per
-batch row; head counts Ulysses must pad. In the same world: the ring's state passing skipped
-(each rank from a zero state) must be far off, bad input must raise the same ValueError on every
+batch row; head counts Ulysses must pad; each scan with its state passed along every shard
+(``ulysses="state"``) and with its heads split over Ulysses (``"heads"``). In the same world: the
+state passing skipped (each rank from a zero state) must be far off, bad input must raise the same ValueError on every
 rank, and the state passing's bytes must be one state per rank and direction.
 """
 
@@ -46,6 +47,23 @@ def test_references_are_transformers_torch_paths():
                                           use_qk_l2norm_in_kernel=True)[0]
     ours = gated_delta_recurrence(*(t.double() for t in (q, k, v, g, beta)), normalise_qk=True)[0]
     assert (theirs.double() - ours).abs().max() < 1e-5
+
+
+def test_auto_split_over_ulysses():
+    # SSD passes the state along every shard; the delta rule only while no block sits between
+    # the first and the last (its middle blocks build a Dk x Dk map for every head)
+    from usp.scan.calls import resolve_ulysses_mode
+
+    def sizes(ring, ulysses):
+        return Topology({"pp": 1, "dp": 1, "ring": ring, "ulysses": ulysses, "tp": 1},
+                        {"pp": 0, "dp": 0, "ring": 0, "ulysses": 0, "tp": 0})
+
+    for ring, ulysses, delta in ((1, 2, "state"), (2, 1, "state"), (1, 4, "heads"),
+                                 (2, 2, "heads"), (4, 1, "heads")):
+        topology = sizes(ring, ulysses)
+        assert resolve_ulysses_mode("auto", topology, matrix_transition=False) == "state"
+        assert resolve_ulysses_mode("auto", topology, matrix_transition=True) == delta
+        assert resolve_ulysses_mode("heads", topology, matrix_transition=False) == "heads"
 
 
 def test_one_process_matches_reference():
@@ -91,6 +109,7 @@ def test_bad_input_raises_the_same_error_on_every_rank(world_4):
         "one rank's documents differ": "ranks disagree on the call (every rank must pass the "
                                        "same): documents:",
         "one rank's length differs": "ranks disagree on the call",
+        "unknown split over ulysses": "ulysses='tokens'; choose 'state'",
     }
     for what, message in messages[0]:
         assert expected[what] in message, (what, message)
@@ -98,13 +117,17 @@ def test_bad_input_raises_the_same_error_on_every_rank(world_4):
 
 def test_state_passing_sends_one_state_per_rank_and_direction(world_4):
     # fp64 (8 bytes), batch 2; SSD heads 4 x head_dim 3 x state 4; delta value heads 4 x Dk 4 x
-    # Dv 3; conv 5 channels x (4 - 1) halo tokens; heads split over ulysses
+    # Dv 3; conv 5 channels x (4 - 1) halo tokens. "heads": the heads split over ulysses, the
+    # state passed along the ring; "state": every head, the state passed along every shard
     for rank, result in enumerate(world_4):
         for (ring, ulysses), sent in result["bytes"].items():
             ring_rank, shard = rank // ulysses, rank  # head-first: sequence shard = rank
-            directions = (ring_rank > 0) + (ring_rank < ring - 1)
-            state = {"ssd": 2 * 4 // ulysses * 3 * 4 * 8, "delta": 2 * 4 // ulysses * 4 * 3 * 8}
-            for name in ("ssd", "delta"):
-                assert sent[name] == directions * state[name], (rank, ring, ulysses, name, sent)
-            halo_directions = (shard > 0) + (shard < ring * ulysses - 1)
-            assert sent["conv"] == halo_directions * 2 * 5 * 3 * 8, (rank, ring, ulysses, sent)
+            along_ring = (ring_rank > 0) + (ring_rank < ring - 1)
+            along_shards = (shard > 0) + (shard < ring * ulysses - 1)
+            expected = {"ssd heads": along_ring * 2 * 4 // ulysses * 3 * 4 * 8,
+                        "delta": along_ring * 2 * 4 // ulysses * 4 * 3 * 8,
+                        "ssd": along_shards * 2 * 4 * 3 * 4 * 8,
+                        "delta state": along_shards * 2 * 4 * 4 * 3 * 8,
+                        "conv": along_shards * 2 * 5 * 3 * 8}
+            for name, count in expected.items():
+                assert sent[name] == count, (rank, ring, ulysses, name, sent)

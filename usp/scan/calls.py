@@ -32,6 +32,39 @@ def check_scan_layout(layout: str, topology: Topology) -> None:
         )
 
 
+# what a scan splits over the Ulysses ranks (docs/hybrid.md): "state" — each rank scans its own
+# shard of the sequence, every head, and the state passes on along all ring x ulysses shards in
+# sequence order (no all-to-all); "heads" — an all-to-all hands each rank every token of its
+# ring block for a slice of the heads, and the state passes along the ring only; "auto" — the
+# scan's own choice (:func:`resolve_ulysses_mode`)
+ULYSSES_MODES = ("auto", "state", "heads")
+
+
+def check_ulysses_mode(mode) -> None:
+    if mode not in ULYSSES_MODES:
+        raise ValueError(f"ulysses={mode!r}; choose 'state' (the state passes across the "
+                         f"Ulysses ranks too, no all-to-all), 'heads' (an all-to-all splits "
+                         f"the heads over them) or 'auto'")
+
+
+def resolve_ulysses_mode(mode: str, topology: Topology, matrix_transition: bool) -> str:
+    """``mode``, with "auto" made "state" unless the block's transition is a matrix that the
+    blocks between the first and the last must build for every head (the delta rule's) and the
+    chain along every shard would have such blocks (more than two shards): then "heads"."""
+    if mode != "auto":
+        return mode
+    return "heads" if matrix_transition and topology.sequence_size > 2 else "state"
+
+
+def scan_block(topology: Topology, mode: str) -> tuple[int, int]:
+    """``(blocks, index)``: how many contiguous blocks the chain of states runs through and
+    which one this rank scans — the ring's blocks (``mode`` "heads"), or every sequence shard
+    ("state")."""
+    if mode == "state":
+        return topology.sequence_size, topology.sequence_rank
+    return topology.ring_size, topology.ring_rank
+
+
 def check_tensor(name: str, t, dims: int, layout: str) -> None:
     if not isinstance(t, Tensor) or t.dim() != dims:
         shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__

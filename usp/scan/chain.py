@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from usp.comm import nbytes, record
+from usp.topology import Topology
 
 Tensor = torch.Tensor
 # distinct tags keep the forward and backward messages of a ring group apart from the ring
@@ -31,12 +32,16 @@ FORWARD_TAG, BACKWARD_TAG = 11, 12
 
 
 class StateChain:
-    """This rank's place in the chain of a ring group (None: a ring of one rank)."""
+    """This rank's place in a chain of blocks in sequence order over ``group`` (None: a chain
+    of one block). ``order`` lists the group's ranks in the order of their blocks (None: the
+    group's own order)."""
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None,
+                 order: list[int] | None = None) -> None:
         self.group = group
         self.size = 1 if group is None else dist.get_world_size(group)
-        self.rank = 0 if group is None else dist.get_rank(group)
+        self.order = list(range(self.size)) if order is None else list(order)
+        self.rank = 0 if group is None else self.order.index(dist.get_rank(group))
         self._sends: list = []
 
     @property
@@ -48,7 +53,7 @@ class StateChain:
         return self.rank == self.size - 1
 
     def _peer(self, offset: int) -> int:
-        return dist.get_global_rank(self.group, self.rank + offset)
+        return dist.get_global_rank(self.group, self.order[self.rank + offset])
 
     def _transfer(self, operation, tensor: Tensor, offset: int, tag: int) -> list:
         if operation is dist.isend:
@@ -112,6 +117,19 @@ class _Send(torch.autograd.Function):
             for work in ctx.chain._transfer(dist.irecv, grad, 1, BACKWARD_TAG):
                 work.wait()
         return grad, None
+
+
+def chain_of(topology: Topology, over_ulysses: bool) -> StateChain:
+    """The chain this rank's block takes part in: the ring's blocks (each ring rank holds one
+    block, its Ulysses ranks splitting the heads), or, ``over_ulysses``, every sequence shard of
+    ring × ulysses in sequence order (each rank scans its own shard, every head)."""
+    if not over_ulysses:
+        return StateChain(topology.ring_group if topology.ring_size > 1 else None)
+    if topology.sequence_size == 1:
+        return StateChain(None)
+    shard_of = topology.sequence_index_of_group_rank  # group rank -> shard
+    order = sorted(range(len(shard_of)), key=shard_of.__getitem__)  # shard -> group rank
+    return StateChain(topology.sequence_group, order)
 
 
 def pass_along(chain: StateChain, leaving, like: Tensor,

@@ -2,12 +2,13 @@
 on ring × Ulysses ranks.
 
 The path is SSD's (:mod:`usp.scan.ssd`): Ulysses hands each rank every token of its ring block
-for its value heads and the key heads they read; the block is prepared without the entering
-state (:func:`usp.scan.delta_local.prepare`, the bulk of the work); the block's affine map
-``S_out = M S_in + N`` — here ``M`` is a ``Dk x Dk`` matrix per head, built only on the ring
-ranks between the first and the last — carries the state along the ring; the chunks are then
+for its value heads and the key heads they read (``ulysses="heads"``; with ``"state"`` the
+block is the rank's own shard, every head); the block is prepared without the entering state
+(:func:`usp.scan.delta_local.prepare`, the bulk of the work); the block's affine map
+``S_out = M S_in + N`` — here ``M`` is a ``Dk x Dk`` matrix per head, built only on the blocks
+between the first and the last — carries the state along the chain; the chunks are then
 walked from the real entering state and the outputs travel back. One ``[B, Hv_U, Dk, Dv]``
-state per rank and direction.
+state (``[B, Hv, Dk, Dv]`` under ``"state"``) per rank and direction.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from __future__ import annotations
 import torch
 
 from usp.scan.calls import (check_groups, check_positive_int, check_same, check_scale,
-                            check_scan_layout, check_tensor, describe, digest, sequence_segments)
-from usp.scan.chain import StateChain, pass_along
+                            check_scan_layout, check_tensor, check_ulysses_mode, describe, digest,
+                            resolve_ulysses_mode, scan_block, sequence_segments)
+from usp.scan.chain import StateChain, chain_of, pass_along
 from usp.scan.delta_local import outputs, prepare, run_states, transition
 from usp.scan.segments import block_segments
 from usp.scan.slots import from_rank_heads, rank_heads_of, to_rank_heads
@@ -25,8 +27,9 @@ from usp.topology import Topology
 Tensor = torch.Tensor
 
 
-def _check(q, k, v, g, beta, chunk_size, scale, topology, layout) -> None:
+def _check(q, k, v, g, beta, chunk_size, scale, topology, layout, ulysses) -> None:
     check_scan_layout(layout, topology)
+    check_ulysses_mode(ulysses)
     check_tensor("q", q, 4, "[B, S_local, Hk, Dk]")
     check_tensor("k", k, 4, "[B, S_local, Hk, Dk]")
     check_tensor("v", v, 4, "[B, S_local, Hv, Dv]")
@@ -65,7 +68,8 @@ def _walk_and_map(block, chain: StateChain):
 def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                      topology: Topology, *, chunk_size: int = 64, use_qk_l2norm: bool = False,
                      scale: float | None = None, layout: str = "contiguous", documents=None,
-                     cu_seqlens=None, seq_len: int | None = None) -> Tensor:
+                     cu_seqlens=None, seq_len: int | None = None,
+                     ulysses: str = "auto") -> Tensor:
     """The gated delta rule over a sequence split over ring × ulysses ranks, exact.
 
     Shapes and meaning are those of transformers' ``torch_chunk_gated_delta_rule`` (Qwen3-Next)
@@ -78,10 +82,14 @@ def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
 
     Returns o ``[B, S_RU, Hv, Dv]`` in q's dtype, accumulated in fp32 (fp64 for fp64 inputs).
     Documents, layout, head padding, errors and gradients as :func:`usp.scan.ssd_scan`.
+    ``ulysses`` as there, but ``"auto"`` picks ``"state"`` only when the sequence spans two
+    ranks: here ``M`` is a ``Dk x Dk`` matrix per head that every block between the first and
+    the last builds (about doubling its work), so with more ranks ``"heads"`` keeps the chain to
+    the ring and each rank building ``M`` for its slice of the heads.
     """
     error, segments = None, None
     try:
-        _check(q, k, v, g, beta, chunk_size, scale, topology, layout)
+        _check(q, k, v, g, beta, chunk_size, scale, topology, layout, ulysses)
         segments = sequence_segments(
             v.shape[1], v.shape[0], topology, layout, documents=documents,
             cu_seqlens=cu_seqlens, seq_len=seq_len)
@@ -89,18 +97,19 @@ def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
         error = exc
     description = describe({"q": q, "k": k, "v": v, "g": g, "beta": beta}, layout=layout,
                            chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scale=scale,
-                           documents=digest(segments))
+                           documents=digest(segments), ulysses=ulysses)
     topology.agree_on_call(description, error)
 
-    place = rank_heads_of(v.shape[2], k.shape[2], topology)
-    # [B, S_RU, H, ..] -> [B, S_R, slots, ..]: the ring block, this rank's value heads
+    ulysses = resolve_ulysses_mode(ulysses, topology, matrix_transition=True)
+    place = rank_heads_of(v.shape[2], k.shape[2], topology, split=ulysses == "heads")
+    # [B, S_RU, H, ..] -> [B, S_block, slots, ..]: this rank's block, its value heads
     (v_slots, g_slots, beta_slots), (q_slots, k_slots) = to_rank_heads(
         place, [v, g[..., None], beta[..., None]], [q, k])  # cast to dtype after the exchange
     block = prepare(q_slots, k_slots, v_slots, g_slots[..., 0], beta_slots[..., 0],
-                    block_segments(segments, topology.ring_size, topology.ring_rank), chunk_size,
+                    block_segments(segments, *scan_block(topology, ulysses)), chunk_size,
                     scale=q.shape[-1] ** -0.5 if scale is None else scale,
                     normalise_qk=use_qk_l2norm)
-    chain = StateChain(topology.ring_group if topology.ring_size > 1 else None)
+    chain = chain_of(topology, over_ulysses=ulysses == "state")
     walk, leaving_from_zero, matrix = _walk_and_map(block, chain)
 
     def leaving(entering: Tensor | None) -> Tensor:  # S_out = M S_in + N

@@ -6,7 +6,7 @@ of the **global** sequence (``-1``: no token — padding, or the slots a layout 
 length) or flash-attn's ``cu_seqlens``. Here they become **segments**: the index of each run of
 equal ids, so two runs of padding are two segments too and nothing ever flows between runs.
 
-A rank scans one contiguous ring block. The state may enter it only for the tokens of the
+A rank scans one contiguous block. The state may enter it only for the tokens of the
 segment the block starts in, and only if that segment began before the block: the **entry
 segment** is the segment of the token just before the block (none for the first block).
 """
@@ -50,14 +50,15 @@ def global_segments(slots: int, *, documents=None, cu_seqlens=None,
     return torch.cumsum(change.long(), dim=1) - 1
 
 
-def block_segments(segments: Tensor | None, ring_size: int, ring_rank: int) -> BlockSegments | None:
-    """The segments of ring rank ``ring_rank``'s contiguous block of ``segments`` ``[rows, S]``."""
+def block_segments(segments: Tensor | None, blocks: int, index: int) -> BlockSegments | None:
+    """The segments of block ``index`` of ``segments`` ``[rows, S]`` cut into ``blocks`` equal
+    contiguous blocks (the ring's blocks, or every sequence shard)."""
     if segments is None:
         return None
-    block = segments.shape[1] // ring_size
-    start = ring_rank * block
+    block = segments.shape[1] // blocks
+    start = index * block
     ids = segments[:, start:start + block]
-    entry = (segments[:, start - 1] if ring_rank > 0
+    entry = (segments[:, start - 1] if index > 0
              else torch.full((segments.shape[0],), NO_SEGMENT, dtype=segments.dtype))
     return BlockSegments(ids, entry)
 

@@ -103,10 +103,11 @@ class RankHeads:
     repeat: int
 
 
-def rank_heads_of(n_heads: int, n_groups: int, topology: Topology) -> RankHeads:
+def rank_heads_of(n_heads: int, n_groups: int, topology: Topology,
+                  split: bool = True) -> RankHeads:
     """The slots of ``n_heads`` heads reading ``n_groups`` groups on this rank (checked:
-    ``n_groups`` divides ``n_heads``)."""
-    if topology.ulysses_size == 1:
+    ``n_groups`` divides ``n_heads``); every head when not ``split`` over the Ulysses ranks."""
+    if topology.ulysses_size == 1 or not split:
         return RankHeads(None, None, tuple(range(n_heads)), n_heads // n_groups)
     plan = head_plan(n_heads, n_groups, topology.ulysses_size)
     return RankHeads(plan, topology.ulysses_group, rank_heads(plan, topology.ulysses_rank),

@@ -4,13 +4,17 @@ The call's path, on every rank:
 
 1. ``dt`` discretised on this rank's tokens (``softplus(dt + dt_bias)`` clamped to ``dt_limit``:
    per token and head, so it needs no neighbour);
-2. Ulysses: one all-to-all hands this rank every token of its Ulysses row (the ring block) for
-   its slice of the heads, with the B/C groups those heads read (:mod:`usp.scan.slots`);
+2. the block this rank scans: its own shard, every head (``ulysses="state"``, what "auto"
+   picks); with ``"heads"`` one all-to-all hands it every token of its Ulysses row (the ring
+   block) for its slice of the heads, with the B/C groups those heads read
+   (:mod:`usp.scan.slots`);
 3. the block's first phase (:func:`usp.scan.ssd_local.block_states`): everything but the
-   state entering the block, and the block's affine map ``S_out = m · S_in + F``;
-4. the ring (:mod:`usp.scan.chain`): ``S_in`` from the previous ring rank, ``m · S_in + F`` on
-   to the next — one ``[B, H_U, N, P]`` state per rank and direction;
-5. the outputs with ``S_in`` folded in, the inverse all-to-all, and the ``D`` skip.
+   state entering the block, and the block's affine map ``S_out = m · S_in + F`` (``m`` a
+   scalar per head: passing the state on costs one multiply-add);
+4. the chain (:mod:`usp.scan.chain`): ``S_in`` from the block before, ``m · S_in + F`` on to
+   the next — along all ring × ulysses shards in sequence order (``[B, H, N, P]`` per rank and
+   direction), or along the ring (``[B, H_U, N, P]``) under ``ulysses="heads"``;
+5. the outputs with ``S_in`` folded in, the inverse all-to-all (``"heads"``), the ``D`` skip.
 
 The backward is autograd's, with the chain's messages reversed: each rank receives the gradient
 of the state it sent and sends the gradient of the state it received.
@@ -25,8 +29,9 @@ import torch.nn.functional as F
 
 from usp.attention.heads import heads_of
 from usp.scan.calls import (check_groups, check_positive_int, check_same, check_scan_layout,
-                            check_tensor, describe, digest, sequence_segments)
-from usp.scan.chain import StateChain, pass_along
+                            check_tensor, check_ulysses_mode, describe, digest,
+                            resolve_ulysses_mode, scan_block, sequence_segments)
+from usp.scan.chain import chain_of, pass_along
 from usp.scan.segments import block_segments
 from usp.scan.slots import from_rank_heads, rank_heads_of, to_rank_heads
 from usp.scan.ssd_local import block_output, block_states, compute_dtype, leaving_state
@@ -35,8 +40,10 @@ from usp.topology import Topology
 Tensor = torch.Tensor
 
 
-def _check(x, dt, a, b, c, d, dt_bias, dt_limit, chunk_size, topology, layout) -> None:
+def _check(x, dt, a, b, c, d, dt_bias, dt_limit, chunk_size, topology, layout,
+           ulysses) -> None:
     check_scan_layout(layout, topology)
+    check_ulysses_mode(ulysses)
     check_tensor("x", x, 4, "[B, S_local, H, P]")
     check_tensor("dt", dt, 3, "[B, S_local, H]")
     check_tensor("A", a, 1, "[H]")
@@ -86,7 +93,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, topology: T
              chunk_size: int = 64, D: Tensor | None = None, dt_bias: Tensor | None = None,
              dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf),
              layout: str = "contiguous", documents=None, cu_seqlens=None,
-             seq_len: int | None = None) -> Tensor:
+             seq_len: int | None = None, ulysses: str = "auto") -> Tensor:
     """Mamba-2's SSD scan of a sequence split over ring × ulysses ranks, exact.
 
     Shapes and meaning are those of transformers' ``mamba2_chunk_scan`` (Bamba, NemotronH,
@@ -100,13 +107,18 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, topology: T
     ``chunk_size`` only sets the work's grain; the result does not depend on it.
     ``documents`` / ``cu_seqlens`` / ``seq_len`` describe the global sequence as for
     :func:`usp.usp_attention`: the state restarts from zero at every document (and padding
-    slot). With ring > 1 the layout must be ``contiguous``. Head counts Ulysses cannot split
-    run on zero-padded heads (exact). Bad input raises the same ValueError on every rank of the
+    slot). With ring > 1 the layout must be ``contiguous``. ``ulysses``: ``"state"`` (what
+    ``"auto"`` picks here: passing the state on costs one multiply-add) — each rank scans its own
+    shard, every head, and the state passes on along all ring × ulysses shards in sequence order
+    (no all-to-all; one ``[B, H, N, P]`` state per rank and direction); ``"heads"`` — an
+    all-to-all splits the heads over the Ulysses ranks, which then scan the ring block (head
+    counts Ulysses cannot split run on zero-padded heads, exact), and the state passes along the
+    ring only. Bad input raises the same ValueError on every rank of the
     sequence group before any collective. Differentiable in every tensor argument.
     """
     error, segments = None, None
     try:
-        _check(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, topology, layout)
+        _check(x, dt, A, B, C, D, dt_bias, dt_limit, chunk_size, topology, layout, ulysses)
         segments = sequence_segments(
             x.shape[1], x.shape[0], topology, layout, documents=documents,
             cu_seqlens=cu_seqlens, seq_len=seq_len)
@@ -114,19 +126,20 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, topology: T
         error = exc
     description = describe({"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D,
                             "dt_bias": dt_bias}, layout=layout, chunk_size=chunk_size,
-                           dt_softplus=dt_softplus, dt_limit=dt_limit, documents=digest(segments))
+                           dt_softplus=dt_softplus, dt_limit=dt_limit, documents=digest(segments),
+                           ulysses=ulysses)
     topology.agree_on_call(description, error)
 
+    ulysses = resolve_ulysses_mode(ulysses, topology, matrix_transition=False)
     dtype = compute_dtype(x.dtype)
     step = discretised_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)  # [B, S_RU, H]
-    place = rank_heads_of(x.shape[2], B.shape[2], topology)
-    # [B, S_RU, H, ..] -> [B, S_R, slots, ..]: the ring block, this rank's heads
+    place = rank_heads_of(x.shape[2], B.shape[2], topology, split=ulysses == "heads")
+    # [B, S_RU, H, ..] -> [B, S_block, slots, ..]: this rank's block, its heads
     (x_slots, step_slots), (b_slots, c_slots) = to_rank_heads(place, [x, step[..., None]], [B, C])
     decay_rate = heads_of(A.to(dtype), place.heads)  # [slots]; 0 in a padding slot
     block = block_states(x_slots, step_slots[..., 0], decay_rate, b_slots, c_slots,
-                         block_segments(segments, topology.ring_size, topology.ring_rank),
-                         chunk_size)
-    chain = StateChain(topology.ring_group if topology.ring_size > 1 else None)
+                         block_segments(segments, *scan_block(topology, ulysses)), chunk_size)
+    chain = chain_of(topology, over_ulysses=ulysses == "state")
     entering, token = pass_along(chain, lambda state: leaving_state(block, state), block.final,
                                  anchor=block.final)
     y = block_output(block, entering)  # [B, S_R, slots, P]
