@@ -52,18 +52,12 @@ def test_references_are_transformers_torch_paths():
 def test_auto_split_over_ulysses():
     # SSD passes the state along every shard; the delta rule only while no block sits between
     # the first and the last (its middle blocks build a Dk x Dk map for every head)
-    from usp.scan.calls import resolve_ulysses_mode
+    from usp.choices import scan_ulysses
 
-    def sizes(ring, ulysses):
-        return Topology({"pp": 1, "dp": 1, "ring": ring, "ulysses": ulysses, "tp": 1},
-                        {"pp": 0, "dp": 0, "ring": 0, "ulysses": 0, "tp": 0})
-
-    for ring, ulysses, delta in ((1, 2, "state"), (2, 1, "state"), (1, 4, "heads"),
-                                 (2, 2, "heads"), (4, 1, "heads")):
-        topology = sizes(ring, ulysses)
-        assert resolve_ulysses_mode("auto", topology, matrix_transition=False) == "state"
-        assert resolve_ulysses_mode("auto", topology, matrix_transition=True) == delta
-        assert resolve_ulysses_mode("heads", topology, matrix_transition=False) == "heads"
+    for shards, delta in ((1, "state"), (2, "state"), (3, "heads"), (4, "heads")):
+        assert scan_ulysses("auto", shards, matrix_transition=False) == "state"
+        assert scan_ulysses("auto", shards, matrix_transition=True) == delta
+        assert scan_ulysses("heads", shards, matrix_transition=False) == "heads"
 
 
 def test_one_process_matches_reference():

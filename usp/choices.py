@@ -2,7 +2,8 @@
 
 The command line offers them as choices, and ``usp --help`` imports no torch, so they live here;
 the modules that implement them (``usp.layout``, ``usp.topology``, ``usp.pipeline``,
-``usp.losses``, ``usp.infer``) and the planner import them from here.
+``usp.losses``, ``usp.infer``, ``usp.scan``) and the planner import them from here, with the rule
+an ``"auto"`` follows where both need it.
 """
 
 LAYOUTS = ("contiguous", "zigzag", "stripe")  # usp.layout
@@ -22,3 +23,18 @@ DEFAULT_CHUNK_TOKENS = 1024
 LOSS_ON = ("assistant", "all")  # usp.data: chat data trains on the assistant's tokens, or all
 RING_PASSES = ("auto", "kv", "q")  # usp.infer: which ring a prompt continuing a cache uses
 WANDB_MODES = ("online", "offline")  # usp.training.wandb_log: W&B with or without a network
+# usp.scan: what a scan splits over the Ulysses ranks (docs/hybrid.md). "state": each rank scans
+# its own shard of the sequence, every head, and the state passes along all ring x ulysses shards
+# in sequence order (no all-to-all); "heads": an all-to-all hands each rank every token of its
+# ring block for a slice of the heads, and the state passes along the ring only; "auto": below
+SCAN_ULYSSES = ("auto", "state", "heads")
+
+
+def scan_ulysses(mode: str, sequence_size: int, matrix_transition: bool) -> str:
+    """``mode``, with "auto" made "state" unless the block's transition is a matrix that the
+    blocks between the first and the last must build for every head (the delta rule's) and the
+    chain along every one of the ``sequence_size`` (ring x ulysses) shards would have such
+    blocks (more than two shards): then "heads"."""
+    if mode != "auto":
+        return mode
+    return "heads" if matrix_transition and sequence_size > 2 else "state"

@@ -237,6 +237,15 @@ def check_config(workload: Workload, cluster: ClusterSpec,
                 f"ulysses={config.ulysses} (kv heads are split, or replicated, a whole number "
                 f"of times)"
             ))
+    if model.scan is not None and config.tp > 1:
+        problems.append(Violation(
+            "tp for scans", f"tp={config.tp}: usp train splits a hybrid's layers over tp by "
+            "transformers' tp plan, which its scan mixers do not have; use tp=1"))
+    if model.scan is not None and config.ring > 1 and config.layout != "contiguous":
+        problems.append(Violation(
+            "layout for scans", f"layout={config.layout} with ring={config.ring}: a scan passes "
+            "its state from each ring block to the next, so the blocks must be contiguous; use "
+            "layout=contiguous"))
     if config.loss == "vocab_parallel" and model.vocab % config.tp:
         problems.append(Violation(
             "vocab by tp", f"vocab={model.vocab} is not divisible by tp={config.tp} "

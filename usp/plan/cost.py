@@ -15,6 +15,7 @@ from usp.plan.attention_time import USP_RING, AttentionShape, RingImplementation
 from usp.plan.collectives import KINDS, attention_traffic, sent_bytes, transfer_seconds
 from usp.plan.config import SHARD_AXES, GroupPlacement, ParallelConfig, group_placement
 from usp.plan.memory import layer_params_per_gpu, memory_per_gpu, shapes, stage_params
+from usp.plan.scans import scan_mode, scan_traffic
 from usp.plan.specs import ClusterSpec, Workload
 
 # AdamW reads master, grad, m, v (14 B per parameter) and writes master, m, v, bf16 copy (14 B)
@@ -52,13 +53,15 @@ class StepCost:
 
 
 def model_flops_per_sequence(workload: Workload) -> float:
-    """Forward FLOPs of one sequence: linear layers, causal-aware attention, LM head."""
+    """Forward FLOPs of one sequence: linear layers, causal-aware attention, the scans (a
+    hybrid's), LM head."""
     m, seq = workload.model, workload.seq_len
-    linear = 2 * seq * m.layers * (m.attention_linear_params + m.mlp_linear_params)
+    linear = 2 * seq * m.layers * m.linear_params_per_layer
     pairs = seq * (seq + 1) / 2 if workload.causal else seq * seq
-    attention = 4 * m.layers * m.q_heads * m.head_dim * pairs
+    attention = 4 * m.attention_count * m.q_heads * m.head_dim * pairs
+    scans = seq * m.scan.layers * m.scan.forward_flops_per_token if m.scan else 0.0
     head = 2 * seq * m.hidden * m.vocab
-    return linear + attention + head
+    return linear + attention + scans + head
 
 
 class _Ledger:
@@ -86,6 +89,41 @@ class _Ledger:
         return transfer_seconds(kind, sent, calls, placement, self.cluster)
 
 
+@dataclass(frozen=True)
+class ScanLayerTime:
+    """One scan layer of one micro-batch on one GPU: its compute forward and backward (the
+    slowest rank's: a block between the chain's first and last also builds ``M``), and its
+    blocking communication per pass (the all-to-alls, the chain's hops one after another, the
+    halo)."""
+
+    forward: float
+    backward: float
+    communication: float
+
+
+def scan_layer_time(workload: Workload, cluster: ClusterSpec, config: ParallelConfig, s,
+                    place: dict[str, GroupPlacement], ledger: "_Ledger", rate: float,
+                    passes: float) -> ScanLayerTime:
+    """Price one scan layer (``usp.scan`` as ``ulysses="auto"`` runs it) and book its bytes
+    ``passes`` times (the layer executions of a step times its forward passes and backward)."""
+    scan, e = workload.model.scan, workload.element_bytes
+    ring, ulysses = config.ring, config.ulysses
+    traffic = scan_traffic(scan, s.micro_batch, s.tokens, e, ring, ulysses)
+    heads_share = 1 if scan_mode(scan, ring, ulysses) == "state" else 1 / ulysses
+    # every rank scans tokens x heads of one sequence shard's worth: S/(RU) x H, or S/R x H/U
+    work = s.micro_batch * s.tokens * scan.forward_flops_per_token
+    if traffic.middle:
+        work += s.micro_batch * s.tokens * ulysses * heads_share * scan.transition_flops_per_token
+    a2a = ledger.add("all_to_all", traffic.all_to_all_inputs + traffic.all_to_all_output, 2,
+                     place["ulysses"], repeat=passes)
+    chain_place = place["ring"] if ring > 1 else place["ulysses"]
+    hop = ledger.add("p2p", traffic.state, 1, chain_place, repeat=passes)
+    ulysses_hop = transfer_seconds("p2p", traffic.state, 1, place["ulysses"], cluster)
+    chain = traffic.ring_links * (hop if ring > 1 else 0.0) + traffic.ulysses_links * ulysses_hop
+    halo = ledger.add("p2p", traffic.halo, 1, chain_place, repeat=passes)
+    return ScanLayerTime(work / rate, 2 * work / rate, a2a + chain + halo)
+
+
 def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
              ring_implementation: RingImplementation = USP_RING) -> StepCost:
     """Predict memory, traffic and time of one step; ``config`` must pass ``check_config``.
@@ -105,15 +143,23 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
     # a tiled MLP runs each tile's forward again in its backward (inside the TP region: no
     # collective of its own), on top of any checkpoint's recompute
     tiled_mlp_forwards = 1 if config.tiled_mlp else 0
-    mlp_share = model.mlp_linear_params / (model.attention_linear_params + model.mlp_linear_params)
+    # a scan layer's mixer is recomputed only by a full checkpoint ("attention" checkpoints
+    # the softmax attention, "selective" the MLP)
+    scan_forwards = 2 if config.ac == "full" else 1
+    # the average layer (a hybrid's): the shares of layers with attention, a scan and an MLP,
+    # and the shares of its linear work in each
+    with_attention, with_scan, with_mlp = model.shares
+    per_layer = model.linear_params_per_layer
+    mlp_share = with_mlp * model.mlp_linear_params / per_layer
+    scan_share = with_scan * model.scan.linear_params / per_layer if model.scan else 0.0
+    attention_share = 1 - mlp_share - scan_share
     # oversubscribed CPU ranks share cores: slower compute, and transfers that hide nothing
     shared, hides = cluster.oversubscription, cluster.oversubscription == 1
     peak, hbm = cluster.peak_tflops * 1e12 / shared, cluster.hbm_bandwidth_gbs * 1e9 / shared
     matmul_rate = peak * cluster.matmul_efficiency
 
     # --- compute of one layer for one micro-batch on one GPU ---
-    linear_flops = 2 * s.micro_batch * s.tokens * (model.attention_linear_params
-                                                   + model.mlp_linear_params) / t
+    linear_flops = 2 * s.micro_batch * s.tokens * per_layer / t
     seq = workload.seq_len
     linear_fwd = linear_flops / matmul_rate
     linear_bwd = 2 * linear_fwd
@@ -121,20 +167,34 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
     # --- sequence-parallel attention: the exact traffic of usp_attention, its time ---
     traffic = attention_traffic(s.micro_batch, seq, s.q_heads, s.kv_heads, model.head_dim, e, R, U)
     ledger.add("all_to_all", traffic.all_to_all_forward, 2, place["ulysses"],
-               repeat=runs * (attention_forwards + 1))
+               repeat=runs * with_attention * (attention_forwards + 1))
     # The ring's bytes are booked per pass; its time is priced per hop (one message each).
     ledger.add("p2p", attention_forwards * traffic.p2p_forward + traffic.p2p_backward, 0,
-               place["ring"], repeat=runs)
+               place["ring"], repeat=runs * with_attention)
     attention = attention_time(
         AttentionShape(s.micro_batch, seq, s.q_heads, s.kv_heads, model.head_dim, e,
                        workload.causal),
         traffic, cluster, place["ulysses"], place["ring"], config.layout,
         rate_share=1 / shared, hides=hides, implementation=ring_implementation)
-    attention_fwd, attention_bwd = attention.compute_forward, attention.compute_backward
-    compute_fwd, compute_bwd = linear_fwd + attention_fwd, linear_bwd + attention_bwd
-    a2a, kv_hop, grad_hop = attention.all_to_all, attention.kv_hop, attention.grad_hop
-    ring_fwd, ring_bwd = attention.ring_forward, attention.ring_backward
-    merge_fwd, merge_bwd = attention.merge_forward, attention.merge_backward
+    # the attention's figures for the average layer: weighed by the share of layers with it
+    attention_fwd = with_attention * attention.compute_forward
+    attention_bwd = with_attention * attention.compute_backward
+    a2a, kv_hop = with_attention * attention.all_to_all, with_attention * attention.kv_hop
+    grad_hop = with_attention * attention.grad_hop
+    ring_fwd, ring_bwd = (with_attention * attention.ring_forward,
+                          with_attention * attention.ring_backward)
+    merge_fwd, merge_bwd = (with_attention * attention.merge_forward,
+                            with_attention * attention.merge_backward)
+    # and a scan's (usp.scan: its compute, the all-to-alls, the chain of states, the halo)
+    scan_fwd = scan_bwd = scan_comm = 0.0
+    if model.scan is not None:
+        scan = scan_layer_time(workload, cluster, config, s, place, ledger,
+                               peak * cluster.matmul_efficiency,
+                               passes=runs * with_scan * (scan_forwards + 1))
+        scan_fwd, scan_bwd = with_scan * scan.forward, with_scan * scan.backward
+        scan_comm = with_scan * scan.communication
+    compute_fwd = linear_fwd + attention_fwd + scan_fwd
+    compute_bwd = linear_bwd + attention_bwd + scan_bwd
 
     # --- tensor parallelism (Megatron), with or without its sequence parallelism ---
     activation = s.micro_batch * s.tokens * model.hidden * e  # one [b, s, h] tensor
@@ -154,13 +214,15 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
                             repeat=runs * (attention_forwards + mlp_forwards + 2))
         tp_fwd = tp_bwd = 2 * reduce
 
-    pass_fwd = linear_fwd + ring_fwd + merge_fwd + a2a + tp_fwd
-    pass_bwd = linear_bwd + ring_bwd + merge_bwd + a2a + tp_bwd
-    # what the recompute repeats: each region's linear work, the attention and its collectives
+    pass_fwd = linear_fwd + ring_fwd + merge_fwd + a2a + tp_fwd + scan_fwd + scan_comm
+    pass_bwd = linear_bwd + ring_bwd + merge_bwd + a2a + tp_bwd + scan_bwd + scan_comm
+    # what the recompute repeats: each region's linear work, the attention and its collectives,
+    # a scan and its messages
     recompute = ((mlp_forwards - 1) * (mlp_share * linear_fwd + tp_fwd / 2)
                  + tiled_mlp_forwards * mlp_share * linear_fwd
-                 + (attention_forwards - 1) * ((1 - mlp_share) * linear_fwd + ring_fwd + merge_fwd
-                                               + a2a + tp_fwd / 2))
+                 + (attention_forwards - 1) * (attention_share * linear_fwd + ring_fwd + merge_fwd
+                                               + a2a + tp_fwd / 2)
+                 + (scan_forwards - 1) * (scan_share * linear_fwd + scan_fwd + scan_comm))
     layer_time = pass_fwd + recompute + pass_bwd
 
     # --- ZeRO / FSDP and the gradient reduction, over dp x ring x ulysses ---
@@ -173,8 +235,9 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
     busy_bwd = (R - 1) * (kv_hop + grad_hop) if same_link else 0.0
     window_fwd = max(0.0, compute_fwd - busy_fwd)
     recompute_compute = ((mlp_forwards - 1 + tiled_mlp_forwards) * mlp_share * linear_fwd
-                         + (attention_forwards - 1) * ((1 - mlp_share) * linear_fwd
-                                                       + attention_fwd))
+                         + (attention_forwards - 1) * (attention_share * linear_fwd
+                                                       + attention_fwd)
+                         + (scan_forwards - 1) * (scan_share * linear_fwd + scan_fwd))
     window_bwd = max(0.0, recompute_compute + compute_bwd - busy_bwd)
     if not hides:
         window_fwd = window_bwd = 0.0
@@ -228,6 +291,7 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
         "ring_exposed": runs * (attention_forwards * (ring_fwd - attention_fwd)
                                 + ring_bwd - attention_bwd),
         "ring_merge": runs * (attention_forwards * merge_fwd + merge_bwd),
+        "scan_comm": runs * (scan_forwards + 1) * scan_comm,
         "tp": runs * ((attention_forwards + mlp_forwards) / 2 * tp_fwd + tp_bwd),
         "fsdp_exposed": m * fsdp,
         "grad_sync_exposed": sync + regather,
@@ -253,16 +317,22 @@ def forward_time(workload: Workload, cluster: ClusterSpec, config: ParallelConfi
                  ring_implementation: RingImplementation = USP_RING) -> float:
     """Seconds of one forward of the whole model without a backward (a prefill, one diffusion
     step), sequence-parallel only: each rank runs the linear layers of its ``S/(R*U)`` tokens and
-    one ``usp_attention`` forward per layer (no loss, no optimizer)."""
+    one ``usp_attention`` forward per attention layer (a scan per scan layer; no loss, no
+    optimizer)."""
     if config.tp > 1 or config.pp > 1:
         raise ValueError(f"forward_time models sequence-parallel layouts only, not "
                          f"{config.label()}")
     model, e, s = workload.model, workload.element_bytes, shapes(workload, config)
     place = {axis: group_placement(config, cluster.gpus_per_node, (axis,))
              for axis in ("ring", "ulysses")}
-    linear = (2 * s.micro_batch * s.tokens * (model.attention_linear_params
-                                              + model.mlp_linear_params)
-              / (cluster.peak_tflops * 1e12 * cluster.matmul_efficiency))
+    rate = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
+    linear = 2 * s.micro_batch * s.tokens * model.linear_params_per_layer / rate
+    with_attention, with_scan, _ = model.shares
+    scan = 0.0
+    if model.scan is not None:
+        layer = scan_layer_time(workload, cluster, config, s, place, _Ledger(cluster), rate,
+                                passes=1)
+        scan = with_scan * (layer.forward + layer.communication)
     traffic = attention_traffic(s.micro_batch, workload.seq_len, s.q_heads, s.kv_heads,
                                 model.head_dim, e, config.ring, config.ulysses)
     attention = attention_time(
@@ -270,4 +340,5 @@ def forward_time(workload: Workload, cluster: ClusterSpec, config: ParallelConfi
                        e, workload.causal),
         traffic, cluster, place["ulysses"], place["ring"], config.layout,
         implementation=ring_implementation)
-    return config.sequential_micro_batches * s.layers * (linear + attention.forward)
+    return config.sequential_micro_batches * s.layers * (linear + with_attention
+                                                         * attention.forward + scan)

@@ -49,8 +49,9 @@ def shapes(workload: Workload, config: ParallelConfig) -> Shapes:
 
 
 def layer_params_per_gpu(model: ModelSpec, tp: int) -> float:
-    """One layer's parameters on one TP rank: its linear weights split by TP, both norms whole."""
-    return (model.attention_linear_params + model.mlp_linear_params) / tp + 2 * model.hidden
+    """The average layer's parameters on one TP rank: its linear weights split by TP, the rest
+    (both norms, a scan's convolution and constants) whole."""
+    return model.linear_params_per_layer / tp + model.layer_params - model.linear_params_per_layer
 
 
 def stage_params(workload: Workload, config: ParallelConfig, stage: int) -> float:

@@ -78,6 +78,8 @@ def enumerate_configs(workload: Workload, cluster: ClusterSpec) -> list[Parallel
     ulysses shards, else none), placement, micro-batches and memory features (ac, loss, tiled
     MLP); TP always with sequence parallelism."""
     configs = []
+    # a hybrid's scans need each ring block contiguous (usp.scan)
+    layout = "contiguous" if workload.model.scan is not None else ParallelConfig.layout
     for pp, dp, tp, ring, ulysses in _factorisations(cluster.world_size, 5):
         per_replica = workload.global_batch // dp if workload.global_batch % dp == 0 else 1
         for zero, placement, (microbatches, grad_accum, schedule), (ac, loss, tile) in \
@@ -89,7 +91,7 @@ def enumerate_configs(workload: Workload, cluster: ClusterSpec) -> list[Parallel
             configs.append(ParallelConfig(
                 dp=dp, tp=tp, pp=pp, ring=ring, ulysses=ulysses, zero=zero,
                 microbatches=microbatches, grad_accum=grad_accum, pp_schedule=schedule, ac=ac,
-                placement=placement, loss=loss, tiled_mlp=tile,
+                placement=placement, loss=loss, tiled_mlp=tile, layout=layout,
             ))
     return configs
 

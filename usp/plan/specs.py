@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from usp.plan.scans import HYBRIDS, ScanSpec, hybrid_layers
+
 GIB = 2**30
 
 
@@ -20,36 +22,47 @@ def _check_positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner}: {name}={value!r} must be positive")
 
 
-# config keys of the layers the cost model does not price: state-space and linear-attention
-# mixers (Mamba, Mamba-2 / SSD, the gated delta rule) and routed experts
+# config keys of the layers that are not softmax attention and a dense MLP: state-space and
+# linear-attention mixers (Mamba, Mamba-2 / SSD, the gated delta rule) and routed experts
 _SCAN_KEYS = ("attn_layer_indices", "layers_block_type", "hybrid_override_pattern",
               "attn_layer_period")
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
-def _check_costable(path: Path, config: dict) -> None:
-    """ValueError for a config whose layers the cost model would price wrongly: it prices every
-    layer as softmax attention and one dense MLP of ``intermediate_size``, so a hybrid's scan
-    layers and a mixture of experts' routed MLPs would be costed as something they are not."""
+def _layer_kinds(path: Path, config: dict) -> dict:
+    """The ``ModelSpec`` fields of a hybrid's scan layers (empty for an attention-only
+    decoder); ValueError for a config whose layers the cost model would price wrongly: routed
+    experts (priced as one dense MLP they are not), or scan layers of a hybrid it does not know
+    (:data:`usp.plan.scans.HYBRIDS`)."""
     kinds = sorted(set(config.get("layer_types") or []) - {"full_attention", "sliding_attention"})
     scan = kinds or [key for key in _SCAN_KEYS if key in config] or [
         key for key in config if key.startswith(("mamba_", "ssm_", "linear_num_"))]
-    if scan:
-        raise ValueError(
-            f"{path} describes a model with state-space or linear-attention layers ({scan[0]} "
-            f"in its config); the planner costs softmax-attention decoders only (docs/planner.md)"
-            f": plan it by its attention layers' shape in a config of its own, or measure it")
     experts = [key for key in _EXPERT_KEYS if (config.get(key) or 0) > 1]
-    if experts:
+    if experts and not (scan and config.get("model_type") in HYBRIDS):  # those say it per layer
         raise ValueError(
             f"{path} describes a mixture of experts ({experts[0]}={config[experts[0]]}); the "
             "planner prices one dense MLP of intermediate_size per layer, not routed experts "
             "(docs/planner.md)")
+    if not scan:
+        return {}
+    try:
+        return hybrid_layers(config.get("model_type", ""), config)
+    except ValueError as exc:
+        raise ValueError(
+            f"{path} describes a model with state-space or linear-attention layers ({scan[0]} "
+            f"in its config): {exc} (docs/planner.md); plan it by its attention layers' shape "
+            f"in a config of its own, or measure it") from None
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A Llama-style decoder: RMSNorm, GQA attention with RoPE, SwiGLU MLP, untied or tied head."""
+    """A Llama-style decoder: RMSNorm, GQA attention with RoPE, SwiGLU MLP, untied or tied head.
+
+    A hybrid (:mod:`usp.plan.scans`) mixes tokens with a ``scan`` in ``scan.layers`` of its
+    layers and with attention in ``attention_layers`` (None: every layer); ``mlp_layers`` of
+    them (None: every layer) carry an MLP of ``mlp_matrices`` matrices (3: SwiGLU's gate, up and
+    down; 2: an up and a down, as Nemotron-H's ReLU²). The cost model prices a layer as the
+    average of the model's layers, each figure weighed by the share of layers that have it."""
 
     name: str
     layers: int
@@ -61,6 +74,11 @@ class ModelSpec:
     vocab: int
     tied_embeddings: bool = False
     qkv_bias: bool = False
+    attention_layers: int | None = None
+    mlp_layers: int | None = None
+    mlp_matrices: int = 3
+    scan: ScanSpec | None = None
+    norms: int = 2  # RMSNorm scales per layer (Nemotron-H's one-block layers hold one)
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -69,6 +87,13 @@ class ModelSpec:
             kv_heads=self.kv_heads, head_dim=self.head_dim, ffn_hidden=self.ffn_hidden,
             vocab=self.vocab,
         )
+        mixers = self.attention_count + (self.scan.layers if self.scan else 0)
+        if not (0 <= self.attention_count <= self.layers and 0 <= self.mlp_count <= self.layers
+                and mixers <= self.layers):
+            raise ValueError(
+                f"model {self.name!r}: {self.attention_count} attention, "
+                f"{self.scan.layers if self.scan else 0} scan and {self.mlp_count} MLP layers "
+                f"do not fit {self.layers} layers")
         if self.q_heads % self.kv_heads:
             raise ValueError(
                 f"model {self.name!r}: q_heads={self.q_heads} is not a multiple of "
@@ -84,13 +109,42 @@ class ModelSpec:
 
     @property
     def mlp_linear_params(self) -> int:
-        """Gate, up and down projections of the SwiGLU MLP of one layer."""
-        return 3 * self.hidden * self.ffn_hidden
+        """Gate, up and down projections of the SwiGLU MLP of one layer (up and down for a
+        two-matrix MLP)."""
+        return self.mlp_matrices * self.hidden * self.ffn_hidden
 
     @property
-    def layer_params(self) -> int:
-        """Everything in one decoder layer: the linear weights plus two RMSNorm scales."""
-        return self.attention_linear_params + self.mlp_linear_params + 2 * self.hidden
+    def attention_count(self) -> int:
+        """Layers that mix tokens with softmax attention."""
+        return self.layers if self.attention_layers is None else self.attention_layers
+
+    @property
+    def mlp_count(self) -> int:
+        return self.layers if self.mlp_layers is None else self.mlp_layers
+
+    @property
+    def shares(self) -> tuple[float, float, float]:
+        """The shares of the layers that hold attention, a scan and an MLP."""
+        scans = self.scan.layers if self.scan else 0
+        return (self.attention_count / self.layers, scans / self.layers,
+                self.mlp_count / self.layers)
+
+    @property
+    def linear_params_per_layer(self) -> float:
+        """The linear weights of the average layer: attention's, a scan's and an MLP's, each
+        weighed by the share of layers that hold it."""
+        if self.scan is None and self.attention_layers is None and self.mlp_layers is None:
+            return self.attention_linear_params + self.mlp_linear_params
+        attention, scan, mlp = self.shares
+        return (attention * self.attention_linear_params + mlp * self.mlp_linear_params
+                + (scan * self.scan.linear_params if self.scan else 0.0))
+
+    @property
+    def layer_params(self) -> float:
+        """Everything in the average decoder layer: the linear weights plus its RMSNorm scales
+        (and a scan's convolution, norm and per-head constants)."""
+        other = self.shares[1] * self.scan.other_params if self.scan else 0.0
+        return self.linear_params_per_layer + other + self.norms * self.hidden
 
     @property
     def embedding_params(self) -> int:
@@ -111,13 +165,16 @@ class ModelSpec:
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> "ModelSpec":
-        """Read a Hugging Face ``config.json`` of a Llama/Mistral/Qwen2-style model."""
+        """Read a Hugging Face ``config.json`` of a Llama/Mistral/Qwen2-style model, or of a
+        hybrid :data:`usp.plan.scans.HYBRIDS` knows (Bamba, Nemotron-H, Qwen3-Next)."""
         path = Path(path)
         try:
             config = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read a model config from {path}: {exc}") from exc
-        _check_costable(path, config)  # a hybrid or MoE named as such, whatever keys it has
+        layers = _layer_kinds(path, config)  # a hybrid or MoE named as such, whatever keys
+        if "layers" in layers:  # a hybrid that counts its layers by their kinds
+            config = {**config, "num_hidden_layers": layers.pop("layers")}
         missing = [
             key
             for key in ("num_hidden_layers", "hidden_size", "num_attention_heads",
@@ -140,6 +197,7 @@ class ModelSpec:
             tied_embeddings=bool(config.get("tie_word_embeddings", False)),
             # Qwen2 always carries q/k/v biases; Llama exposes the switch as attention_bias.
             qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+            **layers,
         )
 
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from usp.choices import LAYOUTS
+from usp.choices import LAYOUTS, SCAN_ULYSSES
 from usp.layout import padded_length, slot_multiple
 from usp.scan.segments import global_segments
 from usp.topology import Topology
@@ -32,28 +32,11 @@ def check_scan_layout(layout: str, topology: Topology) -> None:
         )
 
 
-# what a scan splits over the Ulysses ranks (docs/hybrid.md): "state" — each rank scans its own
-# shard of the sequence, every head, and the state passes on along all ring x ulysses shards in
-# sequence order (no all-to-all); "heads" — an all-to-all hands each rank every token of its
-# ring block for a slice of the heads, and the state passes along the ring only; "auto" — the
-# scan's own choice (:func:`resolve_ulysses_mode`)
-ULYSSES_MODES = ("auto", "state", "heads")
-
-
 def check_ulysses_mode(mode) -> None:
-    if mode not in ULYSSES_MODES:
+    if mode not in SCAN_ULYSSES:
         raise ValueError(f"ulysses={mode!r}; choose 'state' (the state passes across the "
                          f"Ulysses ranks too, no all-to-all), 'heads' (an all-to-all splits "
                          f"the heads over them) or 'auto'")
-
-
-def resolve_ulysses_mode(mode: str, topology: Topology, matrix_transition: bool) -> str:
-    """``mode``, with "auto" made "state" unless the block's transition is a matrix that the
-    blocks between the first and the last must build for every head (the delta rule's) and the
-    chain along every shard would have such blocks (more than two shards): then "heads"."""
-    if mode != "auto":
-        return mode
-    return "heads" if matrix_transition and topology.sequence_size > 2 else "state"
 
 
 def scan_block(topology: Topology, mode: str) -> tuple[int, int]:

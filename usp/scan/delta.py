@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from usp.choices import scan_ulysses
 from usp.scan.calls import (check_groups, check_positive_int, check_same, check_scale,
                             check_scan_layout, check_tensor, check_ulysses_mode, describe, digest,
-                            resolve_ulysses_mode, scan_block, sequence_segments)
+                            scan_block, sequence_segments)
 from usp.scan.chain import StateChain, chain_of, pass_along
 from usp.scan.delta_local import outputs, prepare, run_states, transition
 from usp.scan.segments import block_segments
@@ -100,7 +101,7 @@ def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                            documents=digest(segments), ulysses=ulysses)
     topology.agree_on_call(description, error)
 
-    ulysses = resolve_ulysses_mode(ulysses, topology, matrix_transition=True)
+    ulysses = scan_ulysses(ulysses, topology.sequence_size, matrix_transition=True)
     place = rank_heads_of(v.shape[2], k.shape[2], topology, split=ulysses == "heads")
     # [B, S_RU, H, ..] -> [B, S_block, slots, ..]: this rank's block, its value heads
     (v_slots, g_slots, beta_slots), (q_slots, k_slots) = to_rank_heads(

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from usp.attention.heads import heads_of
+from usp.choices import scan_ulysses
 from usp.scan.calls import (check_groups, check_positive_int, check_same, check_scan_layout,
                             check_tensor, check_ulysses_mode, describe, digest,
-                            resolve_ulysses_mode, scan_block, sequence_segments)
+                            scan_block, sequence_segments)
 from usp.scan.chain import chain_of, pass_along
 from usp.scan.segments import block_segments
 from usp.scan.slots import from_rank_heads, rank_heads_of, to_rank_heads
@@ -130,7 +131,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, topology: T
                            ulysses=ulysses)
     topology.agree_on_call(description, error)
 
-    ulysses = resolve_ulysses_mode(ulysses, topology, matrix_transition=False)
+    ulysses = scan_ulysses(ulysses, topology.sequence_size, matrix_transition=False)
     dtype = compute_dtype(x.dtype)
     step = discretised_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)  # [B, S_RU, H]
     place = rank_heads_of(x.shape[2], B.shape[2], topology, split=ulysses == "heads")

@@ -1,0 +1,169 @@
+"""The planner prices a hybrid's scan layers (usp.plan.scans): their parameters against the
+models transformers builds, their traffic against what usp.scan sends, and their compute, state
+traffic and memory in a step's cost."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from usp.plan.config import ParallelConfig, check_config
+from usp.plan.cost import estimate
+from usp.plan.planner import plan
+from usp.plan.presets import get_cluster
+from usp.plan.scans import ScanSpec, scan_traffic
+from usp.plan.specs import ModelSpec, Workload
+
+transformers = pytest.importorskip("transformers")
+
+BAMBA = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1],
+             mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+             mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=32)
+NEMOTRON_H = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  layers_block_type=["mamba", "mlp", "attention", "mlp"], mamba_num_heads=8,
+                  mamba_head_dim=16, n_groups=2, ssm_state_size=8, conv_kernel=4, expand=2,
+                  chunk_size=32)
+
+
+def _spec(tmp_path, name, values) -> tuple[ModelSpec, int]:
+    """The planner's reading of the config, and the parameters of the model transformers
+    builds from it (on meta)."""
+    config = getattr(transformers, name)(**values)
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return (ModelSpec.from_hf_config(tmp_path / "config.json"),
+            sum(p.numel() for p in model.parameters()))
+
+
+@pytest.mark.parametrize("name, values", [("BambaConfig", BAMBA),
+                                          ("NemotronHConfig", NEMOTRON_H)])
+def test_hybrid_configs_are_read_with_their_parameters(tmp_path, name, values):
+    spec, parameters = _spec(tmp_path, name, values)
+    assert spec.scan is not None and spec.scan.kind == "ssd"
+    assert spec.total_params == parameters, (spec.total_params, parameters)
+
+
+def test_bamba_default_config(tmp_path):
+    # Bamba-9B's shapes (transformers' default config, 3 attention layers): 9.78B parameters
+    spec, parameters = _spec(tmp_path, "BambaConfig", {"attn_layer_indices": [9, 18, 27]})
+    assert (spec.attention_count, spec.scan.layers) == (3, 29)
+    assert spec.total_params == parameters
+
+
+def test_scan_traffic_is_what_usp_scan_sends():
+    # tests/test_scan.py measures these bytes on 4 ranks; the planner books the same
+    ssd = ScanSpec("ssd", 1, heads=4, head_dim=3, state=4, groups=2)
+    delta = ScanSpec("delta", 1, heads=4, head_dim=3, state=4, groups=2)
+    state = scan_traffic(ssd, 2, 6, 8, ring=2, ulysses=2)  # SSD: along every shard
+    assert state.state == 2 * 4 * 3 * 4 * 4  # batch x H x P x N, fp32
+    assert (state.ring_links, state.ulysses_links, state.all_to_all_inputs) == (1, 2, 0)
+    assert state.halo == 2 * (4 * 3 + 2 * 2 * 4) * 3 * 8  # batch x channels x (K-1) x bytes
+    heads = scan_traffic(delta, 2, 6, 8, ring=2, ulysses=2)  # the delta rule on 4: heads
+    assert heads.state == 2 * 2 * 4 * 3 * 4 and (heads.ring_links, heads.ulysses_links) == (1, 0)
+    assert heads.all_to_all_inputs == 0.5 * 2 * 6 * (4 * 3 + 2 * 4 + 2 * 2 * 4) * 8
+    assert not heads.middle and scan_traffic(delta, 2, 6, 8, ring=4, ulysses=1).middle
+    two = scan_traffic(delta, 2, 6, 8, ring=1, ulysses=2)  # on 2 ranks: the state
+    assert two.state == state.state and two.all_to_all_inputs == 0
+
+
+def _all_attention(spec: ModelSpec) -> ModelSpec:
+    return replace(spec, scan=None, attention_layers=None)
+
+
+def test_step_cost_counts_the_scans(tmp_path):
+    spec, _ = _spec(tmp_path, "BambaConfig", {"attn_layer_indices": [9, 18, 27]})
+    cluster = get_cluster("h100x8", nodes=1)
+    workload = Workload(spec, seq_len=131072, global_batch=1)
+    config = ParallelConfig(dp=1, ring=2, ulysses=4, tp=1, zero=3, ac="full", loss="chunked",
+                            layout="contiguous")
+    assert not check_config(workload, cluster, config)
+    hybrid = estimate(workload, cluster, config)
+    dense = estimate(Workload(_all_attention(spec), 131072, 1), cluster,
+                     replace(config, layout="zigzag"))
+    # 29 of 32 layers scan instead of attending at 128k tokens: far less compute
+    assert hybrid.time["compute"] < 0.5 * dense.time["compute"]
+    assert hybrid.time["scan_comm"] > 0 and "scan_comm" in dense.time
+    # against the 3 attention layers alone: the scans' compute, and their p2p bytes — each
+    # scan layer's state (every head, fp32) and halo, forward, recomputed and backward
+    attention_only = estimate(Workload(replace(spec, scan=None, attention_layers=3), 131072, 1),
+                              cluster, config)
+    assert hybrid.time["compute"] > attention_only.time["compute"]
+    scan = spec.scan
+    state = scan.heads * scan.head_dim * scan.state * 4
+    halo = scan.conv_channels * (scan.conv_kernel - 1) * 2  # bf16
+    scanned = hybrid.bytes_by_kind()["p2p"] - attention_only.bytes_by_kind()["p2p"]
+    assert scanned == pytest.approx(29 * 3 * (state + halo))
+    # the scans' saved tensors: more memory without checkpointing than with it
+    bare = estimate(workload, cluster, replace(config, ac="none"))
+    assert bare.memory["activations"] > hybrid.memory["activations"]
+    assert bare.memory["activations"] > estimate(
+        Workload(replace(spec, scan=None, attention_layers=3), 131072, 1), cluster,
+        replace(config, ac="none")).memory["activations"]
+
+
+def test_planner_keeps_hybrids_contiguous_and_off_tp(tmp_path):
+    spec, _ = _spec(tmp_path, "BambaConfig", {"attn_layer_indices": [9, 18, 27]})
+    cluster = get_cluster("h100x8", nodes=1)
+    workload = Workload(spec, seq_len=65536, global_batch=1)
+    rules = {v.rule for v in check_config(workload, cluster, ParallelConfig(
+        dp=1, ring=4, ulysses=1, tp=2, zero=3, loss="vocab_parallel", layout="zigzag"))}
+    assert {"tp for scans", "layout for scans"} <= rules
+    best = plan(workload, cluster).best
+    assert best.config.tp == 1 and best.config.layout == "contiguous"
+
+
+def test_unknown_hybrids_and_experts_stay_refused(tmp_path):
+    for name in ("Zamba2Config", "FalconH1Config"):
+        (tmp_path / "config.json").write_text(json.dumps(getattr(transformers, name)().to_dict()))
+        with pytest.raises(ValueError, match="prices the scan layers of"):
+            ModelSpec.from_hf_config(tmp_path / "config.json")
+    nemotron = transformers.NemotronHConfig(**{**NEMOTRON_H, "layers_block_type": [
+        "mamba", "moe", "attention", "mlp"]}).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(nemotron))
+    with pytest.raises(ValueError, match="routed experts"):
+        ModelSpec.from_hf_config(tmp_path / "config.json")
+
+
+def _kept_bytes(run) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of ``run()``."""
+    kept = {}
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("kind, heads, head_dim, state, groups, chunk", [
+    ("ssd", 8, 16, 8, 2, 32), ("ssd", 4, 64, 32, 1, 64),
+    ("delta", 4, 16, 8, 2, 32), ("delta", 4, 32, 64, 4, 64)])
+def test_scan_internals_are_what_usp_scan_keeps(kind, heads, head_dim, state, groups, chunk):
+    from usp.plan.scans import FP32_BYTES, scan_activations
+    from usp.scan import gated_delta_scan, ssd_scan
+    from usp.topology import Topology
+
+    length, one = 512, Topology.build()
+    draw = lambda *shape: torch.randn(*shape, requires_grad=True)  # noqa: E731
+    if kind == "ssd":
+        x, dt, b, c = (draw(1, length, heads, head_dim), draw(1, length, heads),
+                       draw(1, length, groups, state), draw(1, length, groups, state))
+        kept = _kept_bytes(lambda: ssd_scan(x, dt, -torch.rand(heads), b, c, one,
+                                            chunk_size=chunk, D=torch.randn(heads),
+                                            dt_softplus=True))
+    else:
+        q, k, v = (draw(1, length, groups, state), draw(1, length, groups, state),
+                   draw(1, length, heads, head_dim))
+        g = (-torch.rand(1, length, heads)).requires_grad_()  # in a model: projections'
+        beta = torch.rand(1, length, heads, requires_grad=True)
+        kept = _kept_bytes(lambda: gated_delta_scan(q, k, v, g, beta, one, chunk_size=chunk,
+                                                    use_qk_l2norm=True))
+    spec = ScanSpec(kind, 1, heads, head_dim, state, groups, chunk=chunk)
+    counted = scan_activations(spec, 1, length, FP32_BYTES).working
+    assert counted == pytest.approx(kept, rel=0.02), (counted, kept)
