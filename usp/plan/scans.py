@@ -142,16 +142,15 @@ def scan_activations(scan: ScanSpec, batch: int, tokens: int,
     input projection's output, the convolution's output, the gated norm's input and output and
     the output projection's input (``element_bytes`` each), and what ``usp.scan`` keeps for its
     backward, per token and head in fp32 — counted with a saved-tensor hook
-    (tests/test_plan_scans.py holds the count to it): SSD ``3P + 6N + 3Q + 2NP/Q + 2P/Q + 2``
-    (its inputs cast, B and C repeated to the heads and cut in chunks, three ``Q``-wide rows of
-    the chunk's scores, each chunk's start and own state), the delta rule ``12N + 4P + 5Q +
-    2NP/Q + 5``. The backward's extra is taken as the same internals again (their
+    (tests/test_plan_scans.py holds the count to it, within 5%): SSD ``5P + (4N + Q) G/H + 2Q
+    + 2NP/Q + 4`` (x and its scaled copies, B and C once per group, the chunk's decays and
+    scores, each chunk's state twice), the delta rule ``12N + 4P + 5Q + 2NP/Q + 5``. The backward's extra is taken as the same internals again (their
     gradients)."""
     h, p, n, q, g = scan.heads, scan.head_dim, scan.state, scan.chunk, scan.groups
     projected = 2 * h * p + 2 * g * n + 2 * h
     per_token = element_bytes * (projected + scan.conv_channels + 3 * h * p)
     if scan.kind == "ssd":
-        kept = 3 * p + 6 * n + 3 * q + 2 * n * p / q + 2 * p / q + 2
+        kept = 5 * p + (4 * n + q) * g / h + 2 * q + 2 * n * p / q + 4
     else:
         kept = 12 * n + 4 * p + 5 * q + 2 * n * p / q + 5
     internals = FP32_BYTES * h * kept

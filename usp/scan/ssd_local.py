@@ -50,6 +50,24 @@ def from_chunks(t: Tensor, length: int) -> Tensor:
     return t[:, :length]
 
 
+def heads_side_by_side(t: Tensor, groups: int) -> Tensor:
+    """``[B, H, c, R, D]`` -> ``[B, G, c, R, H/G · D]``: the heads that read one group side by
+    side in the last dim, so a product with the group's ``[B, G, c, .., R]`` tensor is one
+    batched matmul that never copies the group to its heads (a broadcast matmul would, and its
+    backward would keep the copy)."""
+    batch, heads, chunks, rows, width = t.shape
+    t = t.reshape(batch, groups, heads // groups, chunks, rows, width)
+    return t.permute(0, 1, 3, 4, 2, 5).reshape(batch, groups, chunks, rows, -1)
+
+
+def heads_apart(t: Tensor, width: int) -> Tensor:
+    """The inverse of :func:`heads_side_by_side`: ``[B, G, c, R, H/G · D]`` -> ``[B, H, c, R,
+    D]`` with ``D = width``."""
+    batch, groups, chunks, rows, _ = t.shape
+    t = t.reshape(batch, groups, chunks, rows, -1, width).permute(0, 1, 4, 2, 3, 5)
+    return t.reshape(batch, -1, chunks, rows, width)
+
+
 def decay_matrix(log_decay: Tensor) -> Tensor:
     """``[.., Q]`` log decays -> ``[.., Q, Q]`` with ``exp(Σ_{s<j<=t} a_j)`` at ``[t, s]`` for
     ``s <= t`` and 0 above the diagonal. Summing each range directly (a masked cumulative sum)
@@ -82,8 +100,8 @@ class SSDBlock:
 
     length: int
     x_dt: Tensor  # [B, H, c, Q, P]: dt_s x_s
-    b: Tensor  # [B, H, c, Q, N]
-    c: Tensor  # [B, H, c, Q, N]
+    b: Tensor  # [B, G, c, Q, N]: each group once (its run of H/G heads side by side)
+    c: Tensor  # [B, G, c, Q, N]
     log_decay: Tensor  # [B, H, c, Q]: a_t
     cum: Tensor  # [B, H, c, Q]: Σ_{j<=t} a_j inside the chunk
     same: Tensor | None  # [rows, 1, c, Q, Q]
@@ -97,13 +115,15 @@ class SSDBlock:
 def block_states(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor,
                  segments: BlockSegments | None, chunk: int) -> SSDBlock:
     """Phase 1: x ``[B, L, H, P]``, dt ``[B, L, H]``, a ``[H]`` (A, negative), b/c
-    ``[B, L, H, N]`` (the groups already repeated to their heads)."""
+    ``[B, L, G, N]``, each group read by a run of ``H/G`` consecutive heads (never repeated to
+    the heads: the products broadcast them, so the backward keeps each group once)."""
     dtype = compute_dtype(x.dtype)
     length = x.shape[1]
     dt = dt.to(dtype)
     x_dt = to_chunks(x.to(dtype) * dt[..., None], chunk)  # [B, H, c, Q, P]
     log_decay = to_chunks(dt * a.to(dtype), chunk)  # [B, H, c, Q]
-    b, c = to_chunks(b.to(dtype), chunk), to_chunks(c.to(dtype), chunk)
+    b, c = to_chunks(b.to(dtype), chunk), to_chunks(c.to(dtype), chunk)  # [B, G, c, Q, N]
+    groups = b.shape[1]
     cum = log_decay.cumsum(dim=-1)
     same = from_entry = through = None
     to_end = (cum[..., -1:] - cum).exp()  # [B, H, c, Q]: the decay from s to the chunk's end
@@ -113,7 +133,8 @@ def block_states(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor,
         to_end = to_end * masks.to_end[:, None]
         through = masks.through
     # each chunk's own contribution to the state at its end: Σ_s decay(s→end) B_s (dt_s x_s)^T
-    own = (b * to_end[..., None]).transpose(-1, -2) @ x_dt  # [B, H, c, N, P]
+    own = heads_apart(b.transpose(-1, -2) @ heads_side_by_side(x_dt * to_end[..., None], groups),
+                      x_dt.shape[-1])  # [B, H, c, N, P]
     gamma = cum[..., -1].exp()  # [B, H, c]
     if through is not None:
         gamma = gamma * through[:, None]
@@ -131,7 +152,9 @@ def block_output(block: SSDBlock, entering: Tensor | None) -> Tensor:
     """Phase 2: y ``[B, L, H, P]`` (compute dtype, without the D skip) given the state
     ``entering`` ``[B, H, N, P]`` the block starts from (None: zero)."""
     # inside each chunk: (C_t·B_s) · decay(s→t), masked to s <= t in one segment
-    scores = (block.c @ block.b.transpose(-1, -2)) * decay_matrix(block.log_decay)
+    groups = block.b.shape[1]
+    scores = ((block.c @ block.b.transpose(-1, -2))[:, :, None]  # [B, G, 1, c, Q, Q]
+              * decay_matrix(block.log_decay).unflatten(1, (groups, -1))).flatten(1, 2)
     if block.same is not None:
         scores = scores * block.same
     y = scores @ block.x_dt  # [B, H, c, Q, P]
@@ -141,7 +164,8 @@ def block_output(block: SSDBlock, entering: Tensor | None) -> Tensor:
     reach = block.cum.exp()  # decay from the chunk start to t
     if block.from_entry is not None:
         reach = reach * block.from_entry
-    y = y + (block.c * reach[..., None]) @ starts
+    y = y + heads_apart(block.c @ heads_side_by_side(starts, groups),
+                        starts.shape[-1]) * reach[..., None]
     return from_chunks(y, block.length)
 
 
