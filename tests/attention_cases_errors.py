@@ -37,6 +37,12 @@ def bad_inputs(rank: int, world_size: int) -> list[str]:
             lambda: attention(x(4, 4), x(4, 4, torch.float64), x(4, 4), topology), "float64"),
         _expect_value_error(lambda: attention(x(4, 4), x(4, 4), x(4, 4), topology, layout="zig"),
                             "'zig'", "contiguous"),
+        # contiguous shards of 3 over ring 4: ring blocks of 3 slots cannot be cut in halves
+        _expect_value_error(lambda: attention(x(3, 4), x(3, 4), x(3, 4), pure_ring, causal=True,
+                                              layout="contiguous", ring_layout="zigzag"),
+                            "ring block of 3 slots", "multiple of 8", "'stripe'"),
+        _expect_value_error(lambda: attention(x(4, 4), x(4, 4), x(4, 4), topology,
+                                              layout="contiguous", ring_layout="zag"), "'zag'"),
         _expect_value_error(lambda: attention(x(4, 4), x(4, 4), x(4, 4), topology, kernel="fa9"),
                             "'fa9'", "cpu_flash"),
         _expect_value_error(

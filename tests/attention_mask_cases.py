@@ -27,6 +27,7 @@ class MaskCase:
     n_kv_heads: int
     kind: str  # documents | window | documents+window | padding | uneven
     dtype: str = "fp64"
+    ring_layout: str | None = None  # the ring re-lays the blocks into this layout and back
 
 
 def mask_arguments(kind: str, seq_len: int, causal: bool) -> dict:
@@ -77,7 +78,7 @@ def check_mask_case(case: MaskCase, topology, seq_len: int) -> None:
     shard = lambda t: usp.shard_sequence(t, topology, case.layout)  # noqa: E731
     leaves = [shard(t).to(dtype).requires_grad_() for t in (q, k, v)]
     out = usp.usp_attention(*leaves, topology, causal=case.causal, layout=case.layout,
-                            seq_len=seq_len, **options)
+                            seq_len=seq_len, ring_layout=case.ring_layout, **options)
     out.backward(shard(dout).to(dtype))
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in leaves)),
                                expected):
@@ -104,6 +105,12 @@ def run_mask_grid(rank: int, world_size: int, seq_len: int, kinds: list[str],
         if low_precision:
             cases += [MaskCase(ring, ulysses, "zigzag", True, HEADS // 2, kind, dtype)
                       for kind in kinds for dtype in ("fp32", "bf16")]
+        if ring > 1 and low_precision:  # contiguous shards, the ring on a balanced layout
+            cases += [MaskCase(ring, ulysses, "contiguous", causal, HEADS // 2, kind,
+                               ring_layout=ring_layout)
+                      for ring_layout, causal, kind in itertools.product(
+                          ("zigzag", "stripe"), (True, False), kinds)
+                      if not (ring_layout == "zigzag" and kind == "uneven")]
         failures += [f"rank {rank} {f}" for f in
                      collect_failures(cases, lambda c: check_mask_case(c, topology, seq_len))]
     return failures

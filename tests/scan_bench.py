@@ -16,7 +16,9 @@ Prints (asserts nothing):
   the single process (rank 0 alone, the other rank waiting), the ceiling (both ranks at once,
   each running the single-process scan on half the heads, no communication) and each split
   (the slower rank's time); each figure is the median over the rounds, after a warm-up.
-  Efficiency = (single / 2) / split, and against the ceiling = ceiling / split.
+  Efficiency = (single / 2) / split, and against the ceiling = ceiling / split;
+- causal ring 2 attention of the same sizes on the scans' contiguous shards, as is and with the
+  ring re-laid into zigzag (``ring_layout``), against zigzag shards.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from tests.distributed import run_on_ranks
 from usp.comm import CommStats
 from usp.layout import shard_sequence
+from usp.attention.usp import usp_attention
 from usp.scan import causal_conv, gated_delta_scan, ssd_scan
 from usp.topology import Topology
 
@@ -128,6 +131,32 @@ def _timings(name, make, inputs, rank, world_size) -> dict:
             for kind, values in samples.items()}
 
 
+def _attention_layouts(rank: int, world_size: int) -> dict:
+    """Median seconds (slowest rank) of causal ring attention forward + backward on the
+    scans' contiguous shards, as is (unbalanced), re-laid into zigzag for the ring
+    (``ring_layout``), and on zigzag shards (no move: the balanced bar)."""
+    ring = Topology.build(ring=world_size)
+    generator = torch.Generator().manual_seed(0)
+    length, heads, head_dim = TIMED["length"], TIMED["heads"], TIMED["head_dim"]
+    whole = [torch.randn(1, length, heads, head_dim, generator=generator) for _ in range(3)]
+    runs = {name: (layout, ring_layout, [shard_sequence(t, ring, layout) for t in whole])
+            for name, layout, ring_layout in (("contiguous", "contiguous", None),
+                                              ("contiguous, ring on zigzag", "contiguous",
+                                               "zigzag"),
+                                              ("zigzag", "zigzag", None))}
+    samples = {name: [] for name in runs}
+    for round_ in range(ROUNDS + 1):
+        for name, (layout, ring_layout, shards) in runs.items():
+            torch.distributed.barrier()
+            seconds = torch.tensor(_forward_backward(
+                lambda q, k, v: usp_attention(q, k, v, ring, causal=True, layout=layout,
+                                              ring_layout=ring_layout), shards))
+            torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+            if round_:
+                samples[name].append(float(seconds))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def on_rank(rank: int, world_size: int) -> dict:
     topology = Topology.build(ring=world_size)
     sent = {}
@@ -152,7 +181,7 @@ def on_rank(rank: int, world_size: int) -> dict:
         sent[name] = stats.bytes["p2p"]
     times = {name: _timings(name, _ssd if name == "ssd" else _delta, inputs, rank, world_size)
              for name, inputs in _timed_inputs().items()}
-    return {"bytes": sent, "times": times}
+    return {"bytes": sent, "times": times, "attention": _attention_layouts(rank, world_size)}
 
 
 def main() -> None:
@@ -177,6 +206,11 @@ def main() -> None:
             split = times[kind]
             print(f"         {kind + ' 2':17s} {split:.3f} s   efficiency "
                   f"{single / 2 / split:.2f}   against the ceiling {ceiling / split:.2f}")
+    attention = ranks[0]["attention"]
+    print(f"causal ring 2 attention beside the scans, forward+backward, fp32, same S, H, head_dim "
+          f"(median of {ROUNDS} rounds, slower rank):")
+    for name, seconds in attention.items():
+        print(f"  {name:28s} {seconds:.3f} s   {seconds / attention['zigzag']:.2f}x zigzag's")
 
 
 if __name__ == "__main__":

@@ -61,10 +61,13 @@ ZAMBA2 = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attenti
               mamba_headdim=16, mamba_ngroups=2, mamba_d_state=8, n_mamba_heads=4,
               chunk_size=8, initializer_range=0.2, tie_word_embeddings=False)
 MODELS = {"bamba": BAMBA, "qwen3_next": QWEN3_NEXT, "nemotron_h": NEMOTRON_H, "zamba2": ZAMBA2}
-# model, ring, ulysses, a right-padded row
-CASES = [("bamba", 2, 2, False), ("bamba", 2, 2, True), ("bamba", 1, 4, False),
-         ("bamba", 4, 1, False), ("qwen3_next", 2, 2, False), ("qwen3_next", 2, 2, True),
-         ("qwen3_next", 1, 4, False), ("nemotron_h", 2, 2, True), ("nemotron_h", 4, 1, False), ("zamba2", 2, 2, True)]
+# model, ring, ulysses, a right-padded row, the layout the ring attention runs on (its blocks
+# re-laid from the scans' contiguous ones and back; None: contiguous)
+CASES = [("bamba", 2, 2, False, None), ("bamba", 2, 2, True, "zigzag"),
+         ("bamba", 1, 4, False, None), ("bamba", 4, 1, False, None),
+         ("qwen3_next", 2, 2, False, None), ("qwen3_next", 2, 2, True, "stripe"),
+         ("qwen3_next", 1, 4, False, None), ("nemotron_h", 2, 2, True, None),
+         ("nemotron_h", 4, 1, False, "zigzag"), ("zamba2", 2, 2, True, None)]
 
 
 def _config(name: str = "bamba"):
@@ -79,8 +82,9 @@ def _inputs(padded: bool):
     return ids, kwargs, labels
 
 
-def _compare(name, ring, ulysses, padded):
-    context = USPContext(Topology.build(ring=ring, ulysses=ulysses), "contiguous")
+def _compare(name, ring, ulysses, padded, ring_layout):
+    context = USPContext(Topology.build(ring=ring, ulysses=ulysses), "contiguous",
+                         ring_layout=ring_layout)
     torch.manual_seed(0)
     eager = AutoModelForCausalLM.from_config(_config(name), attn_implementation="eager")
     reference = copy.deepcopy(eager).double()
@@ -108,7 +112,8 @@ def _compare(name, ring, ulysses, padded):
 def _training_step(config_dir):
     """usp train's path: the family's model, parallelised (FSDP2 over ring 2 x ulysses 2); its
     shards initialised on each rank equal one process's whole model (Qwen3-Next's A_log is
-    drawn at random by transformers: from the seed and the module's name)."""
+    drawn at random by transformers: from the seed and the module's name). Bamba's and
+    Nemotron-H's attention runs its ring on zigzag blocks (``--ring-layout zigzag``)."""
     topology = Topology.build(ring=2, ulysses=2)
     tokens = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(1))
     eager = build_hf_causal_lm(str(config_dir), seed=3)
@@ -118,7 +123,9 @@ def _training_step(config_dir):
     # initialised (Mamba-2's A_log is log(1..H): transformers' own init, per shard)
     torch.manual_seed(1000 + dist.get_rank())  # ranks whose random state differs, as in a run
     model = parallelize(build_hf_causal_lm(str(config_dir), device="meta"), topology,
-                        layout="contiguous")
+                        layout="contiguous",
+                        ring_layout="zigzag" if config_dir.name in ("bamba", "nemotron_h")
+                        else None)
     materialize(model, torch.device("cpu"), seed=3)
     batch = shard_batch(tokens, topology, "contiguous")
     loss = global_mean_cross_entropy(model(batch["input_ids"], batch["position_ids"]),

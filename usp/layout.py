@@ -64,6 +64,19 @@ def check_tp_split(seq_len: int, ring: int, ulysses: int, tp: int, layout: str) 
         )
 
 
+def check_ring_layout(ring_layout: str | None, slots: int, ring: int) -> None:
+    """ValueError unless ring attention can run on ``ring_layout`` (None: the shards' own
+    layout) over ``ring`` blocks of ``slots`` slots in all: zigzag cuts each block in halves."""
+    if ring_layout is None:
+        return
+    check_layout(ring_layout)
+    if ring_layout == "zigzag" and ring > 1 and (slots // ring) % 2:
+        raise ValueError(
+            f"ring_layout='zigzag' cuts each ring block of {slots // ring} slots ({slots} over "
+            f"ring={ring}) into two halves, so it must be even; pad the sequence to a multiple "
+            f"of {2 * ring} slots, or use ring_layout='stripe'")
+
+
 def check_sequence_length(seq_len: int, ring: int, ulysses: int, layout: str) -> None:
     """Raise ValueError unless ``layout`` splits ``seq_len`` slots over ring × ulysses evenly
     (shards from :func:`shard_sequence` always do: it pads)."""

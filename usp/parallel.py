@@ -96,6 +96,7 @@ def parallelize(
     *,
     layout: str = "zigzag",
     kernel: str = "auto",
+    ring_layout: str | None = None,
     activation_checkpointing: str = "none",
     tiled_mlp: int = 0,
     loss: str = "full",
@@ -108,7 +109,8 @@ def parallelize(
 
     ``param_dtype`` / ``reduce_dtype`` are FSDP2's mixed-precision policy (compute dtype of the
     gathered parameters, dtype of the gradient reduction); the sharded master weights keep
-    their dtype. ``tiled_mlp``: tokens per tile of each block's MLP (0: untiled). ``loss``: one
+    their dtype. ``ring_layout``: the layout ring attention runs on, its blocks re-laid from
+    ``layout`` and back around each attention (None: ``layout``). ``tiled_mlp``: tokens per tile of each block's MLP (0: untiled). ``loss``: one
     of ``usp.losses.LOSSES``; ``"vocab_parallel"`` (tp > 1) leaves the output projection's
     result split over the vocabulary for ``usp.losses.LossHead``. Returns the same module,
     modified in place (with ``pp > 1``: this rank's stage of it; run it with
@@ -132,7 +134,7 @@ def parallelize(
                 "stages; use pp=1"
             )
         model = plan.keep_stage(model, topology)
-    plan.use_attention(model, topology, layout, kernel)
+    plan.use_attention(model, topology, layout, kernel, ring_layout)
     if topology.size("tp") > 1:
         if plan.tensor_parallel is None:
             raise ValueError(

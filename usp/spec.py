@@ -52,6 +52,11 @@ class Parallel:
                              "head-first (Ulysses inside a node) or context-first (the ring)",
                              choices=PLACEMENTS)
     layout: str = setting("stripe", "token layout over sequence ranks", choices=LAYOUTS)
+    ring_layout: str | None = setting(
+        None, "the layout ring attention runs on when not --layout's: around each attention its "
+        "ring blocks are re-laid across the ring and back, so a hybrid's --layout contiguous "
+        "(its scans need it) meets causal attention balanced with zigzag or stripe (default: "
+        "none, --layout's)", choices=LAYOUTS)
     microbatches: int = setting(0, "pipeline micro-batches per step; the global batch must be a "
                                 "multiple of dp x microbatches (0: one per stage)")
     pp_schedule: str = setting("1f1b", "pipeline schedule", choices=PIPELINE_SCHEDULES)

@@ -17,9 +17,10 @@ from torch import nn
 from usp.attention.kernels import Kernel, default_scale, resolve_kernel
 from usp.attention.call_mask import call_mask
 from usp.attention.heads import heads_of
+from usp.attention.relayout import relayout
 from usp.attention.ring import ring_attention_on_group
 from usp.attention.ulysses import ulysses_around
-from usp.layout import check_layout, check_sequence_length
+from usp.layout import check_layout, check_ring_layout, check_sequence_length
 from usp.mask import AttentionMask
 from usp.schedule import schedule_for
 from usp.topology import Topology
@@ -114,6 +115,7 @@ def usp_attention(
     mask: AttentionMask | None = None,
     head_chunks: int = 1,
     sinks: Tensor | None = None,
+    ring_layout: str | None = None,
 ) -> Tensor:
     """Attention over a sequence sharded on ring × ulysses ranks.
 
@@ -136,6 +138,12 @@ def usp_attention(
     every row's softmax denominator that carries no value; exact on every path, and its
     gradient on each rank is that rank's part (they sum over the ranks, as FSDP sums).
 
+    ``ring_layout`` (ring > 1): the layout the ring runs on when it is not ``layout``'s: after
+    the Ulysses all-to-all one all-to-all over the ring group re-lays each ring block's q, k and
+    v (and the output back), so a ``contiguous`` sequence — what a scan layer needs — meets
+    causal attention balanced (``"zigzag"``, or ``"stripe"``). The result is the same
+    (:mod:`usp.attention.relayout`).
+
     ``head_chunks`` (Ulysses): each rank's heads run in up to this many chunks of whole kv
     groups, every chunk's all-to-alls travelling while another chunk's attention computes
     (:mod:`usp.attention.ulysses_overlap`); 1: one all-to-all each way. The result is the same.
@@ -156,17 +164,22 @@ def usp_attention(
         if not isinstance(head_chunks, int) or head_chunks < 1:
             raise ValueError(f"head_chunks={head_chunks!r} must be an integer >= 1")
         _check_sinks(sinks, q)
+        check_ring_layout(ring_layout, q.shape[1] * topology.sequence_size, topology.ring_size)
     except Exception as exc:  # any failure before a collective reaches every rank, as one error
         error = exc
     description = _describe(q, k, v, mask, layout, softmax_scale, kernel, head_chunks)
     description["sinks"] = tuple(sinks.shape) if isinstance(sinks, Tensor) else sinks
+    description["ring_layout"] = ring_layout
     topology.agree_on_call(description, error)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     scale = default_scale(q.shape[-1], softmax_scale)
     ring_group = topology.ring_group if topology.ring_size > 1 else None
-    schedule = schedule_for(mask, layout, topology.ring_size)
+    runs_on = ring_layout if ring_group is not None and ring_layout is not None else layout
+    schedule = schedule_for(mask, runs_on, topology.ring_size)
     ring = partial(ring_attention_on_group, group=ring_group, schedule=schedule, scale=scale,
                    kernel=chosen)
+    if runs_on != layout:
+        ring = partial(_relaid, ring, group=ring_group, layout=layout, ring_layout=runs_on)
     if topology.ulysses_size == 1:
         return ring(q, k, v, sinks=sinks)  # [B, S_R, Hq, D]
 
@@ -176,6 +189,14 @@ def usp_attention(
                     sinks=None if sinks is None else heads_of(sinks, heads))
 
     return ulysses_around(q, k, v, topology.ulysses_group, inner, chunks=head_chunks)
+
+
+def _relaid(ring, q: Tensor, k: Tensor, v: Tensor, *, group, layout: str, ring_layout: str,
+            sinks: Tensor | None = None) -> Tensor:
+    """``ring`` on the ring blocks re-laid from ``layout`` into ``ring_layout``, its output laid
+    back."""
+    q, k, v = (relayout(t, group, layout, ring_layout) for t in (q, k, v))
+    return relayout(ring(q, k, v, sinks=sinks), group, ring_layout, layout)
 
 
 def _check_sinks(sinks, q: Tensor) -> None:

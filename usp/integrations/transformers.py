@@ -63,9 +63,14 @@ class USPContext:
     # layer runs split (usp.integrations.hf_scan); a generation's context holds them whole
     shards_hidden_states = True
 
-    def __init__(self, topology: Topology, layout: str = "zigzag", kernel: str = "auto") -> None:
+    def __init__(self, topology: Topology, layout: str = "zigzag", kernel: str = "auto", *,
+                 ring_layout: str | None = None) -> None:
         check_layout(layout)
+        if ring_layout is not None:
+            check_layout(ring_layout)
         self.topology, self.layout, self.kernel = topology, layout, kernel
+        # the layout ring attention runs on (usp_attention's ring_layout); None: the layout's
+        self.ring_layout = ring_layout
         # set by a prepared model's forward pre-hook for that forward (ForwardChecks)
         self.forward_checks: ForwardChecks | None = None
         self._group = None
@@ -73,7 +78,9 @@ class USPContext:
             self._group = topology.flat_mesh(*DATA_AXES).get_group()
 
     def __repr__(self) -> str:
-        return f"USPContext({self.topology}, layout={self.layout!r}, kernel={self.kernel!r})"
+        ring = f", ring_layout={self.ring_layout!r}" if self.ring_layout else ""
+        return (f"USPContext({self.topology}, layout={self.layout!r}, kernel={self.kernel!r}"
+                f"{ring})")
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Check ``model`` and switch it to ``attn_implementation="usp"`` (in place).
@@ -190,7 +197,7 @@ class USPContext:
             # [B, H, S_RU, D] -> [B, S_RU, H, D]
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.topology,
             layout=self.layout, softmax_scale=scaling, kernel=self.kernel, mask=request.mask,
-            sinks=sinks,
+            sinks=sinks, ring_layout=self.ring_layout,
         )
 
 

@@ -89,8 +89,9 @@ class ModelPlan:
     # ValueError, naming the numbers, for what the topology cannot split; else a note worth a
     # warning (padded heads) or None
     check: Callable[[nn.Module, Topology], str | None]
-    # swap every layer's attention for usp_attention: (model, topology, layout, kernel)
-    use_attention: Callable[[nn.Module, Topology, str, str], None]
+    # swap every layer's attention for usp_attention: (model, topology, layout, kernel,
+    # ring_layout: the layout the ring runs on, None: the layout's)
+    use_attention: Callable[[nn.Module, Topology, str, str, str | None], None]
     # apply tensor parallelism: (model, tp mesh, output split over the vocabulary); None: no TP
     tensor_parallel: Callable[[nn.Module, object, bool], None] | None
     # cut the model to this rank's pipeline stage (usp.pipeline.stage_layer_names), in place;

@@ -57,6 +57,7 @@ def build_model(section: Model, parallel: Parallel, memory: Memory, topology: To
     # also in one process: the memory features (checkpointing, tiled MLP, loss) apply there too
     model = parallelize(
         model, topology, layout=parallel.layout, kernel=parallel.kernel,
+        ring_layout=parallel.ring_layout,
         activation_checkpointing=memory.ac, tiled_mlp=memory.tiled_mlp, loss=memory.loss,
         fsdp=True, reshard_after_forward=parallel.zero == 3, param_dtype=param_dtype,
         reduce_dtype=reduce_dtype,

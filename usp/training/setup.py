@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from usp.attention.kernels import KERNELS
-from usp.layout import check_tp_split
+from usp.layout import check_ring_layout, check_tp_split, padded_length
 from usp.losses import LossHead, check_loss
 from usp.memory import check_offload
 from usp.parallel import check_memory_options
@@ -126,6 +126,8 @@ def validate(spec: RunSpec, world_size: int) -> None:
                        parallel.pp_schedule)
     check_loss(memory.loss, topology, memory.loss_chunk_tokens)
     check_tp_split(data.seq_len, parallel.ring, parallel.ulysses, parallel.tp, parallel.layout)
+    check_ring_layout(parallel.ring_layout, padded_length(
+        data.seq_len, parallel.ring, parallel.ulysses, parallel.layout), parallel.ring)
     if memory.offload_activations:
         check_offload(torch.device("cuda" if cuda else "cpu"))
 

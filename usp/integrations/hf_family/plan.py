@@ -33,9 +33,10 @@ def check(model: nn.Module, topology: Topology) -> None:
     check_tensor_parallel(model.model, topology)
 
 
-def use_usp_attention(model: nn.Module, topology: Topology, layout: str, kernel: str) -> None:
+def use_usp_attention(model: nn.Module, topology: Topology, layout: str, kernel: str,
+                      ring_layout: str | None = None) -> None:
     """Run the model's attention as ``"usp"`` over ``topology`` (its context for every forward)."""
-    model.context = USPContext(topology, layout, kernel)
+    model.context = USPContext(topology, layout, kernel, ring_layout=ring_layout)
     model.context.prepare(model.model)
 
 

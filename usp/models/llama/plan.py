@@ -60,9 +60,11 @@ def check(model: nn.Module, topology: Topology) -> str | None:
     return check_parallel_config(model.config, topology)
 
 
-def use_usp_attention(model: nn.Module, topology: Topology, layout: str, kernel: str) -> None:
+def use_usp_attention(model: nn.Module, topology: Topology, layout: str, kernel: str,
+                      ring_layout: str | None = None) -> None:
     """Every layer this rank holds attends with ``usp_attention`` over ``topology``."""
     for block in model.layers.values():
         block.attention.attention_fn = partial(
-            usp_attention, topology=topology, causal=True, layout=layout, kernel=kernel
+            usp_attention, topology=topology, causal=True, layout=layout, kernel=kernel,
+            ring_layout=ring_layout,
         )
