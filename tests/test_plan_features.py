@@ -94,7 +94,7 @@ SAMPLE_VALUES = {
     "dp": 1, "tp": 1, "pp": 1, "ring": 2, "ulysses": 8, "zero": 3,
     "tp_sequence_parallel": True, "microbatches": 1, "grad_accum": 1, "ac": "full",
     "placement": "head-first", "pp_schedule": "gpipe", "loss": "chunked",
-    "loss_chunk_tokens": 2048, "tiled_mlp": 2048, "layout": "stripe",
+    "loss_chunk_tokens": 2048, "tiled_mlp": 2048, "layout": "stripe", "ring_layout": "zigzag",
 }
 
 

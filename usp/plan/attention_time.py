@@ -122,6 +122,18 @@ def keys_per_row(shape: AttentionShape, ring: int, layout: str) -> float:
     return block
 
 
+def relayout_moved(ring: int, source: str, target: str) -> float:
+    """The largest share of a ring block that leaves its rank when the blocks are re-laid from
+    ``source`` to ``target`` (``usp.attention.relayout``): contiguous and zigzag share only
+    the chunks they both put on a rank (half of rank 0's block, none of a middle rank's at
+    R > 2); stripe keeps ``1/R`` of any other layout's block."""
+    if source == target or ring == 1:
+        return 0.0
+    if {source, target} == {"contiguous", "zigzag"}:
+        return max(1 - len({2 * r, 2 * r + 1} & {r, 2 * ring - 1 - r}) / 2 for r in range(ring))
+    return 1 - 1 / ring
+
+
 def _ring_pass(step_compute: float, hop: float, ring: int, first_step: float, tail: float,
                hides: bool, issue: float = 0.0) -> float:
     """``ring`` steps: the first computes ``first_step`` on the local block, each later step

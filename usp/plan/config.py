@@ -67,6 +67,9 @@ class ParallelConfig:
     # token layout over the ring (usp.layout): zigzag and stripe balance causal work and cost
     # the same; contiguous leaves the ring's last rank the most work
     layout: str = "zigzag"
+    # the layout ring attention runs on when not the layout's (usp_attention's ring_layout): its
+    # blocks re-laid across the ring and back around each attention; None: the layout's
+    ring_layout: str | None = None
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -128,6 +131,8 @@ class ParallelConfig:
             parts.append(self.pp_schedule)
         if self.ring > 1 and self.layout != "zigzag":
             parts.append(self.layout)
+        if self.ring > 1 and self.ring_layout not in (None, self.layout):
+            parts.append(f"ring-on-{self.ring_layout}")
         if self.loss != "full":
             parts.append(f"loss-{self.loss}" + (f"{self.loss_chunk_tokens}"
                                                 if self.loss == "chunked" else ""))
@@ -154,7 +159,9 @@ class ParallelConfig:
             if key not in known:
                 raise ValueError(f"unknown field {key!r} in {item!r}; the fields are "
                                  f"{', '.join(known)}")
-            if key in TEXT_FIELDS:
+            if key == "ring_layout":
+                values[key] = None if raw.lower() == "none" else raw
+            elif key in TEXT_FIELDS:
                 values[key] = raw
             elif key == "tp_sequence_parallel":
                 if raw.lower() not in ("true", "false"):
@@ -175,7 +182,10 @@ _AC_HINT = (" (usp train's 'block' is 'full' and 'mlp' is 'selective'; lists of 
 def check_field(name: str, value: object) -> None:
     """ValueError, naming it, for a value field ``name`` of :class:`ParallelConfig` cannot take
     (the rules between fields are the class's)."""
-    if name in TEXT_FIELDS:
+    if name == "ring_layout":
+        if value is not None and value not in LAYOUTS:
+            raise ValueError(f"ring_layout={value!r}; choose one of {LAYOUTS} or none")
+    elif name in TEXT_FIELDS:
         if value not in TEXT_FIELDS[name]:
             raise ValueError(f"{name}={value!r}; choose one of {TEXT_FIELDS[name]}"
                              + (_AC_HINT if name == "ac" else ""))
@@ -246,6 +256,12 @@ def check_config(workload: Workload, cluster: ClusterSpec,
             "layout for scans", f"layout={config.layout} with ring={config.ring}: a scan passes "
             "its state from each ring block to the next, so the blocks must be contiguous; use "
             "layout=contiguous"))
+    if (config.ring > 1 and config.ring_layout == "zigzag"
+            and (workload.seq_len // config.ring) % 2):
+        problems.append(Violation(
+            "ring layout", f"ring_layout=zigzag cuts each ring block of "
+            f"{workload.seq_len // config.ring} tokens in halves, so it must be even; use "
+            f"ring_layout=stripe"))
     if config.loss == "vocab_parallel" and model.vocab % config.tp:
         problems.append(Violation(
             "vocab by tp", f"vocab={model.vocab} is not divisible by tp={config.tp} "

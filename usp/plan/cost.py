@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from usp.plan.attention_time import USP_RING, AttentionShape, RingImplementation, attention_time
+from usp.plan.attention_time import (USP_RING, AttentionShape, RingImplementation,
+                                     attention_time, relayout_moved)
 from usp.plan.collectives import KINDS, attention_traffic, sent_bytes, transfer_seconds
 from usp.plan.config import SHARD_AXES, GroupPlacement, ParallelConfig, group_placement
 from usp.plan.memory import layer_params_per_gpu, memory_per_gpu, shapes, stage_params
@@ -87,6 +88,22 @@ class _Ledger:
             if share:
                 self.bytes[(kind, link)] = self.bytes.get((kind, link), 0.0) + repeat * sent * share
         return transfer_seconds(kind, sent, calls, placement, self.cluster)
+
+
+def relayout_time(workload: Workload, config: ParallelConfig, s,
+                  place: dict[str, GroupPlacement], ledger: "_Ledger", repeat: float) -> float:
+    """Seconds one attention pass spends re-laying its ring blocks (``ring_layout``): q, k and
+    v into the ring's layout and the output back (the backward moves their gradients the same
+    way), one all-to-all over the ring each, blocking; books the bytes ``repeat`` times."""
+    target = config.ring_layout or config.layout
+    moved = relayout_moved(config.ring, config.layout, target)
+    if not moved:
+        return 0.0
+    # after the Ulysses all-to-all a rank holds its ring block for its slice of the heads
+    heads = (2 * s.q_heads + 2 * s.kv_heads_attention) / config.ulysses
+    sent = (moved * s.micro_batch * (workload.seq_len // config.ring) * heads
+            * workload.model.head_dim * workload.element_bytes)
+    return ledger.add("all_to_all", sent, 4, place["ring"], repeat=repeat)
 
 
 @dataclass(frozen=True)
@@ -174,12 +191,15 @@ def estimate(workload: Workload, cluster: ClusterSpec, config: ParallelConfig,
     attention = attention_time(
         AttentionShape(s.micro_batch, seq, s.q_heads, s.kv_heads, model.head_dim, e,
                        workload.causal),
-        traffic, cluster, place["ulysses"], place["ring"], config.layout,
+        traffic, cluster, place["ulysses"], place["ring"], config.ring_layout or config.layout,
         rate_share=1 / shared, hides=hides, implementation=ring_implementation)
+    relaid = relayout_time(workload, config, s, place, ledger,
+                           repeat=runs * with_attention * (attention_forwards + 1))
     # the attention's figures for the average layer: weighed by the share of layers with it
     attention_fwd = with_attention * attention.compute_forward
     attention_bwd = with_attention * attention.compute_backward
-    a2a, kv_hop = with_attention * attention.all_to_all, with_attention * attention.kv_hop
+    a2a = with_attention * (attention.all_to_all + relaid)
+    kv_hop = with_attention * attention.kv_hop
     grad_hop = with_attention * attention.grad_hop
     ring_fwd, ring_bwd = (with_attention * attention.ring_forward,
                           with_attention * attention.ring_backward)
@@ -338,7 +358,8 @@ def forward_time(workload: Workload, cluster: ClusterSpec, config: ParallelConfi
     attention = attention_time(
         AttentionShape(s.micro_batch, workload.seq_len, s.q_heads, s.kv_heads, model.head_dim,
                        e, workload.causal),
-        traffic, cluster, place["ulysses"], place["ring"], config.layout,
+        traffic, cluster, place["ulysses"], place["ring"], config.ring_layout or config.layout,
         implementation=ring_implementation)
-    return config.sequential_micro_batches * s.layers * (linear + with_attention
-                                                         * attention.forward + scan)
+    relaid = relayout_time(workload, config, s, place, _Ledger(cluster), repeat=1)
+    return config.sequential_micro_batches * s.layers * (
+        linear + with_attention * (attention.forward + relaid) + scan)

@@ -35,8 +35,9 @@ TIE_BAND = 0.03
 # The memory model's accuracy against measured peaks (docs/planner.md, "Predicted vs measured
 # memory": within 8 %): memories closer than this do not separate a tie either.
 MEMORY_BAND = 0.10
-# Fields the search does not vary: --fix sets them on every configuration instead of filtering
-SET_BY_FIX = ("pp_schedule", "loss_chunk_tokens", "tiled_mlp", "layout")
+# Fields the search does not vary (ring_layout: only for a hybrid): --fix sets them on every
+# configuration instead of filtering
+SET_BY_FIX = ("pp_schedule", "loss_chunk_tokens", "tiled_mlp", "layout", "ring_layout")
 
 
 def _divisors(n: int) -> list[int]:
@@ -78,20 +79,24 @@ def enumerate_configs(workload: Workload, cluster: ClusterSpec) -> list[Parallel
     ulysses shards, else none), placement, micro-batches and memory features (ac, loss, tiled
     MLP); TP always with sequence parallelism."""
     configs = []
-    # a hybrid's scans need each ring block contiguous (usp.scan)
-    layout = "contiguous" if workload.model.scan is not None else ParallelConfig.layout
+    # a hybrid's scans need each ring block contiguous (usp.scan); its attention may run the
+    # ring on zigzag blocks, re-laid around it (usp_attention's ring_layout)
+    hybrid = workload.model.scan is not None
+    layout = "contiguous" if hybrid else ParallelConfig.layout
     for pp, dp, tp, ring, ulysses in _factorisations(cluster.world_size, 5):
         per_replica = workload.global_batch // dp if workload.global_batch % dp == 0 else 1
-        for zero, placement, (microbatches, grad_accum, schedule), (ac, loss, tile) in \
+        ring_layouts = (None, "zigzag") if hybrid and ring > 1 and workload.causal else (None,)
+        for zero, placement, (microbatches, grad_accum, schedule), (ac, loss, tile), ring_on in \
                 itertools.product(
                     (2, 3) if dp * ring * ulysses > 1 else (0,),
                     PLACEMENTS if ring > 1 and ulysses > 1 else ("head-first",),
                     _micro_batches(pp, per_replica),
-                    _memory_features(tp)):
+                    _memory_features(tp), ring_layouts):
             configs.append(ParallelConfig(
                 dp=dp, tp=tp, pp=pp, ring=ring, ulysses=ulysses, zero=zero,
                 microbatches=microbatches, grad_accum=grad_accum, pp_schedule=schedule, ac=ac,
                 placement=placement, loss=loss, tiled_mlp=tile, layout=layout,
+                ring_layout=ring_on,
             ))
     return configs
 
