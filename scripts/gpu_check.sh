@@ -29,7 +29,8 @@ print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| cuDNN", torch
 missing = []
 for name, dist in (("flash_attn", "flash-attn"), ("flash_attn_interface", "flash-attn-3"),
                    ("transformers", "transformers"), ("safetensors", "safetensors"),
-                   ("diffusers", "diffusers"), ("matplotlib", "matplotlib")):
+                   ("diffusers", "diffusers"), ("matplotlib", "matplotlib"),
+                   ("mamba_ssm", "mamba-ssm")):
     if importlib.util.find_spec(name) is None:
         missing.append(name)
         continue

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 
+from tests import mamba_ssm_standin as standin
 from tests.distributed import collect_failures
 from tests.scan_cases import (check_low_precision, grid, run_case, skipped_state_error,
                               state_bytes)
@@ -93,6 +96,14 @@ def scan_world(rank: int, world_size: int) -> dict:
         for name in chained:
             skipped[(ring, ulysses, name)] = skipped_state_error((name, 22, 4, 2, 0), topology)
         sent[(ring, ulysses)] = state_bytes(topology)
+    # SSD's first phase by mamba_ssm's fused kernel (as on CUDA where it is installed), here
+    # its CPU stand-in: the composition around it (transition, entering state, chain) is exact
+    fused = [case for case in grid() if case[0].startswith("ssd")]
+    with mock.patch("usp.scan.ssd.fused_chunk_scan", lambda x: standin.mamba_chunk_scan_combined):
+        for ring, ulysses in GRIDS:
+            topology = Topology.build(ring=ring, ulysses=ulysses)
+            failures += [f"fused ring={ring} ulysses={ulysses} {line}"
+                         for line in collect_failures(fused, _exact(topology))]
     # context-first placement: the sequence group's order differs from its shards' order
     topology = Topology.build(ring=2, ulysses=2, placement="context-first")
     failures += [f"context-first {line}" for line in collect_failures(

@@ -8,9 +8,10 @@ The call's path, on every rank:
    picks); with ``"heads"`` one all-to-all hands it every token of its Ulysses row (the ring
    block) for its slice of the heads, with the B/C groups those heads read
    (:mod:`usp.scan.slots`);
-3. the block's first phase (:func:`usp.scan.ssd_local.block_states`): everything but the
-   state entering the block, and the block's affine map ``S_out = m · S_in + F`` (``m`` a
-   scalar per head: passing the state on costs one multiply-add);
+3. the block's first phase (:func:`usp.scan.ssd_local.block_states`, or on CUDA mamba_ssm's
+   fused kernel where installed: :mod:`usp.scan.fused`): everything but the state entering the
+   block, and the block's affine map ``S_out = m · S_in + F`` (``m`` a scalar per head: passing
+   the state on costs one multiply-add);
 4. the chain (:mod:`usp.scan.chain`): ``S_in`` from the block before, ``m · S_in + F`` on to
    the next — along all ring × ulysses shards in sequence order (``[B, H, N, P]`` per rank and
    direction), or along the ring (``[B, H_U, N, P]``) under ``ulysses="heads"``;
@@ -33,6 +34,7 @@ from usp.scan.calls import (check_groups, check_positive_int, check_same, check_
                             check_tensor, check_ulysses_mode, describe, digest,
                             scan_block, sequence_segments)
 from usp.scan.chain import chain_of, pass_along
+from usp.scan.fused import fused_block, fused_chunk_scan, fused_leaving, fused_output
 from usp.scan.segments import block_segments
 from usp.scan.slots import from_rank_heads, rank_heads_of, to_rank_heads
 from usp.scan.ssd_local import block_output, block_states, compute_dtype, leaving_state
@@ -139,12 +141,20 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, topology: T
     (x_slots, step_slots), (b_slots, c_slots) = to_rank_heads(place, [x, step[..., None]], [B, C],
                                                               repeat_groups=False)
     decay_rate = heads_of(A.to(dtype), place.heads)  # [slots]; 0 in a padding slot
-    block = block_states(x_slots, step_slots[..., 0], decay_rate, b_slots, c_slots,
-                         block_segments(segments, *scan_block(topology, ulysses)), chunk_size)
+    here = block_segments(segments, *scan_block(topology, ulysses))
+    kernel = fused_chunk_scan(x)  # mamba_ssm's, on CUDA where installed
+    if kernel is not None:
+        block = fused_block(kernel, x_slots, step_slots[..., 0], decay_rate, b_slots, c_slots,
+                            here, chunk_size, dtype)
+        output, leaving = fused_output, fused_leaving
+    else:
+        block = block_states(x_slots, step_slots[..., 0], decay_rate, b_slots, c_slots, here,
+                             chunk_size)
+        output, leaving = block_output, leaving_state
     chain = chain_of(topology, over_ulysses=ulysses == "state")
-    entering, token = pass_along(chain, lambda state: leaving_state(block, state), block.final,
+    entering, token = pass_along(chain, lambda state: leaving(block, state), block.final,
                                  anchor=block.final)
-    y = block_output(block, entering)  # [B, S_R, slots, P]
+    y = output(block, entering)  # [B, S_R, slots, P]
     if token is not None:
         y = y + token
     chain.finish()
