@@ -16,7 +16,7 @@ from usp.plan.attention_time import (USP_RING, AttentionShape, RingImplementatio
 from usp.plan.collectives import KINDS, attention_traffic, sent_bytes, transfer_seconds
 from usp.plan.config import SHARD_AXES, GroupPlacement, ParallelConfig, group_placement
 from usp.plan.memory import layer_params_per_gpu, memory_per_gpu, shapes, stage_params
-from usp.plan.scans import scan_mode, scan_traffic
+from usp.plan.scans import scan_traffic
 from usp.plan.specs import ClusterSpec, Workload
 
 # AdamW reads master, grad, m, v (14 B per parameter) and writes master, m, v, bf16 copy (14 B)
@@ -126,11 +126,11 @@ def scan_layer_time(workload: Workload, cluster: ClusterSpec, config: ParallelCo
     scan, e = workload.model.scan, workload.element_bytes
     ring, ulysses = config.ring, config.ulysses
     traffic = scan_traffic(scan, s.micro_batch, s.tokens, e, ring, ulysses)
-    heads_share = 1 if scan_mode(scan, ring, ulysses) == "state" else 1 / ulysses
-    # every rank scans tokens x heads of one sequence shard's worth: S/(RU) x H, or S/R x H/U
-    work = s.micro_batch * s.tokens * scan.forward_flops_per_token
-    if traffic.middle:
-        work += s.micro_batch * s.tokens * ulysses * heads_share * scan.transition_flops_per_token
+    # every rank scans tokens x heads of one sequence shard's worth: S/(RU) x H (the state
+    # along every shard), or S/R x H/U (the heads split); a middle block also builds M
+    per_token = scan.forward_flops_per_token + (
+        scan.transition_flops_per_token if traffic.middle else 0.0)
+    work = s.micro_batch * s.tokens * per_token
     a2a = ledger.add("all_to_all", traffic.all_to_all_inputs + traffic.all_to_all_output, 2,
                      place["ulysses"], repeat=passes)
     chain_place = place["ring"] if ring > 1 else place["ulysses"]
