@@ -32,7 +32,7 @@ from tests.trainer_cases import (
 WORLD = 4
 CASES = [  # padding, packing and gradient accumulation 2 on ring 2 x ulysses 2 and ulysses 4
     Case("llama", 2, 2, "padding", grad_acc=2),
-    Case("llama", 2, 2, "packing"),
+    Case("llama", 2, 2, "packing", layout="contiguous", ring_layout="zigzag"),
     Case("llama", 1, 4, "packing-cu", layout="stripe"),
     Case("qwen3", 2, 2, "packing", grad_acc=2, fsdp=True),
     Case("qwen3", 1, 4, "padding", grad_acc=2, layout="contiguous"),
@@ -51,7 +51,8 @@ def _dp(case: Case) -> int:
 def _usp(case: Case):
     from usp.integrations.trainer import USPArguments
 
-    return USPArguments(ring=case.ring, ulysses=case.ulysses, layout=case.layout)
+    return USPArguments(ring=case.ring, ulysses=case.ulysses, layout=case.layout,
+                        ring_layout=case.ring_layout)
 
 
 def _falcon_h1():

@@ -61,10 +61,12 @@ class Case:
     grad_acc: int = 1
     layout: str = "zigzag"
     fsdp: bool = False  # FSDP2 through accelerate (else DDP)
+    ring_layout: str | None = None  # the ring re-laid into this layout around each attention
 
     def __str__(self) -> str:
-        return (f"{self.arch}-r{self.ring}u{self.ulysses}-{self.layout}-{self.data}"
-                f"-ga{self.grad_acc}" + ("-fsdp2" if self.fsdp else ""))
+        return (f"{self.arch}-r{self.ring}u{self.ulysses}-{self.layout}"
+                + (f"-ring-on-{self.ring_layout}" if self.ring_layout else "")
+                + f"-{self.data}-ga{self.grad_acc}" + ("-fsdp2" if self.fsdp else ""))
 
 
 def save_tokenizer(directory: Path) -> Path:

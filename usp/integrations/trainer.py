@@ -48,13 +48,16 @@ AVERAGING = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULT
 @dataclass
 class USPArguments:
     """How a usp trainer splits the sequence: ``ring × ulysses`` ranks per sequence (the other
-    factor of the world is data parallel), the token ``layout`` and the attention ``kernel``."""
+    factor of the world is data parallel), the token ``layout`` and the attention ``kernel``;
+    ``ring_layout``: the layout ring attention runs on when not ``layout``'s (a hybrid's
+    ``contiguous`` scans beside balanced attention: ``usp_attention``'s ``ring_layout``)."""
 
     ring: int = 1
     ulysses: int = 1
     layout: str = "zigzag"
     kernel: str = "auto"
     placement: str = "head-first"
+    ring_layout: str | None = None
 
 
 class USPTrainerMixin:
@@ -99,7 +102,8 @@ class USPTrainerMixin:
         arguments = self.usp_arguments
         topology = Topology.build(ring=arguments.ring, ulysses=arguments.ulysses,
                                   placement=arguments.placement)
-        self.usp_context = USPContext(topology, layout=arguments.layout, kernel=arguments.kernel)
+        self.usp_context = USPContext(topology, layout=arguments.layout, kernel=arguments.kernel,
+                                      ring_layout=arguments.ring_layout)
         # the number of ranks DDP / FSDP2 divide the summed gradients by
         self.usp_gradient_scale = accelerator.num_processes
         accelerator.prepare_data_loader = DataOverDataRanks(accelerator, topology)
