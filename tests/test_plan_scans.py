@@ -197,3 +197,27 @@ def test_hybrid_attention_on_a_balanced_ring_is_priced(tmp_path):
     assert best.config.ring_layout == "zigzag"
     emitted = to_run_spec(best.config, workload, cluster, {"hf_config": str(tmp_path)})
     assert (emitted.parallel.layout, emitted.parallel.ring_layout) == ("contiguous", "zigzag")
+
+
+def test_a_middle_block_pays_the_delta_rules_map_once_per_token():
+    # ring 4: the delta rule's heads split over ulysses, its ring blocks 1 and 2 build the
+    # Dk x Dk map M: each token of a rank's shard pays transition_flops_per_token once
+    from usp.plan.cost import _Ledger, scan_layer_time
+    from usp.plan.config import group_placement
+    from usp.plan.memory import shapes
+
+    delta = ScanSpec("delta", 2, heads=8, head_dim=64, state=64, groups=4, chunk=64)
+    model = ModelSpec("delta", layers=2, hidden=512, q_heads=8, kv_heads=8, head_dim=64,
+                      ffn_hidden=1024, vocab=1000, attention_layers=0, scan=delta)
+    cluster = get_cluster("h100x8", nodes=1)
+    workload = Workload(model, seq_len=8192, global_batch=1)
+    for ring, ulysses, middle in ((4, 2, True), (2, 4, False), (1, 8, False)):
+        config = ParallelConfig(dp=1, ring=ring, ulysses=ulysses, zero=3, layout="contiguous")
+        s = shapes(workload, config)
+        place = {axis: group_placement(config, cluster.gpus_per_node, (axis,))
+                 for axis in ("ring", "ulysses")}
+        rate = 1e12
+        layer = scan_layer_time(workload, cluster, config, s, place, _Ledger(cluster), rate, 1)
+        per_token = delta.forward_flops_per_token + (
+            delta.transition_flops_per_token if middle else 0.0)
+        assert layer.forward == pytest.approx(s.tokens * per_token / rate), (ring, ulysses)
