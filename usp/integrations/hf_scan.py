@@ -7,9 +7,10 @@ USPContext.prepare` replaces the forward of each mixer this module knows (:data:
 with one that runs the layer's own parameters through the same steps as transformers' PyTorch
 path (input projections, causal convolution, scan, gated RMS norm, output projection) with the
 two steps that mix tokens split: ``usp.scan.causal_conv`` (each rank's first taps read the
-previous rank's last tokens) and ``usp.scan.ssd_scan`` (the state passed along every shard of
-the sequence, every head on each rank) / ``usp.scan.gated_delta_scan`` (Ulysses over heads,
-the state entering each ring block passed along the ring). Given a ``usp_context`` that does not split the sequence, or none, the layer
+previous rank's last tokens) and ``usp.scan.ssd_scan`` / ``usp.scan.gated_delta_scan`` as
+their ``ulysses="auto"`` runs them (SSD's state passed along every shard, every head on each
+rank; the delta rule's heads split over Ulysses beyond two shards, its state passed along the
+ring). Given a ``usp_context`` that does not split the sequence, or none, the layer
 runs transformers' own forward. Packed documents (``usp_documents``) restart the state and the
 convolution at every boundary, as the fused kernels' ``seq_idx`` does; with ring > 1 the token
 layout must be ``contiguous`` (``docs/hybrid.md``). A KV or state cache is refused while the
