@@ -14,10 +14,10 @@ its layout shard of the prompt and its share of the decoded tokens. The attentio
 - each new token: the rank's shard in one kernel call, one all-gather of ``(out, lse)`` per
   layer, the same merge on every rank (:func:`usp.infer.attention.decode_attention`).
 
-Hybrids (Bamba, Nemotron-H, Qwen3-Next): their scan layers run transformers' own forward on the whole prompt
-on every rank, like the rest of the layer, and keep their convolution and recurrent states in
-transformers' ``LinearAttentionLayer`` inside the :class:`USPCache`, the same on every rank (the
-state is replicated: each rank carries it from the prompt through every new token). Only the
+Hybrids (Bamba, Nemotron-H, Qwen3-Next): their scan layers run transformers' own forward on the
+whole prompt on every rank, like the rest of the layer, and keep their convolution and recurrent
+states in transformers' ``LinearAttentionLayer`` inside the :class:`USPCache`, the same on every
+rank (the state is replicated: each rank carries it from the prompt through every new token). Only the
 attention layers' keys and values are sharded.
 
 Refused with a ValueError: padding in the batch, sliding windows, a prompt that continues a

@@ -2,9 +2,9 @@
 mixers run on each rank's shard of the sequence through ``usp.scan``.
 
 A hybrid (Bamba, Nemotron-H, Zamba2: Mamba-2 layers beside softmax attention; Qwen3-Next:
-gated-delta layers beside it) mixes tokens in layers that are not attention. :meth:`usp.integrations.transformers.
-USPContext.prepare` replaces the forward of each mixer this module knows (:data:`SPLIT_MIXERS`)
-with one that runs the layer's own parameters through the same steps as transformers' PyTorch
+gated-delta layers beside it) mixes tokens in layers that are not attention.
+:meth:`usp.integrations.transformers.USPContext.prepare` replaces the forward of each mixer
+this module knows (:data:`SPLIT_MIXERS`) with one that runs the layer's own parameters through the same steps as transformers' PyTorch
 path (input projections, causal convolution, scan, gated RMS norm, output projection) with the
 two steps that mix tokens split: ``usp.scan.causal_conv`` (each rank's first taps read the
 previous rank's last tokens) and ``usp.scan.ssd_scan`` / ``usp.scan.gated_delta_scan`` as

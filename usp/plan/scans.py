@@ -144,8 +144,8 @@ def scan_activations(scan: ScanSpec, batch: int, tokens: int,
     backward, per token and head in fp32 — counted with a saved-tensor hook
     (tests/test_plan_scans.py holds the count to it, within 5%): SSD ``5P + (4N + Q) G/H + 2Q
     + 2NP/Q + 4`` (x and its scaled copies, B and C once per group, the chunk's decays and
-    scores, each chunk's state twice), the delta rule ``12N + 4P + 5Q + 2NP/Q + 5``. The backward's extra is taken as the same internals again (their
-    gradients)."""
+    scores, each chunk's state twice), the delta rule ``12N + 4P + 5Q + 2NP/Q + 5``. The
+    backward's extra is taken as the same internals again (their gradients)."""
     h, p, n, q, g = scan.heads, scan.head_dim, scan.state, scan.chunk, scan.groups
     projected = 2 * h * p + 2 * g * n + 2 * h
     per_token = element_bytes * (projected + scan.conv_channels + 3 * h * p)

@@ -43,6 +43,13 @@ def fused_chunk_scan(x: Tensor):
     return _installed() if x.is_cuda else None
 
 
+@lru_cache(maxsize=4)
+def _takes_state_dtype(kernel) -> bool:
+    """Whether this mamba_ssm's kernel takes ``state_dtype`` (releases from mid-2026 on), looked
+    up once, not on every layer's call."""
+    return "state_dtype" in inspect.signature(kernel).parameters
+
+
 @dataclass
 class FusedBlock:
     """Phase 1 of one block by the kernel: what the outputs need besides the entering state."""
@@ -63,7 +70,7 @@ def fused_block(kernel, x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor,
     if segments is not None:
         seq_idx = segments.ids.to(x.device).expand(batch, -1).to(torch.int32).contiguous()
     options = {}
-    if "state_dtype" in inspect.signature(kernel).parameters:
+    if _takes_state_dtype(kernel):
         options["state_dtype"] = dtype  # the state leaves the block in fp32 (fp64 inputs: fp64)
     y, final = kernel(x, dt, a, b, c, chunk, seq_idx=seq_idx, return_final_states=True,
                       **options)

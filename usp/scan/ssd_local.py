@@ -116,7 +116,8 @@ def block_states(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor,
                  segments: BlockSegments | None, chunk: int) -> SSDBlock:
     """Phase 1: x ``[B, L, H, P]``, dt ``[B, L, H]``, a ``[H]`` (A, negative), b/c
     ``[B, L, G, N]``, each group read by a run of ``H/G`` consecutive heads (never repeated to
-    the heads: the products broadcast them, so the backward keeps each group once)."""
+    the heads: the products take the heads side by side, so the backward keeps each group
+    once)."""
     dtype = compute_dtype(x.dtype)
     length = x.shape[1]
     dt = dt.to(dtype)
