@@ -1,10 +1,10 @@
-"""Hybrid models split over the sequence (Bamba: Mamba-2 layers, Qwen3-Next: gated-delta layers,
-beside softmax attention): the scan layers run through usp.scan, and the model equals
-transformers' eager model in one process.
+"""Hybrid models split over the sequence (Bamba, Nemotron-H, Zamba2, Granite 4, Falcon-H1: Mamba-2
+layers, Qwen3-Next: gated-delta layers, beside softmax attention): the scan layers run through
+usp.scan, and the model equals transformers' eager model in one process.
 
-One spawned 4-rank world prepares a tiny Bamba and a tiny Qwen3-Next (a scan layer, then an
-attention layer) with ``USPContext.prepare`` at ring 2 x ulysses 2, ulysses 4 and ring 4
-(contiguous layout; a right-padded row in some cases) and compares logits at every token, the loss and every
+One spawned 4-rank world prepares each tiny model (a scan layer, then an attention layer; both
+in each layer for Falcon-H1) with ``USPContext.prepare`` at ring 2 x ulysses 2, ulysses 4 and
+ring 4 (contiguous layout; a right-padded row in some cases) and compares logits at every token, the loss and every
 parameter's gradient with the eager model on the whole batch (fp32 rule of docs/testing.md:
 twice the fp32 eager model's error against its fp64 copy plus 1e-6 of the largest reference
 value, of the largest gradient for gradients). It also trains one step of the model as
@@ -60,18 +60,43 @@ ZAMBA2 = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attenti
               num_key_value_heads=4, intermediate_size=64, layers_block_type=["mamba", "hybrid"],
               mamba_headdim=16, mamba_ngroups=2, mamba_d_state=8, n_mamba_heads=4,
               chunk_size=8, initializer_range=0.2, tie_word_embeddings=False)
-MODELS = {"bamba": BAMBA, "qwen3_next": QWEN3_NEXT, "nemotron_h": NEMOTRON_H, "zamba2": ZAMBA2}
+# Granite 4 (GraniteMoeHybrid, dense): a Mamba-2 layer, then attention, Granite's multipliers
+GRANITE_4 = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, shared_intermediate_size=64, num_local_experts=0,
+                 layer_types=["linear_attention", "attention"], position_embedding_type="rope",
+                 mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+                 mamba_chunk_size=8, embedding_multiplier=1.5, residual_multiplier=0.7,
+                 attention_multiplier=0.3, logits_scaling=2.0, initializer_range=0.2,
+                 tie_word_embeddings=False)
+# Falcon-H1: a Mamba-2 mixer beside attention in each layer, every multiplier away from 1; its
+# gated norm grouped and applied after the gate (the "silu" variant: no norm, the scan's output
+# times silu(gate))
+FALCON_H1 = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, intermediate_size=64, mamba_d_ssm=64,
+                 mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+                 mamba_chunk_size=8, mamba_rms_norm=True, mamba_norm_before_gate=False,
+                 ssm_in_multiplier=0.8, ssm_multipliers=[1.1, 0.9, 1.2, 0.7, 1.3],
+                 ssm_out_multiplier=0.9, attention_in_multiplier=1.2,
+                 attention_out_multiplier=0.8, key_multiplier=0.6, embedding_multiplier=1.3,
+                 lm_head_multiplier=0.9, mlp_multipliers=[1.1, 0.8], initializer_range=0.2,
+                 tie_word_embeddings=False)
+MODELS = {"bamba": BAMBA, "qwen3_next": QWEN3_NEXT, "nemotron_h": NEMOTRON_H, "zamba2": ZAMBA2,
+          "granitemoehybrid": GRANITE_4, "falcon_h1": FALCON_H1}
+VARIANTS = {"falcon_h1:silu": ("falcon_h1", {"mamba_rms_norm": False})}
 # model, ring, ulysses, a right-padded row, the layout the ring attention runs on (its blocks
 # re-laid from the scans' contiguous ones and back; None: contiguous)
 CASES = [("bamba", 2, 2, False, None), ("bamba", 2, 2, True, "zigzag"),
          ("bamba", 1, 4, False, None), ("bamba", 4, 1, False, None),
          ("qwen3_next", 2, 2, False, None), ("qwen3_next", 2, 2, True, "stripe"),
          ("qwen3_next", 1, 4, False, None), ("nemotron_h", 2, 2, True, None),
-         ("nemotron_h", 4, 1, False, "zigzag"), ("zamba2", 2, 2, True, None)]
+         ("nemotron_h", 4, 1, False, "zigzag"), ("zamba2", 2, 2, True, None),
+         ("granitemoehybrid", 2, 2, True, "zigzag"), ("falcon_h1", 2, 2, True, None),
+         ("falcon_h1:silu", 4, 1, False, "zigzag")]
 
 
 def _config(name: str = "bamba"):
-    return AutoConfig.for_model(name, **MODELS[name])
+    model_type, changes = VARIANTS.get(name, (name, {}))
+    return AutoConfig.for_model(model_type, **{**MODELS[model_type], **changes})
 
 
 def _inputs(padded: bool):

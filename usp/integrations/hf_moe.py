@@ -30,10 +30,11 @@ from usp.mask import NOT_A_TOKEN
 from usp.topology import Topology
 
 # model types whose load_balancing_loss_func is the one above (transformers 5.4-5.23); Mixtral,
-# Qwen3-MoE and GPT-OSS are tested (tests/test_moe.py)
+# Qwen3-MoE, GPT-OSS and Granite 4 are tested (tests/test_moe.py)
 SWITCH_ROUTER_LOSS = (
     "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe", "gpt_oss", "olmoe", "phimoe",
-    "granitemoe", "granitemoeshared", "flex_olmo", "ernie4_5_moe", "minimax", "minimax_m2",
+    "granitemoe", "granitemoeshared", "granitemoehybrid", "flex_olmo", "ernie4_5_moe", "minimax",
+    "minimax_m2",
 )
 
 

@@ -1,8 +1,9 @@
 """The scan layers of transformers' hybrid models, split exactly: Mamba-2 (SSD) and gated-delta
 mixers run on each rank's shard of the sequence through ``usp.scan``.
 
-A hybrid (Bamba, Nemotron-H, Zamba2: Mamba-2 layers beside softmax attention; Qwen3-Next:
-gated-delta layers beside it) mixes tokens in layers that are not attention.
+A hybrid (Bamba, Nemotron-H, Zamba2, Granite 4: Mamba-2 layers beside softmax attention;
+Falcon-H1: a Mamba-2 mixer beside attention in every layer; Qwen3-Next: gated-delta layers beside
+it) mixes tokens in layers that are not attention.
 :meth:`usp.integrations.transformers.USPContext.prepare` replaces the forward of each mixer
 this module knows (:data:`SPLIT_MIXERS`) with one that runs the layer's own parameters through the same steps as transformers' PyTorch
 path (input projections, causal convolution, scan, gated RMS norm, output projection) with the
@@ -29,8 +30,10 @@ from torch import nn
 from usp.scan import causal_conv, gated_delta_scan, ssd_scan
 
 # model types whose every layer that is neither attention nor an MLP (dense or experts) is one
-# of SPLIT_MIXERS (their configs name those layers "linear_attention")
-SPLIT_MODEL_TYPES = ("bamba", "nemotron_h", "qwen3_next", "zamba2")
+# of SPLIT_MIXERS or holds one beside attention (their configs name those layers
+# "linear_attention", "mamba" or, Falcon-H1's and Zamba2's, "hybrid")
+SPLIT_MODEL_TYPES = ("bamba", "nemotron_h", "qwen3_next", "zamba2", "granitemoehybrid",
+                     "falcon_h1")
 
 
 def splits(module: nn.Module) -> bool:
@@ -89,10 +92,36 @@ def ssd_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
     if topology is None:
         return self._usp_own_forward(hidden_states, cache_params=cache_params,
                                      attention_mask=attention_mask, **kwargs)
-    batch, length, _ = hidden_states.shape
-    dtype = hidden_states.dtype
-    where = _where(kwargs)
     projected = self.in_proj(_padding_zeroed(hidden_states, attention_mask))
+    scanned, gate = _ssd_steps(self, projected, attention_mask, topology, kwargs)
+    return self.out_proj(self.norm(scanned, gate).to(hidden_states.dtype))
+
+
+def falcon_h1_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
+                            attention_mask: torch.Tensor | None = None,
+                            **kwargs) -> torch.Tensor:
+    """Falcon-H1's Mamba-2 mixer (``FalconH1Mixer``) on this rank's shard: Bamba's steps with
+    its multipliers (``ssm_in_multiplier`` on the input, ``mup_vector`` on the projection) and
+    its gate (the gated norm when ``mamba_rms_norm``, else the scan's output times
+    ``silu(gate)``), as transformers' PyTorch path runs them."""
+    topology = _split_topology(self, cache_params, kwargs)
+    if topology is None:
+        return self._usp_own_forward(hidden_states, cache_params=cache_params,
+                                     attention_mask=attention_mask, **kwargs)
+    scaled = _padding_zeroed(hidden_states, attention_mask) * self.ssm_in_multiplier
+    projected = self.in_proj(scaled) * self.mup_vector
+    scanned, gate = _ssd_steps(self, projected, attention_mask, topology, kwargs)
+    out = self.norm(scanned, gate) if self.mamba_rms_norm else scanned * F.silu(gate)
+    return self.out_proj(out.to(hidden_states.dtype))
+
+
+def _ssd_steps(self, projected: torch.Tensor, attention_mask, topology,
+               kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The steps of a Mamba-2 mixer between its input projection ``projected``
+    ``[B, S_local, gate + conv channels + heads]`` and its gate: the split causal convolution,
+    padding zeroed, the split scan; ``(scan output [B, S_local, heads x head dim], gate)``."""
+    batch, length, _ = projected.shape
+    where = _where(kwargs)
     gate, mixed, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads],
                                       dim=-1)
     # [B, S_local, channels] -> [B, channels, S_local], as transformers' causal_conv1d_fn
@@ -110,8 +139,7 @@ def ssd_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
         dt_limit=(tuple(self.time_step_limit) if self.time_step_limit is not None
                   else (0.0, math.inf)), **where,
     )
-    out = self.norm(scanned.reshape(batch, length, -1), gate)
-    return self.out_proj(out.to(dtype))
+    return scanned.reshape(batch, length, -1), gate
 
 
 def delta_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
@@ -149,8 +177,12 @@ def delta_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
 # time_step_limit, activation); gated delta (in_proj_qkvz, in_proj_ba,
 # fix_query_key_value_ordering, conv1d, key_dim, value_dim, head_k_dim, head_v_dim, A_log,
 # dt_bias, norm, out_proj, activation)
-# Nemotron-H's and Zamba2's Mamba-2 mixers run the same steps as Bamba's (transformers' forwards
-# are line for line the same; a norm gated per group is the layer's own norm module's business)
+# Nemotron-H's, Zamba2's and Granite 4's (GraniteMoeHybrid) Mamba-2 mixers run the same steps as
+# Bamba's (transformers' forwards are line for line the same; a norm gated per group is the
+# layer's own norm module's business); Falcon-H1's adds multipliers and an optional norm
+# (ssm_in_multiplier, mup_vector, mamba_rms_norm)
 SPLIT_MIXERS = {"BambaMixer": ssd_mixer_forward, "NemotronHMamba2Mixer": ssd_mixer_forward,
                 "Zamba2MambaMixer": ssd_mixer_forward,
+                "GraniteMoeHybridMambaLayer": ssd_mixer_forward,
+                "FalconH1Mixer": falcon_h1_mixer_forward,
                 "Qwen3NextGatedDeltaNet": delta_mixer_forward}

@@ -242,13 +242,17 @@ class ForwardChecks:
     split are refused (transformers would shift them inside each rank's shard and average each
     rank's own tokens; :meth:`USPContext.shard` shifts them globally for
     :meth:`USPContext.loss`). The refusal is agreed in the first attention layer's agreement, so
-    every rank raises and none waits. After it (:meth:`finish`): a mixture-of-experts output's
+    every rank raises and none waits. The model's ``position_ids`` are kept for attention
+    layers that are not handed them. After it (:meth:`finish`): a mixture-of-experts output's
     ``aux_loss``, each rank's own over its tokens, is replaced by the whole batch's
     (``usp.integrations.hf_moe.global_router_loss``) when the ranks hold different tokens.
     """
 
-    def __init__(self, refusal: str | None) -> None:
+    def __init__(self, refusal: str | None, position_ids: torch.Tensor | None = None) -> None:
         self.refusal = refusal
+        # the model's position_ids, for the attention of a model whose decoder layers do not
+        # pass them on (Granite 4's): usp checks them against the layout
+        self.position_ids = position_ids
 
     @staticmethod
     def start(module, args, kwargs) -> None:
@@ -261,7 +265,7 @@ class ForwardChecks:
             refusal = (f"labels passed to the model while ring x ulysses = {split} ranks split "
                        "the sequence: transformers would shift them inside each rank's shard; "
                        "pass the labels of USPContext.shard to USPContext.loss(logits, labels)")
-        context.forward_checks = ForwardChecks(refusal)
+        context.forward_checks = ForwardChecks(refusal, kwargs.get("position_ids"))
 
     @staticmethod
     def finish(module, args, kwargs, output):
@@ -341,6 +345,8 @@ def usp_attention_forward(
         )
     if config is not None:
         check_rope(config)
+    if position_ids is None and usp_context.forward_checks is not None:
+        position_ids = usp_context.forward_checks.position_ids  # what the model was given
     refusal = _local_refusal(attention_mask, query, key, is_causal, sliding_window)
     if (refusal is None and options.get("output_router_logits")
             and usp_context.topology.data_size > 1 and usp_context.forward_checks is None):
