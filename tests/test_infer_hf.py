@@ -16,11 +16,12 @@ import copy
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, BambaConfig, LlamaConfig, NemotronHConfig,
-                          Qwen2Config, Qwen3NextConfig)
+from transformers import (AutoModelForCausalLM, BambaConfig, FalconH1Config,
+                          GraniteMoeHybridConfig, LlamaConfig, NemotronHConfig, Qwen2Config,
+                          Qwen3NextConfig, Zamba2Config)
 
 from tests.distributed import collect_failures, run_on_ranks
-from tests.test_hf_hybrid import BAMBA, NEMOTRON_H, QWEN3_NEXT
+from tests.test_hf_hybrid import BAMBA, FALCON_H1, GRANITE_4, NEMOTRON_H, QWEN3_NEXT, ZAMBA2
 from usp import Topology
 from usp.infer.hf import HYBRID_STATES, USPCache
 from usp.integrations.transformers import USPContext
@@ -38,7 +39,12 @@ ARCHITECTURES = {"llama-gqa": lambda: LlamaConfig(**_TINY),
                  # a Mamba-2 layer, an MLP layer (no cache), attention
                  "nemotron-h": lambda: NemotronHConfig(**{
                      **NEMOTRON_H, "vocab_size": VOCAB, "num_hidden_layers": 3,
-                     "hybrid_override_pattern": "M-*"})}
+                     "hybrid_override_pattern": "M-*"}),
+                 # attention and a Mamba-2 mixer side by side in every layer
+                 "falcon-h1": lambda: FalconH1Config(**{**FALCON_H1, "vocab_size": VOCAB}),
+                 "granite-4": lambda: GraniteMoeHybridConfig(**{**GRANITE_4, "vocab_size": VOCAB}),
+                 # a Mamba-2 layer, then a shared attention block beside a Mamba-2 layer
+                 "zamba2": lambda: Zamba2Config(**{**ZAMBA2, "vocab_size": VOCAB})}
 TOPOLOGIES = [(2, 2, "zigzag"), (4, 1, "stripe"), (1, 4, "contiguous")]
 
 
@@ -104,7 +110,8 @@ def _world(rank, world_size):
     cases += [("llama-gqa", TOPOLOGIES[0], True), ("qwen2-gqa", TOPOLOGIES[2], False)]
     if HYBRID_STATES:  # transformers 5.23: the hybrids' states live in the Cache's layers
         cases += [("bamba", TOPOLOGIES[0], False), ("qwen3-next", TOPOLOGIES[0], False),
-                  ("nemotron-h", TOPOLOGIES[1], False)]
+                  ("nemotron-h", TOPOLOGIES[1], False), ("falcon-h1", TOPOLOGIES[0], False),
+                  ("granite-4", TOPOLOGIES[2], False), ("zamba2", TOPOLOGIES[1], False)]
     models, expected = {}, {}
     for arch in dict.fromkeys(name for name, _, _ in cases):  # the same order on every rank
         # Bamba prepared for training first: its scan layers' split forward must run whole here

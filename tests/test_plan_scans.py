@@ -27,6 +27,20 @@ NEMOTRON_H = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidd
                   mamba_head_dim=16, n_groups=2, ssm_state_size=8, conv_kernel=4, expand=2,
                   chunk_size=32)
 
+# Granite 4 (dense): one attention layer among Mamba-2 layers, an MLP of its own size
+GRANITE_4 = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, shared_intermediate_size=96, intermediate_size=32,
+                 num_local_experts=0, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+                 mamba_d_state=8, mamba_chunk_size=32, mamba_expand=2,
+                 layer_types=["linear_attention", "attention", "linear_attention",
+                              "linear_attention"])
+# Falcon-H1: attention and a Mamba-2 mixer in every layer (with and without the mixer's norm and
+# biases)
+FALCON_H1 = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, intermediate_size=96, mamba_d_ssm=128,
+                 mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+                 mamba_chunk_size=32)
+
 
 def _spec(tmp_path, name, values) -> tuple[ModelSpec, int]:
     """The planner's reading of the config, and the parameters of the model transformers
@@ -39,8 +53,11 @@ def _spec(tmp_path, name, values) -> tuple[ModelSpec, int]:
             sum(p.numel() for p in model.parameters()))
 
 
-@pytest.mark.parametrize("name, values", [("BambaConfig", BAMBA),
-                                          ("NemotronHConfig", NEMOTRON_H)])
+@pytest.mark.parametrize("name, values", [
+    ("BambaConfig", BAMBA), ("NemotronHConfig", NEMOTRON_H), ("GraniteMoeHybridConfig", GRANITE_4),
+    ("FalconH1Config", FALCON_H1), ("FalconH1Config", {**FALCON_H1, "mamba_rms_norm": True,
+                                                       "mamba_proj_bias": True,
+                                                       "projectors_bias": True})])
 def test_hybrid_configs_are_read_with_their_parameters(tmp_path, name, values):
     spec, parameters = _spec(tmp_path, name, values)
     assert spec.scan is not None and spec.scan.kind == "ssd"
@@ -117,10 +134,13 @@ def test_planner_keeps_hybrids_contiguous_and_off_tp(tmp_path):
 
 
 def test_unknown_hybrids_and_experts_stay_refused(tmp_path):
-    for name in ("Zamba2Config", "FalconH1Config"):
-        (tmp_path / "config.json").write_text(json.dumps(getattr(transformers, name)().to_dict()))
-        with pytest.raises(ValueError, match="prices the scan layers of"):
-            ModelSpec.from_hf_config(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(transformers.Zamba2Config().to_dict()))
+    with pytest.raises(ValueError, match="prices the scan layers of"):
+        ModelSpec.from_hf_config(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps(transformers.GraniteMoeHybridConfig(
+        **{**GRANITE_4, "num_local_experts": 4}).to_dict()))
+    with pytest.raises(ValueError, match="routed experts"):
+        ModelSpec.from_hf_config(tmp_path / "config.json")
     nemotron = transformers.NemotronHConfig(**{**NEMOTRON_H, "layers_block_type": [
         "mamba", "moe", "attention", "mlp"]}).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(nemotron))

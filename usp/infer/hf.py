@@ -32,9 +32,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 try:  # one Cache of attention, scan and cacheless layers, as the hybrids use it from 5.23 on
-    from transformers.cache_utils import DummyLayer, LinearAttentionLayer
+    from transformers.cache_utils import (DummyLayer, LinearAttentionAndFullAttentionLayer,
+                                          LinearAttentionLayer)
 except ImportError:  # older transformers: a USPCache refuses hybrids
-    DummyLayer = LinearAttentionLayer = None
+    DummyLayer = LinearAttentionLayer = LinearAttentionAndFullAttentionLayer = None
 
 from usp.attention import usp_attention
 from usp.attention.kernels import default_scale, resolve_kernel
@@ -60,6 +61,14 @@ class GenerationContext(USPContext):
         super().__init__(topology, layout, kernel)
         self.sharded, self.slots = sharded, slots
         self._kernel = None
+        self.stored = None  # the slot the last attention layer stored its new keys in
+
+    def slot_of(self, module) -> int:
+        """The cache slot of an attention ``module``: by its layer index, or (an attention block
+        shared by several layers, as Zamba2's, whose index the layer passes to the cache
+        instead) the slot its layer has just stored into."""
+        index = getattr(module, "layer_idx", None)
+        return self.slots[index] if index in self.slots else self.stored
 
     def attention(self, module, query: Tensor, key: Tensor, value: Tensor, request,
                   refusal: str | None, *, scaling: float | None, position_ids, documents,
@@ -80,7 +89,7 @@ class GenerationContext(USPContext):
                                 seq_len=length, softmax_scale=scaling, kernel=self._kernel,
                                 sinks=sinks)
             return unshard_sequence(out, self.topology, self.layout, seq_len=length)
-        keys, values = self.sharded.layer(self.slots[module.layer_idx])
+        keys, values = self.sharded.layer(self.slot_of(module))
         group = self.topology.sequence_group if self.topology.sequence_size > 1 else None
         scale = default_scale(query.shape[-1], scaling)
         return decode_attention(query, keys, values, group, scale, self._kernel, sinks)
@@ -113,6 +122,7 @@ class _ShardedLayer(CacheLayerMixin):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
         self.parent.store(self.index, key_states, value_states)
+        self.parent.context.stored = self.index
         return key_states, value_states  # the attention reads the cache through the context
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -132,15 +142,35 @@ class _ShardedLayer(CacheLayerMixin):
         raise ValueError("a USPCache holds one row per prompt; pass num_return_sequences=1")
 
 
+class _ShardedHybridLayer(_ShardedLayer, *(
+        () if LinearAttentionAndFullAttentionLayer is None
+        else (LinearAttentionAndFullAttentionLayer,))):
+    """A layer with attention and a scan side by side (Falcon-H1's, Zamba2's "hybrid"
+    layers): the attention's keys and values in the shared :class:`ShardedKVCache`, the scan's
+    convolution and recurrent states whole, as transformers' ``LinearAttentionLayer`` keeps
+    them (its subclass for such layers, so the Cache treats the layer as transformers' own)."""
+
+    def __init__(self, parent: "USPCache", index: int, number_of_states: int) -> None:
+        super().__init__(parent, index)
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+        self.is_initialized = True
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        if args:  # the attention's keys and values: the sharded cache holds them already
+            return
+        LinearAttentionLayer.lazy_initialization(self, **kwargs)  # the scan's states
+
+
 # the layer type transformers' hybrid configs give their scan layers (Bamba's and Nemotron-H's
 # Mamba-2, Qwen3-Next's gated delta rule): a convolution and a recurrent state, no keys and
 # values; and the types of layers that hold no cache at all (Nemotron-H's MLP and MoE layers)
 SCAN_LAYER = "linear_attention"
 NO_CACHE_LAYERS = ("mlp", "moe")
+HYBRID_LAYER = "hybrid"  # attention and a scan in one layer (Falcon-H1, Zamba2)
 # attention layers' types (a window is refused when the model asks for it, at the first forward)
 ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
 # whether this transformers keeps those layers in one Cache with the attention's (tested: 5.23)
-HYBRID_STATES = LinearAttentionLayer is not None and DummyLayer is not None
+HYBRID_STATES = LinearAttentionAndFullAttentionLayer is not None and DummyLayer is not None
 
 
 class USPCache(Cache):
@@ -155,13 +185,14 @@ class USPCache(Cache):
         check_config(config, topology, scans=HYBRID_STATES)
         types = getattr(config, "layer_types", None) or ["full_attention"] * (
             config.num_hidden_layers)
-        unknown = sorted(set(types) - {SCAN_LAYER, *NO_CACHE_LAYERS, *ATTENTION_LAYERS})
-        if unknown:  # a layer of two kinds at once (Zamba2's "hybrid"), or one usp never met
+        unknown = sorted(set(types) - {SCAN_LAYER, HYBRID_LAYER, *NO_CACHE_LAYERS,
+                                       *ATTENTION_LAYERS})
+        if unknown:  # a layer usp never met
             raise ValueError(
                 f"{type(config).__name__} has layers of the types {unknown}; a USPCache keeps "
-                f"the states of {sorted(ATTENTION_LAYERS)}, {SCAN_LAYER!r} and cacheless "
-                f"{sorted(NO_CACHE_LAYERS)} layers only")
-        if not HYBRID_STATES and (SCAN_LAYER in types or set(types) & set(NO_CACHE_LAYERS)):
+                f"the states of {sorted(ATTENTION_LAYERS)}, {SCAN_LAYER!r}, {HYBRID_LAYER!r} "
+                f"and cacheless {sorted(NO_CACHE_LAYERS)} layers only")
+        if not HYBRID_STATES and set(types) & {SCAN_LAYER, HYBRID_LAYER, *NO_CACHE_LAYERS}:
             raise ValueError(
                 f"{type(config).__name__} has layers other than attention ({sorted(set(types))}"
                 "); a USPCache keeps their states with transformers 5.23 (pip install "
@@ -179,7 +210,8 @@ class USPCache(Cache):
         self.context = GenerationContext(topology, layout, kernel, self.sharded, slots)
         states = getattr(config, "number_of_conv_states", 1)
         super().__init__(layers=[
-            _ShardedLayer(self, slots[index]) if index in slots
+            _ShardedHybridLayer(self, slots[index], states) if types[index] == HYBRID_LAYER
+            else _ShardedLayer(self, slots[index]) if index in slots
             else DummyLayer() if types[index] in NO_CACHE_LAYERS
             else LinearAttentionLayer(number_of_states=states)
             for index in range(len(types))])

@@ -163,14 +163,19 @@ _PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}  # Nemotron-
 
 
 def _ssd_mixer(kind_layers: int, hidden: int, heads: int, head_dim: int, state: int, groups: int,
-               kernel: int, chunk: int, proj_bias: bool, conv_bias: bool) -> ScanSpec:
+               kernel: int, chunk: int, proj_bias: bool, conv_bias: bool,
+               out_bias: bool | None = None, gated_norm: bool = True) -> ScanSpec:
     """A Mamba-2 mixer: one input projection to z, x, B, C and dt, a convolution over x, B
-    and C, the scan, a gated RMSNorm and an output projection."""
+    and C, the scan, a gated RMSNorm (or, without ``gated_norm``, a plain gate) and an output
+    projection (with a bias when ``out_bias``; None: as the input projection)."""
     inner = heads * head_dim
     projected = 2 * inner + 2 * groups * state + heads
     channels = inner + 2 * groups * state
-    linear = hidden * projected + inner * hidden + (projected + hidden if proj_bias else 0)
-    other = channels * kernel + (channels if conv_bias else 0) + inner + 3 * heads
+    out_bias = proj_bias if out_bias is None else out_bias
+    linear = (hidden * projected + inner * hidden + (projected if proj_bias else 0)
+              + (hidden if out_bias else 0))
+    other = (channels * kernel + (channels if conv_bias else 0) + (inner if gated_norm else 0)
+             + 3 * heads)
     return ScanSpec("ssd", kind_layers, heads, head_dim, state, groups, kernel, chunk,
                     linear, other)
 
@@ -224,8 +229,40 @@ def _qwen3_next(config: dict) -> dict:
         kernel, 64, linear, other)}
 
 
+def _granite_4(config: dict) -> dict:
+    """Granite 4 (GraniteMoeHybrid): Mamba-2 or attention in each layer, then a dense SwiGLU MLP
+    of ``shared_intermediate_size`` (routed experts beside it refused)."""
+    experts = config.get("num_local_experts") or 0
+    if experts > 0:
+        raise ValueError(f"routed experts (num_local_experts={experts}) beside the shared MLP: "
+                         "the planner prices dense MLP layers")
+    types = config["layer_types"]  # transformers builds a Mamba-2 mixer for linear_attention
+    mamba = types.count("linear_attention")  # and attention for any other type
+    return {"attention_layers": len(types) - mamba,
+            "ffn_hidden": config["shared_intermediate_size"], "scan": _ssd_mixer(
+                mamba, config["hidden_size"],
+                config["mamba_n_heads"], config["mamba_d_head"], config["mamba_d_state"],
+                config.get("mamba_n_groups", 1), config.get("mamba_d_conv", 4),
+                config.get("mamba_chunk_size", 256), bool(config.get("mamba_proj_bias", False)),
+                bool(config.get("mamba_conv_bias", True)))}
+
+
+def _falcon_h1(config: dict) -> dict:
+    """Falcon-H1: attention and a Mamba-2 mixer side by side in every layer, then a SwiGLU MLP;
+    the mixer's gated norm only with ``mamba_rms_norm``."""
+    layers = config["num_hidden_layers"]
+    return {"attention_layers": layers, "scan": _ssd_mixer(
+        layers, config["hidden_size"], config["mamba_n_heads"], config["mamba_d_head"],
+        config["mamba_d_state"], config.get("mamba_n_groups", 1), config.get("mamba_d_conv", 4),
+        config.get("mamba_chunk_size", 256), bool(config.get("mamba_proj_bias", False)),
+        bool(config.get("mamba_conv_bias", True)),
+        out_bias=bool(config.get("projectors_bias", False)),
+        gated_norm=bool(config.get("mamba_rms_norm", False)))}
+
+
 # the hybrids the planner prices, by model_type: their configs' layer kinds and mixer shapes
-HYBRIDS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "qwen3_next": _qwen3_next}
+HYBRIDS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "qwen3_next": _qwen3_next,
+           "granitemoehybrid": _granite_4, "falcon_h1": _falcon_h1}
 
 
 def hybrid_layers(model_type: str, config: dict) -> dict:

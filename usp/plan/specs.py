@@ -87,9 +87,10 @@ class ModelSpec:
             kv_heads=self.kv_heads, head_dim=self.head_dim, ffn_hidden=self.ffn_hidden,
             vocab=self.vocab,
         )
-        mixers = self.attention_count + (self.scan.layers if self.scan else 0)
+        # a layer holds attention, a scan, or both side by side (Falcon-H1), and an MLP or none
+        scans = self.scan.layers if self.scan else 0
         if not (0 <= self.attention_count <= self.layers and 0 <= self.mlp_count <= self.layers
-                and mixers <= self.layers):
+                and 0 <= scans <= self.layers and self.attention_count + scans >= 1):
             raise ValueError(
                 f"model {self.name!r}: {self.attention_count} attention, "
                 f"{self.scan.layers if self.scan else 0} scan and {self.mlp_count} MLP layers "
@@ -175,6 +176,8 @@ class ModelSpec:
         layers = _layer_kinds(path, config)  # a hybrid or MoE named as such, whatever keys
         if "layers" in layers:  # a hybrid that counts its layers by their kinds
             config = {**config, "num_hidden_layers": layers.pop("layers")}
+        if "ffn_hidden" in layers:  # a hybrid whose dense MLP has a size of its own
+            config = {**config, "intermediate_size": layers.pop("ffn_hidden")}
         missing = [
             key
             for key in ("num_hidden_layers", "hidden_size", "num_attention_heads",
