@@ -2,7 +2,8 @@
 (``outputs.aux_loss``) of a split sequence equals the one-process value, forward and backward.
 
 One spawned 4-rank world runs Qwen3-MoE, Mixtral and GPT-OSS at ring 2 x ulysses 2 (zigzag) and
-ulysses 4 (stripe), with a right-padded row, and compares the router loss, the model's training
+ulysses 4 (stripe), and Granite 4 (a hybrid: a Mamba-2 layer, then attention, experts in both) at
+ring 2 x ulysses 2 (contiguous), with a right-padded row, and compares the router loss, the model's training
 loss (cross-entropy + router_aux_loss_coef x router loss, as transformers adds them) and every
 parameter's gradient with transformers' eager model run on the whole batch in one process. fp32
 rule of docs/testing.md: the error against the fp64 eager model is at most twice the fp32 eager
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GptOssConfig, MixtralConfig
-from transformers import Qwen3MoeConfig
+from transformers import GraniteMoeHybridConfig, Qwen3MoeConfig
 
 from tests.distributed import collect_failures, run_on_ranks
 from tests.fp32_rule import check_close
@@ -50,9 +51,18 @@ MODELS = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=12, sliding_window=6,
         layer_types=["sliding_attention", "full_attention"], num_local_experts=4,
         num_experts_per_tok=2, intermediate_size=32, **_TINY),
+    # a hybrid: a Mamba-2 layer (split: the contiguous layout), then attention; experts and a
+    # shared MLP in each
+    "granite-4": lambda: GraniteMoeHybridConfig(
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        intermediate_size=32, shared_intermediate_size=32,
+        layer_types=["linear_attention", "attention"], mamba_n_heads=4, mamba_d_head=24,
+        mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8, position_embedding_type="rope",
+        **_TINY),
 }
 TOPOLOGIES = [(2, 2, "zigzag"), (1, 4, "stripe")]
-CASES = [(name, *topology) for name in MODELS for topology in TOPOLOGIES]
+CASES = [(name, *topology) for name in MODELS if name != "granite-4" for topology in TOPOLOGIES]
+CASES.append(("granite-4", 2, 2, "contiguous"))
 
 
 def _inputs():
@@ -151,7 +161,7 @@ def _training_step(config_dir, topology):
 def _world(rank, world_size, config_dir):
     contexts = {(ring, ulysses, layout): USPContext(Topology.build(ring=ring, ulysses=ulysses),
                                                     layout)
-                for ring, ulysses, layout in TOPOLOGIES}
+                for _, ring, ulysses, layout in CASES}
     failures = collect_failures(CASES, lambda case: _compare(*case, contexts))
     failures += collect_failures(["refusals"], lambda _: _refusals(contexts[(2, 2, "zigzag")]))
     failures += collect_failures(["usp train step"], lambda _: _training_step(
