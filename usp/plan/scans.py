@@ -144,15 +144,16 @@ def scan_activations(scan: ScanSpec, batch: int, tokens: int,
     backward, per token and head in fp32 — counted with a saved-tensor hook
     (tests/test_plan_scans.py holds the count to it, within 5%): SSD ``5P + (4N + Q) G/H + 2Q
     + 2NP/Q + 4`` (x and its scaled copies, B and C once per group, the chunk's decays and
-    scores, each chunk's state twice), the delta rule ``12N + 4P + 5Q + 2NP/Q + 5``. The
-    backward's extra is taken as the same internals again (their gradients)."""
+    scores, each chunk's state twice), the delta rule ``3N + 4P + 4Q + 2NP/Q + (8N + 2Q) G/H``
+    (q and k once per key head, the rest per value head). The backward's extra is taken as the
+    same internals again (their gradients)."""
     h, p, n, q, g = scan.heads, scan.head_dim, scan.state, scan.chunk, scan.groups
     projected = 2 * h * p + 2 * g * n + 2 * h
     per_token = element_bytes * (projected + scan.conv_channels + 3 * h * p)
     if scan.kind == "ssd":
         kept = 5 * p + (4 * n + q) * g / h + 2 * q + 2 * n * p / q + 4
     else:
-        kept = 12 * n + 4 * p + 5 * q + 2 * n * p / q + 5
+        kept = 3 * n + 4 * p + 4 * q + 2 * n * p / q + (8 * n + 2 * q) * g / h
     internals = FP32_BYTES * h * kept
     return ScanActivations(saved=batch * tokens * (per_token + internals),
                            working=batch * tokens * internals)

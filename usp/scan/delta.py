@@ -104,8 +104,9 @@ def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
     ulysses = scan_ulysses(ulysses, topology.sequence_size, matrix_transition=True)
     place = rank_heads_of(v.shape[2], k.shape[2], topology, split=ulysses == "heads")
     # [B, S_RU, H, ..] -> [B, S_block, slots, ..]: this rank's block, its value heads
+    # (q and k stay one per group: never copied to the value heads that read them)
     (v_slots, g_slots, beta_slots), (q_slots, k_slots) = to_rank_heads(
-        place, [v, g[..., None], beta[..., None]], [q, k])  # cast to dtype after the exchange
+        place, [v, g[..., None], beta[..., None]], [q, k])
     block = prepare(q_slots, k_slots, v_slots, g_slots[..., 0], beta_slots[..., 0],
                     block_segments(segments, *scan_block(topology, ulysses)), chunk_size,
                     scale=q.shape[-1] ** -0.5 if scale is None else scale,

@@ -55,14 +55,17 @@ class DeltaBlock:
 def prepare(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
             segments: BlockSegments | None, chunk: int, *, scale: float,
             normalise_qk: bool) -> DeltaBlock:
-    """q/k ``[B, L, H, Dk]`` (already one per value head), v ``[B, L, H, Dv]``, g/beta
-    ``[B, L, H]``."""
-    dtype, length = compute_dtype(v.dtype), v.shape[1]
+    """q/k ``[B, L, G, Dk]`` (one per group of value heads: value head ``h`` reads group
+    ``h // (H/G)``), v ``[B, L, H, Dv]``, g/beta ``[B, L, H]``. The group's q and k are never
+    copied to its heads: their products with each other are taken once per group, and what
+    each head adds (its decay and β) is a broadcast product beside them."""
+    dtype, length, groups = compute_dtype(v.dtype), v.shape[1], q.shape[2]
     q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
     if normalise_qk:
         q, k = l2_normalised(q), l2_normalised(k)
     q = q * scale
-    q, k, v = (to_chunks(t, chunk) for t in (q, k, v))  # [B, H, c, Q, D]
+    q, k = (to_chunks(t, chunk)[:, :, None] for t in (q, k))  # [B, G, 1, c, Q, Dk]
+    v = to_chunks(v, chunk)  # [B, H, c, Q, Dv]
     g, beta = to_chunks(g, chunk), to_chunks(beta, chunk)  # [B, H, c, Q]
     cum = g.cumsum(dim=-1)
     decay = decay_matrix(g)  # [t, s]: G_t / G_s for s <= t
@@ -75,19 +78,24 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
         reach = reach * masks.from_entry[:, None]
         to_end = to_end * masks.to_end[:, None]
         gamma = gamma * masks.through[:, None]
-    beta_k = k * beta[..., None]
-    system = (beta_k @ k.transpose(-1, -2)) * decay  # its diagonal is ignored: T has ones there
+
+    def by_group(t: Tensor) -> Tensor:  # [B, H, ..] -> [B, G, H/G, ..] (a view)
+        return t.unflatten(1, (groups, -1))
+
+    # T's off-diagonal β_t k_t·k_s G_t/G_s (its diagonal is ignored: T has ones there)
+    system = (k @ k.transpose(-1, -2)) * by_group(beta[..., None] * decay)
     solve = lambda rhs: torch.linalg.solve_triangular(  # noqa: E731
         system, rhs, upper=False, unitriangular=True)
-    return DeltaBlock(
-        length=length,
-        new_values=solve(v * beta[..., None]),
-        reads_state=solve(beta_k * reach[..., None]),
-        scores=(q @ k.transpose(-1, -2)) * decay,
-        queries=q * reach[..., None],
-        keys_to_end=k * to_end[..., None],
-        gamma=gamma,
+    block = dict(
+        new_values=solve(by_group(v * beta[..., None])),
+        reads_state=solve(k * by_group(beta * reach)[..., None]),
+        scores=(q @ k.transpose(-1, -2)) * by_group(decay),
+        queries=q * by_group(reach)[..., None],
+        keys_to_end=k * by_group(to_end)[..., None],
     )
+    # [B, G, H/G, c, Q, ..] -> [B, H, c, Q, ..]
+    return DeltaBlock(length=length, gamma=gamma,
+                      **{name: t.flatten(1, 2) for name, t in block.items()})
 
 
 def run_states(block: DeltaBlock, entering: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:

@@ -114,20 +114,17 @@ def rank_heads_of(n_heads: int, n_groups: int, topology: Topology,
                      plan.q_per_rank // plan.kv_per_rank)
 
 
-def to_rank_heads(place: RankHeads, per_head: list[Tensor], per_group: list[Tensor],
-                  repeat_groups: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+def to_rank_heads(place: RankHeads, per_head: list[Tensor],
+                  per_group: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """``[B, S_U, H, D]`` / ``[B, S_U, G, D]`` -> ``[B, S, slots, D]`` each: every token of the
-    Ulysses row (the ring block), this rank's head slots; the groups repeated to their heads
-    (or, not ``repeat_groups``, this rank's group slots, each read by ``place.repeat``
-    consecutive head slots)."""
+    Ulysses row (the ring block), this rank's head slots and group slots, each group slot read
+    by ``place.repeat`` consecutive head slots."""
     if place.plan is not None:
         moved = to_head_slots(per_head + per_group,
                               [place.plan.q_slots] * len(per_head)
                               + [place.plan.kv_slots] * len(per_group), place.group)
         per_head, per_group = moved[:len(per_head)], moved[len(per_head):]
-    if not repeat_groups:
-        return per_head, per_group
-    return per_head, [t.repeat_interleave(place.repeat, dim=2) for t in per_group]
+    return per_head, per_group
 
 
 def from_rank_heads(place: RankHeads, out: Tensor) -> Tensor:

@@ -138,8 +138,8 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, topology: T
     step = discretised_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)  # [B, S_RU, H]
     place = rank_heads_of(x.shape[2], B.shape[2], topology, split=ulysses == "heads")
     # [B, S_RU, H, ..] -> [B, S_block, slots, ..]: this rank's block, its heads
-    (x_slots, step_slots), (b_slots, c_slots) = to_rank_heads(place, [x, step[..., None]], [B, C],
-                                                              repeat_groups=False)
+    (x_slots, step_slots), (b_slots, c_slots) = to_rank_heads(
+        place, [x, step[..., None]], [B, C])
     decay_rate = heads_of(A.to(dtype), place.heads)  # [slots]; 0 in a padding slot
     here = block_segments(segments, *scan_block(topology, ulysses))
     kernel = fused_chunk_scan(x)  # mamba_ssm's, on CUDA where installed
