@@ -80,8 +80,23 @@ FALCON_H1 = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_atte
                  attention_out_multiplier=0.8, key_multiplier=0.6, embedding_multiplier=1.3,
                  lm_head_multiplier=0.9, mlp_multipliers=[1.1, 0.8], initializer_range=0.2,
                  tie_word_embeddings=False)
+# Qwen3.5 (text, dense): a gated-delta layer (q, k and v in one projection; the gate, beta and
+# a apart), then gated attention with a partial rotary embedding
+QWEN3_5 = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=64, head_dim=8,
+               layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+               linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+               initializer_range=0.2, tie_word_embeddings=False)
+# OLMo Hybrid: a gated-delta layer (one projection per input, beta in (0, 2)), then attention
+OLMO_HYBRID = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, intermediate_size=64,
+                   layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                   linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                   linear_allow_neg_eigval=True, pad_token_id=0, initializer_range=0.2,
+                   tie_word_embeddings=False)
 MODELS = {"bamba": BAMBA, "qwen3_next": QWEN3_NEXT, "nemotron_h": NEMOTRON_H, "zamba2": ZAMBA2,
-          "granitemoehybrid": GRANITE_4, "falcon_h1": FALCON_H1}
+          "granitemoehybrid": GRANITE_4, "falcon_h1": FALCON_H1, "qwen3_5_text": QWEN3_5,
+          "olmo_hybrid": OLMO_HYBRID}
 VARIANTS = {"falcon_h1:silu": ("falcon_h1", {"mamba_rms_norm": False})}
 # model, ring, ulysses, a right-padded row, the layout the ring attention runs on (its blocks
 # re-laid from the scans' contiguous ones and back; None: contiguous)
@@ -91,7 +106,8 @@ CASES = [("bamba", 2, 2, False, None), ("bamba", 2, 2, True, "zigzag"),
          ("qwen3_next", 1, 4, False, None), ("nemotron_h", 2, 2, True, None),
          ("nemotron_h", 4, 1, False, "zigzag"), ("zamba2", 2, 2, True, None),
          ("granitemoehybrid", 2, 2, True, "zigzag"), ("falcon_h1", 2, 2, True, None),
-         ("falcon_h1:silu", 4, 1, False, "zigzag")]
+         ("falcon_h1:silu", 4, 1, False, "zigzag"), ("qwen3_5_text", 2, 2, True, None),
+         ("qwen3_5_text", 1, 4, False, None), ("olmo_hybrid", 2, 2, True, "zigzag")]
 
 
 def _config(name: str = "bamba"):

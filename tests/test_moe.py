@@ -2,8 +2,9 @@
 (``outputs.aux_loss``) of a split sequence equals the one-process value, forward and backward.
 
 One spawned 4-rank world runs Qwen3-MoE, Mixtral and GPT-OSS at ring 2 x ulysses 2 (zigzag) and
-ulysses 4 (stripe), and Granite 4 (a hybrid: a Mamba-2 layer, then attention, experts in both) at
-ring 2 x ulysses 2 (contiguous), with a right-padded row, and compares the router loss, the model's training
+ulysses 4 (stripe), and the hybrids Granite 4 (a Mamba-2 layer, then attention), Qwen3.5-MoE and
+Qwen3-Next (a gated-delta layer, then attention), experts in every layer, at ring 2 x ulysses 2
+(contiguous), with a right-padded row, and compares the router loss, the model's training
 loss (cross-entropy + router_aux_loss_coef x router loss, as transformers adds them) and every
 parameter's gradient with transformers' eager model run on the whole batch in one process. fp32
 rule of docs/testing.md: the error against the fp64 eager model is at most twice the fp32 eager
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GptOssConfig, MixtralConfig
-from transformers import GraniteMoeHybridConfig, Qwen3MoeConfig
+from transformers import GraniteMoeHybridConfig, Qwen3_5MoeTextConfig, Qwen3MoeConfig
 
 from tests.distributed import collect_failures, run_on_ranks
 from tests.fp32_rule import check_close
@@ -59,10 +60,22 @@ MODELS = {
         layer_types=["linear_attention", "attention"], mamba_n_heads=4, mamba_d_head=24,
         mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8, position_embedding_type="rope",
         **_TINY),
+    # a hybrid: a gated-delta layer, then gated attention; routed and shared experts in both
+    "qwen3.5-moe": lambda: Qwen3_5MoeTextConfig(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=12, linear_value_head_dim=12, **_TINY),
+    "qwen3-next": lambda: AutoConfig.for_model(
+        "qwen3_next", num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=12, linear_value_head_dim=12, **_TINY),
 }
+HYBRIDS = ("granite-4", "qwen3.5-moe", "qwen3-next")  # their scans need the contiguous layout
 TOPOLOGIES = [(2, 2, "zigzag"), (1, 4, "stripe")]
-CASES = [(name, *topology) for name in MODELS if name != "granite-4" for topology in TOPOLOGIES]
-CASES.append(("granite-4", 2, 2, "contiguous"))
+CASES = [(name, *topology) for name in MODELS if name not in HYBRIDS for topology in TOPOLOGIES]
+CASES += [(name, 2, 2, "contiguous") for name in HYBRIDS]
 
 
 def _inputs():

@@ -41,6 +41,14 @@ FALCON_H1 = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attent
                  mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
                  mamba_chunk_size=32)
 
+# gated-delta hybrids with dense MLPs: Qwen3.5 and Qwen3-Next (gated attention, per-head q/k
+# norms), OLMo Hybrid (q/k norms over the whole projections)
+DELTA = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, intermediate_size=96,
+             layer_types=["linear_attention", "full_attention", "linear_attention",
+                          "linear_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
+             linear_key_head_dim=16, linear_value_head_dim=16)
+
 
 def _spec(tmp_path, name, values) -> tuple[ModelSpec, int]:
     """The planner's reading of the config, and the parameters of the model transformers
@@ -57,10 +65,13 @@ def _spec(tmp_path, name, values) -> tuple[ModelSpec, int]:
     ("BambaConfig", BAMBA), ("NemotronHConfig", NEMOTRON_H), ("GraniteMoeHybridConfig", GRANITE_4),
     ("FalconH1Config", FALCON_H1), ("FalconH1Config", {**FALCON_H1, "mamba_rms_norm": True,
                                                        "mamba_proj_bias": True,
-                                                       "projectors_bias": True})])
+                                                       "projectors_bias": True}),
+    ("Qwen3_5TextConfig", DELTA), ("OlmoHybridConfig", {**DELTA, "pad_token_id": 0}),
+    ("Qwen3NextConfig", {**DELTA, "num_experts": 0, "mlp_only_layers": [0, 1, 2, 3]})])
 def test_hybrid_configs_are_read_with_their_parameters(tmp_path, name, values):
     spec, parameters = _spec(tmp_path, name, values)
-    assert spec.scan is not None and spec.scan.kind == "ssd"
+    kind = "delta" if "linear_num_key_heads" in values else "ssd"
+    assert spec.scan is not None and spec.scan.kind == kind
     assert spec.total_params == parameters, (spec.total_params, parameters)
 
 

@@ -33,7 +33,8 @@ from usp.scan import causal_conv, gated_delta_scan, ssd_scan
 # of SPLIT_MIXERS or holds one beside attention (their configs name those layers
 # "linear_attention", "mamba" or, Falcon-H1's and Zamba2's, "hybrid")
 SPLIT_MODEL_TYPES = ("bamba", "nemotron_h", "qwen3_next", "zamba2", "granitemoehybrid",
-                     "falcon_h1")
+                     "falcon_h1", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
+                     "olmo_hybrid")
 
 
 def splits(module: nn.Module) -> bool:
@@ -144,19 +145,18 @@ def _ssd_steps(self, projected: torch.Tensor, attention_mask, topology,
 
 def delta_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
                         attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """A gated-delta mixer's forward (Qwen3-Next's ``Qwen3NextGatedDeltaNet``) on this rank's
-    shard ``[B, S_local, hidden]`` (module docstring); transformers' own forward when the
-    sequence is not split."""
+    """A gated-delta mixer's forward (Qwen3-Next's, Qwen3.5's, OLMo Hybrid's: their inputs
+    read by :data:`DELTA_INPUTS`) on this rank's shard ``[B, S_local, hidden]`` (module
+    docstring); transformers' own forward when the sequence is not split."""
     topology = _split_topology(self, cache_params, kwargs)
     if topology is None:
         return self._usp_own_forward(hidden_states, cache_params=cache_params,
                                      attention_mask=attention_mask, **kwargs)
     where = _where(kwargs)
     hidden_states = _padding_zeroed(hidden_states, attention_mask)
-    query, key, value, z, b, a = self.fix_query_key_value_ordering(
-        self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states))
-    batch, length = query.shape[:2]
-    mixed = torch.cat([x.reshape(batch, length, -1) for x in (query, key, value)], dim=-1)
+    inputs, norm, out_proj = DELTA_INPUTS[type(self).__name__]
+    mixed, gate, beta, a = inputs(self, hidden_states)
+    batch, length, _ = mixed.shape
     mixed = causal_conv(mixed.transpose(1, 2), self.conv1d.weight.squeeze(1), self.conv1d.bias,
                         topology, activation=self.activation, **where).transpose(1, 2)
     query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -164,19 +164,57 @@ def delta_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
         query.reshape(batch, length, -1, self.head_k_dim),
         key.reshape(batch, length, -1, self.head_k_dim),
         value.reshape(batch, length, -1, self.head_v_dim),
-        -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias), b.sigmoid(), topology,
+        -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias), beta, topology,
         use_qk_l2norm=True, **where,
     )
-    out = self.norm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]))
-    return self.out_proj(out.reshape(batch, length, -1))
+    out = getattr(self, norm)(out.reshape(-1, out.shape[-1]), gate.reshape(-1, out.shape[-1]))
+    return getattr(self, out_proj)(out.reshape(batch, length, -1))
+
+
+def _qwen3_next_inputs(self, hidden: torch.Tensor):
+    """Qwen3-Next's two fused projections, in its grouped order: ``(q k v [B, S, 2K + V],
+    gate, beta, a)``."""
+    query, key, value, z, b, a = self.fix_query_key_value_ordering(
+        self.in_proj_qkvz(hidden), self.in_proj_ba(hidden))
+    batch, length = query.shape[:2]
+    mixed = torch.cat([x.reshape(batch, length, -1) for x in (query, key, value)], dim=-1)
+    return mixed, z, b.sigmoid(), a
+
+
+def _qwen3_5_inputs(self, hidden: torch.Tensor):
+    """Qwen3.5's projections: q, k and v in one, the gate, beta and a apart."""
+    return (self.in_proj_qkv(hidden), self.in_proj_z(hidden), self.in_proj_b(hidden).sigmoid(),
+            self.in_proj_a(hidden))
+
+
+def _olmo_hybrid_inputs(self, hidden: torch.Tensor):
+    """OLMo Hybrid's projections, one per input; beta in (0, 2) when the layer allows negative
+    eigenvalues."""
+    mixed = torch.cat([self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)], dim=-1)
+    beta = self.b_proj(hidden).sigmoid()
+    if self.allow_neg_eigval:
+        beta = beta * 2.0
+    return mixed, self.g_proj(hidden), beta, self.a_proj(hidden)
+
+
+# gated-delta mixer class -> (its inputs: q k v side by side, the output gate, beta and the
+# decay's input a, as transformers' forward computes them; its gated norm; its output
+# projection). Between those every one runs the same steps (Qwen4Exp's differs from Qwen3.5's
+# only in its norm's activation, the norm module's business)
+DELTA_INPUTS = {
+    "Qwen3NextGatedDeltaNet": (_qwen3_next_inputs, "norm", "out_proj"),
+    "Qwen3_5GatedDeltaNet": (_qwen3_5_inputs, "norm", "out_proj"),
+    "Qwen3_5MoeGatedDeltaNet": (_qwen3_5_inputs, "norm", "out_proj"),
+    "Qwen4ExpTextGatedDeltaNet": (_qwen3_5_inputs, "norm", "out_proj"),
+    "OlmoHybridGatedDeltaNet": (_olmo_hybrid_inputs, "o_norm", "o_proj"),
+}
 
 
 # mixer class -> the forward that runs it split. Each is transformers' PyTorch path of its layer,
 # read off these attributes: Mamba-2 (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj,
 # intermediate_size, conv_dim, num_heads, head_dim, n_groups, ssm_state_size, chunk_size,
-# time_step_limit, activation); gated delta (in_proj_qkvz, in_proj_ba,
-# fix_query_key_value_ordering, conv1d, key_dim, value_dim, head_k_dim, head_v_dim, A_log,
-# dt_bias, norm, out_proj, activation)
+# time_step_limit, activation); gated delta (its inputs per DELTA_INPUTS, conv1d, key_dim,
+# value_dim, head_k_dim, head_v_dim, A_log, dt_bias, its norm and output projection, activation)
 # Nemotron-H's, Zamba2's and Granite 4's (GraniteMoeHybrid) Mamba-2 mixers run the same steps as
 # Bamba's (transformers' forwards are line for line the same; a norm gated per group is the
 # layer's own norm module's business); Falcon-H1's adds multipliers and an optional norm
@@ -185,4 +223,4 @@ SPLIT_MIXERS = {"BambaMixer": ssd_mixer_forward, "NemotronHMamba2Mixer": ssd_mix
                 "Zamba2MambaMixer": ssd_mixer_forward,
                 "GraniteMoeHybridMambaLayer": ssd_mixer_forward,
                 "FalconH1Mixer": falcon_h1_mixer_forward,
-                "Qwen3NextGatedDeltaNet": delta_mixer_forward}
+                **{name: delta_mixer_forward for name in DELTA_INPUTS}}

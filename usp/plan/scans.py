@@ -211,7 +211,9 @@ def _nemotron_h(config: dict) -> dict:
                 bool(config.get("use_bias", False)), bool(config.get("use_conv_bias", True)))}
 
 
-def _qwen3_next(config: dict) -> dict:
+def _gated_delta(config: dict) -> dict:
+    """A gated-delta hybrid (Qwen3-Next, Qwen3.5, OLMo Hybrid): linear_attention or
+    full_attention in each layer, then a dense MLP (routed experts refused)."""
     types = config["layer_types"]
     dense = set(config.get("mlp_only_layers") or [])
     if (config.get("num_experts") or 0) > 1 and set(range(len(types))) - dense:
@@ -222,12 +224,20 @@ def _qwen3_next(config: dict) -> dict:
     value_dim, kernel = config["linear_value_head_dim"], config.get("linear_conv_kernel_dim", 4)
     keys, values = key_heads * key_dim, value_heads * value_dim
     channels = 2 * keys + values
-    # q, k, v, z and beta, a (decay) from two input projections; the output projection
+    # q, k, v, the output gate z, beta and a (the decay's input); the output projection
     linear = hidden * (2 * keys + 2 * values + 2 * value_heads) + values * hidden
     other = channels * kernel + value_dim + 2 * value_heads  # conv, norm, A_log and dt_bias
-    return {"attention_layers": types.count("full_attention"), "scan": ScanSpec(
-        "delta", types.count("linear_attention"), value_heads, value_dim, key_dim, key_heads,
-        kernel, 64, linear, other)}
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_width = (config.get("num_key_value_heads") or heads) * head_dim
+    olmo = config.get("model_type") == "olmo_hybrid"
+    return {"attention_layers": types.count("full_attention"),
+            # Qwen's attention gates its output by a second query-sized projection and norms
+            # each head's q and k; OLMo's norms the whole q and k projections
+            "q_gate": not olmo,
+            "attention_norm_params": heads * head_dim + kv_width if olmo else 2 * head_dim,
+            "scan": ScanSpec("delta", types.count("linear_attention"), value_heads, value_dim,
+                             key_dim, key_heads, kernel, 64, linear, other)}
 
 
 def _granite_4(config: dict) -> dict:
@@ -262,8 +272,9 @@ def _falcon_h1(config: dict) -> dict:
 
 
 # the hybrids the planner prices, by model_type: their configs' layer kinds and mixer shapes
-HYBRIDS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "qwen3_next": _qwen3_next,
-           "granitemoehybrid": _granite_4, "falcon_h1": _falcon_h1}
+HYBRIDS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "granitemoehybrid": _granite_4,
+           "falcon_h1": _falcon_h1, "qwen3_next": _gated_delta, "qwen3_5_text": _gated_delta,
+           "olmo_hybrid": _gated_delta}
 
 
 def hybrid_layers(model_type: str, config: dict) -> dict:

@@ -79,6 +79,8 @@ class ModelSpec:
     mlp_matrices: int = 3
     scan: ScanSpec | None = None
     norms: int = 2  # RMSNorm scales per layer (Nemotron-H's one-block layers hold one)
+    q_gate: bool = False  # attention output gated by a query-sized projection (Qwen3-Next's)
+    attention_norm_params: int = 0  # an attention layer's q/k norm scales
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -103,10 +105,12 @@ class ModelSpec:
 
     @property
     def attention_linear_params(self) -> int:
-        """Weights of the q, k, v and output projections of one layer (biases included)."""
+        """Weights of the q, k, v and output projections of one layer (biases and an output
+        gate's projection included)."""
         q_width, kv_width = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         bias = (q_width + 2 * kv_width) if self.qkv_bias else 0
-        return self.hidden * (2 * q_width + 2 * kv_width) + bias
+        gate = self.hidden * q_width if self.q_gate else 0
+        return self.hidden * (2 * q_width + 2 * kv_width) + gate + bias
 
     @property
     def mlp_linear_params(self) -> int:
@@ -145,6 +149,7 @@ class ModelSpec:
         """Everything in the average decoder layer: the linear weights plus its RMSNorm scales
         (and a scan's convolution, norm and per-head constants)."""
         other = self.shares[1] * self.scan.other_params if self.scan else 0.0
+        other += self.shares[0] * self.attention_norm_params
         return self.linear_params_per_layer + other + self.norms * self.hidden
 
     @property
