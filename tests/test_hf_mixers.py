@@ -28,7 +28,7 @@ from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topolog
 
 WORLD = 4
 # model types whose state-space mixers usp splits (usp.integrations.hf_scan)
-SPLIT = {"bamba", "nemotron_h", "qwen3_next", "zamba2", "falcon_h1"}
+SPLIT = {"bamba", "nemotron_h", "qwen3_next", "zamba2", "falcon_h1", "lfm2"}
 VOCAB = 300  # holds usp train's 257 byte-level ids
 _SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False)

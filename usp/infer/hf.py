@@ -164,7 +164,7 @@ class _ShardedHybridLayer(_ShardedLayer, *(
 # the layer type transformers' hybrid configs give their scan layers (Bamba's and Nemotron-H's
 # Mamba-2, Qwen3-Next's gated delta rule): a convolution and a recurrent state, no keys and
 # values; and the types of layers that hold no cache at all (Nemotron-H's MLP and MoE layers)
-SCAN_LAYER = "linear_attention"
+SCAN_LAYERS = ("linear_attention", "conv")  # LFM2's short convolutions keep a conv state
 NO_CACHE_LAYERS = ("mlp", "moe")
 HYBRID_LAYER = "hybrid"  # attention and a scan in one layer (Falcon-H1, Zamba2)
 # attention layers' types (a window is refused when the model asks for it, at the first forward)
@@ -185,20 +185,20 @@ class USPCache(Cache):
         check_config(config, topology, scans=HYBRID_STATES)
         types = getattr(config, "layer_types", None) or ["full_attention"] * (
             config.num_hidden_layers)
-        unknown = sorted(set(types) - {SCAN_LAYER, HYBRID_LAYER, *NO_CACHE_LAYERS,
+        unknown = sorted(set(types) - {*SCAN_LAYERS, HYBRID_LAYER, *NO_CACHE_LAYERS,
                                        *ATTENTION_LAYERS})
         if unknown:  # a layer usp never met
             raise ValueError(
                 f"{type(config).__name__} has layers of the types {unknown}; a USPCache keeps "
-                f"the states of {sorted(ATTENTION_LAYERS)}, {SCAN_LAYER!r}, {HYBRID_LAYER!r} "
+                f"the states of {sorted(ATTENTION_LAYERS)}, {list(SCAN_LAYERS)}, {HYBRID_LAYER!r} "
                 f"and cacheless {sorted(NO_CACHE_LAYERS)} layers only")
-        if not HYBRID_STATES and set(types) & {SCAN_LAYER, HYBRID_LAYER, *NO_CACHE_LAYERS}:
+        if not HYBRID_STATES and set(types) & {*SCAN_LAYERS, HYBRID_LAYER, *NO_CACHE_LAYERS}:
             raise ValueError(
                 f"{type(config).__name__} has layers other than attention ({sorted(set(types))}"
                 "); a USPCache keeps their states with transformers 5.23 (pip install "
                 "'transformers>=5.23,<5.24')")
         attention = [index for index, kind in enumerate(types)
-                     if kind != SCAN_LAYER and kind not in NO_CACHE_LAYERS]
+                     if kind not in SCAN_LAYERS and kind not in NO_CACHE_LAYERS]
         head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
         self.sharded = ShardedKVCache(

@@ -34,7 +34,7 @@ from usp.scan import causal_conv, gated_delta_scan, ssd_scan
 # "linear_attention", "mamba" or, Falcon-H1's and Zamba2's, "hybrid")
 SPLIT_MODEL_TYPES = ("bamba", "nemotron_h", "qwen3_next", "zamba2", "granitemoehybrid",
                      "falcon_h1", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
-                     "olmo_hybrid")
+                     "olmo_hybrid", "lfm2", "lfm2_moe", "lfm3")
 
 
 def splits(module: nn.Module) -> bool:
@@ -171,6 +171,22 @@ def delta_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
     return getattr(self, out_proj)(out.reshape(batch, length, -1))
 
 
+def short_conv_forward(self, hidden_states: torch.Tensor, past_key_values=None,
+                       attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """LFM2's short convolution (``Lfm2ShortConv``: ``C ⊙ conv(B ⊙ x)`` between an input and an
+    output projection) on this rank's shard, the convolution split (its first taps read the
+    previous rank's last tokens); transformers' own forward when the sequence is not split."""
+    topology = _split_topology(self, past_key_values, kwargs)
+    if topology is None:
+        return self._usp_own_forward(hidden_states, past_key_values=past_key_values,
+                                     attention_mask=attention_mask, **kwargs)
+    projected = self.in_proj(_padding_zeroed(hidden_states, attention_mask)).transpose(-1, -2)
+    b, c, x = projected.chunk(3, dim=-2)  # [B, hidden, S_local] each
+    mixed = causal_conv(b * x, self.conv.weight.squeeze(1), self.conv.bias, topology,
+                        **_where(kwargs))
+    return self.out_proj((c * mixed).transpose(-1, -2).contiguous())
+
+
 def _qwen3_next_inputs(self, hidden: torch.Tensor):
     """Qwen3-Next's two fused projections, in its grouped order: ``(q k v [B, S, 2K + V],
     gate, beta, a)``."""
@@ -223,4 +239,6 @@ SPLIT_MIXERS = {"BambaMixer": ssd_mixer_forward, "NemotronHMamba2Mixer": ssd_mix
                 "Zamba2MambaMixer": ssd_mixer_forward,
                 "GraniteMoeHybridMambaLayer": ssd_mixer_forward,
                 "FalconH1Mixer": falcon_h1_mixer_forward,
+                **{name: short_conv_forward for name in (
+                    "Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv")},
                 **{name: delta_mixer_forward for name in DELTA_INPUTS}}
