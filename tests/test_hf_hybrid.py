@@ -100,10 +100,13 @@ LFM2 = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention
             conv_L_cache=3, conv_bias=True, initializer_range=0.2, tie_word_embeddings=False)
 MODELS = {"bamba": BAMBA, "qwen3_next": QWEN3_NEXT, "nemotron_h": NEMOTRON_H, "zamba2": ZAMBA2,
           "granitemoehybrid": GRANITE_4, "falcon_h1": FALCON_H1, "qwen3_5_text": QWEN3_5,
-          "olmo_hybrid": OLMO_HYBRID, "lfm2": LFM2}
+          "olmo_hybrid": OLMO_HYBRID, "lfm2": LFM2,
+          # LFM3: the same convolution, then sliding-window attention
+          "lfm3": dict(LFM2, layer_types=["conv", "sliding_attention"], sliding_window=6,
+                       pad_token_id=0)}
 # the models whose usp train build is checked too (Granite 4's mixer and its initialisation are
 # Bamba's; LFM2's convolution has no parameter drawn at random by its own rule)
-TRAINED = [name for name in MODELS if name not in ("granitemoehybrid", "lfm2")]
+TRAINED = [name for name in MODELS if name not in ("granitemoehybrid", "lfm2", "lfm3")]
 VARIANTS = {"falcon_h1:silu": ("falcon_h1", {"mamba_rms_norm": False})}
 # model, ring, ulysses, a right-padded row, the layout the ring attention runs on (its blocks
 # re-laid from the scans' contiguous ones and back; None: contiguous)
@@ -114,7 +117,8 @@ CASES = [("bamba", 2, 2, False, None), ("bamba", 2, 2, True, "zigzag"),
          ("nemotron_h", 4, 1, False, "zigzag"), ("zamba2", 2, 2, True, None),
          ("granitemoehybrid", 2, 2, True, "zigzag"), ("falcon_h1", 2, 2, True, None),
          ("falcon_h1:silu", 4, 1, False, "zigzag"), ("qwen3_5_text", 2, 2, True, None),
-         ("olmo_hybrid", 2, 2, True, "zigzag"), ("lfm2", 2, 2, True, "zigzag")]
+         ("olmo_hybrid", 2, 2, True, "zigzag"), ("lfm2", 2, 2, True, "zigzag"),
+         ("lfm3", 2, 2, True, "zigzag")]
 
 
 def _config(name: str = "bamba"):
