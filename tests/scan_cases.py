@@ -21,9 +21,9 @@ from transformers.models.bamba.modeling_bamba import causal_conv1d_fn
 
 from usp.comm import CommStats
 from usp.layout import sequence_positions, shard_sequence
-from usp.scan import causal_conv, gated_delta_scan, ssd_scan
+from usp.scan import causal_conv, gated_delta_scan, selective_scan, ssd_scan
 from usp.scan.chain import StateChain
-from usp.scan.reference import gated_delta_recurrence, ssd_recurrence
+from usp.scan.reference import gated_delta_recurrence, selective_recurrence, ssd_recurrence
 from usp.topology import Topology
 
 FP64 = torch.float64
@@ -87,6 +87,26 @@ def delta_problem(generator, length, heads, groups, documents, ulysses="auto"):
     return inputs, {}, reference, distributed, 1
 
 
+def selective_problem(generator, length, heads, groups, documents):
+    batch, state = 2, 3  # heads channels
+    inputs = {name: _draw(generator, batch, heads, length) for name in ("x", "dt", "z")}
+    inputs.update({name: _draw(generator, batch, state, length) for name in ("B", "C")})
+    params = {"A": _draw(generator, heads, state, low=0.2), "D": _draw(generator, heads),
+              "dt_bias": _draw(generator, heads)}
+
+    def reference(t, p):
+        step = F.softplus(t["dt"] + p["dt_bias"][:, None])
+        return selective_recurrence(t["x"], step, p["A"], t["B"], t["C"], p["D"], t["z"],
+                                    documents=documents)[0]
+
+    def distributed(t, p, topology):
+        return selective_scan(t["x"], t["dt"], p["A"], t["B"], t["C"], topology, D=p["D"],
+                              z=t["z"], dt_bias=p["dt_bias"], dt_softplus=True,
+                              documents=documents, seq_len=length)
+
+    return inputs, params, reference, distributed, 2
+
+
 def conv_alone(x, weight, bias, documents):
     """transformers' convolution on the whole sequence, or on each document alone."""
     if documents is None:
@@ -118,9 +138,10 @@ def conv_problem(generator, length, heads, groups, documents):
 # each scan as "auto" splits it over the Ulysses ranks (on 4 ranks: SSD "state", the delta rule
 # "heads"), and with the other split
 PROBLEMS = {"ssd": ssd_problem, "delta": delta_problem, "conv": conv_problem,
+            "selective": selective_problem,
             "ssd heads": partial(ssd_problem, ulysses="heads"),
             "delta state": partial(delta_problem, ulysses="state")}
-DEFAULTS = ("ssd", "delta", "conv")
+DEFAULTS = ("ssd", "delta", "conv", "selective")
 
 
 def case_errors(case, topology: Topology, dtype: torch.dtype = FP64) -> tuple[list, list]:

@@ -10,7 +10,7 @@ from tests import mamba_ssm_standin as standin
 from tests.distributed import collect_failures
 from tests.scan_cases import (check_low_precision, grid, run_case, skipped_state_error,
                               state_bytes)
-from usp.scan import causal_conv, gated_delta_scan, ssd_scan
+from usp.scan import causal_conv, gated_delta_scan, selective_scan, ssd_scan
 from usp.topology import Topology
 
 FP64, FP32 = torch.float64, torch.float32
@@ -60,6 +60,8 @@ def bad_inputs(rank: int) -> list[tuple[str, str]]:
             **_ssd_args(length=6 if rank != 1 else 5), topology=ring2),
         "unknown split over ulysses": lambda: gated_delta_scan(**delta, topology=ring2,
                                                                ulysses="tokens"),
+        "selective A shape": lambda: selective_scan(
+            zeros(1, 4, 6), zeros(1, 4, 6), zeros(3, 2), zeros(1, 2, 6), zeros(1, 2, 6), ring2),
     }
     messages = []
     for what, call in calls.items():
@@ -92,7 +94,8 @@ def scan_world(rank: int, world_size: int) -> dict:
             PACKED, lambda case: check_low_precision(case, topology, one_process, FP32, 1e-6))]
         # the cases whose state (or halo) crosses ranks on this grid: "heads" scans pass it along
         # the ring only; "state" scans and the convolution along every shard
-        chained = ("ssd", "conv", "delta state") + (("delta", "ssd heads") if ring > 1 else ())
+        chained = ("ssd", "conv", "delta state", "selective") + (
+            ("delta", "ssd heads") if ring > 1 else ())
         for name in chained:
             skipped[(ring, ulysses, name)] = skipped_state_error((name, 22, 4, 2, 0), topology)
         sent[(ring, ulysses)] = state_bytes(topology)

@@ -104,6 +104,13 @@ MODELS = {"bamba": BAMBA, "qwen3_next": QWEN3_NEXT, "nemotron_h": NEMOTRON_H, "z
           # LFM3: the same convolution, then sliding-window attention
           "lfm3": dict(LFM2, layer_types=["conv", "sliding_attention"], sliding_window=6,
                        pad_token_id=0)}
+# Jamba: a Mamba-1 layer, then attention; experts in the second layer
+JAMBA = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=64, attn_layer_period=2,
+             attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2,
+             mamba_d_state=8, mamba_dt_rank=4, use_mamba_kernels=False,
+             experts_implementation="eager", initializer_range=0.2, tie_word_embeddings=False)
+MODELS["jamba"] = JAMBA
 # the models whose usp train build is checked too (Granite 4's mixer and its initialisation are
 # Bamba's; LFM2's convolution has no parameter drawn at random by its own rule)
 TRAINED = [name for name in MODELS if name not in ("granitemoehybrid", "lfm2", "lfm3")]
@@ -118,7 +125,8 @@ CASES = [("bamba", 2, 2, False, None), ("bamba", 2, 2, True, "zigzag"),
          ("granitemoehybrid", 2, 2, True, "zigzag"), ("falcon_h1", 2, 2, True, None),
          ("falcon_h1:silu", 4, 1, False, "zigzag"), ("qwen3_5_text", 2, 2, True, None),
          ("olmo_hybrid", 2, 2, True, "zigzag"), ("lfm2", 2, 2, True, "zigzag"),
-         ("lfm3", 2, 2, True, "zigzag")]
+         ("lfm3", 2, 2, True, "zigzag"), ("jamba", 2, 2, True, "zigzag"),
+         ("jamba", 1, 4, False, None)]
 
 
 def _config(name: str = "bamba"):

@@ -28,7 +28,7 @@ from usp.integrations.hf_family.model import build_hf_causal_lm, trivial_topolog
 
 WORLD = 4
 # model types whose state-space mixers usp splits (usp.integrations.hf_scan)
-SPLIT = {"bamba", "nemotron_h", "qwen3_next", "zamba2", "falcon_h1", "lfm2"}
+SPLIT = {"bamba", "nemotron_h", "qwen3_next", "zamba2", "falcon_h1", "lfm2", "jamba"}
 VOCAB = 300  # holds usp train's 257 byte-level ids
 _SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False)
@@ -128,13 +128,13 @@ def _world(rank: int, world_size: int, files: dict) -> list[str]:
     split = contexts[(2, 2)]
 
     # prepared unsplit (dp 4), then run with a context that splits: refused before any layer
-    jamba = USPContext(Topology.build(dp=4)).prepare(_model("jamba"))
+    gemma = USPContext(Topology.build(dp=4)).prepare(_model("recurrent_gemma"))
     ran = []
-    jamba.model.layers[0].register_forward_pre_hook(lambda *args: ran.append(1))
+    gemma.model.layers[0].register_forward_pre_hook(lambda *args: ran.append(1))
     inputs = split.shard(torch.randint(0, VOCAB, (1, 16), generator=torch.Generator()))
     forward = dict(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
                    use_cache=False, usp_context=split)
-    problem = _refused(lambda: jamba(**forward), CONFIGS["jamba"][1])
+    problem = _refused(lambda: gemma(**forward), CONFIGS["recurrent_gemma"][1])
     _check(failures, "forward of a prepared model", problem or (
         f"{len(ran)} layers ran before the refusal" if ran else None))
 
@@ -155,7 +155,8 @@ def _world(rank: int, world_size: int, files: dict) -> list[str]:
 
     # a generation runs the scan layers of the hybrids usp splits whole, their states in the
     # cache (tests/test_infer_hf.py); a hybrid whose layers it keeps none for is refused
-    problem = _refused(lambda: USPCache(_config("jamba"), split.topology, max_tokens=8),
+    problem = _refused(lambda: USPCache(_config("recurrent_gemma"), split.topology,
+                                        max_tokens=8),
                        "mixes tokens along the sequence")
     _check(failures, "USPCache", problem)
     problem = _refused(lambda: hf_generate(
@@ -215,13 +216,15 @@ def test_usp_train_refuses_them_before_any_rank_starts(tmp_path, capsys, monkeyp
         raise AssertionError("ranks were launched")
 
     monkeypatch.setattr(usp.training.launcher, "launch_elastic", no_ranks)
-    config = tmp_path / "jamba.json"
-    config.write_text(json.dumps({"model_type": "jamba", **CONFIGS["jamba"][0]}))
+    config = tmp_path / "recurrent_gemma.json"
+    config.write_text(json.dumps({"model_type": "recurrent_gemma",
+                                  **CONFIGS["recurrent_gemma"][0]}))
     flags = ["train", "--hf-config", str(config), "--seq-len", "32", "--steps", "1",
              "--synthetic", "--no-progress"]
     assert usp_main([*flags, "--nproc", "2", "--ring", "2", "--out", str(tmp_path / "a")]) == 2
     message = capsys.readouterr().err
-    assert "model.layers.0.mamba (JambaMambaMixer): a state-space layer mixes" in message
+    assert ("model.layers.0.temporal_block (RecurrentGemmaRecurrentBlock): a recurrent layer "
+            "mixes") in message
     assert not Path(tmp_path / "a").exists()
     # unsplit it trains (one process, nothing split)
     assert usp_main([*flags, "--out", str(tmp_path / "b")]) == 0

@@ -5,8 +5,8 @@ ring 2 x ulysses 2, ring 4 and ulysses 4 greedy, and with sampling under a fixed
 (q/k/v biases) greedy on ulysses 4; the hybrids Bamba (Mamba-2 layers), Qwen3-Next (gated
 delta rule) and Falcon-H1 (attention and Mamba-2 side by side) greedy on ring 2 x ulysses 2,
 Nemotron-H (Mamba-2, MLP and attention layers), Zamba2 (a shared attention block) and OLMo
-Hybrid on ring 4, Granite 4 and Qwen3.5 on ulysses 4, LFM2 (short convolutions) on ring 2 x
-ulysses 2, their scan layers' states carried in the
+Hybrid and Jamba (Mamba-1) on ring 4, Granite 4 and Qwen3.5 on ulysses 4, LFM2 (short
+convolutions) on ring 2 x ulysses 2, their scan layers' states carried in the
 cache from
 the prompt through every new token (Bamba also prepared by ``USPContext.prepare``, whose split
 scan layers run whole in a generation). The tokens equal eager's and sdpa's, every step's logits
@@ -19,14 +19,14 @@ import copy
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, BambaConfig, FalconH1Config,
+from transformers import (AutoConfig, AutoModelForCausalLM, BambaConfig, FalconH1Config,
                           GraniteMoeHybridConfig, Lfm2Config, LlamaConfig, NemotronHConfig,
                           OlmoHybridConfig, Qwen2Config, Qwen3_5TextConfig, Qwen3NextConfig,
                           Zamba2Config)
 
 from tests.distributed import collect_failures, run_on_ranks
-from tests.test_hf_hybrid import (BAMBA, FALCON_H1, GRANITE_4, LFM2, NEMOTRON_H, OLMO_HYBRID,
-                                   QWEN3_5, QWEN3_NEXT, ZAMBA2)
+from tests.test_hf_hybrid import (BAMBA, FALCON_H1, GRANITE_4, JAMBA, LFM2, NEMOTRON_H,
+                                   OLMO_HYBRID, QWEN3_5, QWEN3_NEXT, ZAMBA2)
 from usp import Topology
 from usp.infer.hf import HYBRID_STATES, USPCache
 from usp.integrations.transformers import USPContext
@@ -52,7 +52,8 @@ ARCHITECTURES = {"llama-gqa": lambda: LlamaConfig(**_TINY),
                  "zamba2": lambda: Zamba2Config(**{**ZAMBA2, "vocab_size": VOCAB}),
                  "qwen3.5": lambda: Qwen3_5TextConfig(**{**QWEN3_5, "vocab_size": VOCAB}),
                  "olmo-hybrid": lambda: OlmoHybridConfig(**{**OLMO_HYBRID, "vocab_size": VOCAB}),
-                 "lfm2": lambda: Lfm2Config(**{**LFM2, "vocab_size": VOCAB})}
+                 "lfm2": lambda: Lfm2Config(**{**LFM2, "vocab_size": VOCAB}),
+                 "jamba": lambda: AutoConfig.for_model("jamba", **{**JAMBA, "vocab_size": VOCAB})}
 TOPOLOGIES = [(2, 2, "zigzag"), (4, 1, "stripe"), (1, 4, "contiguous")]
 
 
@@ -121,7 +122,7 @@ def _world(rank, world_size):
                   ("nemotron-h", TOPOLOGIES[1], False), ("falcon-h1", TOPOLOGIES[0], False),
                   ("granite-4", TOPOLOGIES[2], False), ("zamba2", TOPOLOGIES[1], False),
                   ("qwen3.5", TOPOLOGIES[2], False), ("olmo-hybrid", TOPOLOGIES[1], False),
-                  ("lfm2", TOPOLOGIES[0], False)]
+                  ("lfm2", TOPOLOGIES[0], False), ("jamba", TOPOLOGIES[1], False)]
     models, expected = {}, {}
     for arch in dict.fromkeys(name for name, _, _ in cases):  # the same order on every rank
         # Bamba prepared for training first: its scan layers' split forward must run whole here

@@ -3,7 +3,8 @@
 
 One spawned 4-rank world runs Qwen3-MoE, Mixtral and GPT-OSS at ring 2 x ulysses 2 (zigzag) and
 ulysses 4 (stripe), and the hybrids Granite 4 (a Mamba-2 layer, then attention), Qwen3.5-MoE and
-Qwen3-Next (a gated-delta layer, then attention), experts in every layer, at ring 2 x ulysses 2
+Qwen3-Next (a gated-delta layer, then attention) and Jamba (Mamba-1, then attention), experts in
+every layer, at ring 2 x ulysses 2
 (contiguous), with a right-padded row, and compares the router loss, the model's training
 loss (cross-entropy + router_aux_loss_coef x router loss, as transformers adds them) and every
 parameter's gradient with transformers' eager model run on the whole batch in one process. fp32
@@ -71,8 +72,14 @@ MODELS = {
         num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
         layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
         linear_num_value_heads=4, linear_key_head_dim=12, linear_value_head_dim=12, **_TINY),
+    # Mamba-1, then attention; experts in both
+    "jamba": lambda: AutoConfig.for_model(
+        "jamba", num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+        num_experts_per_tok=2, intermediate_size=32, attn_layer_period=2, attn_layer_offset=1,
+        expert_layer_period=1, expert_layer_offset=0, mamba_d_state=8, mamba_dt_rank=4,
+        use_mamba_kernels=False, **_TINY),
 }
-HYBRIDS = ("granite-4", "qwen3.5-moe", "qwen3-next")  # their scans need the contiguous layout
+HYBRIDS = ("granite-4", "qwen3.5-moe", "qwen3-next", "jamba")  # their scans need the contiguous layout
 TOPOLOGIES = [(2, 2, "zigzag"), (1, 4, "stripe")]
 CASES = [(name, *topology) for name in MODELS if name not in HYBRIDS for topology in TOPOLOGIES]
 CASES += [(name, 2, 2, "contiguous") for name in HYBRIDS]

@@ -1,5 +1,5 @@
-"""usp.scan (SSD, the gated delta rule, the causal convolution) against one process, forward and
-backward, fp64 within 1e-10 (docs/testing.md).
+"""usp.scan (SSD, Mamba-1's selective scan, the gated delta rule, the causal convolution) against
+one process, forward and backward, fp64 within 1e-10 (docs/testing.md).
 
 One spawned 4-rank gloo world runs every multi-rank case (tests/scan_world.py): ring 2 x
 ulysses 2, ring 4 and ulysses 4; even and uneven lengths; no documents, one packing, one per
@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers.models.bamba.modeling_bamba import mamba2_chunk_scan
+from transformers.models.jamba.modeling_jamba import mamba_selective_scan
 from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
 
 from tests.distributed import collect_failures, run_on_ranks
 from tests.scan_cases import grid, run_case
 from tests.scan_world import scan_world
-from usp.scan.reference import gated_delta_recurrence, ssd_recurrence
+from usp.scan.reference import gated_delta_recurrence, selective_recurrence, ssd_recurrence
 from usp.topology import Topology
 
 FP32 = torch.float32
@@ -46,6 +47,13 @@ def test_references_are_transformers_torch_paths():
     theirs = torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=8,
                                           use_qk_l2norm_in_kernel=True)[0]
     ours = gated_delta_recurrence(*(t.double() for t in (q, k, v, g, beta)), normalise_qk=True)[0]
+    assert (theirs.double() - ours).abs().max() < 1e-5
+    x, dt, z, b, c = draw(2, 4, 19), draw(2, 4, 19), draw(2, 4, 19), draw(2, 5, 19), draw(2, 5, 19)
+    a = -torch.rand(4, 5, generator=generator) - 0.2
+    theirs = mamba_selective_scan(x, dt, a, b, c, D=d, z=z, delta_bias=dt_bias,
+                                  delta_softplus=True)
+    step = F.softplus(dt + dt_bias[:, None])
+    ours = selective_recurrence(*(t.double() for t in (x, step, a, b, c, d, z)))[0]
     assert (theirs.double() - ours).abs().max() < 1e-5
 
 
@@ -104,6 +112,7 @@ def test_bad_input_raises_the_same_error_on_every_rank(world_4):
                                        "same): documents:",
         "one rank's length differs": "ranks disagree on the call",
         "unknown split over ulysses": "ulysses='tokens'; choose 'state'",
+        "selective A shape": "A (3, 2) must be [D, N] with D = 4 as x",
     }
     for what, message in messages[0]:
         assert expected[what] in message, (what, message)
@@ -111,7 +120,7 @@ def test_bad_input_raises_the_same_error_on_every_rank(world_4):
 
 def test_state_passing_sends_one_state_per_rank_and_direction(world_4):
     # fp64 (8 bytes), batch 2; SSD heads 4 x head_dim 3 x state 4; delta value heads 4 x Dk 4 x
-    # Dv 3; conv 5 channels x (4 - 1) halo tokens. "heads": the heads split over ulysses, the
+    # Dv 3; conv 5 channels x (4 - 1) halo tokens; Mamba-1 4 channels x state 3. "heads": the heads split over ulysses, the
     # state passed along the ring; "state": every head, the state passed along every shard
     for rank, result in enumerate(world_4):
         for (ring, ulysses), sent in result["bytes"].items():
@@ -122,6 +131,7 @@ def test_state_passing_sends_one_state_per_rank_and_direction(world_4):
                         "delta": along_ring * 2 * 4 // ulysses * 4 * 3 * 8,
                         "ssd": along_shards * 2 * 4 * 3 * 4 * 8,
                         "delta state": along_shards * 2 * 4 * 4 * 3 * 8,
-                        "conv": along_shards * 2 * 5 * 3 * 8}
+                        "conv": along_shards * 2 * 5 * 3 * 8,
+                        "selective": along_shards * 2 * 4 * 3 * 8}
             for name, count in expected.items():
                 assert sent[name] == count, (rank, ring, ulysses, name, sent)

@@ -55,12 +55,12 @@ def _usp(case: Case):
                         ring_layout=case.ring_layout)
 
 
-def _jamba():
-    """A hybrid whose Mamba-1 mixer usp does not split."""
+def _recurrent_gemma():
+    """A hybrid whose recurrent block usp does not split."""
     config = AutoConfig.for_model(
-        "jamba", vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, attn_layer_period=2, attn_layer_offset=1,
-        expert_layer_period=2, expert_layer_offset=1, num_experts=2, mamba_d_state=8)
+        "recurrent_gemma", vocab_size=96, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, lru_width=32,
+        block_types=["recurrent", "attention"], head_dim=8)
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -92,8 +92,8 @@ def _refusals(root: Path, tokenizer: Path) -> dict[str, str | None]:
         "compute_metrics": lambda: with_usp(Trainer)(
             model=build_model("llama"), args=args, usp=usp, compute_metrics=lambda p: {}),
         # a state-space layer usp cannot split: swapping the attention alone would be wrong
-        "model.layers.0.mamba (JambaMambaMixer)": lambda: with_usp(Trainer)(
-            model=_jamba(), args=args, usp=usp),
+        "model.layers.0.temporal_block (RecurrentGemmaRecurrentBlock)": lambda: with_usp(
+            Trainer)(model=_recurrent_gemma(), args=args, usp=usp),
         # predict() would need the full logits in global order
         "evaluates the loss only": lambda: train(case, root / "predict", tokenizer, usp=usp)[
             "trainer"].predict(documents(3, 2)),

@@ -30,11 +30,11 @@ from usp.mask import NOT_A_TOKEN
 from usp.topology import Topology
 
 # model types whose load_balancing_loss_func is the one above (transformers 5.4-5.23); Mixtral,
-# Qwen3-MoE, GPT-OSS and the hybrids Granite 4, Qwen3.5-MoE and Qwen3-Next are tested
+# Qwen3-MoE, GPT-OSS and the hybrids Granite 4, Qwen3.5-MoE, Qwen3-Next and Jamba are tested
 # (tests/test_moe.py)
 SWITCH_ROUTER_LOSS = (
     "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next",
-    "gpt_oss", "olmoe", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid",
+    "gpt_oss", "olmoe", "phimoe", "granitemoe", "granitemoeshared", "granitemoehybrid", "jamba",
     "flex_olmo", "ernie4_5_moe", "minimax", "minimax_m2",
 )
 

@@ -20,6 +20,7 @@ sequence is split; a generation (``usp.infer.hf``) runs the layer whole on every
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -27,14 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from usp.scan import causal_conv, gated_delta_scan, ssd_scan
+from usp.scan import causal_conv, gated_delta_scan, selective_scan, ssd_scan
 
 # model types whose every layer that is neither attention nor an MLP (dense or experts) is one
 # of SPLIT_MIXERS or holds one beside attention (their configs name those layers
 # "linear_attention", "mamba" or, Falcon-H1's and Zamba2's, "hybrid")
 SPLIT_MODEL_TYPES = ("bamba", "nemotron_h", "qwen3_next", "zamba2", "granitemoehybrid",
                      "falcon_h1", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text",
-                     "olmo_hybrid", "lfm2", "lfm2_moe", "lfm3")
+                     "olmo_hybrid", "lfm2", "lfm2_moe", "lfm3", "jamba")
 
 
 def splits(module: nn.Module) -> bool:
@@ -44,15 +45,36 @@ def splits(module: nn.Module) -> bool:
 
 def split_mixers(model: nn.Module) -> list[str]:
     """Replace the forward of every mixer of ``model`` that usp splits (in place; once); the
-    names of those mixers."""
+    names of those mixers. The module that holds each mixer (its decoder layer) hands it the
+    usp kwargs of its own call (:data:`LAYER_KWARGS`), for a layer that does not pass its
+    kwargs on to the mixer (Jamba's): a forward pre-hook, so that a recomputation (activation
+    checkpointing) hands it the same ones."""
     names = []
+    modules = dict(model.named_modules())
     for name, module in model.named_modules():
         if splits(module):
             if not hasattr(module, "_usp_own_forward"):
                 module._usp_own_forward = module.forward
                 module.forward = types.MethodType(SPLIT_MIXERS[type(module).__name__], module)
+                holder = modules[name.rpartition(".")[0]]
+                holder.register_forward_pre_hook(functools.partial(_hand_kwargs, module),
+                                                 with_kwargs=True)
             names.append(name)
     return names
+
+
+# what a split mixer reads of its layer's call: the context, the documents and the packing
+LAYER_KWARGS = ("usp_context", "usp_documents", "cu_seq_lens_q")
+
+
+def _hand_kwargs(mixer: nn.Module, holder: nn.Module, args, kwargs) -> None:
+    mixer._usp_layer_kwargs = {key: kwargs[key] for key in LAYER_KWARGS if key in kwargs}
+
+
+def _given(self, kwargs: dict) -> dict:
+    """The mixer's kwargs, with what its layer's call was given where the layer did not pass
+    it on."""
+    return {**getattr(self, "_usp_layer_kwargs", {}), **kwargs}
 
 
 def _split_topology(self, cache_params, kwargs):
@@ -89,12 +111,13 @@ def ssd_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
                       attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """A Mamba-2 mixer's forward on this rank's shard ``[B, S_local, hidden]`` (module
     docstring); transformers' own forward when the sequence is not split."""
-    topology = _split_topology(self, cache_params, kwargs)
+    given = _given(self, kwargs)  # what the split path reads
+    topology = _split_topology(self, cache_params, given)
     if topology is None:
         return self._usp_own_forward(hidden_states, cache_params=cache_params,
                                      attention_mask=attention_mask, **kwargs)
     projected = self.in_proj(_padding_zeroed(hidden_states, attention_mask))
-    scanned, gate = _ssd_steps(self, projected, attention_mask, topology, kwargs)
+    scanned, gate = _ssd_steps(self, projected, attention_mask, topology, given)
     return self.out_proj(self.norm(scanned, gate).to(hidden_states.dtype))
 
 
@@ -105,24 +128,53 @@ def falcon_h1_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None
     its multipliers (``ssm_in_multiplier`` on the input, ``mup_vector`` on the projection) and
     its gate (the gated norm when ``mamba_rms_norm``, else the scan's output times
     ``silu(gate)``), as transformers' PyTorch path runs them."""
-    topology = _split_topology(self, cache_params, kwargs)
+    given = _given(self, kwargs)  # what the split path reads
+    topology = _split_topology(self, cache_params, given)
     if topology is None:
         return self._usp_own_forward(hidden_states, cache_params=cache_params,
                                      attention_mask=attention_mask, **kwargs)
     scaled = _padding_zeroed(hidden_states, attention_mask) * self.ssm_in_multiplier
     projected = self.in_proj(scaled) * self.mup_vector
-    scanned, gate = _ssd_steps(self, projected, attention_mask, topology, kwargs)
+    scanned, gate = _ssd_steps(self, projected, attention_mask, topology, given)
     out = self.norm(scanned, gate) if self.mamba_rms_norm else scanned * F.silu(gate)
     return self.out_proj(out.to(hidden_states.dtype))
 
 
+def mamba1_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
+                         attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """Jamba's Mamba-1 mixer (``JambaMambaMixer``) on this rank's shard: the input projection,
+    the split causal convolution, padding zeroed, the selective projections with Jamba's norms
+    on ``dt``, ``B`` and ``C``, :func:`usp.scan.selective_scan` gated by ``silu(z)``, the output
+    projection, as transformers' PyTorch path runs them."""
+    given = _given(self, kwargs)  # what the split path reads
+    topology = _split_topology(self, cache_params, given)
+    if topology is None:
+        return self._usp_own_forward(hidden_states, cache_params=cache_params,
+                                     attention_mask=attention_mask, **kwargs)
+    where = _where(given)
+    projected = self.in_proj(_padding_zeroed(hidden_states, attention_mask)).transpose(1, 2)
+    x, gate = projected.chunk(2, dim=1)  # [B, D, S_local] each
+    x = causal_conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, topology,
+                    activation=self.activation, **where)
+    x = _padding_zeroed(x.transpose(1, 2), attention_mask)  # [B, S_local, D]
+    step, b, c = torch.split(self.x_proj(x), [self.time_step_rank, self.ssm_state_size,
+                                              self.ssm_state_size], dim=-1)
+    step = self.dt_proj.weight @ self.dt_layernorm(step).transpose(1, 2)  # [B, D, S_local]
+    bias = self.dt_proj.bias.float() if self.dt_proj.bias is not None else None
+    y = selective_scan(x.transpose(1, 2), step, -torch.exp(self.A_log.float()),
+                       self.b_layernorm(b).transpose(1, 2), self.c_layernorm(c).transpose(1, 2),
+                       topology, D=self.D.float(), z=gate, dt_bias=bias, dt_softplus=True,
+                       **where)
+    return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
+
+
 def _ssd_steps(self, projected: torch.Tensor, attention_mask, topology,
-               kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+               given) -> tuple[torch.Tensor, torch.Tensor]:
     """The steps of a Mamba-2 mixer between its input projection ``projected``
     ``[B, S_local, gate + conv channels + heads]`` and its gate: the split causal convolution,
     padding zeroed, the split scan; ``(scan output [B, S_local, heads x head dim], gate)``."""
     batch, length, _ = projected.shape
-    where = _where(kwargs)
+    where = _where(given)
     gate, mixed, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads],
                                       dim=-1)
     # [B, S_local, channels] -> [B, channels, S_local], as transformers' causal_conv1d_fn
@@ -148,11 +200,12 @@ def delta_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
     """A gated-delta mixer's forward (Qwen3-Next's, Qwen3.5's, OLMo Hybrid's: their inputs
     read by :data:`DELTA_INPUTS`) on this rank's shard ``[B, S_local, hidden]`` (module
     docstring); transformers' own forward when the sequence is not split."""
-    topology = _split_topology(self, cache_params, kwargs)
+    given = _given(self, kwargs)  # what the split path reads
+    topology = _split_topology(self, cache_params, given)
     if topology is None:
         return self._usp_own_forward(hidden_states, cache_params=cache_params,
                                      attention_mask=attention_mask, **kwargs)
-    where = _where(kwargs)
+    where = _where(given)
     hidden_states = _padding_zeroed(hidden_states, attention_mask)
     inputs, norm, out_proj = DELTA_INPUTS[type(self).__name__]
     mixed, gate, beta, a = inputs(self, hidden_states)
@@ -176,14 +229,15 @@ def short_conv_forward(self, hidden_states: torch.Tensor, past_key_values=None,
     """LFM2's short convolution (``Lfm2ShortConv``: ``C ⊙ conv(B ⊙ x)`` between an input and an
     output projection) on this rank's shard, the convolution split (its first taps read the
     previous rank's last tokens); transformers' own forward when the sequence is not split."""
-    topology = _split_topology(self, past_key_values, kwargs)
+    given = _given(self, kwargs)  # what the split path reads
+    topology = _split_topology(self, past_key_values, given)
     if topology is None:
         return self._usp_own_forward(hidden_states, past_key_values=past_key_values,
                                      attention_mask=attention_mask, **kwargs)
     projected = self.in_proj(_padding_zeroed(hidden_states, attention_mask)).transpose(-1, -2)
     b, c, x = projected.chunk(3, dim=-2)  # [B, hidden, S_local] each
     mixed = causal_conv(b * x, self.conv.weight.squeeze(1), self.conv.bias, topology,
-                        **_where(kwargs))
+                        **_where(given))
     return self.out_proj((c * mixed).transpose(-1, -2).contiguous())
 
 
@@ -239,6 +293,7 @@ SPLIT_MIXERS = {"BambaMixer": ssd_mixer_forward, "NemotronHMamba2Mixer": ssd_mix
                 "Zamba2MambaMixer": ssd_mixer_forward,
                 "GraniteMoeHybridMambaLayer": ssd_mixer_forward,
                 "FalconH1Mixer": falcon_h1_mixer_forward,
+                "JambaMambaMixer": mamba1_mixer_forward,
                 **{name: short_conv_forward for name in (
                     "Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv")},
                 **{name: delta_mixer_forward for name in DELTA_INPUTS}}

@@ -1,4 +1,4 @@
-"""The two recurrences token by token, in one process: the definitions the tests and the docs
+"""The recurrences token by token, in one process: the definitions the tests and the docs
 hold every chunked and sequence-parallel path to (slow; any dtype; differentiable).
 
 ``documents`` ``[S]`` or ``[B, S]``: ids per token; the state restarts from zero wherever the id
@@ -83,3 +83,29 @@ def gated_delta_recurrence(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
         state = state + k_t[..., None] * (beta[:, t, :, None] * (v_t - remembered))[..., None, :]
         outputs.append((state * q[:, t, :, :, None]).sum(dim=-2))
     return torch.stack(outputs, dim=1), state
+
+
+def selective_recurrence(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor,
+                         d: Tensor | None = None, z: Tensor | None = None,
+                         documents: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Mamba-1's selective scan, channels first: x, dt, z ``[B, D, S]`` (dt already
+    discretised: bias and softplus applied), a ``[D, N]``, b/c ``[B, N, S]``, d ``[D]``; returns
+    y ``[B, D, S]`` and the final state ``[B, D, N]``::
+
+        h_t = exp(dt_t a) ⊙ h_{t-1} + dt_t x_t b_t        y_t = h_t c_t + d x_t   (× silu(z_t))
+    """
+    batch, channels, length = x.shape
+    restart = _restarts(documents, batch, length)
+    state = x.new_zeros(batch, channels, a.shape[1])
+    outputs = []
+    for t in range(length):
+        keep = (~restart[:, t]).to(x.dtype)[:, None, None].to(x.device)
+        decay = torch.exp(dt[:, :, t, None] * a)  # [B, D, N]
+        state = decay * state * keep + (dt[:, :, t] * x[:, :, t])[..., None] * b[:, None, :, t]
+        y = (state * c[:, None, :, t]).sum(-1)  # [B, D]
+        if d is not None:
+            y = y + d * x[:, :, t]
+        if z is not None:
+            y = y * torch.nn.functional.silu(z[:, :, t])
+        outputs.append(y)
+    return torch.stack(outputs, dim=-1), state
