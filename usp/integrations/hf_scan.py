@@ -107,32 +107,43 @@ def _padding_zeroed(hidden: torch.Tensor, attention_mask) -> torch.Tensor:
     return (hidden * attention_mask[:, :, None]).to(hidden.dtype)
 
 
-def ssd_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
-                      attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+def split_forward(cache: str = "cache_params"):
+    """A mixer's forward from its split steps ``steps(self, hidden_states, attention_mask,
+    topology, given)``: they run when the context (the call's, or its layer's) splits the
+    sequence; transformers' own forward runs otherwise, with the call's arguments. ``cache``:
+    the name the mixer takes its cache by (a cache is refused while the sequence is split)."""
+    def wrap(steps):
+        @functools.wraps(steps)
+        def forward(self, hidden_states: torch.Tensor, cache_given=None,
+                    attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+            state = kwargs.pop(cache, cache_given)
+            given = _given(self, kwargs)  # what the split steps read
+            topology = _split_topology(self, state, given)
+            if topology is None:
+                return self._usp_own_forward(hidden_states, attention_mask=attention_mask,
+                                             **{cache: state}, **kwargs)
+            return steps(self, hidden_states, attention_mask, topology, given)
+        return forward
+    return wrap
+
+
+@split_forward()
+def ssd_mixer_forward(self, hidden_states: torch.Tensor, attention_mask, topology,
+                      given: dict) -> torch.Tensor:
     """A Mamba-2 mixer's forward on this rank's shard ``[B, S_local, hidden]`` (module
     docstring); transformers' own forward when the sequence is not split."""
-    given = _given(self, kwargs)  # what the split path reads
-    topology = _split_topology(self, cache_params, given)
-    if topology is None:
-        return self._usp_own_forward(hidden_states, cache_params=cache_params,
-                                     attention_mask=attention_mask, **kwargs)
     projected = self.in_proj(_padding_zeroed(hidden_states, attention_mask))
     scanned, gate = _ssd_steps(self, projected, attention_mask, topology, given)
     return self.out_proj(self.norm(scanned, gate).to(hidden_states.dtype))
 
 
-def falcon_h1_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
-                            attention_mask: torch.Tensor | None = None,
-                            **kwargs) -> torch.Tensor:
+@split_forward()
+def falcon_h1_mixer_forward(self, hidden_states: torch.Tensor, attention_mask, topology,
+                            given: dict) -> torch.Tensor:
     """Falcon-H1's Mamba-2 mixer (``FalconH1Mixer``) on this rank's shard: Bamba's steps with
     its multipliers (``ssm_in_multiplier`` on the input, ``mup_vector`` on the projection) and
     its gate (the gated norm when ``mamba_rms_norm``, else the scan's output times
     ``silu(gate)``), as transformers' PyTorch path runs them."""
-    given = _given(self, kwargs)  # what the split path reads
-    topology = _split_topology(self, cache_params, given)
-    if topology is None:
-        return self._usp_own_forward(hidden_states, cache_params=cache_params,
-                                     attention_mask=attention_mask, **kwargs)
     scaled = _padding_zeroed(hidden_states, attention_mask) * self.ssm_in_multiplier
     projected = self.in_proj(scaled) * self.mup_vector
     scanned, gate = _ssd_steps(self, projected, attention_mask, topology, given)
@@ -140,17 +151,13 @@ def falcon_h1_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None
     return self.out_proj(out.to(hidden_states.dtype))
 
 
-def mamba1_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
-                         attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+@split_forward()
+def mamba1_mixer_forward(self, hidden_states: torch.Tensor, attention_mask, topology,
+                         given: dict) -> torch.Tensor:
     """Jamba's Mamba-1 mixer (``JambaMambaMixer``) on this rank's shard: the input projection,
     the split causal convolution, padding zeroed, the selective projections with Jamba's norms
     on ``dt``, ``B`` and ``C``, :func:`usp.scan.selective_scan` gated by ``silu(z)``, the output
     projection, as transformers' PyTorch path runs them."""
-    given = _given(self, kwargs)  # what the split path reads
-    topology = _split_topology(self, cache_params, given)
-    if topology is None:
-        return self._usp_own_forward(hidden_states, cache_params=cache_params,
-                                     attention_mask=attention_mask, **kwargs)
     where = _where(given)
     projected = self.in_proj(_padding_zeroed(hidden_states, attention_mask)).transpose(1, 2)
     x, gate = projected.chunk(2, dim=1)  # [B, D, S_local] each
@@ -195,16 +202,12 @@ def _ssd_steps(self, projected: torch.Tensor, attention_mask, topology,
     return scanned.reshape(batch, length, -1), gate
 
 
-def delta_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
-                        attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+@split_forward()
+def delta_mixer_forward(self, hidden_states: torch.Tensor, attention_mask, topology,
+                        given: dict) -> torch.Tensor:
     """A gated-delta mixer's forward (Qwen3-Next's, Qwen3.5's, OLMo Hybrid's: their inputs
     read by :data:`DELTA_INPUTS`) on this rank's shard ``[B, S_local, hidden]`` (module
     docstring); transformers' own forward when the sequence is not split."""
-    given = _given(self, kwargs)  # what the split path reads
-    topology = _split_topology(self, cache_params, given)
-    if topology is None:
-        return self._usp_own_forward(hidden_states, cache_params=cache_params,
-                                     attention_mask=attention_mask, **kwargs)
     where = _where(given)
     hidden_states = _padding_zeroed(hidden_states, attention_mask)
     inputs, norm, out_proj = DELTA_INPUTS[type(self).__name__]
@@ -224,16 +227,12 @@ def delta_mixer_forward(self, hidden_states: torch.Tensor, cache_params=None,
     return getattr(self, out_proj)(out.reshape(batch, length, -1))
 
 
-def short_conv_forward(self, hidden_states: torch.Tensor, past_key_values=None,
-                       attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+@split_forward(cache="past_key_values")
+def short_conv_forward(self, hidden_states: torch.Tensor, attention_mask, topology,
+                       given: dict) -> torch.Tensor:
     """LFM2's short convolution (``Lfm2ShortConv``: ``C ⊙ conv(B ⊙ x)`` between an input and an
     output projection) on this rank's shard, the convolution split (its first taps read the
     previous rank's last tokens); transformers' own forward when the sequence is not split."""
-    given = _given(self, kwargs)  # what the split path reads
-    topology = _split_topology(self, past_key_values, given)
-    if topology is None:
-        return self._usp_own_forward(hidden_states, past_key_values=past_key_values,
-                                     attention_mask=attention_mask, **kwargs)
     projected = self.in_proj(_padding_zeroed(hidden_states, attention_mask)).transpose(-1, -2)
     b, c, x = projected.chunk(3, dim=-2)  # [B, hidden, S_local] each
     mixed = causal_conv(b * x, self.conv.weight.squeeze(1), self.conv.bias, topology,
