@@ -1,21 +1,25 @@
-"""The scan layers of transformers' hybrid models, split exactly: Mamba-2 (SSD) and gated-delta
-mixers run on each rank's shard of the sequence through ``usp.scan``.
+"""The scan layers of transformers' hybrid models, split exactly: Mamba-2 (SSD), Mamba-1 and
+gated-delta mixers and short convolutions run on each rank's shard of the sequence through
+``usp.scan``.
 
 A hybrid (Bamba, Nemotron-H, Zamba2, Granite 4: Mamba-2 layers beside softmax attention;
-Falcon-H1: a Mamba-2 mixer beside attention in every layer; Qwen3-Next: gated-delta layers beside
-it) mixes tokens in layers that are not attention.
+Falcon-H1: a Mamba-2 mixer beside attention in every layer; Jamba: Mamba-1 layers; Qwen3-Next,
+Qwen3.5, OLMo Hybrid: gated-delta layers; LFM2: short convolutions) mixes tokens in layers that
+are not attention.
 :meth:`usp.integrations.transformers.USPContext.prepare` replaces the forward of each mixer
-this module knows (:data:`SPLIT_MIXERS`) with one that runs the layer's own parameters through the same steps as transformers' PyTorch
-path (input projections, causal convolution, scan, gated RMS norm, output projection) with the
-two steps that mix tokens split: ``usp.scan.causal_conv`` (each rank's first taps read the
-previous rank's last tokens) and ``usp.scan.ssd_scan`` / ``usp.scan.gated_delta_scan`` as
-their ``ulysses="auto"`` runs them (SSD's state passed along every shard, every head on each
-rank; the delta rule's heads split over Ulysses beyond two shards, its state passed along the
-ring). Given a ``usp_context`` that does not split the sequence, or none, the layer
-runs transformers' own forward. Packed documents (``usp_documents``) restart the state and the
-convolution at every boundary, as the fused kernels' ``seq_idx`` does; with ring > 1 the token
-layout must be ``contiguous`` (``docs/hybrid.md``). A KV or state cache is refused while the
-sequence is split; a generation (``usp.infer.hf``) runs the layer whole on every rank.
+this module knows (:data:`SPLIT_MIXERS`) with one that runs the layer's own parameters through
+the same steps as transformers' PyTorch path (input projections, causal convolution, scan, gated
+RMS norm, output projection) with the steps that mix tokens split: ``usp.scan.causal_conv``
+(each rank's first taps read the previous rank's last tokens) and ``usp.scan.ssd_scan`` /
+``usp.scan.selective_scan`` / ``usp.scan.gated_delta_scan`` as their ``ulysses="auto"`` runs
+them (SSD's and Mamba-1's state passed along every shard, every head on each rank; the delta
+rule's heads split over Ulysses beyond two shards, its state passed along the ring). Given a
+``usp_context`` (the call's, or the one its decoder layer was called with) that does not split
+the sequence, or none, the layer runs transformers' own forward. Packed documents
+(``usp_documents``) restart the state and the convolution at every boundary, as the fused
+kernels' ``seq_idx`` does; with ring > 1 the token layout must be ``contiguous``
+(``docs/hybrid.md``). A KV or state cache is refused while the sequence is split; a generation
+(``usp.infer.hf``) runs the layer whole on every rank.
 """
 
 from __future__ import annotations
@@ -268,13 +272,11 @@ def _olmo_hybrid_inputs(self, hidden: torch.Tensor):
 
 # gated-delta mixer class -> (its inputs: q k v side by side, the output gate, beta and the
 # decay's input a, as transformers' forward computes them; its gated norm; its output
-# projection). Between those every one runs the same steps (Qwen4Exp's differs from Qwen3.5's
-# only in its norm's activation, the norm module's business)
+# projection). Between those every one runs the same steps
 DELTA_INPUTS = {
     "Qwen3NextGatedDeltaNet": (_qwen3_next_inputs, "norm", "out_proj"),
     "Qwen3_5GatedDeltaNet": (_qwen3_5_inputs, "norm", "out_proj"),
     "Qwen3_5MoeGatedDeltaNet": (_qwen3_5_inputs, "norm", "out_proj"),
-    "Qwen4ExpTextGatedDeltaNet": (_qwen3_5_inputs, "norm", "out_proj"),
     "OlmoHybridGatedDeltaNet": (_olmo_hybrid_inputs, "o_norm", "o_proj"),
 }
 
