@@ -252,3 +252,12 @@ def test_a_middle_block_pays_the_delta_rules_map_once_per_token():
         per_token = delta.forward_flops_per_token + (
             delta.transition_flops_per_token if middle else 0.0)
         assert layer.forward == pytest.approx(s.tokens * per_token / rate), (ring, ulysses)
+
+
+def test_granite_4_head_dim_auto_reads_as_transformers_resolves_it(tmp_path):
+    config = transformers.GraniteMoeHybridConfig(**GRANITE_4).to_dict()
+    counts = []
+    for head_dim in (config["mamba_d_head"], "auto"):  # a config.json may keep "auto"
+        (tmp_path / "config.json").write_text(json.dumps({**config, "mamba_d_head": head_dim}))
+        counts.append(ModelSpec.from_hf_config(tmp_path / "config.json").total_params)
+    assert counts[0] == counts[1]

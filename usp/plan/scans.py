@@ -249,10 +249,13 @@ def _granite_4(config: dict) -> dict:
                          "the planner prices dense MLP layers")
     types = config["layer_types"]  # transformers builds a Mamba-2 mixer for linear_attention
     mamba = types.count("linear_attention")  # and attention for any other type
+    head_dim = config["mamba_d_head"]
+    if head_dim == "auto":  # as GraniteMoeHybridConfig resolves it
+        head_dim = config.get("mamba_expand", 2) * config["hidden_size"] // config["mamba_n_heads"]
     return {"attention_layers": len(types) - mamba,
             "ffn_hidden": config["shared_intermediate_size"], "scan": _ssd_mixer(
                 mamba, config["hidden_size"],
-                config["mamba_n_heads"], config["mamba_d_head"], config["mamba_d_state"],
+                config["mamba_n_heads"], head_dim, config["mamba_d_state"],
                 config.get("mamba_n_groups", 1), config.get("mamba_d_conv", 4),
                 config.get("mamba_chunk_size", 256), bool(config.get("mamba_proj_bias", False)),
                 bool(config.get("mamba_conv_bias", True)))}
