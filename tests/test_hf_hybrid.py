@@ -115,7 +115,10 @@ MODELS["jamba"] = JAMBA
 # Bamba's, Qwen3.5's Qwen3-Next's; LFM2's convolution has no parameter drawn by a rule of its own)
 TRAINED = [name for name in MODELS
            if name not in ("granitemoehybrid", "qwen3_5_text", "lfm2", "lfm3")]
-VARIANTS = {"falcon_h1:silu": ("falcon_h1", {"mamba_rms_norm": False})}
+VARIANTS = {"falcon_h1:silu": ("falcon_h1", {"mamba_rms_norm": False}),
+            # Jamba's mixers reading the usp kwargs of the model's call alone (their layers'
+            # hooks removed: a mixer nested where no layer hands them on)
+            "jamba:model call": ("jamba", {})}
 # model, ring, ulysses, a right-padded row, the layout the ring attention runs on (its blocks
 # re-laid from the scans' contiguous ones and back; None: contiguous)
 CASES = [("bamba", 2, 2, False, None), ("bamba", 2, 2, True, "zigzag"),
@@ -126,7 +129,8 @@ CASES = [("bamba", 2, 2, False, None), ("bamba", 2, 2, True, "zigzag"),
          ("granitemoehybrid", 2, 2, True, "zigzag"), ("falcon_h1", 2, 2, True, None),
          ("falcon_h1:silu", 4, 1, False, "zigzag"), ("qwen3_5_text", 2, 2, True, None),
          ("olmo_hybrid", 2, 2, True, "zigzag"), ("lfm2", 2, 2, True, "zigzag"),
-         ("lfm3", 2, 2, True, "zigzag"), ("jamba", 2, 2, True, "zigzag")]
+         ("lfm3", 2, 2, True, "zigzag"), ("jamba", 2, 2, True, "zigzag"),
+         ("jamba:model call", 1, 4, True, None)]
 
 
 def _config(name: str = "bamba"):
@@ -149,6 +153,9 @@ def _compare(name, ring, ulysses, padded, ring_layout):
     eager = AutoModelForCausalLM.from_config(_config(name), attn_implementation="eager")
     reference = copy.deepcopy(eager).double()
     model = context.prepare(copy.deepcopy(eager))
+    if name == "jamba:model call":
+        for layer in model.model.layers:
+            layer._forward_pre_hooks.clear()
     ids, kwargs, labels = _inputs(padded)
     logits32, loss32, grads32 = eager_reference(eager, ids, kwargs, labels)
     logits64, loss64, grads64 = eager_reference(reference, ids, kwargs, labels)

@@ -49,10 +49,11 @@ def splits(module: nn.Module) -> bool:
 
 def split_mixers(model: nn.Module) -> list[str]:
     """Replace the forward of every mixer of ``model`` that usp splits (in place; once); the
-    names of those mixers. The module that holds each mixer (its decoder layer) hands it the
-    usp kwargs of its own call (:data:`LAYER_KWARGS`), for a layer that does not pass its
-    kwargs on to the mixer (Jamba's): a forward pre-hook, so that a recomputation (activation
-    checkpointing) hands it the same ones."""
+    names of those mixers. A mixer whose decoder layer does not pass its kwargs on (Jamba's)
+    still reads the usp kwargs (:data:`LAYER_KWARGS`) of the calls that hold it: forward
+    pre-hooks hand it those of the module that holds it (its decoder layer) and, beneath those,
+    those of the model's own call; a recomputation (activation checkpointing) runs the layer's
+    hook again."""
     names = []
     modules = dict(model.named_modules())
     for name, module in model.named_modules():
@@ -61,24 +62,33 @@ def split_mixers(model: nn.Module) -> list[str]:
                 module._usp_own_forward = module.forward
                 module.forward = types.MethodType(SPLIT_MIXERS[type(module).__name__], module)
                 holder = modules[name.rpartition(".")[0]]
-                holder.register_forward_pre_hook(functools.partial(_hand_kwargs, module),
-                                                 with_kwargs=True)
+                holder.register_forward_pre_hook(
+                    functools.partial(_hand_kwargs, [module], "_usp_layer_kwargs"),
+                    with_kwargs=True)
             names.append(name)
+    previous = getattr(model, "_usp_model_kwargs_hook", None)
+    if previous is not None:
+        previous.remove()
+    model._usp_model_kwargs_hook = model.register_forward_pre_hook(functools.partial(
+        _hand_kwargs, [modules[name] for name in names], "_usp_model_kwargs"), with_kwargs=True)
     return names
 
 
-# what a split mixer reads of its layer's call: the context, the documents and the packing
+# what a split mixer reads of the calls that hold it: the context, the documents, the packing
 LAYER_KWARGS = ("usp_context", "usp_documents", "cu_seq_lens_q")
 
 
-def _hand_kwargs(mixer: nn.Module, holder: nn.Module, args, kwargs) -> None:
-    mixer._usp_layer_kwargs = {key: kwargs[key] for key in LAYER_KWARGS if key in kwargs}
+def _hand_kwargs(mixers: list[nn.Module], slot: str, holder: nn.Module, args, kwargs) -> None:
+    given = {key: kwargs[key] for key in LAYER_KWARGS if key in kwargs}
+    for mixer in mixers:
+        setattr(mixer, slot, given)
 
 
 def _given(self, kwargs: dict) -> dict:
-    """The mixer's kwargs, with what its layer's call was given where the layer did not pass
-    it on."""
-    return {**getattr(self, "_usp_layer_kwargs", {}), **kwargs}
+    """The mixer's kwargs, over what its layer's call was given, over what the model's call
+    was given (where a layer did not pass them on)."""
+    return {**getattr(self, "_usp_model_kwargs", {}), **getattr(self, "_usp_layer_kwargs", {}),
+            **kwargs}
 
 
 def _split_topology(self, cache_params, kwargs):
