@@ -11,6 +11,7 @@ layers that scan. Names: ``H`` heads (value heads), ``P`` head dim (``Dv``), ``N
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from usp.choices import scan_ulysses
 
@@ -211,9 +212,11 @@ def _nemotron_h(config: dict) -> dict:
                 bool(config.get("use_bias", False)), bool(config.get("use_conv_bias", True)))}
 
 
-def _gated_delta(config: dict) -> dict:
+def _gated_delta(config: dict, qwen_attention: bool = True) -> dict:
     """A gated-delta hybrid (Qwen3-Next, Qwen3.5, OLMo Hybrid): linear_attention or
-    full_attention in each layer, then a dense MLP (routed experts refused)."""
+    full_attention in each layer, then a dense MLP (routed experts refused). Qwen's attention
+    (``qwen_attention``) gates its output by a second query-sized projection and norms each
+    head's q and k; OLMo's has no gate and norms the whole q and k projections."""
     types = config["layer_types"]
     dense = set(config.get("mlp_only_layers") or [])
     if (config.get("num_experts") or 0) > 1 and set(range(len(types))) - dense:
@@ -230,12 +233,9 @@ def _gated_delta(config: dict) -> dict:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
     kv_width = (config.get("num_key_value_heads") or heads) * head_dim
-    olmo = config.get("model_type") == "olmo_hybrid"
-    return {"attention_layers": types.count("full_attention"),
-            # Qwen's attention gates its output by a second query-sized projection and norms
-            # each head's q and k; OLMo's norms the whole q and k projections
-            "q_gate": not olmo,
-            "attention_norm_params": heads * head_dim + kv_width if olmo else 2 * head_dim,
+    norm_params = 2 * head_dim if qwen_attention else heads * head_dim + kv_width
+    return {"attention_layers": types.count("full_attention"), "q_gate": qwen_attention,
+            "attention_norm_params": norm_params,
             "scan": ScanSpec("delta", types.count("linear_attention"), value_heads, value_dim,
                              key_dim, key_heads, kernel, 64, linear, other)}
 
@@ -277,7 +277,7 @@ def _falcon_h1(config: dict) -> dict:
 # the hybrids the planner prices, by model_type: their configs' layer kinds and mixer shapes
 HYBRIDS = {"bamba": _bamba, "nemotron_h": _nemotron_h, "granitemoehybrid": _granite_4,
            "falcon_h1": _falcon_h1, "qwen3_next": _gated_delta, "qwen3_5_text": _gated_delta,
-           "olmo_hybrid": _gated_delta}
+           "olmo_hybrid": partial(_gated_delta, qwen_attention=False)}
 
 
 def hybrid_layers(model_type: str, config: dict) -> dict:
